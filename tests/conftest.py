@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests never touch the network: everything is built locally."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rlhflab.models.tiny import build_word_tokenizer, tiny_causal_lm  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_WORDS = (
+    "the a cat dog sat on mat is good bad great happy sad very not and it was day film movie "
+    "i you we love hate like this that what why how say hello hi yes no 0 1 2 3 4 5 6 7 8 9 + - = . , ? !"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_word_tokenizer(TINY_WORDS)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    return tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
