@@ -1,0 +1,591 @@
+"""Typed configuration: one dataclass per stage, built from nested sections.
+
+A stage config is resolved in three layers, later ones winning:
+
+    dataclass defaults  <-  YAML file (--config FILE)  <-  dotted overrides (optim.lr=1e-5)
+
+Every field is documented where it is declared. Validation happens in `__post_init__`, so an impossible
+config fails when it is built, before a model is loaded, with a message that says what to do. Unknown
+keys are rejected with the closest known key suggested: a typo that silently falls back to a default is
+the most expensive kind of bug in a long training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhflab.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------
+# Sections shared by the stages
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    """Train LoRA adapters (PEFT) instead of all weights."""
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: str = "all-linear"
+    """Comma-separated module names to adapt, or 'all-linear'."""
+
+    def __post_init__(self):
+        _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
+        _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = "lab:sentiment"
+    """A local HF model directory, or 'lab:TASK' for the built-in lab task's pretrained base model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype. float32 on CPU; bfloat16 is the usual choice on recent GPUs."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', or 'cuda:N'."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass
+class DataSection:
+    train_path: str = ""
+    """Training data: a .jsonl/.json/.csv/.parquet file or a saved HF datasets directory. Empty: the
+    stage's built-in lab data (made on the fly for the lab task of model.name_or_path)."""
+    eval_path: str = ""
+    """Optional held-out data in the same format."""
+    split: str = ""
+    """Split name when the path is a DatasetDict directory (e.g. 'train')."""
+    max_length: int = 128
+    """Maximum tokens of prompt + response; longer examples are truncated (end of prompt kept,
+    start of response kept)."""
+    max_prompt_length: int = 64
+    """Maximum prompt tokens; must be below max_length so some response survives truncation."""
+    packing: bool = False
+    """Pack several examples into one row without padding (SFT only)."""
+    skip_bad_records: bool = False
+    """Skip malformed records (their count is reported) instead of stopping at the first one."""
+    eval_fraction: float = 0.0
+    """When no eval_path is given, hold out this fraction of the training records for evaluation."""
+
+    def __post_init__(self):
+        _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        _require(self.max_prompt_length >= 1, "data.max_prompt_length",
+                 f"must be >= 1, got {self.max_prompt_length}")
+        _require(self.max_prompt_length < self.max_length, "data.max_prompt_length",
+                 f"({self.max_prompt_length}) must be smaller than data.max_length ({self.max_length}), "
+                 "otherwise no response token survives truncation; raise data.max_length or lower "
+                 "data.max_prompt_length")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction",
+                 f"must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    batch_size: int = 16
+    """Examples per optimizer step (across gradient accumulation)."""
+    micro_batch_size: int = 0
+    """Examples per forward/backward pass; 0 means the whole batch. Must divide batch_size."""
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means run for `epochs`."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.micro_batch_size >= 0, "optim.micro_batch_size",
+                 f"must be >= 0, got {self.micro_batch_size}")
+        if self.micro_batch_size:
+            _require(self.batch_size % self.micro_batch_size == 0, "optim.micro_batch_size",
+                     f"({self.micro_batch_size}) must divide optim.batch_size ({self.batch_size}); "
+                     f"try {_divisor_hint(self.batch_size, self.micro_batch_size)}")
+        _require(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.max_steps >= 0, "optim.max_steps", f"must be >= 0, got {self.max_steps}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size if self.micro_batch_size else 1
+
+
+@dataclass
+class LoggingSection:
+    output_dir: str = ""
+    """Run directory (config, metrics.jsonl, TensorBoard, checkpoints, final model). Empty: runs/STAGE-TIME."""
+    log_every: int = 10
+    """Log metrics every N optimizer steps."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 means only at the end."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps; 0 means only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (when the tensorboard package is installed)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs the wandb package and a login)."""
+    wandb_project: str = "rlhflab"
+    """W&B project name."""
+    progress: bool = True
+    """Show a live progress bar with ETA."""
+
+    def __post_init__(self):
+        _require(self.log_every >= 1, "logging.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.keep_checkpoints >= 1, "logging.keep_checkpoints",
+                 f"must be >= 1, got {self.keep_checkpoints}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Algorithm sections, one per stage
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTAlgo:
+    loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
+    """Average the NLL over all response tokens of a batch, or sum per sequence then average."""
+
+
+@dataclass
+class RewardAlgo:
+    loss: Literal["bradley_terry", "plackett_luce", "all_pairs"] = "bradley_terry"
+    """Pairwise BT (with margins), Plackett-Luce over K-wise rankings, or InstructGPT's mean over all
+    K-choose-2 pairs."""
+    margin: Literal["none", "data", "small", "large"] = "none"
+    """Llama 2 margin: none; the record's numeric `margin`; or the small/large rating table (Table 27)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative BT)."""
+    num_heads: int = 1
+    """Reward heads on one backbone (e.g. 2 for helpfulness + safety)."""
+    center_rewards_coef: float = 0.0
+    """Penalty on the squared mean reward, keeping rewards centred near 0."""
+
+    def __post_init__(self):
+        _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
+                 f"must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.num_heads >= 1, "algo.num_heads", f"must be >= 1, got {self.num_heads}")
+
+
+@dataclass
+class DPOAlgo:
+    loss: str = "sigmoid"
+    """Preference loss by name (see `rlhflab.losses.preference.PREFERENCE_LOSSES`): sigmoid (DPO), ipo,
+    hinge, robust, ..."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference policy."""
+    label_smoothing: float = 0.0
+    """cDPO / robust DPO: assumed probability that a preference label is flipped."""
+    precompute_ref_logps: bool = True
+    """Compute reference log-probs once before training, so no reference model stays in memory."""
+
+    def __post_init__(self):
+        _require(self.beta > 0, "algo.beta", f"must be > 0, got {self.beta}")
+        _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
+                 f"must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = 24
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Softmax temperature; 1.0 samples the policy as it is (what PPO's maths assumes)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables."""
+
+    def __post_init__(self):
+        _require(self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(self.temperature > 0, "sampling.temperature", f"must be > 0, got {self.temperature}")
+        _require(self.top_k >= 0, "sampling.top_k", f"must be >= 0, got {self.top_k}")
+        _require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PPOAlgo:
+    reward_model: str = ""
+    """Reward model directory (comma-separated for several, combined by reward_weights)."""
+    reward_weights: str = ""
+    """Comma-separated weights for several reward models; empty means equal weights."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per PPO iteration."""
+    iterations: int = 100
+    """PPO iterations (sample, score, optimize)."""
+    ppo_epochs: int = 4
+    """Optimization passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Rollouts per PPO gradient step; must divide rollout_batch_size."""
+    kl_coef: float = 0.05
+    """Initial beta of the per-token KL penalty to the reference policy."""
+    adaptive_kl: bool = False
+    """Adapt beta toward target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL (nats) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator used in the reward."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip."""
+    value_clip_eps: float = 0.2
+    """Value clip; 0 disables."""
+    value_coef: float = 0.1
+    """Weight of the value loss (shared-backbone critic)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    whiten_advantages: bool = True
+    """Normalize advantages per batch."""
+    separate_critic: bool = False
+    """A separate value network instead of a value head on the policy."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of responses cut off without EOS (0 disables)."""
+
+    def __post_init__(self):
+        _require(self.rollout_batch_size >= 1, "algo.rollout_batch_size", "must be >= 1")
+        _require(self.minibatch_size >= 1, "algo.minibatch_size", "must be >= 1")
+        _require(self.rollout_batch_size % self.minibatch_size == 0, "algo.minibatch_size",
+                 f"({self.minibatch_size}) must divide algo.rollout_batch_size ({self.rollout_batch_size}); "
+                 f"try {_divisor_hint(self.rollout_batch_size, self.minibatch_size)}")
+        _require(self.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _require(0 < self.gamma <= 1, "algo.gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}")
+        _require(self.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {self.clip_eps}")
+        _require(self.target_kl > 0, "algo.target_kl", f"must be > 0, got {self.target_kl}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations (prompt masked out of the loss)."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, batch_size=16, epochs=2))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    algo: SFTAlgo = field(default_factory=SFTAlgo)
+
+
+@dataclass
+class RewardConfig:
+    """Reward model training from pairwise comparisons or K-wise rankings."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=16, epochs=1))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    algo: RewardAlgo = field(default_factory=RewardAlgo)
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimization and its family, from pairwise preferences."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    ref_model: str = ""
+    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, batch_size=16, epochs=1))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    algo: DPOAlgo = field(default_factory=DPOAlgo)
+
+
+@dataclass
+class PPOConfig:
+    """PPO against one or more reward models with a KL penalty to a frozen reference (InstructGPT)."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    ref_model: str = ""
+    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5, batch_size=64))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: PPOAlgo = field(default_factory=PPOAlgo)
+
+
+# The one explicit table of stages; the CLI and `config show` read it.
+STAGE_CONFIGS: dict[str, type] = {
+    "sft": SFTConfig,
+    "rm": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building, overriding, printing
+# --------------------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key} {message}")
+
+
+def _divisor_hint(total: int, near: int) -> str:
+    divisors = [d for d in range(1, total + 1) if total % d == 0]
+    best = min(divisors, key=lambda d: abs(d - near))
+    return f"{best} (divisors of {total}: {', '.join(map(str, divisors))})"
+
+
+def build_config(cls: type, data: dict[str, Any] | None, *, where: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, checking every key and type.
+
+    Raises:
+        ConfigError: unknown key (with the closest known key), wrong type, or a failed validation.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}{key}"
+        if key not in known:
+            raise ConfigError(f"config: unknown key '{dotted}'{_suggest(key, known, where)}")
+        f = known[key]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            # A partial section keeps the stage's own defaults (SFT's lr is not DPO's lr) for the keys
+            # it does not mention.
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                value = _deep_merge(config_to_dict(default), value)
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, known: dict[str, Any], where: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{where}{close[0]}'?"
+    return f"; known keys here: {', '.join(where + k for k in known)}"
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    """Check `value` against the annotation `tp`, converting the few safe cases (int -> float, '1e-5')."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: '{dotted}' is a section; give it as a mapping of keys, got {value!r}")
+        return build_config(tp, value, where=f"{dotted}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, dotted)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config: '{dotted}' must be one of {choices}, got {value!r}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config: '{dotted}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{dotted}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: '{dotted}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"config: '{dotted}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config: '{dotted}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads "1e-5" (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config: '{dotted}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config: '{dotted}' must be a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {dotted}")  # a bug in rlhflab, not user input
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["optim.lr=1e-5", "data.max_length=256"] into a nested dict (values parsed as YAML scalars)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config: override '{item}' must look like key=value, e.g. optim.lr=1e-5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"config: override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config: override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config: '{p}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: '{p}' must hold a mapping of sections at top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(stage: str, config_file: str | Path | None = None, overrides: list[str] | None = None):
+    """Resolve the config of `stage`: defaults <- YAML file <- dotted overrides."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"config: unknown stage '{stage}'; known stages: {', '.join(STAGE_CONFIGS)}")
+    data: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    if "stage" in data:
+        declared = data.pop("stage")
+        if declared != stage:
+            raise ConfigError(f"config: '{config_file}' is for stage '{declared}', not '{stage}'")
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return build_config(STAGE_CONFIGS[stage], data)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict (tuples as lists) that `build_config` accepts back."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Any, *, comments: bool = True) -> str:
+    """YAML text of a config, each field preceded by its documentation when `comments` is set."""
+    lines: list[str] = []
+    _emit(cfg, lines, indent=0, comments=comments)
+    return "\n".join(lines) + "\n"
+
+
+def _emit(obj: Any, lines: list[str], indent: int, comments: bool) -> None:
+    docs = field_docs(type(obj)) if comments else {}
+    pad = "  " * indent
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if comments and f.name in docs:
+            for doc_line in docs[f.name].splitlines():
+                lines.append(f"{pad}# {doc_line.strip()}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            _emit(value, lines, indent + 1, comments)
+        else:
+            plain = list(value) if isinstance(value, tuple) else value
+            dumped = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
+            if dumped.endswith("\n..."):
+                dumped = dumped[: -len("\n...")]
+            dumped = dumped.removesuffix("...").strip()
+            lines.append(f"{pad}{f.name}: {dumped}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field documentation: the string literal that follows each field in the class body."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
