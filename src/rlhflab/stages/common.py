@@ -1,0 +1,134 @@
+"""Pieces every training stage wires together: device, model path, optimizer, schedule, run set-up.
+
+Stages keep their own loops (readable top to bottom); what would otherwise be copied between them
+lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.config import LoggingSection, ModelSection, OptimSection, config_to_dict, config_to_yaml
+from rlhflab.errors import ConfigError, UserError
+from rlhflab.tracking import MetricsLogger, atomic_write_text, prepare_run_dir
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config: model.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config: model.device '{name}' is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+
+
+def resolve_model_path(name_or_path: str, *, seed: int = 0) -> str:
+    """A local model directory; 'lab:TASK' means the built-in lab task's pretrained base model."""
+    if name_or_path.startswith("lab:"):
+        from rlhflab.lab.tasks import get_task
+
+        return str(get_task(name_or_path[len("lab:"):]).base_model_dir(seed=seed))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise UserError(
+            f"model '{name_or_path}' does not exist; give a local Hugging Face model directory "
+            "(models are never downloaded at run time), or 'lab:TASK' for a built-in lab model")
+    return str(path)
+
+
+def load_policy(model_cfg: ModelSection, *, seed: int = 0):
+    """(model, tokenizer, device) from a model section, ready to train."""
+    from rlhflab.models.loading import LoraSettings, load_causal_lm, load_tokenizer
+
+    path = resolve_model_path(model_cfg.name_or_path, seed=seed)
+    device = resolve_device(model_cfg.device)
+    lora = None
+    if model_cfg.lora.enabled:
+        lora = LoraSettings(r=model_cfg.lora.r, alpha=model_cfg.lora.alpha, dropout=model_cfg.lora.dropout,
+                            target_modules=model_cfg.lora.target_modules)
+    model = load_causal_lm(path, dtype=model_cfg.dtype, device=str(device), lora=lora,
+                           gradient_checkpointing=model_cfg.gradient_checkpointing)
+    tokenizer = load_tokenizer(path)
+    return model, tokenizer, device
+
+
+def num_optimizer_steps(n_examples: int, optim: OptimSection, *, what: str = "records") -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch), refusing a dataset smaller than one batch."""
+    steps_per_epoch = n_examples // optim.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config: the training data has {n_examples} {what}, fewer than optim.batch_size "
+            f"({optim.batch_size}); lower optim.batch_size or add data")
+    total = optim.max_steps if optim.max_steps else steps_per_epoch * optim.epochs
+    return total, steps_per_epoch
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimSection, total_steps: int):
+    """AdamW over trainable parameters (no decay on biases and norms) and a warm-up + decay schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas)
+
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.scheduler == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if optim.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+@dataclass
+class Run:
+    """An open run directory with its metrics logger."""
+
+    dir: Path
+    logger: MetricsLogger
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def open_run(cfg: Any, stage: str, logging_cfg: LoggingSection, *, resume: bool, overwrite: bool) -> Run:
+    run_dir = prepare_run_dir(logging_cfg.output_dir, stage, resume=resume, overwrite=overwrite)
+    # The resolved config goes to disk before any work, so a crashed run still says how it was launched.
+    atomic_write_text(run_dir / "config.yaml", f"stage: {stage}\n" + config_to_yaml(cfg, comments=False))
+    logger = MetricsLogger(run_dir, tensorboard=logging_cfg.tensorboard, wandb=logging_cfg.wandb,
+                           wandb_project=logging_cfg.wandb_project, config=config_to_dict(cfg))
+    return Run(dir=run_dir, logger=logger)
+
+
+def clip_gradients(model: torch.nn.Module, max_grad_norm: float) -> float:
+    """Clip the global gradient norm (when max_grad_norm > 0); returns the norm before clipping.
+
+    The caller checks that the norm is finite before stepping: a NaN gradient must stop the run, not
+    reach the weights.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_grad_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+def optimizer_step(optimizer, scheduler) -> None:
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
