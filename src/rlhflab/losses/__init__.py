@@ -1,0 +1,94 @@
+"""All the maths the training stages use, as pure functions: tensors in, per-example loss + metrics out.
+
+One module per family; see docs/losses.md for every function, its formula and its source.
+
+- utils: LossOutput / RewardOutput, masked_sum / mean / var / whiten, reduce_token_losses
+- logprobs: gather_logprobs, chunked_gather_logprobs, sequence_logps, entropy_from_logits
+- sft: sft_nll
+- reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, regression, trex
+- combine: llama2_safety_gate, weighted_sum, sparrow_rerank
+- preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, orpo, simpo, cpl, PREFERENCE_LOSSES
+- kl: kl_k1 / k2 / k3, alpacafarm_clamp, kl_shaped_rewards, kl_penalty_loss, KL controllers
+- advantages: gae, discounted_returns, whiten, reinforce / rloo / group-normalized advantages
+- ppo: ppo_policy_loss, ppo_value_loss, entropy_bonus, reinforce_loss
+
+Mask polarity everywhere: True = the token counts.
+"""
+
+from rlhflab.losses.advantages import (
+    discounted_returns,
+    gae,
+    group_normalized_advantages,
+    reinforce_advantages,
+    rloo_advantages,
+    whiten,
+)
+from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
+from rlhflab.losses.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    alpacafarm_clamp,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_penalty_loss,
+    kl_shaped_rewards,
+    last_token_index,
+)
+from rlhflab.losses.logprobs import (
+    chunked_gather_logprobs,
+    entropy_from_logits,
+    gather_logprobs,
+    sequence_logps,
+    token_mask_from_labels,
+)
+from rlhflab.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss, reinforce_loss
+from rlhflab.losses.preference import (
+    PREFERENCE_LOSSES,
+    cdpo,
+    cpl,
+    dpo,
+    hinge,
+    implicit_reward_metrics,
+    ipo,
+    kto,
+    kto_kl_estimate,
+    orpo,
+    robust_dpo,
+    simpo,
+)
+from rlhflab.losses.reward import (
+    LLAMA2_MARGINS,
+    bradley_terry,
+    llama2_margins,
+    pairwise_all_pairs,
+    plackett_luce,
+    regression,
+    trex,
+)
+from rlhflab.losses.sft import sft_nll
+from rlhflab.losses.utils import (
+    REDUCTIONS,
+    LossOutput,
+    RewardOutput,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    reduce_token_losses,
+)
+
+__all__ = [
+    "KL_ESTIMATORS", "LLAMA2_MARGINS", "PREFERENCE_LOSSES", "REDUCTIONS",
+    "AdaptiveKLController", "FixedKLController", "LossOutput", "RewardOutput",
+    "alpacafarm_clamp", "bradley_terry", "cdpo", "chunked_gather_logprobs", "cpl", "discounted_returns",
+    "dpo", "entropy_bonus", "entropy_from_logits", "gae", "gather_logprobs", "group_normalized_advantages",
+    "hinge", "implicit_reward_metrics", "ipo", "kl_k1", "kl_k2", "kl_k3", "kl_penalty_loss",
+    "kl_shaped_rewards", "kto", "kto_kl_estimate", "last_token_index", "llama2_margins",
+    "llama2_safety_gate", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "orpo",
+    "pairwise_all_pairs", "plackett_luce", "ppo_policy_loss", "ppo_value_loss", "reduce_token_losses",
+    "regression", "reinforce_advantages", "reinforce_loss", "rloo_advantages", "robust_dpo",
+    "sequence_logps", "sft_nll", "simpo", "sparrow_rerank", "token_mask_from_labels", "trex",
+    "weighted_sum", "whiten",
+]

@@ -1,0 +1,358 @@
+"""Direct preference optimization and its family.
+
+Seed 002's view (Tang et al. 2024, "Generalized Preference Optimization"): each offline loss is one convex
+function f applied to beta times the log-ratio gap
+
+    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)),
+
+logistic f -> DPO, squared -> IPO, hinge -> SLiC. The meaning of beta follows TRL: the DPO loss is
+-log sigma(beta * h). Log-probs are per-sequence sums unless a docstring says otherwise (see
+`sequence_logps(..., average=True)` for the means that IPO-as-TRL-runs-it, ORPO and SimPO use).
+
+Which inputs each loss needs:
+
+| name                    | reference | inputs beyond the four paired log-probs                          |
+|-------------------------|-----------|------------------------------------------------------------------|
+| dpo / cdpo / robust_dpo | yes       | label_smoothing (cdpo, robust_dpo)                               |
+| ipo, hinge (SLiC)       | yes       | -                                                                |
+| kto                     | yes       | unpaired: one log-prob per example, desirable flag, KL estimate  |
+| orpo                    | no        | length-averaged log-probs; optional chosen NLL                   |
+| simpo                   | no        | summed log-probs and response lengths; margin gamma              |
+| cpl                     | optional  | per-step log-probs [B, T] with masks; discount gamma, alpha      |
+
+`PREFERENCE_LOSSES` maps names to the losses that share the paired signature
+`(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **kwargs)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhflab.losses.utils import (
+    LossOutput,
+    as_bool_mask,
+    check_positive,
+    check_same_shape,
+    check_unit_interval,
+    detach_metrics,
+    fill_masked,
+    masked_sum,
+)
+
+
+def _gap(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
+    check_same_shape(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc,
+                     ref_rejected_logps=rr)
+    return (pc - rc) - (pr - rr)
+
+
+def _margin_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
+    margin = chosen - rejected
+    return detach_metrics({
+        "reward/chosen": chosen,
+        "reward/rejected": rejected,
+        "reward/margin": margin,
+        "reward/accuracy": (margin > 0).to(chosen.dtype),
+    })
+
+
+def implicit_reward_metrics(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> dict[str, Tensor]:
+    """DPO's implicit rewards r = beta * (log pi(y) - log ref(y)) as detached [B] metrics.
+
+    (Rafailov et al. 2023, Sec. 5.1: the policy defines a reward up to a prompt-only term.)
+    Returns reward/chosen, reward/rejected, reward/margin (chosen - rejected) and reward/accuracy
+    (1 where the chosen reward is strictly higher).
+    """
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps,
+                     policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
+    return _margin_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
+                           beta * (policy_rejected_logps - ref_rejected_logps))
+
+
+def _logistic(z: Tensor, label_smoothing: float) -> Tensor:
+    loss = -F.logsigmoid(z)
+    if label_smoothing > 0:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
+
+
+def dpo(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """DPO: L = -log sigma(beta * h)   (Rafailov et al. 2023, Eq. 7; f = logistic in seed 002).
+
+    With label_smoothing eps > 0 this is conservative DPO, see `cdpo`. All inputs [B] summed sequence
+    log-probs. Returns loss [B] and the implicit-reward metrics. Policy == reference gives log 2.
+    """
+    check_positive("beta", beta)
+    check_unit_interval("label_smoothing", label_smoothing, upper_open=True, upper=0.5)
+    h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, beta)
+    return LossOutput(_logistic(beta * h, label_smoothing), metrics)
+
+
+def cdpo(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+) -> LossOutput:
+    """Conservative DPO: L = -(1-eps) log sigma(beta h) - eps log sigma(-beta h)
+
+    (Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO", Eq. 3): labels are
+    assumed flipped with probability eps. Shapes as `dpo`.
+    """
+    return dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+               beta=beta, label_smoothing=label_smoothing)
+
+
+def robust_dpo(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+) -> LossOutput:
+    """Robust DPO: an unbiased loss under label noise of rate eps.
+
+    L = [ -(1-eps) log sigma(beta h) + eps log sigma(-beta h) ] / (1 - 2 eps)
+    (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback"; TRL's
+    loss_type="robust".) eps must be < 0.5; the loss can be negative for eps > 0. Shapes as `dpo`.
+    """
+    check_positive("beta", beta)
+    check_unit_interval("label_smoothing", label_smoothing, upper_open=True, upper=0.5)
+    h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    eps = label_smoothing
+    loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, beta)
+    return LossOutput(loss, metrics)
+
+
+def ipo(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+) -> LossOutput:
+    """IPO: L = (h - 1/(2 beta))^2, minimal at h = 1/(2 beta)
+
+    (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    arXiv 2310.12036v2 Eq. 17, with beta = tau, as TRL.) In seed 002's form this is a squared f:
+    (h - 1/(2 beta))^2 = (beta h - 1/2)^2 / beta^2. The paper sums token log-probs; TRL averages them per
+    token for IPO. Pass whichever you mean (`sequence_logps(..., average=...)`); the beta that works
+    differs by roughly the response length between the two. Shapes as `dpo`.
+    """
+    check_positive("beta", beta)
+    h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, beta)
+    return LossOutput((h - 1 / (2 * beta)) ** 2, metrics)
+
+
+def hinge(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+) -> LossOutput:
+    """SLiC / hinge: L = max(0, 1 - beta h)
+
+    (Zhao et al. 2023, "SLiC-HF", the rank-calibration loss max(0, delta - log P(y_c) + log P(y_r)) with
+    delta = 1/beta, scaled by beta and applied to reference-normalized log-ratios as in TRL and seed 002's
+    hinge f.) Shapes as `dpo`.
+    """
+    check_positive("beta", beta)
+    h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, beta)
+    return LossOutput(torch.relu(1 - beta * h), metrics)
+
+
+def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point z0 = max(0, mean(log pi(y'|x) - log ref(y'|x))), detached (0-dim).
+
+    policy_kl_logps, ref_kl_logps: [M] summed log-probs of mismatched pairs (x, y'), y' a completion of
+    another prompt in the batch (Ethayarajh et al. 2024, KTO). Average it across processes
+    before passing it to `kto` when training data-parallel.
+    """
+    check_same_shape(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl_estimate: Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO on unpaired feedback: each completion is labelled desirable or undesirable.
+
+    r = log pi(y|x) - log ref(y|x), z0 = the KL estimate (see `kto_kl_estimate`)
+    L = lambda_D (1 - sigma(beta (r - z0)))  if desirable
+        lambda_U (1 - sigma(beta (z0 - r)))  otherwise
+    (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", the KTO loss;
+    TRL's KTOTrainer.) z0 is treated as a constant (no gradient).
+
+    policy_logps, ref_logps: [B] summed log-probs; desirable: [B] bool; kl_estimate: 0-dim or float.
+    Returns loss [B]; metrics reward/implicit (beta * r), reward/desirable (the flag as float) and
+    kl/reference_point (z0, broadcast to [B]).
+    """
+    check_positive("beta", beta)
+    check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
+    z0 = torch.as_tensor(kl_estimate, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    r = policy_logps - ref_logps
+    good = as_bool_mask(desirable)
+    value = torch.where(good, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))
+    weight = torch.where(good, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    metrics = {
+        "reward/implicit": beta * r,
+        "reward/desirable": good.to(r.dtype),
+        "kl/reference_point": z0.expand_as(r),
+    }
+    return LossOutput(weight * (1 - value), detach_metrics(metrics))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    # log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012).
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    beta: float = 0.1,
+    chosen_nll: Tensor | None = None,
+) -> LossOutput:
+    """ORPO: SFT on the chosen response plus an odds-ratio preference term, no reference model.
+
+    odds(y) = P(y) / (1 - P(y)), P(y) = exp(mean_t log pi(y_t | ...))
+    L = NLL(y_c) - beta * log sigma(log odds(y_c) - log odds(y_r))
+    (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", L_SFT + lambda
+    L_OR with lambda = beta, as TRL.)
+
+    policy_chosen_logps, policy_rejected_logps: [B] length-AVERAGED log-probs (< 0). chosen_nll: [B] the
+    SFT loss of the chosen response; defaults to -policy_chosen_logps (the token-mean NLL). Returns loss
+    [B]; metrics loss/nll, loss/odds_ratio, reward/log_odds_ratio and the reward/* margin metrics with
+    rewards beta * average log-prob.
+    """
+    check_positive("beta", beta)
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    # P(y) = 1 makes the odds infinite; nudge it just below 1 instead of returning inf.
+    lc = policy_chosen_logps.clamp(max=-1e-6)
+    lr = policy_rejected_logps.clamp(max=-1e-6)
+    log_odds = (lc - _log1mexp(lc)) - (lr - _log1mexp(lr))
+    or_loss = -F.logsigmoid(log_odds)
+    nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
+    metrics = _margin_metrics(beta * policy_chosen_logps, beta * policy_rejected_logps)
+    metrics.update(detach_metrics({"loss/nll": nll, "loss/odds_ratio": or_loss,
+                                   "reward/log_odds_ratio": log_odds}))
+    return LossOutput(nll + beta * or_loss, metrics)
+
+
+def simpo(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """SimPO: length-normalized, reference-free, with a target margin gamma.
+
+    L = -log sigma( beta/|y_c| log pi(y_c) - beta/|y_r| log pi(y_r) - gamma )
+    (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward".)
+    gamma is the absolute margin (TRL's CPO `simpo_gamma`; the paper tunes gamma/beta around 0.5).
+
+    policy_chosen_logps, policy_rejected_logps: [B] SUMMED log-probs; chosen_lengths, rejected_lengths:
+    [B] response token counts. Returns loss [B]; reward/* metrics with rewards beta * average log-prob.
+    """
+    check_positive("beta", beta)
+    check_unit_interval("label_smoothing", label_smoothing, upper_open=True, upper=0.5)
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                     chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    rc = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    rr = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
+    return LossOutput(_logistic(rc - rr - gamma, label_smoothing), _margin_metrics(rc, rr))
+
+
+def _discounted_segment_score(logps: Tensor, mask: Tensor, ref: Tensor | None, gamma: float) -> Tensor:
+    # Discount by the index among real steps (not the raw position), so left padding changes nothing.
+    mask = as_bool_mask(mask)
+    step = (mask.cumsum(-1) - 1).clamp(min=0).to(logps.dtype)
+    ratio = fill_masked(logps if ref is None else logps - fill_masked(ref, mask), mask)
+    return masked_sum(gamma ** step * ratio, mask, dim=-1)
+
+
+def cpl(
+    chosen_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_logps: Tensor,
+    rejected_mask: Tensor,
+    alpha: float = 0.1,
+    gamma: float = 1.0,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    conservative_lambda: float = 1.0,
+) -> LossOutput:
+    """Contrastive Preference Learning over segments of (state, action) steps.
+
+    S(sigma) = sum_t gamma^t alpha log pi(a_t | s_t)   (t = 0, 1, ... over the segment's real steps;
+               with reference log-probs mu: alpha log pi/mu, seed 000's second form)
+    L = -log [ exp S(sigma+) / (exp S(sigma+) + exp(lambda S(sigma-))) ] = -log sigma(S+ - lambda S-)
+    (Hejna et al. 2023, "Contrastive Preference Learning: Learning from Human Feedback without RL"; lambda
+    < 1 is the paper's conservative bias, lambda = 1 the plain CPL loss.)
+    One step with gamma = 1 and no reference is DPO with beta = alpha and zero reference log-probs.
+
+    chosen_logps: [B, T+] per-step log-probs of the preferred segment, chosen_mask: [B, T+] (True = a
+    real step); rejected_*: [B, T-]; optional ref_* like the policy ones. Returns loss [B]; reward/*
+    metrics with rewards S+ and S-.
+    """
+    check_positive("alpha", alpha)
+    check_unit_interval("gamma", gamma)
+    check_unit_interval("conservative_lambda", conservative_lambda)
+    check_same_shape(chosen_logps=chosen_logps, chosen_mask=chosen_mask)
+    check_same_shape(rejected_logps=rejected_logps, rejected_mask=rejected_mask)
+    s_pos = alpha * _discounted_segment_score(chosen_logps, chosen_mask, ref_chosen_logps, gamma)
+    s_neg = alpha * _discounted_segment_score(rejected_logps, rejected_mask, ref_rejected_logps, gamma)
+    return LossOutput(-F.logsigmoid(s_pos - conservative_lambda * s_neg), _margin_metrics(s_pos, s_neg))
+
+
+PairedLoss = Callable[..., LossOutput]
+
+# Losses with the paired signature (pc, pr, rc, rr, beta, **kwargs); the selector for DPO-style stages.
+PREFERENCE_LOSSES: dict[str, PairedLoss] = {
+    "sigmoid": dpo,
+    "dpo": dpo,
+    "cdpo": cdpo,
+    "robust": robust_dpo,
+    "robust_dpo": robust_dpo,
+    "ipo": ipo,
+    "hinge": hinge,
+    "slic": hinge,
+}

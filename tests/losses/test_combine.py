@@ -1,0 +1,75 @@
+"""Reward combinations: Llama 2 safety gate, weighted sums, Sparrow re-rank."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhflab.errors import ConfigError
+from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
+
+F64 = torch.float64
+
+
+def t(x):
+    return torch.tensor(x, dtype=F64)
+
+
+def test_llama2_gate_by_hand():
+    """helpful = [2, 2, 2], safety logits = [0, -3, 1], unsafe prompt = [T, F, F].
+
+    row 0: flagged -> safety 0;  row 1: sigma(-3) = 0.047 < 0.15 -> safety -3;  row 2: sigma(1) = 0.73
+    -> helpful 2. Combined [0, -3, 2]: mean -1/3, deviations [1/3, -8/3, 7/3], squares sum 114/9,
+    unbiased var 57/9 = 6.3333, std 2.516611 -> whitened [0.132453, -1.059626, 0.927173].
+    """
+    args = (t([2.0, 2.0, 2.0]), t([0.0, -3.0, 1.0]), torch.tensor([True, False, False]))
+    raw = llama2_safety_gate(*args, whiten=False)
+    torch.testing.assert_close(raw.rewards, t([0.0, -3.0, 2.0]))
+    assert raw.metrics["reward/safety_gated"].tolist() == [1.0, 1.0, 0.0]
+    out = llama2_safety_gate(*args)
+    torch.testing.assert_close(out.rewards, t([0.132453, -1.059626, 0.927173]), atol=1e-5, rtol=0)
+
+
+def test_llama2_gate_on_probabilities():
+    """Sigmoid outputs: safety 0.1 < 0.15 -> gated -> LOGIT(0.1) = ln(0.1 / 0.9) = -2.197225;
+    safety 0.9, helpful 0.5 -> LOGIT(0.5) = 0."""
+    out = llama2_safety_gate(t([0.8, 0.5]), t([0.1, 0.9]), torch.tensor([False, False]),
+                             whiten=False, scores_are_probs=True)
+    torch.testing.assert_close(out.rewards, t([math.log(0.1 / 0.9), 0.0]))
+
+
+def test_weighted_sum_by_hand():
+    """[[1, 2], [3, 4]] . [0.5, 2] = [0.5 + 4, 1.5 + 8] = [4.5, 9.5]."""
+    torch.testing.assert_close(weighted_sum(t([[1.0, 2.0], [3.0, 4.0]]), [0.5, 2.0]), t([4.5, 9.5]))
+    torch.testing.assert_close(weighted_sum([t([1.0, 3.0]), t([2.0, 4.0])], [0.5, 2.0]), t([4.5, 9.5]))
+    with pytest.raises(ConfigError, match="one weight per reward"):
+        weighted_sum(t([[1.0, 2.0]]), [1.0])
+
+
+def test_sparrow_rerank_by_hand():
+    """R_pr = [1, -1] -> AVG 0 -> e^1 / (e^1 + e^0) = sigma(1) = 0.731059, sigma(-1) = 0.268941.
+    Rules [0.9, 0.4] -> (0.36)^(1/2) = 0.6; [1.0, 0.25] -> 0.5.
+    R = [0.731059 * 0.6, 0.268941 * 0.5] = [0.438635, 0.134471]. An absent third candidate scores 0
+    and does not move the average.
+    """
+    pr = t([[1.0, -1.0, 30.0]])
+    rules = t([[[0.9, 0.4], [1.0, 0.25], [0.0, 0.0]]])
+    out = sparrow_rerank(pr, rules, torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(out.rewards, t([[0.438635, 0.134471, 0.0]]), atol=1e-6, rtol=0)
+    expected = math.exp(1) / (math.exp(1) + math.exp(0)) * math.sqrt(0.9 * 0.4)
+    assert out.rewards[0, 0].item() == pytest.approx(expected)
+
+
+def test_gradcheck_combinations():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, dtype=F64, generator=g, requires_grad=True)
+    s = torch.randn(5, dtype=F64, generator=g, requires_grad=True)
+    unsafe = torch.tensor([True, False, False, True, False])
+    assert torch.autograd.gradcheck(lambda a, b: llama2_safety_gate(a, b, unsafe, threshold=0.3).rewards,
+                                    (h, s))
+    pr = torch.randn(2, 3, dtype=F64, generator=g, requires_grad=True)
+    rules = (torch.rand(2, 3, 2, dtype=F64, generator=g) * 0.8 + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: sparrow_rerank(a, b).rewards, (pr, rules))
+    assert torch.autograd.gradcheck(lambda a: weighted_sum(a, [0.5, -1.0, 2.0]), (pr,))
