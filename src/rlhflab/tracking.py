@@ -227,6 +227,13 @@ class Progress:
         text = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (info or {}).items())
         self._bar.update(self._task, advance=advance, **({"info": text} if info is not None else {}))
 
+    def print(self, message: str) -> None:
+        """Print above the bar (a plain print would be overwritten by the live display)."""
+        if self._bar is None:
+            print(message)
+        else:
+            self._bar.console.print(message, markup=False, highlight=False)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()

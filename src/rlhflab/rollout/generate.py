@@ -1,0 +1,192 @@
+"""Sampling responses from any HF causal LM, batched, with the KV cache, in tensors ready for training.
+
+Prompts are left-padded so that every row's response starts at the same column; responses are right-
+padded after their first EOS. `Rollout.input_ids` (prompt + response) with `attention_mask` and
+`position_ids` feeds a policy/reference/value forward pass directly, and `response_start` says where
+the response begins, so `logits[:, response_start - 1 : -1]` score `response_ids`.
+
+Sampling settings are always passed in full to `generate`: a model's own `generation_config` (top_k=50
+by default in transformers) would otherwise silently change the distribution PPO's ratios assume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhflab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled.
+
+    max_new_tokens: longest response, EOS included.
+    temperature: softmax temperature (> 0); 1.0 samples from the model itself (what KL estimates assume).
+    top_k: keep the k most likely tokens; 0 = off.
+    top_p: nucleus sampling mass in (0, 1]; 1.0 = off.
+    do_sample: False = greedy decoding (temperature, top_k, top_p are then unused).
+    """
+
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+
+    def generation_config(self, pad_token_id: int, eos_token_id: int | list[int]):
+        """A complete `transformers.GenerationConfig` for these settings."""
+        from transformers import GenerationConfig
+
+        # Greedy decoding ignores these; leaving them unset keeps transformers from warning about them.
+        sampling = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p} \
+            if self.do_sample else {}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=self.do_sample, num_beams=1,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, use_cache=True,
+            pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling)
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses. B rows; P prompt columns (left-padded); R response columns.
+
+    prompt_ids [B, P] (left-padded with pad), prompt_mask [B, P] bool (True = real prompt token),
+    response_ids [B, R] (right-padded with pad after the first EOS), response_mask [B, R] bool (True = a
+    real response token, the EOS included), ended_with_eos [B] bool (False = cut at max_new_tokens),
+    texts: decoded responses without special tokens; prompts: the prompts as given.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    ended_with_eos: Tensor
+    texts: list[str]
+    prompts: list
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def response_start(self) -> int:
+        """Column of `input_ids` where every response starts (= P)."""
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> Tensor:
+        """[B, P + R] prompt and response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, P + R] long, 1 = real token."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1).long()
+
+    @property
+    def position_ids(self) -> Tensor:
+        """[B, P + R] positions counted from each row's first real token, as `generate` used them."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """[B] number of real response tokens (EOS included)."""
+        return self.response_mask.sum(-1)
+
+
+def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
+    """Token ids of each prompt, encoded exactly as the data layer encodes training prompts
+    (`rlhflab.data.tokenize.encode_prompt`): a string is raw text (with the tokenizer's own BOS, if any);
+    a list of {"role", "content"} messages is rendered with the chat template, ending in the assistant
+    turn; a list (or tensor) of ints is used as token ids."""
+    from rlhflab.data.tokenize import encode_prompt
+
+    out = []
+    for p in prompts:
+        if isinstance(p, str) or (isinstance(p, (list, tuple)) and p and isinstance(p[0], dict)):
+            out.append(list(encode_prompt(p, tokenizer)))
+        else:
+            out.append([int(t) for t in p])
+    if any(len(ids) == 0 for ids in out):
+        raise ConfigError("a prompt encodes to zero tokens; every prompt needs at least one token")
+    return out
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, width: int) -> tuple[Tensor, Tensor]:
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = True
+    return ids, mask
+
+
+def _cut_at_eos(new_tokens: Tensor, eos_ids: Tensor, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask every token after the first EOS. new_tokens [B, R] -> (ids [B, R], mask [B, R], ended [B])."""
+    is_eos = torch.isin(new_tokens, eos_ids)
+    # Tokens strictly after the first EOS have at least one EOS before them (pad may equal EOS).
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = ~after
+    return new_tokens.masked_fill(after, pad_id), mask, is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence, settings: SamplingSettings | None = None, *,
+             batch_size: int = 64, seed: int | None = None) -> Rollout:
+    """Sample one response per prompt (repeat prompts for several), `batch_size` prompts per call.
+
+    prompts: strings (raw text), chat message lists, or token-id lists (see `encode_prompts`).
+
+    `seed` makes sampling reproducible without touching the global RNG. The model is put in eval mode
+    for the call (dropout off) and restored after.
+    """
+    settings = settings or SamplingSettings()
+    if len(prompts) == 0:
+        raise ConfigError("generate() needs at least one prompt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+    eos_list = [eos] if isinstance(eos, int) else list(eos)
+    gen_config = settings.generation_config(pad_id, eos_list)
+    device = next(model.parameters()).device
+    rows = encode_prompts(tokenizer, prompts)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for s in range(0, len(rows), batch_size):
+                batch = rows[s:s + batch_size]
+                ids, mask = _left_pad(batch, pad_id, max(len(r) for r in batch))
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device),
+                                     generation_config=gen_config)
+                chunks.append(out[:, ids.shape[1]:].cpu())
+    finally:
+        model.train(was_training)
+    width = max(c.shape[1] for c in chunks)
+    new = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    response_ids, response_mask, ended = _cut_at_eos(new, torch.tensor(eos_list), pad_id)
+    # Padding columns appended above hold pad; mark them as not real even when pad != EOS.
+    for i, c in enumerate(chunks):
+        lo = i * batch_size
+        response_mask[lo:lo + c.shape[0], c.shape[1]:] = False
+    prompt_ids, prompt_mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
+    texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
+    return Rollout(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
+                   response_ids=response_ids.to(device), response_mask=response_mask.to(device),
+                   ended_with_eos=ended.to(device), texts=[t.strip() for t in texts], prompts=list(prompts))

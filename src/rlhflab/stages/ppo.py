@@ -1,0 +1,312 @@
+"""PPO against a reward model with a KL penalty to a frozen reference (InstructGPT step 3).
+
+Each iteration (Ouyang et al. 2022; the AlpacaFarm PPO loop in seed 004):
+
+    1. generate   sample responses to a batch of prompts with the current policy (KV-cached, batched)
+    2. score      sequence rewards from the reward source(s); a penalty for responses cut off without EOS
+    3. old/ref    log-probs of the sampled tokens under the policy (frozen copy: "old") and the reference,
+                  and the values, all without gradients
+    4. shape      per-token rewards r_t = -beta * KL_t, plus the score at the last real token
+    5. GAE        advantages and returns; advantages whitened
+    6. optimize   several epochs of minibatches of the clipped surrogate + clipped value loss (+ entropy)
+    7. adapt      the KL controller moves beta toward the target KL (when adaptive)
+
+Health guards stop the run (keeping the last good checkpoint) when a loss or log-prob goes NaN/inf, and
+warn when the KL estimate goes negative (the policy found tokens the sampler did not: usually a
+sampling/scoring mismatch) or when the clip fraction or KL explodes.
+
+Every rollout (prompt, response, score, KL) is appended to RUN/rollouts.jsonl, so the proxy reward can be
+compared afterwards with anything else (the lab's gold reward) without training code ever seeing it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhflab.config import PPOConfig
+from rlhflab.data import PromptRecord
+from rlhflab.errors import ConfigError
+from rlhflab.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_bonus,
+    entropy_from_logits,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from rlhflab.models.backbone import backbone_and_head, hidden_size_of, hidden_to_logits
+from rlhflab.models.heads import Critic, ValueHead
+from rlhflab.models.loading import count_parameters, load_causal_lm
+from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
+from rlhflab.stages.common import (
+    build_optimizer,
+    clip_gradients,
+    load_policy,
+    open_run,
+    optimizer_step,
+    resolve_model_path,
+)
+from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.forward import token_logps
+from rlhflab.tracking import (
+    Progress,
+    batch_schedule,
+    check_finite,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+# Thresholds of the health warnings (not errors: these happen in healthy runs now and then).
+NEGATIVE_KL_WARN = -0.5
+CLIPFRAC_WARN = 0.3
+APPROX_KL_WARN = 0.5
+
+
+def _response_pass(policy, value_model, rollout: Rollout, temperature: float, *, with_entropy: bool):
+    """Log-probs [B, R] of the sampled tokens, values [B, R], and optionally per-token entropy [B, R].
+
+    Values are read at the state before each response token (the position that predicts it).
+    """
+    ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+    target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+    logps, hidden = token_logps(policy, ids, attn, target, position_ids=rollout.position_ids,
+                                temperature=temperature, return_hidden=True)
+    logps = logps[:, start - 1:]
+    state_hidden = hidden[:, start - 1:-1]
+    if isinstance(value_model, ValueHead):
+        values = value_model(state_hidden)
+    else:
+        values = value_model(ids, attn, rollout.position_ids)[:, start - 1:-1]
+    entropy = None
+    if with_entropy:
+        _, head = backbone_and_head(policy)
+        entropy = entropy_from_logits(hidden_to_logits(policy, head, state_hidden) / temperature)
+    return logps, values, entropy
+
+
+def _sub_rollout(r: Rollout, idx: torch.Tensor) -> Rollout:
+    return Rollout(prompt_ids=r.prompt_ids[idx], prompt_mask=r.prompt_mask[idx], response_ids=r.response_ids[idx],
+                   response_mask=r.response_mask[idx], ended_with_eos=r.ended_with_eos[idx],
+                   texts=[r.texts[i] for i in idx.tolist()], prompts=[r.prompts[i] for i in idx.tolist()])
+
+
+def _load_reward(cfg: PPOConfig, device: torch.device):
+    from rlhflab.rewards import load_rewards
+
+    if not cfg.algo.reward_model:
+        raise ConfigError("config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
+                          "or a reward spec such as 'rule:length'")
+    return load_rewards(cfg.algo.reward_model, weights=cfg.algo.reward_weights, device=device)
+
+
+def _setup_models(cfg: PPOConfig):
+    """(policy, value model, reference, tokenizer, device). The reference is frozen and in eval mode."""
+    policy, tokenizer, device = load_policy(cfg.model, seed=cfg.seed)
+    # Generation pads on the left; training collators pad on the right (rollout tensors carry their own).
+    ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path, seed=cfg.seed)
+    ref = load_causal_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
+    ref.eval().requires_grad_(False)
+    if cfg.algo.separate_critic:
+        # InstructGPT initializes the value function from the reward model.
+        init = cfg.algo.reward_model.split(",")[0] if cfg.algo.reward_model and \
+            Path(cfg.algo.reward_model.split(",")[0]).is_dir() else resolve_model_path(cfg.model.name_or_path)
+        value_model: nn.Module = Critic.from_pretrained(init, device=str(device))
+    else:
+        value_model = ValueHead(hidden_size_of(policy)).to(device)
+    return policy, value_model, ref, tokenizer, device
+
+
+@torch.no_grad()
+def _make_experience(policy, value_model, ref, reward, rollout: Rollout, kl_ctl, cfg: PPOConfig, step: int,
+                     last_ckpt):
+    """Steps 2-5: scores, old/ref log-probs and values, KL-shaped rewards, GAE. Returns tensors + metrics."""
+    timings = {}
+    t = time.time()
+    # 2. score
+    scores = reward.score(rollout.prompts, rollout.texts).to(rollout.response_ids.device, torch.float32)
+    raw_scores = scores.clone()
+    if cfg.algo.missing_eos_penalty:
+        scores = scores - cfg.algo.missing_eos_penalty * (~rollout.ended_with_eos).float()
+    timings["perf/time_score"] = time.time() - t
+    t = time.time()
+    # 3. old and reference log-probs, values
+    temp = cfg.sampling.temperature
+    policy.eval()
+    old_logps, old_values, entropy = _response_pass(policy, value_model, rollout, temp, with_entropy=True)
+    target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+    ref_logps = token_logps(ref, rollout.input_ids, rollout.attention_mask, target,
+                            position_ids=rollout.position_ids, temperature=temp)[:, rollout.response_start - 1:]
+    policy.train()
+    timings["perf/time_forward"] = time.time() - t
+    mask = rollout.response_mask
+    check_finite({"old_logps": old_logps[mask], "ref_logps": ref_logps[mask], "values": old_values[mask],
+                  "reward/score": scores}, step=step, last_good=last_ckpt)
+    # 4. KL-shaped rewards
+    shaped = kl_shaped_rewards(scores, old_logps, ref_logps, mask, beta=kl_ctl.value, estimator=cfg.algo.kl_estimator)
+    # 5. GAE, then whitening across the whole rollout batch (more samples, steadier statistics)
+    advantages, returns = gae(shaped.rewards, old_values, mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
+    if cfg.algo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    seq_kl = shaped.metrics["kl/sequence"]
+    metrics = {
+        "reward/score": raw_scores.mean(), "reward/score_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
+        "reward/total": shaped.metrics["reward/total"].mean(), "reward/non_score": shaped.metrics["reward/non_score"].mean(),
+        "kl/sequence": seq_kl.mean(), "kl/coef": kl_ctl.value, "loss/entropy_rollout": masked_mean(entropy, mask),
+        "perf/response_length": mask.sum(-1).float().mean(), "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
+        "loss/value_error_rollout": masked_mean((old_values - returns).abs(), mask),
+        **timings,
+    }
+    exp = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values, "advantages": advantages,
+           "returns": returns, "scores": raw_scores, "seq_kl": seq_kl}
+    return exp, metrics
+
+
+def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Rollout, exp: dict, cfg: PPOConfig,
+                step_for_errors: int, last_ckpt) -> dict[str, float]:
+    """Step 6: several epochs of minibatch updates on one rollout batch. Returns averaged metrics."""
+    n = len(rollout)
+    sums: dict[str, float] = {}
+    count = 0
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step_for_errors)
+    for _ in range(cfg.algo.ppo_epochs):
+        order = torch.randperm(n, generator=g)
+        for s in range(0, n, cfg.algo.minibatch_size):
+            idx = order[s:s + cfg.algo.minibatch_size].to(rollout.response_ids.device)
+            mb = _sub_rollout(rollout, idx)
+            mask = mb.response_mask
+            logps, values, entropy = _response_pass(policy, value_model, mb, cfg.sampling.temperature,
+                                                    with_entropy=cfg.algo.entropy_coef > 0)
+            pg = ppo_policy_loss(logps, exp["old_logps"][idx], exp["advantages"][idx], mask, clip_eps=cfg.algo.clip_eps)
+            vf = ppo_value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask,
+                                clip_eps_value=cfg.algo.value_clip_eps or None)
+            loss = pg.loss.mean() + cfg.algo.value_coef * vf.loss.mean()
+            if entropy is not None:
+                loss = loss + cfg.algo.entropy_coef * entropy_bonus(entropy, mask).loss.mean()
+            check_finite({"loss/ppo": loss}, step=step_for_errors, last_good=last_ckpt)
+            loss.backward()
+            grad_norm = clip_gradients(params, cfg.optim.max_grad_norm)
+            check_finite({"loss/grad_norm": grad_norm}, step=step_for_errors, last_good=last_ckpt)
+            optimizer_step(optimizer, scheduler)
+            row = {"loss/policy": pg.loss.mean(), "loss/value": vf.loss.mean(), "loss/total": loss,
+                   "loss/grad_norm": grad_norm, **{k: v.mean() for k, v in {**pg.metrics, **vf.metrics}.items()}}
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+            count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> None:
+    if metrics["kl/sequence"] < NEGATIVE_KL_WARN:
+        log(f"ppo warning (iteration {iteration}): the KL estimate is negative ({metrics['kl/sequence']:.3f}); "
+            "sampling and scoring disagree (temperature, top-k/top-p, or a tokenizer mismatch)")
+    if metrics.get("loss/clipfrac", 0.0) > CLIPFRAC_WARN:
+        log(f"ppo warning (iteration {iteration}): clip fraction {metrics['loss/clipfrac']:.2f} is high; "
+            "lower optim.lr or algo.ppo_epochs")
+    if metrics.get("kl/approx", 0.0) > APPROX_KL_WARN:
+        log(f"ppo warning (iteration {iteration}): policy moved {metrics['kl/approx']:.2f} nats in one update; "
+            "lower optim.lr")
+
+
+def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) -> None:
+    with open(path, "a") as f:
+        for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
+            f.write(json.dumps({"iteration": iteration, "prompt": prompt, "response": text,
+                                "score": float(exp["scores"][i]), "kl": float(exp["seq_kl"][i])}) + "\n")
+
+
+def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, reward: Any = None) -> Path:
+    """Run PPO; returns the final policy directory (RUN/final, a plain HF causal LM + value head).
+
+    `reward`: any object with `score(prompts, responses) -> Tensor[B]` (Python API); by default the reward
+    source(s) named in algo.reward_model.
+    """
+    # Setup: seeds, run directory, models, reward, prompts, optimizer, KL controller.
+    seed_everything(cfg.seed)
+    run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
+    policy, value_model, ref, tokenizer, device = _setup_models(cfg)
+    reward = reward if reward is not None else _load_reward(cfg, device)
+    records, _ = load_stage_records(cfg.data, "prompt", model_name=cfg.model.name_or_path, run_dir=run.dir,
+                                    seed=cfg.seed)
+    prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
+    steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config: {len(prompts)} prompts are fewer than algo.rollout_batch_size "
+                          f"({cfg.algo.rollout_batch_size}); lower it or add prompts")
+    trainable = nn.ModuleDict({"policy": policy, "value": value_model})
+    updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
+    optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
+    kl_ctl = (AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.target_kl, cfg.algo.kl_horizon)
+              if cfg.algo.adaptive_kl else FixedKLController(cfg.algo.kl_coef))
+    sampling = SamplingSettings(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                                top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
+    n_params = count_parameters(policy)
+    print(f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
+          f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}")
+
+    iteration, last_ckpt = 0, None
+    if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:
+        state = load_checkpoint(last_ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)
+        iteration = state["step"]
+        kl_ctl.load_state_dict(state["kl_controller"])
+        print(f"ppo: resumed from {last_ckpt} at iteration {iteration}")
+
+    progress = Progress(cfg.algo.iterations, "ppo", enabled=cfg.logging.progress, completed=iteration)
+    while iteration < cfg.algo.iterations:
+        epoch, position = divmod(iteration, steps_per_epoch)
+        batch = [prompts[i] for i in batch_schedule(len(prompts), cfg.algo.rollout_batch_size, cfg.seed, epoch)[position]]
+        # 1. generate
+        t0 = time.time()
+        rollout = generate(policy, tokenizer, batch, sampling, batch_size=cfg.algo.rollout_batch_size,
+                           seed=cfg.seed * 100_003 + iteration)
+        t_gen = time.time() - t0
+        # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
+        exp, metrics = _make_experience(policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration + 1,
+                                        last_ckpt)
+        # 6. optimize
+        t0 = time.time()
+        metrics.update(_ppo_epochs(policy, value_model, trainable, optimizer, scheduler, rollout, exp, cfg,
+                                   iteration + 1, last_ckpt))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
+        # 7. adapt the KL coefficient
+        kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
+        iteration += 1
+
+        _append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp)
+        _health_warnings(metrics, iteration, log=progress.print)
+        if iteration % cfg.logging.log_every == 0 or iteration == cfg.algo.iterations:
+            run.logger.log(iteration, metrics)
+        if cfg.logging.save_every and iteration % cfg.logging.save_every == 0 and iteration < cfg.algo.iterations:
+            last_ckpt = save_checkpoint(run.dir, iteration, model=trainable, optimizer=optimizer, scheduler=scheduler,
+                                        state={"kl_controller": kl_ctl.state_dict()},
+                                        keep=cfg.logging.keep_checkpoints)
+        progress.update(1, {"score": metrics["reward/score"], "kl": metrics["kl/sequence"]})
+    progress.close()
+
+    # Save: the policy as a plain HF causal LM (+ value head file), the critic beside it when separate.
+    from rlhflab.models.heads import PolicyWithValueHead
+
+    final = run.dir / "final"
+    if isinstance(value_model, ValueHead):
+        PolicyWithValueHead(policy, value_model).save_pretrained(final, tokenizer)
+    else:
+        from rlhflab.models.loading import save_model
+
+        save_model(policy, tokenizer, final)
+        value_model.save_pretrained(run.dir / "critic", tokenizer)
+    run.close()
+    print(f"ppo: saved the policy to {final}")
+    return final
+

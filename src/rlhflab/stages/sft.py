@@ -1,0 +1,151 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+The model learns to imitate the completions; prompt tokens are masked out of the loss (mask True = the
+token counts), so it is never trained to produce the user's side of a conversation.
+
+    rlhflab sft --config configs/sft_tiny.yaml optim.lr=3e-4
+
+Setup -> loop -> save, read top to bottom.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhflab.config import SFTConfig
+from rlhflab.data import collate_packed, collate_sft, pack_sequences, tokenize_sft
+from rlhflab.losses import sft_nll
+from rlhflab.models.loading import count_parameters, save_model
+from rlhflab.stages.common import (
+    build_optimizer,
+    clip_gradients,
+    load_policy,
+    num_optimizer_steps,
+    open_run,
+    optimizer_step,
+)
+from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.forward import token_logps
+from rlhflab.tracking import (
+    Progress,
+    batch_schedule,
+    check_finite,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+
+def _micro_batches(examples: list[dict], indices: list[int], cfg: SFTConfig, pad_id: int):
+    """Collated micro-batches of one optimizer step (packed rows when data.packing is on)."""
+    chosen = [examples[i] for i in indices]
+    if cfg.data.packing:
+        rows = pack_sequences(chosen, cfg.data.max_length)
+        return [collate_packed(rows, pad_token_id=pad_id)]
+    size = cfg.optim.micro_batch_size or len(chosen)
+    return [collate_sft(chosen[i:i + size], pad_token_id=pad_id) for i in range(0, len(chosen), size)]
+
+
+def _loss(model, batch: dict, device, reduction: str, n_batch_tokens: int, n_batch_seqs: int):
+    """Loss of one micro-batch, scaled so that the micro-batches of a step add up to the step's loss."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    mask = batch["loss_mask"].bool()
+    logps = token_logps(model, batch["input_ids"], batch["attention_mask"], mask,
+                        position_ids=batch.get("position_ids"), attention_mask_4d=batch.get("attention_mask_4d"))
+    target = mask[:, 1:]
+    per_example = sft_nll(logps, target, reduction="sequence_sum").loss
+    # Normalize by the whole step's token (or sequence) count, not the micro-batch's, so gradient
+    # accumulation gives exactly the gradient of the full batch.
+    total = per_example.sum() / (n_batch_tokens if reduction == "token_mean" else n_batch_seqs)
+    return total, int(target.sum())
+
+
+def evaluate(model, examples: list[dict], device, pad_id: int, batch_size: int = 32) -> dict[str, float]:
+    """Token-mean NLL and perplexity on held-out demonstrations."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = collate_sft(examples[i:i + batch_size], pad_token_id=pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch["loss_mask"].bool()
+            logps = token_logps(model, batch["input_ids"], batch["attention_mask"], mask)
+            nll -= float(logps.sum())
+            tokens += int(mask[:, 1:].sum())
+    model.train()
+    mean = nll / max(tokens, 1)
+    return {"eval/nll": mean, "eval/ppl": float(torch.tensor(mean).exp())}
+
+
+def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run SFT; returns the directory of the final model (RUN/final)."""
+    # 1. Setup: seeds, run directory, model, data.
+    seed_everything(cfg.seed)
+    run = open_run(cfg, "sft", cfg.logging, resume=resume, overwrite=overwrite)
+    model, tokenizer, device = load_policy(cfg.model, seed=cfg.seed)
+    train_records, eval_records = load_stage_records(cfg.data, "sft", model_name=cfg.model.name_or_path,
+                                                     run_dir=run.dir, seed=cfg.seed)
+    kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
+    examples = [tokenize_sft(r, tokenizer, **kw) for r in train_records]
+    eval_examples = [tokenize_sft(r, tokenizer, **kw) for r in eval_records]
+    total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    n_params = count_parameters(model)
+    print(f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
+          f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}")
+
+    step, last_ckpt = 0, None
+    if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:
+        step = load_checkpoint(last_ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        print(f"sft: resumed from {last_ckpt} at step {step}")
+
+    # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
+    model.train()
+    progress = Progress(total_steps, "sft", enabled=cfg.logging.progress, completed=step)
+    t_last, tokens_since = time.time(), 0
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
+        n_tokens = sum(sum(examples[i]["loss_mask"][1:]) for i in indices)
+        step_loss = 0.0
+        for batch in _micro_batches(examples, indices, cfg, tokenizer.pad_token_id):
+            loss, n = _loss(model, batch, device, cfg.algo.loss_reduction, max(n_tokens, 1), len(indices))
+            check_finite({"loss/sft": loss}, step=step + 1, last_good=last_ckpt)
+            loss.backward()
+            step_loss += float(loss.detach())
+            tokens_since += n
+        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+        check_finite({"loss/grad_norm": grad_norm}, step=step + 1, last_good=last_ckpt)
+        optimizer_step(optimizer, scheduler)
+        step += 1
+
+        # 3. Log, evaluate, checkpoint.
+        if step % cfg.logging.log_every == 0 or step == total_steps:
+            elapsed = max(time.time() - t_last, 1e-9)
+            row = run.logger.log(step, {
+                "loss/sft": step_loss, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
+                "perf/tokens_per_s": tokens_since / elapsed, "perf/epoch": step / steps_per_epoch,
+                # Training FLOPs ~ 6 x params x tokens (forward + backward), Kaplan et al. 2020.
+                "perf/flops_per_s": 6 * n_params * tokens_since / elapsed})
+            t_last, tokens_since = time.time(), 0
+            progress.update(0, {"loss": row["loss/sft"]})
+        if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0:
+            run.logger.log(step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
+        if cfg.logging.save_every and step % cfg.logging.save_every == 0 and step < total_steps:
+            last_ckpt = save_checkpoint(run.dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        keep=cfg.logging.keep_checkpoints)
+        progress.update(1)
+    progress.close()
+
+    # 4. Save the final model (HF format) and the final evaluation.
+    if eval_examples:
+        metrics = run.logger.log(step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
+        print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    final = save_model(model, tokenizer, run.dir / "final")
+    run.close()
+    print(f"sft: saved the model to {final}")
+    return final

@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from rlhflab.errors import ConfigError
+from rlhflab.rollout import Rollout, SamplingSettings, encode_prompts, generate
+
+PROMPTS = ["the cat sat on", "hello", "what is the dog", "i love this film and it was a good day"]
+
+
+def _greedy_reference(model, tokenizer, prompt_ids, max_new_tokens):
+    """One prompt, no padding, no cache: the argmax continuation by full forward passes."""
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        ids.append(tok)
+        if tok == tokenizer.eos_token_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_left_padded_greedy_matches_one_by_one(tiny_tokenizer, arch):
+    from rlhflab.models.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
+    settings = SamplingSettings(max_new_tokens=8, do_sample=False)
+    out = generate(model, tiny_tokenizer, PROMPTS, settings, batch_size=3)
+    rows = encode_prompts(tiny_tokenizer, PROMPTS)
+    for i, ids in enumerate(rows):
+        expected = _greedy_reference(model, tiny_tokenizer, ids, 8)
+        got = out.response_ids[i][out.response_mask[i]].tolist()
+        assert got == expected, (arch, i)
+
+
+def test_rollout_layout(tiny_tokenizer, tiny_model):
+    pad, eos = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
+    # Make EOS likely (its tied embedding row is the LM head row) so some rows stop early and others
+    # run to the limit.
+    with torch.no_grad():
+        tiny_model.model.embed_tokens.weight[eos] *= 4.0
+    out = generate(tiny_model, tiny_tokenizer, PROMPTS * 8, SamplingSettings(max_new_tokens=6), batch_size=5, seed=0)
+    assert isinstance(out, Rollout) and len(out) == 32
+    B, P = out.prompt_ids.shape
+    R = out.response_ids.shape[1]
+    assert out.response_start == P and out.input_ids.shape == (B, P + R) and R <= 6
+    assert out.attention_mask.dtype == torch.long
+    assert torch.equal(out.attention_mask.bool(), torch.cat([out.prompt_mask, out.response_mask], 1))
+    for i, ids in enumerate(encode_prompts(tiny_tokenizer, PROMPTS * 8)):
+        n = len(ids)
+        assert out.prompt_ids[i, P - n:].tolist() == ids and not out.prompt_mask[i, :P - n].any()
+        assert (out.prompt_ids[i, :P - n] == pad).all()
+        real = out.response_mask[i]
+        k = int(real.sum())
+        assert real[:k].all() and not real[k:].any()  # a prefix
+        resp = out.response_ids[i]
+        eos_pos = (resp == eos).nonzero().flatten().tolist()
+        assert bool(out.ended_with_eos[i]) == bool(eos_pos)
+        if eos_pos:
+            assert k == eos_pos[0] + 1  # the EOS counts as real
+        else:
+            assert k == R == 6
+        assert (resp[k:] == pad).all()
+        assert out.texts[i] == tiny_tokenizer.decode(resp[:k], skip_special_tokens=True).strip()
+        # Positions restart at the first real token, as generate used them.
+        assert out.position_ids[i, P - n:P].tolist() == list(range(n))
+    assert out.ended_with_eos.any() and not out.ended_with_eos.all()
+    assert torch.equal(out.response_lengths, out.response_mask.sum(-1))
+
+
+def test_sampling_is_seeded_and_ignores_the_models_generation_config(tiny_tokenizer, tiny_model):
+    settings = SamplingSettings(max_new_tokens=5)
+    a = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=1)
+    b = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=1)
+    c = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=2)
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    # A model shipped with near-greedy defaults must not change what these settings sample.
+    tiny_model.generation_config.top_k = 1
+    tiny_model.generation_config.temperature = 0.01
+    d = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=1)
+    assert torch.equal(a.response_ids, d.response_ids)
+
+
+def test_first_token_frequencies_follow_the_model(tiny_tokenizer, tiny_model):
+    prompt = "the cat"
+    n = 3000
+    out = generate(tiny_model, tiny_tokenizer, [prompt] * n, SamplingSettings(max_new_tokens=1), batch_size=1000,
+                   seed=0)
+    ids = torch.tensor([encode_prompts(tiny_tokenizer, [prompt])[0]])
+    with torch.no_grad():
+        probs = torch.softmax(tiny_model(input_ids=ids).logits[0, -1], -1)
+    freq = torch.bincount(out.response_ids[:, 0], minlength=probs.numel()).float() / n
+    assert (freq - probs).abs().max() < 4 * (0.25 / n) ** 0.5
+    # With top_k = 1 sampling becomes greedy.
+    top1 = generate(tiny_model, tiny_tokenizer, [prompt] * 50, SamplingSettings(max_new_tokens=1, top_k=1), seed=0)
+    assert (top1.response_ids[:, 0] == probs.argmax()).all()
+
+
+def test_prompt_forms(tiny_tokenizer, tiny_model):
+    chat = [{"role": "user", "content": "hello"}]
+    ids = encode_prompts(tiny_tokenizer, ["hello", chat, [5, 6, 7], torch.tensor([8, 9])])
+    assert ids[0] == tiny_tokenizer("hello")["input_ids"]
+    user, assistant = tiny_tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    assert ids[1][0] == user and ids[1][-1] == assistant
+    assert ids[2] == [5, 6, 7] and ids[3] == [8, 9]
+    out = generate(tiny_model, tiny_tokenizer, [chat, "hello"], SamplingSettings(max_new_tokens=3), seed=0)
+    assert out.prompts == [chat, "hello"]
+    with pytest.raises(ConfigError):
+        generate(tiny_model, tiny_tokenizer, [], SamplingSettings())
+
+
+def test_model_mode_is_restored(tiny_tokenizer, tiny_model):
+    tiny_model.train()
+    generate(tiny_model, tiny_tokenizer, ["hello"], SamplingSettings(max_new_tokens=2))
+    assert tiny_model.training
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0},
+                                    {"top_p": 1.5}])
+def test_settings_validation(kwargs):
+    with pytest.raises(ConfigError):
+        SamplingSettings(**kwargs)

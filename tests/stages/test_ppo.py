@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from rlhflab.config import load_config
+from rlhflab.errors import TrainingHealthError
+from rlhflab.stages import ppo
+from rlhflab.tracking import latest_checkpoint, read_metrics
+
+
+class WordCount:
+    """A programmatic reward: how often `word` appears in the response."""
+
+    def __init__(self, word="good"):
+        self.word = word
+
+    def score(self, prompts, responses):
+        return torch.tensor([r.split().count(self.word) for r in responses], dtype=torch.float32)
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    rows = [{"prompt": p} for p in ["the cat", "the dog", "i say", "what is", "how was the film",
+                                    "the day was", "we like", "you hate"]] * 4
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(model_dir, prompts, out, *extra):
+    return load_config("ppo", None, [
+        f"model.name_or_path={model_dir}", f"data.train_path={prompts}", f"logging.output_dir={out}",
+        "model.device=cpu", "logging.progress=false", "logging.tensorboard=false", "logging.log_every=1",
+        "algo.rollout_batch_size=32", "algo.minibatch_size=16", "algo.ppo_epochs=2", "sampling.max_new_tokens=8",
+        "optim.lr=5e-3", "algo.kl_coef=0.01", *extra])
+
+
+def test_ppo_increases_a_programmatic_reward(tiny_model_dir, prompts_file, tmp_path):
+    final = ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=16"), reward=WordCount())
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    first = sum(r["reward/score"] for r in rows[:3]) / 3
+    last = sum(r["reward/score"] for r in rows[-3:]) / 3
+    assert last > first + 0.5, (first, last)
+    for key in ("kl/sequence", "loss/clipfrac", "loss/value_error", "perf/time_generate", "perf/time_optimize",
+                "perf/response_length", "loss/entropy_rollout"):
+        assert key in rows[-1]
+    lines = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
+    assert len(lines) == 16 * 32 and {"iteration", "prompt", "response", "score", "kl"} <= json.loads(lines[0]).keys()
+    assert (final / "value_head.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(final)  # a plain HF directory
+
+
+def test_ppo_kl_is_zero_at_start_and_separate_critic_runs(tiny_model_dir, prompts_file, tmp_path):
+    ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=1", "algo.separate_critic=true",
+                   "algo.adaptive_kl=true", "algo.target_kl=1"), reward=WordCount())
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    # Policy == reference before the first update: the sampled KL estimate is exactly 0.
+    assert row["kl/sequence"] == pytest.approx(0.0, abs=1e-5)
+    # The logged coefficient is the one that shaped this iteration's rewards: the initial 0.01.
+    assert row["kl/coef"] == pytest.approx(0.01)
+    assert (tmp_path / "run" / "critic" / "value_head.safetensors").exists()
+
+
+def test_ppo_resume_is_exact(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    common = ["algo.iterations=4", "logging.save_every=2", "algo.adaptive_kl=true"]
+    ref_final = ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "a", *common), reward=WordCount())
+
+    real = ppo._append_rollouts
+    calls = {"n": 0}
+
+    def crash_on_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(ppo, "_append_rollouts", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), reward=WordCount())
+    monkeypatch.setattr(ppo, "_append_rollouts", real)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000002"
+    resumed = ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), resume=True,
+                        reward=WordCount())
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_stops_on_nan_reward(tiny_model_dir, prompts_file, tmp_path):
+    class NaNAfterTwo(WordCount):
+        calls = 0
+
+        def score(self, prompts, responses):
+            NaNAfterTwo.calls += 1
+            out = super().score(prompts, responses)
+            return out * float("nan") if NaNAfterTwo.calls > 2 else out
+
+    with pytest.raises(TrainingHealthError, match="step 3: reward/score is not finite.*step-00000002"):
+        ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=4", "logging.save_every=2"),
+                  reward=NaNAfterTwo())
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
