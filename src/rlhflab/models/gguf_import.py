@@ -85,13 +85,11 @@ def _load_dense_model(path: Path, dtype: torch.dtype):
         raise UserError(f"transformers could not read '{path}' as a causal LM: {err}") from err
     config = loaded.config
     # The GGUF marker on the config is what makes transformers refuse to save; the weights are dense.
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config.name_or_path = ""
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = loaded.state_dict()
-    packed = [k for k, v in state.items() if not (v.is_floating_point())]
+    packed = [k for k, v in state.items() if not v.is_floating_point()]
     if packed:
         # Newer transformers can keep quantized blocks packed (uint8) for fast inference; we need dense.
         raise UserError(f"'{path}': transformers kept {len(packed)} tensors packed (e.g. {packed[0]}); "

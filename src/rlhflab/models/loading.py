@@ -216,7 +216,11 @@ def _load_adapter_dir(p: Path, *, dtype, device, gradient_checkpointing: bool, t
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Turn on activation recomputation; the KV cache is useless in training and conflicts with it."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs with requires_grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
 
