@@ -17,6 +17,9 @@ from rlhflab.errors import UserError
 # Stage name -> (module with `train(cfg, *, resume, overwrite)`, one-line help). Registered as they land.
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhflab.stages.sft", "supervised fine-tuning on demonstrations (prompt masked out of the loss)"),
+    "rm": ("rlhflab.stages.reward", "reward model from pairwise comparisons (with margins) or K-wise rankings"),
+    "ppo": ("rlhflab.stages.ppo", "PPO against reward model(s) with a KL penalty to a frozen reference"),
+    "dpo": ("rlhflab.stages.dpo", "DPO and its family (IPO, hinge, cDPO, robust, KTO, ORPO, SimPO) from preferences"),
 }
 
 EPILOG = """\

@@ -177,39 +177,109 @@ class SFTAlgo:
 @dataclass
 class RewardAlgo:
     loss: Literal["bradley_terry", "plackett_luce", "all_pairs"] = "bradley_terry"
-    """Pairwise BT (with margins), Plackett-Luce over K-wise rankings, or InstructGPT's mean over all
-    K-choose-2 pairs."""
+    """Pairwise Bradley-Terry on pairwise data (with optional margins); or, on K-wise rankings, Plackett-Luce
+    or InstructGPT's mean over all K-choose-2 pairs. Tied responses: all_pairs skips tied pairs; Plackett-Luce
+    sums the likelihood over every order of the tied responses."""
     margin: Literal["none", "data", "small", "large"] = "none"
-    """Llama 2 margin: none; the record's numeric `margin`; or the small/large rating table (Table 27)."""
+    """Llama 2 margin m in -log sigmoid(r_c - r_r - m): none; the record's numeric `margin` (0 where absent);
+    or the small/large table (Table 27) applied to the record's `rating`. bradley_terry only."""
     label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (conservative BT)."""
-    num_heads: int = 1
-    """Reward heads on one backbone (e.g. 2 for helpfulness + safety)."""
+    """Probability that a preference label is flipped (conservative BT); bradley_terry and all_pairs."""
+    heads: str = ""
+    """Reward heads on one backbone, comma-separated, each `NAME` or `NAME=DATA_FILE`, e.g.
+    'helpfulness=help.jsonl,safety=safe.jsonl' (Llama 2's two reward models as two heads). A record trains
+    the head its file belongs to; a head without a file trains on data.train_path (eval: data.eval_path or
+    data.eval_fraction); a head with a file holds out data.eval_fraction of it. Empty: one head 'reward'."""
     center_rewards_coef: float = 0.0
-    """Penalty on the squared mean reward, keeping rewards centred near 0."""
+    """Penalty coef * (mean reward of an example's responses)^2, keeping rewards centred near 0
+    (Eisenstein et al. 2023)."""
+    normalization_samples: int = 1024
+    """After training, score up to this many training responses and store their per-head mean/std in the
+    model, so reward sources can whiten rewards (Llama 2); 0 skips it."""
 
     def __post_init__(self):
         _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
                  f"must be in [0, 0.5), got {self.label_smoothing}")
-        _require(self.num_heads >= 1, "algo.num_heads", f"must be >= 1, got {self.num_heads}")
+        _require(self.margin == "none" or self.loss == "bradley_terry", "algo.margin",
+                 f"'{self.margin}' needs algo.loss=bradley_terry (K-wise losses have no margin), got "
+                 f"algo.loss={self.loss}; set algo.margin=none")
+        _require(self.label_smoothing == 0 or self.loss != "plackett_luce", "algo.label_smoothing",
+                 "is not defined for algo.loss=plackett_luce; use bradley_terry or all_pairs, or set it to 0")
+        _require(self.center_rewards_coef >= 0, "algo.center_rewards_coef",
+                 f"must be >= 0, got {self.center_rewards_coef}")
+        _require(self.normalization_samples >= 0, "algo.normalization_samples",
+                 f"must be >= 0, got {self.normalization_samples}")
+        self.head_specs()
+
+    def head_specs(self) -> list[tuple[str, str]]:
+        """[(head name, data file or '' for data.train_path)], parsed from `heads`."""
+        if not self.heads.strip():
+            return [("reward", "")]
+        specs = []
+        for item in self.heads.split(","):
+            name, _, path = (part.strip() for part in item.partition("="))
+            _require(bool(name) and not any(c in name for c in ":/ "), "algo.heads",
+                     f"has a bad head name in {item.strip()!r}; write NAME or NAME=DATA_FILE, comma-separated, "
+                     "names without ':', '/' or spaces")
+            _require(name not in {n for n, _ in specs}, "algo.heads", f"names head {name!r} twice")
+            specs.append((name, path))
+        return specs
 
 
 @dataclass
 class DPOAlgo:
-    loss: str = "sigmoid"
-    """Preference loss by name (see `rlhflab.losses.preference.PREFERENCE_LOSSES`): sigmoid (DPO), ipo,
-    hinge, robust, ..."""
+    loss: Literal["sigmoid", "dpo", "cdpo", "robust", "robust_dpo", "ipo", "hinge", "slic",
+                  "kto", "orpo", "simpo", "cpl"] = "sigmoid"
+    """Preference loss by name (`rlhflab.stages.dpo.LOSSES` says how each is called). With a reference
+    policy, on pairwise data: sigmoid/dpo, cdpo, robust/robust_dpo, ipo, hinge/slic. kto: unpaired data
+    (prompt, completion, label) with a reference. orpo, simpo, cpl: pairwise data, no reference model."""
     beta: float = 0.1
-    """Strength of the implicit KL constraint to the reference policy."""
+    """Strength of the implicit KL constraint to the reference policy (DPO family and KTO; DPO paper 0.1).
+    For the reference-free losses: orpo: lambda, the weight of the odds-ratio term added to the chosen NLL
+    (paper 0.1); simpo: the scale of the length-normalized reward (paper 2.0-2.5); cpl: alpha, the
+    temperature of the segment score."""
     label_smoothing: float = 0.0
-    """cDPO / robust DPO: assumed probability that a preference label is flipped."""
+    """Assumed probability that a preference label is flipped, in [0, 0.5): needed (> 0) by cdpo and
+    robust, optional for sigmoid/dpo and simpo, not used by the other losses (must stay 0)."""
+    average_logps: bool = False
+    """Reference-based paired losses: use each response's per-token mean log-prob instead of its sum (how
+    TRL runs IPO; the beta that works grows by about the response length). orpo and simpo always average
+    (their definitions); kto and cpl need sums."""
+    simpo_gamma: float = 0.5
+    """SimPO's target margin gamma (absolute, after the beta scaling; the paper tunes gamma/beta near 0.5)."""
+    kto_desirable_weight: float = 1.0
+    """KTO lambda_D, the weight of desirable examples."""
+    kto_undesirable_weight: float = 1.0
+    """KTO lambda_U, the weight of undesirable examples. The KTO paper keeps lambda_D n_D / (lambda_U n_U)
+    in [1, 4/3], n = the example counts: raise the weight of the rarer kind."""
+    cpl_gamma: float = 1.0
+    """CPL discount over the response tokens (the steps of a segment), in (0, 1]."""
+    cpl_lambda: float = 1.0
+    """CPL's conservative weight on the rejected segment's score, in (0, 1]; 1 is the plain CPL loss."""
     precompute_ref_logps: bool = True
-    """Compute reference log-probs once before training, so no reference model stays in memory."""
+    """Compute the reference log-probs of all data once before training and cache them in the run
+    directory (reused by --resume), so no reference model stays in memory; false keeps the reference
+    model loaded and runs it every step. Reference-free losses (orpo, simpo, cpl) never load one."""
 
     def __post_init__(self):
         _require(self.beta > 0, "algo.beta", f"must be > 0, got {self.beta}")
         _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
                  f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss in ("cdpo", "robust", "robust_dpo"):
+            _require(self.label_smoothing > 0, "algo.label_smoothing",
+                     f"is 0, which makes algo.loss={self.loss} plain DPO; set the assumed label-flip rate "
+                     "(e.g. algo.label_smoothing=0.1) or use algo.loss=sigmoid")
+        elif self.loss not in ("sigmoid", "dpo", "simpo"):
+            _require(self.label_smoothing == 0, "algo.label_smoothing",
+                     f"is not used by algo.loss={self.loss}; set it to 0 (label smoothing works with sigmoid, "
+                     "cdpo, robust and simpo)")
+        _require(not (self.average_logps and self.loss in ("kto", "cpl")), "algo.average_logps",
+                 f"does not apply to algo.loss={self.loss}, which sums token log-probs; set it to false")
+        _require(self.simpo_gamma >= 0, "algo.simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            _require(getattr(self, key) > 0, f"algo.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("cpl_gamma", "cpl_lambda"):
+            _require(0 < getattr(self, key) <= 1, f"algo.{key}", f"must be in (0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -393,7 +463,7 @@ def build_config(cls: type, data: dict[str, Any] | None, *, where: str = "") -> 
             # it does not mention.
             default = f.default_factory()
             if dataclasses.is_dataclass(default):
-                value = _deep_merge(config_to_dict(default), value)
+                value = deep_merge(config_to_dict(default), value)
         kwargs[key] = _coerce(hints[key], value, dotted)
     return cls(**kwargs)
 
@@ -492,11 +562,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -529,7 +599,7 @@ def load_config(stage: str, config_file: str | Path | None = None, overrides: li
         declared = data.pop("stage")
         if declared != stage:
             raise ConfigError(f"config: '{config_file}' is for stage '{declared}', not '{stage}'")
-    data = _deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, parse_overrides(overrides or []))
     return build_config(STAGE_CONFIGS[stage], data)
 
 

@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from rlhflab.errors import ConfigError, UserError
+from rlhflab.rollout.generate import SamplingSettings
+from rlhflab.stages.best_of_n import BestOfN, best_of_n, best_of_n_kl
+
+PROMPTS = ["the cat sat on the mat", "what is the cat", "i like the dog", "why is the day sad", "say hi",
+           "hello"]
+
+
+class WordCount:
+    """A toy reward source: how often `word` occurs in the response; records its batch sizes."""
+
+    name = "word_count"
+
+    def __init__(self, word: str = "cat"):
+        self.word, self.calls = word, []
+
+    def score(self, prompts, responses):
+        assert len(prompts) == len(responses)
+        self.calls.append(len(responses))
+        return torch.tensor([float(r.split().count(self.word)) for r in responses])
+
+
+SETTINGS = SamplingSettings(max_new_tokens=12, temperature=1.0)
+
+
+def test_best_of_n_picks_the_argmax_of_the_reward(tiny_model, tiny_tokenizer):
+    reward = WordCount("cat")
+    result = best_of_n(tiny_model, tiny_tokenizer, PROMPTS, reward, n=16, settings=SETTINGS, seed=0,
+                       score_batch_size=10)
+    assert len(result.texts) == len(PROMPTS) and result.all_scores.shape == (len(PROMPTS), 16)
+    assert all(len(row) == 16 for row in result.all_texts)
+    # Scoring was batched: 96 responses, at most 10 per call, every response scored once.
+    assert max(reward.calls) <= 10 and sum(reward.calls) == 96
+    # The scores are the reward of the texts, and the pick is the first argmax of each row.
+    again = WordCount("cat").score(PROMPTS, result.texts)
+    assert torch.equal(result.scores, again)
+    assert torch.equal(result.scores, result.all_scores.max(dim=1).values)
+    for i, row in enumerate(result.all_texts):
+        j = int(result.best_index[i])
+        assert result.texts[i] == row[j]
+        assert all(result.all_scores[i, k] < result.all_scores[i, j] for k in range(j))
+        assert result.all_scores[i].tolist() == [float(t.split().count("cat")) for t in row]
+    # Best-of-16 beats plain sampling (best-of-1) on the same samples; this toy has cats to find.
+    assert result.scores.mean() >= result.all_scores[:, 0].mean()
+    assert result.scores.sum() > result.all_scores[:, 0].sum()
+
+
+def test_best_of_k_curve_from_one_pass(tiny_model, tiny_tokenizer):
+    result = best_of_n(tiny_model, tiny_tokenizer, PROMPTS, WordCount("the"), n=8, settings=SETTINGS, seed=1)
+    one = result.best_of(1)
+    assert one.texts == [row[0] for row in result.all_texts]
+    means = [float(result.best_of(k).scores.mean()) for k in (1, 2, 4, 8)]
+    assert means == sorted(means)
+    assert torch.equal(result.best_of(8).scores, result.scores)
+    with pytest.raises(ConfigError, match="1 <= k <= n = 8"):
+        result.best_of(9)
+
+
+def test_best_of_n_is_reproducible_with_a_seed(tiny_model, tiny_tokenizer):
+    a = best_of_n(tiny_model, tiny_tokenizer, PROMPTS[:2], WordCount(), n=4, settings=SETTINGS, seed=3)
+    b = best_of_n(tiny_model, tiny_tokenizer, PROMPTS[:2], WordCount(), n=4, settings=SETTINGS, seed=3)
+    assert a.all_texts == b.all_texts
+
+
+def test_from_scores_ties_pick_the_first():
+    scores = torch.tensor([[1.0, 3.0, 3.0], [0.0, -1.0, -2.0]])
+    r = BestOfN.from_scores([["a", "b", "c"], ["d", "e", "f"]], scores)
+    assert r.texts == ["b", "d"] and r.best_index.tolist() == [1, 0] and r.scores.tolist() == [3.0, 0.0]
+
+
+def test_analytic_kl():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+class Broken:
+    name = "broken"
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, prompts, responses):
+        return torch.tensor(self.scores[:len(responses)])
+
+
+def test_bad_reward_sources_get_clear_errors(tiny_model, tiny_tokenizer):
+    with pytest.raises(UserError, match="'broken' returned a non-finite score"):
+        best_of_n(tiny_model, tiny_tokenizer, PROMPTS[:1], Broken([1.0, math.nan]), n=2, settings=SETTINGS)
+    with pytest.raises(UserError, match="returned 1 scores for 2 responses"):
+        best_of_n(tiny_model, tiny_tokenizer, PROMPTS[:1], Broken([1.0]), n=2, settings=SETTINGS)
+    with pytest.raises(ConfigError, match="n >= 1"):
+        best_of_n(tiny_model, tiny_tokenizer, PROMPTS, WordCount(), n=0)
+    with pytest.raises(TypeError, match="reward must have score"):
+        best_of_n(tiny_model, tiny_tokenizer, WordCount(), PROMPTS)

@@ -1,0 +1,250 @@
+import math
+import typing
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhflab import cli
+from rlhflab.config import DPOAlgo, load_config
+from rlhflab.data import collate_pairs
+from rlhflab.errors import ConfigError, DataError, TrainingHealthError
+from rlhflab.losses.preference import PREFERENCE_LOSSES
+from rlhflab.models.loading import load_tokenizer
+from rlhflab.stages import dpo
+from rlhflab.stages.forward import token_logps
+from rlhflab.tracking import latest_checkpoint, read_metrics
+
+from .conftest import write_jsonl
+
+PROMPTS = ["the cat sat on the mat", "what is the cat", "i like the cat", "why is the cat sad"]
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    # A learnable toy: the happy answer is always preferred, with a second pattern so pairs differ.
+    rows = [{"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
+            for p in PROMPTS]
+    rows += [{"prompt": p, "chosen": "i love the dog", "rejected": "i hate the dog !"} for p in PROMPTS]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows * 2)
+
+
+@pytest.fixture()
+def unpaired_file(tmp_path):
+    rows = [{"prompt": p, "completion": c, "label": good} for p in PROMPTS
+            for c, good in (("the cat is very happy .", True), ("the cat is very sad .", False))]
+    return write_jsonl(tmp_path / "unpaired.jsonl", rows)
+
+
+def _cfg(model_dir, data, out, *extra):
+    return load_config("dpo", None, [
+        f"model.name_or_path={model_dir}", f"data.train_path={data}", f"logging.output_dir={out}",
+        "data.max_length=32", "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
+        "logging.log_every=1", "logging.progress=false", "logging.tensorboard=false", "model.device=cpu",
+        *extra])
+
+
+def _rows(run_dir, key):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
+
+
+def test_loss_table_covers_config_and_library():
+    assert set(dpo.LOSSES) == set(typing.get_args(typing.get_type_hints(DPOAlgo)["loss"]))
+    for name, fn in PREFERENCE_LOSSES.items():
+        spec = dpo.LOSSES[name]
+        assert spec.call.args[0] is fn and spec.needs_ref and spec.data == "pairwise", name
+    assert dpo.LOSSES["kto"].data == "unpaired"
+    assert [n for n, s in dpo.LOSSES.items() if not s.needs_ref] == ["orpo", "simpo", "cpl"]
+
+
+def test_dpo_learns_the_preferences(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=12", "data.eval_fraction=0.25",
+                   "optim.batch_size=4", "algo.beta=0.5"))
+    rows = _rows(out, "loss/dpo")
+    # Policy == reference at the first step: h = 0, so -log sigma(0) = log 2 exactly, through the cache.
+    assert rows[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[0]["reward/margin"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[-1]["loss/dpo"] < 0.5 * math.log(2)
+    assert rows[-1]["reward/accuracy"] == 1.0 and rows[-1]["reward/margin"] > 0
+    assert rows[-1]["reward/chosen"] > rows[-1]["reward/rejected"]
+    assert rows[-1]["perf/pairs_per_s"] > 0 and rows[-1]["perf/flops_per_s"] > 0
+    assert _rows(out, "perf/ref_flops_per_s")[0]["perf/ref_flops_per_s"] > 0
+    final_eval = _rows(out, "eval/accuracy")[-1]
+    assert final_eval["eval/accuracy"] == 1.0 and final_eval["eval/margin"] > 0
+    assert (out / "final" / "config.json").exists() and (out / dpo.REF_CACHE).exists()
+
+
+def test_cached_reference_equals_a_fresh_forward(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=1"))
+    cached = torch.load(out / dpo.REF_CACHE, weights_only=True)["logps"]["train"]
+    cfg = _cfg(tiny_model_dir, pairs_file, out)
+    tok = load_tokenizer(tiny_model_dir)
+    records, _ = dpo.load_stage_records(cfg.data, "pairwise", model_name=str(tiny_model_dir), run_dir=out,
+                                        seed=0)
+    examples, _ = dpo._tokenize(records, "pairwise", tok, cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert cached.shape == (len(examples), 2)
+    for i, ex in enumerate(examples):  # one pair at a time: no padding, no batching
+        b = collate_pairs([ex], pad_token_id=tok.pad_token_id, stack=True)
+        with torch.no_grad():
+            sums = token_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"]).sum(-1)
+        assert torch.allclose(cached[i], sums, atol=1e-5), i
+
+
+@pytest.mark.parametrize("loss, extra", [
+    ("sigmoid", []), ("cdpo", ["algo.label_smoothing=0.1"]), ("robust", ["algo.label_smoothing=0.1"]),
+    ("ipo", ["algo.average_logps=true"]), ("hinge", []), ("orpo", []), ("simpo", ["algo.beta=2.0"]),
+    ("cpl", []),
+])
+def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    if not dpo.LOSSES[loss].needs_ref:
+        def no_reference(*args, **kwargs):
+            raise AssertionError("a reference-free loss loaded or ran a reference")
+
+        monkeypatch.setattr(dpo, "load_causal_lm", no_reference)
+        monkeypatch.setattr(dpo, "reference_logps", no_reference)
+    out = tmp_path / loss
+    # One batch holding every pair, so each step sees the same data and the loss must go down.
+    dpo.train(_cfg(tiny_model_dir, pairs_file, out, f"algo.loss={loss}", "optim.max_steps=4",
+                   "optim.batch_size=16", "optim.lr=3e-3", *extra))
+    key = f"loss/{dpo.LOSSES[loss].name}"
+    losses = [r[key] for r in _rows(out, key)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    assert (out / dpo.REF_CACHE).exists() == dpo.LOSSES[loss].needs_ref
+
+
+def test_kto_learns_from_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
+    out = tmp_path / "kto"
+    dpo.train(_cfg(tiny_model_dir, unpaired_file, out, "algo.loss=kto", "optim.max_steps=6", "algo.beta=0.5"))
+    rows = _rows(out, "loss/kto")
+    # r = 0 and z0 = 0 at the start: every example's loss is 1 - sigma(0) = 0.5.
+    assert rows[0]["loss/kto"] == pytest.approx(0.5, abs=1e-5)
+    assert rows[0]["kl/reference_point"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["loss/kto"] < rows[0]["loss/kto"]
+    assert rows[-1]["reward/chosen"] > rows[-1]["reward/rejected"]
+    assert rows[-1]["perf/examples_per_s"] > 0
+    cache = torch.load(out / dpo.REF_CACHE, weights_only=True)["logps"]
+    assert cache["train"].shape == cache["train_kl"].shape == (8,)
+
+
+def test_kto_metrics_by_hand():
+    x = dpo.LossInputs(torch.tensor([-1.0, -2.0]), torch.tensor([2, 2]), torch.zeros(2, 3), torch.ones(2, 3),
+                       ref_logps=torch.tensor([-1.5, -1.5]), desirable=torch.tensor([True, False]),
+                       kl_estimate=torch.tensor(0.1))
+    out = dpo.LOSSES["kto"].call(x, DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0))
+    # r = [0.5, -0.5]; desirable: 1 - sigma(0.5 - 0.1); undesirable: 2 * (1 - sigma(0.1 + 0.5)).
+    sigma = torch.sigmoid(torch.tensor([0.4, 0.6]))
+    expected = torch.stack([1 - sigma[0], 2 * (1 - sigma[1])])
+    assert torch.allclose(out.loss, expected)
+    assert out.metrics["reward/chosen"][0] == 0.5 and torch.isnan(out.metrics["reward/chosen"][1])
+    assert out.metrics["reward/rejected"][1] == -0.5
+    assert out.metrics["reward/accuracy"].tolist() == [1.0, 1.0]
+
+
+def test_mismatched_partners_pick_another_prompt():
+    assert dpo.mismatched_partners(["a", "a", "b", "b"]) == [2, 2, 0, 0]
+    assert dpo.mismatched_partners(["a", "a", "a"]) == [1, 2, 0]
+
+
+def test_live_reference_matches_the_cache(tiny_model_dir, pairs_file, tmp_path):
+    losses = {}
+    for mode, extra in (("cached", []), ("live", ["algo.precompute_ref_logps=false"]),
+                        ("explicit", [f"ref_model={tiny_model_dir}"])):
+        out = tmp_path / mode
+        dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=2", *extra))
+        losses[mode] = [r["loss/dpo"] for r in _rows(out, "loss/dpo")]
+        assert (out / dpo.REF_CACHE).exists() == (mode != "live")
+    assert losses["cached"][0] == pytest.approx(math.log(2), abs=1e-5)
+    for mode in ("live", "explicit"):
+        assert losses[mode] == pytest.approx(losses["cached"], abs=1e-5)
+
+
+def test_dpo_resume_is_exact(tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    common = ["optim.max_steps=6", "logging.save_every=3", "optim.batch_size=4", "optim.micro_batch_size=2"]
+    ref_final = dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", *common))
+
+    calls = {"n": 0}
+    real_step = dpo.optimizer_step
+
+    def crash_on_fifth(optimizer, scheduler):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        real_step(optimizer, scheduler)
+
+    monkeypatch.setattr(dpo, "optimizer_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", *common))
+    monkeypatch.setattr(dpo, "optimizer_step", real_step)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
+    capsys.readouterr()
+    resumed_final = dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", *common), resume=True)
+    assert "reusing the reference log-probs" in capsys.readouterr().out
+
+    a = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed_final).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_dpo_stops_on_nan_with_checkpoint_intact(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    real = dpo.token_logps
+
+    def poisoned(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        if torch.is_grad_enabled():  # training forwards only, not the reference pass
+            poisoned.calls += 1
+            if poisoned.calls >= 5:
+                out = out * float("nan")
+        return out
+
+    poisoned.calls = 0
+    monkeypatch.setattr(dpo, "token_logps", poisoned)
+    with pytest.raises(TrainingHealthError, match="step 5: loss/dpo is not finite.*step-00000004"):
+        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", "optim.max_steps=6",
+                       "logging.save_every=2"))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step-00000004"
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_cli_runs_the_stage(tiny_model_dir, pairs_file, tmp_path):
+    config = tmp_path / "dpo.yaml"
+    config.write_text("stage: dpo\nalgo:\n  loss: ipo\n  beta: 0.5\noptim:\n  max_steps: 2\n")
+    out = tmp_path / "run"
+    code = cli.main(["dpo", "--config", str(config), f"model.name_or_path={tiny_model_dir}",
+                     f"data.train_path={pairs_file}", f"logging.output_dir={out}", "optim.batch_size=8",
+                     "logging.progress=false", "logging.tensorboard=false", "model.device=cpu",
+                     "logging.log_every=1"])
+    assert code == 0
+    assert len(_rows(out, "loss/ipo")) == 2 and (out / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algo.loss=cdpo"], r"makes algo.loss=cdpo plain DPO"),
+    (["algo.loss=ipo", "algo.label_smoothing=0.1"], r"not used by algo.loss=ipo"),
+    (["algo.loss=kto", "algo.average_logps=true"], r"does not apply to algo.loss=kto"),
+    (["algo.loss=simpoo"], r"did you mean 'simpo'"),
+    (["algo.cpl_lambda=0"], r"algo.cpl_lambda must be in \(0, 1\]"),
+    (["algo.kto_desirable_weight=-1"], r"algo.kto_desirable_weight must be > 0"),
+])
+def test_config_errors_say_what_to_do(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("dpo", None, overrides)
+
+
+def test_the_wrong_kind_of_data_says_which_loss_to_use(tiny_model_dir, pairs_file, unpaired_file, tmp_path):
+    with pytest.raises(DataError, match="field 'label'.*algo.loss=kto trains on records with prompt, comp"):
+        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", "algo.loss=kto"))
+    with pytest.raises(DataError, match="for good/bad completions use algo.loss=kto"):
+        dpo.train(_cfg(tiny_model_dir, unpaired_file, tmp_path / "b"))
+
+
+def test_packing_is_refused(tiny_model_dir, pairs_file, tmp_path):
+    with pytest.raises(ConfigError, match="data.packing is for SFT only"):
+        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", "data.packing=true"))
