@@ -1,0 +1,142 @@
+"""Reward sources named by a short string, for configs and the command line.
+
+    runs/rm/final                         a reward model (head 0); a run directory RUN works too
+    runs/rm/final:head=safety             one head, by name or index
+    runs/rm/final:normalize=true          whitened with the training mean/std stored in the model
+    rule:length                           -0.01 per word      (options: coef, target, unit=words|chars)
+    rule:regex:pattern=\\bsorry\\b:mode=must_not              (options: pattern, mode=must|must_not, penalty)
+    rule:eos:penalty=2                    response must end with an EOS marker (options: penalty, eos)
+
+Options follow the source as `:key=value`. A ':' not followed by a known-looking `key=` stays part of the
+path or of the previous value (so regular expressions may contain ':'). `load_rewards` takes several specs
+separated by ',' and sums them with weights (a regex containing ',' needs the Python API).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rlhflab.errors import UserError
+from rlhflab.rewards.base import RewardSource
+from rlhflab.rewards.combined import CombinedReward
+from rlhflab.rewards.learned import LearnedReward, check_reward_dir
+from rlhflab.rewards.rules import LengthPenalty, MissingEOSPenalty, RegexRule
+
+_OPTION = re.compile(r"^([A-Za-z_]+)=(.*)$", re.DOTALL)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _head(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+# Rule name -> (constructor, {option: parser}).
+RULES: dict[str, tuple[Callable[..., RewardSource], dict[str, Callable[[str], Any]]]] = {
+    "length": (LengthPenalty, {"coef": float, "target": float, "unit": str}),
+    "regex": (RegexRule, {"pattern": str, "mode": str, "penalty": float}),
+    "eos": (MissingEOSPenalty, {"penalty": float, "eos": str}),
+}
+LEARNED_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "head": _head, "normalize": _bool, "batch_size": int, "max_length": int, "max_prompt_length": int,
+}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """('rule:NAME' or a path, {option: raw value}) of one reward spec."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("empty reward spec; give a reward model directory (from `rlhflab rm`) or a rule such as "
+                        "'rule:length'")
+    parts = spec.strip().split(":")
+    if parts[0] in ("rule", "lab") and len(parts) > 1:
+        source, rest = f"{parts[0]}:{parts[1]}", parts[2:]
+    else:
+        source, rest = parts[0], parts[1:]
+    options: dict[str, str] = {}
+    last: str | None = None
+    for part in rest:
+        match = _OPTION.match(part)
+        if match:
+            last = match.group(1)
+            if last in options:
+                raise UserError(f"reward spec '{spec}': option '{last}' is given twice")
+            options[last] = match.group(2)
+        elif last is None:
+            source += ":" + part
+        else:
+            options[last] += ":" + part
+    return source, options
+
+
+def _parse_options(spec: str, options: dict[str, str], known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    out = {}
+    for key, raw in options.items():
+        if key not in known:
+            raise UserError(f"reward spec '{spec}': unknown option '{key}'; this source takes "
+                            f"{', '.join(known) or 'no options'}")
+        try:
+            out[key] = known[key](raw)
+        except ValueError as e:
+            raise UserError(f"reward spec '{spec}': option {key}={raw!r} is not valid ({e})") from None
+    return out
+
+
+def load_reward(spec: str, *, device: str | torch.device = "cpu", dtype: str = "float32") -> RewardSource:
+    """The reward source a spec names (see the module docstring); a UserError says what is wrong."""
+    source, options = parse_spec(spec)
+    if source.startswith("lab:"):
+        raise UserError(f"reward spec '{spec}': the lab's gold reward is hidden from training on purpose (it is "
+                        "what training is judged by); train a reward model with `rlhflab rm` on the lab's "
+                        "preferences and give its directory")
+    if source.startswith("rule:"):
+        name = source[len("rule:"):]
+        if name not in RULES:
+            raise UserError(f"reward spec '{spec}': unknown rule '{name}'; known rules: {', '.join(RULES)}")
+        build, known = RULES[name]
+        kwargs = _parse_options(spec, options, known)
+        if name == "regex" and "pattern" not in kwargs:
+            raise UserError(f"reward spec '{spec}': rule:regex needs a pattern, e.g. rule:regex:pattern=thanks")
+        if "eos" in kwargs:
+            kwargs["eos_texts"] = kwargs.pop("eos")
+        try:
+            return build(**kwargs)
+        except UserError as e:
+            raise UserError(f"reward spec '{spec}': {e}") from None
+    kwargs = _parse_options(spec, options, LEARNED_OPTIONS)
+    path = check_reward_dir(source)
+    return LearnedReward.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+
+
+def load_rewards(specs: str | Sequence[str], *, weights: str | Sequence[float] | None = None,
+                 device: str | torch.device = "cpu", dtype: str = "float32") -> RewardSource:
+    """One reward source from one or several specs (comma-separated, or a list); several are summed with
+    `weights` (comma-separated or a list, one per spec; empty means all 1)."""
+    items = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
+    if not items:
+        raise UserError("no reward source given; name a reward model directory or a rule such as 'rule:length'")
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",") if w.strip()]
+        except ValueError:
+            raise UserError(f"reward weights '{weights}' must be comma-separated numbers, e.g. '1.0,0.5'") from None
+    weights = list(weights) if weights else None
+    if weights is not None and len(weights) != len(items):
+        raise UserError(f"{len(weights)} reward weights for {len(items)} reward sources ({', '.join(items)}); "
+                        "give one weight per source")
+    sources = [load_reward(s, device=device, dtype=dtype) for s in items]
+    if len(sources) == 1 and weights in (None, [1.0]):
+        return sources[0]
+    return CombinedReward.weighted_sum(sources, weights)
+
+
+__all__ = ["LEARNED_OPTIONS", "RULES", "load_reward", "load_rewards", "parse_spec"]

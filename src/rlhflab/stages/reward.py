@@ -1,0 +1,482 @@
+"""Reward-model training from pairwise comparisons or K-wise rankings (InstructGPT step 2).
+
+The reward model is the SFT model's backbone plus a linear head read at the last real token (seed 001:
+starting from the SFT model works best). It learns from
+
+  - pairwise data: -log sigma(r_c - r_r - m), Bradley-Terry with Llama 2's margin m taken from the record's
+    numeric `margin` or from its `rating` through the small/large table (seed 000, Table 27);
+  - K-wise rankings: Plackett-Luce, or InstructGPT's mean over all K-choose-2 pairs; tied responses
+    are skipped by all_pairs and marginalized (every order of the tie) by Plackett-Luce.
+
+Several heads can share the backbone (algo.heads, one data file per head, e.g. helpfulness and safety);
+a record trains only the head of its file, and all heads train in the same batches. Held-out accuracy is
+reported overall and per Llama 2 rating (Table 28 layout, also written to RUN/eval_accuracy.md). After
+training, the per-head mean/std of the rewards of training responses are stored in the model, so reward
+sources can whiten them (Llama 2).
+
+    rlhflab rm --config configs/rm_tiny.yaml model.name_or_path=runs/sft/final
+
+Chosen and rejected responses go through the model as one batch of 2B rows: one forward, one backward.
+Setup -> loop -> save, read top to bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.config import RewardConfig
+from rlhflab.data import LLAMA2_RATINGS, collate_pairs, collate_ranked, tokenize_pair, tokenize_ranked
+from rlhflab.errors import ConfigError, DataError
+from rlhflab.losses import LossOutput, bradley_terry, llama2_margins, plackett_luce
+from rlhflab.models.loading import (
+    LoraSettings,
+    apply_lora,
+    count_parameters,
+    enable_gradient_checkpointing,
+    load_backbone,
+    load_tokenizer,
+)
+from rlhflab.models.reward_model import RewardModel
+from rlhflab.rewards.learned import SETTINGS_FILE
+from rlhflab.stages.common import (
+    build_optimizer,
+    clip_gradients,
+    num_optimizer_steps,
+    open_run,
+    optimizer_step,
+    resolve_device,
+    resolve_model_path,
+)
+from rlhflab.stages.data_source import load_stage_records
+from rlhflab.tracking import (
+    Progress,
+    atomic_write_text,
+    batch_schedule,
+    check_finite,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+# Llama 2 Table 28 column titles, in the paper's order; "avg" pools every pair.
+RATING_TITLES = {"significantly_better": "Significantly Better", "better": "Better",
+                 "slightly_better": "Slightly Better", "negligibly_better": "Negligibly Better / Unsure",
+                 "unrated": "Unrated", "avg": "Avg"}
+# Plackett-Luce sums over every order of tied responses; past this many orders, all_pairs is the sane choice.
+MAX_TIE_ORDERS = 120
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data: one tokenized example per record, tagged with the head it trains
+# --------------------------------------------------------------------------------------------------------
+
+
+def _margin(record, mode: str, where: str) -> float | None:
+    """The margin m of a pairwise record under algo.margin (None: no margin)."""
+    if mode == "none":
+        return None
+    if mode == "data":
+        return record.margin
+    if record.rating not in LLAMA2_RATINGS:
+        prompt = record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]
+        raise DataError(f"algo.margin={mode} needs a Llama 2 rating ({', '.join(LLAMA2_RATINGS)}), got "
+                        f"{record.rating!r}; add ratings, or use algo.margin=data / none", path=where,
+                        record=f"with prompt {prompt[:40]!r}", field="rating")
+    strength = torch.tensor([LLAMA2_RATINGS.index(record.rating)])
+    return float(llama2_margins(strength, mode)[0])
+
+
+def tie_orders(ranks: Sequence[int]) -> list[list[int]]:
+    """Every order of the responses consistent with `ranks` (0 = best, equal = tied), best first.
+
+    [0, 1, 1] -> [[0, 1, 2], [0, 2, 1]]. Without ties, the one order 0..K-1.
+    """
+    groups = [[i for i, r in enumerate(ranks) if r == g] for g in sorted(set(ranks))]
+    n_orders = math.prod(math.factorial(len(g)) for g in groups)
+    if n_orders > MAX_TIE_ORDERS:
+        raise ConfigError(f"a ranking with ranks {list(ranks)} has {n_orders} orders of its ties (more than "
+                          f"{MAX_TIE_ORDERS}); use algo.loss=all_pairs, which skips tied pairs")
+    return [list(itertools.chain(*perm)) for perm in itertools.product(*(itertools.permutations(g) for g in groups))]
+
+
+def _tokenize(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str) -> dict[str, Any]:
+    kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
+    if kind == "pairwise":
+        ex = tokenize_pair(record, tokenizer, **kw)
+        ex["margin"] = _margin(record, cfg.algo.margin, where)
+        ex["rating"] = record.rating
+    else:
+        ex = tokenize_ranked(record, tokenizer, **kw)
+        ranks = ex["ranks"]
+        ex["pairs"] = [(i, j) for i, j in itertools.combinations(range(len(ranks)), 2) if ranks[i] < ranks[j]]
+        ex["orders"] = tie_orders(ranks) if cfg.algo.loss == "plackett_luce" else []
+    ex["head"] = head
+    return ex
+
+
+def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train, eval) examples of every head; a head with its own file reads it instead of data.train_path."""
+    specs = cfg.algo.head_specs()
+    if cfg.data.train_path and all(path for _, path in specs):
+        raise ConfigError("config: data.train_path is set but every head in algo.heads names its own data file, "
+                          "so it would be ignored; leave it empty or drop a head's file")
+    train, held = [], []
+    for head, (name, path) in enumerate(specs):
+        data = dataclasses.replace(cfg.data, train_path=path, eval_path="") if path else cfg.data
+        records, eval_records = load_stage_records(data, kind, model_name=cfg.model.name_or_path, run_dir=run_dir,
+                                                   seed=cfg.seed)
+        where = path or cfg.data.train_path or f"lab data of head '{name}'"
+        train += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in records]
+        held += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in eval_records]
+    return train, held
+
+
+def _collate(examples: Sequence[dict], kind: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch with one row per response (pairwise: B chosen rows, then B rejected rows) and, per row,
+    the head it trains (`row_head`); ranked batches add flat pair and tie-order indices."""
+    heads = torch.tensor([e["head"] for e in examples])
+    if kind == "pairwise":
+        batch = collate_pairs(examples, pad_token_id=pad_id, stack=True)
+        batch["row_head"] = heads.repeat(2)
+        return batch
+    batch = collate_ranked(examples, pad_token_id=pad_id)
+    batch["row_head"] = heads.repeat_interleave(batch["num_responses"])
+    offsets = (batch["num_responses"].cumsum(0) - batch["num_responses"]).tolist()
+    pairs = [(b, off + i, off + j) for b, (e, off) in enumerate(zip(examples, offsets)) for i, j in e["pairs"]]
+    batch["pair_owner"], batch["pair_hi"], batch["pair_lo"] = torch.tensor(pairs, dtype=torch.long).T
+    orders = [(b, [off + i for i in order]) for b, (e, off) in enumerate(zip(examples, offsets)) for order in e["orders"]]
+    if orders:
+        k_max = int(batch["num_responses"].max())
+        batch["order_owner"] = torch.tensor([b for b, _ in orders])
+        batch["orders"] = torch.tensor([o + [-1] * (k_max - len(o)) for _, o in orders])
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------
+# Forward and losses (the maths is rlhflab.losses; here only which rows meet which)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Each row's reward from the head it trains: [N] float32."""
+    rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [N, H]
+    return rewards.gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
+
+
+def _centering(per_response: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(mean reward of each example's responses)^2: [n]."""
+    sums = per_response.new_zeros(n).index_add(0, owner, per_response)
+    counts = per_response.new_zeros(n).index_add(0, owner, torch.ones_like(per_response))
+    return (sums / counts) ** 2
+
+
+def pairwise_loss(rewards: torch.Tensor, margin: torch.Tensor | None, *, label_smoothing: float = 0.0,
+                  center_coef: float = 0.0) -> LossOutput:
+    """Bradley-Terry over a stacked batch: rewards [2B] (chosen rows, then rejected rows); margin [B] or None.
+
+    Returns loss [B] (plus center_coef * ((r_c + r_r) / 2)^2) and the `reward/*` metrics of bradley_terry.
+    """
+    b = rewards.shape[0] // 2
+    chosen, rejected = rewards[:b], rewards[b:]
+    out = bradley_terry(chosen, rejected, margin=margin, label_smoothing=label_smoothing)
+    loss, metrics = out.loss, dict(out.metrics)
+    if center_coef:
+        center = ((chosen + rejected) / 2) ** 2
+        loss, metrics["loss/center"] = loss + center_coef * center, center.detach()
+    return LossOutput(loss, metrics)
+
+
+def ranked_loss(scores: torch.Tensor, batch: dict, *, loss: str, label_smoothing: float = 0.0,
+                center_coef: float = 0.0) -> LossOutput:
+    """K-wise loss of B rankings from flat per-response scores [N] (rows of `collate_ranked` order).
+
+    all_pairs: the mean Bradley-Terry loss over the strictly ordered pairs of each ranking (InstructGPT
+    Eq. 1; tied pairs carry no preference and are skipped; without ties this is `pairwise_all_pairs`).
+    plackett_luce: -log of the Plackett-Luce likelihood summed over every order of the tied responses,
+    -log sum_o exp(-L_PL(o)) (the probability of the observed partial order; without ties, `plackett_luce`).
+    Returns loss [B]; metric reward/accuracy = share of strictly ordered pairs scored in order.
+    """
+    n = batch["num_responses"].shape[0]
+    owner, hi, lo = (batch[k].to(scores.device) for k in ("pair_owner", "pair_hi", "pair_lo"))
+    pair = bradley_terry(scores[hi], scores[lo], label_smoothing=label_smoothing)
+    n_pairs = scores.new_zeros(n).index_add(0, owner, torch.ones_like(pair.loss))
+    correct = scores.new_zeros(n).index_add(0, owner, (scores[hi] > scores[lo]).to(scores.dtype))
+    metrics = {"reward/accuracy": (correct / n_pairs).detach()}
+    if loss == "all_pairs":
+        per_example = scores.new_zeros(n).index_add(0, owner, pair.loss) / n_pairs
+    elif loss == "plackett_luce":
+        orders, order_owner = batch["orders"].to(scores.device), batch["order_owner"].to(scores.device)
+        nll = plackett_luce(scores[orders.clamp(min=0)], orders >= 0).loss  # [E]
+        slot = torch.cat([torch.arange(c) for c in torch.bincount(order_owner.cpu(), minlength=n).tolist()])
+        table = scores.new_full((n, int(slot.max()) + 1), float("-inf"))
+        table = table.index_put((order_owner, slot.to(scores.device)), -nll)
+        per_example = -torch.logsumexp(table, dim=1)
+    else:
+        raise ConfigError(f"unknown K-wise loss {loss!r}; use plackett_luce or all_pairs")
+    if center_coef:
+        row_owner = torch.arange(n, device=scores.device).repeat_interleave(batch["num_responses"].to(scores.device))
+        center = _centering(scores, row_owner, n)
+        per_example, metrics["loss/center"] = per_example + center_coef * center, center.detach()
+    return LossOutput(per_example, metrics)
+
+
+def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, device) -> LossOutput:
+    scores = _row_rewards(model, batch, device)
+    algo = cfg.algo
+    if kind == "pairwise":
+        margin = batch["margin"].to(device) if algo.margin != "none" else None
+        return pairwise_loss(scores, margin, label_smoothing=algo.label_smoothing,
+                             center_coef=algo.center_rewards_coef)
+    return ranked_loss(scores, batch, loss=algo.loss, label_smoothing=algo.label_smoothing,
+                       center_coef=algo.center_rewards_coef)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation: accuracy overall and per Llama 2 rating (Table 28), Kendall tau for rankings
+# --------------------------------------------------------------------------------------------------------
+
+
+def accuracy_by_rating(chosen: Sequence[float], rejected: Sequence[float],
+                       ratings: Sequence[str | None]) -> dict[str, dict[str, float]]:
+    """Pairwise accuracy per Llama 2 rating bucket, in Table 28's order, then "avg" pooled over all pairs.
+
+    Returns {bucket: {"accuracy": share of pairs with chosen > rejected (a tie counts 1/2; nan when the
+    bucket is empty), "n": pairs}}. The four Llama 2 buckets always appear; pairs without a rating go to
+    "unrated" and other rating names to their own buckets (both only when present).
+    """
+    c, r = torch.as_tensor(chosen, dtype=torch.float64), torch.as_tensor(rejected, dtype=torch.float64)
+    if not (len(c) == len(r) == len(ratings)):
+        raise ValueError(f"accuracy_by_rating needs equal lengths, got {len(c)}, {len(r)}, {len(ratings)}")
+    wins = (c > r).double() + 0.5 * (c == r).double()
+    names = [x or "unrated" for x in ratings]
+    buckets = list(LLAMA2_RATINGS) + sorted(set(names) - set(LLAMA2_RATINGS))
+    out = {}
+    for bucket in [*buckets, "avg"]:
+        picked = [i for i, x in enumerate(names) if bucket in (x, "avg")]
+        out[bucket] = {"accuracy": float(wins[picked].mean()) if picked else math.nan, "n": len(picked)}
+    return out
+
+
+def format_accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table in Llama 2 Table 28's layout: one row per head, accuracy in % with the pair count."""
+    columns = list(dict.fromkeys(b for t in tables.values() for b in t))
+    lines = ["| head | " + " | ".join(RATING_TITLES.get(b, b) for b in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for head, table in tables.items():
+        cells = [f"{100 * table[b]['accuracy']:.1f} (n={table[b]['n']})" if table.get(b, {}).get("n") else "-"
+                 for b in columns]
+        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def score_examples(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
+                   batch_size: int = 64) -> list[torch.Tensor]:
+    """Every head's rewards for each example's responses: one [n_responses, H] CPU tensor per example
+    (pairwise: rows chosen, rejected)."""
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        batch = _collate(chunk, kind, pad_id)
+        rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+        if kind == "pairwise":
+            b = len(chunk)
+            out += [torch.stack([rewards[i], rewards[b + i]]) for i in range(b)]
+        else:
+            out += list(rewards.split(batch["num_responses"].tolist()))
+    model.train(was_training)
+    return out
+
+
+def _ranking_metrics(scores: torch.Tensor, ex: dict) -> tuple[float, float, float]:
+    """(pair accuracy, Kendall tau over strictly ordered pairs, top-1 hit) of one ranking."""
+    concordant = sum(float(scores[i] > scores[j]) for i, j in ex["pairs"])
+    discordant = sum(float(scores[i] < scores[j]) for i, j in ex["pairs"])
+    tau = (concordant - discordant) / max(concordant + discordant, 1.0)
+    top1 = float(ex["ranks"][int(scores.argmax())] == 0)
+    return concordant / len(ex["pairs"]), tau, top1
+
+
+def evaluate(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int
+             ) -> tuple[dict[str, float], dict[str, dict]]:
+    """Held-out metrics, each head under `eval/HEAD/...` when there are several (plus the pooled
+    `eval/accuracy`), and the per-head rating tables (pairwise data; empty for rankings)."""
+    names = model.head_names
+    scores = score_examples(model, examples, kind, device, pad_id)
+    metrics: dict[str, float] = {}
+    tables: dict[str, dict] = {}
+    pooled: list[tuple[float, int]] = []  # (accuracy, examples) per head
+    for h, name in enumerate(names):
+        mine = [(ex, s[:, h]) for ex, s in zip(examples, scores) if ex["head"] == h]
+        if not mine:
+            continue
+        prefix = "eval/" if len(names) == 1 else f"eval/{name}/"
+        if kind == "pairwise":
+            c, r = torch.stack([s[0] for _, s in mine]), torch.stack([s[1] for _, s in mine])
+            tables[name] = table = accuracy_by_rating(c, r, [ex["rating"] for ex, _ in mine])
+            # The training loss's own margins (0 under algo.margin=none), so eval and train losses compare.
+            margin = torch.tensor([ex["margin"] or 0.0 for ex, _ in mine])
+            metrics[f"{prefix}loss"] = float(bradley_terry(c, r, margin=margin).loss.mean())
+            metrics[f"{prefix}accuracy"] = table["avg"]["accuracy"]
+            pooled.append((table["avg"]["accuracy"], len(mine)))
+            metrics.update({f"{prefix}accuracy/{b}": v["accuracy"] for b, v in table.items()
+                            if b != "avg" and v["n"]})
+        else:
+            acc, tau, top1 = (sum(x) / len(mine) for x in zip(*(_ranking_metrics(s, ex) for ex, s in mine)))
+            metrics.update({f"{prefix}accuracy": acc, f"{prefix}kendall_tau": tau, f"{prefix}top1_accuracy": top1})
+            pooled.append((acc, len(mine)))
+    if len(names) > 1 and pooled:
+        metrics["eval/accuracy"] = sum(a * n for a, n in pooled) / sum(n for _, n in pooled)
+    return metrics, tables
+
+
+def _fit_normalization(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
+                       n_samples: int, seed: int) -> dict[str, float]:
+    """Store the per-head mean/std of the rewards of (up to) n_samples training responses in the model."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked, n_rows = [], 0
+    for i in order:
+        if n_rows >= n_samples:
+            break
+        picked.append(examples[i])
+        n_rows += 2 if kind == "pairwise" else len(examples[i]["input_ids"])
+    rewards = torch.cat(score_examples(model, picked, kind, device, pad_id))[:n_samples]
+    mean, std = model.fit_normalization(rewards)
+    return {f"reward/norm_{stat}/{name}": float(v[h]) for stat, v in (("mean", mean), ("std", std))
+            for h, name in enumerate(model.head_names)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------------
+
+
+def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[RewardModel, torch.device]:
+    """The SFT model's backbone (its LM head never loaded) with fresh reward heads."""
+    device = resolve_device(cfg.model.device)
+    backbone = load_backbone(path, dtype=cfg.model.dtype, device=str(device))
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone)
+    if cfg.model.lora.enabled:
+        lora = cfg.model.lora
+        backbone = apply_lora(backbone, LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                                     target_modules=lora.target_modules))
+    return RewardModel(backbone, len(head_names), head_names), device
+
+
+def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, device, pad_id: int, step: int,
+                last_ckpt) -> tuple[dict[str, float], int]:
+    """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
+    size = cfg.optim.micro_batch_size or len(examples)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for s in range(0, len(examples), size):
+        batch = _collate(examples[s:s + size], kind, pad_id)
+        out = _batch_loss(model, batch, kind, cfg, device)
+        # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
+        loss = out.loss.sum() / len(examples)
+        check_finite({"loss/rm": loss}, step=step, last_good=last_ckpt)
+        loss.backward()
+        tokens += int(batch["attention_mask"].sum())
+        sums["loss/rm"] = sums.get("loss/rm", 0.0) + float(loss.detach())
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum()) / len(examples)
+    return sums, tokens
+
+
+def _report(run, step: int, model, eval_examples, kind, device, pad_id) -> None:
+    metrics, tables = evaluate(model, eval_examples, kind, device, pad_id)
+    run.logger.log(step, metrics)
+    print("rm: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/accuracy/" not in k))
+    if tables:
+        text = format_accuracy_table(tables)
+        atomic_write_text(run.dir / "eval_accuracy.md", text)
+        atomic_write_text(run.dir / "eval_accuracy.json", json.dumps(tables, indent=2))
+        print(text, end="")
+
+
+def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
+    # 1. Setup: seeds, run directory, model, data.
+    seed_everything(cfg.seed)
+    run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite)
+    kind = "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
+    path = resolve_model_path(cfg.model.name_or_path, seed=cfg.seed)
+    tokenizer = load_tokenizer(path)
+    model, device = _build_model(cfg, path, [name for name, _ in cfg.algo.head_specs()])
+    examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)
+    pad_id = tokenizer.pad_token_id
+    total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    n_params = count_parameters(model)
+    print(f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
+          f"{total_steps} steps, {n_params / 1e6:.2f}M parameters, run dir {run.dir}")
+    if not eval_examples:
+        print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
+
+    step, last_ckpt = 0, None
+    if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:
+        step = load_checkpoint(last_ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        print(f"rm: resumed from {last_ckpt} at step {step}")
+    if step == 0 and eval_examples and cfg.logging.eval_every:
+        run.logger.log(0, evaluate(model, eval_examples, kind, device, pad_id)[0])  # the untrained baseline
+
+    # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
+    model.train()
+    progress = Progress(total_steps, "rm", enabled=cfg.logging.progress, completed=step)
+    t_last, tokens_since, pairs_since = time.time(), 0, 0
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        batch = [examples[i] for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]]
+        stats, n_tokens = _train_step(model, batch, kind, cfg, device, pad_id, step + 1, last_ckpt)
+        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+        check_finite({"loss/grad_norm": grad_norm}, step=step + 1, last_good=last_ckpt)
+        optimizer_step(optimizer, scheduler)
+        step += 1
+        tokens_since += n_tokens
+        pairs_since += len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch)
+
+        # 3. Log, evaluate, checkpoint.
+        if step % cfg.logging.log_every == 0 or step == total_steps:
+            elapsed = max(time.time() - t_last, 1e-9)
+            row = run.logger.log(step, {
+                **stats, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
+                "perf/pairs_per_s": pairs_since / elapsed, "perf/tokens_per_s": tokens_since / elapsed,
+                # Training FLOPs ~ 6 x params x tokens (forward + backward), Kaplan et al. 2020.
+                "perf/flops_per_s": 6 * n_params * tokens_since / elapsed, "perf/epoch": step / steps_per_epoch})
+            t_last, tokens_since, pairs_since = time.time(), 0, 0
+            progress.update(0, {"loss": row["loss/rm"], "acc": row["reward/accuracy"]})
+        if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < total_steps:
+            run.logger.log(step, evaluate(model, eval_examples, kind, device, pad_id)[0])
+        if cfg.logging.save_every and step % cfg.logging.save_every == 0 and step < total_steps:
+            last_ckpt = save_checkpoint(run.dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        keep=cfg.logging.keep_checkpoints)
+        progress.update(1)
+    progress.close()
+
+    # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
+    if eval_examples:
+        _report(run, step, model, eval_examples, kind, device, pad_id)
+    if cfg.algo.normalization_samples:
+        run.logger.log(step, _fit_normalization(model, examples, kind, device, pad_id,
+                                                cfg.algo.normalization_samples, cfg.seed))
+    final = model.save_pretrained(run.dir / "final", tokenizer)
+    # How training tokenized, so `rlhflab.rewards.LearnedReward` scores new responses alike.
+    atomic_write_text(final / SETTINGS_FILE, json.dumps({
+        "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
+        "head_names": model.head_names, "loss": cfg.algo.loss}, indent=2))
+    run.close()
+    print(f"rm: saved the reward model to {final}")
+    return final

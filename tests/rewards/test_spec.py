@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from rlhflab.errors import UserError
+from rlhflab.models.reward_model import RewardModel
+from rlhflab.models.tiny import tiny_causal_lm
+from rlhflab.rewards import (
+    CombinedReward,
+    LearnedReward,
+    LengthPenalty,
+    MissingEOSPenalty,
+    RegexRule,
+    load_reward,
+    load_rewards,
+    parse_spec,
+)
+
+
+@pytest.fixture()
+def run_dir(tmp_path, tiny_tokenizer):
+    lm = tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    rm = RewardModel.from_causal_lm(lm, num_heads=2, head_names=["helpful", "safe"])
+    rm.save_pretrained(tmp_path / "run" / "final", tiny_tokenizer)
+    return tmp_path / "run"
+
+
+def test_parse_spec():
+    assert parse_spec("runs/rm/final") == ("runs/rm/final", {})
+    assert parse_spec("runs/rm:head=safe:normalize=true") == ("runs/rm", {"head": "safe", "normalize": "true"})
+    assert parse_spec("rule:length") == ("rule:length", {})
+    assert parse_spec("rule:regex:pattern=a:b(?=c):mode=must_not") == (
+        "rule:regex", {"pattern": "a:b(?=c)", "mode": "must_not"})
+    assert parse_spec("C:/models/rm:head=1") == ("C:/models/rm", {"head": "1"})
+
+
+def test_load_rule_specs():
+    length = load_reward("rule:length:coef=0.5:target=2")
+    assert isinstance(length, LengthPenalty) and (length.coef, length.target) == (0.5, 2.0)
+    torch.testing.assert_close(length.score(["p"], ["a b c d"]), torch.tensor([-1.0]))
+    regex = load_reward(r"rule:regex:pattern=\bsorry\b:mode=must_not:penalty=2")
+    assert isinstance(regex, RegexRule)
+    torch.testing.assert_close(regex.score(["p", "p"], ["i am sorry", "fine"]), torch.tensor([-2.0, 0.0]))
+    eos = load_reward("rule:eos:eos=<|stop|>")
+    assert isinstance(eos, MissingEOSPenalty) and eos.eos_texts == ("<|stop|>",)
+
+
+def test_load_learned_specs(run_dir):
+    source = load_reward(f"{run_dir}:head=safe:normalize=true:batch_size=4")
+    assert isinstance(source, LearnedReward) and source.head == 1 and source.normalize and source.batch_size == 4
+    assert load_reward(f"{run_dir / 'final'}:head=1").head == 1
+    combined = load_rewards(f"{run_dir}:head=helpful,rule:length:coef=1", weights="1,0.5")
+    assert isinstance(combined, CombinedReward) and combined.weights == [1.0, 0.5]
+    prompts, responses = ["hi", "hello"], ["good", "a b c"]
+    expected = source.__class__.from_pretrained(run_dir, head="helpful").score(prompts, responses) - \
+        0.5 * torch.tensor([1.0, 3.0])
+    torch.testing.assert_close(combined.score(prompts, responses), expected)
+    assert isinstance(load_rewards("rule:length"), LengthPenalty)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("", "empty reward spec"),
+    ("rule:shout", "unknown rule 'shout'; known rules: length, regex, eos"),
+    ("rule:length:coeff=1", "unknown option 'coeff'; this source takes coef, target, unit"),
+    ("rule:length:coef=lots", "option coef='lots' is not valid"),
+    ("rule:length:unit=tokens", "'words' or 'chars'"),
+    ("rule:regex", "rule:regex needs a pattern"),
+    ("rule:regex:pattern=(", "not a valid regular expression"),
+    ("rule:length:coef=1:coef=2", "option 'coef' is given twice"),
+    ("lab:sentiment", "gold reward is hidden from training"),
+    ("no/such/dir", "reward model 'no/such/dir' does not exist"),
+])
+def test_bad_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(UserError, match=message.replace("(", "\\(")):
+        load_reward(spec)
+
+
+def test_bad_learned_options_and_weights(run_dir):
+    with pytest.raises(UserError, match="option normalize='maybe' is not valid"):
+        load_reward(f"{run_dir}:normalize=maybe")
+    with pytest.raises(UserError, match="2 reward weights for 1 reward sources"):
+        load_rewards("rule:length", weights="1,2")
+    with pytest.raises(UserError, match="must be comma-separated numbers"):
+        load_rewards("rule:length", weights="heavy")
+    with pytest.raises(UserError, match="no reward source given"):
+        load_rewards(" , ")
+
+
+def test_reward_sources_never_import_the_lab():
+    # Gold rewards must stay out of reach of training code: importing the reward sources loads no lab module.
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhflab.rewards, rlhflab.rewards.spec; "
+            "print(sorted(m for m in sys.modules if m.startswith('rlhflab.lab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,298 @@
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhflab.config import load_config
+from rlhflab.data import PairwiseRecord
+from rlhflab.errors import ConfigError, DataError, TrainingHealthError
+from rlhflab.losses import pairwise_all_pairs, plackett_luce
+from rlhflab.models.reward_model import RewardModel
+from rlhflab.rewards import LearnedReward
+from rlhflab.stages import reward
+from rlhflab.tracking import latest_checkpoint, read_metrics
+
+from .conftest import write_jsonl
+
+SUBJECTS = ["the cat", "the dog", "the film", "the day", "this movie", "it"]
+RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_better"]
+
+
+def _pairs(n=96, chosen_word="good", rejected_word="bad", seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s = rng.choice(SUBJECTS)
+        rows.append({"prompt": f"what is {rng.choice(SUBJECTS)} ?", "chosen": f"{s} is very {chosen_word} .",
+                     "rejected": f"{s} is very {rejected_word} .", "rating": RATINGS[i % 4]})
+    return rows
+
+
+def _cfg(model_dir, out, *extra, data=None):
+    return load_config("rm", None, [
+        f"model.name_or_path={model_dir}", f"logging.output_dir={out}", "model.device=cpu",
+        "logging.progress=false", "logging.tensorboard=false", "logging.log_every=1", "data.max_length=32",
+        "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
+        *([f"data.train_path={data}"] if data else []), *extra])
+
+
+def _eval_rows(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in r]
+
+
+@pytest.mark.parametrize("chosen_word,rejected_word", [("good", "bad"), ("bad", "good")])
+def test_rm_separates_a_separable_set(tiny_model_dir, tmp_path, chosen_word, rejected_word):
+    # Both orientations must reach high accuracy, so it cannot be a lucky initial head.
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(chosen_word=chosen_word, rejected_word=rejected_word))
+    out = tmp_path / "run"
+    final = reward.train(_cfg(tiny_model_dir, out, "optim.max_steps=30", "data.eval_fraction=0.25",
+                              "logging.eval_every=10", data=data))
+    evals = _eval_rows(out)
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["eval/accuracy"] > 0.9
+    assert evals[-1]["eval/loss"] < 0.25 * evals[0]["eval/loss"]
+    last = [r for r in read_metrics(out / "metrics.jsonl") if "loss/rm" in r][-1]
+    assert last["perf/pairs_per_s"] > 0 and last["perf/flops_per_s"] > 0 and last["reward/accuracy"] > 0.9
+    # Table 28 layout on disk; the saved model is a plain HF sequence classifier with its settings file.
+    table = json.loads((out / "eval_accuracy.json").read_text())["reward"]
+    assert list(table) == [*RATINGS, "avg"] and table["avg"]["n"] == 24
+    assert "| head | Significantly Better | Better |" in (out / "eval_accuracy.md").read_text()
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(final).config.num_labels == 1
+    assert json.loads((final / "rlhflab_reward.json").read_text())["max_length"] == 32
+    # Normalization stats fitted on training responses: whitened training rewards have mean ~0, std ~1.
+    rm = LearnedReward.from_pretrained(final, normalize=True)
+    rows = _pairs(chosen_word=chosen_word, rejected_word=rejected_word)
+    scores = rm.score([r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    assert abs(float(scores.mean())) < 0.2 and 0.7 < float(scores.std()) < 1.3
+
+
+def test_rm_starts_from_the_sft_backbone(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tiny_model_dir, "unused", "algo.heads=helpful,safe")
+    model, _ = reward._build_model(cfg, str(tiny_model_dir), ["helpful", "safe"])
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for name, p in model.backbone.named_parameters():
+        assert torch.equal(p, lm.model.get_parameter(name)), name
+    assert model.head_names == ["helpful", "safe"] and model.score.weight.shape == (2, 32)
+
+
+def test_rm_with_lora_and_gradient_checkpointing(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=32))
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", "model.lora.enabled=true", "model.lora.r=4",
+               "model.gradient_checkpointing=true", "optim.max_steps=6", data=data)
+    model, _ = reward._build_model(cfg, str(tiny_model_dir), ["reward"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "score.weight" in trainable and all("lora_" in n for n in trainable - {"score.weight"})
+    final = reward.train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/rm" in r]
+    assert rows[-1]["loss/rm"] < rows[0]["loss/rm"]
+    merged = RewardModel.from_pretrained(final)  # LoRA folded into plain weights
+    assert not any("lora_" in n for n in merged.state_dict())
+
+
+def test_pairwise_loss_uses_margins_by_hand():
+    """chosen [1, 0], rejected [0, 0]: no margin -> [-log s(1), log 2] = [0.313262, 0.693147];
+    margins [1, 0] -> [log 2, log 2]; centering 0.5 * ((r_c + r_r) / 2)^2 adds [0.125, 0]."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    plain = reward.pairwise_loss(rewards, None)
+    torch.testing.assert_close(plain.loss, torch.tensor([0.313262, math.log(2)]), atol=1e-6, rtol=0)
+    with_margin = reward.pairwise_loss(rewards, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(with_margin.loss, torch.tensor([math.log(2), math.log(2)]))
+    centered = reward.pairwise_loss(rewards, None, center_coef=0.5)
+    torch.testing.assert_close(centered.loss, plain.loss + torch.tensor([0.125, 0.0]))
+    smoothed = reward.pairwise_loss(rewards, None, label_smoothing=0.1)
+    # 0.9 * -log s(1) + 0.1 * -log s(-1) = 0.9 * 0.313262 + 0.1 * 1.313262
+    assert float(smoothed.loss[0]) == pytest.approx(0.413262, abs=1e-6)
+
+
+def test_margins_come_from_the_rating_table():
+    rec = PairwiseRecord("p", "a", "b", rating="better")
+    assert reward._margin(rec, "none", "f") is None
+    assert reward._margin(rec, "small", "f") == pytest.approx(2 / 3)
+    assert reward._margin(rec, "large", "f") == 2.0
+    assert reward._margin(PairwiseRecord("p", "a", "b", margin=0.7), "data", "f") == 0.7
+    with pytest.raises(DataError, match="f, record with prompt 'p', field 'rating': algo.margin=large needs"):
+        reward._margin(PairwiseRecord("p", "a", "b"), "large", "f")
+
+
+def test_margin_training_raises_the_first_loss_and_the_separation(tiny_model_dir, tmp_path):
+    # Same seed, same initial rewards: a positive margin can only raise the step-1 loss, and training
+    # against it pushes chosen and rejected further apart.
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=64))
+    first, gap = {}, {}
+    for margin in ("none", "large"):
+        out = tmp_path / margin
+        reward.train(_cfg(tiny_model_dir, out, "optim.max_steps=8", f"algo.margin={margin}",
+                          "algo.normalization_samples=0", "optim.lr=3e-3", data=data))
+        rows = read_metrics(out / "metrics.jsonl")
+        first[margin], gap[margin] = rows[0]["loss/rm"], rows[-1]["reward/margin"]
+    assert first["large"] > first["none"] + 0.3
+    assert gap["large"] > gap["none"]
+
+
+def _ranked_rows(n=64, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s = rng.choice(SUBJECTS)
+        row = {"prompt": f"how was {s} ?",
+               "responses": [f"{s} was good good good .", f"{s} was good good .", f"{s} was good .", f"{s} was ."]}
+        if rng.random() < 0.3:  # a tie between the two middle responses
+            row["responses"][2] = f"yes {s} was good good ."
+            row["ranks"] = [0, 1, 1, 2]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("loss", ["plackett_luce", "all_pairs"])
+def test_kwise_training_raises_kendall_tau(tiny_model_dir, tmp_path, loss):
+    data = write_jsonl(tmp_path / "ranked.jsonl", _ranked_rows())
+    out = tmp_path / "run"
+    reward.train(_cfg(tiny_model_dir, out, f"algo.loss={loss}", "optim.max_steps=24", "data.eval_fraction=0.25",
+                      "logging.eval_every=12", data=data))
+    evals = _eval_rows(out)
+    assert evals[0]["eval/kendall_tau"] < 0.5
+    assert evals[-1]["eval/kendall_tau"] > 0.9 and evals[-1]["eval/accuracy"] > 0.9
+    assert evals[-1]["eval/kendall_tau"] > evals[0]["eval/kendall_tau"] + 0.4
+
+
+def _ranked_batch(ranks_list, loss):
+    examples = []
+    for ranks in ranks_list:
+        k = len(ranks)
+        ex = {"input_ids": [[1, 5]] * k, "attention_mask": [[1, 1]] * k, "loss_mask": [[False, True]] * k,
+              "ranks": ranks, "head": 0}
+        ex["pairs"] = [(i, j) for i in range(k) for j in range(i + 1, k) if ranks[i] < ranks[j]]
+        ex["orders"] = reward.tie_orders(ranks) if loss == "plackett_luce" else []
+        examples.append(ex)
+    return reward._collate(examples, "ranked", pad_id=0)
+
+
+def test_ranked_losses_without_ties_match_the_loss_library():
+    scores = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.1])  # one ranking of 3, one of 2
+    for loss, ref in (("all_pairs", pairwise_all_pairs), ("plackett_luce", plackett_luce)):
+        out = reward.ranked_loss(scores, _ranked_batch([[0, 1, 2], [0, 1]], loss), loss=loss)
+        expected = torch.cat([ref(scores[None, :3]).loss, ref(scores[None, 3:]).loss])
+        torch.testing.assert_close(out.loss, expected)
+    acc = reward.ranked_loss(torch.tensor([0.0, 1.0, -1.0]), _ranked_batch([[0, 1, 2]], "all_pairs"), loss="all_pairs")
+    assert acc.metrics["reward/accuracy"].tolist() == [pytest.approx(2 / 3)]
+
+
+def test_ranked_losses_with_ties_by_hand():
+    """ranks [0, 1, 1], scores r = [1, 0, 0.5].
+    all_pairs: pairs (0,1), (0,2) only: mean(-log s(1), -log s(0.5)) = (0.313262 + 0.474077) / 2 = 0.393669.
+    plackett_luce: orders (0,1,2) and (0,2,1): P = e^1/Z * (e^0 / (e^0 + e^.5) + e^.5 / (e^0 + e^.5)) = e^1/Z,
+    Z = e^1 + e^0 + e^.5, so the loss is -(1 - log Z) = log(e + 1 + e^.5) - 1 = 0.832945."""
+    r = torch.tensor([1.0, 0.0, 0.5])
+    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]], "all_pairs"), loss="all_pairs")
+    assert float(out.loss[0]) == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(0.5))).item() / 2)
+    assert float(out.loss[0]) == pytest.approx(0.393669, abs=1e-6)
+    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]], "plackett_luce"), loss="plackett_luce")
+    assert float(out.loss[0]) == pytest.approx(math.log(math.e + 1 + math.exp(0.5)) - 1, abs=1e-6)
+    assert reward.tie_orders([0, 1, 1, 2]) == [[0, 1, 2, 3], [0, 2, 1, 3]]
+    with pytest.raises(ConfigError, match="use algo.loss=all_pairs"):
+        reward.tie_orders([0] * 6 + [1])
+
+
+def test_accuracy_by_rating_on_a_hand_made_example():
+    chosen = [2.0, 1.0, 0.0, 3.0, 1.0, 0.5]
+    rejected = [1.0, 2.0, 0.0, 1.0, 0.0, 0.0]
+    ratings = ["significantly_better", "significantly_better", "better", "slightly_better", None, "custom"]
+    table = reward.accuracy_by_rating(chosen, rejected, ratings)
+    # sig: 1 right, 1 wrong -> 0.5; better: a tie -> 0.5; slightly: 1; negligibly: empty; unrated: 1;
+    # custom: 1; avg: (1 + 0 + 0.5 + 1 + 1 + 1) / 6 = 0.75.
+    assert list(table) == [*RATINGS, "custom", "unrated", "avg"]
+    assert table["significantly_better"] == {"accuracy": 0.5, "n": 2}
+    assert table["better"] == {"accuracy": 0.5, "n": 1}
+    assert table["slightly_better"] == {"accuracy": 1.0, "n": 1}
+    assert math.isnan(table["negligibly_better"]["accuracy"]) and table["negligibly_better"]["n"] == 0
+    assert table["avg"] == {"accuracy": 0.75, "n": 6}
+    text = reward.format_accuracy_table({"helpful": table})
+    assert text.splitlines()[0] == ("| head | Significantly Better | Better | Slightly Better | "
+                                    "Negligibly Better / Unsure | custom | Unrated | Avg |")
+    assert text.splitlines()[2] == ("| helpful | 50.0 (n=2) | 50.0 (n=1) | 100.0 (n=1) | - | 100.0 (n=1) | "
+                                    "100.0 (n=1) | 75.0 (n=6) |")
+
+
+def test_two_heads_each_learn_their_own_aspect(tiny_model_dir, tmp_path):
+    rng = random.Random(1)
+    sentiment, animal = [], []
+    for _ in range(64):
+        who, how = rng.choice(["the cat", "the dog"]), rng.choice(["good", "bad"])
+        sentiment.append({"prompt": "say it", "chosen": f"{who} is good .", "rejected": f"{who} is bad ."})
+        animal.append({"prompt": "say it", "chosen": f"the cat is {how} .", "rejected": f"the dog is {how} ."})
+    files = [write_jsonl(tmp_path / f"{n}.jsonl", rows) for n, rows in (("s", sentiment), ("a", animal))]
+    out = tmp_path / "run"
+    final = reward.train(_cfg(tiny_model_dir, out, f"algo.heads=sentiment={files[0]},animal={files[1]}",
+                              "optim.max_steps=40", "data.eval_fraction=0.2"))
+    last = _eval_rows(out)[-1]
+    assert last["eval/sentiment/accuracy"] > 0.9 and last["eval/animal/accuracy"] > 0.9
+    # Conflicting probes: each head must follow its own aspect and ignore the other.
+    prompts, responses = ["say it"] * 2, ["the dog is good .", "the cat is bad ."]
+    s = LearnedReward.from_pretrained(final, head="sentiment").score(prompts, responses)
+    a = LearnedReward.from_pretrained(final, head="animal").score(prompts, responses)
+    assert s[0] > s[1] and a[1] > a[0]
+
+
+def test_config_refuses_impossible_combinations():
+    with pytest.raises(ConfigError, match="algo.margin 'small' needs algo.loss=bradley_terry"):
+        load_config("rm", None, ["algo.loss=plackett_luce", "algo.margin=small"])
+    with pytest.raises(ConfigError, match="algo.heads names head 'a' twice"):
+        load_config("rm", None, ["algo.heads=a,a=x.jsonl"])
+    with pytest.raises(ConfigError, match="algo.label_smoothing"):
+        load_config("rm", None, ["algo.loss=plackett_luce", "algo.label_smoothing=0.1"])
+    assert load_config("rm", None, ["algo.heads=h=a.jsonl, s"]).algo.head_specs() == [("h", "a.jsonl"), ("s", "")]
+
+
+def test_rm_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=48))
+    common = ["optim.max_steps=6", "logging.save_every=3"]
+    ref_final = reward.train(_cfg(tiny_model_dir, tmp_path / "a", *common, data=data))
+
+    calls = {"n": 0}
+    real_step = reward.optimizer_step
+
+    def crash_on_fifth(optimizer, scheduler):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        real_step(optimizer, scheduler)
+
+    monkeypatch.setattr(reward, "optimizer_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        reward.train(_cfg(tiny_model_dir, tmp_path / "b", *common, data=data))
+    monkeypatch.setattr(reward, "optimizer_step", real_step)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
+    resumed_final = reward.train(_cfg(tiny_model_dir, tmp_path / "b", *common, data=data), resume=True)
+
+    a, b = RewardModel.from_pretrained(ref_final), RewardModel.from_pretrained(resumed_final)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert torch.equal(a.reward_mean, b.reward_mean) and torch.equal(a.reward_std, b.reward_std)
+
+
+def test_rm_stops_on_nan_with_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=48))
+    real = reward._row_rewards
+
+    def poisoned(model, batch, device):
+        out = real(model, batch, device)
+        poisoned.calls += 1
+        return out * float("nan") if poisoned.calls >= 5 else out
+
+    poisoned.calls = 0
+    monkeypatch.setattr(reward, "_row_rewards", poisoned)
+    with pytest.raises(TrainingHealthError, match="step 5: loss/rm is not finite.*step-00000004"):
+        reward.train(_cfg(tiny_model_dir, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2", data=data))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step-00000004"
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "run" / "final").exists()
