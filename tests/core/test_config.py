@@ -76,3 +76,12 @@ def test_parse_overrides_nests_and_parses_scalars():
 def test_ppo_minibatch_must_divide_rollout_batch():
     with pytest.raises(ConfigError, match=r"algo.minibatch_size \(24\) must divide algo.rollout_batch_size \(64\)"):
         load_config("ppo", None, ["algo.minibatch_size=24"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
+def test_shipped_example_configs_load(stage):
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / f"{stage}_tiny.yaml"
+    cfg = load_config(stage, path)
+    assert cfg.model.name_or_path == "lab:sentiment"

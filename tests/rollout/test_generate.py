@@ -26,7 +26,9 @@ def _greedy_reference(model, tokenizer, prompt_ids, max_new_tokens):
 def test_batched_left_padded_greedy_matches_one_by_one(tiny_tokenizer, arch):
     from rlhflab.models.tiny import tiny_causal_lm
 
-    model = tiny_causal_lm(tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
+    model = tiny_causal_lm(
+        tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2, seed=1
+    ).eval()
     settings = SamplingSettings(max_new_tokens=8, do_sample=False)
     out = generate(model, tiny_tokenizer, PROMPTS, settings, batch_size=3)
     rows = encode_prompts(tiny_tokenizer, PROMPTS)
@@ -42,7 +44,9 @@ def test_rollout_layout(tiny_tokenizer, tiny_model):
     # run to the limit.
     with torch.no_grad():
         tiny_model.model.embed_tokens.weight[eos] *= 4.0
-    out = generate(tiny_model, tiny_tokenizer, PROMPTS * 8, SamplingSettings(max_new_tokens=6), batch_size=5, seed=0)
+    out = generate(
+        tiny_model, tiny_tokenizer, PROMPTS * 8, SamplingSettings(max_new_tokens=6), batch_size=5, seed=0
+    )
     assert isinstance(out, Rollout) and len(out) == 32
     B, P = out.prompt_ids.shape
     R = out.response_ids.shape[1]
@@ -51,8 +55,8 @@ def test_rollout_layout(tiny_tokenizer, tiny_model):
     assert torch.equal(out.attention_mask.bool(), torch.cat([out.prompt_mask, out.response_mask], 1))
     for i, ids in enumerate(encode_prompts(tiny_tokenizer, PROMPTS * 8)):
         n = len(ids)
-        assert out.prompt_ids[i, P - n:].tolist() == ids and not out.prompt_mask[i, :P - n].any()
-        assert (out.prompt_ids[i, :P - n] == pad).all()
+        assert out.prompt_ids[i, P - n :].tolist() == ids and not out.prompt_mask[i, : P - n].any()
+        assert (out.prompt_ids[i, : P - n] == pad).all()
         real = out.response_mask[i]
         k = int(real.sum())
         assert real[:k].all() and not real[k:].any()  # a prefix
@@ -66,7 +70,7 @@ def test_rollout_layout(tiny_tokenizer, tiny_model):
         assert (resp[k:] == pad).all()
         assert out.texts[i] == tiny_tokenizer.decode(resp[:k], skip_special_tokens=True).strip()
         # Positions restart at the first real token, as generate used them.
-        assert out.position_ids[i, P - n:P].tolist() == list(range(n))
+        assert out.position_ids[i, P - n : P].tolist() == list(range(n))
     assert out.ended_with_eos.any() and not out.ended_with_eos.all()
     assert torch.equal(out.response_lengths, out.response_mask.sum(-1))
 
@@ -77,6 +81,15 @@ def test_sampling_is_seeded_and_ignores_the_models_generation_config(tiny_tokeni
     b = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=1)
     c = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=2)
     assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    # Without a seed, consecutive calls draw fresh samples from the global RNG, and a seeded call leaves
+    # that RNG where it was.
+    torch.manual_seed(0)
+    first = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings)
+    state = torch.get_rng_state()
+    generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, settings)
+    assert not torch.equal(first.response_ids, second.response_ids)
     # A model shipped with near-greedy defaults must not change what these settings sample.
     tiny_model.generation_config.top_k = 1
     tiny_model.generation_config.temperature = 0.01
@@ -87,15 +100,18 @@ def test_sampling_is_seeded_and_ignores_the_models_generation_config(tiny_tokeni
 def test_first_token_frequencies_follow_the_model(tiny_tokenizer, tiny_model):
     prompt = "the cat"
     n = 3000
-    out = generate(tiny_model, tiny_tokenizer, [prompt] * n, SamplingSettings(max_new_tokens=1), batch_size=1000,
-                   seed=0)
+    out = generate(
+        tiny_model, tiny_tokenizer, [prompt] * n, SamplingSettings(max_new_tokens=1), batch_size=1000, seed=0
+    )
     ids = torch.tensor([encode_prompts(tiny_tokenizer, [prompt])[0]])
     with torch.no_grad():
         probs = torch.softmax(tiny_model(input_ids=ids).logits[0, -1], -1)
     freq = torch.bincount(out.response_ids[:, 0], minlength=probs.numel()).float() / n
     assert (freq - probs).abs().max() < 4 * (0.25 / n) ** 0.5
     # With top_k = 1 sampling becomes greedy.
-    top1 = generate(tiny_model, tiny_tokenizer, [prompt] * 50, SamplingSettings(max_new_tokens=1, top_k=1), seed=0)
+    top1 = generate(
+        tiny_model, tiny_tokenizer, [prompt] * 50, SamplingSettings(max_new_tokens=1, top_k=1), seed=0
+    )
     assert (top1.response_ids[:, 0] == probs.argmax()).all()
 
 
@@ -118,8 +134,9 @@ def test_model_mode_is_restored(tiny_tokenizer, tiny_model):
     assert tiny_model.training
 
 
-@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0},
-                                    {"top_p": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}]
+)
 def test_settings_validation(kwargs):
     with pytest.raises(ConfigError):
         SamplingSettings(**kwargs)

@@ -11,6 +11,7 @@ by default in transformers) would otherwise silently change the distribution PPO
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +42,9 @@ class SamplingSettings:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+            raise ConfigError(
+                f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -52,12 +55,24 @@ class SamplingSettings:
         from transformers import GenerationConfig
 
         # Greedy decoding ignores these; leaving them unset keeps transformers from warning about them.
-        sampling = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p} \
-            if self.do_sample else {}
+        sampling = (
+            {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+            if self.do_sample
+            else {}
+        )
         return GenerationConfig(
-            max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=self.do_sample, num_beams=1,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, use_cache=True,
-            pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling)
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=0,
+            do_sample=self.do_sample,
+            num_beams=1,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            typical_p=1.0,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            **sampling,
+        )
 
 
 @dataclass
@@ -130,8 +145,8 @@ def _left_pad(rows: list[list[int]], pad_id: int, width: int) -> tuple[Tensor, T
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = True
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = True
     return ids, mask
 
 
@@ -145,14 +160,22 @@ def _cut_at_eos(new_tokens: Tensor, eos_ids: Tensor, pad_id: int) -> tuple[Tenso
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence, settings: SamplingSettings | None = None, *,
-             batch_size: int = 64, seed: int | None = None) -> Rollout:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    settings: SamplingSettings | None = None,
+    *,
+    batch_size: int = 64,
+    seed: int | None = None,
+) -> Rollout:
     """Sample one response per prompt (repeat prompts for several), `batch_size` prompts per call.
 
     prompts: strings (raw text), chat message lists, or token-id lists (see `encode_prompts`).
 
-    `seed` makes sampling reproducible without touching the global RNG. The model is put in eval mode
-    for the call (dropout off) and restored after.
+    `seed` makes sampling reproducible without touching the global RNG (seed=None draws from, and
+    advances, the global torch RNG). The model is put in eval mode for the call (dropout off) and
+    restored after.
     """
     settings = settings or SamplingSettings()
     if len(prompts) == 0:
@@ -167,15 +190,25 @@ def generate(model, tokenizer, prompts: Sequence, settings: SamplingSettings | N
     model.eval()
     chunks = []
     try:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        # With a seed, sample from a private copy of the RNG; without one, advance the global RNG so that
+        # consecutive calls draw fresh samples.
+        rng = (
+            torch.random.fork_rng(devices=[] if device.type == "cpu" else [device])
+            if seed is not None
+            else contextlib.nullcontext()
+        )
+        with rng:
             if seed is not None:
                 torch.manual_seed(seed)
             for s in range(0, len(rows), batch_size):
-                batch = rows[s:s + batch_size]
+                batch = rows[s : s + batch_size]
                 ids, mask = _left_pad(batch, pad_id, max(len(r) for r in batch))
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device),
-                                     generation_config=gen_config)
-                chunks.append(out[:, ids.shape[1]:].cpu())
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.long().to(device),
+                    generation_config=gen_config,
+                )
+                chunks.append(out[:, ids.shape[1] :].cpu())
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -184,9 +217,15 @@ def generate(model, tokenizer, prompts: Sequence, settings: SamplingSettings | N
     # Padding columns appended above hold pad; mark them as not real even when pad != EOS.
     for i, c in enumerate(chunks):
         lo = i * batch_size
-        response_mask[lo:lo + c.shape[0], c.shape[1]:] = False
+        response_mask[lo : lo + c.shape[0], c.shape[1] :] = False
     prompt_ids, prompt_mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
-    return Rollout(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
-                   response_ids=response_ids.to(device), response_mask=response_mask.to(device),
-                   ended_with_eos=ended.to(device), texts=[t.strip() for t in texts], prompts=list(prompts))
+    return Rollout(
+        prompt_ids=prompt_ids.to(device),
+        prompt_mask=prompt_mask.to(device),
+        response_ids=response_ids.to(device),
+        response_mask=response_mask.to(device),
+        ended_with_eos=ended.to(device),
+        texts=[t.strip() for t in texts],
+        prompts=list(prompts),
+    )

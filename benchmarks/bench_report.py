@@ -1,0 +1,155 @@
+"""Turn the measurements of `compare_trl.py` into JSON lines and the BENCHMARKS.md table.
+
+Pure functions over plain dicts (no torch, no TRL), so `tests/benchmarks` can check them on made-up runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bench_common import ModelDims, forward_flops, json_line, nominal_flops, steady_stats, train_flops
+
+LOSS_TOLERANCE = 1e-4
+PPO_PARTS = {"perf/time_generate": "generate", "perf/time_score": "score", "ref_logps": "reference pass",
+             "policy_rollout_pass": "policy rollout pass (old log-probs, values, entropy)",
+             "perf/time_optimize": "optimize (PPO epochs)"}
+
+
+def epoch_flops(lengths: list[dict], dims: ModelDims) -> dict[str, float]:
+    """Needed FLOPs of one epoch over the pairs and its real tokens: DPO training (LM head at response
+    tokens only), one reference forward, and reward-model training (a 1-output head per sequence)."""
+    seqs = [n for x in lengths for n in (x["prompt"] + x["chosen"], x["prompt"] + x["rejected"])]
+    scored = sum(x["chosen"] + x["rejected"] for x in lengths)
+    return {"tokens": float(sum(seqs)), "dpo_train": train_flops(dims, seqs, scored),
+            "ref_forward": forward_flops(dims, seqs, scored),
+            "rm_train": train_flops(dims, seqs, len(seqs), head_outputs=1)}
+
+
+def first_batch_check(rlhflab: dict, trl: dict) -> dict[str, Any]:
+    """Do both frameworks train on the same token ids, and agree on the first batch's DPO loss?"""
+    ids_equal = rlhflab["token_ids"] == trl["token_ids"]
+    diff = abs(rlhflab["loss"] - trl["loss"])
+    return {"token_ids_equal": ids_equal, "abs_diff": diff, "ok": ids_equal and diff <= LOSS_TOLERANCE}
+
+
+def _dpo_figures(run: dict, warmup: int, batch: int, n_pairs: int) -> dict[str, float]:
+    steady = steady_stats(run["step_seconds"], warmup, batch)
+    epoch_seconds = run.get("ref_seconds", 0.0) + sum(run["step_seconds"])
+    return {"steps_pairs_per_s": steady["items_per_s"], "step_median_s": steady["step_median_s"],
+            "steady_seconds": steady["seconds"], "steady_tokens": float(sum(run["step_tokens"][warmup:])),
+            "ref_seconds": run.get("ref_seconds", 0.0), "epoch_pairs_per_s": n_pairs / epoch_seconds,
+            "epoch_seconds": epoch_seconds, "peak_rss_mb": run["peak_rss_mb_wait4"],
+            "process_seconds": run["process_seconds"]}
+
+
+def _gflops(flops_per_token: float, fig: dict) -> float:
+    return flops_per_token * fig["steady_tokens"] / fig["steady_seconds"] / 1e9
+
+
+def summarize(runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict], dims: ModelDims
+              ) -> tuple[list[str], str]:
+    """(JSON lines, markdown table) of every comparison in `runs`."""
+    w, b, n = meta["warmup"], meta["batch_size"], meta["n_pairs"]
+    peak = probe["peak_gflops"]
+    ep = epoch_flops(lengths, dims)
+    figs = {k: _dpo_figures(v, w, b, n) for k, v in runs.items() if k.startswith(("dpo_", "rm_"))}
+    lines: list[str] = []
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(comparison: str, metric: str, unit: str, ours: float, theirs: float, note: str, better: str = "higher",
+            fmt: str = "{:.2f}", **extra: Any) -> None:
+        lines.append(json_line(comparison, metric, unit, ours, theirs, better=better, trl_variant=note, **extra))
+        ratio = ours / theirs if theirs else float("nan")
+        rows.append((f"{comparison}: {metric} ({unit})", fmt.format(ours), fmt.format(theirs), f"{ratio:.2f}x", note))
+
+    # DPO
+    check = first_batch_check(runs["loss_rlhflab"], runs["loss_trl"])
+    add("dpo", "first_batch_loss", "nats", runs["loss_rlhflab"]["loss"], runs["loss_trl"]["loss"],
+        "float32, explicit reference (another seed)", better="equal", fmt="{:.6f}", **check)
+    r, tp, tm = figs["dpo_rlhflab"], figs["dpo_trl_precompute"], figs["dpo_trl_matched"]
+    add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tp["steps_pairs_per_s"],
+        "TRL fp32, no grad ckpt, precompute_ref_log_probs=True (both: steps only, reference precomputed)")
+    add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tm["steps_pairs_per_s"],
+        "TRL fp32, no grad ckpt, TRL default live reference (its steps include the reference forward)")
+    add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], tm["epoch_pairs_per_s"],
+        "one epoch incl. reference pass; TRL fp32, no grad ckpt, live reference (TRL default)")
+    add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], tp["epoch_pairs_per_s"],
+        "one epoch incl. reference pass; TRL fp32, no grad ckpt, precompute_ref_log_probs=True")
+    add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], tm["peak_rss_mb"], "TRL fp32, no grad ckpt, live reference",
+        better="lower", fmt="{:.0f}")
+    add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], tp["peak_rss_mb"], "TRL fp32, no grad ckpt, precompute",
+        better="lower", fmt="{:.0f}")
+    if "dpo_trl_defaults" in figs:
+        td = figs["dpo_trl_defaults"]
+        add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], td["epoch_pairs_per_s"],
+            "TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference")
+        add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
+            better="lower", fmt="{:.0f}")
+    per_token = ep["dpo_train"] / ep["tokens"]
+    ours, theirs = _gflops(per_token, r), _gflops(per_token, tp)
+    add("dpo", "achieved_gflops", "GFLOP/s", ours, theirs,
+        "needed matmul FLOPs (head at response tokens only), training steps; TRL with precompute",
+        matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
+        trl_fraction_of_peak=round(theirs / peak, 4),
+        rlhflab_nominal_6nd_gflops=round(nominal_flops(meta["n_params"], r["steady_tokens"]) / r["steady_seconds"]
+                                         / 1e9, 2))
+    # Reward model
+    r, tm = figs["rm_rlhflab"], figs["rm_trl_matched"]
+    add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tm["steps_pairs_per_s"],
+        "TRL fp32, no grad ckpt")
+    add("rm", "peak_rss", "MiB", r["peak_rss_mb"], tm["peak_rss_mb"], "TRL fp32, no grad ckpt", better="lower",
+        fmt="{:.0f}")
+    if "rm_trl_defaults" in figs:
+        td = figs["rm_trl_defaults"]
+        add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
+            "TRL as it comes on CPU: bf16 autocast, gradient checkpointing")
+        add("rm", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
+            better="lower", fmt="{:.0f}")
+    per_token = ep["rm_train"] / ep["tokens"]
+    ours, theirs = _gflops(per_token, r), _gflops(per_token, tm)
+    add("rm", "achieved_gflops", "GFLOP/s", ours, theirs, "needed matmul FLOPs, training steps; TRL fp32",
+        matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
+        trl_fraction_of_peak=round(theirs / peak, 4))
+    if "ppo_rlhflab" in runs:
+        lines.append(json.dumps({"kind": "ppo_split", **ppo_split(runs["ppo_rlhflab"])}))
+    lines.append(json.dumps({"kind": "matmul_probe", **probe}))
+    return lines, markdown(rows, meta, probe, runs)
+
+
+def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
+    """Mean seconds per PPO iteration of each part (after `skip` warm-up iterations) and their shares."""
+    iters = run["iterations"][skip:]
+    passes = run["passes"][skip:]
+    if not iters:
+        raise ValueError(f"PPO ran {len(run['iterations'])} iterations; need more than {skip}")
+    parts = {}
+    for key, label in PPO_PARTS.items():
+        source = passes if key in ("ref_logps", "policy_rollout_pass") else iters
+        parts[label] = sum(x.get(key, 0.0) for x in source) / len(source)
+    forward = sum(x["perf/time_forward"] for x in iters) / len(iters)
+    parts["other experience work (GAE, KL shaping, checks)"] = max(
+        forward - parts[PPO_PARTS["ref_logps"]] - parts[PPO_PARTS["policy_rollout_pass"]], 0.0)
+    total = sum(parts.values())
+    return {"iterations_measured": len(iters), "seconds_per_iteration": total,
+            "seconds": {k: round(v, 4) for k, v in parts.items()},
+            "share": {k: round(v / total, 4) for k, v in parts.items()},
+            "slowest": max(parts, key=parts.get)}
+
+
+def markdown(rows: list[tuple[str, ...]], meta: dict, probe: dict, runs: dict) -> str:
+    out = ["| comparison | rlhflab | TRL | rlhflab / TRL | TRL setting and notes |", "|---|---|---|---|---|"]
+    out += [f"| {' | '.join(row)} |" for row in rows]
+    out.append("")
+    out.append(f"Matmul probe: {probe['peak_gflops']:.1f} GFLOP/s float32 peak "
+               f"({', '.join(f'{k}: {v:.1f}' for k, v in probe['gflops_by_size'].items())}), "
+               f"{probe['threads']} threads"
+               + (f"; {probe['peak_gflops_at_end']:.1f} GFLOP/s at the end of the run." if "peak_gflops_at_end" in probe
+                  else "."))
+    if "ppo_rlhflab" in runs:
+        split = ppo_split(runs["ppo_rlhflab"])
+        out += ["", f"PPO iteration split (rlhflab, mean of {split['iterations_measured']} iterations after one "
+                f"warm-up, {split['seconds_per_iteration']:.2f} s per iteration):", "",
+                "| part | seconds | share |", "|---|---|---|"]
+        out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
+    return "\n".join(out) + "\n"

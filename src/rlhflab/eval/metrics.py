@@ -1,0 +1,174 @@
+"""Pure evaluation metrics: numbers in, numbers out (numpy, no models).
+
+Confidence intervals are Student-t intervals for a mean, mean +- t(0.975, n-1) * s / sqrt(n), with s the
+sample standard deviation (ddof=1). The evaluator applies them to per-prompt means, so that several
+samples of one prompt (which are correlated through the prompt) count as one unit: an honest interval
+for "a new prompt from this distribution". Win rates count ties as one half, as AlpacaFarm does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+
+# Two-sided 95% quantiles t(0.975, df) for small df; beyond 30 a Cornish-Fisher expansion is exact to 1e-4.
+_T975 = (
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
+)
+_Z975 = 1.959963984540054
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): the multiplier of the standard error in a two-sided 95% interval."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high) of a Student-t 95% interval; (nan, nan, nan) if empty, (x, nan, nan) if n = 1."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, math.nan, math.nan
+    half = t_quantile_975(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+def win_rate(scores: Sequence[float] | np.ndarray, ref_scores: Sequence[float] | np.ndarray) -> float:
+    """Share of paired comparisons scores[i] vs ref_scores[i] won, ties counting 1/2."""
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(ref_scores, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"win_rate needs paired scores, got shapes {a.shape} and {b.shape}")
+    if a.size == 0:
+        return math.nan
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def win_rate_all_pairs(scores: np.ndarray, ref_scores: np.ndarray) -> np.ndarray:
+    """Per-prompt win rate over every (sample, reference sample) pair: [P, N] vs [P, M] -> [P]."""
+    a = np.asarray(scores, dtype=np.float64)[:, :, None]
+    b = np.asarray(ref_scores, dtype=np.float64)[:, None, :]
+    return ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
+
+
+def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
+    """Distinct-n: unique n-grams / all n-grams over all sequences (0 when there is no n-gram).
+
+    Low values mean the samples repeat themselves or each other (mode collapse).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def unigram_entropy(sequences: Sequence[Sequence[Hashable]]) -> float:
+    """Entropy in nats of the empirical token distribution pooled over all sequences (0 if empty)."""
+    counts = np.array(list(Counter(t for s in sequences for t in s).values()), dtype=np.float64)
+    if counts.size == 0:
+        return 0.0
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values getting the average of their ranks (as scipy.stats.rankdata)."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size, dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < x.size:
+        j = i
+        while j + 1 < x.size and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation (Pearson on average ranks); nan if either side is constant or n < 2."""
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.size != ry.size:
+        raise ValueError(f"spearman needs paired values, got {rx.size} and {ry.size}")
+    if rx.size < 2 or rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def pairwise_accuracy(
+    chosen_scores: Sequence[float] | np.ndarray, rejected_scores: Sequence[float] | np.ndarray
+) -> float:
+    """Share of pairs a scorer orders like the label (chosen > rejected), ties counting 1/2."""
+    return win_rate(chosen_scores, rejected_scores)
+
+
+def accuracy_by_bucket(
+    chosen_scores: Sequence[float] | np.ndarray,
+    rejected_scores: Sequence[float] | np.ndarray,
+    buckets: Sequence[str],
+    order: Sequence[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Pairwise accuracy per bucket (e.g. Llama 2 rating), plus "overall" pooled over all pairs.
+
+    Returns {bucket: {"accuracy", "n"}} with the buckets in `order` first (empty ones included with nan, as a
+    table column), then any others, then "overall" (Llama 2 Table 28's "Avg" is this pooled accuracy).
+    """
+    c, r = np.asarray(chosen_scores, dtype=np.float64), np.asarray(rejected_scores, dtype=np.float64)
+    b = np.asarray(list(buckets), dtype=object)
+    if not (c.shape == r.shape == b.shape):
+        raise ValueError(f"accuracy_by_bucket needs equal lengths, got {c.shape}, {r.shape}, {b.shape}")
+    names = list(order or []) + sorted({str(x) for x in b} - set(order or []))
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        m = b == name
+        out[name] = {"accuracy": pairwise_accuracy(c[m], r[m]), "n": int(m.sum())}
+    out["overall"] = {"accuracy": pairwise_accuracy(c, r), "n": int(c.size)}
+    return out
+
+
+def summarize(values: Sequence[float] | np.ndarray) -> Mapping[str, float]:
+    """{"mean", "std", "min", "max"} of a list of numbers (nan for empty)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}

@@ -1,0 +1,402 @@
+"""Reports: `report.json`, PNG plots and one self-contained `report.html` (images embedded as base64).
+
+report.json (schema "rlhflab.report/1"):
+
+    {
+      "schema": "rlhflab.report/1",
+      "title": str, "task": str | null, "created": ISO 8601 UTC time,
+      "meta": {...},                               # free-form: seed, versions, timings, settings
+      "policies": {NAME: {METRIC: value, ..., "examples": [{"prompt", "response", "gold"}]}},
+                                                   # `evaluate_policy` dicts: gold/mean, gold/ci95 [lo, hi],
+                                                   # gold/win_rate, kl/ref, sample/*, ... (see rlhflab.eval)
+      "reward_models": {NAME: {"rm/accuracy": .., "rm/accuracy_by_rating": {RATING: {"accuracy", "n"}},
+                               "rm/gold_accuracy": .., "rm/spearman_gold": .., ...}},
+      "curves": {RUN: [{"step": int, METRIC: value, ...}, ...]},   # training logs (metrics.jsonl rows)
+      "curve_keys": {"proxy"|"gold"|"kl": METRIC},  # which logged metric each curve plot uses, if set
+      "plots": {PLOT: FILE.png}                    # the PNGs written next to report.json
+    }
+
+Numbers that are not finite are written as null. Plots: `gold_by_policy.png` (gold with 95% intervals),
+`training_curves.png` (proxy reward, gold and KL against step), `gold_vs_proxy.png` (gold against proxy
+and both against sqrt(KL): the reward over-optimization picture of Gao et al.), `rm_accuracy.png`
+(accuracy by Llama 2 rating, the layout of its Table 28). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "rlhflab.report/1"
+PROXY_KEYS = ("reward/mean", "reward/score", "reward/rm_mean")
+GOLD_KEYS = ("gold/mean",)
+KL_KEYS = ("kl/ref", "kl/mean", "kl/seq")
+# Curve kind -> (metric names tried in order, namespace searched if none is logged).
+CURVE_KEYS = {"proxy": (PROXY_KEYS, "reward/"), "gold": (GOLD_KEYS, "gold/"), "kl": (KL_KEYS, "kl/")}
+RATING_ORDER = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats -> None, numpy scalars -> Python, unknown objects dropped."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items() if _serializable(v)}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def _serializable(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool, Mapping, list, tuple)) or hasattr(v, "item")
+
+
+def _pick(rows: Sequence[Mapping], preferred: Sequence[str], prefix: str) -> str | None:
+    keys = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k in preferred:
+        if k in keys:
+            return k
+    matches = sorted(k for k in keys if k.startswith(prefix))
+    return matches[0] if matches else None
+
+
+def _curve_key(rows: Sequence[Mapping], kind: str, overrides: Mapping[str, str] | None) -> str | None:
+    preferred, prefix = CURVE_KEYS[kind]
+    if overrides and kind in overrides:
+        preferred = (overrides[kind], *preferred)
+    return _pick(rows, preferred, prefix)
+
+
+def _series(rows: Sequence[Mapping], key: str | None) -> tuple[list[float], list[float]]:
+    if key is None:
+        return [], []
+    pts = [
+        (r["step"], r[key])
+        for r in rows
+        if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_gold_by_policy(policies: Mapping[str, Mapping]) -> bytes | None:
+    """Bar chart of gold/mean with its 95% interval per policy."""
+    names = [n for n, m in policies.items() if isinstance(m.get("gold/mean"), (int, float))]
+    if not names:
+        return None
+    import matplotlib.pyplot as plt
+
+    means = [policies[n]["gold/mean"] for n in names]
+    ci = [policies[n].get("gold/ci95") or [m, m] for n, m in zip(names, means)]
+    err = [
+        [max(0.0, m - (c[0] if c[0] is not None else m)) for m, c in zip(means, ci)],
+        [max(0.0, (c[1] if c[1] is not None else m) - m) for m, c in zip(means, ci)],
+    ]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.6))
+    ax.bar(names, means, yerr=err, capsize=4, color="#4c78a8")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("gold reward (mean, 95% CI)")
+    ax.set_title("gold reward by policy")
+    return _figure_png(fig)
+
+
+def plot_training_curves(
+    curves: Mapping[str, Sequence[Mapping]], keys: Mapping[str, str] | None = None
+) -> bytes | None:
+    """Proxy reward, gold reward and KL against training step, one line per run."""
+    if not curves:
+        return None
+    import matplotlib.pyplot as plt
+
+    panels = (("proxy reward", "proxy"), ("gold reward", "gold"), ("KL to reference", "kl"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    drawn = False
+    for ax, (title, kind) in zip(axes, panels):
+        for run, rows in curves.items():
+            key = _curve_key(rows, kind, keys)
+            x, y = _series(rows, key)
+            if x:
+                ax.plot(x, y, marker=".", label=f"{run} ({key})")
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _figure_png(fig) if drawn else (plt.close(fig) or None)
+
+
+def plot_gold_vs_proxy(
+    curves: Mapping[str, Sequence[Mapping]], keys: Mapping[str, str] | None = None
+) -> bytes | None:
+    """Gold against proxy over training, and both against sqrt(KL) (reward over-optimization)."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    drawn = False
+    for run, rows in curves.items():
+        pk, gk, kk = (_curve_key(rows, kind, keys) for kind in ("proxy", "gold", "kl"))
+        both = [
+            r
+            for r in rows
+            if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in (pk, gk) if k)
+        ]
+        if pk and gk and both:
+            (line,) = ax1.plot([r[pk] for r in both], [r[gk] for r in both], marker=".", label=run)
+            ax1.annotate("end", (both[-1][pk], both[-1][gk]), fontsize=7, color=line.get_color())
+            drawn = True
+        if kk:
+            for key, style in ((pk, "-"), (gk, "--")):
+                pts = [
+                    r
+                    for r in rows
+                    if key and isinstance(r.get(key), (int, float)) and isinstance(r.get(kk), (int, float))
+                ]
+                if pts:
+                    ax2.plot(
+                        [math.sqrt(max(0.0, r[kk])) for r in pts],
+                        [r[key] for r in pts],
+                        style,
+                        marker=".",
+                        label=f"{run} {'proxy' if key == pk else 'gold'}",
+                    )
+                    drawn = True
+    ax1.set_xlabel("proxy reward (learned RM)")
+    ax1.set_ylabel("gold reward")
+    ax1.set_title("gold vs proxy during training")
+    ax2.set_xlabel("sqrt(KL to reference)")
+    ax2.set_title("reward vs distance from the reference")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _figure_png(fig)
+
+
+def plot_rm_accuracy(reward_models: Mapping[str, Mapping]) -> bytes | None:
+    """Grouped bars: pairwise accuracy per Llama 2 rating (and overall) for each reward model."""
+    tables = {
+        n: m["rm/accuracy_by_rating"] for n, m in reward_models.items() if m.get("rm/accuracy_by_rating")
+    }
+    if not tables:
+        return None
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in (*RATING_ORDER, "overall") if any(c in t for t in tables.values())]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cols), 3.6))
+    width = 0.8 / len(tables)
+    for i, (name, table) in enumerate(tables.items()):
+        ys = [(table.get(c) or {}).get("accuracy") for c in cols]
+        ys = [y if isinstance(y, (int, float)) and math.isfinite(y) else 0.0 for y in ys]
+        ax.bar([j + i * width for j in range(len(cols))], [100 * y for y in ys], width, label=name)
+    ax.set_xticks([j + width * (len(tables) - 1) / 2 for j in range(len(cols))])
+    ax.set_xticklabels([c.replace("_", " ") for c in cols], fontsize=8)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("reward model accuracy by preference rating")
+    ax.legend(fontsize=7)
+    return _figure_png(fig)
+
+
+PLOTS = {
+    "gold_by_policy": lambda r: plot_gold_by_policy(r["policies"]),
+    "training_curves": lambda r: plot_training_curves(r["curves"], r["curve_keys"]),
+    "gold_vs_proxy": lambda r: plot_gold_vs_proxy(r["curves"], r["curve_keys"]),
+    "rm_accuracy": lambda r: plot_rm_accuracy(r["reward_models"]),
+}
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    task: str | None = None,
+    policies: Mapping[str, Mapping] | None = None,
+    reward_models: Mapping[str, Mapping] | None = None,
+    curves: Mapping[str, Sequence[Mapping]] | None = None,
+    meta: Mapping | None = None,
+    title: str = "rlhflab report",
+    curve_keys: Mapping[str, str] | None = None,
+) -> dict[str, Path]:
+    """Write report.json, the PNG plots that have data, and report.html into `out_dir`.
+
+    curve_keys: which logged metric is the "proxy", "gold" and "kl" curve (e.g. {"proxy": "reward/rm"});
+    by default the first of `CURVE_KEYS` present, else the first metric of that namespace.
+
+    Returns {"json": path, "html": path, PLOT: path, ...}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "schema": SCHEMA,
+        "title": title,
+        "task": task,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "meta": _clean(dict(meta or {})),
+        "policies": _clean(dict(policies or {})),
+        "reward_models": _clean(dict(reward_models or {})),
+        "curves": {k: _clean(list(v)) for k, v in (curves or {}).items()},
+        "curve_keys": dict(curve_keys or {}),
+        "plots": {},
+    }
+    paths: dict[str, Path] = {}
+    images: dict[str, bytes] = {}
+    for name, make in PLOTS.items():
+        png = make(report)
+        if png:
+            _atomic_write(out / f"{name}.png", png)
+            report["plots"][name] = f"{name}.png"
+            paths[name], images[name] = out / f"{name}.png", png
+    _atomic_write(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    _atomic_write(out / "report.html", render_html(report, images).encode())
+    paths["json"], paths["html"] = out / "report.json", out / "report.html"
+    return paths
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, (int, float)):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    if (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, (int, float, type(None))) for x in v)
+    ):
+        return f"[{_fmt(v[0], digits)}, {_fmt(v[1], digits)}]"
+    return html.escape(str(v))
+
+
+POLICY_COLUMNS = (
+    ("gold/mean", "gold"),
+    ("gold/ci95", "gold 95% CI"),
+    ("gold/win_rate", "win rate vs ref"),
+    ("kl/ref", "KL to ref"),
+    ("sample/len_mean", "length"),
+    ("sample/distinct_2", "distinct-2"),
+    ("sample/unigram_entropy", "entropy"),
+    ("sample/eos_rate", "EOS rate"),
+)
+
+
+def _policy_table(policies: Mapping[str, Mapping]) -> str:
+    head = "".join(f"<th>{h}</th>" for _, h in POLICY_COLUMNS)
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td>"
+        + "".join(f"<td>{_fmt(m.get(k))}</td>" for k, _ in POLICY_COLUMNS)
+        + "</tr>"
+        for n, m in policies.items()
+    )
+    return f"<table><tr><th>policy</th>{head}</tr>{rows}</table>"
+
+
+def _rm_table(reward_models: Mapping[str, Mapping]) -> str:
+    cols = (*RATING_ORDER, "overall")
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    rows = ""
+    for n, m in reward_models.items():
+        t = m.get("rm/accuracy_by_rating") or {}
+        cells = "".join(
+            f"<td>{_fmt(100 * t[c]['accuracy'] if (t.get(c) or {}).get('accuracy') is not None else None, 1)}"
+            f" <small>(n={(t.get(c) or {}).get('n', 0)})</small></td>"
+            for c in cols
+        )
+        rows += (
+            f"<tr><td>{html.escape(n)}</td>{cells}<td>{_fmt(m.get('rm/gold_accuracy'))}</td>"
+            f"<td>{_fmt(m.get('rm/spearman_gold'))}</td></tr>"
+        )
+    return (
+        f"<table><tr><th>reward model</th>{head}<th>gold accuracy</th><th>Spearman vs gold</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def _examples(policies: Mapping[str, Mapping]) -> str:
+    parts = []
+    for n, m in policies.items():
+        ex = m.get("examples") or []
+        if ex:
+            items = "".join(
+                f"<tr><td>{html.escape(str(e.get('prompt')))}</td><td>{html.escape(str(e.get('response')))}"
+                f"</td><td>{_fmt(e.get('gold'))}</td></tr>"
+                for e in ex
+            )
+            parts.append(
+                f"<h3>{html.escape(n)}</h3><table><tr><th>prompt</th><th>response</th><th>gold</th></tr>"
+                f"{items}</table>"
+            )
+    return "".join(parts)
+
+
+def render_html(report: Mapping, images: Mapping[str, bytes]) -> str:
+    """One self-contained HTML page for a report dict (images inlined as data URIs)."""
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+    )
+    body = [
+        f"<h1>{html.escape(str(report.get('title')))}</h1>",
+        f"<p>task: <b>{html.escape(str(report.get('task')))}</b> &middot; "
+        f"created {html.escape(report['created'])}</p>",
+    ]
+    meta = report.get("meta") or {}
+    if meta:
+        body.append(
+            "<table>"
+            + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in meta.items())
+            + "</table>"
+        )
+    if report.get("policies"):
+        body += ["<h2>Policies (judged by the hidden gold reward)</h2>", _policy_table(report["policies"])]
+    if report.get("reward_models"):
+        body += [
+            "<h2>Reward models: pairwise accuracy (%) by preference rating</h2>",
+            _rm_table(report["reward_models"]),
+        ]
+    for name, png in images.items():
+        b64 = base64.b64encode(png).decode()
+        body.append(f"<h2>{name.replace('_', ' ')}</h2><img alt='{name}' src='data:image/png;base64,{b64}'>")
+    if report.get("policies"):
+        body += ["<h2>Examples</h2>", _examples(report["policies"])]
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(str(report.get('title')))}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )

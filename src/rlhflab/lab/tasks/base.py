@@ -1,0 +1,121 @@
+"""What every built-in lab task provides, and what it must not.
+
+A task gives training code prompts, a base language model (pretrained here, cached as a normal Hugging
+Face model directory) and a demonstrator for SFT data. It never gives a reward: the gold reward of each
+task lives in `rlhflab.lab.gold` and is reached only through the simulated annotators
+(`rlhflab.lab.annotators`) and the evaluator (`rlhflab.eval`). Training code that imports
+`rlhflab.lab.gold` is cheating the measurement.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def chat_prompt(prompt: str) -> list[dict[str, str]]:
+    """A task prompt as the one-message conversation the lab writes and the base model was trained on.
+
+    The data layer renders message lists with the tokenizer's chat template ("<|user|> ... <|assistant|>")
+    and treats plain strings as raw text, so lab datasets and evaluation use this form.
+    """
+    return [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt: Any) -> str:
+    """The task prompt inside `prompt`: the string itself, or the last user message of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    if not users:
+        raise ValueError(f"prompt {prompt!r} has no user message")
+    return users[-1]
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """The base model's architecture and pretraining budget (steps of `batch_size` sequences).
+
+    `default_steps` fits in about a minute on 2 CPU cores; `tiny_steps` is for tests (a few seconds) and
+    still gives task-shaped text, if a sloppier one.
+    """
+
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    default_steps: int = 800
+    tiny_steps: int = 150
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 30
+
+    def steps(self, budget: str) -> int:
+        from rlhflab.errors import ConfigError
+
+        if budget == "default":
+            return self.default_steps
+        if budget == "tiny":
+            return self.tiny_steps
+        raise ConfigError(f"unknown pretraining budget {budget!r}; expected 'default' or 'tiny'")
+
+
+class LabTask(ABC):
+    """A built-in task. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: str
+    description: str
+    version: str  # bump when the grammar, corpus or base model changes: it is part of the cache key
+    max_new_tokens: int  # enough for any good response; the evaluator samples with this limit
+    pretrain: PretrainSpec
+
+    @abstractmethod
+    def vocabulary(self) -> list[str]:
+        """Every word of prompts and responses (the word-level tokenizer's vocabulary, in a fixed order)."""
+
+    @abstractmethod
+    def train_prompts(self, n: int, seed: int = 0) -> list[str]:
+        """`n` prompts (user messages) for SFT, preference data and RL, drawn with `seed`."""
+
+    @abstractmethod
+    def heldout_prompts(self, n: int, seed: int = 0) -> list[str]:
+        """`n` evaluation prompts from a set disjoint from the training prompts."""
+
+    @abstractmethod
+    def demonstrations(self, prompts: list[str], seed: int = 0) -> list[str]:
+        """One response per prompt from the task's suboptimal demonstrator (the SFT data source)."""
+
+    @abstractmethod
+    def pretraining_pairs(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
+        """`n` (prompt, response) pairs of the base model's pretraining corpus."""
+
+    @abstractmethod
+    def oracle_responses(self, prompt: str, n: int, seed: int = 0) -> list[str]:
+        """Strong candidate responses; the evaluator takes the gold-best to estimate the best achievable."""
+
+    def build_tokenizer(self):
+        """The task's word-level tokenizer (a `PreTrainedTokenizerFast` with a chat template)."""
+        from rlhflab.models.tiny import build_word_tokenizer
+
+        return build_word_tokenizer(self.vocabulary())
+
+    def base_model_dir(
+        self, budget: str = "default", seed: int = 0, cache_dir: str | Path | None = None
+    ) -> Path:
+        """The base model's directory (model + tokenizer, `save_pretrained` layout), pretraining it first
+        if it is not cached. Cache root: `cache_dir`, else $RLHFLAB_CACHE, else ~/.cache/rlhflab."""
+        from rlhflab.lab.pretrain import ensure_base_model
+
+        return ensure_base_model(self, budget=budget, seed=seed, cache_dir=cache_dir)
+
+    def load_base_model(self, budget: str = "default", seed: int = 0, cache_dir: str | Path | None = None):
+        """(model, tokenizer) of the base model, loaded from `base_model_dir`."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = self.base_model_dir(budget, seed, cache_dir)
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+    def __repr__(self) -> str:
+        return f"<lab task {self.name!r} v{self.version}>"

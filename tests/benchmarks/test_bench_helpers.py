@@ -1,0 +1,156 @@
+"""The pure helpers of benchmarks/compare_trl.py: FLOP accounting, step statistics, data, the JSON lines.
+
+No TRL here and nothing timed: the benchmark itself is run by hand and its results live in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_common as bc  # noqa: E402
+import bench_report as br  # noqa: E402
+
+DIMS = bc.ModelDims(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=49152)
+TOY = bc.ModelDims(hidden=2, layers=1, heads=1, kv_heads=1, intermediate=3, vocab=5)
+
+
+def test_nominal_flops_is_6nd_plus_2nd():
+    assert bc.nominal_flops(10, 3) == 180
+    assert bc.nominal_flops(10, 3, 2) == 6 * 10 * 3 + 2 * 10 * 2
+
+
+def test_layer_params_match_a_real_llama_layer():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    for kv in (4, 2):
+        dims = bc.ModelDims(hidden=256, layers=1, heads=4, kv_heads=kv, intermediate=688, vocab=10)
+        config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=kv, intermediate_size=688)
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+        linear = sum(p.numel() for n, p in layer.named_parameters() if p.ndim == 2)
+        assert dims.layer_matmul_params() == linear
+    # q, k, v, o: 4 x 256^2; gate, up, down: 3 x 256 x 688
+    assert DIMS.layer_matmul_params() == 4 * 256 * 256 + 3 * 256 * 688 == 790_528
+
+
+def test_forward_flops_hand_worked():
+    # layer weights: 2 x (2 x 2 + 2 x 2) + 3 x 2 x 3 = 34
+    assert TOY.layer_matmul_params() == 34
+    # rows of 2 and 3 tokens, head at 4 positions:
+    #   body 2 x 1 layer x 34 x 5 tokens = 340
+    #   attention 2 x 1 x 2 x (2*3 + 3*4) = 72
+    #   head 2 x 2 x 5 x 4 = 80
+    assert bc.forward_flops(TOY, [2, 3], head_positions=4) == 340 + 72 + 80
+    assert bc.train_flops(TOY, [2, 3], head_positions=4) == 3 * 492
+    # a 1-output reward head read once per row
+    assert bc.forward_flops(TOY, [2, 3], head_positions=2, head_outputs=1) == 340 + 72 + 2 * 2 * 1 * 2
+
+
+def test_train_flops_reduce_to_6nd_without_attention():
+    """With the head at every position, shape counting is the 6ND rule with N = layer weights + head."""
+    tokens = 80
+    attention = 3 * 2 * DIMS.layers * DIMS.hidden * tokens * (tokens + 1)
+    n = DIMS.layers * DIMS.layer_matmul_params() + DIMS.vocab * DIMS.hidden
+    assert bc.train_flops(DIMS, [tokens], tokens) - attention == pytest.approx(bc.nominal_flops(n, tokens))
+
+
+def test_steady_stats_drops_warmup():
+    stats = bc.steady_stats([10.0, 1.0, 2.0, 3.0], warmup=1, items_per_step=8)
+    assert stats["steps"] == 3 and stats["seconds"] == 6.0
+    assert stats["items_per_s"] == 4.0  # 3 steps x 8 pairs / 6 s
+    assert stats["step_median_s"] == 2.0 and stats["step_min_s"] == 1.0 and stats["step_max_s"] == 3.0
+    assert bc.steady_stats([1.0, 3.0, 5.0, 7.0], 0, 1)["step_median_s"] == 4.0
+    with pytest.raises(ValueError, match="no steps left"):
+        bc.steady_stats([1.0, 2.0], warmup=2, items_per_step=8)
+
+
+def test_json_line_round_trip_and_ratio():
+    row = bc.parse_json_line(bc.json_line("dpo", "pairs_per_s", "pairs/s", 3.0, 1.5, trl_variant="x"))
+    assert row["ratio"] == 2.0 and row["better"] == "higher" and row["trl_variant"] == "x"
+    assert bc.parse_json_line(bc.json_line("dpo", "peak_rss", "MiB", 900, 1000, better="lower"))["ratio"] == 0.9
+    assert math.isnan(json.loads(bc.json_line("a", "b", "c", 1.0, 0.0))["ratio"])
+    with pytest.raises(ValueError, match="better"):
+        bc.json_line("a", "b", "c", 1.0, 1.0, better="faster")
+    with pytest.raises(ValueError, match="lacks ratio"):
+        bc.parse_json_line(json.dumps({k: 1 for k in bc.JSON_KEYS if k != "ratio"}))
+
+
+def test_synthetic_pairs_shape_and_determinism():
+    pairs = bc.synthetic_pairs(20, seed=3)
+    assert pairs == bc.synthetic_pairs(20, seed=3) and pairs != bc.synthetic_pairs(20, seed=4)
+    for p in pairs:
+        assert 20 <= len(p["prompt"].split()) <= 28 and not p["prompt"].endswith(" ")
+        for key in ("chosen", "rejected"):
+            # One leading space: the prompt/response boundary is a token boundary for BPE tokenizers.
+            assert p[key].startswith(" ") and not p[key].startswith("  ")
+            assert 32 <= len(p[key].split()) <= 48
+
+
+def test_matmul_probe_reports_a_rate():
+    probe = bc.matmul_probe(sizes=(64,), repeats=1)
+    assert probe["peak_gflops"] > 0 and set(probe["gflops_by_size"]) == {"64"} and probe["threads"] >= 1
+
+
+def test_first_batch_check():
+    ids = [{"prompt_ids": [1, 2], "chosen_ids": [3, 0], "rejected_ids": [4, 0]}]
+    ours = {"loss": 0.66438, "token_ids": ids}
+    assert br.first_batch_check(ours, {"loss": 0.66440, "token_ids": ids})["ok"]
+    assert not br.first_batch_check(ours, {"loss": 0.66460, "token_ids": ids})["ok"]
+    other = [{**ids[0], "chosen_ids": [3]}]
+    check = br.first_batch_check(ours, {"loss": 0.66438, "token_ids": other})
+    assert not check["ok"] and not check["token_ids_equal"]
+
+
+def _ppo_run():
+    iteration = {"perf/time_generate": 2.0, "perf/time_score": 0.5, "perf/time_forward": 1.0,
+                 "perf/time_optimize": 4.0, "perf/response_length": 32}
+    passes = {"ref_logps": 0.25, "policy_rollout_pass": 0.5, "policy_train_pass": 3.0}
+    return {"iterations": [{**iteration, "perf/time_generate": 9.0}, iteration, iteration],
+            "passes": [passes, passes, passes]}
+
+
+def test_ppo_split_skips_warmup_and_shares_sum_to_one():
+    split = br.ppo_split(_ppo_run())
+    assert split["iterations_measured"] == 2
+    seconds = split["seconds"]
+    assert seconds["generate"] == 2.0 and seconds["reference pass"] == 0.25
+    assert seconds["other experience work (GAE, KL shaping, checks)"] == 0.25  # 1.0 - 0.25 - 0.5
+    assert split["seconds_per_iteration"] == pytest.approx(7.5)
+    assert sum(split["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert split["slowest"] == "optimize (PPO epochs)"
+
+
+def _time_run(step: float, rss: float, ref: float = 0.0) -> dict:
+    return {"step_seconds": [5.0] + [step] * 4, "step_tokens": [1000.0] * 5, "ref_seconds": ref,
+            "peak_rss_mb_wait4": rss, "process_seconds": 60.0}
+
+
+def test_summarize_builds_every_comparison():
+    ids = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}]
+    runs = {"loss_rlhflab": {"loss": 0.6, "token_ids": ids}, "loss_trl": {"loss": 0.6, "token_ids": ids},
+            "dpo_rlhflab": _time_run(1.0, 1000, ref=2.0), "dpo_trl_precompute": _time_run(2.0, 2000, ref=3.0),
+            "dpo_trl_matched": _time_run(3.0, 2000), "rm_rlhflab": _time_run(0.5, 800),
+            "rm_trl_matched": _time_run(0.6, 900), "ppo_rlhflab": _ppo_run()}
+    meta = {"warmup": 1, "batch_size": 8, "n_pairs": 40, "n_params": 1000}
+    probe = {"peak_gflops": 50.0, "gflops_by_size": {"1024": 50.0}, "threads": 2}
+    lengths = [{"prompt": 10, "chosen": 20, "rejected": 30}] * 40
+    lines, table = br.summarize(runs, probe, meta, lengths, DIMS)
+    rows = [json.loads(x) for x in lines]
+    comparisons = [bc.parse_json_line(x) for x in lines if "comparison" in json.loads(x)]
+    steps = [r for r in comparisons if r["comparison"] == "dpo" and r["metric"] == "pairs_per_s_training_steps"]
+    assert steps[0]["rlhflab"] == 8.0 and steps[0]["trl"] == 4.0 and steps[0]["ratio"] == 2.0
+    e2e = next(r for r in comparisons if r["metric"] == "pairs_per_s_end_to_end")
+    assert e2e["rlhflab"] == pytest.approx(40 / (2.0 + 5.0 + 4.0), abs=1e-5)  # reference pass + every step
+    loss = next(r for r in comparisons if r["metric"] == "first_batch_loss")
+    assert loss["ok"] and loss["better"] == "equal"
+    flops = next(r for r in comparisons if r["comparison"] == "dpo" and r["metric"] == "achieved_gflops")
+    assert flops["rlhflab_fraction_of_peak"] == pytest.approx(flops["rlhflab"] / 50.0, abs=1e-4)
+    assert {r.get("kind") for r in rows} >= {"ppo_split", "matmul_probe"}
+    assert "| dpo: pairs_per_s_training_steps (pairs/s) | 8.00 | 4.00 | 2.00x |" in table

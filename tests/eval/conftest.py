@@ -1,0 +1,19 @@
+"""Fixtures for eval tests: a lab cache in the session's temp dir (never ~/.cache) and the tiny base model."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def lab_cache(tmp_path_factory):
+    # One cache for the whole session (tests/lab uses the same path), so the tiny base model is
+    # pretrained once.
+    return tmp_path_factory.getbasetemp() / "rlhflab-cache"
+
+
+@pytest.fixture(scope="session")
+def sentiment_base_dir(lab_cache):
+    from rlhflab.lab.tasks import get_task
+
+    return get_task("sentiment").base_model_dir(budget="tiny", seed=0, cache_dir=lab_cache)

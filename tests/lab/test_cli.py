@@ -1,0 +1,104 @@
+import argparse
+import json
+
+import pytest
+
+from rlhflab.errors import UserError
+from rlhflab.lab.cli import register
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser(prog="rlhflab")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_lab_list(capsys):
+    assert _run(["lab", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "sentiment (default)" in out and "arith" in out
+
+
+def test_lab_data(tmp_path, capsys):
+    out_dir = tmp_path / "data"
+    code = _run(
+        [
+            "lab",
+            "data",
+            "sentiment",
+            "--out",
+            str(out_dir),
+            "--n-sft",
+            "20",
+            "--n-pairs",
+            "60",
+            "--n-prompts",
+            "10",
+            "--n-heldout",
+            "8",
+            "--n-rankings",
+            "5",
+            "--temperature",
+            "0.2",
+            "--noise",
+            "0.1",
+            "--n-annotators",
+            "3",
+            "--bias-spread",
+            "0.2",
+            "--rating-thresholds",
+            "0.1,0.2,0.4",
+            "--margin",
+            "none",
+            "--seed",
+            "2",
+        ]
+    )
+    assert code == 0
+    manifest = json.loads((out_dir / "lab_data.json").read_text())
+    assert manifest["annotators"]["noise"] == 0.1 and len(manifest["annotators"]["biases"]) == 3
+    assert manifest["annotators"]["rating_thresholds"] == [0.1, 0.2, 0.4]
+    rows = [json.loads(line) for line in (out_dir / "pairs.jsonl").read_text().splitlines()]
+    assert rows and all("margin" not in r and "rating" in r for r in rows)
+    assert (out_dir / "rankings.jsonl").is_file()
+    assert "annotators agree with gold" in capsys.readouterr().out
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(UserError, match="known tasks"):
+        _run(["lab", "data", "chess", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="noise"):
+        _run(["lab", "data", "sentiment", "--out", str(tmp_path), "--noise", "0.7"])
+    with pytest.raises(UserError, match="config.json"):
+        _run(["eval", "--policy", str(tmp_path / "nothing"), "--task", "sentiment"])
+    with pytest.raises(SystemExit):
+        _run(["lab", "data", "sentiment", "--out", str(tmp_path), "--rating-thresholds", "0.1,0.2"])
+
+
+def test_lab_base_and_eval(lab_cache, sentiment_base_dir, tmp_path, capsys):
+    assert _run(["lab", "base", "sentiment", "--budget", "tiny", "--cache-dir", str(lab_cache)]) == 0
+    assert str(sentiment_base_dir) in capsys.readouterr().out
+    code = _run(
+        [
+            "eval",
+            "--policy",
+            str(sentiment_base_dir),
+            "--ref",
+            str(sentiment_base_dir),
+            "--task",
+            "sentiment",
+            "--n-prompts",
+            "8",
+            "--n-samples",
+            "2",
+            "--out",
+            str(tmp_path / "report"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "gold/mean" in out and "kl/ref" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    (metrics,) = report["policies"].values()
+    assert metrics["kl/ref"] == 0.0 and (tmp_path / "report" / "report.html").is_file()
