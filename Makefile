@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rlhflab run
+	$(BIN)/rlhflab run --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

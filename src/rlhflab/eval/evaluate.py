@@ -116,7 +116,7 @@ def _interval(values: np.ndarray) -> tuple[float, list[float]]:
     return mean, [lo, hi]
 
 
-def _sample_metrics(samples: PolicySamples) -> dict:
+def sample_metrics(samples: PolicySamples) -> dict:
     r = samples.rollout
     out: dict = {}
     if r is None:
@@ -182,7 +182,7 @@ def evaluate_policy(
     out["gold/std"] = float(samples.gold.std())
     for name, values in samples.components.items():
         out[f"gold/{name}"] = float(values.mean())
-    out.update(_sample_metrics(samples))
+    out.update(sample_metrics(samples))
     policy_logps, entropy = response_logps(model, samples.rollout, batch_size)
     mask = samples.rollout.response_mask.cpu()
     out["sample/policy_entropy"] = float(entropy[mask].mean()) if mask.any() else math.nan

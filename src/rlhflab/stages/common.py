@@ -30,11 +30,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_path(name_or_path: str, *, seed: int = 0) -> str:
-    """A local model directory; 'lab:TASK' means the built-in lab task's pretrained base model."""
+    """A local model directory; 'lab:TASK' means the built-in lab task's pretrained base model, and
+    'lab:TASK:tiny' its small-budget version (seconds to pretrain; for tests)."""
     if name_or_path.startswith("lab:"):
         from rlhflab.lab.tasks import get_task
 
-        return str(get_task(name_or_path[len("lab:"):]).base_model_dir(seed=seed))
+        task, _, budget = name_or_path[len("lab:"):].partition(":")
+        return str(get_task(task).base_model_dir(budget=budget or "default", seed=seed))
     path = Path(name_or_path)
     if not path.exists():
         raise UserError(

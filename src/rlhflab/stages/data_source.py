@@ -20,7 +20,8 @@ LAB_FILES = {"sft": "sft", "pairwise": "pairs", "prompt": "prompts", "ranked": "
 
 
 def lab_task_of(model_name: str) -> str | None:
-    return model_name[len("lab:"):] if model_name.startswith("lab:") else None
+    """'lab:TASK' or 'lab:TASK:BUDGET' -> TASK; anything else -> None."""
+    return model_name[len("lab:"):].partition(":")[0] if model_name.startswith("lab:") else None
 
 
 def lab_data(task: str, out_dir: Path, *, seed: int, kinds: tuple[str, ...]) -> dict[str, Path]:

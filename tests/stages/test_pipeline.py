@@ -1,0 +1,73 @@
+"""`rlhflab run` end to end on a tiny budget: every stage runs, the report holds the promised fields."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rlhflab.cli import main
+from rlhflab.errors import ConfigError
+from rlhflab.pipeline import _user_sections, run_pipeline
+
+TINY = [
+    "data.n_sft=64", "data.n_pairs=64", "data.n_prompts=32", "data.n_heldout=16",
+    "eval.prompts=4", "eval.samples=2", "eval.best_of_n=2",
+    "sft.model.name_or_path=lab:sentiment:tiny", "sft.optim.max_steps=3",
+    "rm.optim.max_steps=3", "rm.data.eval_fraction=0.25",
+    "ppo.algo.iterations=2", "ppo.algo.rollout_batch_size=8", "ppo.algo.minibatch_size=4",
+    "ppo_kl0.algo.iterations=2", "ppo_kl0.algo.rollout_batch_size=8", "ppo_kl0.algo.minibatch_size=4",
+    "dpo.optim.max_steps=3",
+]
+
+
+@pytest.fixture
+def lab_cache_env(tmp_path_factory, monkeypatch):
+    # The same session cache as tests/lab and tests/eval, so the tiny base model is pretrained once.
+    monkeypatch.setenv("RLHFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "rlhflab-cache"))
+
+
+def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, lab_cache_env, capsys):
+    html = run_pipeline(output_dir=str(tmp_path / "run"), seed=3, overrides=TINY)
+    out = tmp_path / "run"
+    assert html == out / "report.html" and html.read_text().startswith("<!")
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "sentiment" and report["seed"] == 3 and report["runtime_s"] > 0
+    assert 0.0 <= report["reward_model"]["heldout_accuracy"] <= 1.0
+    assert set(report["policies"]) == {"sft", "ppo", "ppo_kl0", "dpo", "best_of_2"}
+    for name, row in report["policies"].items():
+        assert set(row) == {"gold_reward_mean", "gold_reward_ci95", "win_rate_vs_sft", "kl_to_sft", "mean_length"}
+        assert all(math.isfinite(v) for v in row.values()), (name, row)
+    assert report["policies"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    # The PPO curves are scored by gold after training: one point per iteration, both runs.
+    for run in ("ppo", "ppo_kl0"):
+        assert [p["step"] for p in report["curves"][run]] == [1, 2]
+    # Each stage is an ordinary run directory that can be re-run alone from its config.
+    for stage in ("sft", "rm", "ppo", "ppo_kl0", "dpo"):
+        assert (out / stage / "config.yaml").exists() and (out / stage / "final").is_dir()
+    assert (out / "ppo_kl0" / "config.yaml").read_text().count("kl_coef: 0.0") == 1
+    printed = capsys.readouterr().out
+    assert "gold-reward evaluation" in printed and str(html) in printed
+
+
+def test_pipeline_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown pipeline section 'sfft'"):
+        _user_sections(None, ["sfft.optim.lr=1"])
+    with pytest.raises(ConfigError, match="unknown key 'data.n_pair'"):
+        _user_sections(None, ["data.n_pair=10"])
+    with pytest.raises(ConfigError, match="'eval.samples' must be a positive integer"):
+        _user_sections(None, ["eval.samples=0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: 'sft' must be a section"):
+        _user_sections(str(bad), [])
+
+
+def test_run_cli_reports_a_bad_stage_key_without_traceback(tmp_path, capsys):
+    # A typo in a stage key is caught by the stage config (with a suggestion) before any work is done.
+    code = main(["run", "--output-dir", str(tmp_path / "r"), "sft.optim.batch_sise=4",
+                 "sft.model.name_or_path=lab:sentiment:tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and "batch_size" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing half-written
