@@ -13,7 +13,7 @@ import os
 import sys
 
 from rlhflab import __version__
-from rlhflab.errors import UserError
+from rlhflab.errors import TrainingHealthError, UserError
 
 # Stage name -> (module with `train(cfg, *, resume, overwrite)`, one-line help). Registered as they land.
 STAGES: dict[str, tuple[str, str]] = {
@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
+        if not isinstance(e, TrainingHealthError):
+            from rlhflab.tracking import discard_fresh_runs
+
+            discard_fresh_runs()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

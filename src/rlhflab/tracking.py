@@ -127,7 +127,27 @@ def prepare_run_dir(output_dir: str | Path, stage: str, *, resume: bool, overwri
     elif resume:
         raise UserError(f"--resume: output directory '{out}' holds no run to resume")
     out.mkdir(parents=True, exist_ok=True)
+    _FRESH_RUN_DIRS.append(out)
     return out
+
+
+# Run directories this process created. When bad input (a malformed record, an impossible config) stops a
+# run, the CLI removes them, so a failed launch leaves nothing half-written behind.
+_FRESH_RUN_DIRS: list[Path] = []
+
+
+def discard_fresh_runs() -> list[Path]:
+    """Delete the run directories created by this process that hold no checkpoint and no final model;
+    returns the removed paths. Called on input errors only: a run stopped by a health guard keeps its files."""
+    removed = []
+    while _FRESH_RUN_DIRS:
+        out = _FRESH_RUN_DIRS.pop()
+        trained = any(p.is_dir() and (p.name == "final" or (p.name.startswith("step-") and p.parent.name == "checkpoints"))
+                      for p in out.rglob("*"))
+        if out.is_dir() and not trained:
+            shutil.rmtree(out, ignore_errors=True)
+            removed.append(out)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------------

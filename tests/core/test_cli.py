@@ -31,3 +31,4 @@ def test_subprocess_no_traceback_on_bad_config(tmp_path):
     assert proc.returncode == 2
     assert "must be smaller than data.max_length" in proc.stderr
     assert "Traceback" not in proc.stderr
+

@@ -120,7 +120,8 @@ def _missing_message(name: str, column: str, row: Mapping[str, Any], column_map:
     guess = guess or difflib.get_close_matches(name, columns, n=1, cutoff=0.5)
     suggestion = (f"; did you mean {guess[0]!r}? Map it with column_map={{{name!r}: {guess[0]!r}}}"
                   if guess else "")
-    return f"{state} {where}{hint}; columns found: {found}{suggestion}"
+    detail = " ".join(part for part in (state, where.strip(), hint.strip()) if part)
+    return f"{detail}; columns found: {found}{suggestion}"
 
 
 def _parse_json_cell(value: Any) -> Any:
