@@ -39,7 +39,7 @@ DEFAULTS: dict[str, list[str]] = {
             "data.max_prompt_length=24", "logging.log_every=5"],
     "rm": ["optim.lr=1e-3", "optim.batch_size=32", "optim.epochs=3", "algo.margin=small", "data.max_length=64",
            "data.max_prompt_length=24", "data.eval_fraction=0.1", "logging.log_every=5"],
-    "ppo": ["optim.lr=2e-4", "algo.iterations=40", "algo.rollout_batch_size=64", "algo.minibatch_size=32",
+    "ppo": ["optim.lr=2e-4", "algo.iterations=100", "algo.rollout_batch_size=64", "algo.minibatch_size=32",
             "algo.ppo_epochs=2", "algo.kl_coef=0.05", "sampling.max_new_tokens=24", "logging.log_every=1"],
     "ppo_kl0": ["algo.kl_coef=0"],
     "dpo": ["optim.lr=2e-4", "optim.batch_size=32", "optim.epochs=1", "algo.beta=0.1", "data.max_length=64",
