@@ -37,8 +37,11 @@ def _dpo_figures(run: dict, warmup: int, batch: int, n_pairs: int) -> dict[str, 
     steady = steady_stats(run["step_seconds"], warmup, batch)
     epoch_seconds = run.get("ref_seconds", 0.0) + sum(run["step_seconds"])
     return {"steps_pairs_per_s": steady["items_per_s"], "step_median_s": steady["step_median_s"],
+            "steps": steady["steps"],
             "steady_seconds": steady["seconds"], "steady_tokens": float(sum(run["step_tokens"][warmup:])),
-            "ref_seconds": run.get("ref_seconds", 0.0), "epoch_pairs_per_s": n_pairs / epoch_seconds,
+            "ref_seconds": run.get("ref_seconds", 0.0),
+            # Pairs actually trained: a whole epoch (n_pairs) unless the run was cut short (max_steps).
+            "epoch_pairs_per_s": min(n_pairs, batch * len(run["step_seconds"])) / epoch_seconds,
             "epoch_seconds": epoch_seconds, "peak_rss_mb": run["peak_rss_mb_wait4"],
             "process_seconds": run["process_seconds"]}
 
@@ -82,8 +85,8 @@ def summarize(runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict
         better="lower", fmt="{:.0f}")
     if "dpo_trl_defaults" in figs:
         td = figs["dpo_trl_defaults"]
-        add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], td["epoch_pairs_per_s"],
-            "TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference")
+        add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
+            f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference ({td['steps']} steps)")
         add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
             better="lower", fmt="{:.0f}")
     per_token = ep["dpo_train"] / ep["tokens"]
@@ -103,7 +106,7 @@ def summarize(runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict
     if "rm_trl_defaults" in figs:
         td = figs["rm_trl_defaults"]
         add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
-            "TRL as it comes on CPU: bf16 autocast, gradient checkpointing")
+            f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing ({td['steps']} steps)")
         add("rm", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
             better="lower", fmt="{:.0f}")
     per_token = ep["rm_train"] / ep["tokens"]
@@ -112,9 +115,30 @@ def summarize(runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict
         matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
         trl_fraction_of_peak=round(theirs / peak, 4))
     if "ppo_rlhflab" in runs:
-        lines.append(json.dumps({"kind": "ppo_split", **ppo_split(runs["ppo_rlhflab"])}))
+        split = ppo_split(runs["ppo_rlhflab"])
+        if split["logged_gflops"] is not None:
+            split["logged_fraction_of_peak"] = round(split["logged_gflops"] / peak, 4)
+        lines.append(json.dumps({"kind": "ppo_split", **split}))
     lines.append(json.dumps({"kind": "matmul_probe", **probe}))
-    return lines, markdown(rows, meta, probe, runs)
+    return lines, markdown(rows, meta, probe, runs, efficiency(lines))
+
+
+def efficiency(lines: list[str]) -> list[str]:
+    """Sentences on achieved FLOP/s against the matmul peak, from the achieved_gflops lines."""
+    out = []
+    for row in map(json.loads, lines):
+        if row.get("metric") != "achieved_gflops":
+            continue
+        name = {"dpo": "DPO", "rm": "Reward-model"}[row["comparison"]]
+        text = (f"{name} training achieved {row['rlhflab']:.1f} GFLOP/s = "
+                f"{100 * row['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak "
+                f"({row['matmul_peak_gflops']:.1f} GFLOP/s); TRL {row['trl']:.1f} GFLOP/s = "
+                f"{100 * row['trl_fraction_of_peak']:.1f}% (needed matmul FLOPs counted from the shapes).")
+        if "rlhflab_nominal_6nd_gflops" in row:
+            text += (" By the 6 x params x tokens convention (what the stage logs as perf/flops_per_s, which "
+                     f"counts the LM head at every token) it is {row['rlhflab_nominal_6nd_gflops']:.1f} GFLOP/s.")
+        out.append(text)
+    return out
 
 
 def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
@@ -131,13 +155,16 @@ def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
     parts["other experience work (GAE, KL shaping, checks)"] = max(
         forward - parts[PPO_PARTS["ref_logps"]] - parts[PPO_PARTS["policy_rollout_pass"]], 0.0)
     total = sum(parts.values())
+    flops = [x["perf/flops_per_s"] for x in iters if "perf/flops_per_s" in x]
     return {"iterations_measured": len(iters), "seconds_per_iteration": total,
+            # The stage's own perf/flops_per_s (6ND + 2ND convention), mean over the measured iterations.
+            "logged_gflops": round(sum(flops) / len(flops) / 1e9, 3) if flops else None,
             "seconds": {k: round(v, 4) for k, v in parts.items()},
             "share": {k: round(v / total, 4) for k, v in parts.items()},
             "slowest": max(parts, key=parts.get)}
 
 
-def markdown(rows: list[tuple[str, ...]], meta: dict, probe: dict, runs: dict) -> str:
+def markdown(rows: list[tuple[str, ...]], meta: dict, probe: dict, runs: dict, notes: list[str] = ()) -> str:
     out = ["| comparison | rlhflab | TRL | rlhflab / TRL | TRL setting and notes |", "|---|---|---|---|---|"]
     out += [f"| {' | '.join(row)} |" for row in rows]
     out.append("")
@@ -146,10 +173,14 @@ def markdown(rows: list[tuple[str, ...]], meta: dict, probe: dict, runs: dict) -
                f"{probe['threads']} threads"
                + (f"; {probe['peak_gflops_at_end']:.1f} GFLOP/s at the end of the run." if "peak_gflops_at_end" in probe
                   else "."))
+    out += ["", *notes] if notes else []
     if "ppo_rlhflab" in runs:
         split = ppo_split(runs["ppo_rlhflab"])
         out += ["", f"PPO iteration split (rlhflab, mean of {split['iterations_measured']} iterations after one "
                 f"warm-up, {split['seconds_per_iteration']:.2f} s per iteration):", "",
                 "| part | seconds | share |", "|---|---|---|"]
         out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
+        if split["logged_gflops"] is not None:
+            out += ["", f"PPO perf/flops_per_s (stage log, 6ND + 2ND): {split['logged_gflops']:.2f} GFLOP/s = "
+                    f"{100 * split['logged_gflops'] / probe['peak_gflops']:.1f}% of the matmul peak."]
     return "\n".join(out) + "\n"

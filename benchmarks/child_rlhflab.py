@@ -169,8 +169,9 @@ def ppo_split(job: dict) -> dict:
     t0 = time.perf_counter()
     ppo.train(cfg, overwrite=True, reward=WordReward())
     rows = [r for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "perf/time_generate" in r]
-    keys = ("perf/time_generate", "perf/time_score", "perf/time_forward", "perf/time_optimize")
-    return {"iterations": [{k: r[k] for k in (*keys, "perf/response_length")} for r in rows],
+    keys = ("perf/time_generate", "perf/time_score", "perf/time_forward", "perf/time_optimize",
+            "perf/response_length", "perf/flops_per_s", "perf/time_iteration")
+    return {"iterations": [{k: r[k] for k in keys if k in r} for r in rows],
             "passes": timer["iterations"], "train_call_seconds": time.perf_counter() - t0}
 
 

@@ -52,6 +52,8 @@ def _records(path: str) -> list[dict]:
 
 def _args(cls, job: dict, out_dir: str, **kwargs):
     variant = job["variant"]
+    if variant.get("max_steps"):  # a shorter run (TRL as it comes is slow on CPU); kwargs may set it too
+        kwargs.setdefault("max_steps", variant["max_steps"])
     return cls(output_dir=out_dir, per_device_train_batch_size=job["batch_size"], gradient_accumulation_steps=1,
                num_train_epochs=1, seed=0, data_seed=0, use_cpu=True, report_to="none", save_strategy="no",
                disable_tqdm=True, dataloader_num_workers=0, bf16=variant["bf16"],

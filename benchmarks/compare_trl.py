@@ -13,7 +13,7 @@ its own):
   3. DPO throughput: rlhflab vs TRL DPOTrainer (sigmoid, beta 0.1, batch 8, same lr, one epoch = warm-up
      + measured steps), TRL matched to rlhflab's numerics (float32, no gradient checkpointing) with and
      without its reference precomputation, and TRL as it comes (its CPU defaults: bf16 autocast and
-     gradient checkpointing);
+     gradient checkpointing; --defaults-steps measured steps only, as it is slow);
   4. reward-model throughput: rlhflab vs TRL RewardTrainer (matched, and as it comes);
   5. PPO: where one rlhflab PPO iteration spends its time (generation, scoring, reference and policy
      passes, optimization).
@@ -177,6 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="measured steps after the warm-up")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-trl-defaults", action="store_true", help="skip the runs of TRL with its own defaults")
+    ap.add_argument("--defaults-steps", type=int, default=5,
+                    help="measured steps (after the warm-up) of the runs of TRL with its own defaults, which are "
+                         "slow on CPU (bf16 autocast, gradient checkpointing); 0 = a whole epoch")
     ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split")
     ap.add_argument("--nice", type=int, default=0,
                     help="run the probe and every measured process at this niceness; a negative value (root only) "
@@ -211,17 +214,19 @@ def run_all(args: argparse.Namespace, job: dict, work: Path) -> dict[str, dict]:
     def trl(name: str, task: str, variant: dict) -> dict:
         return run_child(name, args.trl_python, "child_trl.py", {**job, "task": task, "variant": variant}, work)
 
+    defaults = {**DEFAULTS, "max_steps": args.warmup + args.defaults_steps if args.defaults_steps else 0}
+
     runs = {"loss_rlhflab": ours("dpo_loss_rlhflab", "dpo_loss"),
             "loss_trl": trl("dpo_loss_trl", "dpo_loss", MATCHED),
             "dpo_rlhflab": ours("dpo_rlhflab", "dpo_time"),
             "dpo_trl_precompute": trl("dpo_trl_precompute", "dpo_time", {**MATCHED, "precompute_ref_log_probs": True}),
             "dpo_trl_matched": trl("dpo_trl_matched", "dpo_time", {**MATCHED, "precompute_ref_log_probs": False})}
     if not args.no_trl_defaults:
-        runs["dpo_trl_defaults"] = trl("dpo_trl_defaults", "dpo_time", {**DEFAULTS, "precompute_ref_log_probs": False})
+        runs["dpo_trl_defaults"] = trl("dpo_trl_defaults", "dpo_time", {**defaults, "precompute_ref_log_probs": False})
     runs["rm_rlhflab"] = ours("rm_rlhflab", "rm_time")
     runs["rm_trl_matched"] = trl("rm_trl_matched", "rm_time", MATCHED)
     if not args.no_trl_defaults:
-        runs["rm_trl_defaults"] = trl("rm_trl_defaults", "rm_time", DEFAULTS)
+        runs["rm_trl_defaults"] = trl("rm_trl_defaults", "rm_time", defaults)
     if not args.no_ppo:
         runs["ppo_rlhflab"] = ours("ppo_rlhflab", "ppo_split")
     return runs

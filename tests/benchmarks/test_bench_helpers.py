@@ -110,7 +110,7 @@ def test_first_batch_check():
 
 def _ppo_run():
     iteration = {"perf/time_generate": 2.0, "perf/time_score": 0.5, "perf/time_forward": 1.0,
-                 "perf/time_optimize": 4.0, "perf/response_length": 32}
+                 "perf/time_optimize": 4.0, "perf/response_length": 32, "perf/flops_per_s": 2e9}
     passes = {"ref_logps": 0.25, "policy_rollout_pass": 0.5, "policy_train_pass": 3.0}
     return {"iterations": [{**iteration, "perf/time_generate": 9.0}, iteration, iteration],
             "passes": [passes, passes, passes]}
@@ -125,6 +125,7 @@ def test_ppo_split_skips_warmup_and_shares_sum_to_one():
     assert split["seconds_per_iteration"] == pytest.approx(7.5)
     assert sum(split["share"].values()) == pytest.approx(1.0, abs=1e-3)
     assert split["slowest"] == "optimize (PPO epochs)"
+    assert split["logged_gflops"] == 2.0
 
 
 def _time_run(step: float, rss: float, ref: float = 0.0) -> dict:
@@ -137,7 +138,8 @@ def test_summarize_builds_every_comparison():
     runs = {"loss_rlhflab": {"loss": 0.6, "token_ids": ids}, "loss_trl": {"loss": 0.6, "token_ids": ids},
             "dpo_rlhflab": _time_run(1.0, 1000, ref=2.0), "dpo_trl_precompute": _time_run(2.0, 2000, ref=3.0),
             "dpo_trl_matched": _time_run(3.0, 2000), "rm_rlhflab": _time_run(0.5, 800),
-            "rm_trl_matched": _time_run(0.6, 900), "ppo_rlhflab": _ppo_run()}
+            "rm_trl_matched": _time_run(0.6, 900), "ppo_rlhflab": _ppo_run(),
+            "dpo_trl_defaults": _time_run(4.0, 1900), "rm_trl_defaults": _time_run(2.0, 700)}
     meta = {"warmup": 1, "batch_size": 8, "n_pairs": 40, "n_params": 1000}
     probe = {"peak_gflops": 50.0, "gflops_by_size": {"1024": 50.0}, "threads": 2}
     lengths = [{"prompt": 10, "chosen": 20, "rejected": 30}] * 40
@@ -148,9 +150,19 @@ def test_summarize_builds_every_comparison():
     assert steps[0]["rlhflab"] == 8.0 and steps[0]["trl"] == 4.0 and steps[0]["ratio"] == 2.0
     e2e = next(r for r in comparisons if r["metric"] == "pairs_per_s_end_to_end")
     assert e2e["rlhflab"] == pytest.approx(40 / (2.0 + 5.0 + 4.0), abs=1e-5)  # reference pass + every step
+    defaults = [r for r in comparisons if "as it comes" in r["trl_variant"] and r["metric"] != "peak_rss"]
+    # Runs cut short (max_steps) are compared on their steady steps: 4 after one warm-up step.
+    assert [(r["comparison"], r["ratio"]) for r in defaults] == [("dpo", 4.0), ("rm", 4.0)]
+    assert all(r["trl_variant"].endswith("(4 steps)") for r in defaults)
+    assert br._dpo_figures(_time_run(1.0, 1), 1, 8, 400)["epoch_pairs_per_s"] == pytest.approx(40 / 9.0)
     loss = next(r for r in comparisons if r["metric"] == "first_batch_loss")
     assert loss["ok"] and loss["better"] == "equal"
     flops = next(r for r in comparisons if r["comparison"] == "dpo" and r["metric"] == "achieved_gflops")
     assert flops["rlhflab_fraction_of_peak"] == pytest.approx(flops["rlhflab"] / 50.0, abs=1e-4)
     assert {r.get("kind") for r in rows} >= {"ppo_split", "matmul_probe"}
     assert "| dpo: pairs_per_s_training_steps (pairs/s) | 8.00 | 4.00 | 2.00x |" in table
+    ppo = next(r for r in rows if r.get("kind") == "ppo_split")
+    assert ppo["logged_fraction_of_peak"] == pytest.approx(2.0 / 50.0)
+    percent = f"{100 * flops['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak (50.0 GFLOP/s)"
+    assert f"DPO training achieved {flops['rlhflab']:.1f} GFLOP/s = {percent}" in table
+    assert "PPO perf/flops_per_s (stage log, 6ND + 2ND): 2.00 GFLOP/s = 4.0% of the matmul peak." in table

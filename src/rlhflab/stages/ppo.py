@@ -207,6 +207,22 @@ def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Roll
     return {k: v / count for k, v in sums.items()}
 
 
+def _iteration_perf(metrics: dict[str, float], rollout: Rollout, cfg: PPOConfig, n_params: int, n_critic: int
+                    ) -> dict[str, float]:
+    """perf/time_iteration and perf/flops_per_s of one iteration (the 6ND / 2ND convention).
+
+    Forward-only tokens: generation (the prompt once, then one token per step with the KV cache), the
+    rollout pass and the reference pass over every real token. Trained tokens: every real token once
+    per PPO epoch. A separate critic adds its own forward at rollout time and its training.
+    """
+    seconds = sum(metrics[f"perf/time_{k}"] for k in ("generate", "score", "forward", "optimize"))
+    tokens = int(rollout.attention_mask.sum())
+    trained = cfg.algo.ppo_epochs * tokens
+    flops = n_params * (6 * trained + 2 * 3 * tokens) + n_critic * (6 * trained + 2 * tokens)
+    return {"perf/time_iteration": seconds, "perf/flops_per_s": flops / max(seconds, 1e-9),
+            "perf/tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
 def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> None:
     if metrics["kl/sequence"] < NEGATIVE_KL_WARN:
         log(f"ppo warning (iteration {iteration}): the KL estimate is negative ({metrics['kl/sequence']:.3f}); "
@@ -252,6 +268,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     sampling = SamplingSettings(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                 top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     n_params = count_parameters(policy)
+    n_critic = 0 if isinstance(value_model, ValueHead) else count_parameters(value_model)
     print(f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
           f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}")
 
@@ -280,6 +297,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
                                    iteration + 1, last_ckpt))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
+        metrics.update(_iteration_perf(metrics, rollout, cfg, n_params, n_critic))
         # 7. adapt the KL coefficient
         kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
         iteration += 1

@@ -37,6 +37,7 @@ from rlhflab.config import RewardConfig
 from rlhflab.data import LLAMA2_RATINGS, collate_pairs, collate_ranked, tokenize_pair, tokenize_ranked
 from rlhflab.errors import ConfigError, DataError
 from rlhflab.losses import LossOutput, bradley_terry, llama2_margins, plackett_luce
+from rlhflab.models.backbone import last_token_index
 from rlhflab.models.loading import (
     LoraSettings,
     apply_lora,
@@ -57,6 +58,7 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.forward import final_layer_only_at
 from rlhflab.tracking import (
     Progress,
     atomic_write_text,
@@ -169,7 +171,10 @@ def _collate(examples: Sequence[dict], kind: str, pad_id: int) -> dict[str, torc
 
 def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
     """Each row's reward from the head it trains: [N] float32."""
-    rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [N, H]
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    # The head reads one position per row, so the final layer runs only there (forward and backward).
+    with final_layer_only_at(model.backbone, mask, last_token_index(mask)):
+        rewards = model(ids, mask)  # [N, H]
     return rewards.gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
 
 

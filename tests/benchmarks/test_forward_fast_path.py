@@ -1,0 +1,179 @@
+"""The fast LM-head path of `rlhflab.stages.forward` (the issue 6 speed-up of DPO, SFT and PPO training):
+same values and gradients as the plain full-logits computation, and the memory fallback taken when it must.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhflab.losses.logprobs import gather_logprobs
+from rlhflab.stages import forward
+from rlhflab.stages.forward import head_logps, token_logps
+
+
+def _inputs(dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(7, 5, generator=g, dtype=dtype).requires_grad_()
+    w = torch.randn(11, 5, generator=g, dtype=dtype).requires_grad_()
+    b = torch.randn(11, generator=g, dtype=dtype).requires_grad_() if bias else None
+    y = torch.randint(0, 11, (7,), generator=g)
+    return h, w, b, y
+
+
+def _plain(h, w, b, y, temperature):
+    return gather_logprobs((F.linear(h, w, b) / temperature)[None], y[None])[0]
+
+
+def _grads(fn, h, w, b, y):
+    out = fn(h, w, b, y)
+    # Unequal weights per position, so a wrong row-to-label pairing in backward cannot cancel out.
+    (out * torch.linspace(0.5, 2.0, len(out), dtype=out.dtype)).sum().backward()
+    grads = [t.grad.clone() for t in (h, w, b) if t is not None]
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("temperature, bias, chunk", [(1.0, False, 1024), (0.7, True, 3), (1.3, True, 1)])
+def test_head_logps_matches_full_logits(temperature, bias, chunk):
+    h, w, b, y = _inputs(bias=bias)
+    ours, ours_grads = _grads(lambda *a: head_logps(a[0], a[1], a[3], a[2], chunk_size=chunk,
+                                                    temperature=temperature), h, w, b, y)
+    ref, ref_grads = _grads(lambda *a: _plain(*a, temperature), h, w, b, y)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for got, want in zip(ours_grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_head_logps_hand_worked():
+    # One position, logits [0, ln 3] (two tokens): p = [1/4, 3/4]; label 1 -> log 3/4.
+    h = torch.tensor([[1.0]], requires_grad=True)
+    w = torch.tensor([[0.0], [torch.log(torch.tensor(3.0))]], requires_grad=True)
+    out = head_logps(h, w, torch.tensor([1]))
+    assert out.item() == pytest.approx(torch.log(torch.tensor(0.75)).item(), abs=1e-6)
+    out.sum().backward()
+    # d/dlogits = onehot - p = [-1/4, 1/4]; dW = that (x) h; dh = sum_v (onehot - p)_v W_v = ln3 / 4
+    assert torch.allclose(w.grad, torch.tensor([[-0.25], [0.25]]))
+    assert h.grad.item() == pytest.approx(torch.log(torch.tensor(3.0)).item() / 4, abs=1e-6)
+
+
+def test_head_logps_gradcheck_float64():
+    h, w, b, y = _inputs(dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda h, w, b: head_logps(h, w, y, b, chunk_size=4, temperature=0.9),
+                                    (h, w, b))
+
+
+def test_without_grad_and_over_budget_no_softmax_is_kept(monkeypatch):
+    h, w, b, y = _inputs()
+    calls = []
+    monkeypatch.setattr(forward._HeadLogps, "apply", lambda *a: calls.append(a) or pytest.fail("kept softmax"))
+    with torch.no_grad():
+        out = head_logps(h, w, y, b, chunk_size=2, temperature=0.8)
+        assert torch.allclose(out, _plain(h, w, b, y, 0.8), atol=1e-5) and not out.requires_grad
+    monkeypatch.setattr(forward, "SAVED_PROBS_BYTES", 0)
+    ours, ours_grads = _grads(lambda *a: head_logps(a[0], a[1], a[3], a[2]), h, w, b, y)
+    ref, ref_grads = _grads(lambda *a: _plain(*a, 1.0), h, w, b, y)
+    assert not calls and torch.allclose(ours, ref, atol=1e-5)
+    assert all(torch.allclose(x, z, atol=1e-5) for x, z in zip(ours_grads, ref_grads, strict=True))
+
+
+def test_token_logps_matches_the_model_forward(tiny_model):
+    """Response positions only, padded rows: values and every parameter's gradient as from model(...).logits."""
+    torch.manual_seed(0)
+    ids = torch.randint(4, tiny_model.config.vocab_size, (3, 9))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    attn[2, 5:] = 0
+    target = attn.bool() & (torch.arange(9) >= 4)
+    weights = torch.linspace(0.5, 1.5, 8)
+
+    ours = token_logps(tiny_model, ids, attn, target)
+    (ours * weights).sum().backward()
+    ours_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad(set_to_none=True)
+
+    logits = tiny_model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(~target[:, 1:], -100)
+    ref = gather_logprobs(logits, labels)
+    (ref * weights).sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert (ours[~target[:, 1:]] == 0).all()
+    for name, p in tiny_model.named_parameters():
+        assert torch.allclose(ours_grads[name], p.grad, atol=1e-5), name
+
+
+def test_head_logps_refuses_bad_settings():
+    h, w, _, y = _inputs(bias=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        head_logps(h, w, y, chunk_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        head_logps(h, w, y, temperature=0.0)
+
+
+# ---- The final layer computed only at the read positions (reward-model training) ---------------------------
+
+
+def _reward_model(kv_heads: int):
+    from transformers import LlamaConfig, LlamaModel
+
+    from rlhflab.models.reward_model import RewardModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, intermediate_size=48, max_position_embeddings=64)
+    return RewardModel(LlamaModel(config).train(), 2)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_final_layer_only_at_gives_the_same_rewards_and_gradients(kv_heads):
+    from rlhflab.models.backbone import last_token_index
+
+    model = _reward_model(kv_heads)
+    ids = torch.randint(0, 40, (4, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    mask[3, 8:] = 0
+    weights = torch.tensor([[1.0, -0.5], [0.3, 2.0], [-1.2, 0.7], [0.9, 0.1]])
+
+    mlp_rows = []
+    model.backbone.layers[-1].mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[:-1]))
+
+    def run(fast: bool):
+        model.zero_grad(set_to_none=True)
+        mlp_rows.clear()
+        block = (forward.final_layer_only_at(model.backbone, mask, last_token_index(mask)) if fast
+                 else contextlib.nullcontext(False))
+        with block as used:
+            rewards = model(ids, mask)
+        (rewards * weights).sum().backward()
+        return used, rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    used, fast_rewards, fast_grads = run(True)
+    assert used and mlp_rows == [torch.Size([4])]  # the final MLP ran on one position per row
+    _, rewards, grads = run(False)
+    assert mlp_rows == [torch.Size([4, 10])]
+    assert torch.allclose(fast_rewards, rewards, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-5), name
+    assert type(model.backbone.layers[-1]).__name__ == "LlamaDecoderLayer"  # put back after the block
+
+
+def test_final_layer_only_at_leaves_other_models_and_errors_alone(tiny_tokenizer):
+    from rlhflab.models.tiny import tiny_causal_lm
+
+    gpt2 = tiny_causal_lm(tiny_tokenizer, arch="gpt2", hidden_size=16, num_layers=1, num_heads=2).transformer
+    mask = torch.ones(2, 3, dtype=torch.long)
+    with forward.final_layer_only_at(gpt2, mask, torch.tensor([2, 2])) as used:
+        assert not used
+    model = _reward_model(4)
+    last = model.backbone.layers[-1]
+    with pytest.raises(RuntimeError, match="boom"), forward.final_layer_only_at(model.backbone, mask, torch.tensor([2, 2])):
+        assert model.backbone.layers[-1] is not last
+        raise RuntimeError("boom")
+    assert model.backbone.layers[-1] is last
