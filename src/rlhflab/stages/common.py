@@ -79,7 +79,11 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection, total_steps: in
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas)
+    params = decay + no_decay
+    # The fused kernel updates every tensor in one pass instead of a Python loop over parameters: ~6x faster
+    # optimizer steps for a 16M-parameter model on 2 CPU cores (BENCHMARKS.md), the same maths.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, fused=fused)
 
     def factor(step: int) -> float:
         if optim.warmup_steps and step < optim.warmup_steps:
