@@ -33,6 +33,14 @@ def first_batch_check(rlhflab: dict, trl: dict) -> dict[str, Any]:
     return {"token_ids_equal": ids_equal, "abs_diff": diff, "ok": ids_equal and diff <= LOSS_TOLERANCE}
 
 
+def median_run(results: list[dict], warmup: int, batch: int) -> dict:
+    """The run with the median steady-state throughput among repeats of one measurement (the lower middle
+    one for an even count), with every repeat's pairs/s in `repeat_pairs_per_s` (in run order)."""
+    speeds = [steady_stats(r["step_seconds"], warmup, batch)["items_per_s"] for r in results]
+    order = sorted(range(len(results)), key=speeds.__getitem__)
+    return {**results[order[(len(order) - 1) // 2]], "repeat_pairs_per_s": [round(x, 3) for x in speeds]}
+
+
 def _dpo_figures(run: dict, warmup: int, batch: int, n_pairs: int) -> dict[str, float]:
     steady = steady_stats(run["step_seconds"], warmup, batch)
     epoch_seconds = run.get("ref_seconds", 0.0) + sum(run["step_seconds"])
@@ -43,7 +51,7 @@ def _dpo_figures(run: dict, warmup: int, batch: int, n_pairs: int) -> dict[str, 
             # Pairs actually trained: a whole epoch (n_pairs) unless the run was cut short (max_steps).
             "epoch_pairs_per_s": min(n_pairs, batch * len(run["step_seconds"])) / epoch_seconds,
             "epoch_seconds": epoch_seconds, "peak_rss_mb": run["peak_rss_mb_wait4"],
-            "process_seconds": run["process_seconds"]}
+            "process_seconds": run["process_seconds"], "repeats": run.get("repeat_pairs_per_s", [])}
 
 
 def _gflops(flops_per_token: float, fig: dict) -> float:
@@ -61,59 +69,68 @@ def summarize(runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict
     rows: list[tuple[str, str, str, str, str]] = []
 
     def add(comparison: str, metric: str, unit: str, ours: float, theirs: float, note: str, better: str = "higher",
-            fmt: str = "{:.2f}", **extra: Any) -> None:
+            fmt: str = "{:.2f}", repeats: tuple[dict, dict] | None = None, **extra: Any) -> None:
+        if repeats and len(repeats[0]["repeats"]) > 1:  # medians of interleaved runs: show every run
+            mine, peer = (x["repeats"] for x in repeats)
+            extra.update(rlhflab_repeats=mine, trl_repeats=peer)
+            note += (f"; median of {len(mine)} interleaved runs (rlhflab {'/'.join(f'{x:.1f}' for x in mine)}, "
+                     f"TRL {'/'.join(f'{x:.1f}' for x in peer)})")
         lines.append(json_line(comparison, metric, unit, ours, theirs, better=better, trl_variant=note, **extra))
         ratio = ours / theirs if theirs else float("nan")
         rows.append((f"{comparison}: {metric} ({unit})", fmt.format(ours), fmt.format(theirs), f"{ratio:.2f}x", note))
 
     # DPO
-    check = first_batch_check(runs["loss_rlhflab"], runs["loss_trl"])
-    add("dpo", "first_batch_loss", "nats", runs["loss_rlhflab"]["loss"], runs["loss_trl"]["loss"],
-        "float32, explicit reference (another seed)", better="equal", fmt="{:.6f}", **check)
-    r, tp, tm = figs["dpo_rlhflab"], figs["dpo_trl_precompute"], figs["dpo_trl_matched"]
-    add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tp["steps_pairs_per_s"],
-        "TRL fp32, no grad ckpt, precompute_ref_log_probs=True (both: steps only, reference precomputed)")
-    add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tm["steps_pairs_per_s"],
-        "TRL fp32, no grad ckpt, TRL default live reference (its steps include the reference forward)")
-    add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], tm["epoch_pairs_per_s"],
-        "one epoch incl. reference pass; TRL fp32, no grad ckpt, live reference (TRL default)")
-    add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], tp["epoch_pairs_per_s"],
-        "one epoch incl. reference pass; TRL fp32, no grad ckpt, precompute_ref_log_probs=True")
-    add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], tm["peak_rss_mb"], "TRL fp32, no grad ckpt, live reference",
-        better="lower", fmt="{:.0f}")
-    add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], tp["peak_rss_mb"], "TRL fp32, no grad ckpt, precompute",
-        better="lower", fmt="{:.0f}")
-    if "dpo_trl_defaults" in figs:
-        td = figs["dpo_trl_defaults"]
-        add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
-            f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference ({td['steps']} steps)")
-        add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
+    if "dpo_rlhflab" in figs:
+        check = first_batch_check(runs["loss_rlhflab"], runs["loss_trl"])
+        add("dpo", "first_batch_loss", "nats", runs["loss_rlhflab"]["loss"], runs["loss_trl"]["loss"],
+            "float32, explicit reference (another seed)", better="equal", fmt="{:.6f}", **check)
+        r, tp, tm = figs["dpo_rlhflab"], figs["dpo_trl_precompute"], figs["dpo_trl_matched"]
+        add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tp["steps_pairs_per_s"],
+            "TRL fp32, no grad ckpt, precompute_ref_log_probs=True (both: steps only, reference precomputed)",
+            repeats=(r, tp))
+        add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tm["steps_pairs_per_s"],
+            "TRL fp32, no grad ckpt, TRL default live reference (its steps include the reference forward)",
+            repeats=(r, tm))
+        add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], tm["epoch_pairs_per_s"],
+            "one epoch incl. reference pass; TRL fp32, no grad ckpt, live reference (TRL default)")
+        add("dpo", "pairs_per_s_end_to_end", "pairs/s", r["epoch_pairs_per_s"], tp["epoch_pairs_per_s"],
+            "one epoch incl. reference pass; TRL fp32, no grad ckpt, precompute_ref_log_probs=True")
+        add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], tm["peak_rss_mb"], "TRL fp32, no grad ckpt, live reference",
             better="lower", fmt="{:.0f}")
-    per_token = ep["dpo_train"] / ep["tokens"]
-    ours, theirs = _gflops(per_token, r), _gflops(per_token, tp)
-    add("dpo", "achieved_gflops", "GFLOP/s", ours, theirs,
-        "needed matmul FLOPs (head at response tokens only), training steps; TRL with precompute",
-        matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
-        trl_fraction_of_peak=round(theirs / peak, 4),
-        rlhflab_nominal_6nd_gflops=round(nominal_flops(meta["n_params"], r["steady_tokens"]) / r["steady_seconds"]
-                                         / 1e9, 2))
+        add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], tp["peak_rss_mb"], "TRL fp32, no grad ckpt, precompute",
+            better="lower", fmt="{:.0f}")
+        if "dpo_trl_defaults" in figs:
+            td = figs["dpo_trl_defaults"]
+            add("dpo", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
+                f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference ({td['steps']} steps)")
+            add("dpo", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
+                better="lower", fmt="{:.0f}")
+        per_token = ep["dpo_train"] / ep["tokens"]
+        ours, theirs = _gflops(per_token, r), _gflops(per_token, tp)
+        add("dpo", "achieved_gflops", "GFLOP/s", ours, theirs,
+            "needed matmul FLOPs (head at response tokens only), training steps; TRL with precompute",
+            matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
+            trl_fraction_of_peak=round(theirs / peak, 4),
+            rlhflab_nominal_6nd_gflops=round(nominal_flops(meta["n_params"], r["steady_tokens"]) / r["steady_seconds"]
+                                             / 1e9, 2))
     # Reward model
-    r, tm = figs["rm_rlhflab"], figs["rm_trl_matched"]
-    add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tm["steps_pairs_per_s"],
-        "TRL fp32, no grad ckpt")
-    add("rm", "peak_rss", "MiB", r["peak_rss_mb"], tm["peak_rss_mb"], "TRL fp32, no grad ckpt", better="lower",
-        fmt="{:.0f}")
-    if "rm_trl_defaults" in figs:
-        td = figs["rm_trl_defaults"]
-        add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
-            f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing ({td['steps']} steps)")
-        add("rm", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
-            better="lower", fmt="{:.0f}")
-    per_token = ep["rm_train"] / ep["tokens"]
-    ours, theirs = _gflops(per_token, r), _gflops(per_token, tm)
-    add("rm", "achieved_gflops", "GFLOP/s", ours, theirs, "needed matmul FLOPs, training steps; TRL fp32",
-        matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
-        trl_fraction_of_peak=round(theirs / peak, 4))
+    if "rm_rlhflab" in figs:
+        r, tm = figs["rm_rlhflab"], figs["rm_trl_matched"]
+        add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], tm["steps_pairs_per_s"],
+            "TRL fp32, no grad ckpt", repeats=(r, tm))
+        add("rm", "peak_rss", "MiB", r["peak_rss_mb"], tm["peak_rss_mb"], "TRL fp32, no grad ckpt", better="lower",
+            fmt="{:.0f}")
+        if "rm_trl_defaults" in figs:
+            td = figs["rm_trl_defaults"]
+            add("rm", "pairs_per_s_training_steps", "pairs/s", r["steps_pairs_per_s"], td["steps_pairs_per_s"],
+                f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing ({td['steps']} steps)")
+            add("rm", "peak_rss", "MiB", r["peak_rss_mb"], td["peak_rss_mb"], "TRL as it comes (bf16, grad ckpt)",
+                better="lower", fmt="{:.0f}")
+        per_token = ep["rm_train"] / ep["tokens"]
+        ours, theirs = _gflops(per_token, r), _gflops(per_token, tm)
+        add("rm", "achieved_gflops", "GFLOP/s", ours, theirs, "needed matmul FLOPs, training steps; TRL fp32",
+            matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
+            trl_fraction_of_peak=round(theirs / peak, 4))
     if "ppo_rlhflab" in runs:
         split = ppo_split(runs["ppo_rlhflab"])
         if split["logged_gflops"] is not None:

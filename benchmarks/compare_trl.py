@@ -37,10 +37,11 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_common import ModelDims, matmul_probe, synthetic_pairs, write_json
-from bench_report import summarize
+from bench_report import median_run, summarize
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("RLHFLAB_BENCH_CACHE", Path.home() / ".cache" / "rlhflab-bench"))
@@ -181,6 +182,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="measured steps (after the warm-up) of the runs of TRL with its own defaults, which are "
                          "slow on CPU (bf16 autocast, gradient checkpointing); 0 = a whole epoch")
     ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split")
+    ap.add_argument("--only", choices=("all", "dpo", "rm"), default="all",
+                    help="run only the DPO comparisons (with the loss check) or only the reward-model ones")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each throughput measurement this many times, rlhflab and TRL interleaved, and "
+                         "report the median run of each (the VM's speed drifts over minutes)")
     ap.add_argument("--nice", type=int, default=0,
                     help="run the probe and every measured process at this niceness; a negative value (root only) "
                          "keeps other work on a busy machine from skewing the timings (both sides get the same)")
@@ -207,28 +213,43 @@ def build_assets(args: argparse.Namespace, work: Path, tokenizer) -> tuple[dict,
 
 
 def run_all(args: argparse.Namespace, job: dict, work: Path) -> dict[str, dict]:
-    """Every measurement, one process at a time (rlhflab's in this venv, TRL's in --trl-python's)."""
-    def ours(name: str, task: str) -> dict:
-        return run_child(name, sys.executable, "child_rlhflab.py", {**job, "task": task}, work)
+    """Every measurement, one process at a time (rlhflab's in this venv, TRL's in --trl-python's); with
+    --repeats, the throughput runs go round by round (rlhflab, TRL, rlhflab, TRL, ...) so that drift in the
+    machine's speed hits both sides alike, and each name keeps its median run (`median_run`)."""
+    def ours(name: str, task: str) -> Callable[[str], dict]:
+        return lambda tag: run_child(name + tag, sys.executable, "child_rlhflab.py", {**job, "task": task}, work)
 
-    def trl(name: str, task: str, variant: dict) -> dict:
-        return run_child(name, args.trl_python, "child_trl.py", {**job, "task": task, "variant": variant}, work)
+    def trl(name: str, task: str, variant: dict) -> Callable[[str], dict]:
+        return lambda tag: run_child(name + tag, args.trl_python, "child_trl.py",
+                                     {**job, "task": task, "variant": variant}, work)
 
     defaults = {**DEFAULTS, "max_steps": args.warmup + args.defaults_steps if args.defaults_steps else 0}
+    timed: dict[str, Callable[[str], dict]] = {}
+    if args.only in ("all", "dpo"):
+        timed["dpo_rlhflab"] = ours("dpo_rlhflab", "dpo_time")
+        timed["dpo_trl_precompute"] = trl("dpo_trl_precompute", "dpo_time",
+                                          {**MATCHED, "precompute_ref_log_probs": True})
+        timed["dpo_trl_matched"] = trl("dpo_trl_matched", "dpo_time", {**MATCHED, "precompute_ref_log_probs": False})
+        if not args.no_trl_defaults:
+            timed["dpo_trl_defaults"] = trl("dpo_trl_defaults", "dpo_time",
+                                            {**defaults, "precompute_ref_log_probs": False})
+    if args.only in ("all", "rm"):
+        timed["rm_rlhflab"] = ours("rm_rlhflab", "rm_time")
+        timed["rm_trl_matched"] = trl("rm_trl_matched", "rm_time", MATCHED)
+        if not args.no_trl_defaults:
+            timed["rm_trl_defaults"] = trl("rm_trl_defaults", "rm_time", defaults)
 
-    runs = {"loss_rlhflab": ours("dpo_loss_rlhflab", "dpo_loss"),
-            "loss_trl": trl("dpo_loss_trl", "dpo_loss", MATCHED),
-            "dpo_rlhflab": ours("dpo_rlhflab", "dpo_time"),
-            "dpo_trl_precompute": trl("dpo_trl_precompute", "dpo_time", {**MATCHED, "precompute_ref_log_probs": True}),
-            "dpo_trl_matched": trl("dpo_trl_matched", "dpo_time", {**MATCHED, "precompute_ref_log_probs": False})}
-    if not args.no_trl_defaults:
-        runs["dpo_trl_defaults"] = trl("dpo_trl_defaults", "dpo_time", {**defaults, "precompute_ref_log_probs": False})
-    runs["rm_rlhflab"] = ours("rm_rlhflab", "rm_time")
-    runs["rm_trl_matched"] = trl("rm_trl_matched", "rm_time", MATCHED)
-    if not args.no_trl_defaults:
-        runs["rm_trl_defaults"] = trl("rm_trl_defaults", "rm_time", defaults)
-    if not args.no_ppo:
-        runs["ppo_rlhflab"] = ours("ppo_rlhflab", "ppo_split")
+    runs: dict[str, dict] = {}
+    if args.only in ("all", "dpo"):
+        runs["loss_rlhflab"] = ours("dpo_loss_rlhflab", "dpo_loss")("")
+        runs["loss_trl"] = trl("dpo_loss_trl", "dpo_loss", MATCHED)("")
+    rounds: dict[str, list[dict]] = {name: [] for name in timed}
+    for r in range(args.repeats):
+        for name, measure in timed.items():
+            rounds[name].append(measure(f"_r{r}" if args.repeats > 1 else ""))
+    runs.update({name: median_run(results, args.warmup, args.batch_size) for name, results in rounds.items()})
+    if not args.no_ppo and args.only == "all":
+        runs["ppo_rlhflab"] = ours("ppo_rlhflab", "ppo_split")("")
     return runs
 
 
@@ -261,7 +282,7 @@ def main(argv=None) -> None:
     meta = {"date": datetime.date.today().isoformat(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "trl": trl_version, "n_params": n_params, "warmup": args.warmup, "steps": args.steps,
-            "batch_size": args.batch_size, "n_pairs": len(pairs), "nice": os.nice(0),
+            "batch_size": args.batch_size, "n_pairs": len(pairs), "nice": os.nice(0), "repeats": args.repeats,
             "total_seconds": time.time() - started}
     lines, table = summarize(runs, probe, meta, data_lengths(tokenizer, pairs), DIMS)
     for line in lines:

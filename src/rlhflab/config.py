@@ -196,6 +196,11 @@ class RewardAlgo:
     normalization_samples: int = 1024
     """After training, score up to this many training responses and store their per-head mean/std in the
     model, so reward sources can whiten rewards (Llama 2); 0 skips it."""
+    share_prompt: bool = True
+    """Run each example's prompt once for all its responses: one row prompt, response 1, ..., response K,
+    where each response attends only to the prompt and itself (same rewards up to float rounding, fewer
+    tokens). Used when the model's attention takes a 4-D mask (sdpa, eager) and every response extends the
+    tokenized prompt; other batches get one row per response. false: always one row per response."""
 
     def __post_init__(self):
         _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",

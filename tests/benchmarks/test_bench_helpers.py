@@ -166,3 +166,21 @@ def test_summarize_builds_every_comparison():
     percent = f"{100 * flops['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak (50.0 GFLOP/s)"
     assert f"DPO training achieved {flops['rlhflab']:.1f} GFLOP/s = {percent}" in table
     assert "PPO perf/flops_per_s (stage log, 6ND + 2ND): 2.00 GFLOP/s = 4.0% of the matmul peak." in table
+
+
+def test_median_run_picks_the_middle_repeat_and_an_rm_only_summary():
+    # Steady pairs/s with warm-up 1 and batch 8: 8 / step time -> 16, 8, 4; the median run is the 8 pairs/s one.
+    fast, mid, slow = _time_run(0.5, 700), _time_run(1.0, 800), _time_run(2.0, 900)
+    picked = br.median_run([slow, fast, mid], warmup=1, batch=8)
+    assert picked["peak_rss_mb_wait4"] == 800 and picked["repeat_pairs_per_s"] == [4.0, 16.0, 8.0]
+    # An even count takes the lower middle run (the conservative one for the side being measured).
+    assert br.median_run([fast, slow], warmup=1, batch=8)["peak_rss_mb_wait4"] == 900
+    runs = {"rm_rlhflab": picked, "rm_trl_matched": br.median_run([_time_run(2.0, 900)] * 3, warmup=1, batch=8)}
+    meta = {"warmup": 1, "batch_size": 8, "n_pairs": 40, "n_params": 1000}
+    probe = {"peak_gflops": 50.0, "gflops_by_size": {"1024": 50.0}, "threads": 2}
+    lines, table = br.summarize(runs, probe, meta, [{"prompt": 10, "chosen": 20, "rejected": 30}] * 40, DIMS)
+    rows = [bc.parse_json_line(x) for x in lines if "comparison" in json.loads(x)]
+    assert {r["comparison"] for r in rows} == {"rm"}  # no DPO runs, so no DPO lines
+    steps = next(r for r in rows if r["metric"] == "pairs_per_s_training_steps")
+    assert steps["ratio"] == 2.0 and steps["rlhflab_repeats"] == [4.0, 16.0, 8.0] and steps["trl_repeats"] == [4.0] * 3
+    assert "median of 3 interleaved runs (rlhflab 4.0/16.0/8.0, TRL 4.0/4.0/4.0)" in table

@@ -296,3 +296,54 @@ def test_rm_stops_on_nan_with_checkpoint_intact(tiny_model_dir, tmp_path, monkey
     state = torch.load(ckpt / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
     assert not (tmp_path / "run" / "final").exists()
+
+
+def _shared_vs_stacked_model(arch, kv_heads, tokenizer):
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    if arch == "gpt2":  # absolute positions: a response's position ids must continue from the prompt
+        backbone = GPT2Model(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    else:
+        backbone = LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=kv_heads, intermediate_size=48,
+                                          max_position_embeddings=64))
+    return RewardModel(backbone.train(), 2)
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 4), ("llama", 2), ("gpt2", 4)])
+def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny_tokenizer, arch, kv_heads):
+    from rlhflab.data import tokenize_pair, tokenize_ranked
+    from rlhflab.data.records import RankedRecord
+
+    model = _shared_vs_stacked_model(arch, kv_heads, tiny_tokenizer)
+    assert reward.supports_shared_prompt(model)
+    pairs = [tokenize_pair(PairwiseRecord(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"] + " very bad"
+                                          * i), tiny_tokenizer) for i, r in enumerate(_pairs(n=3))]
+    ranked = [tokenize_ranked(RankedRecord(prompt="what is it ?", responses=["it is good .", "it is very very bad .",
+                                                                             "bad"], ranks=[0, 1, 2]), tiny_tokenizer),
+              tokenize_ranked(RankedRecord(prompt="what is the day ?", responses=["good", "bad ."], ranks=[0, 1]),
+                              tiny_tokenizer)]
+    for kind, examples in (("pairwise", pairs), ("ranked", ranked)):
+        for e in examples:
+            e["head"], e["pairs"], e["orders"] = 1, [(0, 1)], []
+        results = []
+        for shared in (True, False):
+            batch = reward._collate(examples, kind, tiny_tokenizer.pad_token_id, shared=shared)
+            assert ("read_rows" in batch) == shared
+            model.zero_grad(set_to_none=True)
+            rewards = reward._rewards(model, batch, torch.device("cpu"))
+            weights = torch.linspace(-1.0, 2.0, rewards.numel()).view_as(rewards)  # every reward its own gradient
+            (rewards * weights).sum().backward()
+            results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                            int(batch["attention_mask"].sum())))
+        (shared_r, shared_g, shared_tokens), (rows_r, rows_g, rows_tokens) = results
+        assert torch.allclose(shared_r, rows_r, atol=1e-5), kind
+        for name, grad in rows_g.items():
+            assert torch.allclose(shared_g[name], grad, atol=1e-5), (kind, name)
+        # The prompt ran once per example instead of once per response.
+        n_responses = [2] * len(pairs) if kind == "pairwise" else [3, 2]
+        saved = sum(len(e["prompt_input_ids"]) * (k - 1) for e, k in zip(examples, n_responses))
+        assert rows_tokens - shared_tokens == saved > 0, kind

@@ -18,7 +18,7 @@ from rlhflab.data.collate import (
     pad,
 )
 from rlhflab.data.loaders import FIELDS, KINDS, LoadResult, load_records
-from rlhflab.data.packing import block_causal_mask, collate_packed, pack_sequences
+from rlhflab.data.packing import block_causal_mask, collate_packed, collate_shared_prompt, pack_sequences
 from rlhflab.data.readers import open_source, read_rows, write_jsonl
 from rlhflab.data.records import (
     LLAMA2_MARGINS_LARGE,
@@ -57,7 +57,7 @@ __all__ = [
     "Conversation", "LoadResult", "Message", "PairwiseRecord", "PromptRecord", "RankedRecord", "Record",
     "RecordError", "SFTRecord", "Text", "UnpairedRecord",
     "block_causal_mask", "check_lengths", "collate_packed", "collate_pairs", "collate_prompts",
-    "collate_ranked", "collate_sft", "collate_unpaired", "encode_prompt", "encode_response",
+    "collate_ranked", "collate_shared_prompt", "collate_sft", "collate_unpaired", "encode_prompt", "encode_response",
     "load_records", "make_collator", "margin_for_rating", "normalize_rating", "open_source",
     "pack_sequences", "pad", "read_rows", "record_to_dict", "render_chat", "tokenize_pair",
     "tokenize_prompt", "tokenize_ranked", "tokenize_record", "tokenize_records", "tokenize_sft",

@@ -145,3 +145,72 @@ def collate_packed(rows: Sequence[dict], *, pad_token_id: int | None, pad_to_mul
     if with_4d_mask:
         out["attention_mask"] = block_causal_mask(out["seq_lens"], length, dtype=dtype)
     return out
+
+
+# ---- One prompt, several responses: the prompt once per row ------------------------------------------------
+
+
+def responses_of(example: dict) -> list[list[int]] | None:
+    """The response token ids of a tokenized pair (chosen, rejected) or ranking (best first), or None when a
+    response is empty or does not start right after the shared `prompt_input_ids` (then the example needs
+    one row per response)."""
+    prompt = example["prompt_input_ids"]
+    rows = ([example["chosen_input_ids"], example["rejected_input_ids"]] if "chosen_input_ids" in example
+            else list(example["input_ids"]))
+    if any(len(r) <= len(prompt) or r[:len(prompt)] != prompt for r in rows):
+        return None
+    return [r[len(prompt):] for r in rows]
+
+
+def collate_shared_prompt(examples: Sequence[dict], *, pad_token_id: int | None,
+                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+    """Batch examples whose K responses share one prompt as one row each: prompt, response 1, ..., response K.
+
+    Each response attends to the prompt and to itself (causally), never to another response, and its
+    positions continue from the end of the prompt, so every response's hidden states are those of the
+    row prompt + response alone (exact up to float rounding): the prompt runs once instead of K times.
+
+    Returns `input_ids`, `position_ids` [B, T] long, `attention_mask` [B, T] long (1 = real token),
+    `attention_mask_4d` [B, 1, T, T] additive (0 = may attend, -inf = may not; in `dtype`),
+    and, per response (N = sum of K: example 0's responses in order, then example 1's, ...), the row
+    `read_rows` [N] and position `read_positions` [N] of its last token (where a reward head reads) and
+    `key_mask` [N, T] bool (the positions that token attends to). None when an example cannot be laid out
+    this way (see `responses_of`).
+    """
+    pad_id = _check_pad_id(pad_token_id)
+    split = [responses_of(e) for e in examples]
+    if any(s is None for s in split):
+        return None
+    segments, ids, positions, reads = [], [], [], []
+    for e, responses in zip(examples, split):
+        n = len(e["prompt_input_ids"])
+        row, seg, pos, read = list(e["prompt_input_ids"]), [0] * n, list(range(n)), []
+        for k, r in enumerate(responses, start=1):
+            row += r
+            seg += [k] * len(r)
+            # Each response's positions continue from the prompt, as if it followed the prompt alone.
+            pos += range(n, n + len(r))
+            read.append(len(row) - 1)
+        ids.append(row)
+        segments.append(seg)
+        positions.append(pos)
+        reads.append(read)
+    length = max(len(r) for r in ids)
+    t = torch.arange(length)
+    # Padding gets a segment of its own per position, so it attends only to itself (no all -inf softmax row).
+    segment = torch.stack([torch.cat([torch.tensor(s, dtype=torch.long), -1 - t[len(s):]]) for s in segments])
+    prompt_len = torch.tensor([len(e["prompt_input_ids"]) for e in examples])
+    is_prompt = t[None] < prompt_len[:, None]
+    allowed = ((segment[:, :, None] == segment[:, None, :]) | (is_prompt[:, None, :] & (segment[:, :, None] >= 0)))
+    allowed &= torch.ones(length, length, dtype=torch.bool).tril()
+    read_rows = torch.tensor([b for b, read in enumerate(reads) for _ in read], dtype=torch.long)
+    read_positions = torch.tensor([p for read in reads for p in read], dtype=torch.long)
+    return {
+        "input_ids": pad(ids, pad_id, length=length),
+        "position_ids": pad(positions, 0, length=length),
+        "attention_mask": (segment >= 0).long(),
+        "attention_mask_4d": torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[:, None],
+        "read_rows": read_rows,
+        "read_positions": read_positions,
+        "key_mask": allowed[read_rows, read_positions],
+    }

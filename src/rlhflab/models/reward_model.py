@@ -106,6 +106,18 @@ class RewardModel(nn.Module):
             rewards = (rewards - self.reward_mean) / self.reward_std
         return rewards
 
+    def rewards_at(self, input_ids: torch.Tensor, attention_mask_4d: torch.Tensor, position_ids: torch.Tensor,
+                   rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rewards read at chosen positions of rows that hold several sequences, e.g. one prompt and its K
+        responses (`rlhflab.data.packing.collate_shared_prompt`).
+
+        input_ids, position_ids [B, T]; attention_mask_4d [B, 1, T, T] additive (0 = may attend) in the
+        model's dtype; rows, positions [N]: where each of N sequences ends. Returns [N, num_heads] float32.
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask_4d, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.score(hidden[rows, positions]).float()
+
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | str = 0,
                *, normalize: bool = False) -> torch.Tensor:
         """One head's rewards [B] float32; `head` is an index or a name from `head_names`."""

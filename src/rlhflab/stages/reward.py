@@ -16,7 +16,9 @@ sources can whiten them (Llama 2).
 
     rlhflab rm --config configs/rm_tiny.yaml model.name_or_path=runs/sft/final
 
-Chosen and rejected responses go through the model as one batch of 2B rows: one forward, one backward.
+All responses of a batch go through the model in one forward and one backward. Each example's prompt
+runs once for all its responses (algo.share_prompt): one row prompt, chosen, rejected, where the rejected
+response attends to the prompt but not to the chosen one, so rewards are those of separate rows.
 Setup -> loop -> save, read top to bottom.
 """
 
@@ -34,8 +36,16 @@ from typing import Any
 import torch
 
 from rlhflab.config import RewardConfig
-from rlhflab.data import LLAMA2_RATINGS, collate_pairs, collate_ranked, tokenize_pair, tokenize_ranked
+from rlhflab.data import (
+    LLAMA2_RATINGS,
+    collate_pairs,
+    collate_ranked,
+    collate_shared_prompt,
+    tokenize_pair,
+    tokenize_ranked,
+)
 from rlhflab.errors import ConfigError, DataError
+from rlhflab.eval.metrics import accuracy_by_bucket
 from rlhflab.losses import LossOutput, bradley_terry, llama2_margins, plackett_luce
 from rlhflab.models.backbone import last_token_index
 from rlhflab.models.loading import (
@@ -143,15 +153,36 @@ def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tu
     return train, held
 
 
-def _collate(examples: Sequence[dict], kind: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """A batch with one row per response (pairwise: B chosen rows, then B rejected rows) and, per row,
-    the head it trains (`row_head`); ranked batches add flat pair and tie-order indices."""
+def supports_shared_prompt(model: RewardModel) -> bool:
+    """Whether the backbone's attention takes the 4-D masks of shared-prompt rows (sdpa and eager do;
+    flash-attention reads only padding masks)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _collate(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool = False,
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A batch of responses in a flat order (pairwise: B chosen, then B rejected; rankings: example 0's
+    responses best first, then example 1's, ...) with, per response, the head it trains (`row_head`).
+
+    shared: one row per example (prompt once, then its responses, `collate_shared_prompt`) when every
+    example allows it, with `read_rows`/`read_positions` in that flat order; else one row per response.
+    Ranked batches add flat pair and tie-order indices.
+    """
     heads = torch.tensor([e["head"] for e in examples])
+    batch = collate_shared_prompt(examples, pad_token_id=pad_id, dtype=dtype) if shared else None
     if kind == "pairwise":
-        batch = collate_pairs(examples, pad_token_id=pad_id, stack=True)
+        if batch is None:
+            batch = collate_pairs(examples, pad_token_id=pad_id, stack=True)
+        else:  # responses come as (c0, r0, c1, r1, ...); the losses want (c0, c1, ..., r0, r1, ...)
+            order = torch.arange(2 * len(examples)).view(-1, 2).T.reshape(-1)
+            batch.update({k: batch[k][order] for k in ("read_rows", "read_positions", "key_mask")})
+            batch["margin"] = torch.tensor([float(e["margin"] or 0.0) for e in examples])
         batch["row_head"] = heads.repeat(2)
         return batch
-    batch = collate_ranked(examples, pad_token_id=pad_id)
+    if batch is None:
+        batch = collate_ranked(examples, pad_token_id=pad_id)
+    else:
+        batch["num_responses"] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
     batch["row_head"] = heads.repeat_interleave(batch["num_responses"])
     offsets = (batch["num_responses"].cumsum(0) - batch["num_responses"]).tolist()
     pairs = [(b, off + i, off + j) for b, (e, off) in enumerate(zip(examples, offsets)) for i, j in e["pairs"]]
@@ -169,13 +200,23 @@ def _collate(examples: Sequence[dict], kind: str, pad_id: int) -> dict[str, torc
 # --------------------------------------------------------------------------------------------------------
 
 
-def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
-    """Each row's reward from the head it trains: [N] float32."""
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    # The head reads one position per row, so the final layer runs only there (forward and backward).
+def _rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Every head's reward for each response of the batch, in its flat order: [N, H] float32."""
+    ids = batch["input_ids"].to(device)
+    # The head reads one position per response, so the final layer runs only there (forward and backward).
+    if "read_rows" in batch:
+        rows, positions = batch["read_rows"].to(device), batch["read_positions"].to(device)
+        with final_layer_only_at(model.backbone, None, positions, rows=rows, key_mask=batch["key_mask"].to(device)):
+            return model.rewards_at(ids, batch["attention_mask_4d"].to(device), batch["position_ids"].to(device),
+                                    rows, positions)
+    mask = batch["attention_mask"].to(device)
     with final_layer_only_at(model.backbone, mask, last_token_index(mask)):
-        rewards = model(ids, mask)  # [N, H]
-    return rewards.gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
+        return model(ids, mask)
+
+
+def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Each response's reward from the head it trains: [N] float32."""
+    return _rewards(model, batch, device).gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
 
 
 def _centering(per_response: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
@@ -259,17 +300,11 @@ def accuracy_by_rating(chosen: Sequence[float], rejected: Sequence[float],
     bucket is empty), "n": pairs}}. The four Llama 2 buckets always appear; pairs without a rating go to
     "unrated" and other rating names to their own buckets (both only when present).
     """
-    c, r = torch.as_tensor(chosen, dtype=torch.float64), torch.as_tensor(rejected, dtype=torch.float64)
-    if not (len(c) == len(r) == len(ratings)):
-        raise ValueError(f"accuracy_by_rating needs equal lengths, got {len(c)}, {len(r)}, {len(ratings)}")
-    wins = (c > r).double() + 0.5 * (c == r).double()
-    names = [x or "unrated" for x in ratings]
-    buckets = list(LLAMA2_RATINGS) + sorted(set(names) - set(LLAMA2_RATINGS))
-    out = {}
-    for bucket in [*buckets, "avg"]:
-        picked = [i for i, x in enumerate(names) if bucket in (x, "avg")]
-        out[bucket] = {"accuracy": float(wins[picked].mean()) if picked else math.nan, "n": len(picked)}
-    return out
+    table = accuracy_by_bucket(torch.as_tensor(chosen, dtype=torch.float64).numpy(),
+                               torch.as_tensor(rejected, dtype=torch.float64).numpy(),
+                               [x or "unrated" for x in ratings], order=LLAMA2_RATINGS)
+    table["avg"] = table.pop("overall")
+    return table
 
 
 def format_accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -286,16 +321,16 @@ def format_accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> str
 
 @torch.no_grad()
 def score_examples(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
-                   batch_size: int = 64) -> list[torch.Tensor]:
+                   batch_size: int = 64, *, shared: bool = False) -> list[torch.Tensor]:
     """Every head's rewards for each example's responses: one [n_responses, H] CPU tensor per example
-    (pairwise: rows chosen, rejected)."""
+    (pairwise: rows chosen, rejected). shared: shared-prompt rows where possible (see `_collate`)."""
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
-        batch = _collate(chunk, kind, pad_id)
-        rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+        batch = _collate(chunk, kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
+        rewards = _rewards(model, batch, device).cpu()
         if kind == "pairwise":
             b = len(chunk)
             out += [torch.stack([rewards[i], rewards[b + i]]) for i in range(b)]
@@ -314,12 +349,12 @@ def _ranking_metrics(scores: torch.Tensor, ex: dict) -> tuple[float, float, floa
     return concordant / len(ex["pairs"]), tau, top1
 
 
-def evaluate(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int
-             ) -> tuple[dict[str, float], dict[str, dict]]:
+def evaluate(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int, *,
+             shared: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
     """Held-out metrics, each head under `eval/HEAD/...` when there are several (plus the pooled
     `eval/accuracy`), and the per-head rating tables (pairwise data; empty for rankings)."""
     names = model.head_names
-    scores = score_examples(model, examples, kind, device, pad_id)
+    scores = score_examples(model, examples, kind, device, pad_id, shared=shared)
     metrics: dict[str, float] = {}
     tables: dict[str, dict] = {}
     pooled: list[tuple[float, int]] = []  # (accuracy, examples) per head
@@ -348,7 +383,7 @@ def evaluate(model: RewardModel, examples: Sequence[dict], kind: str, device, pa
 
 
 def _fit_normalization(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
-                       n_samples: int, seed: int) -> dict[str, float]:
+                       n_samples: int, seed: int, *, shared: bool = False) -> dict[str, float]:
     """Store the per-head mean/std of the rewards of (up to) n_samples training responses in the model."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     picked, n_rows = [], 0
@@ -357,7 +392,7 @@ def _fit_normalization(model: RewardModel, examples: Sequence[dict], kind: str, 
             break
         picked.append(examples[i])
         n_rows += 2 if kind == "pairwise" else len(examples[i]["input_ids"])
-    rewards = torch.cat(score_examples(model, picked, kind, device, pad_id))[:n_samples]
+    rewards = torch.cat(score_examples(model, picked, kind, device, pad_id, shared=shared))[:n_samples]
     mean, std = model.fit_normalization(rewards)
     return {f"reward/norm_{stat}/{name}": float(v[h]) for stat, v in (("mean", mean), ("std", std))
             for h, name in enumerate(model.head_names)}
@@ -385,10 +420,11 @@ def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, devic
                 last_ckpt) -> tuple[dict[str, float], int]:
     """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
     size = cfg.optim.micro_batch_size or len(examples)
+    shared = cfg.algo.share_prompt and supports_shared_prompt(model)
     sums: dict[str, float] = {}
     tokens = 0
     for s in range(0, len(examples), size):
-        batch = _collate(examples[s:s + size], kind, pad_id)
+        batch = _collate(examples[s:s + size], kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
         out = _batch_loss(model, batch, kind, cfg, device)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
         loss = out.loss.sum() / len(examples)
@@ -401,8 +437,8 @@ def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, devic
     return sums, tokens
 
 
-def _report(run, step: int, model, eval_examples, kind, device, pad_id) -> None:
-    metrics, tables = evaluate(model, eval_examples, kind, device, pad_id)
+def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: bool) -> None:
+    metrics, tables = evaluate(model, eval_examples, kind, device, pad_id, shared=shared)
     run.logger.log(step, metrics)
     print("rm: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/accuracy/" not in k))
     if tables:
@@ -423,6 +459,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     model, device = _build_model(cfg, path, [name for name, _ in cfg.algo.head_specs()])
     examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
+    shared = cfg.algo.share_prompt and supports_shared_prompt(model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     n_params = count_parameters(model)
@@ -436,7 +473,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         step = load_checkpoint(last_ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
         print(f"rm: resumed from {last_ckpt} at step {step}")
     if step == 0 and eval_examples and cfg.logging.eval_every:
-        run.logger.log(0, evaluate(model, eval_examples, kind, device, pad_id)[0])  # the untrained baseline
+        run.logger.log(0, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])  # the untrained baseline
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
@@ -464,7 +501,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
             t_last, tokens_since, pairs_since = time.time(), 0, 0
             progress.update(0, {"loss": row["loss/rm"], "acc": row["reward/accuracy"]})
         if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < total_steps:
-            run.logger.log(step, evaluate(model, eval_examples, kind, device, pad_id)[0])
+            run.logger.log(step, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])
         if cfg.logging.save_every and step % cfg.logging.save_every == 0 and step < total_steps:
             last_ckpt = save_checkpoint(run.dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                         keep=cfg.logging.keep_checkpoints)
@@ -473,10 +510,10 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
 
     # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
     if eval_examples:
-        _report(run, step, model, eval_examples, kind, device, pad_id)
+        _report(run, step, model, eval_examples, kind, device, pad_id, shared)
     if cfg.algo.normalization_samples:
         run.logger.log(step, _fit_normalization(model, examples, kind, device, pad_id,
-                                                cfg.algo.normalization_samples, cfg.seed))
+                                                cfg.algo.normalization_samples, cfg.seed, shared=shared))
     final = model.save_pretrained(run.dir / "final", tokenizer)
     # How training tokenized, so `rlhflab.rewards.LearnedReward` scores new responses alike.
     atomic_write_text(final / SETTINGS_FILE, json.dumps({
