@@ -57,7 +57,17 @@ class ModelSection:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', or 'cuda:N'."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision: 'bf16' runs every forward pass of training (policy, reference, reward and value
+    models) under torch.autocast(bfloat16) while weights, gradients and optimizer state stay float32
+    (model.dtype must be float32). The usual recipe on GPUs with bf16 units (A100, H100); on CPUs without
+    them it is slower than float32."""
     lora: LoraSection = field(default_factory=LoraSection)
+
+    def __post_init__(self):
+        _require(self.autocast == "none" or self.dtype == "float32", "model.autocast",
+                 f"'{self.autocast}' keeps float32 master weights and needs model.dtype=float32, got "
+                 f"model.dtype={self.dtype}; set model.dtype=float32, or model.autocast=none to train in {self.dtype}")
 
 
 @dataclass

@@ -64,16 +64,19 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device from "cpu" | "cuda" | "cuda:N" | "mps" | "auto" (CUDA when available, else CPU)."""
+def resolve_device(device: str | torch.device, *, field: str = "device") -> torch.device:
+    """A torch device from "cpu" | "cuda" | "cuda:N" | "mps" | "auto" (CUDA when available, else CPU).
+
+    `field` names the setting in error messages (e.g. "config: model.device").
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from err
+        raise ConfigError(f"{field} {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use device='cpu' or 'auto'")
+        raise ConfigError(f"{field} is {device!r} but no CUDA device is available; use 'cpu' or 'auto'")
     return dev
 
 

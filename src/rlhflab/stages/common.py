@@ -6,7 +6,10 @@ lives here.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +22,20 @@ from rlhflab.tracking import MetricsLogger, atomic_write_text, prepare_run_dir
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"config: model.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config: model.device '{name}' is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+    """The device of model.device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps')."""
+    from rlhflab.models.loading import resolve_device as resolve
+
+    return resolve(name, field="config: model.device")
+
+
+def mixed_precision(model_cfg: ModelSection, device: torch.device
+                    ) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the context that forward passes run in: torch.autocast(bfloat16) on `device` when
+    model.autocast is 'bf16', else a no-op. Backward passes and optimizer steps run outside it (PyTorch's
+    AMP recipe); bf16 has float32's exponent range, so no loss scaling is needed."""
+    if model_cfg.autocast == "none":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
 def resolve_model_path(name_or_path: str, *, seed: int = 0) -> str:

@@ -42,6 +42,7 @@ from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
     load_policy,
+    mixed_precision,
     num_optimizer_steps,
     open_run,
     optimizer_step,
@@ -206,11 +207,14 @@ def _collate(examples: list[dict], kind: str, pad_id: int) -> dict[str, Tensor]:
     return collate_unpaired(examples, pad_token_id=pad_id)
 
 
-def _response_logps(model, batch: dict[str, Tensor], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _response_logps(model, batch: dict[str, Tensor], device, amp: Callable = contextlib.nullcontext
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(summed log-probs [R], lengths [R], token log-probs [R, T-1], token mask [R, T-1]) of every row's
-    response, from one forward with the LM head at response positions only."""
+    response, from one forward with the LM head at response positions only, run inside `amp()` (the
+    model.autocast context: policy and reference must share it, or DPO's log-ratios start away from zero)."""
     mask = batch["loss_mask"].to(device)
-    logps = token_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask)
+    with amp():
+        logps = token_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask)
     target = mask[:, 1:]
     return logps.sum(-1), target.sum(-1), logps, target
 
@@ -225,8 +229,8 @@ def _cache_rows(values: Tensor, indices: list[int]) -> Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model, examples: list[dict], kind: str, device, pad_id: int, batch_size: int = 32
-                    ) -> tuple[Tensor, int]:
+def reference_logps(model, examples: list[dict], kind: str, device, pad_id: int, batch_size: int = 32,
+                    amp: Callable = contextlib.nullcontext) -> tuple[Tensor, int]:
     """Summed response log-probs of every example under `model`: ([N, 2] (chosen, rejected) for pairs or
     [N] for unpaired examples, float32 on the CPU; real tokens processed).
 
@@ -241,7 +245,7 @@ def reference_logps(model, examples: list[dict], kind: str, device, pad_id: int,
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = _collate([examples[i] for i in idx], kind, pad_id)
-        sums = _response_logps(model, batch, device)[0].float().cpu()
+        sums = _response_logps(model, batch, device, amp)[0].float().cpu()
         out[idx] = torch.stack(_halves(sums), dim=1) if kind == "pairwise" else sums
         tokens += int(batch["attention_mask"].sum())
     model.train(was_training)
@@ -260,7 +264,8 @@ def _fingerprint(ref_id: str, sets: dict[str, list[dict]]) -> str:
 
 
 def cached_reference_logps(run_dir: Path, ref_id: str, sets: dict[str, list[dict]], kind: str, load_ref,
-                           device, pad_id: int, batch_size: int, log=print) -> tuple[dict[str, Tensor], dict]:
+                           device, pad_id: int, batch_size: int, log=print, amp: Callable = contextlib.nullcontext
+                           ) -> tuple[dict[str, Tensor], dict]:
     """Reference log-probs of every example set ({"train": ..., "eval": ..., ...}), from RUN/ref_logps.pt
     when it was made for the same reference and tokens, else computed with `load_ref()` and cached.
 
@@ -277,7 +282,7 @@ def cached_reference_logps(run_dir: Path, ref_id: str, sets: dict[str, list[dict
     ref = load_ref()
     t0, tokens, logps = time.time(), 0, {}
     for name, examples in sets.items():
-        logps[name], n = reference_logps(ref, examples, kind, device, pad_id, batch_size)
+        logps[name], n = reference_logps(ref, examples, kind, device, pad_id, batch_size, amp)
         tokens += n
     elapsed = max(time.time() - t0, 1e-9)
     for name, values in logps.items():
@@ -309,6 +314,7 @@ class _Context:
     pad_id: int
     ref_cache: dict[str, Tensor] | None  # cached reference log-probs per example set
     live_ref: Callable[[], contextlib.AbstractContextManager] | None  # context yielding a reference model
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # model.autocast context
 
     def ref_rows(self, split: str, indices: list[int], batch: dict) -> Tensor | None:
         if not self.spec.needs_ref:
@@ -316,7 +322,7 @@ class _Context:
         if self.ref_cache is not None:
             return _cache_rows(self.ref_cache[split], indices).to(self.device)
         with torch.no_grad(), self.live_ref() as ref:
-            return _response_logps(ref, batch, self.device)[0]
+            return _response_logps(ref, batch, self.device, self.amp)[0]
 
 
 def _kl_estimate(ctx: _Context, split: str, kl_examples: list[dict], indices: list[int], chunk: int
@@ -327,7 +333,7 @@ def _kl_estimate(ctx: _Context, split: str, kl_examples: list[dict], indices: li
         for s in range(0, len(indices), chunk):
             idx = indices[s:s + chunk]
             batch = _collate([kl_examples[i] for i in idx], "unpaired", ctx.pad_id)
-            policy.append(_response_logps(ctx.model, batch, ctx.device)[0])
+            policy.append(_response_logps(ctx.model, batch, ctx.device, ctx.amp)[0])
             ref.append(ctx.ref_rows(f"{split}_kl", idx, batch))
     return kto_kl_estimate(torch.cat(policy), torch.cat(ref))
 
@@ -336,7 +342,7 @@ def batch_loss(ctx: _Context, split: str, examples: list[dict], indices: list[in
                kl_estimate: Tensor | None = None) -> tuple[LossOutput, int]:
     """The loss [B] and metrics of examples[indices], and the real tokens the forward processed."""
     batch = _collate([examples[i] for i in indices], ctx.spec.data, ctx.pad_id)
-    sums, lengths, logps, mask = _response_logps(ctx.model, batch, ctx.device)
+    sums, lengths, logps, mask = _response_logps(ctx.model, batch, ctx.device, ctx.amp)
     desirable = batch["label"].to(ctx.device) if "label" in batch else None
     inputs = LossInputs(sums, lengths, logps, mask, ref_logps=ctx.ref_rows(split, indices, batch),
                         desirable=desirable, kl_estimate=kl_estimate)
@@ -420,10 +426,12 @@ def _setup_reference(cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path,
         if not cfg.ref_model and is_peft_model(policy):
             return None, {}, functools.partial(_adapters_off, policy)
         return None, {}, functools.partial(contextlib.nullcontext, load_other())
-    ref_id = f"{cfg.ref_model or 'initial policy ' + cfg.model.name_or_path} ({cfg.model.dtype})"
+    precision = cfg.model.dtype + (f", autocast {cfg.model.autocast}" if cfg.model.autocast != "none" else "")
+    ref_id = f"{cfg.ref_model or 'initial policy ' + cfg.model.name_or_path} ({precision})"
     batch_size = max(cfg.optim.micro_batch_size or cfg.optim.batch_size, 32)
     cache, perf = cached_reference_logps(run_dir, ref_id, sets, kind, lambda: load_other() if cfg.ref_model
-                                         else policy, device, pad_id, batch_size)
+                                         else policy, device, pad_id, batch_size,
+                                         amp=mixed_precision(cfg.model, device))
     return cache, perf, None
 
 
@@ -462,7 +470,8 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
             sets.update({"train_kl": kl_examples, "eval_kl": eval_kl})
         ref_cache, ref_perf, live = _setup_reference(cfg, model, device, tokenizer.pad_token_id, run.dir,
                                                      sets, spec.data)
-    ctx = _Context(model, spec, cfg.algo, device, tokenizer.pad_token_id, ref_cache, live)
+    ctx = _Context(model, spec, cfg.algo, device, tokenizer.pad_token_id, ref_cache, live,
+                   mixed_precision(cfg.model, device))
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     step, last_ckpt = 0, None
     if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:

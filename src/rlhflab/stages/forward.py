@@ -10,8 +10,9 @@ probabilities instead of recomputing the logits (a third matmul, an exp and a su
 Above the budget, the chunked path of `rlhflab.losses` recomputes chunk by chunk; without gradients
 nothing is kept (one [chunk_size, V] block at a time).
 
-A reward model reads its last layer at one position per row: `final_layer_only_at` runs that layer's
-query, attention output and MLP only there.
+A reward model reads its last layer at one position per response: `final_layer_only_at` runs that layer's
+query, attention output and MLP only there (one position per row, or several per row when one prompt and
+its responses share a row).
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ compared afterwards with anything else (the lab's gold reward) without training 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
     load_policy,
+    mixed_precision,
     open_run,
     optimizer_step,
     resolve_model_path,
@@ -74,26 +77,29 @@ CLIPFRAC_WARN = 0.3
 APPROX_KL_WARN = 0.5
 
 
-def _response_pass(policy, value_model, rollout: Rollout, temperature: float, *, with_entropy: bool):
-    """Log-probs [B, R] of the sampled tokens, values [B, R], and optionally per-token entropy [B, R].
+def _response_pass(policy, value_model, rollout: Rollout, temperature: float, *, with_entropy: bool,
+                   amp: Callable = contextlib.nullcontext):
+    """Log-probs [B, R] of the sampled tokens, values [B, R], and optionally per-token entropy [B, R], all
+    float32 (the forward runs inside `amp()`, the model.autocast context).
 
     Values are read at the state before each response token (the position that predicts it).
     """
     ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
-    logps, hidden = token_logps(policy, ids, attn, target, position_ids=rollout.position_ids,
-                                temperature=temperature, return_hidden=True)
-    logps = logps[:, start - 1:]
-    state_hidden = hidden[:, start - 1:-1]
-    if isinstance(value_model, ValueHead):
-        values = value_model(state_hidden)
-    else:
-        values = value_model(ids, attn, rollout.position_ids)[:, start - 1:-1]
-    entropy = None
-    if with_entropy:
-        _, head = backbone_and_head(policy)
-        entropy = entropy_from_logits(hidden_to_logits(policy, head, state_hidden) / temperature)
-    return logps, values, entropy
+    with amp():
+        logps, hidden = token_logps(policy, ids, attn, target, position_ids=rollout.position_ids,
+                                    temperature=temperature, return_hidden=True)
+        logps = logps[:, start - 1:]
+        state_hidden = hidden[:, start - 1:-1]
+        if isinstance(value_model, ValueHead):
+            values = value_model(state_hidden)
+        else:
+            values = value_model(ids, attn, rollout.position_ids)[:, start - 1:-1]
+        entropy = None
+        if with_entropy:
+            _, head = backbone_and_head(policy)
+            entropy = entropy_from_logits(hidden_to_logits(policy, head, state_hidden).float() / temperature)
+    return logps.float(), values.float(), entropy
 
 
 def _sub_rollout(r: Rollout, idx: torch.Tensor) -> Rollout:
@@ -144,10 +150,12 @@ def _make_experience(policy, value_model, ref, reward, rollout: Rollout, kl_ctl,
     # 3. old and reference log-probs, values
     temp = cfg.sampling.temperature
     policy.eval()
-    old_logps, old_values, entropy = _response_pass(policy, value_model, rollout, temp, with_entropy=True)
+    amp = mixed_precision(cfg.model, rollout.response_ids.device)
+    old_logps, old_values, entropy = _response_pass(policy, value_model, rollout, temp, with_entropy=True, amp=amp)
     target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
-    ref_logps = token_logps(ref, rollout.input_ids, rollout.attention_mask, target,
-                            position_ids=rollout.position_ids, temperature=temp)[:, rollout.response_start - 1:]
+    with amp():
+        ref_logps = token_logps(ref, rollout.input_ids, rollout.attention_mask, target,
+                                position_ids=rollout.position_ids, temperature=temp)[:, rollout.response_start - 1:]
     policy.train()
     timings["perf/time_forward"] = time.time() - t
     mask = rollout.response_mask
@@ -180,6 +188,7 @@ def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Roll
     sums: dict[str, float] = {}
     count = 0
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step_for_errors)
+    amp = mixed_precision(cfg.model, rollout.response_ids.device)
     for _ in range(cfg.algo.ppo_epochs):
         order = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.algo.minibatch_size):
@@ -187,7 +196,7 @@ def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Roll
             mb = _sub_rollout(rollout, idx)
             mask = mb.response_mask
             logps, values, entropy = _response_pass(policy, value_model, mb, cfg.sampling.temperature,
-                                                    with_entropy=cfg.algo.entropy_coef > 0)
+                                                    with_entropy=cfg.algo.entropy_coef > 0, amp=amp)
             pg = ppo_policy_loss(logps, exp["old_logps"][idx], exp["advantages"][idx], mask, clip_eps=cfg.algo.clip_eps)
             vf = ppo_value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask,
                                 clip_eps_value=cfg.algo.value_clip_eps or None)
@@ -285,8 +294,9 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         batch = [prompts[i] for i in batch_schedule(len(prompts), cfg.algo.rollout_batch_size, cfg.seed, epoch)[position]]
         # 1. generate
         t0 = time.time()
-        rollout = generate(policy, tokenizer, batch, sampling, batch_size=cfg.algo.rollout_batch_size,
-                           seed=cfg.seed * 100_003 + iteration)
+        with mixed_precision(cfg.model, device)():
+            rollout = generate(policy, tokenizer, batch, sampling, batch_size=cfg.algo.rollout_batch_size,
+                               seed=cfg.seed * 100_003 + iteration)
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
         exp, metrics = _make_experience(policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration + 1,

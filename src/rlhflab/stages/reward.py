@@ -61,6 +61,7 @@ from rlhflab.rewards.learned import SETTINGS_FILE
 from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
+    mixed_precision,
     num_optimizer_steps,
     open_run,
     optimizer_step,
@@ -421,11 +422,13 @@ def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, devic
     """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
     size = cfg.optim.micro_batch_size or len(examples)
     shared = cfg.algo.share_prompt and supports_shared_prompt(model)
+    amp = mixed_precision(cfg.model, device)
     sums: dict[str, float] = {}
     tokens = 0
     for s in range(0, len(examples), size):
         batch = _collate(examples[s:s + size], kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
-        out = _batch_loss(model, batch, kind, cfg, device)
+        with amp():
+            out = _batch_loss(model, batch, kind, cfg, device)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
         loss = out.loss.sum() / len(examples)
         check_finite({"loss/rm": loss}, step=step, last_good=last_ckpt)

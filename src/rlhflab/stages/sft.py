@@ -23,6 +23,7 @@ from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
     load_policy,
+    mixed_precision,
     num_optimizer_steps,
     open_run,
     optimizer_step,
@@ -105,6 +106,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
+    amp = mixed_precision(cfg.model, device)  # forward passes in bf16 under model.autocast=bf16
     progress = Progress(total_steps, "sft", enabled=cfg.logging.progress, completed=step)
     t_last, tokens_since = time.time(), 0
     while step < total_steps:
@@ -113,7 +115,8 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         n_tokens = sum(sum(examples[i]["loss_mask"][1:]) for i in indices)
         step_loss = 0.0
         for batch in _micro_batches(examples, indices, cfg, tokenizer.pad_token_id):
-            loss, n = _loss(model, batch, device, cfg.algo.loss_reduction, max(n_tokens, 1), len(indices))
+            with amp():
+                loss, n = _loss(model, batch, device, cfg.algo.loss_reduction, max(n_tokens, 1), len(indices))
             check_finite({"loss/sft": loss}, step=step + 1, last_good=last_ckpt)
             loss.backward()
             step_loss += float(loss.detach())
