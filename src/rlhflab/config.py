@@ -201,8 +201,8 @@ class RewardAlgo:
     the head its file belongs to; a head without a file trains on data.train_path (eval: data.eval_path or
     data.eval_fraction); a head with a file holds out data.eval_fraction of it. Empty: one head 'reward'."""
     center_rewards_coef: float = 0.0
-    """Penalty coef * (mean reward of an example's responses)^2, keeping rewards centred near 0
-    (Eisenstein et al. 2023)."""
+    """Penalty coef * (2 x mean reward of an example's responses)^2, for a pair coef * (r_c + r_r)^2, keeping
+    rewards centred near 0 (Eisenstein et al. 2023; the same scale as TRL's center_rewards_coefficient)."""
     normalization_samples: int = 1024
     """After training, score up to this many training responses and store their per-head mean/std in the
     model, so reward sources can whiten rewards (Llama 2); 0 skips it."""

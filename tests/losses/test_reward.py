@@ -11,11 +11,15 @@ import torch
 
 from rlhflab.errors import ConfigError
 from rlhflab.losses.reward import (
+    all_pairs_with_ties,
     bradley_terry,
     llama2_margins,
     pairwise_all_pairs,
     plackett_luce,
+    plackett_luce_with_ties,
     regression,
+    reward_centering,
+    tie_orders,
     trex,
 )
 
@@ -121,3 +125,95 @@ def test_gradcheck_reward_losses():
     assert torch.autograd.gradcheck(lambda x, y: regression(x, y).loss, (a, b))
     s1, s2 = rnd(4, 3), rnd(4, 3)
     assert torch.autograd.gradcheck(lambda x, y: trex(x, mask, y, mask.flip(0)).loss, (s1, s2))
+
+
+# ---- Rankings with ties ----------------------------------------------------------------------------------
+
+
+def test_tie_orders_by_hand():
+    assert tie_orders([0, 1, 2]) == [[0, 1, 2]]
+    assert tie_orders([0, 1, 1]) == [[0, 1, 2], [0, 2, 1]]
+    assert tie_orders([0, 0, 1, 1]) == [[0, 1, 2, 3], [0, 1, 3, 2], [1, 0, 2, 3], [1, 0, 3, 2]]
+    with pytest.raises(ValueError, match="720 orders"):
+        tie_orders([0] * 6 + [1], max_orders=120)
+
+
+def test_all_pairs_with_ties_by_hand():
+    """ranks [0, 1, 1], r = [1, 0, 0.5]: the tied pair (1, 2) is skipped, so
+    L = (-log s(1 - 0) - log s(1 - 0.5)) / 2 = (0.313262 + 0.474077) / 2 = 0.393669; both pairs in order: acc 1.
+    A second ranking [0, 1, -1] (K = 2, padded) with r = [0, 1]: -log s(-1) = 1.313262, accuracy 0."""
+    rewards = t([[1.0, 0.0, 0.5], [0.0, 1.0, 123.0]])
+    ranks = torch.tensor([[0, 1, 1], [0, 1, -1]])
+    out = all_pairs_with_ties(rewards, ranks)
+    torch.testing.assert_close(out.loss, t([0.393669, 1.313262]), atol=1e-6, rtol=0)
+    assert out.metrics["reward/accuracy"].tolist() == [1.0, 0.0]
+    # label smoothing 0.1 on the first ranking: 0.9 * 0.393669 + 0.1 * (1.313262 + 0.974077) / 2
+    smoothed = all_pairs_with_ties(rewards, ranks, label_smoothing=0.1)
+    assert float(smoothed.loss[0]) == pytest.approx(0.9 * 0.393669 + 0.1 * (1.313262 + 0.974077) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="no strictly ordered pair"):
+        all_pairs_with_ties(t([[1.0, 2.0]]), torch.tensor([[0, 0]]))
+
+
+def test_plackett_luce_with_ties_by_hand():
+    """ranks [0, 1, 1], r = [1, 0, 0.5]: the partial order is 'response 0 first', whatever the order of the
+    tie: P = e^1 / Z * (e^0 / (e^0 + e^.5) + e^.5 / (e^0 + e^.5)) = e^1 / Z, Z = e^1 + e^0 + e^.5 = 5.367003,
+    so L = log Z - 1 = 1.680270 - 1 = 0.680270."""
+    out = plackett_luce_with_ties(t([[1.0, 0.0, 0.5]]), torch.tensor([[0, 1, 1]]))
+    assert float(out.loss[0]) == pytest.approx(0.680270, abs=1e-6)
+    assert float(out.loss[0]) == pytest.approx(float(torch.log(torch.exp(t([1.0, 0.0, 0.5])).sum())) - 1, abs=1e-12)
+
+
+def test_rankings_with_ties_reduce_to_the_plain_losses_without_ties():
+    torch.manual_seed(0)
+    rewards = torch.randn(4, 3, dtype=F64)
+    ranks = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, -1], [0, 1, -1]])
+    mask = ranks >= 0
+    torch.testing.assert_close(plackett_luce_with_ties(rewards, ranks).loss, plackett_luce(rewards, mask).loss)
+    torch.testing.assert_close(all_pairs_with_ties(rewards, ranks).loss, pairwise_all_pairs(rewards, mask).loss)
+    # K = 2 without ties: both are Bradley-Terry.
+    two = rewards[:, :2]
+    bt = bradley_terry(two[:, 0], two[:, 1]).loss
+    torch.testing.assert_close(plackett_luce_with_ties(two, ranks[:, :2]).loss, bt)
+    torch.testing.assert_close(all_pairs_with_ties(two, ranks[:, :2]).loss, bt)
+
+
+def test_plackett_luce_with_ties_is_the_sum_over_consistent_orders():
+    """Brute force: P(partial order) = sum over the tie orders o of prod_k e^{r_o(k)} / sum_{j >= k} e^{r_o(j)}."""
+    torch.manual_seed(1)
+    rewards = torch.randn(1, 5, dtype=F64)
+    ranks = [0, 1, 1, 2, 2]
+    total = 0.0
+    for order in tie_orders(ranks):
+        r = rewards[0, order]
+        total += float(torch.prod(torch.stack([r[k].exp() / r[k:].exp().sum() for k in range(5)])))
+    out = plackett_luce_with_ties(rewards, torch.tensor([ranks]))
+    assert float(out.loss[0]) == pytest.approx(-torch.log(t(total)).item(), abs=1e-10)
+
+
+def test_absent_responses_never_matter():
+    ranks = torch.tensor([[0, 1, 1, -1]])
+    base = t([[1.0, 0.0, 0.5, 0.0]])
+    other = t([[1.0, 0.0, 0.5, float("nan")]]).requires_grad_()
+    for fn in (all_pairs_with_ties, plackett_luce_with_ties):
+        out = fn(other, ranks)
+        torch.testing.assert_close(out.loss, fn(base, ranks).loss)
+        out.loss.sum().backward()
+        assert float(other.grad[0, 3]) == 0.0 and torch.isfinite(other.grad).all()
+        other.grad = None
+
+
+def test_reward_centering_by_hand():
+    """Pair (r_c, r_r) = (1, 0): (r_c + r_r)^2 = 1; ranking [2, 1, 0] and a padded one [1, -1, (x)]:
+    (2 * mean)^2 = (2 * 1)^2 = 4 and (2 * 0)^2 = 0."""
+    torch.testing.assert_close(reward_centering(t([[1.0, 0.0]])), t([1.0]))
+    out = reward_centering(t([[2.0, 1.0, 0.0], [1.0, -1.0, 9.0]]), torch.tensor([[True] * 3, [True, True, False]]))
+    torch.testing.assert_close(out, t([4.0, 0.0]))
+
+
+def test_gradcheck_rankings_with_ties():
+    torch.manual_seed(2)
+    rewards = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    ranks = torch.tensor([[0, 1, 1, 2], [0, 0, 1, -1]])
+    assert torch.autograd.gradcheck(lambda r: plackett_luce_with_ties(r, ranks).loss, (rewards,))
+    assert torch.autograd.gradcheck(lambda r: all_pairs_with_ties(r, ranks, label_smoothing=0.1).loss, (rewards,))
+    assert torch.autograd.gradcheck(lambda r: reward_centering(r, ranks >= 0), (rewards,))

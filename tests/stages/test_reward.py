@@ -98,14 +98,14 @@ def test_rm_with_lora_and_gradient_checkpointing(tiny_model_dir, tmp_path):
 
 def test_pairwise_loss_uses_margins_by_hand():
     """chosen [1, 0], rejected [0, 0]: no margin -> [-log s(1), log 2] = [0.313262, 0.693147];
-    margins [1, 0] -> [log 2, log 2]; centering 0.5 * ((r_c + r_r) / 2)^2 adds [0.125, 0]."""
+    margins [1, 0] -> [log 2, log 2]; centering 0.5 * (r_c + r_r)^2 adds [0.5, 0]."""
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
     plain = reward.pairwise_loss(rewards, None)
     torch.testing.assert_close(plain.loss, torch.tensor([0.313262, math.log(2)]), atol=1e-6, rtol=0)
     with_margin = reward.pairwise_loss(rewards, torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(with_margin.loss, torch.tensor([math.log(2), math.log(2)]))
     centered = reward.pairwise_loss(rewards, None, center_coef=0.5)
-    torch.testing.assert_close(centered.loss, plain.loss + torch.tensor([0.125, 0.0]))
+    torch.testing.assert_close(centered.loss, plain.loss + torch.tensor([0.5, 0.0]))
     smoothed = reward.pairwise_loss(rewards, None, label_smoothing=0.1)
     # 0.9 * -log s(1) + 0.1 * -log s(-1) = 0.9 * 0.313262 + 0.1 * 1.313262
     assert float(smoothed.loss[0]) == pytest.approx(0.413262, abs=1e-6)

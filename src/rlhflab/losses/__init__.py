@@ -5,7 +5,8 @@ One module per family; see docs/losses.md for every function, its formula and it
 - utils: LossOutput / RewardOutput, masked_sum / mean / var / whiten, reduce_token_losses
 - logprobs: gather_logprobs, chunked_gather_logprobs, sequence_logps, entropy_from_logits
 - sft: sft_nll
-- reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, regression, trex
+- reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, the same two with
+  ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex
 - combine: llama2_safety_gate, weighted_sum, sparrow_rerank
 - preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, orpo, simpo, cpl, PREFERENCE_LOSSES
 - kl: kl_k1 / k2 / k3, alpacafarm_clamp, kl_shaped_rewards, kl_penalty_loss, KL controllers
@@ -60,11 +61,15 @@ from rlhflab.losses.preference import (
 )
 from rlhflab.losses.reward import (
     LLAMA2_MARGINS,
+    all_pairs_with_ties,
     bradley_terry,
     llama2_margins,
     pairwise_all_pairs,
     plackett_luce,
+    plackett_luce_with_ties,
     regression,
+    reward_centering,
+    tie_orders,
     trex,
 )
 from rlhflab.losses.sft import sft_nll
@@ -80,15 +85,15 @@ from rlhflab.losses.utils import (
 )
 
 __all__ = [
-    "KL_ESTIMATORS", "LLAMA2_MARGINS", "PREFERENCE_LOSSES", "REDUCTIONS",
-    "AdaptiveKLController", "FixedKLController", "LossOutput", "RewardOutput",
-    "alpacafarm_clamp", "bradley_terry", "cdpo", "chunked_gather_logprobs", "cpl", "discounted_returns",
-    "dpo", "entropy_bonus", "entropy_from_logits", "gae", "gather_logprobs", "group_normalized_advantages",
-    "hinge", "implicit_reward_metrics", "ipo", "kl_k1", "kl_k2", "kl_k3", "kl_penalty_loss",
-    "kl_shaped_rewards", "kto", "kto_kl_estimate", "last_token_index", "llama2_margins",
-    "llama2_safety_gate", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "orpo",
-    "pairwise_all_pairs", "plackett_luce", "ppo_policy_loss", "ppo_value_loss", "reduce_token_losses",
-    "regression", "reinforce_advantages", "reinforce_loss", "rloo_advantages", "robust_dpo",
-    "sequence_logps", "sft_nll", "simpo", "sparrow_rerank", "token_mask_from_labels", "trex",
+    "KL_ESTIMATORS", "LLAMA2_MARGINS", "PREFERENCE_LOSSES", "REDUCTIONS", "AdaptiveKLController",
+    "FixedKLController", "LossOutput", "RewardOutput", "all_pairs_with_ties", "alpacafarm_clamp",
+    "bradley_terry", "cdpo", "chunked_gather_logprobs", "cpl", "discounted_returns", "dpo", "entropy_bonus",
+    "entropy_from_logits", "gae", "gather_logprobs", "group_normalized_advantages", "hinge",
+    "implicit_reward_metrics", "ipo", "kl_k1", "kl_k2", "kl_k3", "kl_penalty_loss", "kl_shaped_rewards",
+    "kto", "kto_kl_estimate", "last_token_index", "llama2_margins", "llama2_safety_gate", "masked_mean",
+    "masked_sum", "masked_var", "masked_whiten", "orpo", "pairwise_all_pairs", "plackett_luce",
+    "plackett_luce_with_ties", "ppo_policy_loss", "ppo_value_loss", "reduce_token_losses", "regression",
+    "reinforce_advantages", "reinforce_loss", "reward_centering", "rloo_advantages", "robust_dpo",
+    "sequence_logps", "sft_nll", "simpo", "sparrow_rerank", "tie_orders", "token_mask_from_labels", "trex",
     "weighted_sum", "whiten",
 ]

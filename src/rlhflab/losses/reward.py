@@ -6,6 +6,10 @@ ranked order: column 0 is the best response, column K-1 the worst.
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -145,6 +149,101 @@ def pairwise_all_pairs(rewards: Tensor, mask: Tensor | None = None) -> LossOutpu
     n_pairs = pairs.sum((1, 2)).clamp(min=1).to(r.dtype)
     loss = masked_sum(pair_losses, pairs, dim=-1).sum(-1) / n_pairs
     return LossOutput(loss, detach_metrics({"reward/accuracy": _pairwise_accuracy(r, mask)}))
+
+
+def tie_orders(ranks: Sequence[int], max_orders: int | None = None) -> list[list[int]]:
+    """Every order of K responses consistent with `ranks` (0 = best, equal = tied), best first.
+
+    [0, 1, 1] -> [[0, 1, 2], [0, 2, 1]]; without ties, the one order. Raises ValueError when there are more
+    than `max_orders` (the product of the tie groups' factorials).
+    """
+    groups = [[i for i, r in enumerate(ranks) if r == g] for g in sorted(set(ranks))]
+    n_orders = math.prod(math.factorial(len(g)) for g in groups)
+    if max_orders is not None and n_orders > max_orders:
+        raise ValueError(f"ranks {list(ranks)} allow {n_orders} orders of their ties, more than {max_orders}")
+    per_group = (itertools.permutations(g) for g in groups)
+    return [list(itertools.chain(*perm)) for perm in itertools.product(*per_group)]
+
+
+def _strictly_above(ranks: Tensor) -> Tensor:
+    """[B, K, K] bool: response i is ranked strictly above response j (both present; -1 = absent)."""
+    present = ranks >= 0
+    return present[:, :, None] & present[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+
+
+def _ordered_pair_accuracy(rewards: Tensor, above: Tensor) -> Tensor:
+    right = ((rewards[:, :, None] - rewards[:, None, :] > 0) & above).sum((1, 2)).to(rewards.dtype)
+    return right / above.sum((1, 2)).clamp(min=1).to(rewards.dtype)
+
+
+def all_pairs_with_ties(rewards: Tensor, ranks: Tensor, *, label_smoothing: float = 0.0) -> LossOutput:
+    """InstructGPT's K-wise loss over the strictly ordered pairs of a ranking that may contain ties.
+
+    L = -1/|P| * sum_{(i, j) in P} log sigma(r_i - r_j),  P = {(i, j): rank_i < rank_j}
+    (Ouyang et al. 2022, Eq. 1, with the pairs of tied responses left out: a tie states no preference).
+    Without ties this is `pairwise_all_pairs`; with label_smoothing eps each pair's loss is the conservative
+    cross-entropy of `bradley_terry`.
+
+    rewards: [B, K]; ranks: [B, K] long, 0 = best, equal = tied, -1 = no response (ragged K). Every ranking
+    needs at least one strictly ordered pair. Returns loss [B]; metric reward/accuracy = the share of strictly
+    ordered pairs scored in order.
+    """
+    check_same_shape(rewards=rewards, ranks=ranks)
+    check_unit_interval("label_smoothing", label_smoothing, upper=0.5, upper_open=True)
+    rewards = fill_masked(rewards, ranks >= 0)  # absent responses never enter the arithmetic
+    above = _strictly_above(ranks)
+    n_pairs = above.sum((1, 2))
+    if bool((n_pairs == 0).any()):
+        raise ValueError("all_pairs_with_ties: a ranking has no strictly ordered pair (every response tied)")
+    pair_losses = _smoothed_logistic(rewards[:, :, None] - rewards[:, None, :], label_smoothing)
+    loss = masked_sum(pair_losses, above, dim=-1).sum(-1) / n_pairs.to(rewards.dtype)
+    return LossOutput(loss, detach_metrics({"reward/accuracy": _ordered_pair_accuracy(rewards, above)}))
+
+
+def plackett_luce_with_ties(rewards: Tensor, ranks: Tensor, *, max_orders: int = 120) -> LossOutput:
+    """Plackett-Luce negative log-likelihood of a ranking with ties: the probability of the observed partial
+    order is the sum of the probabilities of the total orders consistent with it.
+
+    L = -log sum_{o in O(ranks)} exp(-L_PL(r_o))   (`plackett_luce` for L_PL; O(ranks) = every order of the
+    tied responses within their tie groups, `tie_orders`; without ties, O has one order and L = L_PL).
+
+    rewards: [B, K]; ranks: [B, K] long, 0 = best, equal = tied, -1 = no response. Returns loss [B]; metric
+    reward/accuracy = the share of strictly ordered pairs scored in order. More than `max_orders` orders in
+    one ranking raise ValueError (use `all_pairs_with_ties` there).
+    """
+    check_same_shape(rewards=rewards, ranks=ranks)
+    rewards = fill_masked(rewards, ranks >= 0)
+    b, k = ranks.shape
+    owners, orders = [], []
+    for row, row_ranks in enumerate(ranks.tolist()):
+        present = [i for i, r in enumerate(row_ranks) if r >= 0]
+        for order in tie_orders([row_ranks[i] for i in present], max_orders):
+            owners.append(row)
+            orders.append([present[i] for i in order] + [-1] * (k - len(order)))
+    owner = torch.tensor(owners, device=rewards.device)
+    index = torch.tensor(orders, device=rewards.device)  # [E, K] response indices, best first; -1 = none
+    nll = plackett_luce(rewards[owner[:, None], index.clamp(min=0)], index >= 0).loss  # [E]
+    # Row b's orders go to slots 0..n_b-1 of a [B, max n_b] table; empty slots are -inf (weight 0).
+    counts = torch.bincount(owner.cpu(), minlength=b).tolist()
+    slot = torch.cat([torch.arange(c) for c in counts]).to(rewards.device)
+    table = rewards.new_full((b, int(slot.max()) + 1), float("-inf")).index_put((owner, slot), -nll)
+    loss = -torch.logsumexp(table, dim=1)
+    accuracy = _ordered_pair_accuracy(rewards, _strictly_above(ranks))
+    return LossOutput(loss, detach_metrics({"reward/accuracy": accuracy}))
+
+
+def reward_centering(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Auxiliary term that keeps rewards centred near 0: (2 x the mean reward of an example's responses)^2.
+
+    For a pair this is (r_c + r_r)^2, the centering term of Eisenstein et al. 2023 ("Helping or Herding?
+    Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking", arXiv 2312.09244; TRL's
+    center_rewards_coefficient). Bradley-Terry only sees differences, so without it the offset is free.
+
+    rewards: [B, K]; mask: [B, K], True = the response exists. Returns [B] (multiply by a coefficient).
+    """
+    r, mask = _ranked_inputs(rewards, mask)
+    mean = masked_sum(r, mask, dim=-1) / mask.sum(-1).clamp(min=1).to(r.dtype)
+    return (2 * mean) ** 2
 
 
 def regression(predicted: Tensor, target: Tensor) -> LossOutput:

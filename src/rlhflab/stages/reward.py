@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,12 +40,21 @@ from rlhflab.data import (
     collate_pairs,
     collate_ranked,
     collate_shared_prompt,
+    pad,
     tokenize_pair,
     tokenize_ranked,
 )
 from rlhflab.errors import ConfigError, DataError
 from rlhflab.eval.metrics import accuracy_by_bucket
-from rlhflab.losses import LossOutput, bradley_terry, llama2_margins, plackett_luce
+from rlhflab.losses import (
+    LossOutput,
+    all_pairs_with_ties,
+    bradley_terry,
+    llama2_margins,
+    plackett_luce_with_ties,
+    reward_centering,
+)
+from rlhflab.losses import tie_orders as losses_tie_orders
 from rlhflab.models.backbone import last_token_index
 from rlhflab.models.loading import (
     LoraSettings,
@@ -110,16 +118,13 @@ def _margin(record, mode: str, where: str) -> float | None:
 
 
 def tie_orders(ranks: Sequence[int]) -> list[list[int]]:
-    """Every order of the responses consistent with `ranks` (0 = best, equal = tied), best first.
-
-    [0, 1, 1] -> [[0, 1, 2], [0, 2, 1]]. Without ties, the one order 0..K-1.
-    """
-    groups = [[i for i, r in enumerate(ranks) if r == g] for g in sorted(set(ranks))]
-    n_orders = math.prod(math.factorial(len(g)) for g in groups)
-    if n_orders > MAX_TIE_ORDERS:
-        raise ConfigError(f"a ranking with ranks {list(ranks)} has {n_orders} orders of its ties (more than "
-                          f"{MAX_TIE_ORDERS}); use algo.loss=all_pairs, which skips tied pairs")
-    return [list(itertools.chain(*perm)) for perm in itertools.product(*(itertools.permutations(g) for g in groups))]
+    """Every order of the responses consistent with `ranks` (`rlhflab.losses.tie_orders`), refusing more
+    than MAX_TIE_ORDERS with what to do instead."""
+    try:
+        return losses_tie_orders(ranks, MAX_TIE_ORDERS)
+    except ValueError:
+        raise ConfigError(f"a ranking with ranks {list(ranks)} has more than {MAX_TIE_ORDERS} orders of its ties; "
+                          "use algo.loss=all_pairs, which skips tied pairs") from None
 
 
 def _tokenize(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str) -> dict[str, Any]:
@@ -132,7 +137,8 @@ def _tokenize(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where:
         ex = tokenize_ranked(record, tokenizer, **kw)
         ranks = ex["ranks"]
         ex["pairs"] = [(i, j) for i, j in itertools.combinations(range(len(ranks)), 2) if ranks[i] < ranks[j]]
-        ex["orders"] = tie_orders(ranks) if cfg.algo.loss == "plackett_luce" else []
+        if cfg.algo.loss == "plackett_luce":
+            tie_orders(ranks)  # refuse a ranking with too many tie orders before training starts
     ex["head"] = head
     return ex
 
@@ -184,15 +190,8 @@ def _collate(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool =
         batch = collate_ranked(examples, pad_token_id=pad_id)
     else:
         batch["num_responses"] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
+        batch["ranks"] = pad([e["ranks"] for e in examples], -1)
     batch["row_head"] = heads.repeat_interleave(batch["num_responses"])
-    offsets = (batch["num_responses"].cumsum(0) - batch["num_responses"]).tolist()
-    pairs = [(b, off + i, off + j) for b, (e, off) in enumerate(zip(examples, offsets)) for i, j in e["pairs"]]
-    batch["pair_owner"], batch["pair_hi"], batch["pair_lo"] = torch.tensor(pairs, dtype=torch.long).T
-    orders = [(b, [off + i for i in order]) for b, (e, off) in enumerate(zip(examples, offsets)) for order in e["orders"]]
-    if orders:
-        k_max = int(batch["num_responses"].max())
-        batch["order_owner"] = torch.tensor([b for b, _ in orders])
-        batch["orders"] = torch.tensor([o + [-1] * (k_max - len(o)) for _, o in orders])
     return batch
 
 
@@ -220,25 +219,19 @@ def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch
     return _rewards(model, batch, device).gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
 
 
-def _centering(per_response: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """(mean reward of each example's responses)^2: [n]."""
-    sums = per_response.new_zeros(n).index_add(0, owner, per_response)
-    counts = per_response.new_zeros(n).index_add(0, owner, torch.ones_like(per_response))
-    return (sums / counts) ** 2
-
-
 def pairwise_loss(rewards: torch.Tensor, margin: torch.Tensor | None, *, label_smoothing: float = 0.0,
                   center_coef: float = 0.0) -> LossOutput:
     """Bradley-Terry over a stacked batch: rewards [2B] (chosen rows, then rejected rows); margin [B] or None.
 
-    Returns loss [B] (plus center_coef * ((r_c + r_r) / 2)^2) and the `reward/*` metrics of bradley_terry.
+    Returns loss [B] (plus center_coef * `reward_centering`, (r_c + r_r)^2) and the `reward/*` metrics of
+    bradley_terry.
     """
     b = rewards.shape[0] // 2
     chosen, rejected = rewards[:b], rewards[b:]
     out = bradley_terry(chosen, rejected, margin=margin, label_smoothing=label_smoothing)
     loss, metrics = out.loss, dict(out.metrics)
     if center_coef:
-        center = ((chosen + rejected) / 2) ** 2
+        center = reward_centering(torch.stack([chosen, rejected], dim=1))
         loss, metrics["loss/center"] = loss + center_coef * center, center.detach()
     return LossOutput(loss, metrics)
 
@@ -247,32 +240,24 @@ def ranked_loss(scores: torch.Tensor, batch: dict, *, loss: str, label_smoothing
                 center_coef: float = 0.0) -> LossOutput:
     """K-wise loss of B rankings from flat per-response scores [N] (rows of `collate_ranked` order).
 
-    all_pairs: the mean Bradley-Terry loss over the strictly ordered pairs of each ranking (InstructGPT
-    Eq. 1; tied pairs carry no preference and are skipped; without ties this is `pairwise_all_pairs`).
-    plackett_luce: -log of the Plackett-Luce likelihood summed over every order of the tied responses,
-    -log sum_o exp(-L_PL(o)) (the probability of the observed partial order; without ties, `plackett_luce`).
-    Returns loss [B]; metric reward/accuracy = share of strictly ordered pairs scored in order.
+    all_pairs: `all_pairs_with_ties` (InstructGPT Eq. 1 over the strictly ordered pairs); plackett_luce:
+    `plackett_luce_with_ties` (the likelihood summed over every order of the tied responses). Returns loss
+    [B] (plus center_coef * `reward_centering`); metric reward/accuracy = share of strictly ordered pairs
+    scored in order.
     """
-    n = batch["num_responses"].shape[0]
-    owner, hi, lo = (batch[k].to(scores.device) for k in ("pair_owner", "pair_hi", "pair_lo"))
-    pair = bradley_terry(scores[hi], scores[lo], label_smoothing=label_smoothing)
-    n_pairs = scores.new_zeros(n).index_add(0, owner, torch.ones_like(pair.loss))
-    correct = scores.new_zeros(n).index_add(0, owner, (scores[hi] > scores[lo]).to(scores.dtype))
-    metrics = {"reward/accuracy": (correct / n_pairs).detach()}
+    counts = batch["num_responses"].to(scores.device)
+    present = torch.arange(int(counts.max()), device=scores.device)[None] < counts[:, None]
+    table = scores.new_zeros(present.shape).masked_scatter(present, scores)  # [B, K_max], best first
+    ranks = batch["ranks"].to(scores.device)
     if loss == "all_pairs":
-        per_example = scores.new_zeros(n).index_add(0, owner, pair.loss) / n_pairs
+        out = all_pairs_with_ties(table, ranks, label_smoothing=label_smoothing)
     elif loss == "plackett_luce":
-        orders, order_owner = batch["orders"].to(scores.device), batch["order_owner"].to(scores.device)
-        nll = plackett_luce(scores[orders.clamp(min=0)], orders >= 0).loss  # [E]
-        slot = torch.cat([torch.arange(c) for c in torch.bincount(order_owner.cpu(), minlength=n).tolist()])
-        table = scores.new_full((n, int(slot.max()) + 1), float("-inf"))
-        table = table.index_put((order_owner, slot.to(scores.device)), -nll)
-        per_example = -torch.logsumexp(table, dim=1)
+        out = plackett_luce_with_ties(table, ranks, max_orders=MAX_TIE_ORDERS)
     else:
         raise ConfigError(f"unknown K-wise loss {loss!r}; use plackett_luce or all_pairs")
+    per_example, metrics = out.loss, dict(out.metrics)
     if center_coef:
-        row_owner = torch.arange(n, device=scores.device).repeat_interleave(batch["num_responses"].to(scores.device))
-        center = _centering(scores, row_owner, n)
+        center = reward_centering(table, present)
         per_example, metrics["loss/center"] = per_example + center_coef * center, center.detach()
     return LossOutput(per_example, metrics)
 
