@@ -171,6 +171,13 @@ def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dic
     return result
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "/work/bench-venv/bin/python"),
@@ -188,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split")
     ap.add_argument("--only", choices=("all", "dpo", "rm"), default="all",
                     help="run only the DPO comparisons (with the loss check) or only the reward-model ones")
-    ap.add_argument("--repeats", type=int, default=1,
+    ap.add_argument("--repeats", type=_positive, default=1,
                     help="run each throughput measurement this many times, rlhflab and TRL interleaved, and "
                          "report the median run of each (the VM's speed drifts over minutes)")
     ap.add_argument("--nice", type=int, default=0,

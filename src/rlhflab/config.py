@@ -210,7 +210,8 @@ class RewardAlgo:
     """Run each example's prompt once for all its responses: one row prompt, response 1, ..., response K,
     where each response attends only to the prompt and itself (same rewards up to float rounding, fewer
     tokens). Used when the model's attention takes a 4-D mask (sdpa, eager) and every response extends the
-    tokenized prompt; other batches get one row per response. false: always one row per response."""
+    tokenized prompt; other batches get one row per response. false: always one row per response (the 4-D
+    mask holds B x T^2 entries and rules out flash attention kernels, so very long rows may prefer it)."""
 
     def __post_init__(self):
         _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",

@@ -65,10 +65,41 @@ def test_sft_trains_in_bf16_with_float32_weights(tiny_model_dir, sft_file, tmp_p
     assert {t.dtype for t in weights.values()} == {torch.float32}  # master weights stay float32
 
 
-def test_dpo_reference_shares_the_policy_precision(tiny_model_dir, tmp_path, monkeypatch):
+def test_every_head_path_computes_the_same_numbers_under_autocast():
+    # Kept softmax, chunk-by-chunk recomputation and the no-grad pass must agree under autocast too, or a
+    # policy scored on one path and its reference on another would not start at log-ratio 0.
+    from rlhflab.stages import forward
+
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 16)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (12,))
+    results = []
+    for saved_bytes in (2**30, 0):
+        with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
+            mp.setattr(forward, "SAVED_PROBS_BYTES", saved_bytes)
+            h = (hidden @ torch.eye(16)).requires_grad_()  # bf16 under autocast, as a decoder's output is
+            out = forward.head_logps(h, weight, labels, chunk_size=5)
+        weight.grad = None
+        out.sum().backward()
+        results.append((out.detach(), weight.grad.clone()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        no_grad = forward.head_logps(hidden @ torch.eye(16), weight, labels, chunk_size=5)
+    assert results[0][0].dtype == torch.float32
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][0], no_grad)
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("head_path", ["kept softmax", "chunked"])
+def test_dpo_reference_shares_the_policy_precision(tiny_model_dir, tmp_path, monkeypatch, head_path):
     # The cached reference log-probs come from the same bf16 forward as the policy's, so at the first step
     # (policy == reference) the log-ratios are exactly 0 and the loss exactly log 2. A float32 reference
     # against a bf16 policy would be off by bf16 rounding (~1e-2 nats per response).
+    from rlhflab.stages import forward
+
+    if head_path == "chunked":  # the path long batches take: the head recomputed chunk by chunk in backward
+        monkeypatch.setattr(forward, "SAVED_PROBS_BYTES", 0)
     seen = _spy_linear_dtypes(monkeypatch, dpo)
     rows = [{"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."} for p in PROMPTS]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows * 4)

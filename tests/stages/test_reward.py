@@ -162,14 +162,13 @@ def test_kwise_training_raises_kendall_tau(tiny_model_dir, tmp_path, loss):
     assert evals[-1]["eval/kendall_tau"] > evals[0]["eval/kendall_tau"] + 0.4
 
 
-def _ranked_batch(ranks_list, loss):
+def _ranked_batch(ranks_list):
     examples = []
     for ranks in ranks_list:
         k = len(ranks)
         ex = {"input_ids": [[1, 5]] * k, "attention_mask": [[1, 1]] * k, "loss_mask": [[False, True]] * k,
               "ranks": ranks, "head": 0}
         ex["pairs"] = [(i, j) for i in range(k) for j in range(i + 1, k) if ranks[i] < ranks[j]]
-        ex["orders"] = reward.tie_orders(ranks) if loss == "plackett_luce" else []
         examples.append(ex)
     return reward._collate(examples, "ranked", pad_id=0)
 
@@ -177,10 +176,10 @@ def _ranked_batch(ranks_list, loss):
 def test_ranked_losses_without_ties_match_the_loss_library():
     scores = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.1])  # one ranking of 3, one of 2
     for loss, ref in (("all_pairs", pairwise_all_pairs), ("plackett_luce", plackett_luce)):
-        out = reward.ranked_loss(scores, _ranked_batch([[0, 1, 2], [0, 1]], loss), loss=loss)
+        out = reward.ranked_loss(scores, _ranked_batch([[0, 1, 2], [0, 1]]), loss=loss)
         expected = torch.cat([ref(scores[None, :3]).loss, ref(scores[None, 3:]).loss])
         torch.testing.assert_close(out.loss, expected)
-    acc = reward.ranked_loss(torch.tensor([0.0, 1.0, -1.0]), _ranked_batch([[0, 1, 2]], "all_pairs"), loss="all_pairs")
+    acc = reward.ranked_loss(torch.tensor([0.0, 1.0, -1.0]), _ranked_batch([[0, 1, 2]]), loss="all_pairs")
     assert acc.metrics["reward/accuracy"].tolist() == [pytest.approx(2 / 3)]
 
 
@@ -190,10 +189,10 @@ def test_ranked_losses_with_ties_by_hand():
     plackett_luce: orders (0,1,2) and (0,2,1): P = e^1/Z * (e^0 / (e^0 + e^.5) + e^.5 / (e^0 + e^.5)) = e^1/Z,
     Z = e^1 + e^0 + e^.5, so the loss is -(1 - log Z) = log(e + 1 + e^.5) - 1 = 0.832945."""
     r = torch.tensor([1.0, 0.0, 0.5])
-    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]], "all_pairs"), loss="all_pairs")
+    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]]), loss="all_pairs")
     assert float(out.loss[0]) == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(0.5))).item() / 2)
     assert float(out.loss[0]) == pytest.approx(0.393669, abs=1e-6)
-    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]], "plackett_luce"), loss="plackett_luce")
+    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]]), loss="plackett_luce")
     assert float(out.loss[0]) == pytest.approx(math.log(math.e + 1 + math.exp(0.5)) - 1, abs=1e-6)
     assert reward.tie_orders([0, 1, 1, 2]) == [[0, 1, 2, 3], [0, 2, 1, 3]]
     with pytest.raises(ConfigError, match="use algo.loss=all_pairs"):
@@ -299,21 +298,39 @@ def test_rm_stops_on_nan_with_checkpoint_intact(tiny_model_dir, tmp_path, monkey
 
 
 def _shared_vs_stacked_model(arch, kv_heads, tokenizer):
-    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+    import transformers
 
     torch.manual_seed(0)
     vocab = len(tokenizer)
     if arch == "gpt2":  # absolute positions: a response's position ids must continue from the prompt
-        backbone = GPT2Model(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        backbone = transformers.GPT2Model(transformers.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0))
     else:
-        backbone = LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=kv_heads, intermediate_size=48,
-                                          max_position_embeddings=64))
+        config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaModel"), "qwen2": ("Qwen2Config", "Qwen2Model"),
+                                 "mistral": ("MistralConfig", "MistralModel")}[arch]
+        extra = {"sliding_window": None} if arch == "mistral" else {}
+        config = getattr(transformers, config_cls)(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+            intermediate_size=48, max_position_embeddings=64, **extra)
+        backbone = getattr(transformers, model_cls)(config)
     return RewardModel(backbone.train(), 2)
 
 
-@pytest.mark.parametrize("arch,kv_heads", [("llama", 4), ("llama", 2), ("gpt2", 4)])
+def test_shared_prompt_rows_only_where_the_mask_is_known_to_work(tiny_tokenizer):
+    from transformers import BloomConfig, BloomModel
+
+    assert not reward.supports_shared_prompt(RewardModel(BloomModel(BloomConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=1, n_head=4)), 1))  # ALiBi from a 2-D mask
+    windowed = _shared_vs_stacked_model("mistral", 2, tiny_tokenizer)
+    assert reward.supports_shared_prompt(windowed)
+    windowed.config.sliding_window = 16  # a custom mask would override the window
+    assert not reward.supports_shared_prompt(windowed)
+    windowed.config._attn_implementation = "flash_attention_2"
+    assert not reward.supports_shared_prompt(windowed)
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 4), ("llama", 2), ("gpt2", 4), ("qwen2", 2), ("mistral", 2)])
 def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny_tokenizer, arch, kv_heads):
     from rlhflab.data import tokenize_pair, tokenize_ranked
     from rlhflab.data.records import RankedRecord
@@ -328,7 +345,7 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny
                               tiny_tokenizer)]
     for kind, examples in (("pairwise", pairs), ("ranked", ranked)):
         for e in examples:
-            e["head"], e["pairs"], e["orders"] = 1, [(0, 1)], []
+            e["head"], e["pairs"] = 1, [(0, 1)]
         results = []
         for shared in (True, False):
             batch = reward._collate(examples, kind, tiny_tokenizer.pad_token_id, shared=shared)

@@ -123,7 +123,14 @@ def head_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | No
     Keeps the [N, V] softmax for the backward when gradients are needed and it fits SAVED_PROBS_BYTES;
     otherwise never holds more than a few [chunk_size, V] blocks. chunk_size: rows per block (default:
     a CHUNK_BYTES block).
+
+    Under torch.autocast the head still runs in the weight's dtype: every path (kept softmax, chunked,
+    no-grad) then computes the same numbers, and a chunked backward recomputes exactly its forward's logits.
     """
+    if torch.is_autocast_enabled(hidden.device.type):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return head_logps(hidden.to(weight.dtype), weight, labels, bias, chunk_size=chunk_size,
+                              temperature=temperature)
     cdtype = torch.promote_types(weight.dtype, torch.float32)
     if chunk_size is None:
         chunk_size = max(1, CHUNK_BYTES // (weight.shape[0] * cdtype.itemsize))

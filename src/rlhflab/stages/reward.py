@@ -160,10 +160,21 @@ def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tu
     return train, held
 
 
+# Decoder families whose attention takes a custom 4-D mask with explicit position ids as it is (shared-prompt
+# rows give the rewards of separate rows: tests/stages/test_reward.py). Others get one row per response:
+# ALiBi models (Bloom) build their biases from a 2-D mask, and a custom mask would override sliding windows.
+SHARED_PROMPT_MODEL_TYPES = ("llama", "gpt2", "qwen2", "mistral")
+
+
 def supports_shared_prompt(model: RewardModel) -> bool:
-    """Whether the backbone's attention takes the 4-D masks of shared-prompt rows (sdpa and eager do;
-    flash-attention reads only padding masks)."""
-    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+    """Whether the backbone can run shared-prompt rows: a tested decoder family, attention that reads 4-D
+    masks (sdpa, eager; flash-attention reads only padding masks), and no active sliding window."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if getattr(config, "model_type", None) not in SHARED_PROMPT_MODEL_TYPES:
+        return False
+    return not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False
 
 
 def _collate(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool = False,
@@ -173,7 +184,7 @@ def _collate(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool =
 
     shared: one row per example (prompt once, then its responses, `collate_shared_prompt`) when every
     example allows it, with `read_rows`/`read_positions` in that flat order; else one row per response.
-    Ranked batches add flat pair and tie-order indices.
+    Ranked batches carry `num_responses` [B] and `ranks` [B, K_max] (-1 = no response).
     """
     heads = torch.tensor([e["head"] for e in examples])
     batch = collate_shared_prompt(examples, pad_token_id=pad_id, dtype=dtype) if shared else None
@@ -448,6 +459,9 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
     shared = cfg.algo.share_prompt and supports_shared_prompt(model)
+    if cfg.algo.share_prompt and not shared:
+        print(f"rm: one row per response: shared-prompt rows need a {'/'.join(SHARED_PROMPT_MODEL_TYPES)} backbone "
+              "with sdpa or eager attention and no sliding window")
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     n_params = count_parameters(model)
