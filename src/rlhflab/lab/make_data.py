@@ -194,6 +194,14 @@ def _step_rows(
     return rows
 
 
+def _check_counts(k: int, **counts: int) -> None:
+    for name, value in counts.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if k < 2:
+        raise ConfigError(f"k (responses per ranking) must be >= 2, got {k}")
+
+
 def make_task_data(
     task: str | LabTask,
     out_dir: str | Path,
@@ -216,19 +224,8 @@ def make_task_data(
     """Write a task's datasets to `out_dir` (see the module docstring). Returns {kind: path}, kinds
     "sft", "pairs", "prompts", "heldout", "manifest" and, when asked for, "rankings", "unpaired", "steps"."""
     task = get_task(task)
-    for name, value in {
-        "n_sft": n_sft,
-        "n_pairs": n_pairs,
-        "n_prompts": n_prompts,
-        "n_heldout": n_heldout,
-        "n_rankings": n_rankings,
-        "n_unpaired": n_unpaired,
-        "n_steps": n_steps,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
-    if k < 2:
-        raise ConfigError(f"k (responses per ranking) must be >= 2, got {k}")
+    _check_counts(k, n_sft=n_sft, n_pairs=n_pairs, n_prompts=n_prompts, n_heldout=n_heldout,
+                  n_rankings=n_rankings, n_unpaired=n_unpaired, n_steps=n_steps)
     settings = annotator_settings or AnnotatorSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -251,6 +251,32 @@ def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) ->
                                 "score": float(exp["scores"][i]), "kl": float(exp["seq_kl"][i])}) + "\n")
 
 
+def _load_prompts(cfg: PPOConfig, run_dir: Path) -> tuple[list, int]:
+    """(prompts, rollout batches per epoch), refusing fewer prompts than one rollout batch."""
+    records, _ = load_stage_records(cfg.data, "prompt", model_name=cfg.model.name_or_path, run_dir=run_dir,
+                                    seed=cfg.seed)
+    prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
+    steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config: {len(prompts)} prompts are fewer than algo.rollout_batch_size "
+                          f"({cfg.algo.rollout_batch_size}); lower it or add prompts")
+    return prompts, steps_per_epoch
+
+
+def _save_final(run_dir: Path, policy, value_model, tokenizer) -> Path:
+    """The policy as a plain HF causal LM (+ value head file) in RUN/final; a separate critic in RUN/critic."""
+    from rlhflab.models.heads import PolicyWithValueHead
+    from rlhflab.models.loading import save_model
+
+    final = run_dir / "final"
+    if isinstance(value_model, ValueHead):
+        PolicyWithValueHead(policy, value_model).save_pretrained(final, tokenizer)
+    else:
+        save_model(policy, tokenizer, final)
+        value_model.save_pretrained(run_dir / "critic", tokenizer)
+    return final
+
+
 def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, reward: Any = None) -> Path:
     """Run PPO; returns the final policy directory (RUN/final, a plain HF causal LM + value head).
 
@@ -262,13 +288,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg)
     reward = reward if reward is not None else _load_reward(cfg, device)
-    records, _ = load_stage_records(cfg.data, "prompt", model_name=cfg.model.name_or_path, run_dir=run.dir,
-                                    seed=cfg.seed)
-    prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
-    steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"config: {len(prompts)} prompts are fewer than algo.rollout_batch_size "
-                          f"({cfg.algo.rollout_batch_size}); lower it or add prompts")
+    prompts, steps_per_epoch = _load_prompts(cfg, run.dir)
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
@@ -323,17 +343,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         progress.update(1, {"score": metrics["reward/score"], "kl": metrics["kl/sequence"]})
     progress.close()
 
-    # Save: the policy as a plain HF causal LM (+ value head file), the critic beside it when separate.
-    from rlhflab.models.heads import PolicyWithValueHead
-
-    final = run.dir / "final"
-    if isinstance(value_model, ValueHead):
-        PolicyWithValueHead(policy, value_model).save_pretrained(final, tokenizer)
-    else:
-        from rlhflab.models.loading import save_model
-
-        save_model(policy, tokenizer, final)
-        value_model.save_pretrained(run.dir / "critic", tokenizer)
+    final = _save_final(run.dir, policy, value_model, tokenizer)
     run.close()
     print(f"ppo: saved the policy to {final}")
     return final
