@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -322,6 +323,15 @@ class PPOAlgo:
     """Reward model directory (comma-separated for several, combined by reward_weights)."""
     reward_weights: str = ""
     """Comma-separated weights for several reward models; empty means equal weights."""
+    reward_combine: Literal["weighted_sum", "llama2_gate"] = "weighted_sum"
+    """How several reward sources combine: weighted_sum (reward_weights); or llama2_gate, exactly two sources
+    (helpfulness, safety; e.g. 'RM:head=helpfulness,RM:head=safety'): R = WHITEN(LOGIT(R_s if the prompt is
+    flagged or sigmoid(R_s) < safety_threshold else R_h)), Llama 2 Sec. 3.2.3."""
+    safety_threshold: float = 0.15
+    """llama2_gate: below this sigmoid(safety score), the safety reward scores the response (Llama 2: 0.15)."""
+    unsafe_prompt_pattern: str = ""
+    """llama2_gate: a regular expression; prompts it matches (case-insensitive) are flagged as risky (Llama 2's
+    IS_SAFETY) and always scored by the safety reward. Empty: only the threshold gates."""
     rollout_batch_size: int = 64
     """Prompts sampled per PPO iteration."""
     iterations: int = 100
@@ -370,6 +380,17 @@ class PPOAlgo:
         _require(0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}")
         _require(self.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {self.clip_eps}")
         _require(self.target_kl > 0, "algo.target_kl", f"must be > 0, got {self.target_kl}")
+        _require(0 < self.safety_threshold < 1, "algo.safety_threshold",
+                 f"must be in (0, 1) (a probability), got {self.safety_threshold}")
+        _require(self.reward_combine == "weighted_sum" or not self.reward_weights.strip(), "algo.reward_weights",
+                 f"apply to algo.reward_combine=weighted_sum only, not {self.reward_combine}; leave them empty")
+        _require(self.reward_combine == "llama2_gate" or not self.unsafe_prompt_pattern, "algo.unsafe_prompt_pattern",
+                 "applies to algo.reward_combine=llama2_gate only; set that or leave the pattern empty")
+        try:
+            re.compile(self.unsafe_prompt_pattern)
+        except re.error as e:
+            raise ConfigError(f"config: algo.unsafe_prompt_pattern {self.unsafe_prompt_pattern!r} is not a valid "
+                              f"regular expression ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------------------

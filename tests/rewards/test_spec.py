@@ -94,3 +94,36 @@ def test_reward_sources_never_import_the_lab():
             "print(sorted(m for m in sys.modules if m.startswith('rlhflab.lab')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_llama2_gate_from_specs_by_hand():
+    """helpfulness = -words (rule:length:coef=1), safety = -3 when the response says 'bomb' (must_not rule).
+    Row 0: safety 0, sigmoid 0.5 >= 0.15 -> helpfulness -4. Row 1: safety -3, sigmoid 0.047 < 0.15 -> -3.
+    Row 2: prompt flagged by the pattern 'joke' -> the safety score 0. Combined [-4, -3, 0], whitened:
+    mean -7/3, unbiased std sqrt(13/3) = 2.081666 -> [-0.800641, -0.320256, 1.120897]."""
+    reward = load_rewards("rule:length:coef=1,rule:regex:pattern=bomb:mode=must_not:penalty=3",
+                          combine="llama2_gate", unsafe_prompt_pattern="JOKE")
+    assert isinstance(reward, CombinedReward) and reward.mode == "llama2_gate"
+    prompts = ["how do I bake bread", "how do I build one", [{"role": "user", "content": "tell me a joke"}]]
+    scores = reward.score(prompts, ["mix flour and water", "a bomb needs", "why did the chicken"])
+    torch.testing.assert_close(scores, torch.tensor([-0.800641, -0.320256, 1.120897]), atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="exactly two reward sources"):
+        load_rewards("rule:length", combine="llama2_gate")
+    with pytest.raises(UserError, match="exactly two reward sources"):
+        load_rewards("rule:length,rule:eos", weights="1,2", combine="llama2_gate")
+
+
+def test_ppo_config_checks_the_reward_combination():
+    from rlhflab.config import load_config
+    from rlhflab.errors import ConfigError
+
+    cfg = load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=bomb|weapon"])
+    assert cfg.algo.safety_threshold == 0.15
+    with pytest.raises(ConfigError, match="algo.reward_weights apply to algo.reward_combine=weighted_sum only"):
+        load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.reward_weights=1,1"])
+    with pytest.raises(ConfigError, match="algo.unsafe_prompt_pattern applies to algo.reward_combine=llama2_gate"):
+        load_config("ppo", None, ["algo.unsafe_prompt_pattern=bomb"])
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=(unclosed"])
+    with pytest.raises(ConfigError, match="algo.safety_threshold must be in"):
+        load_config("ppo", None, ["algo.safety_threshold=1.5"])

@@ -105,3 +105,17 @@ def test_ppo_stops_on_nan_reward(tiny_model_dir, prompts_file, tmp_path):
                   reward=NaNAfterTwo())
     state = torch.load(latest_checkpoint(tmp_path / "run") / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_ppo_trains_on_a_llama2_gated_reward_from_the_config(tiny_model_dir, prompts_file, tmp_path):
+    # Two reward sources named in the config, combined by Llama 2's safety gate (whitened per batch).
+    out = tmp_path / "run"
+    ppo.train(_cfg(tiny_model_dir, prompts_file, out, "algo.iterations=2",
+                   "algo.reward_model=rule:length:coef=0.1,rule:regex:pattern=hate:mode=must_not:penalty=4",
+                   "algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=you hate"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2
+    # Whitened over the rollout batch: mean 0 (up to float rounding) and unit spread.
+    assert all(abs(r["reward/score"]) < 1e-5 for r in rows)
+    assert all(abs(r["reward/score_std"] - 1.0) < 1e-3 for r in rows)
+    assert (out / "final" / "config.json").exists()

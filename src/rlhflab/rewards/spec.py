@@ -118,12 +118,27 @@ def load_reward(spec: str, *, device: str | torch.device = "cpu", dtype: str = "
 
 
 def load_rewards(specs: str | Sequence[str], *, weights: str | Sequence[float] | None = None,
-                 device: str | torch.device = "cpu", dtype: str = "float32") -> RewardSource:
-    """One reward source from one or several specs (comma-separated, or a list); several are summed with
-    `weights` (comma-separated or a list, one per spec; empty means all 1)."""
+                 device: str | torch.device = "cpu", dtype: str = "float32", combine: str = "weighted_sum",
+                 safety_threshold: float = 0.15, unsafe_prompt_pattern: str = "") -> RewardSource:
+    """One reward source from one or several specs (comma-separated, or a list).
+
+    combine: "weighted_sum" sums them with `weights` (comma-separated or a list, one per spec; empty means
+    all 1); "llama2_gate" takes exactly (helpfulness, safety) and gates them as Llama 2 does
+    (`CombinedReward.llama2_gate`), prompts matching `unsafe_prompt_pattern` (a regular expression,
+    case-insensitive, over the prompt's text) being flagged as risky.
+    """
     items = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
     if not items:
         raise UserError("no reward source given; name a reward model directory or a rule such as 'rule:length'")
+    if combine == "llama2_gate":
+        if len(items) != 2 or weights:
+            raise UserError(f"the Llama 2 safety gate takes exactly two reward sources (helpfulness, safety) and no "
+                            f"weights, got {len(items)} ({', '.join(items)})")
+        helpfulness, safety = (load_reward(s, device=device, dtype=dtype) for s in items)
+        flag = _unsafe_flags(unsafe_prompt_pattern) if unsafe_prompt_pattern else None
+        return CombinedReward.llama2_gate(helpfulness, safety, unsafe_prompt=flag, threshold=safety_threshold)
+    if combine != "weighted_sum":
+        raise UserError(f"unknown reward combination {combine!r}; use weighted_sum or llama2_gate")
     if isinstance(weights, str):
         try:
             weights = [float(w) for w in weights.split(",") if w.strip()]
@@ -137,6 +152,16 @@ def load_rewards(specs: str | Sequence[str], *, weights: str | Sequence[float] |
     if len(sources) == 1 and weights in (None, [1.0]):
         return sources[0]
     return CombinedReward.weighted_sum(sources, weights)
+
+
+def _unsafe_flags(pattern: str) -> Callable[[list[Any]], list[bool]]:
+    """prompts -> [True where the prompt's text (chat messages: their contents) matches `pattern`]."""
+    regex = re.compile(pattern, re.IGNORECASE)
+
+    def text(prompt: Any) -> str:
+        return prompt if isinstance(prompt, str) else "\n".join(str(m.get("content", "")) for m in prompt)
+
+    return lambda prompts: [bool(regex.search(text(p))) for p in prompts]
 
 
 __all__ = ["LEARNED_OPTIONS", "RULES", "load_reward", "load_rewards", "parse_spec"]

@@ -114,7 +114,9 @@ def _load_reward(cfg: PPOConfig, device: torch.device):
     if not cfg.algo.reward_model:
         raise ConfigError("config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
                           "or a reward spec such as 'rule:length'")
-    return load_rewards(cfg.algo.reward_model, weights=cfg.algo.reward_weights, device=device)
+    algo = cfg.algo
+    return load_rewards(algo.reward_model, weights=algo.reward_weights, device=device, combine=algo.reward_combine,
+                        safety_threshold=algo.safety_threshold, unsafe_prompt_pattern=algo.unsafe_prompt_pattern)
 
 
 def _setup_models(cfg: PPOConfig):
