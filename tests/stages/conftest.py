@@ -29,3 +29,12 @@ def sft_file(tmp_path):
     prompts = ["the cat sat on the mat", "what is the cat", "i like the cat", "why is the cat sad"]
     rows = [{"prompt": p, "completion": "the cat is very happy ."} for p in prompts] * 8
     return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+@pytest.fixture()
+def tiny_lab_cache(tmp_path_factory, monkeypatch):
+    """RLHFLAB_CACHE at the session's lab cache (as tests/lab, tests/eval and the pipeline test use), so the
+    tiny base model is pretrained once per session."""
+    path = tmp_path_factory.getbasetemp() / "rlhflab-cache"
+    monkeypatch.setenv("RLHFLAB_CACHE", str(path))
+    return path

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from rlhflab.lab.tasks.base import LabTask
 
 INFO_FILE = "lab_info.json"
+# Written into the base model's config.json; `save_pretrained` carries it into every model trained from it,
+# so a later stage given such a model (e.g. runs/sft/final) can still make the task's built-in data.
+LAB_TASK_KEY = "rlhflab_lab_task"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -55,11 +58,13 @@ def ensure_base_model(
     root = cache_root(cache_dir) / "lab"
     final = root / base_model_key(task, budget, seed)
     if (final / INFO_FILE).is_file():
+        _mark_lab_task(final, task.name)  # base models cached before the mark existed get it now
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model, tokenizer, info = pretrain_base_model(task, budget=budget, seed=seed, verbose=verbose)
+    setattr(model.config, LAB_TASK_KEY, task.name)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -70,6 +75,16 @@ def ensure_base_model(
         shutil.rmtree(final)
     os.rename(tmp, final)
     return final
+
+
+def _mark_lab_task(model_dir: Path, task_name: str) -> None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.get(LAB_TASK_KEY) != task_name:
+        config[LAB_TASK_KEY] = task_name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def _encode_corpus(task: LabTask, tokenizer, n: int, seed: int) -> list[list[int]]:

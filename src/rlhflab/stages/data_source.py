@@ -1,12 +1,13 @@
 """Where a stage's records come from: the user's files, or the lab's built-in data.
 
 With `data.train_path` set, records are read from it (any format of `rlhflab.data`). Left empty while
-the model is a lab model ('lab:TASK'), the lab makes the task's data with its simulated annotators, so
-`rlhflab sft` works out of the box. Anything else is an error that says what to set.
+the model is a lab model ('lab:TASK', or a model trained from one, such as runs/sft/final), the lab makes
+the task's data with its simulated annotators, so `rlhflab sft` and the stages after it work out of the box. Anything else is an error that says what to set.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,19 @@ LAB_FILES = {"sft": "sft", "pairwise": "pairs", "prompt": "prompts", "ranked": "
 
 
 def lab_task_of(model_name: str) -> str | None:
-    """'lab:TASK' or 'lab:TASK:BUDGET' -> TASK; anything else -> None."""
-    return model_name[len("lab:"):].partition(":")[0] if model_name.startswith("lab:") else None
+    """The lab task a model belongs to: 'lab:TASK' or 'lab:TASK:BUDGET' -> TASK; a model directory trained
+    from a lab base model (its config.json carries the task, see `rlhflab.lab.pretrain.LAB_TASK_KEY`) -> that
+    task; anything else -> None."""
+    if model_name.startswith("lab:"):
+        return model_name[len("lab:"):].partition(":")[0]
+    from rlhflab.lab.pretrain import LAB_TASK_KEY
+
+    config = Path(model_name) / "config.json"
+    try:
+        task = json.loads(config.read_text()).get(LAB_TASK_KEY) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return task if isinstance(task, str) and task else None
 
 
 def lab_data(task: str, out_dir: Path, *, seed: int, kinds: tuple[str, ...]) -> dict[str, Path]:
@@ -44,11 +56,13 @@ def load_stage_records(data: DataSection, kind: str, *, model_name: str, run_dir
     elif (task := lab_task_of(model_name)) is not None:
         paths = lab_data(task, run_dir / "data", seed=seed, kinds=(kind,))
         train_source = str(paths[LAB_FILES[kind]])
-        log(f"data: made the lab task '{task}' {kind} data in {run_dir / 'data'}")
+        origin = "" if model_name.startswith("lab:") else f" ({model_name} comes from the lab's '{task}' base model)"
+        log(f"data: made the lab task '{task}' {kind} data in {run_dir / 'data'}{origin}")
     else:
         raise ConfigError(
             f"config: data.train_path is empty; give a {kind} data file (JSONL/JSON/CSV/Parquet or a saved "
-            "datasets directory), or use a lab model (model.name_or_path=lab:TASK) to get built-in data")
+            "datasets directory), or use a lab model (model.name_or_path=lab:TASK, or a model trained from one) "
+            "to get built-in data")
     train = _load(train_source, kind, data, log)
     if data.eval_path:
         return train, _load(data.eval_path, kind, data, log)
