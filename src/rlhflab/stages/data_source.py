@@ -2,7 +2,8 @@
 
 With `data.train_path` set, records are read from it (any format of `rlhflab.data`). Left empty while
 the model is a lab model ('lab:TASK', or a model trained from one, such as runs/sft/final), the lab makes
-the task's data with its simulated annotators, so `rlhflab sft` and the stages after it work out of the box. Anything else is an error that says what to set.
+the task's data with its simulated annotators, so `rlhflab sft` and the stages after it work out of the
+box. Anything else is an error that says what to set.
 """
 
 from __future__ import annotations
