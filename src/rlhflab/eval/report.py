@@ -164,7 +164,8 @@ def plot_gold_vs_proxy(
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
-    for run, rows in curves.items():
+    for i, (run, rows) in enumerate(curves.items()):
+        color = f"C{i}"  # one colour per run in both panels; on the right, proxy solid (.) and gold dashed (x)
         pk, gk, kk = (_curve_key(rows, kind, keys) for kind in ("proxy", "gold", "kl"))
         both = [
             r
@@ -172,11 +173,11 @@ def plot_gold_vs_proxy(
             if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in (pk, gk) if k)
         ]
         if pk and gk and both:
-            (line,) = ax1.plot([r[pk] for r in both], [r[gk] for r in both], marker=".", label=run)
-            ax1.annotate("end", (both[-1][pk], both[-1][gk]), fontsize=7, color=line.get_color())
+            ax1.plot([r[pk] for r in both], [r[gk] for r in both], marker=".", label=run, color=color)
+            ax1.annotate("end", (both[-1][pk], both[-1][gk]), fontsize=7, color=color)
             drawn = True
         if kk:
-            for key, style in ((pk, "-"), (gk, "--")):
+            for key, style, marker in ((pk, "-", "."), (gk, "--", "x")):
                 pts = [
                     r
                     for r in rows
@@ -187,7 +188,9 @@ def plot_gold_vs_proxy(
                         [math.sqrt(max(0.0, r[kk])) for r in pts],
                         [r[key] for r in pts],
                         style,
-                        marker=".",
+                        marker=marker,
+                        markersize=4,
+                        color=color,
                         label=f"{run} {'proxy' if key == pk else 'gold'}",
                     )
                     drawn = True
