@@ -29,12 +29,12 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from rlhflab.tracking import atomic_write_bytes
 
 SCHEMA = "rlhflab.report/1"
 PROXY_KEYS = ("reward/mean", "reward/score", "reward/rm_mean")
@@ -43,17 +43,6 @@ KL_KEYS = ("kl/ref", "kl/mean", "kl/seq")
 # Curve kind -> (metric names tried in order, namespace searched if none is logged).
 CURVE_KEYS = {"proxy": (PROXY_KEYS, "reward/"), "gold": (GOLD_KEYS, "gold/"), "kl": (KL_KEYS, "kl/")}
 RATING_ORDER = ("significantly_better", "better", "slightly_better", "negligibly_better")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _clean(value: Any) -> Any:
@@ -281,11 +270,11 @@ def write_report(
     for name, make in PLOTS.items():
         png = make(report)
         if png:
-            _atomic_write(out / f"{name}.png", png)
+            atomic_write_bytes(out / f"{name}.png", png)
             report["plots"][name] = f"{name}.png"
             paths[name], images[name] = out / f"{name}.png", png
-    _atomic_write(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-    _atomic_write(out / "report.html", render_html(report, images).encode())
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(out / "report.html", render_html(report, images).encode())
     paths["json"], paths["html"] = out / "report.json", out / "report.html"
     return paths
 

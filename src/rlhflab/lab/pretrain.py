@@ -81,10 +81,10 @@ def _mark_lab_task(model_dir: Path, task_name: str) -> None:
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
     if config.get(LAB_TASK_KEY) != task_name:
+        from rlhflab.tracking import atomic_write_text
+
         config[LAB_TASK_KEY] = task_name
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def _encode_corpus(task: LabTask, tokenizer, n: int, seed: int) -> list[list[int]]:
