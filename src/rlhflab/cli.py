@@ -79,6 +79,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_best_of_n(args: argparse.Namespace) -> int:
+    from rlhflab.rollout.generate import SamplingSettings
+    from rlhflab.stages.best_of_n import sample_to_file
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    sample_to_file(args.policy, args.reward, args.out, prompts_path=args.prompts, n=args.n, settings=settings,
+                   seed=args.seed, device=args.device, max_prompts=args.max_prompts, all_samples=args.all_samples)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhflab", description="RLHF and its alternatives, end to end, with honest measurement.",
@@ -98,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_stage_args(p)
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("best-of-n", help="best of n samples per prompt under a reward; SFT data for rejection sampling",
+                       description="Sample n responses per prompt from a policy, score them with a reward source, "
+                                   "and write the best one per prompt as SFT records (prompt, completion, score): "
+                                   "`rlhflab sft data.train_path=OUT` then fine-tunes on them (rejection sampling).")
+    p.add_argument("--policy", required=True, help="policy model directory, or lab:TASK")
+    p.add_argument("--reward", required=True,
+                   help="reward spec: a reward model directory (runs/rm/final[:head=NAME]) or a rule (rule:length), "
+                        "comma-separated to sum several")
+    p.add_argument("--out", required=True, help="output .jsonl")
+    p.add_argument("--prompts", default="", help="prompt records (JSONL/JSON/CSV/Parquet); default for a lab model: "
+                                                  "the lab's prompts")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt (default 16)")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--all-samples", action="store_true", help="also write every sample and its score")
+    p.set_defaults(func=cmd_best_of_n)
 
     p = sub.add_parser("config", help="inspect stage configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

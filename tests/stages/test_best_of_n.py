@@ -98,3 +98,31 @@ def test_bad_reward_sources_get_clear_errors(tiny_model, tiny_tokenizer):
         best_of_n(tiny_model, tiny_tokenizer, PROMPTS, WordCount(), n=0)
     with pytest.raises(TypeError, match="reward must have score"):
         best_of_n(tiny_model, tiny_tokenizer, WordCount(), PROMPTS)
+
+
+def test_best_of_n_command_writes_sft_records(tiny_model_dir, tmp_path, capsys):
+    # A rule reward that prefers responses near 8 words: -|words - 8| (rule:length with target 8).
+    import json
+
+    from rlhflab.cli import main
+    from rlhflab.data import load_records
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "the dog", "i say"] * 3))
+    out = tmp_path / "bo" / "best.jsonl"
+    args = ["best-of-n", "--policy", str(tiny_model_dir), "--reward", "rule:length:coef=1:target=8",
+            "--prompts", str(prompts_file), "--out", str(out), "--n", "4", "--max-prompts", "6",
+            "--max-new-tokens", "6", "--all-samples"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        assert len(row["samples"]) == 4 and row["score"] == max(row["sample_scores"])
+        assert row["completion"] == row["samples"][row["sample_scores"].index(row["score"])]
+        assert row["score"] >= row["mean_score"]
+    assert len(load_records(str(out), "sft").records) == 6  # ready for `rlhflab sft data.train_path=OUT`
+    assert "best of 4" in capsys.readouterr().out
+    for bad, message in ((["--n", "0"], "--n must be >= 1"), (["--out", str(tmp_path / "x.txt")], "must be a .jsonl")):
+        assert main(args + bad) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()

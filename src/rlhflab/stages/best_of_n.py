@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -132,3 +133,50 @@ def best_of_n(
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
     all_texts = [rollout.texts[i * n:(i + 1) * n] for i in range(len(prompts))]
     return BestOfN.from_scores(all_texts, scores.view(len(prompts), n))
+
+
+def sample_to_file(policy: str, reward: str, out_path: str, *, prompts_path: str = "", n: int = 16,
+                   settings: SamplingSettings | None = None, seed: int = 0, device: str = "auto",
+                   max_prompts: int = 0, all_samples: bool = False, log=print) -> dict[str, float]:
+    """`rlhflab best-of-n`: the best of n samples of `policy` per prompt, scored by `reward` (a reward spec,
+    `rlhflab.rewards.load_rewards`), written to `out_path` as JSONL rows {"prompt", "completion", "score",
+    "mean_score"} (+ "samples", "sample_scores" with all_samples). The rows are SFT demonstrations, so
+    `rlhflab sft data.train_path=OUT` fine-tunes on them: rejection-sampling fine-tuning (one round of expert
+    iteration). Prompts come from `prompts_path` (prompt records) or, for a lab model, the lab's prompts.
+
+    Returns {"best_score": mean best score, "sample_score": mean score of all samples, "kl_bound": nats}.
+    """
+    from rlhflab.config import DataSection
+    from rlhflab.data import PromptRecord, write_jsonl
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+    from rlhflab.rewards import load_rewards
+    from rlhflab.stages.common import resolve_device, resolve_model_path
+    from rlhflab.stages.data_source import load_stage_records
+
+    out = Path(out_path)
+    if out.suffix != ".jsonl":
+        raise UserError(f"--out {out} must be a .jsonl file (the rows are SFT records: prompt, completion)")
+    path = resolve_model_path(policy, seed=seed)
+    dev = resolve_device(device)
+    records, _ = load_stage_records(DataSection(train_path=prompts_path), "prompt", model_name=policy,
+                                    run_dir=out.parent / f"{out.stem}_data", seed=seed, log=log)
+    prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
+    prompts = prompts[:max_prompts] if max_prompts else prompts
+    source = load_rewards(reward, device=dev)
+    model = load_causal_lm(path, device=str(dev))
+    log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}")
+    result = best_of_n(model, load_tokenizer(path), prompts, source, n=n, settings=settings, seed=seed)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt, "completion": result.texts[i], "score": float(result.scores[i]),
+               "mean_score": float(result.all_scores[i].mean())}
+        if all_samples:
+            row.update(samples=result.all_texts[i], sample_scores=result.all_scores[i].tolist())
+        rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rows, out)  # atomic: never a half-written file at `out`
+    summary = {"best_score": float(result.scores.mean()), "sample_score": float(result.all_scores.mean()),
+               "kl_bound": best_of_n_kl(n)}
+    log(f"best-of-n: mean score {summary['sample_score']:.4f} per sample, {summary['best_score']:.4f} best of "
+        f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}")
+    return summary
