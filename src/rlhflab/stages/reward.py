@@ -414,10 +414,9 @@ def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[R
 
 
 def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, device, pad_id: int, step: int,
-                last_ckpt) -> tuple[dict[str, float], int]:
+                last_ckpt, shared: bool = False) -> tuple[dict[str, float], int]:
     """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
     size = cfg.optim.micro_batch_size or len(examples)
-    shared = cfg.algo.share_prompt and supports_shared_prompt(model)
     amp = mixed_precision(cfg.model, device)
     sums: dict[str, float] = {}
     tokens = 0
@@ -484,7 +483,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         batch = [examples[i] for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]]
-        stats, n_tokens = _train_step(model, batch, kind, cfg, device, pad_id, step + 1, last_ckpt)
+        stats, n_tokens = _train_step(model, batch, kind, cfg, device, pad_id, step + 1, last_ckpt, shared)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=step + 1, last_good=last_ckpt)
         optimizer_step(optimizer, scheduler)
