@@ -21,7 +21,7 @@ RSS_AFTER_PYTHON = current_rss_mb()
 import torch  # noqa: E402
 
 from rlhflab.config import load_config  # noqa: E402
-from rlhflab.tracking import read_metrics  # noqa: E402
+from rlhflab.core.metrics_log import read_metrics  # noqa: E402
 
 RSS_AFTER_IMPORTS = current_rss_mb()
 

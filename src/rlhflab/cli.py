@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         if not isinstance(e, TrainingHealthError):
-            from rlhflab.tracking import discard_fresh_runs
+            from rlhflab.core.run_dir import discard_fresh_runs
 
             discard_fresh_runs()
         print(f"error: {e}", file=sys.stderr)

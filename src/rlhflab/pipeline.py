@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from rlhflab.config import STAGE_CONFIGS, build_config, deep_merge, parse_overrides, read_yaml
+from rlhflab.core.run_dir import prepare_run_dir
+from rlhflab.core.seeding import seed_everything
 from rlhflab.errors import ConfigError
-from rlhflab.tracking import prepare_run_dir, seed_everything
 
 PIPELINE_STAGES = ("sft", "rm", "ppo", "ppo_kl0", "dpo")
 # Non-stage sections of the pipeline config: how much lab data to make and how to evaluate.
@@ -220,7 +221,7 @@ def _patch_report_json(path: Path, task: str, seed: int, runtime: float, reward_
     """Add the top-level fields promised by `rlhflab run` (task, seed, runtime_s, reward_model, policies)."""
     import json
 
-    from rlhflab.tracking import atomic_write_text
+    from rlhflab.core.io import atomic_write_text
 
     report = json.loads(path.read_text())
     report.update({"task": task, "seed": seed, "runtime_s": runtime,

@@ -1,4 +1,4 @@
-"""The fast LM-head path of `rlhflab.stages.forward` (the issue 6 speed-up of DPO, SFT and PPO training):
+"""The fast LM-head path of `rlhflab.models.logprobs` and `rlhflab.models.final_layer` (the issue 6 speed-up of DPO, SFT and PPO training):
 same values and gradients as the plain full-logits computation, and the memory fallback taken when it must.
 """
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from rlhflab.losses.logprobs import gather_logprobs
-from rlhflab.stages import forward
-from rlhflab.stages.forward import head_logps, token_logps
+from rlhflab.models import logprobs as forward
+from rlhflab.models.final_layer import final_layer_only_at
+from rlhflab.models.logprobs import head_logps, token_logps
 
 
 def _inputs(dtype=torch.float32, bias=True, seed=0):
@@ -147,7 +148,7 @@ def test_final_layer_only_at_gives_the_same_rewards_and_gradients(kv_heads):
     def run(fast: bool):
         model.zero_grad(set_to_none=True)
         mlp_rows.clear()
-        block = (forward.final_layer_only_at(model.backbone, mask, last_token_index(mask)) if fast
+        block = (final_layer_only_at(model.backbone, mask, last_token_index(mask)) if fast
                  else contextlib.nullcontext(False))
         with block as used:
             rewards = model(ids, mask)
@@ -169,11 +170,11 @@ def test_final_layer_only_at_leaves_other_models_and_errors_alone(tiny_tokenizer
 
     gpt2 = tiny_causal_lm(tiny_tokenizer, arch="gpt2", hidden_size=16, num_layers=1, num_heads=2).transformer
     mask = torch.ones(2, 3, dtype=torch.long)
-    with forward.final_layer_only_at(gpt2, mask, torch.tensor([2, 2])) as used:
+    with final_layer_only_at(gpt2, mask, torch.tensor([2, 2])) as used:
         assert not used
     model = _reward_model(4)
     last = model.backbone.layers[-1]
-    with pytest.raises(RuntimeError, match="boom"), forward.final_layer_only_at(model.backbone, mask, torch.tensor([2, 2])):
+    with pytest.raises(RuntimeError, match="boom"), final_layer_only_at(model.backbone, mask, torch.tensor([2, 2])):
         assert model.backbone.layers[-1] is not last
         raise RuntimeError("boom")
     assert model.backbone.layers[-1] is last

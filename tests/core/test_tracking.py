@@ -4,20 +4,13 @@ import math
 import pytest
 import torch
 
+from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.core.health import check_finite
+from rlhflab.core.io import atomic_dir, atomic_write_text
+from rlhflab.core.metrics_log import MetricsLogger, read_metrics
+from rlhflab.core.run_dir import prepare_run_dir
+from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.errors import TrainingHealthError, UserError
-from rlhflab.tracking import (
-    MetricsLogger,
-    atomic_dir,
-    atomic_write_text,
-    batch_schedule,
-    check_finite,
-    latest_checkpoint,
-    load_checkpoint,
-    prepare_run_dir,
-    read_metrics,
-    save_checkpoint,
-    seed_everything,
-)
 
 
 def test_batch_schedule_depends_only_on_seed_and_epoch():

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from rlhflab.losses.logprobs import (
-    chunked_gather_logprobs,
     entropy_from_logits,
     gather_logprobs,
     sequence_logps,
     token_mask_from_labels,
 )
+from rlhflab.models.logprobs import chunked_gather_logprobs
 
 F64 = torch.float64
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from rlhflab.losses import advantages as adv_mod
 from rlhflab.losses import combine, kl, logprobs, ppo, preference, reward, sft, utils
+from rlhflab.models.logprobs import chunked_gather_logprobs
 
 F64 = torch.float64
 GARBAGE = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, "random"]
@@ -133,7 +134,7 @@ def test_ignored_labels_never_change_logprobs(data):
     results = []
     for h, z in ((hidden, logits), (spoiled, _spoil(logits, valid, garbage, 1))):
         h, z = h.clone().requires_grad_(), z.clone().requires_grad_()
-        out = logprobs.chunked_gather_logprobs(h, weight, labels, chunk_size=3)
+        out = chunked_gather_logprobs(h, weight, labels, chunk_size=3)
         grads = torch.autograd.grad(out.sum(), (h, weight))
         plain = logprobs.gather_logprobs(z, labels)
         (plain_grad,) = torch.autograd.grad(plain.sum(), z)

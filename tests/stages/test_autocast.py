@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from rlhflab.config import load_config
+from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
 from rlhflab.stages import common, dpo, ppo, reward, sft
-from rlhflab.tracking import read_metrics
 
 from .conftest import write_jsonl
 
@@ -68,7 +68,7 @@ def test_sft_trains_in_bf16_with_float32_weights(tiny_model_dir, sft_file, tmp_p
 def test_every_head_path_computes_the_same_numbers_under_autocast():
     # Kept softmax, chunk-by-chunk recomputation and the no-grad pass must agree under autocast too, or a
     # policy scored on one path and its reference on another would not start at log-ratio 0.
-    from rlhflab.stages import forward
+    from rlhflab.models import logprobs as forward
 
     torch.manual_seed(0)
     hidden = torch.randn(12, 16)
@@ -96,7 +96,7 @@ def test_dpo_reference_shares_the_policy_precision(tiny_model_dir, tmp_path, mon
     # The cached reference log-probs come from the same bf16 forward as the policy's, so at the first step
     # (policy == reference) the log-ratios are exactly 0 and the loss exactly log 2. A float32 reference
     # against a bf16 policy would be off by bf16 rounding (~1e-2 nats per response).
-    from rlhflab.stages import forward
+    from rlhflab.models import logprobs as forward
 
     if head_path == "chunked":  # the path long batches take: the head recomputed chunk by chunk in backward
         monkeypatch.setattr(forward, "SAVED_PROBS_BYTES", 0)

@@ -7,13 +7,14 @@ from transformers import AutoModelForCausalLM
 
 from rlhflab import cli
 from rlhflab.config import DPOAlgo, load_config
+from rlhflab.core.checkpoint import latest_checkpoint
+from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import collate_pairs
 from rlhflab.errors import ConfigError, DataError, TrainingHealthError
 from rlhflab.losses.preference import PREFERENCE_LOSSES
 from rlhflab.models.loading import load_tokenizer
+from rlhflab.models.logprobs import token_logps
 from rlhflab.stages import dpo
-from rlhflab.stages.forward import token_logps
-from rlhflab.tracking import latest_checkpoint, read_metrics
 
 from .conftest import write_jsonl
 

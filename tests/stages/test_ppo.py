@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from rlhflab.config import load_config
+from rlhflab.core.checkpoint import latest_checkpoint
+from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import TrainingHealthError
 from rlhflab.stages import ppo
-from rlhflab.tracking import latest_checkpoint, read_metrics
 
 
 class WordCount:

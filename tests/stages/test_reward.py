@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from rlhflab.config import load_config
+from rlhflab.core.checkpoint import latest_checkpoint
+from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import PairwiseRecord
 from rlhflab.errors import ConfigError, DataError, TrainingHealthError
 from rlhflab.losses import pairwise_all_pairs, plackett_luce
+from rlhflab.models.final_layer import supports_shared_prompt
 from rlhflab.models.reward_model import RewardModel
 from rlhflab.rewards import LearnedReward
 from rlhflab.stages import reward
-from rlhflab.tracking import latest_checkpoint, read_metrics
 
 from .conftest import write_jsonl
 
@@ -320,14 +322,14 @@ def _shared_vs_stacked_model(arch, kv_heads, tokenizer):
 def test_shared_prompt_rows_only_where_the_mask_is_known_to_work(tiny_tokenizer):
     from transformers import BloomConfig, BloomModel
 
-    assert not reward.supports_shared_prompt(RewardModel(BloomModel(BloomConfig(
+    assert not supports_shared_prompt(RewardModel(BloomModel(BloomConfig(
         vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=1, n_head=4)), 1))  # ALiBi from a 2-D mask
     windowed = _shared_vs_stacked_model("mistral", 2, tiny_tokenizer)
-    assert reward.supports_shared_prompt(windowed)
+    assert supports_shared_prompt(windowed)
     windowed.config.sliding_window = 16  # a custom mask would override the window
-    assert not reward.supports_shared_prompt(windowed)
+    assert not supports_shared_prompt(windowed)
     windowed.config._attn_implementation = "flash_attention_2"
-    assert not reward.supports_shared_prompt(windowed)
+    assert not supports_shared_prompt(windowed)
 
 
 @pytest.mark.parametrize("arch,kv_heads", [("llama", 4), ("llama", 2), ("gpt2", 4), ("qwen2", 2), ("mistral", 2)])
@@ -336,7 +338,7 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny
     from rlhflab.data.records import RankedRecord
 
     model = _shared_vs_stacked_model(arch, kv_heads, tiny_tokenizer)
-    assert reward.supports_shared_prompt(model)
+    assert supports_shared_prompt(model)
     pairs = [tokenize_pair(PairwiseRecord(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"] + " very bad"
                                           * i), tiny_tokenizer) for i, r in enumerate(_pairs(n=3))]
     ranked = [tokenize_ranked(RankedRecord(prompt="what is it ?", responses=["it is good .", "it is very very bad .",

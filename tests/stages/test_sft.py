@@ -3,9 +3,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhflab.config import load_config
+from rlhflab.core.checkpoint import latest_checkpoint
+from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import TrainingHealthError
 from rlhflab.stages import sft
-from rlhflab.tracking import latest_checkpoint, read_metrics
 
 
 def _cfg(model_dir, data, out, *extra):

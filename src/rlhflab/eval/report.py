@@ -18,8 +18,11 @@ report.json (schema "rlhflab.report/1"):
 
 Numbers that are not finite are written as null. Plots: `gold_by_policy.png` (gold with 95% intervals),
 `training_curves.png` (proxy reward, gold and KL against step), `gold_vs_proxy.png` (gold against proxy
-and both against sqrt(KL): the reward over-optimization picture of Gao et al.), `rm_accuracy.png`
-(accuracy by Llama 2 rating, the layout of its Table 28). Every file is written atomically.
+and both against sqrt(KL), per-iteration points under binned means (`smooth_by_x`): the reward
+over-optimization picture of Gao et al.), `rm_accuracy.png` (accuracy by Llama 2 rating, the layout of its
+Table 28). Every file is written atomically. In report.html a policy named best_of_N whose KL is
+log N - (N - 1)/N shows it as "≤ value (bound)" with a note: that is the analytic bound, not a sampled KL;
+meta entries that are mappings (the pipeline's "summary") get their own tables.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rlhflab.tracking import atomic_write_bytes
+from rlhflab.core.io import atomic_write_bytes
 
 SCHEMA = "rlhflab.report/1"
 PROXY_KEYS = ("reward/mean", "reward/score", "reward/rm_mean")
@@ -60,6 +64,15 @@ def _clean(value: Any) -> Any:
 
 def _serializable(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool, Mapping, list, tuple)) or hasattr(v, "item")
+
+
+def _is_policy(metrics: Any) -> bool:
+    """A policy's metric dict, as opposed to another entry (e.g. a per-policy "summary" of dicts)."""
+    return isinstance(metrics, Mapping) and not (metrics and all(isinstance(v, Mapping) for v in metrics.values()))
+
+
+def _policies(policies: Mapping[str, Any]) -> dict[str, Mapping]:
+    return {n: m for n, m in policies.items() if _is_policy(m)}
 
 
 def _pick(rows: Sequence[Mapping], preferred: Sequence[str], prefix: str) -> str | None:
@@ -101,6 +114,7 @@ def _figure_png(fig) -> bytes:
 
 def plot_gold_by_policy(policies: Mapping[str, Mapping]) -> bytes | None:
     """Bar chart of gold/mean with its 95% interval per policy."""
+    policies = _policies(policies)
     names = [n for n, m in policies.items() if isinstance(m.get("gold/mean"), (int, float))]
     if not names:
         return None
@@ -145,6 +159,38 @@ def plot_training_curves(
     return _figure_png(fig) if drawn else (plt.close(fig) or None)
 
 
+def smooth_by_x(
+    x: Sequence[float], y: Sequence[float], n_bins: int | None = None
+) -> tuple[list[float], list[float]]:
+    """Binned means of y over x: the points sorted by x, cut into `n_bins` bins of (nearly) equal count,
+    each bin drawn at its (mean x, mean y). The x of the result strictly increases (bins whose mean x ties
+    are merged), so a line through it is a curve over x, not a path through time.
+    Default bins: about 8 points each, between 1 and 12."""
+    pts = sorted(
+        (float(a), float(b))
+        for a, b in zip(x, y)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b)
+    )
+    if not pts:
+        return [], []
+    if n_bins is None:
+        n_bins = min(12, max(1, round(len(pts) / 8)))
+    n_bins = max(1, min(n_bins, len(pts)))
+    bins: list[list[tuple[float, float]]] = []
+    for i in range(n_bins):
+        chunk = pts[i * len(pts) // n_bins : (i + 1) * len(pts) // n_bins]
+        if not chunk:
+            continue
+        mx = sum(p[0] for p in chunk) / len(chunk)
+        if bins and mx <= sum(p[0] for p in bins[-1]) / len(bins[-1]):
+            bins[-1].extend(chunk)  # same mean x as the previous bin (tied x values): one point
+        else:
+            bins.append(list(chunk))
+    xs = [sum(p[0] for p in b) / len(b) for b in bins]
+    ys = [sum(p[1] for p in b) / len(b) for b in bins]
+    return xs, ys
+
+
 def plot_gold_vs_proxy(
     curves: Mapping[str, Sequence[Mapping]], keys: Mapping[str, str] | None = None
 ) -> bytes | None:
@@ -166,28 +212,28 @@ def plot_gold_vs_proxy(
             ax1.annotate("end", (both[-1][pk], both[-1][gk]), fontsize=7, color=color)
             drawn = True
         if kk:
+            # Per-iteration points are noisy and KL is not monotone in time, so joining them in time order
+            # draws a zig-zag: show them as faint markers and, over them, binned means ordered by sqrt(KL).
             for key, style, marker in ((pk, "-", "."), (gk, "--", "x")):
                 pts = [
-                    r
+                    (math.sqrt(max(0.0, r[kk])), r[key])
                     for r in rows
-                    if key and isinstance(r.get(key), (int, float)) and isinstance(r.get(kk), (int, float))
+                    if key
+                    and all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in (key, kk))
                 ]
                 if pts:
-                    ax2.plot(
-                        [math.sqrt(max(0.0, r[kk])) for r in pts],
-                        [r[key] for r in pts],
-                        style,
-                        marker=marker,
-                        markersize=4,
-                        color=color,
-                        label=f"{run} {'proxy' if key == pk else 'gold'}",
-                    )
+                    what = "proxy" if key == pk else "gold"
+                    ax2.plot([p[0] for p in pts], [p[1] for p in pts], ls="none", marker=marker,
+                             markersize=3, alpha=0.35, color=color)
+                    sx, sy = smooth_by_x([p[0] for p in pts], [p[1] for p in pts])
+                    ax2.plot(sx, sy, style, lw=1.8, color=color, label=f"{run} {what}")
                     drawn = True
     ax1.set_xlabel("proxy reward (learned RM)")
     ax1.set_ylabel("gold reward")
     ax1.set_title("gold vs proxy during training")
     ax2.set_xlabel("sqrt(KL to reference)")
-    ax2.set_title("reward vs distance from the reference")
+    ax2.set_title("reward vs distance from the reference\n(points: iterations; lines: binned means)",
+                  fontsize=10)
     for ax in (ax1, ax2):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -292,6 +338,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
         and all(isinstance(x, (int, float, type(None))) for x in v)
     ):
         return f"[{_fmt(v[0], digits)}, {_fmt(v[1], digits)}]"
+    if isinstance(v, Mapping):
+        return _kv_table(v)  # a nested table, never a raw dict's repr
     return html.escape(str(v))
 
 
@@ -307,15 +355,89 @@ POLICY_COLUMNS = (
 )
 
 
+BOUND_NOTE = (
+    "† best-of-n is a sampling procedure, not a trained model: its KL to the reference is not estimated from "
+    "samples like the other rows but is the analytic value log n − (n − 1)/n nats, an upper bound "
+    "(exact only for a continuous reward without ties; Stiennon et al. 2020, App. G)."
+)
+
+
+def _best_of_n_bound(name: str) -> float | None:
+    """log n - (n - 1) / n for a policy named best_of_N / best-of-N (how the pipeline names it), else None."""
+    m = re.fullmatch(r"best[_-]of[_-](\d+)", str(name))
+    n = int(m.group(1)) if m else 0
+    return math.log(n) - (n - 1) / n if n >= 1 else None
+
+
+def _is_kl_bound(name: str, key: str, value: Any) -> bool:
+    """Whether this cell is best-of-n's analytic KL bound rather than a sampled KL estimate."""
+    bound = _best_of_n_bound(name)
+    return (
+        bound is not None
+        and ("kl" in key.lower())
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isclose(value, bound, rel_tol=1e-6, abs_tol=1e-9)
+    )
+
+
+def _cell(name: str, key: str, value: Any) -> str:
+    if _is_kl_bound(name, key, value):
+        return f"<td title='analytic upper bound, not a sampled estimate'>≤ {_fmt(value)} (bound)&nbsp;†</td>"
+    return f"<td>{_fmt(value)}</td>"
+
+
 def _policy_table(policies: Mapping[str, Mapping]) -> str:
+    # Only metric dicts are policies: other entries (e.g. a "summary" of dicts) get their own tables.
+    policies = _policies(policies)
     head = "".join(f"<th>{h}</th>" for _, h in POLICY_COLUMNS)
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td>"
-        + "".join(f"<td>{_fmt(m.get(k))}</td>" for k, _ in POLICY_COLUMNS)
+        + "".join(_cell(n, k, m.get(k)) for k, _ in POLICY_COLUMNS)
         + "</tr>"
         for n, m in policies.items()
     )
-    return f"<table><tr><th>policy</th>{head}</tr>{rows}</table>"
+    note = _bound_note(policies, [k for k, _ in POLICY_COLUMNS])
+    return f"<table><tr><th>policy</th>{head}</tr>{rows}</table>{note}"
+
+
+def _bound_note(rows: Mapping[str, Mapping], keys: Sequence[str]) -> str:
+    if any(_is_kl_bound(n, k, m.get(k)) for n, m in rows.items() for k in keys):
+        return f"<p class='note'>{html.escape(BOUND_NOTE)}</p>"
+    return ""
+
+
+def _mapping_table(name: str, value: Mapping) -> str:
+    """A meta entry that is itself a mapping (e.g. the pipeline's per-policy "summary"), as its own table:
+    rows x columns when every value is a mapping, else key/value rows. Never the raw dict text."""
+    if value and all(isinstance(v, Mapping) for v in value.values()):
+        cols = list(dict.fromkeys(k for v in value.values() for k in v))
+        head = "".join(f"<th>{html.escape(str(c).replace('_', ' '))}</th>" for c in cols)
+        rows = "".join(
+            f"<tr><td>{html.escape(str(n))}</td>"
+            + "".join(
+                _cell(str(n), str(c), v.get(c)) if not isinstance(v.get(c), Mapping) else f"<td>{_kv(v.get(c))}</td>"
+                for c in cols
+            )
+            + "</tr>"
+            for n, v in value.items()
+        )
+        table = f"<table><tr><th></th>{head}</tr>{rows}</table>" + _bound_note(value, cols)
+    else:
+        table = _kv_table(value)
+    return f"<h3>{html.escape(str(name).replace('_', ' '))}</h3>{table}"
+
+
+def _kv_table(value: Mapping) -> str:
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_kv(v)}</td></tr>" for k, v in value.items())
+        + "</table>"
+    )
+
+
+def _kv(v: Any) -> str:
+    return _kv_table(v) if isinstance(v, Mapping) else _fmt(v)
 
 
 def _rm_table(reward_models: Mapping[str, Mapping]) -> str:
@@ -341,7 +463,7 @@ def _rm_table(reward_models: Mapping[str, Mapping]) -> str:
 
 def _examples(policies: Mapping[str, Mapping]) -> str:
     parts = []
-    for n, m in policies.items():
+    for n, m in _policies(policies).items():
         ex = m.get("examples") or []
         if ex:
             items = "".join(
@@ -362,6 +484,7 @@ def render_html(report: Mapping, images: Mapping[str, bytes]) -> str:
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
         "font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+        ".note{font-size:12px;color:#555;max-width:60em;margin-top:-0.5em}"
     )
     body = [
         f"<h1>{html.escape(str(report.get('title')))}</h1>",
@@ -369,14 +492,18 @@ def render_html(report: Mapping, images: Mapping[str, bytes]) -> str:
         f"created {html.escape(report['created'])}</p>",
     ]
     meta = report.get("meta") or {}
-    if meta:
-        body.append(
-            "<table>"
-            + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in meta.items())
-            + "</table>"
-        )
+    scalars = {k: v for k, v in meta.items() if not isinstance(v, Mapping)}
+    if scalars:
+        body.append(_kv_table(scalars))
+    tables = [_mapping_table(k, v) for k, v in meta.items() if isinstance(v, Mapping) and v]
     if report.get("policies"):
         body += ["<h2>Policies (judged by the hidden gold reward)</h2>", _policy_table(report["policies"])]
+        body += [
+            _mapping_table(n, m) if isinstance(m, Mapping) else _kv_table({n: m})
+            for n, m in report["policies"].items()
+            if not _is_policy(m)
+        ]
+    body += tables
     if report.get("reward_models"):
         body += [
             "<h2>Reward models: pairwise accuracy (%) by preference rating</h2>",

@@ -81,7 +81,7 @@ def _mark_lab_task(model_dir: Path, task_name: str) -> None:
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
     if config.get(LAB_TASK_KEY) != task_name:
-        from rlhflab.tracking import atomic_write_text
+        from rlhflab.core.io import atomic_write_text
 
         config[LAB_TASK_KEY] = task_name
         atomic_write_text(path, json.dumps(config, indent=2) + "\n")

@@ -3,7 +3,7 @@
 One module per family; see docs/losses.md for every function, its formula and its source.
 
 - utils: LossOutput / RewardOutput, masked_sum / mean / var / whiten, reduce_token_losses
-- logprobs: gather_logprobs, chunked_gather_logprobs, sequence_logps, entropy_from_logits
+- logprobs: gather_logprobs, sequence_logps, entropy_from_logits
 - sft: sft_nll
 - reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, the same two with
   ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex
@@ -38,7 +38,6 @@ from rlhflab.losses.kl import (
     last_token_index,
 )
 from rlhflab.losses.logprobs import (
-    chunked_gather_logprobs,
     entropy_from_logits,
     gather_logprobs,
     sequence_logps,
@@ -87,7 +86,7 @@ from rlhflab.losses.utils import (
 __all__ = [
     "KL_ESTIMATORS", "LLAMA2_MARGINS", "PREFERENCE_LOSSES", "REDUCTIONS", "AdaptiveKLController",
     "FixedKLController", "LossOutput", "RewardOutput", "all_pairs_with_ties", "alpacafarm_clamp",
-    "bradley_terry", "cdpo", "chunked_gather_logprobs", "cpl", "discounted_returns", "dpo", "entropy_bonus",
+    "bradley_terry", "cdpo", "cpl", "discounted_returns", "dpo", "entropy_bonus",
     "entropy_from_logits", "gae", "gather_logprobs", "group_normalized_advantages", "hinge",
     "implicit_reward_metrics", "ipo", "kl_k1", "kl_k2", "kl_k3", "kl_penalty_loss", "kl_shaped_rewards",
     "kto", "kto_kl_estimate", "last_token_index", "llama2_margins", "llama2_safety_gate", "masked_mean",

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from rlhflab.config import LoggingSection, ModelSection, OptimSection, config_to_dict, config_to_yaml
+from rlhflab.core.io import atomic_write_text
+from rlhflab.core.metrics_log import MetricsLogger
+from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.tracking import MetricsLogger, atomic_write_text, prepare_run_dir
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,10 +34,15 @@ import torch
 from torch import Tensor
 
 from rlhflab.config import DPOAlgo, DPOConfig
+from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.core.health import check_finite
+from rlhflab.core.progress import Progress
+from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import UnpairedRecord, collate_pairs, collate_unpaired, tokenize_pair, tokenize_unpaired
 from rlhflab.errors import ConfigError, DataError
 from rlhflab.losses import LossOutput, kto_kl_estimate, preference
 from rlhflab.models.loading import count_parameters, is_peft_model, load_causal_lm, save_model
+from rlhflab.models.logprobs import token_logps
 from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
@@ -49,16 +54,6 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records
-from rlhflab.stages.forward import token_logps
-from rlhflab.tracking import (
-    Progress,
-    batch_schedule,
-    check_finite,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
 
 REF_CACHE = "ref_logps.pt"
 

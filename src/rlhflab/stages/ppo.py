@@ -32,6 +32,10 @@ import torch
 from torch import nn
 
 from rlhflab.config import PPOConfig
+from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.core.health import check_finite
+from rlhflab.core.progress import Progress
+from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import PromptRecord
 from rlhflab.errors import ConfigError
 from rlhflab.losses import (
@@ -49,6 +53,7 @@ from rlhflab.losses import (
 from rlhflab.models.backbone import backbone_and_head, hidden_size_of, hidden_to_logits
 from rlhflab.models.heads import Critic, ValueHead
 from rlhflab.models.loading import count_parameters, load_causal_lm
+from rlhflab.models.logprobs import token_logps
 from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
 from rlhflab.stages.common import (
     build_optimizer,
@@ -60,16 +65,6 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records
-from rlhflab.stages.forward import token_logps
-from rlhflab.tracking import (
-    Progress,
-    batch_schedule,
-    check_finite,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
 
 # Thresholds of the health warnings (not errors: these happen in healthy runs now and then).
 NEGATIVE_KL_WARN = -0.5

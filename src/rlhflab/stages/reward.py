@@ -35,6 +35,11 @@ from typing import Any
 import torch
 
 from rlhflab.config import RewardConfig
+from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.core.health import check_finite
+from rlhflab.core.io import atomic_write_text
+from rlhflab.core.progress import Progress
+from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import (
     LLAMA2_RATINGS,
     collate_pairs,
@@ -56,6 +61,7 @@ from rlhflab.losses import (
 )
 from rlhflab.losses import tie_orders as losses_tie_orders
 from rlhflab.models.backbone import last_token_index
+from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, final_layer_only_at, supports_shared_prompt
 from rlhflab.models.loading import (
     LoraSettings,
     apply_lora,
@@ -77,17 +83,6 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records
-from rlhflab.stages.forward import final_layer_only_at
-from rlhflab.tracking import (
-    Progress,
-    atomic_write_text,
-    batch_schedule,
-    check_finite,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
 
 # Llama 2 Table 28 column titles, in the paper's order; "avg" pools every pair.
 RATING_TITLES = {"significantly_better": "Significantly Better", "better": "Better",
@@ -158,23 +153,6 @@ def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tu
         train += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in records]
         held += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in eval_records]
     return train, held
-
-
-# Decoder families whose attention takes a custom 4-D mask with explicit position ids as it is (shared-prompt
-# rows give the rewards of separate rows: tests/stages/test_reward.py). Others get one row per response:
-# ALiBi models (Bloom) build their biases from a 2-D mask, and a custom mask would override sliding windows.
-SHARED_PROMPT_MODEL_TYPES = ("llama", "gpt2", "qwen2", "mistral")
-
-
-def supports_shared_prompt(model: RewardModel) -> bool:
-    """Whether the backbone can run shared-prompt rows: a tested decoder family, attention that reads 4-D
-    masks (sdpa, eager; flash-attention reads only padding masks), and no active sliding window."""
-    config = model.config
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    if getattr(config, "model_type", None) not in SHARED_PROMPT_MODEL_TYPES:
-        return False
-    return not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False
 
 
 def _collate(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool = False,

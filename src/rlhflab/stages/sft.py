@@ -16,9 +16,14 @@ from pathlib import Path
 import torch
 
 from rlhflab.config import SFTConfig
+from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.core.health import check_finite
+from rlhflab.core.progress import Progress
+from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import collate_packed, collate_sft, pack_sequences, tokenize_sft
 from rlhflab.losses import sft_nll
 from rlhflab.models.loading import count_parameters, save_model
+from rlhflab.models.logprobs import token_logps
 from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
@@ -29,16 +34,6 @@ from rlhflab.stages.common import (
     optimizer_step,
 )
 from rlhflab.stages.data_source import load_stage_records
-from rlhflab.stages.forward import token_logps
-from rlhflab.tracking import (
-    Progress,
-    batch_schedule,
-    check_finite,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
 
 
 def _micro_batches(examples: list[dict], indices: list[int], cfg: SFTConfig, pad_id: int):

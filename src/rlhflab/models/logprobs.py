@@ -1,4 +1,4 @@
-"""Forward passes that the stages share: token log-probs computed only where they are needed.
+"""Token log-probs of a causal LM, computed only where they are needed, and the LM-head kernels behind them.
 
 A causal LM's cost on a small model is dominated by the LM head (hidden x vocab per position). SFT, DPO
 and PPO only need log-probs of response tokens, so we run the base transformer over the whole sequence
@@ -10,25 +10,18 @@ probabilities instead of recomputing the logits (a third matmul, an exp and a su
 Above the budget, the chunked path of `rlhflab.losses` recomputes chunk by chunk; without gradients
 nothing is kept (one [chunk_size, V] block at a time).
 
-A reward model reads its last layer at one position per response: `final_layer_only_at` runs that layer's
-query, attention output and MLP only there (one position per row, or several per row when one prompt and
-its responses share a row).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rlhflab.losses.logprobs import chunked_gather_logprobs, gather_logprobs
+from rlhflab.losses.logprobs import gather_logprobs, logprob_dtype
+from rlhflab.losses.utils import check_positive
 from rlhflab.models.backbone import backbone_and_head, hidden_to_logits, position_ids_from_mask
-from rlhflab.models.loading import is_peft_model
 
 # Largest softmax (float32, [N, V]) the head keeps for its backward: 16 rows x ~50 response tokens of a
 # 49k vocabulary is ~150 MB; a larger one is recomputed chunk by chunk instead (one more head matmul).
@@ -112,6 +105,90 @@ class _HeadLogps(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b and ctx.has_bias else None
         return grad_h, grad_w, grad_b, None, None, None
+
+
+class _ChunkedLabelLogprobs(torch.autograd.Function):
+    """log softmax(h W^T + b)[label] chunk by chunk; backward recomputes each chunk's logits.
+
+    Saves only the inputs and one logsumexp per token, so autograd never holds a [N, V] tensor: peak extra
+    memory is one [chunk_size, V] block in forward and backward alike.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, temperature):  # type: ignore[override]
+        cdtype = logprob_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=cdtype, device=hidden.device)
+        lse = torch.empty(n, dtype=cdtype, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            logits = F.linear(hidden[s:s + chunk_size], weight, bias).to(cdtype) / temperature
+            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, labels[s:s + chunk_size].unsqueeze(-1)).squeeze(-1)
+            out[s:s + chunk_size] = picked - lse[s:s + chunk_size]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
+        cs, temp = ctx.chunk_size, ctx.temperature
+        for s in range(0, hidden.shape[0], cs):
+            h = hidden[s:s + cs]
+            logits = F.linear(h, weight, bias).to(lse.dtype) / temp
+            g = grad_out[s:s + cs].to(lse.dtype)
+            # d/dlogits of (logit[y] - lse) is onehot(y) - softmax, scaled by the incoming gradient.
+            grad_logits = -torch.exp(logits - lse[s:s + cs, None]) * g[:, None]
+            grad_logits.scatter_add_(-1, labels[s:s + cs, None], g[:, None])
+            grad_logits = grad_logits / temp
+            if need_h:
+                grad_h[s:s + cs] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += grad_logits.T @ h.to(lse.dtype)
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def chunked_gather_logprobs(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    lm_head_bias: Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Label log-probs from hidden states and the LM head, never materializing the [B, T, V] logits.
+
+    hidden_states: [B, T, H] (any leading dims); lm_head_weight: [V, H]; lm_head_bias: [V] or None;
+    labels: [B, T]. Returns [B, T] (float32 for half inputs), 0 where label == ignore_index.
+    Equals `gather_logprobs(F.linear(h, W, b) / temperature, labels)`, values and gradients (for h, W
+    and b), with peak extra memory of one [chunk_size, V] block: forward keeps one logsumexp per token and
+    backward recomputes each chunk's logits (a custom autograd Function, Liger-kernel style). First-order
+    gradients only (no double backward).
+    """
+    check_positive("chunk_size", chunk_size)
+    check_positive("temperature", temperature)
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} "
+                         "disagree")
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).reshape(-1).long()
+    # Ignored positions (padding) are zeroed so that nothing there, not even NaN, reaches W's gradient.
+    flat_h = torch.where(valid[..., None], hidden_states, 0.0).reshape(-1, hidden_states.shape[-1])
+    out = _ChunkedLabelLogprobs.apply(flat_h, lm_head_weight, lm_head_bias, safe, int(chunk_size),
+                                      float(temperature))
+    out = out.reshape(labels.shape)
+    return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def head_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
@@ -203,93 +280,3 @@ def token_logps(
     else:
         logps = gather_logprobs(hidden_to_logits(model, head, h) / temperature, labels)
     return (logps, hidden) if return_hidden else logps
-
-
-# ---- The final decoder layer, computed only where its output is read ---------------------------------------
-
-# Decoder layers whose forward is exactly: x + o_proj(attn(rope(q), rope(k), v)) on input_layernorm(x), then
-# + mlp(post_attention_layernorm(.)), with full causal attention. Others run whole (same result, more work).
-_PLAIN_DECODER_LAYERS = ("LlamaDecoderLayer",)
-
-
-class _FinalLayerAt(nn.Module):
-    """Stands in for the last decoder layer: keys and values at every position (attention needs them), but
-    the query, attention output, MLP and residuals only at N read positions (`rows`, `positions`, distinct
-    pairs). The returned hidden states are the layer's input everywhere else, so they are only right there.
-    """
-
-    def __init__(self, layer: nn.Module, rows: Tensor, positions: Tensor, key_mask: Tensor):
-        super().__init__()
-        self.layer, self.rows, self.positions, self.key_mask = layer, rows, positions, key_mask
-
-    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], **_: object) -> Tensor:
-        layer, attn = self.layer, self.layer.self_attn
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        b, t, _ = hidden_states.shape
-        rows, positions, n = self.rows, self.positions, len(self.rows)
-        normed = layer.input_layernorm(hidden_states)
-        keys = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)
-        values = attn.v_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)
-        query = attn.q_proj(normed[rows, positions][:, None]).view(n, 1, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, _ = rope(query, query, cos[rows, positions][:, None], sin[rows, positions][:, None])
-        _, keys = rope(keys, keys, cos, sin)
-        if n != b or not torch.equal(rows, torch.arange(b, device=rows.device)):
-            keys, values = keys[rows], values[rows]  # several reads per row (shared-prompt rows)
-        groups = query.shape[1] // keys.shape[1]
-        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.key_mask[:, None, None, :],
-                                             scale=attn.scaling)
-        x = hidden_states[rows, positions] + attn.o_proj(out.transpose(1, 2).reshape(n, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return hidden_states.index_put((rows, positions), x)
-
-
-def _decoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
-    """The backbone's decoder layers when its last one can run as `_FinalLayerAt`, else None."""
-    base = backbone.get_base_model() if is_peft_model(backbone) else backbone
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return None
-    layer, config = layers[-1], getattr(base, "config", None)
-    if type(layer).__name__ not in _PLAIN_DECODER_LAYERS or not hasattr(layer, "self_attn"):
-        return None
-    if layer.training and getattr(config, "attention_dropout", 0.0):
-        return None
-    return layers
-
-
-@contextlib.contextmanager
-def final_layer_only_at(backbone: nn.Module, attention_mask: Tensor, positions: Tensor, *,
-                        rows: Tensor | None = None, key_mask: Tensor | None = None) -> Iterator[bool]:
-    """Within the block, `backbone`'s final decoder layer computes its output only where it is read (e.g.
-    the last real token a reward head reads); yields whether it does.
-
-    One read per row: `positions` [B], and the keys are the real tokens at or before each position
-    (attention_mask [B, T], any padding side). Several reads per row (shared-prompt rows from
-    `rlhflab.data.packing.collate_shared_prompt`): `rows` and `positions` [N] name N distinct (row,
-    position) pairs and `key_mask` [N, T] bool what each attends to.
-
-    The final layer's query projection, attention output and MLP (most of a layer's weights) then run on N
-    rows instead of B x T: a quarter of a 4-layer model's work. The last hidden state is exact at the read
-    positions and wrong elsewhere, so read nothing else. Backbones other than Llama-style decoders
-    (`_PLAIN_DECODER_LAYERS`) run unchanged (yields False).
-    """
-    layers = _decoder_layers(backbone)
-    if layers is None:
-        yield False
-        return
-    if rows is None:
-        rows = torch.arange(len(positions), device=positions.device)
-    if key_mask is None:
-        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        before = columns[None] <= positions[:, None]
-        # A position always sees itself, so even a row without real tokens gets no all-masked softmax (NaN).
-        key_mask = (attention_mask.bool() & before) | (columns[None] == positions[:, None])
-    original = layers[-1]
-    layers[-1] = _FinalLayerAt(original, rows, positions, key_mask)
-    try:
-        yield True
-    finally:
-        layers[-1] = original
