@@ -14,13 +14,14 @@ import sys
 
 from rlhflab import __version__
 from rlhflab.errors import TrainingHealthError, UserError
+from rlhflab.lab.cli import register as register_lab
 
 # Stage name -> (module with `train(cfg, *, resume, overwrite)`, one-line help). Registered as they land.
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhflab.stages.sft", "supervised fine-tuning on demonstrations (prompt masked out of the loss)"),
     "rm": ("rlhflab.stages.reward", "reward model from pairwise comparisons (with margins) or K-wise rankings"),
     "ppo": ("rlhflab.stages.ppo", "PPO against reward model(s) with a KL penalty to a frozen reference"),
-    "dpo": ("rlhflab.stages.dpo", "DPO and its family (IPO, hinge, cDPO, robust, KTO, ORPO, SimPO) from preferences"),
+    "dpo": ("rlhflab.stages.dpo", "DPO and its family (IPO, hinge, cDPO, robust, KTO, ORPO, SimPO, CPL) from preferences"),
 }
 
 EPILOG = """\
@@ -57,7 +58,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from rlhflab.config import load_config
 
     module_name, _ = STAGES[args.command]
-    cfg = load_config(args.command, args.config, args.overrides)
+    from rlhflab.lab.launch import resolve_lab
+
+    cfg = resolve_lab(load_config(args.command, args.config, args.overrides), args.command)
     module = importlib.import_module(module_name)
     module.train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
@@ -86,8 +89,72 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    sample_to_file(args.policy, args.reward, args.out, prompts_path=args.prompts, n=args.n, settings=settings,
+    policy, prompts = args.policy, args.prompts
+    if policy.startswith("lab:") or not prompts:
+        from rlhflab.lab.launch import lab_data, lab_model_dir, lab_task_of
+
+        task = lab_task_of(policy)
+        if not prompts and task is not None:
+            prompts = str(lab_data(task, seed=args.seed, kinds=("prompt",))["prompts"])
+        policy = lab_model_dir(policy, seed=args.seed)
+    sample_to_file(policy, args.reward, args.out, prompts_path=prompts, n=args.n, settings=settings,
                    seed=args.seed, device=args.device, max_prompts=args.max_prompts, all_samples=args.all_samples)
+    return 0
+
+
+def _load_lm(path: str, what: str):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UserError(
+            f"{what} '{path}' is not a Hugging Face model directory (no config.json); give the "
+            "output of a stage (e.g. runs/demo/sft/final) or `rlhflab lab base TASK`"
+        )
+    return AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlhflab.eval.report import write_report
+    from rlhflab.lab.evaluate import evaluate_policy
+    from rlhflab.lab.tasks import get_task
+    from rlhflab.rollout.generate import SamplingSettings
+
+    task = get_task(args.task)
+    model, tokenizer = _load_lm(args.policy, "--policy")
+    ref_model = _load_lm(args.ref, "--ref")[0] if args.ref else None
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens or task.max_new_tokens, temperature=args.temperature
+    )
+    metrics = evaluate_policy(
+        model,
+        tokenizer,
+        task,
+        n_prompts=args.n_prompts,
+        n_samples=args.n_samples,
+        ref_model=ref_model,
+        settings=settings,
+        seed=args.seed,
+    )
+    for key, value in metrics.items():
+        if key != "examples":
+            print(f"{key:>24}: {value if not isinstance(value, float) else round(value, 4)}")
+    for ex in metrics["examples"][:3]:
+        print(f"  [{ex['gold']:+.2f}] {ex['prompt']} -> {ex['response']}")
+    if args.out:
+        name = Path(args.policy).name or "policy"
+        paths = write_report(
+            args.out,
+            task=task.name,
+            policies={name: metrics},
+            meta={"policy": args.policy, "ref": args.ref, "seed": args.seed},
+            title=f"rlhflab eval: {name} on {task.name}",
+        )
+        print(f"report: {paths['html']}")
     return 0
 
 
@@ -146,12 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output directory (created)")
     p.set_defaults(func=cmd_import_gguf)
 
-    try:
-        from rlhflab.lab.cli import register as register_lab
-    except ImportError:  # the lab lands in its own issue
-        register_lab = None
-    if register_lab is not None:
-        register_lab(sub)
+    register_lab(sub)
+
+    p = sub.add_parser("eval", help="evaluate a policy on a lab task with the hidden gold reward")
+    p.add_argument("--policy", required=True, help="HF model directory of the policy")
+    p.add_argument("--task", default="sentiment", help="lab task (see `rlhflab lab list`)")
+    p.add_argument("--ref", default=None, help="reference model directory (KL and win rate)")
+    p.add_argument("--n-prompts", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for report.json / report.html")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -34,7 +34,7 @@ PIPELINE_SECTIONS = {
     "eval": {"prompts": 64, "samples": 4, "best_of_n": 16},
 }
 
-# Defaults tuned so that the whole run fits in about 10 minutes on 2 CPU cores (see BENCHMARKS.md).
+# Defaults tuned so that the whole run takes about 1.5 minutes on 2 CPU cores (see BENCHMARKS.md).
 DEFAULTS: dict[str, list[str]] = {
     "sft": ["optim.lr=1e-3", "optim.batch_size=32", "optim.epochs=1", "data.max_length=64",
             "data.max_prompt_length=24", "logging.log_every=5"],
@@ -108,7 +108,7 @@ def _gold_curve(task, run_dir: Path) -> list[dict[str, float]]:
 
 def _evaluate_all(task, dirs: dict[str, Path], rm_dir: Path, seed: int, ev: dict[str, int]) -> tuple[dict, dict]:
     """Gold evaluation of every policy against SFT samples on the same held-out prompts."""
-    from rlhflab.eval.evaluate import evaluate_policy, evaluate_reward_model, sample_policy
+    from rlhflab.lab.evaluate import evaluate_policy, evaluate_reward_model, sample_policy
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.rewards import LearnedReward
 
@@ -131,7 +131,7 @@ def _evaluate_all(task, dirs: dict[str, Path], rm_dir: Path, seed: int, ev: dict
 def _evaluate_best_of_n(task, sft, tokenizer, reward, prompts, sft_samples, seed, n_samples: int, n: int) -> dict:
     """Best-of-n is a sampling procedure, not a model: evaluate its picks directly by gold."""
     from rlhflab.eval import metrics as M
-    from rlhflab.eval.evaluate import sample_metrics, score_responses
+    from rlhflab.lab.evaluate import sample_metrics, score_responses
     from rlhflab.lab.tasks import chat_prompt
     from rlhflab.stages.best_of_n import best_of_n
 
@@ -165,6 +165,7 @@ def _summary(policies: dict) -> dict:
 def run_pipeline(*, task: str = "sentiment", seed: int = 0, output_dir: str = "runs/demo",
                  config_file: str | None = None, overrides: list[str] | None = None, overwrite: bool = False) -> Path:
     """Run the whole pipeline; returns the path of report.html."""
+    from rlhflab.lab.launch import resolve_lab
     from rlhflab.lab.make_data import make_task_data
     from rlhflab.lab.tasks import get_task
     from rlhflab.stages import dpo, ppo, reward, sft
@@ -197,7 +198,7 @@ def run_pipeline(*, task: str = "sentiment", seed: int = 0, output_dir: str = "r
               "ppo_kl0": "[3/6] ppo_kl0 (no KL penalty: the reward-hacking run)", "dpo": "[4/6] dpo"}
     for stage in PIPELINE_STAGES:
         print(titles[stage])
-        saved = trainers[stage](configs[stage])
+        saved = trainers[stage](resolve_lab(configs[stage], "ppo" if stage == "ppo_kl0" else stage))
         if Path(saved) != final[stage]:
             raise RuntimeError(f"{stage} saved its model to {saved}, expected {final[stage]}")
     dirs, rm_dir = {s: final[s] for s in ("sft", "ppo", "ppo_kl0", "dpo")}, final["rm"]

@@ -124,7 +124,8 @@ def test_summary_meta_is_a_table_not_a_raw_dict(tmp_path):
     assert "<h3>summary</h3>" in page
     summary_table = page.split("<h3>summary</h3>", 1)[1].split("</table>", 1)[0]
     assert "<th>gold reward mean</th>" in summary_table and "<th>kl to sft</th>" in summary_table
-    assert "<td>dpo</td><td>0.400</td><td>0.050</td><td>0.500</td><td>0.900</td><td>9.000</td>" in summary_table
+    dpo_row = "<td>dpo</td><td>0.400</td><td>0.050</td><td>0.500</td><td>0.900</td><td>9.000</td>"
+    assert dpo_row in summary_table
     # Scalar meta entries keep their key/value rows.
     assert "<tr><th>seed</th><td>0</td></tr>" in page and "<tr><th>runtime_s</th><td>95.000</td></tr>" in page
     # A "summary" entry put into `policies` itself is not a policy row: it gets its own table too.
@@ -198,7 +199,8 @@ def test_reward_vs_sqrt_kl_plot_draws_points_and_sorted_smoothed_lines(monkeypat
     raw = [ln for ln in ax2.get_lines() if ln.get_linestyle() == "None"]
     smooth = [ln for ln in ax2.get_lines() if ln.get_linestyle() != "None"]
     assert len(raw) == 4 and len(smooth) == 4  # proxy and gold for each run
-    assert sorted(ln.get_label() for ln in smooth) == ["ppo gold", "ppo proxy", "ppo_kl0 gold", "ppo_kl0 proxy"]
+    labels = sorted(ln.get_label() for ln in smooth)
+    assert labels == ["ppo gold", "ppo proxy", "ppo_kl0 gold", "ppo_kl0 proxy"]
     assert {ln.get_marker() for ln in raw} == {".", "x"} and all(len(ln.get_xdata()) == 30 for ln in raw)
     for ln in smooth:
         x = list(ln.get_xdata())

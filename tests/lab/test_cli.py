@@ -1,16 +1,14 @@
-import argparse
 import json
 
 import pytest
 
+from rlhflab.cli import build_parser
 from rlhflab.errors import UserError
-from rlhflab.lab.cli import register
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(prog="rlhflab")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    # The handlers themselves (not `main`), so a user error shows up as the exception it raises.
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -83,7 +83,7 @@ def test_tiny_base_model_learned_the_task_shape(sentiment_base_dir):
 @pytest.mark.parametrize("name", ["sentiment", "arith"])
 def test_default_budget_pretrains_within_about_a_minute(name, tmp_path):
     start = time.perf_counter()
-    path = get_task(name).base_model_dir(budget="default", cache_dir=tmp_path)
+    path = ensure_base_model(get_task(name), budget="default", cache_dir=tmp_path)
     # About 20-30 s on 2 idle cores; the bound leaves room for a busy machine.
     assert time.perf_counter() - start < 180
     info = json.loads((path / "lab_info.json").read_text())

@@ -1,42 +1,33 @@
-"""Where stage data comes from: a lab model, or any model trained from one, gets the lab's built-in data."""
+"""Where stage data comes from: data.train_path, with the held-out split; nothing else."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from rlhflab.config import load_config
-from rlhflab.errors import ConfigError
-from rlhflab.lab.pretrain import LAB_TASK_KEY
-from rlhflab.stages import reward, sft
-from rlhflab.stages.data_source import lab_task_of, load_stage_records
+from rlhflab.errors import ConfigError, UserError
+from rlhflab.stages.common import resolve_model_path
+from rlhflab.stages.data_source import load_stage_records
+
+from .conftest import write_jsonl
 
 
-def test_lab_task_of_names_and_directories(tmp_path):
-    assert lab_task_of("lab:sentiment") == lab_task_of("lab:sentiment:tiny") == "sentiment"
-    marked, plain, broken = tmp_path / "marked", tmp_path / "plain", tmp_path / "broken"
-    for d in (marked, plain, broken):
-        d.mkdir()
-    (marked / "config.json").write_text(json.dumps({"model_type": "llama", LAB_TASK_KEY: "arith"}))
-    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (broken / "config.json").write_text("{not json")
-    assert lab_task_of(str(marked)) == "arith"
-    assert lab_task_of(str(plain)) is None and lab_task_of(str(broken)) is None
-    assert lab_task_of(str(tmp_path / "missing")) is None
+def test_an_empty_train_path_is_refused_with_what_to_do(tmp_path):
     data = load_config("sft", None, []).data
-    with pytest.raises(ConfigError, match="data.train_path is empty.*or a model trained from one"):
-        load_stage_records(data, "sft", model_name=str(plain), run_dir=tmp_path / "run", seed=0)
+    with pytest.raises(ConfigError, match="data.train_path is empty.*lab model"):
+        load_stage_records(data, "sft", seed=0)
 
 
-def test_a_model_trained_from_a_lab_model_keeps_its_task(tmp_path, tiny_lab_cache):
-    common = ["logging.progress=false", "logging.tensorboard=false", "model.device=cpu", "optim.max_steps=2",
-              "optim.batch_size=8"]
-    sft_final = sft.train(load_config("sft", None, ["model.name_or_path=lab:sentiment:tiny",
-                                                    f"logging.output_dir={tmp_path / 'sft'}", *common]))
-    assert json.loads((sft_final / "config.json").read_text())[LAB_TASK_KEY] == "sentiment"
-    # The reward model starts from the SFT model and, with no data file, gets the lab's annotated pairs.
-    rm_final = reward.train(load_config("rm", None, [f"model.name_or_path={sft_final}",
-                                                     f"logging.output_dir={tmp_path / 'rm'}", *common]))
-    assert (tmp_path / "rm" / "data" / "pairs.jsonl").is_file()
-    assert json.loads((rm_final / "config.json").read_text())[LAB_TASK_KEY] == "sentiment"
+def test_eval_fraction_holds_out_a_seeded_share(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(20)])
+    data = load_config("sft", None, [f"data.train_path={path}", "data.eval_fraction=0.25"]).data
+    train, held = load_stage_records(data, "sft", seed=3)
+    assert len(train) == 15 and len(held) == 5
+    assert {r.prompt for r in train}.isdisjoint({r.prompt for r in held})
+    assert [r.prompt for r in load_stage_records(data, "sft", seed=3)[1]] == [r.prompt for r in held]
+    assert [r.prompt for r in load_stage_records(data, "sft", seed=4)[1]] != [r.prompt for r in held]
+
+
+def test_stages_do_not_resolve_lab_names():
+    with pytest.raises(UserError, match="resolved by the rlhflab command line"):
+        resolve_model_path("lab:sentiment")

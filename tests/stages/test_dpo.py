@@ -82,8 +82,7 @@ def test_cached_reference_equals_a_fresh_forward(tiny_model_dir, pairs_file, tmp
     cached = torch.load(out / dpo.REF_CACHE, weights_only=True)["logps"]["train"]
     cfg = _cfg(tiny_model_dir, pairs_file, out)
     tok = load_tokenizer(tiny_model_dir)
-    records, _ = dpo.load_stage_records(cfg.data, "pairwise", model_name=str(tiny_model_dir), run_dir=out,
-                                        seed=0)
+    records, _ = dpo.load_stage_records(cfg.data, "pairwise", seed=0)
     examples, _ = dpo._tokenize(records, "pairwise", tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert cached.shape == (len(examples), 2)

@@ -1,26 +1,4 @@
-"""Evaluation judged by the lab's gold reward: policies, reward models, reports.
+"""Measurement that needs no lab: metrics (intervals, win rates, diversity, rank correlation) and reports.
 
-from rlhflab.eval import evaluate_policy, evaluate_reward_model, write_report
+Gold-judged evaluation of policies and reward models on a lab task is lab work: `rlhflab.lab.evaluate`.
 """
-
-from rlhflab.eval.evaluate import (
-    PolicySamples,
-    evaluate_policy,
-    evaluate_reward_model,
-    heldout_pairs,
-    reward_model_scorer,
-    sample_policy,
-    score_responses,
-)
-from rlhflab.eval.report import write_report
-
-__all__ = [
-    "PolicySamples",
-    "evaluate_policy",
-    "evaluate_reward_model",
-    "heldout_pairs",
-    "reward_model_scorer",
-    "sample_policy",
-    "score_responses",
-    "write_report",
-]

@@ -68,7 +68,9 @@ def _serializable(v: Any) -> bool:
 
 def _is_policy(metrics: Any) -> bool:
     """A policy's metric dict, as opposed to another entry (e.g. a per-policy "summary" of dicts)."""
-    return isinstance(metrics, Mapping) and not (metrics and all(isinstance(v, Mapping) for v in metrics.values()))
+    if not isinstance(metrics, Mapping):
+        return False
+    return not (metrics and all(isinstance(v, Mapping) for v in metrics.values()))
 
 
 def _policies(policies: Mapping[str, Any]) -> dict[str, Mapping]:
@@ -169,7 +171,7 @@ def smooth_by_x(
     pts = sorted(
         (float(a), float(b))
         for a, b in zip(x, y)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b)
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b))
     )
     if not pts:
         return [], []
@@ -401,9 +403,12 @@ def _policy_table(policies: Mapping[str, Mapping]) -> str:
     return f"<table><tr><th>policy</th>{head}</tr>{rows}</table>{note}"
 
 
-def _bound_note(rows: Mapping[str, Mapping], keys: Sequence[str]) -> str:
+BOUND_NOTE_SHORT = "† best-of-n's KL is the analytic upper bound log n − (n − 1)/n, not a sampled estimate."
+
+
+def _bound_note(rows: Mapping[str, Mapping], keys: Sequence[str], short: bool = False) -> str:
     if any(_is_kl_bound(n, k, m.get(k)) for n, m in rows.items() for k in keys):
-        return f"<p class='note'>{html.escape(BOUND_NOTE)}</p>"
+        return f"<p class='note'>{html.escape(BOUND_NOTE_SHORT if short else BOUND_NOTE)}</p>"
     return ""
 
 
@@ -416,13 +421,13 @@ def _mapping_table(name: str, value: Mapping) -> str:
         rows = "".join(
             f"<tr><td>{html.escape(str(n))}</td>"
             + "".join(
-                _cell(str(n), str(c), v.get(c)) if not isinstance(v.get(c), Mapping) else f"<td>{_kv(v.get(c))}</td>"
-                for c in cols
+                f"<td>{_kv(x)}</td>" if isinstance(x, Mapping) else _cell(str(n), str(c), x)
+                for c, x in ((c, v.get(c)) for c in cols)
             )
             + "</tr>"
             for n, v in value.items()
         )
-        table = f"<table><tr><th></th>{head}</tr>{rows}</table>" + _bound_note(value, cols)
+        table = f"<table><tr><th></th>{head}</tr>{rows}</table>" + _bound_note(value, cols, short=True)
     else:
         table = _kv_table(value)
     return f"<h3>{html.escape(str(name).replace('_', ' '))}</h3>{table}"

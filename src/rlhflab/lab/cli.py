@@ -1,4 +1,4 @@
-"""CLI of the lab and the evaluator: `rlhflab lab list|base|data` and `rlhflab eval`.
+"""CLI of the lab: `rlhflab lab list|base|data`.
 
 `register(subparsers)` adds the commands to the main parser; each handler returns an exit code and raises
 `UserError` for anything the user can fix. Heavy imports happen inside the handlers.
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from rlhflab.errors import UserError
 
 
 def _thresholds(text: str) -> tuple[float, float, float]:
@@ -100,58 +97,6 @@ def cmd_lab_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_lm(path: str, what: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise UserError(
-            f"{what} '{path}' is not a Hugging Face model directory (no config.json); give the "
-            "output of a stage (e.g. runs/demo/sft/final) or `rlhflab lab base TASK`"
-        )
-    return AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from rlhflab.eval.evaluate import evaluate_policy
-    from rlhflab.eval.report import write_report
-    from rlhflab.lab.tasks import get_task
-    from rlhflab.rollout.generate import SamplingSettings
-
-    task = get_task(args.task)
-    model, tokenizer = _load_lm(args.policy, "--policy")
-    ref_model = _load_lm(args.ref, "--ref")[0] if args.ref else None
-    settings = SamplingSettings(
-        max_new_tokens=args.max_new_tokens or task.max_new_tokens, temperature=args.temperature
-    )
-    metrics = evaluate_policy(
-        model,
-        tokenizer,
-        task,
-        n_prompts=args.n_prompts,
-        n_samples=args.n_samples,
-        ref_model=ref_model,
-        settings=settings,
-        seed=args.seed,
-    )
-    for key, value in metrics.items():
-        if key != "examples":
-            print(f"{key:>24}: {value if not isinstance(value, float) else round(value, 4)}")
-    for ex in metrics["examples"][:3]:
-        print(f"  [{ex['gold']:+.2f}] {ex['prompt']} -> {ex['response']}")
-    if args.out:
-        name = Path(args.policy).name or "policy"
-        paths = write_report(
-            args.out,
-            task=task.name,
-            policies={name: metrics},
-            meta={"policy": args.policy, "ref": args.ref, "seed": args.seed},
-            title=f"rlhflab eval: {name} on {task.name}",
-        )
-        print(f"report: {paths['html']}")
-    return 0
-
-
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", help="task name (see `rlhflab lab list`)")
     p.add_argument("--out", required=True, help="output directory for the JSONL files")
@@ -202,7 +147,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `lab` (list, base, data) and `eval` to an argparse subparsers object."""
+    """Add `lab` (list, base, data) to an argparse subparsers object."""
     lab = subparsers.add_parser("lab", help="built-in tasks with hidden gold rewards: list, base model, data")
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
     p = lab_sub.add_parser("list", help="the built-in tasks")
@@ -216,15 +161,3 @@ def register(subparsers) -> None:
     p = lab_sub.add_parser("data", help="make SFT, preference and prompt data with simulated annotators")
     _add_data_args(p)
     p.set_defaults(func=cmd_lab_data)
-
-    p = subparsers.add_parser("eval", help="evaluate a policy on a lab task with the hidden gold reward")
-    p.add_argument("--policy", required=True, help="HF model directory of the policy")
-    p.add_argument("--task", default="sentiment", help="lab task (see `rlhflab lab list`)")
-    p.add_argument("--ref", default=None, help="reference model directory (KL and win rate)")
-    p.add_argument("--n-prompts", type=int, default=64)
-    p.add_argument("--n-samples", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for report.json / report.html")
-    p.set_defaults(func=cmd_eval)

@@ -37,6 +37,7 @@ from rlhflab.data.readers import write_jsonl
 from rlhflab.errors import ConfigError
 from rlhflab.lab.annotators import AnnotatorPool, AnnotatorSettings, predicted_agreement
 from rlhflab.lab.gold import best_achievable, gold_scores
+from rlhflab.lab.pretrain import ensure_base_model
 from rlhflab.lab.tasks import LabTask, chat_prompt, get_task
 
 Fmt = Callable[[str], Any]  # a task prompt -> the form written to the files (chat messages or text)
@@ -65,7 +66,7 @@ class ResponseSource:
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = task.base_model_dir(budget, seed, cache_dir) if source == "base" else Path(source)
+        path = ensure_base_model(task, budget=budget, seed=seed, cache_dir=cache_dir) if source == "base" else Path(source)
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(
                 f"pair_source {source!r}: expected 'demonstrator', 'base' or a model directory "

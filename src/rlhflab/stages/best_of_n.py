@@ -142,7 +142,7 @@ def sample_to_file(policy: str, reward: str, out_path: str, *, prompts_path: str
     `rlhflab.rewards.load_rewards`), written to `out_path` as JSONL rows {"prompt", "completion", "score",
     "mean_score"} (+ "samples", "sample_scores" with all_samples). The rows are SFT demonstrations, so
     `rlhflab sft data.train_path=OUT` fine-tunes on them: rejection-sampling fine-tuning (one round of expert
-    iteration). Prompts come from `prompts_path` (prompt records) or, for a lab model, the lab's prompts.
+    iteration). Prompts come from `prompts_path` (prompt records).
 
     Returns {"best_score": mean best score, "sample_score": mean score of all samples, "kl_bound": nats}.
     """
@@ -156,10 +156,9 @@ def sample_to_file(policy: str, reward: str, out_path: str, *, prompts_path: str
     out = Path(out_path)
     if out.suffix != ".jsonl":
         raise UserError(f"--out {out} must be a .jsonl file (the rows are SFT records: prompt, completion)")
-    path = resolve_model_path(policy, seed=seed)
+    path = resolve_model_path(policy)
     dev = resolve_device(device)
-    records, _ = load_stage_records(DataSection(train_path=prompts_path), "prompt", model_name=policy,
-                                    run_dir=out.parent / f"{out.stem}_data", seed=seed, log=log)
+    records, _ = load_stage_records(DataSection(train_path=prompts_path), "prompt", seed=seed, log=log)
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     prompts = prompts[:max_prompts] if max_prompts else prompts
     source = load_rewards(reward, device=dev)

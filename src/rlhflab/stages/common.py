@@ -40,27 +40,23 @@ def mixed_precision(model_cfg: ModelSection, device: torch.device
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
-def resolve_model_path(name_or_path: str, *, seed: int = 0) -> str:
-    """A local model directory; 'lab:TASK' means the built-in lab task's pretrained base model, and
-    'lab:TASK:tiny' its small-budget version (seconds to pretrain; for tests)."""
-    if name_or_path.startswith("lab:"):
-        from rlhflab.lab.tasks import get_task
-
-        task, _, budget = name_or_path[len("lab:"):].partition(":")
-        return str(get_task(task).base_model_dir(budget=budget or "default", seed=seed))
+def resolve_model_path(name_or_path: str) -> str:
+    """A local model directory (models are never downloaded at run time)."""
     path = Path(name_or_path)
     if not path.exists():
+        hint = (" ('lab:' names are resolved by the rlhflab command line and pipeline, or by "
+                "rlhflab.lab.launch.resolve_lab)" if name_or_path.startswith("lab:") else "")
         raise UserError(
             f"model '{name_or_path}' does not exist; give a local Hugging Face model directory "
-            "(models are never downloaded at run time), or 'lab:TASK' for a built-in lab model")
+            f"(models are never downloaded at run time){hint}")
     return str(path)
 
 
-def load_policy(model_cfg: ModelSection, *, seed: int = 0):
+def load_policy(model_cfg: ModelSection):
     """(model, tokenizer, device) from a model section, ready to train."""
     from rlhflab.models.loading import LoraSettings, load_causal_lm, load_tokenizer
 
-    path = resolve_model_path(model_cfg.name_or_path, seed=seed)
+    path = resolve_model_path(model_cfg.name_or_path)
     device = resolve_device(model_cfg.device)
     lora = None
     if model_cfg.lora.enabled:

@@ -1,70 +1,30 @@
-"""Where a stage's records come from: the user's files, or the lab's built-in data.
-
-With `data.train_path` set, records are read from it (any format of `rlhflab.data`). Left empty while
-the model is a lab model ('lab:TASK', or a model trained from one, such as runs/sft/final), the lab makes
-the task's data with its simulated annotators, so `rlhflab sft` and the stages after it work out of the
-box. Anything else is an error that says what to set.
-"""
+"""A stage's records: read from data.train_path (any format of `rlhflab.data`), with the held-out split."""
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any
 
 from rlhflab.config import DataSection
 from rlhflab.data import load_records
 from rlhflab.errors import ConfigError
 
-# Which file of the lab's data each record kind reads.
-LAB_FILES = {"sft": "sft", "pairwise": "pairs", "prompt": "prompts", "ranked": "rankings", "unpaired": "unpaired"}
 
-
-def lab_task_of(model_name: str) -> str | None:
-    """The lab task a model belongs to: 'lab:TASK' or 'lab:TASK:BUDGET' -> TASK; a model directory trained
-    from a lab base model (its config.json carries the task, see `rlhflab.lab.pretrain.LAB_TASK_KEY`) -> that
-    task; anything else -> None."""
-    if model_name.startswith("lab:"):
-        return model_name[len("lab:"):].partition(":")[0]
-    from rlhflab.lab.pretrain import LAB_TASK_KEY
-
-    config = Path(model_name) / "config.json"
-    try:
-        task = json.loads(config.read_text()).get(LAB_TASK_KEY) if config.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return task if isinstance(task, str) and task else None
-
-
-def lab_data(task: str, out_dir: Path, *, seed: int, kinds: tuple[str, ...]) -> dict[str, Path]:
-    """Make (or reuse) the lab task's data in `out_dir`; returns {kind file name: path}."""
-    from rlhflab.lab.make_data import make_task_data
-
-    wanted = {LAB_FILES[k] for k in kinds}
-    existing = {name: out_dir / f"{name}.jsonl" for name in wanted}
-    if all(p.exists() for p in existing.values()):
-        return existing
-    return make_task_data(task, out_dir, seed=seed, n_rankings=500 if "rankings" in wanted else 0,
-                          n_unpaired=1000 if "unpaired" in wanted else 0)
-
-
-def load_stage_records(data: DataSection, kind: str, *, model_name: str, run_dir: Path, seed: int,
-                       log=print) -> tuple[list[Any], list[Any]]:
-    """(train records, eval records) for a stage, with skipped-record counts reported through `log`."""
-    if data.train_path:
-        train_source = data.train_path
-    elif (task := lab_task_of(model_name)) is not None:
-        paths = lab_data(task, run_dir / "data", seed=seed, kinds=(kind,))
-        train_source = str(paths[LAB_FILES[kind]])
-        origin = "" if model_name.startswith("lab:") else f" ({model_name} comes from the lab's '{task}' base model)"
-        log(f"data: made the lab task '{task}' {kind} data in {run_dir / 'data'}{origin}")
-    else:
+def require_train_path(data: DataSection, kind: str) -> None:
+    """Refuse an empty data.train_path before anything is loaded."""
+    if not data.train_path:
         raise ConfigError(
             f"config: data.train_path is empty; give a {kind} data file (JSONL/JSON/CSV/Parquet or a saved "
-            "datasets directory), or use a lab model (model.name_or_path=lab:TASK, or a model trained from one) "
-            "to get built-in data")
-    train = _load(train_source, kind, data, log)
+            "datasets directory), or on the command line use a lab model (model.name_or_path=lab:TASK, or a "
+            "model trained from one) to get built-in data")
+
+
+def load_stage_records(data: DataSection, kind: str, *, seed: int, log=print) -> tuple[list[Any], list[Any]]:
+    """(train records, eval records) for a stage, with skipped-record counts reported through `log`.
+
+    Eval records come from data.eval_path, else a seeded data.eval_fraction of the training records."""
+    require_train_path(data, kind)
+    train = _load(data.train_path, kind, data, log)
     if data.eval_path:
         return train, _load(data.eval_path, kind, data, log)
     if data.eval_fraction > 0:

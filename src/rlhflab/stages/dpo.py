@@ -190,8 +190,7 @@ _DATA_HINTS = {
 
 def _load_records(cfg: DPOConfig, kind: str, run_dir: Path) -> tuple[list, list]:
     try:
-        return load_stage_records(cfg.data, kind, model_name=cfg.model.name_or_path, run_dir=run_dir,
-                                  seed=cfg.seed)
+        return load_stage_records(cfg.data, kind, seed=cfg.seed)
     except DataError as e:
         raise DataError(f"{e}. algo.loss={cfg.algo.loss} trains on {_DATA_HINTS[kind]}") from None
 
@@ -414,7 +413,7 @@ def _setup_reference(cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path,
     A reference model loaded only to fill the cache is dropped as soon as it is filled.
     """
     def load_other():
-        path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path, seed=cfg.seed)
+        path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
         return load_causal_lm(path, dtype=cfg.model.dtype, device=str(device)).eval().requires_grad_(False)
 
     if not cfg.algo.precompute_ref_logps:
@@ -446,7 +445,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
         raise ConfigError("config: data.packing is for SFT only; DPO scores chosen and rejected responses "
                           "side by side, so set data.packing=false")
     run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite)
-    model, tokenizer, device = load_policy(cfg.model, seed=cfg.seed)
+    model, tokenizer, device = load_policy(cfg.model)
     train_records, eval_records = _load_records(cfg, spec.data, run.dir)
     examples, kl_examples = _tokenize(train_records, spec.data, tokenizer, cfg)
     eval_examples, eval_kl = _tokenize(eval_records, spec.data, tokenizer, cfg)

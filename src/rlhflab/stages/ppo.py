@@ -116,9 +116,9 @@ def _load_reward(cfg: PPOConfig, device: torch.device):
 
 def _setup_models(cfg: PPOConfig):
     """(policy, value model, reference, tokenizer, device). The reference is frozen and in eval mode."""
-    policy, tokenizer, device = load_policy(cfg.model, seed=cfg.seed)
+    policy, tokenizer, device = load_policy(cfg.model)
     # Generation pads on the left; training collators pad on the right (rollout tensors carry their own).
-    ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path, seed=cfg.seed)
+    ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
     ref = load_causal_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
     ref.eval().requires_grad_(False)
     if cfg.algo.separate_critic:
@@ -250,8 +250,7 @@ def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) ->
 
 def _load_prompts(cfg: PPOConfig, run_dir: Path) -> tuple[list, int]:
     """(prompts, rollout batches per epoch), refusing fewer prompts than one rollout batch."""
-    records, _ = load_stage_records(cfg.data, "prompt", model_name=cfg.model.name_or_path, run_dir=run_dir,
-                                    seed=cfg.seed)
+    records, _ = load_stage_records(cfg.data, "prompt", seed=cfg.seed)
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
     if steps_per_epoch == 0:

@@ -147,8 +147,7 @@ def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tu
     train, held = [], []
     for head, (name, path) in enumerate(specs):
         data = dataclasses.replace(cfg.data, train_path=path, eval_path="") if path else cfg.data
-        records, eval_records = load_stage_records(data, kind, model_name=cfg.model.name_or_path, run_dir=run_dir,
-                                                   seed=cfg.seed)
+        records, eval_records = load_stage_records(data, kind, seed=cfg.seed)
         where = path or cfg.data.train_path or f"lab data of head '{name}'"
         train += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in records]
         held += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in eval_records]
@@ -430,7 +429,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     seed_everything(cfg.seed)
     run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite)
     kind = "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
-    path = resolve_model_path(cfg.model.name_or_path, seed=cfg.seed)
+    path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
     model, device = _build_model(cfg, path, [name for name, _ in cfg.algo.head_specs()])
     examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)

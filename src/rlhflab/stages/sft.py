@@ -82,9 +82,8 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     # 1. Setup: seeds, run directory, model, data.
     seed_everything(cfg.seed)
     run = open_run(cfg, "sft", cfg.logging, resume=resume, overwrite=overwrite)
-    model, tokenizer, device = load_policy(cfg.model, seed=cfg.seed)
-    train_records, eval_records = load_stage_records(cfg.data, "sft", model_name=cfg.model.name_or_path,
-                                                     run_dir=run.dir, seed=cfg.seed)
+    model, tokenizer, device = load_policy(cfg.model)
+    train_records, eval_records = load_stage_records(cfg.data, "sft", seed=cfg.seed)
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     examples = [tokenize_sft(r, tokenizer, **kw) for r in train_records]
     eval_examples = [tokenize_sft(r, tokenizer, **kw) for r in eval_records]

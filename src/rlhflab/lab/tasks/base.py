@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -100,22 +99,6 @@ class LabTask(ABC):
         from rlhflab.models.tiny import build_word_tokenizer
 
         return build_word_tokenizer(self.vocabulary())
-
-    def base_model_dir(
-        self, budget: str = "default", seed: int = 0, cache_dir: str | Path | None = None
-    ) -> Path:
-        """The base model's directory (model + tokenizer, `save_pretrained` layout), pretraining it first
-        if it is not cached. Cache root: `cache_dir`, else $RLHFLAB_CACHE, else ~/.cache/rlhflab."""
-        from rlhflab.lab.pretrain import ensure_base_model
-
-        return ensure_base_model(self, budget=budget, seed=seed, cache_dir=cache_dir)
-
-    def load_base_model(self, budget: str = "default", seed: int = 0, cache_dir: str | Path | None = None):
-        """(model, tokenizer) of the base model, loaded from `base_model_dir`."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = self.base_model_dir(budget, seed, cache_dir)
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
     def __repr__(self) -> str:
         return f"<lab task {self.name!r} v{self.version}>"

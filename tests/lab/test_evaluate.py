@@ -6,9 +6,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhflab.errors import ConfigError
-from rlhflab.eval import evaluate_policy, evaluate_reward_model, heldout_pairs, sample_policy, score_responses
-from rlhflab.eval.evaluate import response_logps, reward_model_scorer
 from rlhflab.eval.metrics import mean_ci95
+from rlhflab.lab.evaluate import (
+    evaluate_policy,
+    evaluate_reward_model,
+    heldout_pairs,
+    response_logps,
+    sample_policy,
+    score_responses,
+)
 from rlhflab.lab.gold import gold_scores
 from rlhflab.lab.tasks import get_task, prompt_text
 from rlhflab.models.tiny import tiny_causal_lm
@@ -143,14 +149,19 @@ def test_reward_model_evaluation_with_known_scorers():
     assert abs(noise["rm/accuracy"] - 0.5) < 0.08 and abs(noise["rm/spearman_gold"]) < 0.1
 
 
-def test_reward_model_scorer_runs_an_rlhflab_reward_model(base):
+def test_a_learned_reward_scores_reward_model_evaluation(base):
     from rlhflab.models.reward_model import RewardModel
+    from rlhflab.rewards import LearnedReward
 
     model, tokenizer = base
     rm = RewardModel.from_causal_lm(
         tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=5)
     )
-    score = reward_model_scorer(rm, tokenizer, batch_size=3)
+    reward = LearnedReward(rm, tokenizer, batch_size=3)
+
+    def score(prompts, responses):
+        return reward.score(prompts, responses).numpy()
+
     task = get_task("sentiment")
     metrics = evaluate_reward_model(score, task, n_pairs=40, seed=1)
     assert 0.0 <= metrics["rm/accuracy"] <= 1.0 and not math.isnan(metrics["rm/spearman_gold"])

@@ -35,8 +35,9 @@ import torch
 
 from rlhflab.errors import ConfigError
 from rlhflab.eval import metrics as M
+from rlhflab.lab.annotators import AnnotatorPool
 from rlhflab.lab.gold import gold_components
-from rlhflab.lab.tasks import LabTask, chat_prompt, get_task
+from rlhflab.lab.tasks import LabTask, chat_prompt, get_task, prompt_text
 from rlhflab.losses.logprobs import entropy_from_logits, gather_logprobs
 from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
 
@@ -222,38 +223,10 @@ def evaluate_policy(
     return out
 
 
-def reward_model_scorer(model, tokenizer, *, batch_size: int = 64, head: int = 0) -> ScoreFn:
-    """A `score_fn(prompts, responses) -> scores` for a reward model returning [B, heads] from
-    `model(input_ids, attention_mask)` (rlhflab's `RewardModel`), tokenized as the data layer does."""
-    from rlhflab.data.tokenize import encode_prompt, encode_response
-
-    def score(prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
-        rows = [
-            encode_prompt(p, tokenizer) + encode_response(p, r, tokenizer) for p, r in zip(prompts, responses)
-        ]
-        device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out = []
-        with torch.no_grad():
-            for s in range(0, len(rows), batch_size):
-                batch = rows[s : s + batch_size]
-                width = max(len(r) for r in batch)
-                ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=device)
-                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device)
-                scores = model(input_ids=ids, attention_mask=mask)
-                scores = getattr(scores, "logits", scores)
-                out.append(scores.reshape(len(batch), -1)[:, head].float().cpu())
-        return torch.cat(out).numpy()
-
-    return score
-
-
 def heldout_pairs(
     task: str | LabTask, n_pairs: int = 512, *, annotator_settings=None, seed: int = 0
 ) -> list[dict]:
     """Annotated held-out pairs (demonstrator responses on held-out prompts), chat-formatted like lab data."""
-    from rlhflab.lab.annotators import AnnotatorPool
-
     task = get_task(task)
     prompts = task.heldout_prompts(n_pairs, seed=seed + 17)
     a = task.demonstrations(prompts, seed=seed * 1000 + 501)
@@ -287,7 +260,6 @@ def evaluate_reward_model(
     `heldout_pairs(task, n_pairs)`. score_fn(prompts, responses) -> one proxy score per response.
     """
     from rlhflab.data.records import LLAMA2_RATINGS
-    from rlhflab.lab.tasks import prompt_text
 
     task = get_task(task)
     pairs = (
