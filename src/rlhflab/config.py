@@ -85,8 +85,6 @@ class DataSection:
     start of response kept)."""
     max_prompt_length: int = 64
     """Maximum prompt tokens; must be below max_length so some response survives truncation."""
-    packing: bool = False
-    """Pack several examples into one row without padding (SFT only)."""
     skip_bad_records: bool = False
     """Skip malformed records (their count is reported) instead of stopping at the first one."""
     eval_fraction: float = 0.0
@@ -105,21 +103,41 @@ class DataSection:
 
 
 @dataclass
-class OptimSection:
+class SFTDataSection(DataSection):
+    packing: bool = False
+    """Pack several examples into one row without padding (block-causal attention keeps them apart)."""
+
+
+@dataclass
+class PromptDataSection:
+    """Prompts for on-policy methods: the policy writes the responses."""
+
+    train_path: str = ""
+    """Prompt records: a .jsonl/.json/.csv/.parquet file or a saved HF datasets directory. Empty: the lab
+    task's prompts (made on the fly for the lab task of model.name_or_path)."""
+    split: str = ""
+    """Split name when the path is a DatasetDict directory (e.g. 'train')."""
+    max_prompt_length: int = 64
+    """Maximum prompt tokens; a longer prompt keeps its last tokens (the end, where the request is), as the
+    data layer truncates training prompts."""
+    skip_bad_records: bool = False
+    """Skip malformed records (their count is reported) instead of stopping at the first one."""
+
+    def __post_init__(self):
+        _require(self.max_prompt_length >= 1, "data.max_prompt_length",
+                 f"must be >= 1, got {self.max_prompt_length}")
+
+
+@dataclass
+class AdamWSection:
+    """The optimizer (AdamW) and its learning-rate schedule."""
+
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    batch_size: int = 16
-    """Examples per optimizer step (across gradient accumulation)."""
-    micro_batch_size: int = 0
-    """Examples per forward/backward pass; 0 means the whole batch. Must divide batch_size."""
-    epochs: int = 1
-    """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps; 0 means run for `epochs`."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to lr."""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -129,6 +147,26 @@ class OptimSection:
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class OptimSection(AdamWSection):
+    """AdamW plus how the data is cut into optimizer steps."""
+
+    batch_size: int = 16
+    """Examples per optimizer step (across gradient accumulation)."""
+    micro_batch_size: int = 0
+    """Examples per forward/backward pass; 0 means the whole batch. Must divide batch_size."""
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means run for `epochs`."""
+
+    def __post_init__(self):
+        super().__post_init__()
         _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.micro_batch_size >= 0, "optim.micro_batch_size",
                  f"must be >= 0, got {self.micro_batch_size}")
@@ -138,9 +176,6 @@ class OptimSection:
                      f"try {_divisor_hint(self.batch_size, self.micro_batch_size)}")
         _require(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "optim.max_steps", f"must be >= 0, got {self.max_steps}")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -152,9 +187,7 @@ class LoggingSection:
     output_dir: str = ""
     """Run directory (config, metrics.jsonl, TensorBoard, checkpoints, final model). Empty: runs/STAGE-TIME."""
     log_every: int = 10
-    """Log metrics every N optimizer steps."""
-    eval_every: int = 0
-    """Evaluate every N optimizer steps; 0 means only at the end."""
+    """Log metrics every N optimizer steps (PPO: iterations)."""
     save_every: int = 0
     """Write a resumable checkpoint every N optimizer steps; 0 means only at the end."""
     keep_checkpoints: int = 2
@@ -172,6 +205,16 @@ class LoggingSection:
         _require(self.log_every >= 1, "logging.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.keep_checkpoints >= 1, "logging.keep_checkpoints",
                  f"must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class EvalLoggingSection(LoggingSection):
+    eval_every: int = 0
+    """Evaluate on the held-out data every N optimizer steps; 0 means only at the end."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.eval_every >= 0, "logging.eval_every", f"must be >= 0, got {self.eval_every}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -405,9 +448,9 @@ class SFTConfig:
     seed: int = 0
     """Seeds Python, NumPy and torch, and the data order."""
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: SFTDataSection = field(default_factory=SFTDataSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, batch_size=16, epochs=2))
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
     algo: SFTAlgo = field(default_factory=SFTAlgo)
 
 
@@ -420,8 +463,13 @@ class RewardConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=16, epochs=1))
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
     algo: RewardAlgo = field(default_factory=RewardAlgo)
+
+    def __post_init__(self):
+        _require(not (self.data.train_path and all(path for _, path in self.algo.head_specs())), "data.train_path",
+                 "is set but every head in algo.heads names its own data file, so it would be ignored; leave it "
+                 "empty or drop a head's file")
 
 
 @dataclass
@@ -435,7 +483,7 @@ class DPOConfig:
     """Reference policy directory; empty means the initial policy (model.name_or_path)."""
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, batch_size=16, epochs=1))
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
     algo: DPOAlgo = field(default_factory=DPOAlgo)
 
 
@@ -448,8 +496,8 @@ class PPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     ref_model: str = ""
     """Reference policy directory; empty means the initial policy (model.name_or_path)."""
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5, batch_size=64))
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=1e-5))
     logging: LoggingSection = field(default_factory=LoggingSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     algo: PPOAlgo = field(default_factory=PPOAlgo)
@@ -684,15 +732,16 @@ def field_docs(cls: type) -> dict[str, str]:
     import inspect
     import textwrap
 
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's docs win
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs

@@ -168,10 +168,12 @@ def generate(
     *,
     batch_size: int = 64,
     seed: int | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for several), `batch_size` prompts per call.
 
-    prompts: strings (raw text), chat message lists, or token-id lists (see `encode_prompts`).
+    prompts: strings (raw text), chat message lists, or token-id lists (see `encode_prompts`); with
+    `max_prompt_tokens`, each keeps at most its last that many tokens.
 
     `seed` makes sampling reproducible without touching the global RNG (seed=None draws from, and
     advances, the global torch RNG). The model is put in eval mode for the call (dropout off) and
@@ -186,6 +188,9 @@ def generate(
     gen_config = settings.generation_config(pad_id, eos_list)
     device = next(model.parameters()).device
     rows = encode_prompts(tokenizer, prompts)
+    if max_prompt_tokens is not None:
+        # Keep the end of a long prompt (where the request is), as the data layer truncates training prompts.
+        rows = [r[-max_prompt_tokens:] for r in rows]
     was_training = model.training
     model.eval()
     chunks = []

@@ -146,19 +146,19 @@ def sample_to_file(policy: str, reward: str, out_path: str, *, prompts_path: str
 
     Returns {"best_score": mean best score, "sample_score": mean score of all samples, "kl_bound": nats}.
     """
-    from rlhflab.config import DataSection
+    from rlhflab.config import PromptDataSection
     from rlhflab.data import PromptRecord, write_jsonl
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.rewards import load_rewards
     from rlhflab.stages.common import resolve_device, resolve_model_path
-    from rlhflab.stages.data_source import load_stage_records
+    from rlhflab.stages.data_source import load_train_records
 
     out = Path(out_path)
     if out.suffix != ".jsonl":
         raise UserError(f"--out {out} must be a .jsonl file (the rows are SFT records: prompt, completion)")
     path = resolve_model_path(policy)
     dev = resolve_device(device)
-    records, _ = load_stage_records(DataSection(train_path=prompts_path), "prompt", seed=seed, log=log)
+    records = load_train_records(PromptDataSection(train_path=prompts_path), "prompt", log=log)
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     prompts = prompts[:max_prompts] if max_prompts else prompts
     source = load_rewards(reward, device=dev)

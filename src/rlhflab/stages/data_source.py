@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from rlhflab.config import DataSection
+from rlhflab.config import DataSection, PromptDataSection
 from rlhflab.data import load_records
 from rlhflab.errors import ConfigError
 
 
-def require_train_path(data: DataSection, kind: str) -> None:
+def require_train_path(data: DataSection | PromptDataSection, kind: str) -> None:
     """Refuse an empty data.train_path before anything is loaded."""
     if not data.train_path:
         raise ConfigError(
@@ -19,12 +19,17 @@ def require_train_path(data: DataSection, kind: str) -> None:
             "model trained from one) to get built-in data")
 
 
+def load_train_records(data: DataSection | PromptDataSection, kind: str, *, log=print) -> list[Any]:
+    """The records of data.train_path (a prompt section has no held-out split)."""
+    require_train_path(data, kind)
+    return _load(data.train_path, kind, data, log)
+
+
 def load_stage_records(data: DataSection, kind: str, *, seed: int, log=print) -> tuple[list[Any], list[Any]]:
     """(train records, eval records) for a stage, with skipped-record counts reported through `log`.
 
     Eval records come from data.eval_path, else a seeded data.eval_fraction of the training records."""
-    require_train_path(data, kind)
-    train = _load(data.train_path, kind, data, log)
+    train = load_train_records(data, kind, log=log)
     if data.eval_path:
         return train, _load(data.eval_path, kind, data, log)
     if data.eval_fraction > 0:
@@ -36,7 +41,7 @@ def load_stage_records(data: DataSection, kind: str, *, seed: int, log=print) ->
     return train, []
 
 
-def _load(source: str, kind: str, data: DataSection, log) -> list[Any]:
+def _load(source: str, kind: str, data: DataSection | PromptDataSection, log) -> list[Any]:
     result = load_records(source, kind, split=data.split or None, skip_bad=data.skip_bad_records)
     if result.n_skipped:
         log(f"data: skipped {result.n_skipped} malformed records of {source} (data.skip_bad_records=true)")

@@ -39,7 +39,7 @@ from rlhflab.core.health import check_finite
 from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import UnpairedRecord, collate_pairs, collate_unpaired, tokenize_pair, tokenize_unpaired
-from rlhflab.errors import ConfigError, DataError
+from rlhflab.errors import DataError
 from rlhflab.losses import LossOutput, kto_kl_estimate, preference
 from rlhflab.models.loading import count_parameters, is_peft_model, load_causal_lm, save_model
 from rlhflab.models.logprobs import token_logps
@@ -53,7 +53,7 @@ from rlhflab.stages.common import (
     optimizer_step,
     resolve_model_path,
 )
-from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.data_source import load_stage_records, require_train_path
 
 REF_CACHE = "ref_logps.pt"
 
@@ -439,11 +439,9 @@ def _perf(counts: dict[str, int], elapsed: float, n_params: int, what: str) -> d
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with algo.loss; returns the directory of the final model (RUN/final)."""
     # 1. Setup: seeds, run directory, policy, data.
-    seed_everything(cfg.seed)
     spec = LOSSES[cfg.algo.loss]
-    if cfg.data.packing:
-        raise ConfigError("config: data.packing is for SFT only; DPO scores chosen and rejected responses "
-                          "side by side, so set data.packing=false")
+    require_train_path(cfg.data, spec.data)
+    seed_everything(cfg.seed)
     run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite)
     model, tokenizer, device = load_policy(cfg.model)
     train_records, eval_records = _load_records(cfg, spec.data, run.dir)

@@ -64,7 +64,7 @@ from rlhflab.stages.common import (
     optimizer_step,
     resolve_model_path,
 )
-from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.data_source import load_train_records, require_train_path
 
 # Thresholds of the health warnings (not errors: these happen in healthy runs now and then).
 NEGATIVE_KL_WARN = -0.5
@@ -106,9 +106,6 @@ def _sub_rollout(r: Rollout, idx: torch.Tensor) -> Rollout:
 def _load_reward(cfg: PPOConfig, device: torch.device):
     from rlhflab.rewards import load_rewards
 
-    if not cfg.algo.reward_model:
-        raise ConfigError("config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
-                          "or a reward spec such as 'rule:length'")
     algo = cfg.algo
     return load_rewards(algo.reward_model, weights=algo.reward_weights, device=device, combine=algo.reward_combine,
                         safety_threshold=algo.safety_threshold, unsafe_prompt_pattern=algo.unsafe_prompt_pattern)
@@ -250,7 +247,7 @@ def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) ->
 
 def _load_prompts(cfg: PPOConfig, run_dir: Path) -> tuple[list, int]:
     """(prompts, rollout batches per epoch), refusing fewer prompts than one rollout batch."""
-    records, _ = load_stage_records(cfg.data, "prompt", seed=cfg.seed)
+    records = load_train_records(cfg.data, "prompt")
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
     if steps_per_epoch == 0:
@@ -279,7 +276,11 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     `reward`: any object with `score(prompts, responses) -> Tensor[B]` (Python API); by default the reward
     source(s) named in algo.reward_model.
     """
-    # Setup: seeds, run directory, models, reward, prompts, optimizer, KL controller.
+    # Setup: checks that need no model, seeds, run directory, models, reward, prompts, optimizer, KL controller.
+    require_train_path(cfg.data, "prompt")
+    if reward is None and not cfg.algo.reward_model:
+        raise ConfigError("config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
+                          "or a reward spec such as 'rule:length'")
     seed_everything(cfg.seed)
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg)
@@ -312,7 +313,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         t0 = time.time()
         with mixed_precision(cfg.model, device)():
             rollout = generate(policy, tokenizer, batch, sampling, batch_size=cfg.algo.rollout_batch_size,
-                               seed=cfg.seed * 100_003 + iteration)
+                               seed=cfg.seed * 100_003 + iteration, max_prompt_tokens=cfg.data.max_prompt_length)
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
         exp, metrics = _make_experience(policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration + 1,

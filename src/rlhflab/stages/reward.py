@@ -82,7 +82,7 @@ from rlhflab.stages.common import (
     resolve_device,
     resolve_model_path,
 )
-from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.data_source import load_stage_records, require_train_path
 
 # Llama 2 Table 28 column titles, in the paper's order; "avg" pools every pair.
 RATING_TITLES = {"significantly_better": "Significantly Better", "better": "Better",
@@ -141,9 +141,6 @@ def _tokenize(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where:
 def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples of every head; a head with its own file reads it instead of data.train_path."""
     specs = cfg.algo.head_specs()
-    if cfg.data.train_path and all(path for _, path in specs):
-        raise ConfigError("config: data.train_path is set but every head in algo.heads names its own data file, "
-                          "so it would be ignored; leave it empty or drop a head's file")
     train, held = [], []
     for head, (name, path) in enumerate(specs):
         data = dataclasses.replace(cfg.data, train_path=path, eval_path="") if path else cfg.data
@@ -426,9 +423,11 @@ def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: 
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
     # 1. Setup: seeds, run directory, model, data.
+    kind = "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
+    if any(not path for _, path in cfg.algo.head_specs()):
+        require_train_path(cfg.data, kind)
     seed_everything(cfg.seed)
     run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite)
-    kind = "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
     model, device = _build_model(cfg, path, [name for name, _ in cfg.algo.head_specs()])

@@ -33,7 +33,7 @@ from rlhflab.stages.common import (
     open_run,
     optimizer_step,
 )
-from rlhflab.stages.data_source import load_stage_records
+from rlhflab.stages.data_source import load_stage_records, require_train_path
 
 
 def _micro_batches(examples: list[dict], indices: list[int], cfg: SFTConfig, pad_id: int):
@@ -80,6 +80,7 @@ def evaluate(model, examples: list[dict], device, pad_id: int, batch_size: int =
 def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run SFT; returns the directory of the final model (RUN/final)."""
     # 1. Setup: seeds, run directory, model, data.
+    require_train_path(cfg.data, "sft")
     seed_everything(cfg.seed)
     run = open_run(cfg, "sft", cfg.logging, resume=resume, overwrite=overwrite)
     model, tokenizer, device = load_policy(cfg.model)
