@@ -51,7 +51,7 @@ def dpo_loss(job: dict) -> dict:
 
     out_dir = job["work"] + "/rlhflab_dpo_loss"
     cfg = load_config("dpo", None, _common(job, out_dir, job["check_path"]) + [
-        f"ref_model={job['ref_dir']}", "optim.max_steps=1", f"optim.lr={job['dpo_lr']}", "algo.loss=sigmoid",
+        f"ref_model={job['ref_dir']}", "optim.max_steps=1", f"optim.lr={job['dpo_lr']}", "algo.loss=dpo",
         f"algo.beta={job['beta']}"])
     dpo.train(cfg, overwrite=True)
     row = next(r for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "loss/dpo" in r)
@@ -77,7 +77,7 @@ def dpo_time(job: dict) -> dict:
 
     out_dir = job["work"] + "/rlhflab_dpo_time"
     cfg = load_config("dpo", None, _common(job, out_dir, job["data_path"]) + [
-        f"optim.lr={job['dpo_lr']}", "algo.loss=sigmoid", f"algo.beta={job['beta']}"])
+        f"optim.lr={job['dpo_lr']}", "algo.loss=dpo", f"algo.beta={job['beta']}"])
     t0 = time.perf_counter()
     dpo.train(cfg, overwrite=True)
     train_wall = time.perf_counter() - t0

@@ -5,11 +5,11 @@ table. A package imports only packages of a LOWER layer (never one beside it), s
 reach the lab's gold reward, and there is no import cycle between packages.
 
     layer 0  errors, the package root (version)
-    layer 1  config, core            typed configs; seeding, atomic IO, run dirs, logging, checkpoints, guards
+    layer 1  core                    seeding, atomic IO, run dirs, logging, checkpoints, health guards
     layer 2  data, losses            records/loaders/collators; pure loss functions
     layer 3  models                  loading, heads, reward model, log-prob kernels
     layer 4  rollout, rewards        generation; reward sources
-    layer 5  eval                    metrics and reports (no lab, no gold)
+    layer 5  config, eval            typed stage configs (validated against the loss table); metrics, reports
     layer 6  stages                  one training loop per method
     layer 7  lab                     tasks, gold rewards, simulated annotators, gold-judged evaluation
     layer 8  pipeline                the main job
@@ -25,11 +25,11 @@ import rlhflab
 
 LAYERS: dict[str, int] = {
     "errors": 0, "__init__": 0,
-    "config": 1, "core": 1,
+    "core": 1,
     "data": 2, "losses": 2,
     "models": 3,
     "rollout": 4, "rewards": 4,
-    "eval": 5,
+    "config": 5, "eval": 5,
     "stages": 6,
     "lab": 7,
     "pipeline": 8,

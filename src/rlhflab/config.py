@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from rlhflab.errors import ConfigError
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 
 # --------------------------------------------------------------------------------------------------------
 # Sections shared by the stages
@@ -288,58 +289,77 @@ class RewardAlgo:
 
 @dataclass
 class DPOAlgo:
-    loss: Literal["sigmoid", "dpo", "cdpo", "robust", "robust_dpo", "ipo", "hinge", "slic",
-                  "kto", "orpo", "simpo", "cpl"] = "sigmoid"
-    """Preference loss by name (`rlhflab.stages.dpo.LOSSES` says how each is called). With a reference
-    policy, on pairwise data: sigmoid/dpo, cdpo, robust/robust_dpo, ipo, hinge/slic. kto: unpaired data
-    (prompt, completion, label) with a reference. orpo, simpo, cpl: pairwise data, no reference model."""
+    loss: str = "dpo"
+    """Preference loss by name, one of `rlhflab.losses.preference.PREFERENCE_LOSS_TABLE` (docs/losses.md lists
+    each with its data, reference and hyperparameters): with a reference policy, on pairwise data: dpo, cdpo,
+    robust_dpo, ipo, hinge (SLiC); kto on unpaired data (prompt, completion, label); orpo, simpo, cpl on
+    pairwise data without a reference model. A hyperparameter the loss does not take must keep its default."""
     beta: float = 0.1
-    """Strength of the implicit KL constraint to the reference policy (DPO family and KTO; DPO paper 0.1).
-    For the reference-free losses: orpo: lambda, the weight of the odds-ratio term added to the chosen NLL
-    (paper 0.1); simpo: the scale of the length-normalized reward (paper 2.0-2.5); cpl: alpha, the
-    temperature of the segment score."""
+    """dpo, cdpo, robust_dpo, ipo, hinge, kto: strength of the implicit KL constraint to the reference
+    policy (DPO paper 0.1)."""
     label_smoothing: float = 0.0
-    """Assumed probability that a preference label is flipped, in [0, 0.5): needed (> 0) by cdpo and
-    robust, optional for sigmoid/dpo and simpo, not used by the other losses (must stay 0)."""
+    """dpo, cdpo, robust_dpo, simpo: assumed probability that a preference label is flipped, in [0, 0.5);
+    cdpo and robust_dpo need it > 0."""
     average_logps: bool = False
-    """Reference-based paired losses: use each response's per-token mean log-prob instead of its sum (how
-    TRL runs IPO; the beta that works grows by about the response length). orpo and simpo always average
-    (their definitions); kto and cpl need sums."""
+    """dpo, cdpo, robust_dpo, ipo, hinge: use each response's per-token mean log-prob instead of its sum (how
+    TRL runs IPO; the beta that works grows by about the response length)."""
+    orpo_lambda: float = 0.1
+    """orpo: lambda, the weight of the odds-ratio term added to the chosen NLL (paper 0.1)."""
+    simpo_beta: float = 2.0
+    """simpo: the scale of the length-normalized reward (paper 2.0-2.5)."""
     simpo_gamma: float = 0.5
-    """SimPO's target margin gamma (absolute, after the beta scaling; the paper tunes gamma/beta near 0.5)."""
+    """simpo: the target margin gamma (absolute, after the beta scaling; the paper tunes gamma/beta near 0.5)."""
     kto_desirable_weight: float = 1.0
-    """KTO lambda_D, the weight of desirable examples."""
+    """kto: lambda_D, the weight of desirable examples."""
     kto_undesirable_weight: float = 1.0
-    """KTO lambda_U, the weight of undesirable examples. The KTO paper keeps lambda_D n_D / (lambda_U n_U)
+    """kto: lambda_U, the weight of undesirable examples. The KTO paper keeps lambda_D n_D / (lambda_U n_U)
     in [1, 4/3], n = the example counts: raise the weight of the rarer kind."""
+    cpl_alpha: float = 0.1
+    """cpl: alpha, the temperature of the segment score."""
     cpl_gamma: float = 1.0
-    """CPL discount over the response tokens (the steps of a segment), in (0, 1]."""
+    """cpl: discount over the response tokens (the steps of a segment), in (0, 1]."""
     cpl_lambda: float = 1.0
-    """CPL's conservative weight on the rejected segment's score, in (0, 1]; 1 is the plain CPL loss."""
+    """cpl: conservative weight on the rejected segment's score, in (0, 1]; 1 is the plain CPL loss."""
     precompute_ref_logps: bool = True
     """Compute the reference log-probs of all data once before training and cache them in the run
     directory (reused by --resume), so no reference model stays in memory; false keeps the reference
     model loaded and runs it every step. Reference-free losses (orpo, simpo, cpl) never load one."""
 
     def __post_init__(self):
-        _require(self.beta > 0, "algo.beta", f"must be > 0, got {self.beta}")
+        if self.loss not in PREFERENCE_LOSS_TABLE:
+            close = [_TRL_LOSS_NAMES[self.loss]] if self.loss in _TRL_LOSS_NAMES else \
+                difflib.get_close_matches(self.loss, list(PREFERENCE_LOSS_TABLE), n=1)
+            raise ConfigError(f"config: 'algo.loss' must be one of {', '.join(PREFERENCE_LOSS_TABLE)}, got "
+                              f"{self.loss!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        row = PREFERENCE_LOSS_TABLE[self.loss]
+        # A hyperparameter acts or is refused: one the loss does not take must stay at its default.
+        used = set(row.params) | ({"average_logps"} if row.average else set())
+        defaults = DPOAlgo.__dataclass_fields__
+        for key in _LOSS_HYPERPARAMETERS:
+            if key not in used and getattr(self, key) != defaults[key].default:
+                takers = [n for n, r in PREFERENCE_LOSS_TABLE.items()
+                          if key in r.params or (key == "average_logps" and r.average)]
+                raise ConfigError(f"config: algo.{key} is not used by algo.loss={self.loss} (it is used by "
+                                  f"{', '.join(takers)}); remove it or keep its default "
+                                  f"{defaults[key].default!r}")
+        for key in ("beta", "orpo_lambda", "simpo_beta", "cpl_alpha", "kto_desirable_weight",
+                    "kto_undesirable_weight"):
+            _require(getattr(self, key) > 0, f"algo.{key}", f"must be > 0, got {getattr(self, key)}")
         _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
                  f"must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss in ("cdpo", "robust", "robust_dpo"):
-            _require(self.label_smoothing > 0, "algo.label_smoothing",
-                     f"is 0, which makes algo.loss={self.loss} plain DPO; set the assumed label-flip rate "
-                     "(e.g. algo.label_smoothing=0.1) or use algo.loss=sigmoid")
-        elif self.loss not in ("sigmoid", "dpo", "simpo"):
-            _require(self.label_smoothing == 0, "algo.label_smoothing",
-                     f"is not used by algo.loss={self.loss}; set it to 0 (label smoothing works with sigmoid, "
-                     "cdpo, robust and simpo)")
-        _require(not (self.average_logps and self.loss in ("kto", "cpl")), "algo.average_logps",
-                 f"does not apply to algo.loss={self.loss}, which sums token log-probs; set it to false")
+        _require(self.loss not in ("cdpo", "robust_dpo") or self.label_smoothing > 0, "algo.label_smoothing",
+                 f"is 0, which makes algo.loss={self.loss} plain DPO; set the assumed label-flip rate "
+                 "(e.g. algo.label_smoothing=0.1) or use algo.loss=dpo")
         _require(self.simpo_gamma >= 0, "algo.simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
-        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
-            _require(getattr(self, key) > 0, f"algo.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("cpl_gamma", "cpl_lambda"):
             _require(0 < getattr(self, key) <= 1, f"algo.{key}", f"must be in (0, 1], got {getattr(self, key)}")
+
+
+# TRL's loss_type names of our losses, so a TRL user's habit gets the right suggestion.
+_TRL_LOSS_NAMES = {"sigmoid": "dpo", "robust": "robust_dpo", "slic": "hinge"}
+# The DPO stage's settings that belong to particular losses (`PreferenceLoss.params`, plus average_logps).
+_LOSS_HYPERPARAMETERS = ("beta", "label_smoothing", "average_logps", "orpo_lambda", "simpo_beta", "simpo_gamma",
+                         "kto_desirable_weight", "kto_undesirable_weight", "cpl_alpha", "cpl_gamma", "cpl_lambda")
 
 
 @dataclass

@@ -32,7 +32,7 @@ def test_round_trip_through_dict_and_yaml():
     assert again == cfg
     from_yaml = build_config(DPOConfig, yaml.safe_load(config_to_yaml(cfg)))
     assert from_yaml == cfg
-    assert "# Strength of the implicit KL constraint" in config_to_yaml(cfg)
+    assert "strength of the implicit KL constraint" in config_to_yaml(cfg)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -60,16 +60,3 @@ def test_sparrow_rerank_by_hand():
     torch.testing.assert_close(out.rewards, t([[0.438635, 0.134471, 0.0]]), atol=1e-6, rtol=0)
     expected = math.exp(1) / (math.exp(1) + math.exp(0)) * math.sqrt(0.9 * 0.4)
     assert out.rewards[0, 0].item() == pytest.approx(expected)
-
-
-def test_gradcheck_combinations():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(5, dtype=F64, generator=g, requires_grad=True)
-    s = torch.randn(5, dtype=F64, generator=g, requires_grad=True)
-    unsafe = torch.tensor([True, False, False, True, False])
-    assert torch.autograd.gradcheck(lambda a, b: llama2_safety_gate(a, b, unsafe, threshold=0.3).rewards,
-                                    (h, s))
-    pr = torch.randn(2, 3, dtype=F64, generator=g, requires_grad=True)
-    rules = (torch.rand(2, 3, 2, dtype=F64, generator=g) * 0.8 + 0.1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: sparrow_rerank(a, b).rewards, (pr, rules))
-    assert torch.autograd.gradcheck(lambda a: weighted_sum(a, [0.5, -1.0, 2.0]), (pr,))

@@ -1,5 +1,4 @@
 import math
-import typing
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from rlhflab.core.checkpoint import latest_checkpoint
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import collate_pairs
 from rlhflab.errors import ConfigError, DataError, TrainingHealthError
-from rlhflab.losses.preference import PREFERENCE_LOSSES
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 from rlhflab.models.loading import load_tokenizer
 from rlhflab.models.logprobs import token_logps
 from rlhflab.stages import dpo
@@ -49,13 +48,16 @@ def _rows(run_dir, key):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
 
 
-def test_loss_table_covers_config_and_library():
-    assert set(dpo.LOSSES) == set(typing.get_args(typing.get_type_hints(DPOAlgo)["loss"]))
-    for name, fn in PREFERENCE_LOSSES.items():
-        spec = dpo.LOSSES[name]
-        assert spec.call.args[0] is fn and spec.needs_ref and spec.data == "pairwise", name
-    assert dpo.LOSSES["kto"].data == "unpaired"
-    assert [n for n, s in dpo.LOSSES.items() if not s.needs_ref] == ["orpo", "simpo", "cpl"]
+def test_the_config_takes_exactly_the_table_and_its_hyperparameters():
+    for name in PREFERENCE_LOSS_TABLE:
+        assert DPOAlgo(loss=name, label_smoothing=0.1 if name in ("cdpo", "robust_dpo") else 0.0).loss == name
+    with pytest.raises(ConfigError, match="got 'sigmoid'; did you mean 'dpo'"):
+        DPOAlgo(loss="sigmoid")
+    with pytest.raises(ConfigError, match=r"algo.beta is not used by algo.loss=simpo .*used by dpo, cdpo"):
+        DPOAlgo(loss="simpo", beta=0.5)
+    with pytest.raises(ConfigError, match="algo.average_logps is not used by algo.loss=kto"):
+        DPOAlgo(loss="kto", average_logps=True)
+    assert DPOAlgo(loss="orpo", orpo_lambda=0.3).orpo_lambda == 0.3
 
 
 def test_dpo_learns_the_preferences(tiny_model_dir, pairs_file, tmp_path):
@@ -94,12 +96,12 @@ def test_cached_reference_equals_a_fresh_forward(tiny_model_dir, pairs_file, tmp
 
 
 @pytest.mark.parametrize("loss, extra", [
-    ("sigmoid", []), ("cdpo", ["algo.label_smoothing=0.1"]), ("robust", ["algo.label_smoothing=0.1"]),
-    ("ipo", ["algo.average_logps=true"]), ("hinge", []), ("orpo", []), ("simpo", ["algo.beta=2.0"]),
+    ("dpo", []), ("cdpo", ["algo.label_smoothing=0.1"]), ("robust_dpo", ["algo.label_smoothing=0.1"]),
+    ("ipo", ["algo.average_logps=true"]), ("hinge", []), ("orpo", []), ("simpo", ["algo.simpo_beta=2.0"]),
     ("cpl", []),
 ])
 def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
-    if not dpo.LOSSES[loss].needs_ref:
+    if not PREFERENCE_LOSS_TABLE[loss].reference:
         def no_reference(*args, **kwargs):
             raise AssertionError("a reference-free loss loaded or ran a reference")
 
@@ -109,11 +111,11 @@ def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_
     # One batch holding every pair, so each step sees the same data and the loss must go down.
     dpo.train(_cfg(tiny_model_dir, pairs_file, out, f"algo.loss={loss}", "optim.max_steps=4",
                    "optim.batch_size=16", "optim.lr=3e-3", *extra))
-    key = f"loss/{dpo.LOSSES[loss].name}"
+    key = f"loss/{loss}"
     losses = [r[key] for r in _rows(out, key)]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
-    assert (out / dpo.REF_CACHE).exists() == dpo.LOSSES[loss].needs_ref
+    assert (out / dpo.REF_CACHE).exists() == PREFERENCE_LOSS_TABLE[loss].reference
 
 
 def test_kto_learns_from_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
@@ -134,7 +136,7 @@ def test_kto_metrics_by_hand():
     x = dpo.LossInputs(torch.tensor([-1.0, -2.0]), torch.tensor([2, 2]), torch.zeros(2, 3), torch.ones(2, 3),
                        ref_logps=torch.tensor([-1.5, -1.5]), desirable=torch.tensor([True, False]),
                        kl_estimate=torch.tensor(0.1))
-    out = dpo.LOSSES["kto"].call(x, DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0))
+    out = dpo.loss_of_batch(PREFERENCE_LOSS_TABLE["kto"], x, DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0))
     # r = [0.5, -0.5]; desirable: 1 - sigma(0.5 - 0.1); undesirable: 2 * (1 - sigma(0.1 + 0.5)).
     sigma = torch.sigmoid(torch.tensor([0.4, 0.6]))
     expected = torch.stack([1 - sigma[0], 2 * (1 - sigma[1])])
@@ -228,10 +230,11 @@ def test_cli_runs_the_stage(tiny_model_dir, pairs_file, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["algo.loss=cdpo"], r"makes algo.loss=cdpo plain DPO"),
     (["algo.loss=ipo", "algo.label_smoothing=0.1"], r"not used by algo.loss=ipo"),
-    (["algo.loss=kto", "algo.average_logps=true"], r"does not apply to algo.loss=kto"),
+    (["algo.loss=kto", "algo.average_logps=true"], r"algo.average_logps is not used by algo.loss=kto"),
     (["algo.loss=simpoo"], r"did you mean 'simpo'"),
-    (["algo.cpl_lambda=0"], r"algo.cpl_lambda must be in \(0, 1\]"),
-    (["algo.kto_desirable_weight=-1"], r"algo.kto_desirable_weight must be > 0"),
+    (["algo.loss=cpl", "algo.cpl_lambda=0"], r"algo.cpl_lambda must be in \(0, 1\]"),
+    (["algo.loss=kto", "algo.kto_desirable_weight=-1"], r"algo.kto_desirable_weight must be > 0"),
+    (["algo.cpl_lambda=0.5"], r"algo.cpl_lambda is not used by algo.loss=dpo \(it is used by cpl\)"),
 ])
 def test_config_errors_say_what_to_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -245,6 +248,6 @@ def test_the_wrong_kind_of_data_says_which_loss_to_use(tiny_model_dir, pairs_fil
         dpo.train(_cfg(tiny_model_dir, unpaired_file, tmp_path / "b"))
 
 
-def test_packing_is_refused(tiny_model_dir, pairs_file, tmp_path):
-    with pytest.raises(ConfigError, match="data.packing is for SFT only"):
-        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", "data.packing=true"))
+def test_packing_is_refused():
+    with pytest.raises(ConfigError, match="unknown key 'data.packing'"):
+        load_config("dpo", None, ["data.packing=true"])

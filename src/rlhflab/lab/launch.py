@@ -78,9 +78,9 @@ def record_kind(stage: str, cfg: Any) -> str:
     if stage == "ppo":
         return "prompt"
     if stage == "dpo":
-        from rlhflab.stages.dpo import LOSSES
+        from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 
-        return LOSSES[cfg.algo.loss].data
+        return PREFERENCE_LOSS_TABLE[cfg.algo.loss].data
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -8,7 +8,7 @@ One module per family; see docs/losses.md for every function, its formula and it
 - reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, the same two with
   ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex
 - combine: llama2_safety_gate, weighted_sum, sparrow_rerank
-- preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, orpo, simpo, cpl, PREFERENCE_LOSSES
+- preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, orpo, simpo, cpl, PREFERENCE_LOSS_TABLE
 - kl: kl_k1 / k2 / k3, alpacafarm_clamp, kl_shaped_rewards, kl_penalty_loss, KL controllers
 - advantages: gae, discounted_returns, whiten, reinforce / rloo / group-normalized advantages
 - ppo: ppo_policy_loss, ppo_value_loss, entropy_bonus, reinforce_loss
@@ -45,7 +45,7 @@ from rlhflab.losses.logprobs import (
 )
 from rlhflab.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss, reinforce_loss
 from rlhflab.losses.preference import (
-    PREFERENCE_LOSSES,
+    PREFERENCE_LOSS_TABLE,
     cdpo,
     cpl,
     dpo,
@@ -84,7 +84,7 @@ from rlhflab.losses.utils import (
 )
 
 __all__ = [
-    "KL_ESTIMATORS", "LLAMA2_MARGINS", "PREFERENCE_LOSSES", "REDUCTIONS", "AdaptiveKLController",
+    "KL_ESTIMATORS", "LLAMA2_MARGINS", "PREFERENCE_LOSS_TABLE", "REDUCTIONS", "AdaptiveKLController",
     "FixedKLController", "LossOutput", "RewardOutput", "all_pairs_with_ties", "alpacafarm_clamp",
     "bradley_terry", "cdpo", "cpl", "discounted_returns", "dpo", "entropy_bonus",
     "entropy_from_logits", "gae", "gather_logprobs", "group_normalized_advantages", "hinge",

@@ -20,13 +20,14 @@ Which inputs each loss needs:
 | simpo                   | no        | summed log-probs and response lengths; margin gamma              |
 | cpl                     | optional  | per-step log-probs [B, T] with masks; discount gamma, alpha      |
 
-`PREFERENCE_LOSSES` maps names to the losses that share the paired signature
-`(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **kwargs)`.
+`PREFERENCE_LOSS_TABLE` (at the end) is the one table of these losses: data kind, reference, inputs and the
+hyperparameters each takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -343,16 +344,68 @@ def cpl(
     return LossOutput(-F.logsigmoid(s_pos - conservative_lambda * s_neg), _margin_metrics(s_pos, s_neg))
 
 
-PairedLoss = Callable[..., LossOutput]
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One row of the table of preference losses: what a trainer needs to know to run the loss.
 
-# Losses with the paired signature (pc, pr, rc, rr, beta, **kwargs); the selector for DPO-style stages.
-PREFERENCE_LOSSES: dict[str, PairedLoss] = {
-    "sigmoid": dpo,
-    "dpo": dpo,
-    "cdpo": cdpo,
-    "robust": robust_dpo,
-    "robust_dpo": robust_dpo,
-    "ipo": ipo,
-    "hinge": hinge,
-    "slic": hinge,
+    fn:         the loss function of this module.
+    data:       the records it trains on: "pairwise" (prompt, chosen, rejected) or "unpaired" (prompt,
+                completion, desirable label).
+    reference:  whether it needs a reference policy's log-probs.
+    inputs:     the log-probs `fn` takes, in its argument order:
+                "sums"         policy chosen, policy rejected, reference chosen, reference rejected: summed over
+                               response tokens (per-token means where the trainer averages, see `average`)
+                "means"        policy chosen, policy rejected: per-token means
+                "sums_lengths" policy chosen, policy rejected sums, then chosen and rejected token counts
+                "tokens"       chosen token log-probs [B, T], chosen mask, rejected ones, rejected mask
+                "unpaired"     policy, reference, desirable flags, KL estimate (`kto_kl_estimate`)
+    params:     {hyperparameter name: keyword of `fn`}; the names are the trainer's settings (the DPO
+                stage's algo keys), so one name has one meaning across losses.
+    average:    whether summed log-probs may be replaced by per-token means ("sums" inputs only).
+    cite:       the paper and equation.
+    """
+
+    fn: Callable[..., LossOutput]
+    data: str
+    reference: bool
+    inputs: str
+    params: dict[str, str]
+    average: bool = False
+    cite: str = ""
+
+
+_DPO_PARAMS = {"beta": "beta", "label_smoothing": "label_smoothing"}
+
+# The one table of preference losses (name -> how to run it). Trainers, config validation and the list in
+# docs/losses.md are derived from it: adding a loss means a function above and a row here.
+PREFERENCE_LOSS_TABLE: dict[str, PreferenceLoss] = {
+    "dpo": PreferenceLoss(dpo, "pairwise", True, "sums", _DPO_PARAMS, True, "Rafailov et al. 2023, Eq. 7"),
+    "cdpo": PreferenceLoss(cdpo, "pairwise", True, "sums", _DPO_PARAMS, True, "Mitchell 2023, Eq. 3"),
+    "robust_dpo": PreferenceLoss(robust_dpo, "pairwise", True, "sums", _DPO_PARAMS, True,
+                                 "Chowdhury et al. 2024"),
+    "ipo": PreferenceLoss(ipo, "pairwise", True, "sums", {"beta": "beta"}, True, "Azar et al. 2023, Eq. 17"),
+    "hinge": PreferenceLoss(hinge, "pairwise", True, "sums", {"beta": "beta"}, True,
+                            "Zhao et al. 2023 (SLiC-HF)"),
+    "kto": PreferenceLoss(kto, "unpaired", True, "unpaired",
+                          {"beta": "beta", "kto_desirable_weight": "desirable_weight",
+                           "kto_undesirable_weight": "undesirable_weight"}, cite="Ethayarajh et al. 2024"),
+    "orpo": PreferenceLoss(orpo, "pairwise", False, "means", {"orpo_lambda": "beta"},
+                           cite="Hong et al. 2024"),
+    "simpo": PreferenceLoss(simpo, "pairwise", False, "sums_lengths",
+                            {"simpo_beta": "beta", "simpo_gamma": "gamma", "label_smoothing": "label_smoothing"},
+                            cite="Meng et al. 2024"),
+    "cpl": PreferenceLoss(cpl, "pairwise", False, "tokens",
+                          {"cpl_alpha": "alpha", "cpl_gamma": "gamma", "cpl_lambda": "conservative_lambda"},
+                          cite="Hejna et al. 2023"),
 }
+
+
+def preference_loss_markdown() -> str:
+    """The table as markdown (docs/losses.md carries it verbatim; a test keeps the two in step)."""
+    lines = ["| loss | function | data | reference | log-probs | hyperparameters | source |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in PREFERENCE_LOSS_TABLE.items():
+        params = ", ".join(f"`{k}`" for k in row.params) + (", `average_logps`" if row.average else "")
+        lines.append(f"| `{name}` | `{row.fn.__name__}` | {row.data} | {'yes' if row.reference else 'no'} | "
+                     f"{row.inputs} | {params} | {row.cite} |")
+    return "\n".join(lines) + "\n"

@@ -1,10 +1,10 @@
 """Direct preference optimization and its family, one stage with the loss picked by name (algo.loss).
 
-Seed 002's view: DPO, IPO and SLiC are one convex f applied to beta times the log-ratio gap
+Tang et al. 2024 (GPO): DPO, IPO and SLiC are one convex f applied to beta times the log-ratio gap
 h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)); cDPO and robust DPO reweigh it for label
 noise. KTO learns from unpaired good/bad completions against a KL reference point; ORPO, SimPO and CPL need
-no reference model. The maths lives in `rlhflab.losses.preference`; `LOSSES` below is the one table that
-says which data each loss reads and how it is called.
+no reference model. The maths and the table of losses (data, reference, inputs, hyperparameters) live in
+`rlhflab.losses.preference`; `loss_of_batch` runs a row of that table on a batch.
 
 Cost: the reference policy's log-probs of every response (train and eval) are computed once before
 training and cached in RUN/ref_logps.pt, so no reference model is held while training (--resume reuses the
@@ -40,7 +40,9 @@ from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import UnpairedRecord, collate_pairs, collate_unpaired, tokenize_pair, tokenize_unpaired
 from rlhflab.errors import DataError
-from rlhflab.losses import LossOutput, kto_kl_estimate, preference
+from rlhflab.losses import LossOutput, kto_kl_estimate
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE, PreferenceLoss
+from rlhflab.models.flops import MatmulParams, causal_lm_forward_flops, causal_lm_train_flops, matmul_params
 from rlhflab.models.loading import count_parameters, is_peft_model, load_causal_lm, save_model
 from rlhflab.models.logprobs import token_logps
 from rlhflab.stages.common import (
@@ -84,23 +86,8 @@ def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[:b], x[b:]
 
 
-def _call_paired(fn: Callable[..., LossOutput], smoothing: bool, x: LossInputs, algo: DPOAlgo) -> LossOutput:
-    policy, ref = x.policy_logps, x.ref_logps
-    if algo.average_logps:
-        lengths = x.lengths.clamp(min=1).to(policy.dtype)
-        policy, ref = policy / lengths, ref / lengths
-    kw = {"label_smoothing": algo.label_smoothing} if smoothing else {}
-    return fn(*_halves(policy), *_halves(ref), beta=algo.beta, **kw)
-
-
-def _paired(fn: Callable[..., LossOutput], *, smoothing: bool) -> Callable[[LossInputs, DPOAlgo], LossOutput]:
-    return functools.partial(_call_paired, fn, smoothing)
-
-
-def _call_kto(x: LossInputs, algo: DPOAlgo) -> LossOutput:
-    out = preference.kto(x.policy_logps, x.ref_logps, x.desirable, x.kl_estimate, beta=algo.beta,
-                         desirable_weight=algo.kto_desirable_weight,
-                         undesirable_weight=algo.kto_undesirable_weight)
+def _call_kto(row: PreferenceLoss, x: LossInputs, algo: DPOAlgo, kw: dict) -> LossOutput:
+    out = row.fn(x.policy_logps, x.ref_logps, x.desirable, x.kl_estimate, **kw)
     implicit, good = out.metrics["reward/implicit"], x.desirable.bool()
     z0 = out.metrics["kl/reference_point"]
     nan = torch.full_like(implicit, math.nan)
@@ -112,49 +99,27 @@ def _call_kto(x: LossInputs, algo: DPOAlgo) -> LossOutput:
     return LossOutput(out.loss, metrics)
 
 
-def _call_orpo(x: LossInputs, algo: DPOAlgo) -> LossOutput:
-    mean = x.policy_logps / x.lengths.clamp(min=1).to(x.policy_logps.dtype)
-    return preference.orpo(*_halves(mean), beta=algo.beta)
+def loss_of_batch(row: PreferenceLoss, x: LossInputs, algo: DPOAlgo) -> LossOutput:
+    """Run one loss of the table on a micro-batch's log-probs: `row.inputs` says which log-probs its
+    function takes, `row.params` which of algo's settings (by name) become which keyword."""
+    kw = {keyword: getattr(algo, key) for key, keyword in row.params.items()}
+    lengths = x.lengths.clamp(min=1).to(x.policy_logps.dtype)
+    if row.inputs == "sums":
+        policy, ref = x.policy_logps, x.ref_logps
+        if algo.average_logps:
+            policy, ref = policy / lengths, ref / lengths
+        return row.fn(*_halves(policy), *_halves(ref), **kw)
+    if row.inputs == "means":
+        return row.fn(*_halves(x.policy_logps / lengths), **kw)
+    if row.inputs == "sums_lengths":
+        return row.fn(*_halves(x.policy_logps), *_halves(x.lengths), **kw)
+    if row.inputs == "tokens":
+        (chosen, rejected), (chosen_mask, rejected_mask) = _halves(x.token_logps), _halves(x.token_mask)
+        return row.fn(chosen, chosen_mask, rejected, rejected_mask, **kw)
+    if row.inputs == "unpaired":
+        return _call_kto(row, x, algo, kw)
+    raise ValueError(f"unknown loss inputs {row.inputs!r}")  # a bug in the table, not user input
 
-
-def _call_simpo(x: LossInputs, algo: DPOAlgo) -> LossOutput:
-    return preference.simpo(*_halves(x.policy_logps), *_halves(x.lengths), beta=algo.beta,
-                            gamma=algo.simpo_gamma, label_smoothing=algo.label_smoothing)
-
-
-def _call_cpl(x: LossInputs, algo: DPOAlgo) -> LossOutput:
-    (chosen, rejected), (chosen_mask, rejected_mask) = _halves(x.token_logps), _halves(x.token_mask)
-    return preference.cpl(chosen, chosen_mask, rejected, rejected_mask, alpha=algo.beta, gamma=algo.cpl_gamma,
-                          conservative_lambda=algo.cpl_lambda)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """How the stage runs one loss: `call(inputs, algo)`, its metric name loss/`name`, the record kind it
-    trains on, and whether it needs reference log-probs."""
-
-    call: Callable[[LossInputs, DPOAlgo], LossOutput]
-    name: str
-    data: str = "pairwise"
-    needs_ref: bool = True
-
-
-# The one table of losses (aliases share an entry's maths and metric name). Keep in step with the
-# `loss` Literal of `rlhflab.config.DPOAlgo` (a test checks both, and PREFERENCE_LOSSES).
-LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(_paired(preference.dpo, smoothing=True), "dpo"),
-    "dpo": LossSpec(_paired(preference.dpo, smoothing=True), "dpo"),
-    "cdpo": LossSpec(_paired(preference.cdpo, smoothing=True), "cdpo"),
-    "robust": LossSpec(_paired(preference.robust_dpo, smoothing=True), "robust_dpo"),
-    "robust_dpo": LossSpec(_paired(preference.robust_dpo, smoothing=True), "robust_dpo"),
-    "ipo": LossSpec(_paired(preference.ipo, smoothing=False), "ipo"),
-    "hinge": LossSpec(_paired(preference.hinge, smoothing=False), "hinge"),
-    "slic": LossSpec(_paired(preference.hinge, smoothing=False), "hinge"),
-    "kto": LossSpec(_call_kto, "kto", data="unpaired"),
-    "orpo": LossSpec(_call_orpo, "orpo", needs_ref=False),
-    "simpo": LossSpec(_call_simpo, "simpo", needs_ref=False),
-    "cpl": LossSpec(_call_cpl, "cpl", needs_ref=False),
-}
 
 # ---- Data: tokenized examples, and KTO's mismatched (prompt, other completion) rows ------------------------
 
@@ -285,11 +250,12 @@ def cached_reference_logps(run_dir: Path, ref_id: str, sets: dict[str, list[dict
     torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
     os.replace(tmp, path)
     n_examples = len(sets.get("train", []))
-    n_params = count_parameters(ref) if ref is not None else 0
+    head_tokens = sum(_response_tokens(s, range(len(s))) for s in sets.values())
+    ref_flops = causal_lm_forward_flops(matmul_params(ref), tokens, head_tokens) if ref is not None else 0.0
     perf = {"perf/ref_examples_per_s": sum(len(s) for s in sets.values()) / elapsed,
             "perf/ref_tokens_per_s": tokens / elapsed,
-            # A forward pass costs ~ 2 x params x tokens FLOPs.
-            "perf/ref_flops_per_s": 2 * n_params * tokens / elapsed, "perf/ref_seconds": elapsed}
+            # A forward pass, the LM head at response tokens only (rlhflab.models.flops).
+            "perf/ref_flops_per_s": ref_flops / elapsed, "perf/ref_seconds": elapsed}
     log(f"dpo: cached reference log-probs of {n_examples} training examples in {elapsed:.1f}s ({path})")
     return logps, perf
 
@@ -302,7 +268,7 @@ class _Context:
     """What the loss of a batch needs: the policy, where reference log-probs come from, the loss."""
 
     model: Any
-    spec: LossSpec
+    row: PreferenceLoss
     algo: DPOAlgo
     device: torch.device
     pad_id: int
@@ -311,7 +277,7 @@ class _Context:
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # model.autocast context
 
     def ref_rows(self, split: str, indices: list[int], batch: dict) -> Tensor | None:
-        if not self.spec.needs_ref:
+        if not self.row.reference:
             return None
         if self.ref_cache is not None:
             return _cache_rows(self.ref_cache[split], indices).to(self.device)
@@ -335,12 +301,12 @@ def _kl_estimate(ctx: _Context, split: str, kl_examples: list[dict], indices: li
 def batch_loss(ctx: _Context, split: str, examples: list[dict], indices: list[int],
                kl_estimate: Tensor | None = None) -> tuple[LossOutput, int]:
     """The loss [B] and metrics of examples[indices], and the real tokens the forward processed."""
-    batch = _collate([examples[i] for i in indices], ctx.spec.data, ctx.pad_id)
+    batch = _collate([examples[i] for i in indices], ctx.row.data, ctx.pad_id)
     sums, lengths, logps, mask = _response_logps(ctx.model, batch, ctx.device, ctx.amp)
     desirable = batch["label"].to(ctx.device) if "label" in batch else None
     inputs = LossInputs(sums, lengths, logps, mask, ref_logps=ctx.ref_rows(split, indices, batch),
                         desirable=desirable, kl_estimate=kl_estimate)
-    return ctx.spec.call(inputs, ctx.algo), int(batch["attention_mask"].sum())
+    return loss_of_batch(ctx.row, inputs, ctx.algo), int(batch["attention_mask"].sum())
 
 
 def _accumulate(sums: dict[str, list[float]], out: LossOutput) -> None:
@@ -361,7 +327,7 @@ def _train_step(ctx: _Context, examples: list[dict], kl_examples, indices: list[
                 last_ckpt) -> tuple[dict[str, float], int, int]:
     """Forward/backward of one optimizer step; returns (metrics, trained tokens, forward-only tokens)."""
     z0 = _kl_estimate(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
-    metric = f"loss/{ctx.spec.name}"
+    metric = f"loss/{ctx.algo.loss}"
     sums: dict[str, list[float]] = {}
     total, tokens = 0.0, 0
     for s in range(0, len(indices), micro):
@@ -429,17 +395,24 @@ def _setup_reference(cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path,
     return cache, perf, None
 
 
-def _perf(counts: dict[str, int], elapsed: float, n_params: int, what: str) -> dict[str, float]:
+def _response_tokens(examples: list[dict], indices) -> int:
+    """Response tokens of examples[indices], both sides of a pair: where the LM head runs."""
+    return sum(sum(m[1:]) for i in indices for k, m in examples[i].items() if k.endswith("loss_mask"))
+
+
+def _perf(counts: dict[str, int], elapsed: float, params: MatmulParams, what: str) -> dict[str, float]:
+    # Model FLOPs (rlhflab.models.flops): trained and forward-only rows, the LM head at response tokens only.
+    flops = (causal_lm_train_flops(params, counts["tokens"], counts["head_tokens"])
+             + causal_lm_forward_flops(params, counts["forward_tokens"], counts["forward_head_tokens"]))
     return {f"perf/{what}_per_s": counts["examples"] / elapsed,
             "perf/tokens_per_s": counts["tokens"] / elapsed,
-            # ~6 x params FLOPs per trained token (forward + backward), 2 x params per forward-only token.
-            "perf/flops_per_s": n_params * (6 * counts["tokens"] + 2 * counts["forward_tokens"]) / elapsed}
+            "perf/flops_per_s": flops / elapsed}
 
 
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with algo.loss; returns the directory of the final model (RUN/final)."""
     # 1. Setup: seeds, run directory, policy, data.
-    spec = LOSSES[cfg.algo.loss]
+    spec = PREFERENCE_LOSS_TABLE[cfg.algo.loss]
     require_train_path(cfg.data, spec.data)
     seed_everything(cfg.seed)
     run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite)
@@ -456,7 +429,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
 
     # 2. Reference log-probs, once, before the first update (and before a checkpoint replaces the weights).
     ref_cache, ref_perf, live = None, {}, None
-    if spec.needs_ref:
+    if spec.reference:
         sets = {"train": examples, "eval": eval_examples}
         if kl_examples is not None:
             sets.update({"train_kl": kl_examples, "eval_kl": eval_kl})
@@ -475,7 +448,8 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     # 3. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
     progress = Progress(total_steps, "dpo", enabled=cfg.logging.progress, completed=step)
-    t_last, counts = time.time(), {"examples": 0, "tokens": 0, "forward_tokens": 0}
+    t_last, counts = time.time(), dict.fromkeys(("examples", "tokens", "head_tokens", "forward_tokens",
+                                                 "forward_head_tokens"), 0)
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
@@ -485,18 +459,23 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
         check_finite({"loss/grad_norm": grad_norm}, step=step + 1, last_good=last_ckpt)
         optimizer_step(optimizer, scheduler)
         step += 1
-        # A live reference runs a forward over the same rows as the policy.
-        for key, n in (("examples", len(indices)), ("tokens", tokens),
-                       ("forward_tokens", forward_only + (tokens if live is not None else 0))):
+        # Forward-only: the policy over KTO's KL rows; a live reference (counted as the policy's architecture)
+        # over the same rows as the policy and the KL rows.
+        live_runs = int(live is not None)
+        head = _response_tokens(examples, indices)
+        kl_head = _response_tokens(kl_examples, indices) if kl_examples is not None else 0
+        for key, n in (("examples", len(indices)), ("tokens", tokens), ("head_tokens", head),
+                       ("forward_tokens", (1 + live_runs) * forward_only + live_runs * tokens),
+                       ("forward_head_tokens", (1 + live_runs) * kl_head + live_runs * head)):
             counts[key] += n
 
         # 4. Log, evaluate, checkpoint.
         if step % cfg.logging.log_every == 0 or step == total_steps:
-            perf = _perf(counts, max(time.time() - t_last, 1e-9), n_params, what)
+            perf = _perf(counts, max(time.time() - t_last, 1e-9), matmul_params(model), what)
             perf.update({"perf/lr": scheduler.get_last_lr()[0], "perf/epoch": step / steps_per_epoch})
             row = run.logger.log(step, {**metrics, "loss/grad_norm": grad_norm, **perf})
             t_last, counts = time.time(), dict.fromkeys(counts, 0)
-            progress.update(0, {"loss": row[f"loss/{spec.name}"]})
+            progress.update(0, {"loss": row[f"loss/{cfg.algo.loss}"]})
         if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0:
             run.logger.log(step, evaluate(ctx, eval_examples, eval_kl))
         if cfg.logging.save_every and step % cfg.logging.save_every == 0 and step < total_steps:
