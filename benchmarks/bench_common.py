@@ -1,4 +1,4 @@
-"""Pure helpers of the rlhflab-vs-TRL benchmark: synthetic data, FLOP accounting, step statistics, the
+"""Pure helpers of the rlhflab-vs-TRL benchmark: synthetic data, the model's shapes, step statistics, the
 matmul probe and the JSON line format.
 
 Imported by the driver (`compare_trl.py`), by both child processes (rlhflab's venv and TRL's venv) and by
@@ -60,19 +60,14 @@ def synthetic_pairs(n: int, seed: int = 0, prompt_words: tuple[int, int] = (20, 
 
 
 # --------------------------------------------------------------------------------------------------------
-# FLOP accounting
+# Model shapes
 # --------------------------------------------------------------------------------------------------------
-
-
-def nominal_flops(n_params: int, trained_tokens: int, forward_tokens: int = 0) -> float:
-    """The 6ND convention (Kaplan et al. 2020): 6 x params x trained tokens (forward + backward) plus
-    2 x params x forward-only tokens (a reference pass). What the rlhflab stages log as perf/flops_per_s."""
-    return 6.0 * n_params * trained_tokens + 2.0 * n_params * forward_tokens
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The shapes of a Llama-style decoder that its matmul cost depends on."""
+    """The shapes of the benchmark's Llama-style decoder. Its FLOPs are counted by `rlhflab.models.flops`
+    (in `bench_report`, which runs in rlhflab's venv; this module stays standard-library only)."""
 
     hidden: int
     layers: int
@@ -80,39 +75,6 @@ class ModelDims:
     kv_heads: int
     intermediate: int
     vocab: int
-
-    def layer_matmul_params(self) -> int:
-        """Weights of one layer that multiply every token: q, k, v, o and the gated MLP (norms excluded)."""
-        kv = self.hidden * self.kv_heads // self.heads
-        return self.hidden * (2 * self.hidden + 2 * kv) + 3 * self.hidden * self.intermediate
-
-
-def forward_flops(dims: ModelDims, seq_lens: Sequence[int], head_positions: int, head_outputs: int | None = None
-                  ) -> float:
-    """Matmul FLOPs one forward pass needs (no padding, causal attention), counted from the shapes.
-
-    Args:
-        seq_lens: the real length of every row processed.
-        head_positions: positions where the output head is applied (an LM head only at scored tokens;
-            one per row for a reward model).
-        head_outputs: the head's output size (default: the vocabulary; 1 for a reward head).
-
-    Body: 2 x layer weights per token per layer; attention: QK^T and AV over the causal triangle,
-    2 x 2 x d x T(T+1)/2 per layer; head: 2 x d x outputs per head position. The input embedding is a
-    lookup, not a matmul, so it costs nothing.
-    """
-    outputs = dims.vocab if head_outputs is None else head_outputs
-    tokens = sum(seq_lens)
-    body = 2.0 * dims.layers * dims.layer_matmul_params() * tokens
-    attention = 2.0 * dims.layers * dims.hidden * sum(t * (t + 1) for t in seq_lens)
-    head = 2.0 * dims.hidden * outputs * head_positions
-    return body + attention + head
-
-
-def train_flops(dims: ModelDims, seq_lens: Sequence[int], head_positions: int, head_outputs: int | None = None
-                ) -> float:
-    """Forward + backward: the backward costs about twice the forward (gradients of inputs and weights)."""
-    return 3.0 * forward_flops(dims, seq_lens, head_positions, head_outputs)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Turn the measurements of `compare_trl.py` into JSON lines and the BENCHMARKS.md table.
 
-Pure functions over plain dicts (no torch, no TRL), so `tests/benchmarks` can check them on made-up runs.
+Pure functions over plain dicts (no TRL, nothing timed), so `tests/benchmarks` can check them on made-up runs.
+FLOPs are counted by `rlhflab.models.flops`, the accounting the stages log with (so this runs in rlhflab's venv).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench_common import ModelDims, forward_flops, json_line, nominal_flops, steady_stats, train_flops
+from bench_common import ModelDims, json_line, steady_stats
+
+from rlhflab.models import flops
 
 LOSS_TOLERANCE = 1e-4
 PPO_PARTS = {"perf/time_generate": "generate", "perf/time_score": "score", "ref_logps": "reference pass",
@@ -16,14 +19,25 @@ PPO_PARTS = {"perf/time_generate": "generate", "perf/time_score": "score", "ref_
              "perf/time_optimize": "optimize (PPO epochs)"}
 
 
+def _matmul_params(dims: ModelDims, head_outputs: int) -> flops.MatmulParams:
+    return flops.decoder_matmul_params(hidden=dims.hidden, layers=dims.layers, heads=dims.heads,
+                                       kv_heads=dims.kv_heads, intermediate=dims.intermediate,
+                                       head_outputs=head_outputs)
+
+
 def epoch_flops(lengths: list[dict], dims: ModelDims) -> dict[str, float]:
-    """Needed FLOPs of one epoch over the pairs and its real tokens: DPO training (LM head at response
-    tokens only), one reference forward, and reward-model training (a 1-output head per sequence)."""
+    """Needed FLOPs of one epoch over the pairs and its real tokens, with causal attention: DPO training
+    (LM head at response tokens only), one reference forward, and reward-model training (a 1-output head
+    per sequence, every layer at every token). `dpo_train_logged`: DPO training as the stage logs it in
+    perf/flops_per_s (the same without the attention scores)."""
     seqs = [n for x in lengths for n in (x["prompt"] + x["chosen"], x["prompt"] + x["rejected"])]
     scored = sum(x["chosen"] + x["rejected"] for x in lengths)
-    return {"tokens": float(sum(seqs)), "dpo_train": train_flops(dims, seqs, scored),
-            "ref_forward": forward_flops(dims, seqs, scored),
-            "rm_train": train_flops(dims, seqs, len(seqs), head_outputs=1)}
+    tokens, pairs = sum(seqs), flops.causal_pairs(seqs)
+    lm = _matmul_params(dims, dims.vocab)
+    return {"tokens": float(tokens), "dpo_train": flops.causal_lm_train_flops(lm, tokens, scored, pairs),
+            "dpo_train_logged": flops.causal_lm_train_flops(lm, tokens, scored),
+            "ref_forward": flops.causal_lm_forward_flops(lm, tokens, scored, pairs),
+            "rm_train": flops.reward_model_train_flops(_matmul_params(dims, 1), tokens, len(seqs), pairs)}
 
 
 def first_batch_check(rlhflab: dict, trl: dict) -> dict[str, Any]:
@@ -111,8 +125,7 @@ def summarize(runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict
             "needed matmul FLOPs (head at response tokens only), training steps; TRL with precompute",
             matmul_peak_gflops=round(peak, 2), rlhflab_fraction_of_peak=round(ours / peak, 4),
             trl_fraction_of_peak=round(theirs / peak, 4),
-            rlhflab_nominal_6nd_gflops=round(nominal_flops(meta["n_params"], r["steady_tokens"]) / r["steady_seconds"]
-                                             / 1e9, 2))
+            rlhflab_logged_convention_gflops=round(_gflops(ep["dpo_train_logged"] / ep["tokens"], r), 2))
     # Reward model
     if "rm_rlhflab" in figs:
         r, tm = figs["rm_rlhflab"], figs["rm_trl_matched"]
@@ -151,9 +164,9 @@ def efficiency(lines: list[str]) -> list[str]:
                 f"{100 * row['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak "
                 f"({row['matmul_peak_gflops']:.1f} GFLOP/s); TRL {row['trl']:.1f} GFLOP/s = "
                 f"{100 * row['trl_fraction_of_peak']:.1f}% (needed matmul FLOPs counted from the shapes).")
-        if "rlhflab_nominal_6nd_gflops" in row:
-            text += (" By the 6 x params x tokens convention (what the stage logs as perf/flops_per_s, which "
-                     f"counts the LM head at every token) it is {row['rlhflab_nominal_6nd_gflops']:.1f} GFLOP/s.")
+        if "rlhflab_logged_convention_gflops" in row:
+            text += (" As the stage logs it in perf/flops_per_s (rlhflab.models.flops without the attention "
+                     f"scores) it is {row['rlhflab_logged_convention_gflops']:.1f} GFLOP/s.")
         out.append(text)
     return out
 
@@ -174,7 +187,7 @@ def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
     total = sum(parts.values())
     flops = [x["perf/flops_per_s"] for x in iters if "perf/flops_per_s" in x]
     return {"iterations_measured": len(iters), "seconds_per_iteration": total,
-            # The stage's own perf/flops_per_s (6ND + 2ND convention), mean over the measured iterations.
+            # The stage's own perf/flops_per_s (rlhflab.models.flops), mean over the measured iterations.
             "logged_gflops": round(sum(flops) / len(flops) / 1e9, 3) if flops else None,
             "seconds": {k: round(v, 4) for k, v in parts.items()},
             "share": {k: round(v / total, 4) for k, v in parts.items()},
@@ -198,6 +211,6 @@ def markdown(rows: list[tuple[str, ...]], meta: dict, probe: dict, runs: dict, n
                 "| part | seconds | share |", "|---|---|---|"]
         out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
         if split["logged_gflops"] is not None:
-            out += ["", f"PPO perf/flops_per_s (stage log, 6ND + 2ND): {split['logged_gflops']:.2f} GFLOP/s = "
+            out += ["", f"PPO perf/flops_per_s (stage log): {split['logged_gflops']:.2f} GFLOP/s = "
                     f"{100 * split['logged_gflops'] / probe['peak_gflops']:.1f}% of the matmul peak."]
     return "\n".join(out) + "\n"

@@ -4,8 +4,8 @@
 
 Each seed is a full, independent `rlhflab run` (its own lab data, annotator draws, training and evaluation)
 in WORK_DIR/seed-S. Prints one JSON line per policy and a markdown table (the one kept in BENCHMARKS.md),
-and writes WORK_DIR/seeds.json. For each seed it also checks the issue's claim: PPO and DPO beat SFT's gold
-reward by more than the 95% interval (the sum of both half-widths, i.e. the intervals do not overlap).
+and writes WORK_DIR/seeds.json. For each seed it also checks the claim that PPO and DPO beat SFT's
+gold reward by more than the 95% interval (the sum of both half-widths, i.e. the intervals do not overlap).
 """
 
 from __future__ import annotations

@@ -41,11 +41,15 @@ class LoraSection:
     """Scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: str = "all-linear"
-    """Comma-separated module names to adapt, or 'all-linear'."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (a YAML list; on the command line NAME,NAME), or [all-linear] for every linear
+    layer but the output head."""
 
     def __post_init__(self):
         _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
+        _require(bool(self.target_modules) and ("all-linear" not in self.target_modules
+                                                or self.target_modules == ["all-linear"]),
+                 "model.lora.target_modules", f"must be module names or [all-linear] alone, got {self.target_modules}")
         _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -230,6 +234,26 @@ class SFTAlgo:
 
 
 @dataclass
+class HeadSpec:
+    """One reward head: its name and the data file it trains on."""
+
+    name: str = "reward"
+    """The head's name (no ':', '/' or spaces), e.g. helpfulness."""
+    data: str = ""
+    """Its data file; empty: data.train_path."""
+
+    def __post_init__(self):
+        _require(bool(self.name) and not any(c in self.name for c in ":/ "), "algo.heads",
+                 f"has a bad head name {self.name!r}; names have no ':', '/' or spaces")
+
+    @staticmethod
+    def from_short(item: str) -> dict[str, str]:
+        """'NAME' or 'NAME=DATA_FILE', the command line's form of one head."""
+        name, _, data = (part.strip() for part in item.partition("="))
+        return {"name": name, "data": data}
+
+
+@dataclass
 class RewardAlgo:
     loss: Literal["bradley_terry", "plackett_luce", "all_pairs"] = "bradley_terry"
     """Pairwise Bradley-Terry on pairwise data (with optional margins); or, on K-wise rankings, Plackett-Luce
@@ -240,9 +264,9 @@ class RewardAlgo:
     or the small/large table (Table 27) applied to the record's `rating`. bradley_terry only."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (conservative BT); bradley_terry and all_pairs."""
-    heads: str = ""
-    """Reward heads on one backbone, comma-separated, each `NAME` or `NAME=DATA_FILE`, e.g.
-    'helpfulness=help.jsonl,safety=safe.jsonl' (Llama 2's two reward models as two heads). A record trains
+    heads: list[HeadSpec] = field(default_factory=list)
+    """Reward heads on one backbone, each {name, data} (on the command line NAME=DATA_FILE,NAME), e.g.
+    helpfulness=help.jsonl,safety=safe.jsonl (Llama 2's two reward models as two heads). A record trains
     the head its file belongs to; a head without a file trains on data.train_path (eval: data.eval_path or
     data.eval_fraction); a head with a file holds out data.eval_fraction of it. Empty: one head 'reward'."""
     center_rewards_coef: float = 0.0
@@ -270,21 +294,13 @@ class RewardAlgo:
                  f"must be >= 0, got {self.center_rewards_coef}")
         _require(self.normalization_samples >= 0, "algo.normalization_samples",
                  f"must be >= 0, got {self.normalization_samples}")
-        self.head_specs()
+        names = [h.name for h in self.heads]
+        for name in names:
+            _require(names.count(name) == 1, "algo.heads", f"names head {name!r} twice")
 
-    def head_specs(self) -> list[tuple[str, str]]:
-        """[(head name, data file or '' for data.train_path)], parsed from `heads`."""
-        if not self.heads.strip():
-            return [("reward", "")]
-        specs = []
-        for item in self.heads.split(","):
-            name, _, path = (part.strip() for part in item.partition("="))
-            _require(bool(name) and not any(c in name for c in ":/ "), "algo.heads",
-                     f"has a bad head name in {item.strip()!r}; write NAME or NAME=DATA_FILE, comma-separated, "
-                     "names without ':', '/' or spaces")
-            _require(name not in {n for n, _ in specs}, "algo.heads", f"names head {name!r} twice")
-            specs.append((name, path))
-        return specs
+    def head_specs(self) -> list[HeadSpec]:
+        """The heads to train: `heads`, or one head 'reward' on data.train_path."""
+        return self.heads or [HeadSpec()]
 
 
 @dataclass
@@ -382,10 +398,12 @@ class SamplingSection:
 
 @dataclass
 class PPOAlgo:
-    reward_model: str = ""
-    """Reward model directory (comma-separated for several, combined by reward_weights)."""
-    reward_weights: str = ""
-    """Comma-separated weights for several reward models; empty means equal weights."""
+    reward_model: list[str] = field(default_factory=list)
+    """Reward sources (`rlhflab.rewards.load_reward` specs): reward model directories (runs/rm/final, with
+    options such as runs/rm/final:head=safety) and rules (rule:length); several are combined by
+    reward_combine. On the command line: SPEC,SPEC (a spec holding ',' needs the YAML list form)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """weighted_sum: one weight per reward source; empty means all 1."""
     reward_combine: Literal["weighted_sum", "llama2_gate"] = "weighted_sum"
     """How several reward sources combine: weighted_sum (reward_weights); or llama2_gate, exactly two sources
     (helpfulness, safety; e.g. 'RM:head=helpfulness,RM:head=safety'): R = WHITEN(LOGIT(R_s if the prompt is
@@ -445,8 +463,14 @@ class PPOAlgo:
         _require(self.target_kl > 0, "algo.target_kl", f"must be > 0, got {self.target_kl}")
         _require(0 < self.safety_threshold < 1, "algo.safety_threshold",
                  f"must be in (0, 1) (a probability), got {self.safety_threshold}")
-        _require(self.reward_combine == "weighted_sum" or not self.reward_weights.strip(), "algo.reward_weights",
+        _require(not self.reward_weights or len(self.reward_weights) == len(self.reward_model), "algo.reward_weights",
+                 f"has {len(self.reward_weights)} weights for {len(self.reward_model)} reward sources; give one per "
+                 "source in algo.reward_model")
+        _require(self.reward_combine == "weighted_sum" or not self.reward_weights, "algo.reward_weights",
                  f"apply to algo.reward_combine=weighted_sum only, not {self.reward_combine}; leave them empty")
+        _require(self.reward_combine != "llama2_gate" or len(self.reward_model) in (0, 2), "algo.reward_model",
+                 f"must name exactly two sources (helpfulness, safety) for algo.reward_combine=llama2_gate, got "
+                 f"{len(self.reward_model)}")
         _require(self.reward_combine == "llama2_gate" or not self.unsafe_prompt_pattern, "algo.unsafe_prompt_pattern",
                  "applies to algo.reward_combine=llama2_gate only; set that or leave the pattern empty")
         try:
@@ -487,7 +511,7 @@ class RewardConfig:
     algo: RewardAlgo = field(default_factory=RewardAlgo)
 
     def __post_init__(self):
-        _require(not (self.data.train_path and all(path for _, path in self.algo.head_specs())), "data.train_path",
+        _require(not (self.data.train_path and all(h.data for h in self.algo.head_specs())), "data.train_path",
                  "is set but every head in algo.heads names its own data file, so it would be ignored; leave it "
                  "empty or drop a head's file")
 
@@ -610,6 +634,11 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             raise ConfigError(f"config: '{dotted}' must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(a, v, f"{dotted}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is list:
+        if isinstance(value, str):  # the command line's short form: ITEM,ITEM (parsed here, once)
+            items = [s.strip() for s in value.split(",") if s.strip()]
+            value = [args[0].from_short(s) for s in items] if hasattr(args[0], "from_short") else items
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one number on the command line (reward_weights=1)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: '{dotted}' must be a list, got {value!r}")
         return [_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value)]
@@ -738,7 +767,9 @@ def _emit(obj: Any, lines: list[str], indent: int, comments: bool) -> None:
             lines.append(f"{pad}{f.name}:")
             _emit(value, lines, indent + 1, comments)
         else:
-            plain = list(value) if isinstance(value, tuple) else value
+            plain = value
+            if isinstance(value, (list, tuple)):
+                plain = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
             dumped = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
             if dumped.endswith("\n..."):
                 dumped = dumped[: -len("\n...")]

@@ -152,7 +152,7 @@ def _evaluate_best_of_n(task, sft, tokenizer, reward, prompts, sft_samples, seed
 
 
 def _summary(policies: dict) -> dict:
-    """The report.json block the issue fixes: one row per policy."""
+    """The report.json summary block: one row per policy."""
     out = {}
     for name, m in policies.items():
         ci = m.get("gold/ci95") or [np.nan, np.nan]

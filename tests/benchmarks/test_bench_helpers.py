@@ -21,44 +21,17 @@ DIMS = bc.ModelDims(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688,
 TOY = bc.ModelDims(hidden=2, layers=1, heads=1, kv_heads=1, intermediate=3, vocab=5)
 
 
-def test_nominal_flops_is_6nd_plus_2nd():
-    assert bc.nominal_flops(10, 3) == 180
-    assert bc.nominal_flops(10, 3, 2) == 6 * 10 * 3 + 2 * 10 * 2
-
-
-def test_layer_params_match_a_real_llama_layer():
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    for kv in (4, 2):
-        dims = bc.ModelDims(hidden=256, layers=1, heads=4, kv_heads=kv, intermediate=688, vocab=10)
-        config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=kv, intermediate_size=688)
-        layer = LlamaDecoderLayer(config, layer_idx=0)
-        linear = sum(p.numel() for n, p in layer.named_parameters() if p.ndim == 2)
-        assert dims.layer_matmul_params() == linear
-    # q, k, v, o: 4 x 256^2; gate, up, down: 3 x 256 x 688
-    assert DIMS.layer_matmul_params() == 4 * 256 * 256 + 3 * 256 * 688 == 790_528
-
-
-def test_forward_flops_hand_worked():
-    # layer weights: 2 x (2 x 2 + 2 x 2) + 3 x 2 x 3 = 34
-    assert TOY.layer_matmul_params() == 34
-    # rows of 2 and 3 tokens, head at 4 positions:
-    #   body 2 x 1 layer x 34 x 5 tokens = 340
-    #   attention 2 x 1 x 2 x (2*3 + 3*4) = 72
-    #   head 2 x 2 x 5 x 4 = 80
-    assert bc.forward_flops(TOY, [2, 3], head_positions=4) == 340 + 72 + 80
-    assert bc.train_flops(TOY, [2, 3], head_positions=4) == 3 * 492
-    # a 1-output reward head read once per row
-    assert bc.forward_flops(TOY, [2, 3], head_positions=2, head_outputs=1) == 340 + 72 + 2 * 2 * 1 * 2
-
-
-def test_train_flops_reduce_to_6nd_without_attention():
-    """With the head at every position, shape counting is the 6ND rule with N = layer weights + head."""
-    tokens = 80
-    attention = 3 * 2 * DIMS.layers * DIMS.hidden * tokens * (tokens + 1)
-    n = DIMS.layers * DIMS.layer_matmul_params() + DIMS.vocab * DIMS.hidden
-    assert bc.train_flops(DIMS, [tokens], tokens) - attention == pytest.approx(bc.nominal_flops(n, tokens))
+def test_epoch_flops_hand_worked():
+    """The benchmark counts its FLOPs with rlhflab.models.flops (tested in tests/models/test_flops.py)."""
+    # TOY layer weights: q, k, v, o 4 x 2 x 2 = 16, gate/up/down 3 x 2 x 3 = 18: 34.
+    # One pair, prompt 1, chosen 1, rejected 2: rows of 2 and 3 tokens, 5 tokens, 3 scored.
+    ep = br.epoch_flops([{"prompt": 1, "chosen": 1, "rejected": 2}], TOY)
+    body, attention = 2 * 34 * 5, 2 * 1 * 2 * (2 * 3 + 3 * 4)  # 340; Q K^T and A V over the causal triangles: 72
+    assert ep["tokens"] == 5
+    assert ep["ref_forward"] == body + attention + 2 * 2 * 5 * 3  # + the LM head (2 x 5) at 3 scored tokens
+    assert ep["dpo_train"] == 3 * ep["ref_forward"]
+    assert ep["dpo_train_logged"] == 3 * (body + 2 * 2 * 5 * 3)  # what the stage logs: no attention scores
+    assert ep["rm_train"] == 3 * (body + attention + 2 * 2 * 1 * 2)  # a 1-output head read once per row
 
 
 def test_steady_stats_drops_warmup():
@@ -165,7 +138,9 @@ def test_summarize_builds_every_comparison():
     assert ppo["logged_fraction_of_peak"] == pytest.approx(2.0 / 50.0)
     percent = f"{100 * flops['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak (50.0 GFLOP/s)"
     assert f"DPO training achieved {flops['rlhflab']:.1f} GFLOP/s = {percent}" in table
-    assert "PPO perf/flops_per_s (stage log, 6ND + 2ND): 2.00 GFLOP/s = 4.0% of the matmul peak." in table
+    assert "PPO perf/flops_per_s (stage log): 2.00 GFLOP/s = 4.0% of the matmul peak." in table
+    logged = flops["rlhflab_logged_convention_gflops"]
+    assert f"As the stage logs it in perf/flops_per_s (rlhflab.models.flops without the attention scores) it is {logged:.1f}" in table
 
 
 def test_median_run_picks_the_middle_repeat_and_an_rm_only_summary():

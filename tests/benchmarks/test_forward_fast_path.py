@@ -1,4 +1,4 @@
-"""The fast LM-head path of `rlhflab.models.logprobs` and `rlhflab.models.final_layer` (the issue 6 speed-up of DPO, SFT and PPO training):
+"""The fast LM-head path of `rlhflab.models.logprobs` and `rlhflab.models.final_layer` (the speed-up of DPO, SFT and PPO training):
 same values and gradients as the plain full-logits computation, and the memory fallback taken when it must.
 """
 

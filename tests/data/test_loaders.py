@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhflab.data import (
-    LLAMA2_MARGINS_LARGE,
     PairwiseRecord,
     PromptRecord,
     RankedRecord,
@@ -51,7 +50,7 @@ EXPECTED = {
     "sft": [SFTRecord("what is 2 + 2 ?", "it is 4 ."), SFTRecord("say hello", "hello !"),
             SFTRecord("i love the film", "good")],
     "pairwise": [PairwiseRecord("how was the movie ?", "very good", "bad", margin=2.5),
-                 PairwiseRecord("say hi", "hi !", "no", margin=1.0, rating="significantly_better"),
+                 PairwiseRecord("say hi", "hi !", "no", rating="significantly_better"),
                  PairwiseRecord("what is 1 + 1 ?", "2", "3")],
     "ranked": [RankedRecord("what is 3 + 4 ?", ["7", "it is 8", "no"]),
                RankedRecord("how was the day ?", ["great", "good", "happy", "bad"], ranks=(0, 1, 1, 2))],
@@ -73,7 +72,10 @@ def test_ranked_ties_and_rating_margins():
     ranked = load_records(FILES / "ranked.jsonl", "ranked").records
     assert ranked[0].ranks == (0, 1, 2) and not ranked[0].has_ties
     assert ranked[1].tie_groups == [[0], [1, 2], [3]]
-    large = load_records(FILES / "pairwise.jsonl", "pairwise", margin_table=LLAMA2_MARGINS_LARGE).records
+    plain = load_records(FILES / "pairwise.jsonl", "pairwise").records
+    assert [r.margin for r in plain] == [2.5, None, None]  # a rating alone sets no margin
+    assert plain[1].rating == "significantly_better"
+    large = load_records(FILES / "pairwise.jsonl", "pairwise", margin_table={"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0}).records
     assert [r.margin for r in large] == [2.5, 3.0, None]  # explicit margin wins over the table
     custom = load_records(FILES / "pairwise.jsonl", "pairwise", margin_table={"Significantly better": 7}).records
     assert custom[1].margin == 7.0
@@ -85,7 +87,7 @@ def test_conversational_pairwise_with_explicit_and_implicit_prompt(fmt, tmp_path
     explicit, implicit = load_records(src, "pairwise").records
     assert explicit.prompt == [{"role": "user", "content": "how was the movie ?"}]
     assert explicit.chosen == [{"role": "assistant", "content": "very good"}]
-    assert explicit.rating == "slightly_better" and explicit.margin == pytest.approx(1 / 3)
+    assert explicit.rating == "slightly_better" and explicit.margin is None  # a rating alone sets no margin
     assert implicit.prompt == [{"role": "user", "content": "say hi"}]
     assert implicit.chosen == [{"role": "assistant", "content": "hi !"}]
     assert implicit.rejected == [{"role": "assistant", "content": "no"}]
@@ -94,7 +96,7 @@ def test_conversational_pairwise_with_explicit_and_implicit_prompt(fmt, tmp_path
 def test_csv_cells_hold_message_lists_as_json_but_bracketed_text_stays_text():
     chat, text = load_records(FILES / "pairwise_chat.csv", "pairwise").records
     assert chat.prompt == [{"role": "user", "content": "how was the movie ?"}]
-    assert chat.margin == pytest.approx(1 / 3)
+    assert chat.rating == "slightly_better" and chat.margin is None
     assert text.prompt == "[INST] say hi [/INST]" and text.margin is None
 
 

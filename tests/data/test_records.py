@@ -1,8 +1,6 @@
 import pytest
 
 from rlhflab.data import (
-    LLAMA2_MARGINS_LARGE,
-    LLAMA2_MARGINS_SMALL,
     LLAMA2_RATINGS,
     PairwiseRecord,
     PromptRecord,
@@ -18,11 +16,9 @@ from rlhflab.data.records import normalize_margin_table
 from rlhflab.errors import ConfigError, DataError
 
 
-def test_llama2_tables_match_table_27():
-    assert [LLAMA2_MARGINS_SMALL[r] for r in LLAMA2_RATINGS] == pytest.approx([1, 2 / 3, 1 / 3, 0])
-    assert [LLAMA2_MARGINS_LARGE[r] for r in LLAMA2_RATINGS] == [3, 2, 1, 0]
-    with pytest.raises(TypeError):
-        LLAMA2_MARGINS_SMALL["better"] = 5  # shared tables are read-only
+def test_llama2_ratings_are_in_strength_order():
+    """Index = the strength that `losses.llama2_margins` reads (Table 27: strongest first)."""
+    assert LLAMA2_RATINGS == ("significantly_better", "better", "slightly_better", "negligibly_better")
 
 
 @pytest.mark.parametrize("name, canonical", [
@@ -35,10 +31,11 @@ def test_rating_names_normalize(name, canonical):
 
 
 def test_margin_for_rating_and_custom_tables():
-    assert margin_for_rating("Slightly Better", LLAMA2_MARGINS_LARGE) == 1.0
-    assert margin_for_rating("negligibly better / unsure", LLAMA2_MARGINS_SMALL) == 0.0
+    large = {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0}
+    assert margin_for_rating("Slightly Better", large) == 1.0
+    assert margin_for_rating("negligibly better / unsure", large) == 0.0
     with pytest.raises(RecordError, match="unknown rating 'slightly beter'.*did you mean 'slightly_better'"):
-        margin_for_rating("slightly beter", LLAMA2_MARGINS_SMALL)
+        margin_for_rating("slightly beter", large)
     assert normalize_margin_table({"Much Better": 2, "Same": 0}) == {"much_better": 2.0, "same": 0.0}
     with pytest.raises(ConfigError, match="'better' must be a finite number"):
         normalize_margin_table({"better": float("nan")})

@@ -75,8 +75,3 @@ def test_accuracy_by_bucket_table():
     assert table["better"] == {"accuracy": 0.5, "n": 2}
     assert table["slightly_better"] == {"accuracy": 0.75, "n": 2}  # a tie counts 1/2
     assert table["overall"] == {"accuracy": pytest.approx(3.5 / 5), "n": 5}
-
-
-def test_summarize():
-    assert M.summarize([1, 3]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}
-    assert math.isnan(M.summarize([])["mean"])

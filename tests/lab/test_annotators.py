@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rlhflab.data.records import LLAMA2_MARGINS_LARGE, LLAMA2_MARGINS_SMALL, LLAMA2_RATINGS
+from rlhflab.data.records import LLAMA2_RATINGS
 from rlhflab.errors import ConfigError
 from rlhflab.lab.annotators import (
     AnnotatorPool,
@@ -15,6 +15,7 @@ from rlhflab.lab.annotators import (
 )
 from rlhflab.lab.gold import gold_scores, step_labels
 from rlhflab.lab.tasks import get_task
+from rlhflab.losses.reward import LLAMA2_MARGINS
 
 N_PAIRS = 8000
 
@@ -69,7 +70,8 @@ def test_noise_one_half_is_chance(pairs):
 def test_ratings_follow_thresholds_and_margins(pairs):
     prompts, a, b, _ = pairs
     thresholds = (0.05, 0.2, 0.5)
-    for table_name, table in (("small", LLAMA2_MARGINS_SMALL), ("large", LLAMA2_MARGINS_LARGE)):
+    for table_name in ("small", "large"):
+        table = dict(zip(LLAMA2_RATINGS, LLAMA2_MARGINS[table_name]))
         settings = AnnotatorSettings(rating_thresholds=thresholds, margin_table=table_name)
         labels = AnnotatorPool("sentiment", settings, seed=3).compare(prompts[:2000], a[:2000], b[:2000])
         for lab in labels:

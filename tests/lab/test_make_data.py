@@ -2,12 +2,13 @@ import json
 
 import pytest
 
-from rlhflab.data import LLAMA2_MARGINS_LARGE, LLAMA2_RATINGS, load_records
+from rlhflab.data import LLAMA2_RATINGS, load_records
 from rlhflab.errors import ConfigError
 from rlhflab.lab.annotators import AnnotatorSettings
 from rlhflab.lab.gold import gold_scores
 from rlhflab.lab.make_data import make_task_data
 from rlhflab.lab.tasks import prompt_text
+from rlhflab.losses.reward import LLAMA2_MARGINS
 
 
 def test_sentiment_data_loads_in_every_foundation_format(tmp_path):
@@ -46,7 +47,7 @@ def test_sentiment_data_loads_in_every_foundation_format(tmp_path):
     # Prompts are chat conversations, the form the base model was pretrained on.
     assert loaded["sft"][0].prompt == [{"role": "user", "content": prompt_text(loaded["sft"][0].prompt)}]
     for rec in loaded["pairs"]:
-        assert rec.rating in LLAMA2_RATINGS and rec.margin == LLAMA2_MARGINS_LARGE[rec.rating]
+        assert rec.rating in LLAMA2_RATINGS and rec.margin == LLAMA2_MARGINS["large"][LLAMA2_RATINGS.index(rec.rating)]
     stats = manifest["pairs"]
     assert abs(stats["agreement_with_gold"] - stats["predicted_agreement"]) < 0.06
     assert stats["ties"] > 0 and stats["ratings"]["negligibly_better"] >= stats["ties"]

@@ -1,4 +1,4 @@
-"""PPO surrogate (seed 004's six-case table), value loss, entropy bonus, REINFORCE."""
+"""PPO surrogate (the six cases of the clipped objective), value loss, entropy bonus, REINFORCE."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from rlhflab.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss, r
 
 F64 = torch.float64
 
-# Seed 004's table, eps = 0.2. Columns: ratio, A, token loss (= -objective), clipped?, d loss / d logp.
+# The six cases of Schulman et al. 2017, Eq. 7 (sign of A; ratio below, inside or above the clip range),
+# eps = 0.2. Columns: ratio, A, token loss (= -objective), clipped?, d loss / d logp.
 SIX_CASES = [
     # 1: ratio in [0.8, 1.2], A > 0 -> objective  1.1 * 1, not clipped, gradient -A ratio = -1.1
     (1.1, 1.0, -1.1, False, -1.1),

@@ -120,7 +120,15 @@ def test_ppo_config_checks_the_reward_combination():
     cfg = load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=bomb|weapon"])
     assert cfg.algo.safety_threshold == 0.15
     with pytest.raises(ConfigError, match="algo.reward_weights apply to algo.reward_combine=weighted_sum only"):
-        load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.reward_weights=1,1"])
+        load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.reward_model=a,b", "algo.reward_weights=1,1"])
+    with pytest.raises(ConfigError, match="exactly two sources"):
+        load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.reward_model=a,b,c"])
+    with pytest.raises(ConfigError, match="has 1 weights for 2 reward sources"):
+        load_config("ppo", None, ["algo.reward_model=a,b", "algo.reward_weights=1"])
+    assert load_config("ppo", None, ["algo.reward_model=rule:regex:pattern=a,b"]).algo.reward_model == [
+        "rule:regex:pattern=a", "b"]  # the short form splits at ','; a YAML list keeps a ',' inside a spec
+    assert load_config("ppo", None, ['algo.reward_model=["rule:regex:pattern=a,b"]']).algo.reward_model == [
+        "rule:regex:pattern=a,b"]
     with pytest.raises(ConfigError, match="algo.unsafe_prompt_pattern applies to algo.reward_combine=llama2_gate"):
         load_config("ppo", None, ["algo.unsafe_prompt_pattern=bomb"])
     with pytest.raises(ConfigError, match="not a valid regular expression"):

@@ -248,7 +248,8 @@ def test_config_refuses_impossible_combinations():
         load_config("rm", None, ["algo.heads=a,a=x.jsonl"])
     with pytest.raises(ConfigError, match="algo.label_smoothing"):
         load_config("rm", None, ["algo.loss=plackett_luce", "algo.label_smoothing=0.1"])
-    assert load_config("rm", None, ["algo.heads=h=a.jsonl, s"]).algo.head_specs() == [("h", "a.jsonl"), ("s", "")]
+    assert [(h.name, h.data) for h in load_config("rm", None, ["algo.heads=h=a.jsonl, s"]).algo.head_specs()] == [
+        ("h", "a.jsonl"), ("s", "")]
 
 
 def test_rm_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Load typed records from any supported source, with errors that point at the file, record and field.
 
-    result = load_records("prefs.jsonl", "pairwise", margin_table=LLAMA2_MARGINS_LARGE)
+    result = load_records("prefs.jsonl", "pairwise", margin_table={"much_better": 2.0, "better": 1.0})
     result.records  # list[PairwiseRecord]
 
 Field names follow TRL: `prompt`/`completion` or `messages` (SFT); `prompt`/`chosen`/`rejected` with an
@@ -20,7 +20,7 @@ from typing import Any
 
 from rlhflab.data.readers import data_error, open_source
 from rlhflab.data.records import (
-    LLAMA2_MARGINS_SMALL,
+    LLAMA2_RATINGS,
     PairwiseRecord,
     PromptRecord,
     RankedRecord,
@@ -28,6 +28,7 @@ from rlhflab.data.records import (
     RecordError,
     SFTRecord,
     UnpairedRecord,
+    check_rating,
     check_text,
     is_conversation,
     margin_for_rating,
@@ -136,14 +137,14 @@ def _parse_json_cell(value: Any) -> Any:
     return value
 
 
-def _parse_sft(r: _Row, margins: Mapping[str, float]) -> SFTRecord:
+def _parse_sft(r: _Row, margins: Mapping[str, float] | None) -> SFTRecord:
     if r.has("messages"):
         return SFTRecord(messages=r.text("messages"))
     hint = "(expected 'prompt' + 'completion', or 'messages')"
     return SFTRecord(prompt=r.text("prompt", hint), completion=r.text("completion", hint))
 
 
-def _parse_pairwise(r: _Row, margins: Mapping[str, float]) -> PairwiseRecord:
+def _parse_pairwise(r: _Row, margins: Mapping[str, float] | None) -> PairwiseRecord:
     chosen, rejected = r.text("chosen"), r.text("rejected")
     if r.has("prompt") or not (is_conversation(chosen) and is_conversation(rejected)):
         prompt = r.text("prompt", "(a prompt can be left out only when 'chosen' and 'rejected' are message "
@@ -153,8 +154,13 @@ def _parse_pairwise(r: _Row, margins: Mapping[str, float]) -> PairwiseRecord:
     margin, rating = r.optional("margin"), r.optional("rating")
     if margin is not None and r.text_cells:
         margin = _parse_float(margin, "margin")
-    if margin is None and rating is not None and isinstance(rating, str):
-        margin = margin_for_rating(rating, margins)
+    if isinstance(rating, str):
+        # A rating alone never sets a margin (algo.margin=small|large reads the rating, =data the margin),
+        # unless the caller passes its own table.
+        if margins is None:
+            check_rating(rating, LLAMA2_RATINGS)
+        elif margin is None:
+            margin = margin_for_rating(rating, margins)
     return PairwiseRecord(prompt, chosen, rejected, margin=margin, rating=rating)
 
 
@@ -174,7 +180,7 @@ def _split_shared_prefix(chosen: Any, rejected: Any) -> tuple[list, list, list]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _parse_ranked(r: _Row, margins: Mapping[str, float]) -> RankedRecord:
+def _parse_ranked(r: _Row, margins: Mapping[str, float] | None) -> RankedRecord:
     responses = r.json_list("responses", r.required("responses", "(a list of responses, best first)"))
     ranks = r.optional("ranks")
     if ranks is not None:
@@ -182,18 +188,18 @@ def _parse_ranked(r: _Row, margins: Mapping[str, float]) -> RankedRecord:
     return RankedRecord(r.text("prompt"), responses, ranks=ranks)
 
 
-def _parse_unpaired(r: _Row, margins: Mapping[str, float]) -> UnpairedRecord:
+def _parse_unpaired(r: _Row, margins: Mapping[str, float] | None) -> UnpairedRecord:
     label = r.required("label", "(true = desirable, false = undesirable)")
     if r.text_cells:
         label = _parse_bool(label, "label")
     return UnpairedRecord(r.text("prompt"), r.text("completion"), label)
 
 
-def _parse_prompt(r: _Row, margins: Mapping[str, float]) -> PromptRecord:
+def _parse_prompt(r: _Row, margins: Mapping[str, float] | None) -> PromptRecord:
     return PromptRecord(r.text("prompt"))
 
 
-_PARSERS: dict[str, Callable[[_Row, Mapping[str, float]], Record]] = {
+_PARSERS: dict[str, Callable[[_Row, Mapping[str, float] | None], Record]] = {
     "sft": _parse_sft, "pairwise": _parse_pairwise, "ranked": _parse_ranked,
     "unpaired": _parse_unpaired, "prompt": _parse_prompt,
 }
@@ -246,8 +252,8 @@ def load_records(
         split: the split of a DatasetDict (needed only when it has several).
         skip_bad: skip malformed records instead of raising on the first; they are counted in
             `n_skipped` and logged. Zero usable records is an error either way.
-        margin_table: rating -> margin for pairwise `rating` fields (default `LLAMA2_MARGINS_SMALL`); an
-            explicit `margin` wins over the rating.
+        margin_table: rating -> margin, to fill the `margin` of pairwise records that give only a `rating`
+            (an explicit `margin` wins); None (default): `margin` is only what the record says.
         column_map: our field -> your column name, e.g. {"prompt": "question"}.
 
     Raises:
@@ -255,7 +261,7 @@ def load_records(
         ConfigError: an unknown kind or column_map key, or a bad split.
     """
     column_map = _check_options(kind, column_map)
-    margins = normalize_margin_table(LLAMA2_MARGINS_SMALL if margin_table is None else margin_table)
+    margins = None if margin_table is None else normalize_margin_table(margin_table)
     src = open_source(source, split)
     parse = _PARSERS[kind]
     records: list[Record] = []

@@ -12,9 +12,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from rlhflab.errors import ConfigError, DataError
@@ -23,13 +22,9 @@ Message = dict[str, Any]
 Conversation = list[Message]
 Text = str | Conversation
 
-# Llama 2 (seed 000, Table 27): the margin m(r) in -log sigmoid(r_c - r_r - m(r)) grows with how much
-# better the annotator said the chosen response was.
+# Llama 2's preference-strength ratings (Touvron et al. 2023, Sec. 3.2.1), strongest first: the index is the
+# strength that `rlhflab.losses.llama2_margins` maps to a margin (Table 27).
 LLAMA2_RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
-LLAMA2_MARGINS_SMALL: Mapping[str, float] = MappingProxyType(
-    {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0})
-LLAMA2_MARGINS_LARGE: Mapping[str, float] = MappingProxyType(
-    {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0})
 
 # The paper's label is "Negligibly Better / Unsure"; accept the common ways people write it.
 _RATING_ALIASES = {
@@ -70,12 +65,17 @@ def normalize_margin_table(table: Mapping[str, float]) -> dict[str, float]:
 
 def margin_for_rating(rating: str, table: Mapping[str, float]) -> float:
     """The margin a (normalized) rating maps to; raises RecordError naming the known ratings if unknown."""
-    key = normalize_rating(rating)
-    if key in table:
-        return float(table[key])
-    close = difflib.get_close_matches(key, list(table), n=1)
+    return float(table[check_rating(rating, table)])
+
+
+def check_rating(rating: str, known: Iterable[str]) -> str:
+    """The normalized rating, which must be one of `known`; raises RecordError naming them if not."""
+    key, known = normalize_rating(rating), list(known)
+    if key in known:
+        return key
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise RecordError(f"unknown rating {rating!r}; expected one of {', '.join(table)}{hint} "
+    raise RecordError(f"unknown rating {rating!r}; expected one of {', '.join(known)}{hint} "
                       "(or pass margin_table= with your own rating names)", field="rating")
 
 

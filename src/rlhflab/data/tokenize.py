@@ -12,7 +12,7 @@ START of the response. Outputs are plain python lists; the collators make tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rlhflab.data.records import (
@@ -260,8 +260,3 @@ def tokenize_record(record: Record, tokenizer: Any, *, max_length: int | None = 
     if fn is None:
         raise TypeError(f"not an rlhflab record: {type(record).__name__}")
     return fn(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, add_eos=add_eos)
-
-
-def tokenize_records(records: Iterable[Record], tokenizer: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """`tokenize_record` over many records (kwargs: max_length, max_prompt_length, add_eos)."""
-    return [tokenize_record(r, tokenizer, **kwargs) for r in records]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -164,11 +164,3 @@ def accuracy_by_bucket(
         out[name] = {"accuracy": pairwise_accuracy(c[m], r[m]), "n": int(m.sum())}
     out["overall"] = {"accuracy": pairwise_accuracy(c, r), "n": int(c.size)}
     return out
-
-
-def summarize(values: Sequence[float] | np.ndarray) -> Mapping[str, float]:
-    """{"mean", "std", "min", "max"} of a list of numbers (nan for empty)."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
-    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}

@@ -13,7 +13,7 @@ The model of one annotator k judging response y to prompt x:
                order (Llama 2's "Negligibly Better / Unsure") when keep_ties.
     rating:    Llama 2's four strength levels from the perceived |gap| and `rating_thresholds` = (t1, t2,
                t3): >= t3 significantly_better, >= t2 better, >= t1 slightly_better, else
-               negligibly_better; the margin is Llama 2's table (seed 000, Table 27) for that rating.
+               negligibly_better; the margin is Llama 2's table (Touvron et al. 2023, Table 27) for that rating.
                The rating reflects the perceived gap even when noise made the annotator pick the worse
                response (a confident mistake, as people make them).
     K-wise:    a Plackett-Luce draw with scores perceived / temperature (InstructGPT's rankings; for K = 2
@@ -32,13 +32,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlhflab.data.records import LLAMA2_MARGINS_LARGE, LLAMA2_MARGINS_SMALL, LLAMA2_RATINGS
+from rlhflab.data.records import LLAMA2_RATINGS
 from rlhflab.errors import ConfigError
 from rlhflab.lab.gold import gold_scores, step_labels
 from rlhflab.lab.tasks import LabTask, get_task, prompt_text
+from rlhflab.losses.reward import LLAMA2_MARGINS
 from rlhflab.models.tiny import split_words
 
-MARGIN_TABLES = {"small": LLAMA2_MARGINS_SMALL, "large": LLAMA2_MARGINS_LARGE}
+# Rating -> margin, from the one Llama 2 table (Table 27, `rlhflab.losses.reward.LLAMA2_MARGINS`).
+MARGIN_TABLES = {name: dict(zip(LLAMA2_RATINGS, margins)) for name, margins in LLAMA2_MARGINS.items()}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def resolve_lab(cfg: Any, stage: str, *, log=print) -> Any:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=lab_model_dir(model_name, seed=cfg.seed)))
     if getattr(cfg, "ref_model", ""):
         cfg = dataclasses.replace(cfg, ref_model=lab_model_dir(cfg.ref_model, seed=cfg.seed))
-    if cfg.data.train_path or task is None or (stage == "rm" and all(path for _, path in cfg.algo.head_specs())):
+    if cfg.data.train_path or task is None or (stage == "rm" and all(h.data for h in cfg.algo.head_specs())):
         return cfg
     kind = record_kind(stage, cfg)
     path = lab_data(task, seed=cfg.seed, kinds=(kind,), log=log)[LAB_FILES[kind]]

@@ -58,7 +58,7 @@ def ensure_base_model(
     root = cache_root(cache_dir) / "lab"
     final = root / base_model_key(task, budget, seed)
     if (final / INFO_FILE).is_file():
-        _mark_lab_task(final, task.name)  # base models cached before the mark existed get it now
+        _mark_lab_task(final, task.name)  # a cached base model may lack the task mark
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"

@@ -36,7 +36,7 @@ def gae(
     delta_t = r_t + gamma V_{t+1} - V_t   (V after the last real token = 0: the episode ends there)
     A_t = sum_l (gamma lam)^l delta_{t+l};   returns R_t = A_t + V_t
     (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE", Eq. 16; AlpacaFarm
-    `_estimate_advantage`, seed 004.) With gamma = lam = 1, A_t = reward-to-go - V_t.
+    `_estimate_advantage`, Dubois et al. 2023.) With gamma = lam = 1, A_t = reward-to-go - V_t.
 
     rewards, values, mask: [B, T]. Returns (advantages [B, T], returns [B, T]), 0 at masked positions,
     not whitened (call `whiten`). Compute it under torch.no_grad(); it is differentiable but nobody
@@ -82,7 +82,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
 
 
 def reinforce_advantages(scores: Tensor, baseline: Tensor | float | None = None) -> Tensor:
-    """REINFORCE with a baseline: A = R(tau) - b  (Williams 1992; seed 001's (R(tau) - V) grad log p).
+    """REINFORCE with a baseline: A = R(tau) - b  (Williams 1992: (R(tau) - b) grad log p).
 
     scores: [B]; baseline: [B], a float, or None for the batch mean (a constant baseline keeps the
     gradient unbiased). Returns [B].

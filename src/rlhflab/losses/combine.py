@@ -85,7 +85,7 @@ def sparrow_rerank(
     R_rerank = exp(R_pr) / (exp(R_pr) + exp(AVG(R_pr))) * (prod_{i=1}^{n} R_rule_i)^(1/n)
              = sigma(R_pr - AVG(R_pr)) * geometric_mean(R_rule)
     (Glaese et al. 2022, "Improving alignment of dialogue agents via targeted human judgements" (Sparrow),
-    the re-ranking score; seed 000.)
+    the re-ranking score.)
 
     preference_rewards: [P, N] preference-RM scores of N candidates for each of P contexts (AVG runs over
     the candidates of the same context). rule_rewards: [P, N, n] probability that each of n rules is

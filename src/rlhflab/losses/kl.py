@@ -50,7 +50,7 @@ def kl_k3(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
 
 
 def alpacafarm_clamp(kl: Tensor) -> Tensor:
-    """AlpacaFarm's clamp of the per-token k1 estimate at 0 (seed 004, `_shape_reward`).
+    """AlpacaFarm's clamp of the per-token k1 estimate at 0 (Dubois et al. 2023, `_shape_reward`).
 
     kl = clamp(log pi(y) - log ref(y), min=0): tokens where the policy is less likely than the reference
     get no KL reward, so a policy that finds negative-KL tokens cannot farm reward from them.
@@ -85,7 +85,7 @@ def kl_shaped_rewards(
     """Per-token rewards: -beta * KL_t at every token, plus the sequence score at the last real token.
 
     r_t = -beta * KL_t + [t == last] * score    (Ziegler et al. 2019 Eq. 2; InstructGPT Eq. 2 in per-token
-    form; AlpacaFarm `_shape_reward`, seed 004)
+    form; AlpacaFarm's `_shape_reward`, Dubois et al. 2023)
 
     score: [B] sequence rewards; policy_logps, ref_logps: [B, T] log-probs of the sampled response tokens;
     mask: [B, T] True = a real response token; beta: KL coefficient (a controller's `.value`);

@@ -48,7 +48,7 @@ def ppo_policy_loss(
 
     rho_t = exp(log pi(a_t) - log pi_old(a_t))
     L_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps_high))  = -min(rho A, clip(rho) A)
-    (Schulman et al. 2017, PPO, Eq. 7; seed 004's six cases: the gradient is zero exactly when
+    (Schulman et al. 2017, PPO, Eq. 7; of its six cases, the gradient is zero exactly when
     rho < 1-eps with A < 0, or rho > 1+eps with A > 0.) eps_high defaults to eps (DAPO's clip-higher uses
     a larger one). dual_clip c > 1 caps the loss of negative-advantage tokens at -c A (Ye et al. 2020),
     which stops one stale token with a huge ratio from dominating the batch.
@@ -91,8 +91,8 @@ def ppo_value_loss(
 ) -> LossOutput:
     """Clipped value loss: L_t = 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
 
-    (The value clipping of OpenAI baselines' PPO2, as AlpacaFarm uses it, seed 004; clip_eps_value=None
-    gives the plain 0.5 (V - R)^2 of the PPO paper's Eq. 9 value term.)
+    (The value clipping of OpenAI baselines' PPO2, as AlpacaFarm (Dubois et al. 2023) uses
+    it; clip_eps_value=None gives the plain 0.5 (V - R)^2 of the PPO paper's Eq. 9 value term.)
 
     values: [B, T] (with grad); old_values: [B, T] from the rollout; returns: [B, T] GAE returns;
     mask: [B, T]. Returns loss [B]; metrics loss/value_clipfrac and loss/value_error (|V - R| mean), [B].
@@ -137,7 +137,7 @@ def reinforce_loss(
 ) -> LossOutput:
     """REINFORCE (with whatever baseline made the advantages): L = -sum_t A_t log pi(a_t | s_t).
 
-    (Williams 1992; seed 001: (R(tau) - b) grad log p(tau).) Its gradient is the policy-gradient
+    (Williams 1992: (R(tau) - b) grad log p(tau).) Its gradient is the policy-gradient
     estimate. The default "sequence_sum" is log p(tau) of the whole response, as the estimator needs.
 
     policy_logps: [B, T]; advantages: [B] (one per sequence, e.g. `rloo_advantages`) or [B, T];

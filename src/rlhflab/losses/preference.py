@@ -1,6 +1,6 @@
 """Direct preference optimization and its family.
 
-Seed 002's view (Tang et al. 2024, "Generalized Preference Optimization"): each offline loss is one convex
+The view of Tang et al. 2024 ("Generalized Preference Optimization"): each offline loss is one convex
 function f applied to beta times the log-ratio gap
 
     h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)),
@@ -95,7 +95,7 @@ def dpo(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """DPO: L = -log sigma(beta * h)   (Rafailov et al. 2023, Eq. 7; f = logistic in seed 002).
+    """DPO: L = -log sigma(beta * h)   (Rafailov et al. 2023, Eq. 7; f = logistic in Tang et al. 2024).
 
     With label_smoothing eps > 0 this is conservative DPO, see `cdpo`. All inputs [B] summed sequence
     log-probs. Returns loss [B] and the implicit-reward metrics. Policy == reference gives log 2.
@@ -159,7 +159,7 @@ def ipo(
     """IPO: L = (h - 1/(2 beta))^2, minimal at h = 1/(2 beta)
 
     (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
-    arXiv 2310.12036v2 Eq. 17, with beta = tau, as TRL.) In seed 002's form this is a squared f:
+    arXiv 2310.12036v2 Eq. 17, with beta = tau, as TRL.) In Tang et al. 2024's form this is a squared f:
     (h - 1/(2 beta))^2 = (beta h - 1/2)^2 / beta^2. The paper sums token log-probs; TRL averages them per
     token for IPO. Pass whichever you mean (`sequence_logps(..., average=...)`); the beta that works
     differs by roughly the response length between the two. Shapes as `dpo`.
@@ -181,8 +181,8 @@ def hinge(
     """SLiC / hinge: L = max(0, 1 - beta h)
 
     (Zhao et al. 2023, "SLiC-HF", the rank-calibration loss max(0, delta - log P(y_c) + log P(y_r)) with
-    delta = 1/beta, scaled by beta and applied to reference-normalized log-ratios as in TRL and seed 002's
-    hinge f.) Shapes as `dpo`.
+    delta = 1/beta, scaled by beta and applied to reference-normalized log-ratios as in TRL and
+    Tang et al. 2024's hinge f.) Shapes as `dpo`.
     """
     check_positive("beta", beta)
     h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -324,7 +324,7 @@ def cpl(
     """Contrastive Preference Learning over segments of (state, action) steps.
 
     S(sigma) = sum_t gamma^t alpha log pi(a_t | s_t)   (t = 0, 1, ... over the segment's real steps;
-               with reference log-probs mu: alpha log pi/mu, seed 000's second form)
+               with reference log-probs mu: alpha log pi/mu, the KL-to-reference form)
     L = -log [ exp S(sigma+) / (exp S(sigma+) + exp(lambda S(sigma-))) ] = -log sigma(S+ - lambda S-)
     (Hejna et al. 2023, "Contrastive Preference Learning: Learning from Human Feedback without RL"; lambda
     < 1 is the paper's conservative bias, lambda = 1 the plain CPL loss.)

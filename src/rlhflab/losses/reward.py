@@ -73,7 +73,7 @@ def bradley_terry(
 ) -> LossOutput:
     """Bradley-Terry pairwise loss, optionally with a margin and label smoothing.
 
-    L = -log sigma(r_c - r_r - m)   (InstructGPT Eq. 1 with K = 2; Llama 2 Eq. 2 with margin m(r), seed 000)
+    L = -log sigma(r_c - r_r - m)   (InstructGPT Eq. 1 with K = 2; Touvron et al. 2023, Eq. 2 with margin m(r))
     With label smoothing eps: L = -(1-eps) log sigma(z) - eps log sigma(-z), z = r_c - r_r - m.
 
     chosen_rewards, rejected_rewards: [B]; margin: [B], a float, or None (0). Returns loss [B] and metrics
@@ -266,7 +266,7 @@ def trex(
 
     L = -log [ exp(sum_{s in tau_c} R(s)) / (exp(sum_{s in tau_c} R(s)) + exp(sum_{s in tau_r} R(s))) ]
     (Brown et al. 2019, "Extrapolating Beyond Suboptimal Demonstrations via IRL from Observations", the T-REX
-    loss; seed 003 writes it without the log, but its pseudo-code trains a cross-entropy, which this is.)
+    loss: the cross-entropy of choosing the preferred trajectory from the two.)
 
     chosen_state_rewards: [B, T_c], chosen_mask: [B, T_c] (True = a real state of the preferred
     trajectory); rejected_*: [B, T_r]. Returns loss [B]; metrics reward/chosen and reward/rejected are the

@@ -18,12 +18,13 @@ from rlhflab.losses.utils import (
 def sft_nll(token_logps: Tensor, mask: Tensor, reduction: str = "token_mean") -> LossOutput:
     """Negative log-likelihood of the target tokens.
 
-    L = -(1/N) sum_{t in mask} log pi(y_t | y_<t, x)  (InstructGPT / seed 001 "L_LM"; Ouyang et al. 2022
+    L = -(1/N) sum_{t in mask} log pi(y_t | y_<t, x)  (InstructGPT's SFT loss; Ouyang et al. 2022
     Sec. 3.5), with the normalization chosen by `reduction`:
     - "token_mean": mean over all real tokens of the batch (the `.mean()` of the [B] output equals it;
       each example's value is its token sum times B / N_tokens);
     - "sequence_mean": mean over each sequence's tokens, then the caller's `.mean()` weighs sequences equally;
-    - "sequence_sum": the sequence NLL -log pi(y | x) (ReST's L_NLL, seed 000), e.g. for best-of-n / ReST.
+    - "sequence_sum": the sequence NLL -log pi(y | x) (ReST's L_NLL, Gulcehre et al. 2023), e.g. for
+      best-of-n / ReST.
 
     token_logps: [B, T] log-probs of the target tokens (see `gather_logprobs`); mask: [B, T], True = a
     target token (response tokens; prompt and padding False). Returns LossOutput with loss [B] and metrics

@@ -120,7 +120,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, dim: int | None =
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """Whiten `x` with the mean and (unbiased) variance of its masked positions; masked positions become 0.
 
-    shift_mean=False keeps the mean (only rescales), as AlpacaFarm does for rewards (seed 004).
+    shift_mean=False keeps the mean (only rescales), as AlpacaFarm does for rewards (Dubois et al. 2023).
     """
     x = fill_masked(x, mask)
     mean = masked_mean(x, mask)

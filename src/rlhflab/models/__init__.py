@@ -6,7 +6,6 @@ from rlhflab.models.backbone import (
     last_token_index,
     position_ids_from_mask,
 )
-from rlhflab.models.factory import tiny_model_and_tokenizer
 from rlhflab.models.gguf_import import import_gguf
 from rlhflab.models.heads import Critic, PolicyWithValueHead, ValueHead
 from rlhflab.models.loading import (
@@ -24,5 +23,4 @@ __all__ = [
     "Critic", "LoraSettings", "PolicyWithValueHead", "RewardModel", "ValueHead", "apply_lora",
     "backbone_and_head", "count_parameters", "hidden_to_logits", "import_gguf", "last_token_index",
     "load_backbone", "load_causal_lm", "load_tokenizer", "position_ids_from_mask", "save_model",
-    "tiny_model_and_tokenizer",
 ]

@@ -70,6 +70,13 @@ def _decoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
     return layers
 
 
+def fast_final_layer(backbone: nn.Module) -> nn.Module | None:
+    """The decoder layer that `final_layer_only_at` would run only at the read positions (the backbone's
+    last one), or None when it would run the backbone whole (yield False). FLOP accounting reads it."""
+    layers = _decoder_layers(backbone)
+    return None if layers is None else layers[-1]
+
+
 @contextlib.contextmanager
 def final_layer_only_at(backbone: nn.Module, attention_mask: Tensor, positions: Tensor, *,
                         rows: Tensor | None = None, key_mask: Tensor | None = None) -> Iterator[bool]:

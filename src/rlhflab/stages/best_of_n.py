@@ -1,8 +1,8 @@
 """Best-of-n sampling: draw n responses per prompt, score them with a reward source, keep the best.
 
-A baseline policy that needs no training (AlpacaFarm's best-of-n in seed 004; Gao et al. 2023 measure
-reward over-optimization along n), and the sampling half of rejection-sampling fine-tuning. Its KL to the
-sampling policy has a closed form, log n - (n - 1) / n (Stiennon et al. 2020, App. G), so best-of-n
+A baseline policy that needs no training (AlpacaFarm's best-of-n, Dubois et al. 2023; Gao et al. 2023
+measure reward over-optimization along n), and the sampling half of rejection-sampling fine-tuning. Its KL
+to the sampling policy has a closed form, log n - (n - 1) / n (Stiennon et al. 2020, App. G), so best-of-n
 points sit on the same KL axis as PPO and DPO policies.
 
     result = best_of_n(model, tokenizer, prompts, reward, n=16, settings=SamplingSettings(temperature=1.0))

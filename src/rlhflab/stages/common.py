@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-from rlhflab.config import LoggingSection, ModelSection, OptimSection, config_to_dict, config_to_yaml
+from rlhflab.config import (
+    AdamWSection,
+    LoggingSection,
+    LoraSection,
+    ModelSection,
+    OptimSection,
+    config_to_dict,
+    config_to_yaml,
+)
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import MetricsLogger
 from rlhflab.core.run_dir import prepare_run_dir
@@ -52,16 +60,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path)
 
 
+def lora_settings(lora: LoraSection):
+    """The models layer's LoRA settings from a config section."""
+    from rlhflab.models.loading import LoraSettings
+
+    modules = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=modules)
+
+
 def load_policy(model_cfg: ModelSection):
     """(model, tokenizer, device) from a model section, ready to train."""
-    from rlhflab.models.loading import LoraSettings, load_causal_lm, load_tokenizer
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer
 
     path = resolve_model_path(model_cfg.name_or_path)
     device = resolve_device(model_cfg.device)
     lora = None
     if model_cfg.lora.enabled:
-        lora = LoraSettings(r=model_cfg.lora.r, alpha=model_cfg.lora.alpha, dropout=model_cfg.lora.dropout,
-                            target_modules=model_cfg.lora.target_modules)
+        lora = lora_settings(model_cfg.lora)
     model = load_causal_lm(path, dtype=model_cfg.dtype, device=str(device), lora=lora,
                            gradient_checkpointing=model_cfg.gradient_checkpointing)
     tokenizer = load_tokenizer(path)
@@ -79,7 +94,7 @@ def num_optimizer_steps(n_examples: int, optim: OptimSection, *, what: str = "re
     return total, steps_per_epoch
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimSection, total_steps: int):
+def build_optimizer(model: torch.nn.Module, optim: AdamWSection, total_steps: int):
     """AdamW over trainable parameters (no decay on biases and norms) and a warm-up + decay schedule."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -1,6 +1,6 @@
 """PPO against a reward model with a KL penalty to a frozen reference (InstructGPT step 3).
 
-Each iteration (Ouyang et al. 2022; the AlpacaFarm PPO loop in seed 004):
+Each iteration (Ouyang et al. 2022; the PPO loop of AlpacaFarm, Dubois et al. 2023):
 
     1. generate   sample responses to a batch of prompts with the current policy (KV-cached, batched)
     2. score      sequence rewards from the reward source(s); a penalty for responses cut off without EOS
@@ -51,6 +51,7 @@ from rlhflab.losses import (
     ppo_value_loss,
 )
 from rlhflab.models.backbone import backbone_and_head, hidden_size_of, hidden_to_logits
+from rlhflab.models.flops import MatmulParams, matmul_params, ppo_iteration_flops
 from rlhflab.models.heads import Critic, ValueHead
 from rlhflab.models.loading import count_parameters, load_causal_lm
 from rlhflab.models.logprobs import token_logps
@@ -107,8 +108,21 @@ def _load_reward(cfg: PPOConfig, device: torch.device):
     from rlhflab.rewards import load_rewards
 
     algo = cfg.algo
-    return load_rewards(algo.reward_model, weights=algo.reward_weights, device=device, combine=algo.reward_combine,
+    return load_rewards(algo.reward_model, weights=algo.reward_weights or None, device=device, combine=algo.reward_combine,
                         safety_threshold=algo.safety_threshold, unsafe_prompt_pattern=algo.unsafe_prompt_pattern)
+
+
+def _critic_init(cfg: PPOConfig) -> str:
+    """Where a separate critic starts: the first reward source when it is a reward model (InstructGPT
+    initializes the value function from the reward model), else the policy."""
+    from rlhflab.rewards.learned import resolve_reward_dir
+    from rlhflab.rewards.spec import parse_spec
+
+    if cfg.algo.reward_model:
+        source, _ = parse_spec(cfg.algo.reward_model[0])
+        if not source.startswith(("rule:", "lab:")) and (resolve_reward_dir(source) / "config.json").is_file():
+            return str(resolve_reward_dir(source))
+    return resolve_model_path(cfg.model.name_or_path)
 
 
 def _setup_models(cfg: PPOConfig):
@@ -119,10 +133,7 @@ def _setup_models(cfg: PPOConfig):
     ref = load_causal_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
     ref.eval().requires_grad_(False)
     if cfg.algo.separate_critic:
-        # InstructGPT initializes the value function from the reward model.
-        init = cfg.algo.reward_model.split(",")[0] if cfg.algo.reward_model and \
-            Path(cfg.algo.reward_model.split(",")[0]).is_dir() else resolve_model_path(cfg.model.name_or_path)
-        value_model: nn.Module = Critic.from_pretrained(init, device=str(device))
+        value_model: nn.Module = Critic.from_pretrained(_critic_init(cfg), device=str(device))
     else:
         value_model = ValueHead(hidden_size_of(policy)).to(device)
     return policy, value_model, ref, tokenizer, device
@@ -210,18 +221,14 @@ def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Roll
     return {k: v / count for k, v in sums.items()}
 
 
-def _iteration_perf(metrics: dict[str, float], rollout: Rollout, cfg: PPOConfig, n_params: int, n_critic: int
-                    ) -> dict[str, float]:
-    """perf/time_iteration and perf/flops_per_s of one iteration (the 6ND / 2ND convention).
-
-    Forward-only tokens: generation (the prompt once, then one token per step with the KV cache), the
-    rollout pass and the reference pass over every real token. Trained tokens: every real token once
-    per PPO epoch. A separate critic adds its own forward at rollout time and its training.
-    """
+def _iteration_perf(metrics: dict[str, float], rollout: Rollout, cfg: PPOConfig,
+                    params: tuple[MatmulParams, MatmulParams, MatmulParams]) -> dict[str, float]:
+    """perf/time_iteration and perf/flops_per_s of one iteration: `rlhflab.models.flops.ppo_iteration_flops`
+    of the (policy, reference, value model) matmul weights over the rollout's real and response tokens."""
     seconds = sum(metrics[f"perf/time_{k}"] for k in ("generate", "score", "forward", "optimize"))
     tokens = int(rollout.attention_mask.sum())
-    trained = cfg.algo.ppo_epochs * tokens
-    flops = n_params * (6 * trained + 2 * 3 * tokens) + n_critic * (6 * trained + 2 * tokens)
+    flops = ppo_iteration_flops(*params, tokens, int(rollout.response_mask.sum()), cfg.algo.ppo_epochs,
+                                entropy_in_loss=cfg.algo.entropy_coef > 0)
     return {"perf/time_iteration": seconds, "perf/flops_per_s": flops / max(seconds, 1e-9),
             "perf/tokens_per_s": tokens / max(seconds, 1e-9)}
 
@@ -294,7 +301,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     sampling = SamplingSettings(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                 top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     n_params = count_parameters(policy)
-    n_critic = 0 if isinstance(value_model, ValueHead) else count_parameters(value_model)
+    flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
     print(f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
           f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}")
 
@@ -324,7 +331,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
                                    iteration + 1, last_ckpt))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
-        metrics.update(_iteration_perf(metrics, rollout, cfg, n_params, n_critic))
+        metrics.update(_iteration_perf(metrics, rollout, cfg, flop_params))
         # 7. adapt the KL coefficient
         kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
         iteration += 1

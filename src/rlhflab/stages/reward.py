@@ -1,10 +1,10 @@
 """Reward-model training from pairwise comparisons or K-wise rankings (InstructGPT step 2).
 
-The reward model is the SFT model's backbone plus a linear head read at the last real token (seed 001:
-starting from the SFT model works best). It learns from
+The reward model is the SFT model's backbone plus a linear head read at the last real token (initialized
+from the SFT model, as in Ouyang et al. 2022). It learns from
 
   - pairwise data: -log sigma(r_c - r_r - m), Bradley-Terry with Llama 2's margin m taken from the record's
-    numeric `margin` or from its `rating` through the small/large table (seed 000, Table 27);
+    numeric `margin` or from its `rating` through the small/large table (Touvron et al. 2023, Table 27);
   - K-wise rankings: Plackett-Luce, or InstructGPT's mean over all K-choose-2 pairs; tied responses
     are skipped by all_pairs and marginalized (every order of the tie) by Plackett-Luce.
 
@@ -62,8 +62,8 @@ from rlhflab.losses import (
 from rlhflab.losses import tie_orders as losses_tie_orders
 from rlhflab.models.backbone import last_token_index
 from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, final_layer_only_at, supports_shared_prompt
+from rlhflab.models.flops import matmul_params, reward_model_train_flops
 from rlhflab.models.loading import (
-    LoraSettings,
     apply_lora,
     count_parameters,
     enable_gradient_checkpointing,
@@ -75,6 +75,7 @@ from rlhflab.rewards.learned import SETTINGS_FILE
 from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
+    lora_settings,
     mixed_precision,
     num_optimizer_steps,
     open_run,
@@ -140,12 +141,11 @@ def _tokenize(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where:
 
 def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples of every head; a head with its own file reads it instead of data.train_path."""
-    specs = cfg.algo.head_specs()
     train, held = [], []
-    for head, (name, path) in enumerate(specs):
-        data = dataclasses.replace(cfg.data, train_path=path, eval_path="") if path else cfg.data
+    for head, spec in enumerate(cfg.algo.head_specs()):
+        data = dataclasses.replace(cfg.data, train_path=spec.data, eval_path="") if spec.data else cfg.data
         records, eval_records = load_stage_records(data, kind, seed=cfg.seed)
-        where = path or cfg.data.train_path or f"lab data of head '{name}'"
+        where = spec.data or cfg.data.train_path
         train += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in records]
         held += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in eval_records]
     return train, held
@@ -381,9 +381,7 @@ def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[R
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     if cfg.model.lora.enabled:
-        lora = cfg.model.lora
-        backbone = apply_lora(backbone, LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                                     target_modules=lora.target_modules))
+        backbone = apply_lora(backbone, lora_settings(cfg.model.lora))
     return RewardModel(backbone, len(head_names), head_names), device
 
 
@@ -424,13 +422,13 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
     # 1. Setup: seeds, run directory, model, data.
     kind = "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
-    if any(not path for _, path in cfg.algo.head_specs()):
+    if any(not h.data for h in cfg.algo.head_specs()):
         require_train_path(cfg.data, kind)
     seed_everything(cfg.seed)
     run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
-    model, device = _build_model(cfg, path, [name for name, _ in cfg.algo.head_specs()])
+    model, device = _build_model(cfg, path, [h.name for h in cfg.algo.head_specs()])
     examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
     shared = cfg.algo.share_prompt and supports_shared_prompt(model)
@@ -455,7 +453,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
     progress = Progress(total_steps, "rm", enabled=cfg.logging.progress, completed=step)
-    t_last, tokens_since, pairs_since = time.time(), 0, 0
+    t_last, tokens_since, pairs_since, reads_since = time.time(), 0, 0, 0
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         batch = [examples[i] for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]]
@@ -466,6 +464,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         step += 1
         tokens_since += n_tokens
         pairs_since += len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch)
+        reads_since += 2 * len(batch) if kind == "pairwise" else sum(len(e["input_ids"]) for e in batch)
 
         # 3. Log, evaluate, checkpoint.
         if step % cfg.logging.log_every == 0 or step == total_steps:
@@ -473,9 +472,10 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
             row = run.logger.log(step, {
                 **stats, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
                 "perf/pairs_per_s": pairs_since / elapsed, "perf/tokens_per_s": tokens_since / elapsed,
-                # Training FLOPs ~ 6 x params x tokens (forward + backward), Kaplan et al. 2020.
-                "perf/flops_per_s": 6 * n_params * tokens_since / elapsed, "perf/epoch": step / steps_per_epoch})
-            t_last, tokens_since, pairs_since = time.time(), 0, 0
+                # Model FLOPs (rlhflab.models.flops): no LM head, the final layer's non-K/V work at the reads.
+                "perf/flops_per_s": reward_model_train_flops(matmul_params(model), tokens_since, reads_since) / elapsed,
+                "perf/epoch": step / steps_per_epoch})
+            t_last, tokens_since, pairs_since, reads_since = time.time(), 0, 0, 0
             progress.update(0, {"loss": row["loss/rm"], "acc": row["reward/accuracy"]})
         if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < total_steps:
             run.logger.log(step, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])

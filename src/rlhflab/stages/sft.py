@@ -22,6 +22,7 @@ from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import collate_packed, collate_sft, pack_sequences, tokenize_sft
 from rlhflab.losses import sft_nll
+from rlhflab.models.flops import causal_lm_train_flops, matmul_params
 from rlhflab.models.loading import count_parameters, save_model
 from rlhflab.models.logprobs import token_logps
 from rlhflab.stages.common import (
@@ -103,11 +104,12 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     model.train()
     amp = mixed_precision(cfg.model, device)  # forward passes in bf16 under model.autocast=bf16
     progress = Progress(total_steps, "sft", enabled=cfg.logging.progress, completed=step)
-    t_last, tokens_since = time.time(), 0
+    t_last, tokens_since, real_since = time.time(), 0, 0
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
         n_tokens = sum(sum(examples[i]["loss_mask"][1:]) for i in indices)
+        real_since += sum(len(examples[i]["input_ids"]) for i in indices)  # the body runs at every real token
         step_loss = 0.0
         for batch in _micro_batches(examples, indices, cfg, tokenizer.pad_token_id):
             with amp():
@@ -127,9 +129,9 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
             row = run.logger.log(step, {
                 "loss/sft": step_loss, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
                 "perf/tokens_per_s": tokens_since / elapsed, "perf/epoch": step / steps_per_epoch,
-                # Training FLOPs ~ 6 x params x tokens (forward + backward), Kaplan et al. 2020.
-                "perf/flops_per_s": 6 * n_params * tokens_since / elapsed})
-            t_last, tokens_since = time.time(), 0
+                # Model FLOPs (rlhflab.models.flops): the LM head only at the trained (response) tokens.
+                "perf/flops_per_s": causal_lm_train_flops(matmul_params(model), real_since, tokens_since) / elapsed})
+            t_last, tokens_since, real_since = time.time(), 0, 0
             progress.update(0, {"loss": row["loss/sft"]})
         if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0:
             run.logger.log(step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
