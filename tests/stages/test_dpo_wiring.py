@@ -3,7 +3,10 @@
 `rlhflab.losses.preference` is tested on its own; these tests pin what the stage feeds it: which rows are
 chosen and which rejected, sums or per-token means, the response lengths, the reference log-probs of the
 right rows, and every option of `algo` (beta, label_smoothing, average_logps, simpo_gamma, the KTO
-weights and reference point, cpl_gamma and cpl_lambda). Two kinds of check:
+weights and reference point, orpo_lambda, simpo_beta, cpl_alpha, cpl_gamma and cpl_lambda). The stage
+runs a row of `preference.PREFERENCE_LOSS_TABLE` with `dpo.loss_of_batch`; the table's keyword mapping is
+part of the wiring, so the expected values here call the functions with keywords written out by hand.
+Two kinds of check:
 
 1. Step-0 values through the real stage (`dpo.train`, policy == reference): closed forms derived by hand.
 2. Policy != reference: `dpo.batch_loss` on a batch versus the pure function called on log-probs this
@@ -32,6 +35,7 @@ from rlhflab.data import (
     tokenize_unpaired,
 )
 from rlhflab.losses import preference
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.stages import dpo
 
@@ -62,22 +66,21 @@ UNPAIRED = [
 ]
 UNPAIRED_BATCH = [4, 1, 2, 0, 3]
 
-PAIRED_FNS = {"sigmoid": preference.dpo, "dpo": preference.dpo, "cdpo": preference.cdpo,
-              "robust": preference.robust_dpo, "robust_dpo": preference.robust_dpo,
-              "ipo": preference.ipo, "hinge": preference.hinge, "slic": preference.hinge}
-SMOOTHED = ("sigmoid", "dpo", "cdpo", "robust", "robust_dpo")
+PAIRED_FNS = {"dpo": preference.dpo, "cdpo": preference.cdpo, "robust_dpo": preference.robust_dpo,
+              "ipo": preference.ipo, "hinge": preference.hinge}
+SMOOTHED = ("dpo", "cdpo", "robust_dpo")
 
 # (loss, algo options): every option that changes a loss's call, at a distinct nonzero value.
 REF_PAIRED_CASES = [
     *[(name, {"beta": 0.3, "label_smoothing": 0.2, "average_logps": avg})
       for name in SMOOTHED for avg in (False, True)],
-    *[(name, {"beta": 0.3, "average_logps": avg}) for name in ("ipo", "hinge", "slic") for avg in (False, True)],
+    *[(name, {"beta": 0.3, "average_logps": avg}) for name in ("ipo", "hinge") for avg in (False, True)],
 ]
 REF_FREE_CASES = [
-    ("orpo", {"beta": 0.3}),
-    ("simpo", {"beta": 2.0, "simpo_gamma": 0.3, "label_smoothing": 0.2}),
-    ("simpo", {"beta": 2.5, "simpo_gamma": 0.3}),
-    ("cpl", {"beta": 0.5, "cpl_gamma": 0.9, "cpl_lambda": 0.6}),
+    ("orpo", {"orpo_lambda": 0.3}),
+    ("simpo", {"simpo_beta": 1.5, "simpo_gamma": 0.3, "label_smoothing": 0.2}),
+    ("simpo", {"simpo_beta": 2.5, "simpo_gamma": 0.3}),
+    ("cpl", {"cpl_alpha": 0.5, "cpl_gamma": 0.9, "cpl_lambda": 0.6}),
 ]
 KTO_OPTIONS = {"beta": 0.3, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.7}
 KL_ESTIMATE = 0.4  # z0 handed to batch_loss (a nonzero reference point, so dropping it shows)
@@ -145,8 +148,8 @@ def pair_cache(models, pair_examples, tiny_tokenizer):
 
 def _context(name, options, policy, pad_id, *, reference=None, cache=None):
     live = functools.partial(contextlib.nullcontext, reference) if reference is not None else None
-    return dpo._Context(model=policy, spec=dpo.LOSSES[name], algo=DPOAlgo(loss=name, **options), device=CPU,
-                        pad_id=pad_id, ref_cache=cache, live_ref=live)
+    return dpo._Context(model=policy, row=PREFERENCE_LOSS_TABLE[name], algo=DPOAlgo(loss=name, **options),
+                        device=CPU, pad_id=pad_id, ref_cache=cache, live_ref=live)
 
 
 def _halves(x):
@@ -175,14 +178,17 @@ def test_the_batches_can_show_each_mutation(pair_batch, pair_examples):
     assert diff.abs().min() > 1e-3
     h = torch.sub(*_halves(diff))
     assert h.abs().min() > 0.1
-    assert len(PAIR_BATCH) < len(pair_examples) and PAIR_BATCH != sorted(PAIR_BATCH)
+    assert len(PAIR_BATCH) < len(pair_examples) and sorted(PAIR_BATCH) != PAIR_BATCH
 
 
 def test_every_loss_in_the_table_has_a_wiring_case():
-    """A loss added to dpo.LOSSES must get a case here (and in PAIRED_FNS if it takes the paired signature)."""
+    """A loss added to the table must get a case here (and in PAIRED_FNS if it takes the paired signature);
+    the cases below assume each loss's data kind and whether it reads a reference."""
     covered = {n for n, _ in REF_PAIRED_CASES + REF_FREE_CASES} | {"kto"}
-    assert covered == set(dpo.LOSSES)
-    assert {n for n, s in dpo.LOSSES.items() if s.needs_ref and s.data == "pairwise"} == set(PAIRED_FNS)
+    assert covered == set(PREFERENCE_LOSS_TABLE)
+    assert {n for n, r in PREFERENCE_LOSS_TABLE.items() if r.reference and r.data == "pairwise"} == set(PAIRED_FNS)
+    assert {n for n, r in PREFERENCE_LOSS_TABLE.items() if not r.reference} == {"orpo", "simpo", "cpl"}
+    assert PREFERENCE_LOSS_TABLE["kto"].data == "unpaired" and PREFERENCE_LOSS_TABLE["kto"].reference
 
 
 # ---- 1. Step-0 closed forms through the real stage ---------------------------------------------------------
@@ -220,19 +226,19 @@ def _train_step0(model_dir, data, out, *extra):
 
 
 # With policy == reference every log-ratio is 0, so h = 0 for the paired losses:
-#  sigmoid (eps = 0.2): (1 - eps)(-log sigma(0)) + eps(-log sigma(-0)) = (1 - eps + eps) log 2 = log 2.
+#  dpo (eps = 0.2): (1 - eps)(-log sigma(0)) + eps(-log sigma(-0)) = (1 - eps + eps) log 2 = log 2.
 #  cdpo: the same formula, log 2 (cdpo is dpo with label smoothing).
-#  robust (eps = 0.2): [-(1 - eps) log sigma(0) + eps log sigma(0)] / (1 - 2 eps)
-#                      = [(1 - eps) log 2 - eps log 2] / (1 - 2 eps) = log 2 for every eps < 1/2.
+#  robust_dpo (eps = 0.2): [-(1 - eps) log sigma(0) + eps log sigma(0)] / (1 - 2 eps)
+#                         = [(1 - eps) log 2 - eps log 2] / (1 - 2 eps) = log 2 for every eps < 1/2.
 #  ipo (beta = 0.4): (h - 1/(2 beta))^2 = (1/0.8)^2 = 1.5625.
 #  hinge (beta = 0.4): max(0, 1 - beta h) = 1.
 #  kto: r = 0 and z0 = max(0, mean(0)) = 0, so each example costs lambda (1 - sigma(0)) = lambda / 2;
 #       4 desirable at lambda_D = 1.0 and 2 undesirable at lambda_U = 1.7 over 6: (4 + 3.4) / 6 / 2.
 # A stage reading the wrong reference rows (halves or examples swapped) would give h != 0 here.
 STEP0 = [
-    ("sigmoid", ["algo.label_smoothing=0.2"], math.log(2)),
+    ("dpo", ["algo.label_smoothing=0.2"], math.log(2)),
     ("cdpo", ["algo.label_smoothing=0.2"], math.log(2)),
-    ("robust", ["algo.label_smoothing=0.2"], math.log(2)),
+    ("robust_dpo", ["algo.label_smoothing=0.2"], math.log(2)),
     ("ipo", ["algo.beta=0.4"], (1 / (2 * 0.4)) ** 2),
     ("hinge", ["algo.beta=0.4"], 1.0),
     ("kto", ["algo.kto_desirable_weight=1.0", "algo.kto_undesirable_weight=1.7"], (4 * 1.0 + 2 * 1.7) / 6 / 2),
@@ -242,9 +248,9 @@ STEP0 = [
 @pytest.mark.parametrize("loss, extra, expected", STEP0, ids=[s[0] for s in STEP0])
 def test_step0_loss_is_the_closed_form(loss, extra, expected, model_dir, data_files, tmp_path):
     """Policy == reference at the first step: the stage's logged loss is the hand-derived value above."""
-    spec = dpo.LOSSES[loss]
-    row = _train_step0(model_dir, data_files[spec.data], tmp_path / loss, f"algo.loss={loss}", *extra)
-    assert row[f"loss/{spec.name}"] == pytest.approx(expected, abs=1e-5)
+    data = data_files[PREFERENCE_LOSS_TABLE[loss].data]
+    row = _train_step0(model_dir, data, tmp_path / loss, f"algo.loss={loss}", *extra)
+    assert row[f"loss/{loss}"] == pytest.approx(expected, abs=1e-5)
     assert row["reward/chosen"] == pytest.approx(0.0, abs=1e-5)
     assert row["reward/rejected"] == pytest.approx(0.0, abs=1e-5)
     if loss == "kto":
@@ -267,7 +273,7 @@ def test_cached_reference_rows_follow_the_batch(pair_cache, pair_batch):
 @pytest.mark.parametrize("case", REF_PAIRED_CASES, ids=_case_id)
 def test_reference_loss_matches_the_pure_function(case, ref_mode, models, pair_examples, pair_batch, pair_cache,
                                                    tiny_tokenizer):
-    """sigmoid/dpo/cdpo/robust/ipo/hinge: fn(pc, pr, rc, rr, beta, [label_smoothing]) on sums, or on
+    """dpo/cdpo/robust_dpo/ipo/hinge: fn(pc, pr, rc, rr, beta, [label_smoothing]) on sums, or on
     per-token means (sum / response length) with average_logps, policy and reference alike."""
     name, options = case
     policy, reference = models
@@ -285,22 +291,23 @@ def test_reference_loss_matches_the_pure_function(case, ref_mode, models, pair_e
 
 @pytest.mark.parametrize("case", REF_FREE_CASES, ids=_case_id)
 def test_reference_free_loss_matches_the_pure_function(case, models, pair_examples, pair_batch, tiny_tokenizer):
-    """orpo: per-token means; simpo: sums with the chosen and rejected lengths, gamma and label smoothing;
-    cpl: token log-probs and masks, alpha = beta, gamma = cpl_gamma, lambda = cpl_lambda. No reference."""
+    """orpo: per-token means, lambda = orpo_lambda; simpo: sums with the chosen and rejected lengths,
+    beta = simpo_beta, gamma = simpo_gamma and label smoothing; cpl: token log-probs and masks,
+    alpha = cpl_alpha, gamma = cpl_gamma, lambda = cpl_lambda. No reference."""
     name, options = case
     ctx = _context(name, options, models[0], tiny_tokenizer.pad_token_id)
     out, _ = dpo.batch_loss(ctx, "train", pair_examples, PAIR_BATCH)
 
     sums, n = pair_batch["sums"], pair_batch["counts"]
     if name == "orpo":
-        expected = preference.orpo(*_halves(sums / n.float()), beta=options["beta"])
+        expected = preference.orpo(*_halves(sums / n.float()), beta=options["orpo_lambda"])
     elif name == "simpo":
-        expected = preference.simpo(*_halves(sums), *_halves(n), beta=options["beta"],
+        expected = preference.simpo(*_halves(sums), *_halves(n), beta=options["simpo_beta"],
                                     gamma=options["simpo_gamma"],
                                     label_smoothing=options.get("label_smoothing", 0.0))
     else:
         (tc, tr), (mc, mr) = _halves(pair_batch["tokens"]), _halves(pair_batch["mask"])
-        expected = preference.cpl(tc, mc, tr, mr, alpha=options["beta"], gamma=options["cpl_gamma"],
+        expected = preference.cpl(tc, mc, tr, mr, alpha=options["cpl_alpha"], gamma=options["cpl_gamma"],
                                   conservative_lambda=options["cpl_lambda"])
     _assert_same_output(out, expected)
 

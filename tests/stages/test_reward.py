@@ -10,10 +10,13 @@ from rlhflab.config import load_config
 from rlhflab.core.checkpoint import latest_checkpoint
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import PairwiseRecord
+from rlhflab.data.reward_batch import collate_reward_batch
 from rlhflab.errors import ConfigError, DataError, TrainingHealthError
+from rlhflab.eval.reward_accuracy import accuracy_by_rating, format_accuracy_table
 from rlhflab.losses import pairwise_all_pairs, plackett_luce
+from rlhflab.losses.reward import ranked_loss, stacked_bradley_terry
 from rlhflab.models.final_layer import supports_shared_prompt
-from rlhflab.models.reward_model import RewardModel
+from rlhflab.models.reward_model import RewardModel, batch_rewards
 from rlhflab.rewards import LearnedReward
 from rlhflab.stages import reward
 
@@ -102,13 +105,13 @@ def test_pairwise_loss_uses_margins_by_hand():
     """chosen [1, 0], rejected [0, 0]: no margin -> [-log s(1), log 2] = [0.313262, 0.693147];
     margins [1, 0] -> [log 2, log 2]; centering 0.5 * (r_c + r_r)^2 adds [0.5, 0]."""
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    plain = reward.pairwise_loss(rewards, None)
+    plain = stacked_bradley_terry(rewards, None)
     torch.testing.assert_close(plain.loss, torch.tensor([0.313262, math.log(2)]), atol=1e-6, rtol=0)
-    with_margin = reward.pairwise_loss(rewards, torch.tensor([1.0, 0.0]))
+    with_margin = stacked_bradley_terry(rewards, torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(with_margin.loss, torch.tensor([math.log(2), math.log(2)]))
-    centered = reward.pairwise_loss(rewards, None, center_coef=0.5)
+    centered = stacked_bradley_terry(rewards, None, center_coef=0.5)
     torch.testing.assert_close(centered.loss, plain.loss + torch.tensor([0.5, 0.0]))
-    smoothed = reward.pairwise_loss(rewards, None, label_smoothing=0.1)
+    smoothed = stacked_bradley_terry(rewards, None, label_smoothing=0.1)
     # 0.9 * -log s(1) + 0.1 * -log s(-1) = 0.9 * 0.313262 + 0.1 * 1.313262
     assert float(smoothed.loss[0]) == pytest.approx(0.413262, abs=1e-6)
 
@@ -164,6 +167,10 @@ def test_kwise_training_raises_kendall_tau(tiny_model_dir, tmp_path, loss):
     assert evals[-1]["eval/kendall_tau"] > evals[0]["eval/kendall_tau"] + 0.4
 
 
+def _ranked(scores, batch, **kw):
+    return ranked_loss(scores, batch["num_responses"], batch["ranks"], **kw)
+
+
 def _ranked_batch(ranks_list):
     examples = []
     for ranks in ranks_list:
@@ -172,16 +179,16 @@ def _ranked_batch(ranks_list):
               "ranks": ranks, "head": 0}
         ex["pairs"] = [(i, j) for i in range(k) for j in range(i + 1, k) if ranks[i] < ranks[j]]
         examples.append(ex)
-    return reward._collate(examples, "ranked", pad_id=0)
+    return collate_reward_batch(examples, "ranked", pad_id=0)
 
 
 def test_ranked_losses_without_ties_match_the_loss_library():
     scores = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.1])  # one ranking of 3, one of 2
     for loss, ref in (("all_pairs", pairwise_all_pairs), ("plackett_luce", plackett_luce)):
-        out = reward.ranked_loss(scores, _ranked_batch([[0, 1, 2], [0, 1]]), loss=loss)
+        out = _ranked(scores, _ranked_batch([[0, 1, 2], [0, 1]]), loss=loss)
         expected = torch.cat([ref(scores[None, :3]).loss, ref(scores[None, 3:]).loss])
         torch.testing.assert_close(out.loss, expected)
-    acc = reward.ranked_loss(torch.tensor([0.0, 1.0, -1.0]), _ranked_batch([[0, 1, 2]]), loss="all_pairs")
+    acc = _ranked(torch.tensor([0.0, 1.0, -1.0]), _ranked_batch([[0, 1, 2]]), loss="all_pairs")
     assert acc.metrics["reward/accuracy"].tolist() == [pytest.approx(2 / 3)]
 
 
@@ -191,10 +198,10 @@ def test_ranked_losses_with_ties_by_hand():
     plackett_luce: orders (0,1,2) and (0,2,1): P = e^1/Z * (e^0 / (e^0 + e^.5) + e^.5 / (e^0 + e^.5)) = e^1/Z,
     Z = e^1 + e^0 + e^.5, so the loss is -(1 - log Z) = log(e + 1 + e^.5) - 1 = 0.832945."""
     r = torch.tensor([1.0, 0.0, 0.5])
-    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]]), loss="all_pairs")
+    out = _ranked(r, _ranked_batch([[0, 1, 1]]), loss="all_pairs")
     assert float(out.loss[0]) == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(0.5))).item() / 2)
     assert float(out.loss[0]) == pytest.approx(0.393669, abs=1e-6)
-    out = reward.ranked_loss(r, _ranked_batch([[0, 1, 1]]), loss="plackett_luce")
+    out = _ranked(r, _ranked_batch([[0, 1, 1]]), loss="plackett_luce")
     assert float(out.loss[0]) == pytest.approx(math.log(math.e + 1 + math.exp(0.5)) - 1, abs=1e-6)
     assert reward.tie_orders([0, 1, 1, 2]) == [[0, 1, 2, 3], [0, 2, 1, 3]]
     with pytest.raises(ConfigError, match="use algo.loss=all_pairs"):
@@ -205,7 +212,7 @@ def test_accuracy_by_rating_on_a_hand_made_example():
     chosen = [2.0, 1.0, 0.0, 3.0, 1.0, 0.5]
     rejected = [1.0, 2.0, 0.0, 1.0, 0.0, 0.0]
     ratings = ["significantly_better", "significantly_better", "better", "slightly_better", None, "custom"]
-    table = reward.accuracy_by_rating(chosen, rejected, ratings)
+    table = accuracy_by_rating(chosen, rejected, ratings)
     # sig: 1 right, 1 wrong -> 0.5; better: a tie -> 0.5; slightly: 1; negligibly: empty; unrated: 1;
     # custom: 1; avg: (1 + 0 + 0.5 + 1 + 1 + 1) / 6 = 0.75.
     assert list(table) == [*RATINGS, "custom", "unrated", "avg"]
@@ -214,7 +221,7 @@ def test_accuracy_by_rating_on_a_hand_made_example():
     assert table["slightly_better"] == {"accuracy": 1.0, "n": 1}
     assert math.isnan(table["negligibly_better"]["accuracy"]) and table["negligibly_better"]["n"] == 0
     assert table["avg"] == {"accuracy": 0.75, "n": 6}
-    text = reward.format_accuracy_table({"helpful": table})
+    text = format_accuracy_table({"helpful": table})
     assert text.splitlines()[0] == ("| head | Significantly Better | Better | Slightly Better | "
                                     "Negligibly Better / Unsure | custom | Unrated | Avg |")
     assert text.splitlines()[2] == ("| helpful | 50.0 (n=2) | 50.0 (n=1) | 100.0 (n=1) | - | 100.0 (n=1) | "
@@ -351,10 +358,10 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny
             e["head"], e["pairs"] = 1, [(0, 1)]
         results = []
         for shared in (True, False):
-            batch = reward._collate(examples, kind, tiny_tokenizer.pad_token_id, shared=shared)
+            batch = collate_reward_batch(examples, kind, tiny_tokenizer.pad_token_id, shared=shared)
             assert ("read_rows" in batch) == shared
             model.zero_grad(set_to_none=True)
-            rewards = reward._rewards(model, batch, torch.device("cpu"))
+            rewards = batch_rewards(model, batch, torch.device("cpu"))
             weights = torch.linspace(-1.0, 2.0, rewards.numel()).view_as(rewards)  # every reward its own gradient
             (rewards * weights).sum().backward()
             results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},

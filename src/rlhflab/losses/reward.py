@@ -277,3 +277,47 @@ def trex(
     ret_c = masked_sum(chosen_state_rewards, chosen_mask, dim=-1)
     ret_r = masked_sum(rejected_state_rewards, rejected_mask, dim=-1)
     return LossOutput(-F.logsigmoid(ret_c - ret_r), _pair_metrics(ret_c, ret_r))
+
+
+def stacked_bradley_terry(rewards: Tensor, margin: Tensor | None, *, label_smoothing: float = 0.0,
+                          center_coef: float = 0.0) -> LossOutput:
+    """`bradley_terry` over a stacked batch, with optional reward centering (Eisenstein et al. 2023).
+
+    rewards [2B]: chosen rows, then rejected rows; margin [B] or None. Returns loss [B] =
+    BT + center_coef * (r_c + r_r)^2 and the `reward/*` metrics of `bradley_terry` (+ loss/center).
+    """
+    b = rewards.shape[0] // 2
+    chosen, rejected = rewards[:b], rewards[b:]
+    out = bradley_terry(chosen, rejected, margin=margin, label_smoothing=label_smoothing)
+    loss, metrics = out.loss, dict(out.metrics)
+    if center_coef:
+        center = reward_centering(torch.stack([chosen, rejected], dim=1))
+        loss, metrics["loss/center"] = loss + center_coef * center, center.detach()
+    return LossOutput(loss, metrics)
+
+
+def ranked_loss(scores: Tensor, num_responses: Tensor, ranks: Tensor, *, loss: str, label_smoothing: float = 0.0,
+                center_coef: float = 0.0, max_orders: int = 120) -> LossOutput:
+    """K-wise loss of B rankings from flat per-response scores [N]: example 0's num_responses[0] responses
+    best first, then example 1's, ...; ranks [B, K_max] (-1 = no response).
+
+    all_pairs: `all_pairs_with_ties` (InstructGPT Eq. 1 over the strictly ordered pairs); plackett_luce:
+    `plackett_luce_with_ties` (the likelihood summed over every order of the tied responses). Returns loss
+    [B] (plus center_coef * `reward_centering`); metric reward/accuracy = share of strictly ordered pairs
+    scored in order.
+    """
+    counts = num_responses.to(scores.device)
+    present = torch.arange(int(counts.max()), device=scores.device)[None] < counts[:, None]
+    table = scores.new_zeros(present.shape).masked_scatter(present, scores)  # [B, K_max], best first
+    ranks = ranks.to(scores.device)
+    if loss == "all_pairs":
+        out = all_pairs_with_ties(table, ranks, label_smoothing=label_smoothing)
+    elif loss == "plackett_luce":
+        out = plackett_luce_with_ties(table, ranks, max_orders=max_orders)
+    else:
+        raise ConfigError(f"unknown K-wise loss {loss!r}; use plackett_luce or all_pairs")
+    per_example, metrics = out.loss, dict(out.metrics)
+    if center_coef:
+        center = reward_centering(table, present)
+        per_example, metrics["loss/center"] = per_example + center_coef * center, center.detach()
+    return LossOutput(per_example, metrics)

@@ -31,6 +31,7 @@ from rlhflab.models.backbone import (
     last_token_index,
     position_ids_from_mask,
 )
+from rlhflab.models.final_layer import final_layer_only_at
 from rlhflab.models.loading import (
     LoraSettings,
     apply_lora,
@@ -269,3 +270,18 @@ def _unshared_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["REWARD_HEAD_FILE", "RewardModel"]
+
+
+def batch_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Every head's reward for each response of a `collate_reward_batch` batch, in its flat order: [N, H]
+    float32. Shared-prompt batches (`read_rows`) read several responses per row."""
+    ids = batch["input_ids"].to(device)
+    # The head reads one position per response, so the final layer runs only there (forward and backward).
+    if "read_rows" in batch:
+        rows, positions = batch["read_rows"].to(device), batch["read_positions"].to(device)
+        with final_layer_only_at(model.backbone, None, positions, rows=rows, key_mask=batch["key_mask"].to(device)):
+            return model.rewards_at(ids, batch["attention_mask_4d"].to(device), batch["position_ids"].to(device),
+                                    rows, positions)
+    mask = batch["attention_mask"].to(device)
+    with final_layer_only_at(model.backbone, mask, last_token_index(mask)):
+        return model(ids, mask)

@@ -42,26 +42,19 @@ from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import (
     LLAMA2_RATINGS,
-    collate_pairs,
-    collate_ranked,
-    collate_shared_prompt,
-    pad,
     tokenize_pair,
     tokenize_ranked,
 )
+from rlhflab.data.reward_batch import collate_reward_batch
 from rlhflab.errors import ConfigError, DataError
-from rlhflab.eval.metrics import accuracy_by_bucket
+from rlhflab.eval.reward_accuracy import format_accuracy_table
 from rlhflab.losses import (
     LossOutput,
-    all_pairs_with_ties,
-    bradley_terry,
     llama2_margins,
-    plackett_luce_with_ties,
-    reward_centering,
 )
 from rlhflab.losses import tie_orders as losses_tie_orders
-from rlhflab.models.backbone import last_token_index
-from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, final_layer_only_at, supports_shared_prompt
+from rlhflab.losses.reward import ranked_loss, stacked_bradley_terry
+from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, supports_shared_prompt
 from rlhflab.models.flops import matmul_params, reward_model_train_flops
 from rlhflab.models.loading import (
     apply_lora,
@@ -70,7 +63,7 @@ from rlhflab.models.loading import (
     load_backbone,
     load_tokenizer,
 )
-from rlhflab.models.reward_model import RewardModel
+from rlhflab.models.reward_model import RewardModel, batch_rewards
 from rlhflab.rewards.learned import SETTINGS_FILE
 from rlhflab.stages.common import (
     build_optimizer,
@@ -84,11 +77,8 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records, require_train_path
+from rlhflab.stages.reward_eval import evaluate, fit_normalization
 
-# Llama 2 Table 28 column titles, in the paper's order; "avg" pools every pair.
-RATING_TITLES = {"significantly_better": "Significantly Better", "better": "Better",
-                 "slightly_better": "Slightly Better", "negligibly_better": "Negligibly Better / Unsure",
-                 "unrated": "Unrated", "avg": "Avg"}
 # Plackett-Luce sums over every order of tied responses; past this many orders, all_pairs is the sane choice.
 MAX_TIE_ORDERS = 120
 
@@ -151,100 +141,14 @@ def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tu
     return train, held
 
 
-def _collate(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool = False,
-             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A batch of responses in a flat order (pairwise: B chosen, then B rejected; rankings: example 0's
-    responses best first, then example 1's, ...) with, per response, the head it trains (`row_head`).
-
-    shared: one row per example (prompt once, then its responses, `collate_shared_prompt`) when every
-    example allows it, with `read_rows`/`read_positions` in that flat order; else one row per response.
-    Ranked batches carry `num_responses` [B] and `ranks` [B, K_max] (-1 = no response).
-    """
-    heads = torch.tensor([e["head"] for e in examples])
-    batch = collate_shared_prompt(examples, pad_token_id=pad_id, dtype=dtype) if shared else None
-    if kind == "pairwise":
-        if batch is None:
-            batch = collate_pairs(examples, pad_token_id=pad_id, stack=True)
-        else:  # responses come as (c0, r0, c1, r1, ...); the losses want (c0, c1, ..., r0, r1, ...)
-            order = torch.arange(2 * len(examples)).view(-1, 2).T.reshape(-1)
-            batch.update({k: batch[k][order] for k in ("read_rows", "read_positions", "key_mask")})
-            batch["margin"] = torch.tensor([float(e["margin"] or 0.0) for e in examples])
-        batch["row_head"] = heads.repeat(2)
-        return batch
-    if batch is None:
-        batch = collate_ranked(examples, pad_token_id=pad_id)
-    else:
-        batch["num_responses"] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
-        batch["ranks"] = pad([e["ranks"] for e in examples], -1)
-    batch["row_head"] = heads.repeat_interleave(batch["num_responses"])
-    return batch
-
-
 # --------------------------------------------------------------------------------------------------------
 # Forward and losses (the maths is rlhflab.losses; here only which rows meet which)
 # --------------------------------------------------------------------------------------------------------
 
 
-def _rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
-    """Every head's reward for each response of the batch, in its flat order: [N, H] float32."""
-    ids = batch["input_ids"].to(device)
-    # The head reads one position per response, so the final layer runs only there (forward and backward).
-    if "read_rows" in batch:
-        rows, positions = batch["read_rows"].to(device), batch["read_positions"].to(device)
-        with final_layer_only_at(model.backbone, None, positions, rows=rows, key_mask=batch["key_mask"].to(device)):
-            return model.rewards_at(ids, batch["attention_mask_4d"].to(device), batch["position_ids"].to(device),
-                                    rows, positions)
-    mask = batch["attention_mask"].to(device)
-    with final_layer_only_at(model.backbone, mask, last_token_index(mask)):
-        return model(ids, mask)
-
-
 def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
     """Each response's reward from the head it trains: [N] float32."""
-    return _rewards(model, batch, device).gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
-
-
-def pairwise_loss(rewards: torch.Tensor, margin: torch.Tensor | None, *, label_smoothing: float = 0.0,
-                  center_coef: float = 0.0) -> LossOutput:
-    """Bradley-Terry over a stacked batch: rewards [2B] (chosen rows, then rejected rows); margin [B] or None.
-
-    Returns loss [B] (plus center_coef * `reward_centering`, (r_c + r_r)^2) and the `reward/*` metrics of
-    bradley_terry.
-    """
-    b = rewards.shape[0] // 2
-    chosen, rejected = rewards[:b], rewards[b:]
-    out = bradley_terry(chosen, rejected, margin=margin, label_smoothing=label_smoothing)
-    loss, metrics = out.loss, dict(out.metrics)
-    if center_coef:
-        center = reward_centering(torch.stack([chosen, rejected], dim=1))
-        loss, metrics["loss/center"] = loss + center_coef * center, center.detach()
-    return LossOutput(loss, metrics)
-
-
-def ranked_loss(scores: torch.Tensor, batch: dict, *, loss: str, label_smoothing: float = 0.0,
-                center_coef: float = 0.0) -> LossOutput:
-    """K-wise loss of B rankings from flat per-response scores [N] (rows of `collate_ranked` order).
-
-    all_pairs: `all_pairs_with_ties` (InstructGPT Eq. 1 over the strictly ordered pairs); plackett_luce:
-    `plackett_luce_with_ties` (the likelihood summed over every order of the tied responses). Returns loss
-    [B] (plus center_coef * `reward_centering`); metric reward/accuracy = share of strictly ordered pairs
-    scored in order.
-    """
-    counts = batch["num_responses"].to(scores.device)
-    present = torch.arange(int(counts.max()), device=scores.device)[None] < counts[:, None]
-    table = scores.new_zeros(present.shape).masked_scatter(present, scores)  # [B, K_max], best first
-    ranks = batch["ranks"].to(scores.device)
-    if loss == "all_pairs":
-        out = all_pairs_with_ties(table, ranks, label_smoothing=label_smoothing)
-    elif loss == "plackett_luce":
-        out = plackett_luce_with_ties(table, ranks, max_orders=MAX_TIE_ORDERS)
-    else:
-        raise ConfigError(f"unknown K-wise loss {loss!r}; use plackett_luce or all_pairs")
-    per_example, metrics = out.loss, dict(out.metrics)
-    if center_coef:
-        center = reward_centering(table, present)
-        per_example, metrics["loss/center"] = per_example + center_coef * center, center.detach()
-    return LossOutput(per_example, metrics)
+    return batch_rewards(model, batch, device).gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
 
 
 def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, device) -> LossOutput:
@@ -252,121 +156,16 @@ def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, d
     algo = cfg.algo
     if kind == "pairwise":
         margin = batch["margin"].to(device) if algo.margin != "none" else None
-        return pairwise_loss(scores, margin, label_smoothing=algo.label_smoothing,
+        return stacked_bradley_terry(scores, margin, label_smoothing=algo.label_smoothing,
                              center_coef=algo.center_rewards_coef)
-    return ranked_loss(scores, batch, loss=algo.loss, label_smoothing=algo.label_smoothing,
-                       center_coef=algo.center_rewards_coef)
+    return ranked_loss(scores, batch["num_responses"], batch["ranks"], loss=algo.loss,
+                       label_smoothing=algo.label_smoothing, center_coef=algo.center_rewards_coef,
+                       max_orders=MAX_TIE_ORDERS)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Evaluation: accuracy overall and per Llama 2 rating (Table 28), Kendall tau for rankings
 # --------------------------------------------------------------------------------------------------------
-
-
-def accuracy_by_rating(chosen: Sequence[float], rejected: Sequence[float],
-                       ratings: Sequence[str | None]) -> dict[str, dict[str, float]]:
-    """Pairwise accuracy per Llama 2 rating bucket, in Table 28's order, then "avg" pooled over all pairs.
-
-    Returns {bucket: {"accuracy": share of pairs with chosen > rejected (a tie counts 1/2; nan when the
-    bucket is empty), "n": pairs}}. The four Llama 2 buckets always appear; pairs without a rating go to
-    "unrated" and other rating names to their own buckets (both only when present).
-    """
-    table = accuracy_by_bucket(torch.as_tensor(chosen, dtype=torch.float64).numpy(),
-                               torch.as_tensor(rejected, dtype=torch.float64).numpy(),
-                               [x or "unrated" for x in ratings], order=LLAMA2_RATINGS)
-    table["avg"] = table.pop("overall")
-    return table
-
-
-def format_accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table in Llama 2 Table 28's layout: one row per head, accuracy in % with the pair count."""
-    columns = list(dict.fromkeys(b for t in tables.values() for b in t))
-    lines = ["| head | " + " | ".join(RATING_TITLES.get(b, b) for b in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
-    for head, table in tables.items():
-        cells = [f"{100 * table[b]['accuracy']:.1f} (n={table[b]['n']})" if table.get(b, {}).get("n") else "-"
-                 for b in columns]
-        lines.append(f"| {head} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-@torch.no_grad()
-def score_examples(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
-                   batch_size: int = 64, *, shared: bool = False) -> list[torch.Tensor]:
-    """Every head's rewards for each example's responses: one [n_responses, H] CPU tensor per example
-    (pairwise: rows chosen, rejected). shared: shared-prompt rows where possible (see `_collate`)."""
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        batch = _collate(chunk, kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
-        rewards = _rewards(model, batch, device).cpu()
-        if kind == "pairwise":
-            b = len(chunk)
-            out += [torch.stack([rewards[i], rewards[b + i]]) for i in range(b)]
-        else:
-            out += list(rewards.split(batch["num_responses"].tolist()))
-    model.train(was_training)
-    return out
-
-
-def _ranking_metrics(scores: torch.Tensor, ex: dict) -> tuple[float, float, float]:
-    """(pair accuracy, Kendall tau over strictly ordered pairs, top-1 hit) of one ranking."""
-    concordant = sum(float(scores[i] > scores[j]) for i, j in ex["pairs"])
-    discordant = sum(float(scores[i] < scores[j]) for i, j in ex["pairs"])
-    tau = (concordant - discordant) / max(concordant + discordant, 1.0)
-    top1 = float(ex["ranks"][int(scores.argmax())] == 0)
-    return concordant / len(ex["pairs"]), tau, top1
-
-
-def evaluate(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int, *,
-             shared: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
-    """Held-out metrics, each head under `eval/HEAD/...` when there are several (plus the pooled
-    `eval/accuracy`), and the per-head rating tables (pairwise data; empty for rankings)."""
-    names = model.head_names
-    scores = score_examples(model, examples, kind, device, pad_id, shared=shared)
-    metrics: dict[str, float] = {}
-    tables: dict[str, dict] = {}
-    pooled: list[tuple[float, int]] = []  # (accuracy, examples) per head
-    for h, name in enumerate(names):
-        mine = [(ex, s[:, h]) for ex, s in zip(examples, scores) if ex["head"] == h]
-        if not mine:
-            continue
-        prefix = "eval/" if len(names) == 1 else f"eval/{name}/"
-        if kind == "pairwise":
-            c, r = torch.stack([s[0] for _, s in mine]), torch.stack([s[1] for _, s in mine])
-            tables[name] = table = accuracy_by_rating(c, r, [ex["rating"] for ex, _ in mine])
-            # The training loss's own margins (0 under algo.margin=none), so eval and train losses compare.
-            margin = torch.tensor([ex["margin"] or 0.0 for ex, _ in mine])
-            metrics[f"{prefix}loss"] = float(bradley_terry(c, r, margin=margin).loss.mean())
-            metrics[f"{prefix}accuracy"] = table["avg"]["accuracy"]
-            pooled.append((table["avg"]["accuracy"], len(mine)))
-            metrics.update({f"{prefix}accuracy/{b}": v["accuracy"] for b, v in table.items()
-                            if b != "avg" and v["n"]})
-        else:
-            acc, tau, top1 = (sum(x) / len(mine) for x in zip(*(_ranking_metrics(s, ex) for ex, s in mine)))
-            metrics.update({f"{prefix}accuracy": acc, f"{prefix}kendall_tau": tau, f"{prefix}top1_accuracy": top1})
-            pooled.append((acc, len(mine)))
-    if len(names) > 1 and pooled:
-        metrics["eval/accuracy"] = sum(a * n for a, n in pooled) / sum(n for _, n in pooled)
-    return metrics, tables
-
-
-def _fit_normalization(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
-                       n_samples: int, seed: int, *, shared: bool = False) -> dict[str, float]:
-    """Store the per-head mean/std of the rewards of (up to) n_samples training responses in the model."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    picked, n_rows = [], 0
-    for i in order:
-        if n_rows >= n_samples:
-            break
-        picked.append(examples[i])
-        n_rows += 2 if kind == "pairwise" else len(examples[i]["input_ids"])
-    rewards = torch.cat(score_examples(model, picked, kind, device, pad_id, shared=shared))[:n_samples]
-    mean, std = model.fit_normalization(rewards)
-    return {f"reward/norm_{stat}/{name}": float(v[h]) for stat, v in (("mean", mean), ("std", std))
-            for h, name in enumerate(model.head_names)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,7 +192,7 @@ def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, devic
     sums: dict[str, float] = {}
     tokens = 0
     for s in range(0, len(examples), size):
-        batch = _collate(examples[s:s + size], kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
+        batch = collate_reward_batch(examples[s:s + size], kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
         with amp():
             out = _batch_loss(model, batch, kind, cfg, device)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
@@ -489,7 +288,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     if eval_examples:
         _report(run, step, model, eval_examples, kind, device, pad_id, shared)
     if cfg.algo.normalization_samples:
-        run.logger.log(step, _fit_normalization(model, examples, kind, device, pad_id,
+        run.logger.log(step, fit_normalization(model, examples, kind, device, pad_id,
                                                 cfg.algo.normalization_samples, cfg.seed, shared=shared))
     final = model.save_pretrained(run.dir / "final", tokenizer)
     # How training tokenized, so `rlhflab.rewards.LearnedReward` scores new responses alike.

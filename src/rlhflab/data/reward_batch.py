@@ -1,0 +1,39 @@
+"""Batches for reward models: every response of a batch in one flat order, tagged with the head it trains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rlhflab.data.collate import collate_pairs, collate_ranked, pad
+from rlhflab.data.packing import collate_shared_prompt
+
+
+def collate_reward_batch(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool = False,
+                           dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A batch of responses in a flat order (pairwise: B chosen, then B rejected; rankings: example 0's
+    responses best first, then example 1's, ...) with, per response, the head it trains (`row_head`).
+
+    shared: one row per example (prompt once, then its responses, `collate_shared_prompt`) when every
+    example allows it, with `read_rows`/`read_positions` in that flat order; else one row per response.
+    Ranked batches carry `num_responses` [B] and `ranks` [B, K_max] (-1 = no response).
+    """
+    heads = torch.tensor([e["head"] for e in examples])
+    batch = collate_shared_prompt(examples, pad_token_id=pad_id, dtype=dtype) if shared else None
+    if kind == "pairwise":
+        if batch is None:
+            batch = collate_pairs(examples, pad_token_id=pad_id, stack=True)
+        else:  # responses come as (c0, r0, c1, r1, ...); the losses want (c0, c1, ..., r0, r1, ...)
+            order = torch.arange(2 * len(examples)).view(-1, 2).T.reshape(-1)
+            batch.update({k: batch[k][order] for k in ("read_rows", "read_positions", "key_mask")})
+            batch["margin"] = torch.tensor([float(e["margin"] or 0.0) for e in examples])
+        batch["row_head"] = heads.repeat(2)
+        return batch
+    if batch is None:
+        batch = collate_ranked(examples, pad_token_id=pad_id)
+    else:
+        batch["num_responses"] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
+        batch["ranks"] = pad([e["ranks"] for e in examples], -1)
+    batch["row_head"] = heads.repeat_interleave(batch["num_responses"])
+    return batch
