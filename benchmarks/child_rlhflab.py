@@ -47,7 +47,7 @@ def dpo_loss(job: dict) -> dict:
     the token ids it trains on, and each pair's policy and reference log-probs."""
     from rlhflab.data import load_records, tokenize_pair
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
-    from rlhflab.stages import dpo
+    from rlhflab.stages import dpo, reference
 
     out_dir = job["work"] + "/rlhflab_dpo_loss"
     cfg = load_config("dpo", None, _common(job, out_dir, job["check_path"]) + [
@@ -67,7 +67,7 @@ def dpo_loss(job: dict) -> dict:
     logps = {}
     for name, path in (("policy", job["model_dir"]), ("ref", job["ref_dir"])):
         model = load_causal_lm(path, device="cpu")
-        logps[name] = dpo.reference_logps(model, examples, "pairwise", torch.device("cpu"),
+        logps[name] = reference.reference_logps(model, examples, "pairwise", torch.device("cpu"),
                                           tokenizer.pad_token_id)[0].tolist()
     return {"loss": row["loss/dpo"], "token_ids": ids, "logps": logps}
 

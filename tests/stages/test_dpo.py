@@ -9,11 +9,14 @@ from rlhflab.config import DPOAlgo, load_config
 from rlhflab.core.checkpoint import latest_checkpoint
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import collate_pairs
+from rlhflab.data.tokenize import mismatched_partners
 from rlhflab.errors import ConfigError, DataError, TrainingHealthError
-from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE, PreferenceInputs, run_preference_loss
+from rlhflab.models import logprobs as logprobs_module
 from rlhflab.models.loading import load_tokenizer
 from rlhflab.models.logprobs import token_logps
-from rlhflab.stages import dpo
+from rlhflab.stages import dpo, reference
+from rlhflab.stages.reference import REF_CACHE
 
 from .conftest import write_jsonl
 
@@ -71,17 +74,43 @@ def test_dpo_learns_the_preferences(tiny_model_dir, pairs_file, tmp_path):
     assert rows[-1]["loss/dpo"] < 0.5 * math.log(2)
     assert rows[-1]["reward/accuracy"] == 1.0 and rows[-1]["reward/margin"] > 0
     assert rows[-1]["reward/chosen"] > rows[-1]["reward/rejected"]
-    assert rows[-1]["perf/pairs_per_s"] > 0 and rows[-1]["perf/flops_per_s"] > 0
-    assert _rows(out, "perf/ref_flops_per_s")[0]["perf/ref_flops_per_s"] > 0
+    from rlhflab.models.flops import causal_lm_forward_flops, causal_lm_train_flops, matmul_params
+
+    params = matmul_params(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    # The reference pass covers all 16 pairs (12 train + 4 eval) once. By hand, words + EOS (no BOS): the
+    # prompts have 6 + 4 + 4 + 5 = 19 tokens, the responses 7 and 7 ("the cat is very happy/sad .") or 5 and 6
+    # ("i love the dog" / "i hate the dog !"): 2 x (4 x 19 + 4 x 19 + 4 x 25) = 352 tokens, 2 x 4 x 25 = 200
+    # of them responses (where the LM head runs). The logged seconds cancel the clock.
+    ref = _rows(out, "perf/ref_flops_per_s")[0]
+    seconds = ref["perf/ref_seconds"]
+    assert ref["perf/ref_examples_per_s"] * seconds == pytest.approx(16)
+    assert ref["perf/ref_tokens_per_s"] * seconds == pytest.approx(352)
+    assert ref["perf/ref_flops_per_s"] * seconds == pytest.approx(causal_lm_forward_flops(params, 352, 200))
+    # Training: 4 pairs per logged step give its seconds; tokens and LM-head tokens are whole numbers, and each
+    # epoch (3 steps over the same 12 training pairs) sees the same ones.
+    counts = []
+    for r in rows:
+        seconds = 4 / r["perf/pairs_per_s"]
+        tokens = r["perf/tokens_per_s"] * seconds
+        head = (r["perf/flops_per_s"] * seconds - causal_lm_train_flops(params, tokens, 0)) / (
+            causal_lm_train_flops(params, 0, 1))
+        assert (tokens, head) == pytest.approx((round(tokens), round(head)), abs=1e-6) and 0 < head < tokens
+        counts.append((round(tokens), round(head)))
+    assert len(counts) == 12
+    assert len({tuple(map(sum, zip(*counts[i:i + 3]))) for i in (0, 3, 6, 9)}) == 1
     final_eval = _rows(out, "eval/accuracy")[-1]
     assert final_eval["eval/accuracy"] == 1.0 and final_eval["eval/margin"] > 0
-    assert (out / "final" / "config.json").exists() and (out / dpo.REF_CACHE).exists()
+    cache = torch.load(out / REF_CACHE, weights_only=True)["logps"]
+    assert cache["train"].shape == (12, 2) and cache["eval"].shape == (4, 2)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
 
 
 def test_cached_reference_equals_a_fresh_forward(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
     dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=1"))
-    cached = torch.load(out / dpo.REF_CACHE, weights_only=True)["logps"]["train"]
+    cached = torch.load(out / REF_CACHE, weights_only=True)["logps"]["train"]
     cfg = _cfg(tiny_model_dir, pairs_file, out)
     tok = load_tokenizer(tiny_model_dir)
     records, _ = dpo.load_stage_records(cfg.data, "pairwise", seed=0)
@@ -106,7 +135,7 @@ def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_
             raise AssertionError("a reference-free loss loaded or ran a reference")
 
         monkeypatch.setattr(dpo, "load_causal_lm", no_reference)
-        monkeypatch.setattr(dpo, "reference_logps", no_reference)
+        monkeypatch.setattr(reference, "reference_logps", no_reference)
     out = tmp_path / loss
     # One batch holding every pair, so each step sees the same data and the loss must go down.
     dpo.train(_cfg(tiny_model_dir, pairs_file, out, f"algo.loss={loss}", "optim.max_steps=4",
@@ -115,7 +144,7 @@ def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_
     losses = [r[key] for r in _rows(out, key)]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
-    assert (out / dpo.REF_CACHE).exists() == PREFERENCE_LOSS_TABLE[loss].reference
+    assert (out / REF_CACHE).exists() == PREFERENCE_LOSS_TABLE[loss].reference
 
 
 def test_kto_learns_from_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
@@ -127,16 +156,26 @@ def test_kto_learns_from_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
     assert rows[0]["kl/reference_point"] == pytest.approx(0.0, abs=1e-6)
     assert rows[-1]["loss/kto"] < rows[0]["loss/kto"]
     assert rows[-1]["reward/chosen"] > rows[-1]["reward/rejected"]
-    assert rows[-1]["perf/examples_per_s"] > 0
-    cache = torch.load(out / dpo.REF_CACHE, weights_only=True)["logps"]
+    from rlhflab.models.flops import causal_lm_forward_flops, causal_lm_train_flops, matmul_params
+
+    # Every step trains on all 8 examples: prompts of 6 + 4 + 4 + 5 tokens, twice, and 8 completions of
+    # 6 words + EOS, so 2 x 19 + 8 x 7 = 94 tokens, 56 at the LM head; the forward-only KL rows pair each
+    # prompt with another prompt's completion, the same counts again. 8 examples per step give its seconds.
+    params = matmul_params(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    for r in rows:
+        seconds = 8 / r["perf/examples_per_s"]
+        assert r["perf/tokens_per_s"] * seconds == pytest.approx(94)
+        assert r["perf/flops_per_s"] * seconds == pytest.approx(
+            causal_lm_train_flops(params, 94, 56) + causal_lm_forward_flops(params, 94, 56))
+    cache = torch.load(out / REF_CACHE, weights_only=True)["logps"]
     assert cache["train"].shape == cache["train_kl"].shape == (8,)
 
 
 def test_kto_metrics_by_hand():
-    x = dpo.LossInputs(torch.tensor([-1.0, -2.0]), torch.tensor([2, 2]), torch.zeros(2, 3), torch.ones(2, 3),
+    x = PreferenceInputs(torch.tensor([-1.0, -2.0]), torch.tensor([2, 2]), torch.zeros(2, 3), torch.ones(2, 3),
                        ref_logps=torch.tensor([-1.5, -1.5]), desirable=torch.tensor([True, False]),
                        kl_estimate=torch.tensor(0.1))
-    out = dpo.loss_of_batch(PREFERENCE_LOSS_TABLE["kto"], x, DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0))
+    out = run_preference_loss(PREFERENCE_LOSS_TABLE["kto"], x, vars(DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0)))
     # r = [0.5, -0.5]; desirable: 1 - sigma(0.5 - 0.1); undesirable: 2 * (1 - sigma(0.1 + 0.5)).
     sigma = torch.sigmoid(torch.tensor([0.4, 0.6]))
     expected = torch.stack([1 - sigma[0], 2 * (1 - sigma[1])])
@@ -147,8 +186,8 @@ def test_kto_metrics_by_hand():
 
 
 def test_mismatched_partners_pick_another_prompt():
-    assert dpo.mismatched_partners(["a", "a", "b", "b"]) == [2, 2, 0, 0]
-    assert dpo.mismatched_partners(["a", "a", "a"]) == [1, 2, 0]
+    assert mismatched_partners(["a", "a", "b", "b"]) == [2, 2, 0, 0]
+    assert mismatched_partners(["a", "a", "a"]) == [1, 2, 0]
 
 
 def test_live_reference_matches_the_cache(tiny_model_dir, pairs_file, tmp_path):
@@ -158,7 +197,7 @@ def test_live_reference_matches_the_cache(tiny_model_dir, pairs_file, tmp_path):
         out = tmp_path / mode
         dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=2", *extra))
         losses[mode] = [r["loss/dpo"] for r in _rows(out, "loss/dpo")]
-        assert (out / dpo.REF_CACHE).exists() == (mode != "live")
+        assert (out / REF_CACHE).exists() == (mode != "live")
     assert losses["cached"][0] == pytest.approx(math.log(2), abs=1e-5)
     for mode in ("live", "explicit"):
         assert losses[mode] == pytest.approx(losses["cached"], abs=1e-5)
@@ -193,7 +232,7 @@ def test_dpo_resume_is_exact(tiny_model_dir, pairs_file, tmp_path, monkeypatch, 
 
 
 def test_dpo_stops_on_nan_with_checkpoint_intact(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
-    real = dpo.token_logps
+    real = logprobs_module.token_logps
 
     def poisoned(model, *args, **kwargs):
         out = real(model, *args, **kwargs)
@@ -204,7 +243,7 @@ def test_dpo_stops_on_nan_with_checkpoint_intact(tiny_model_dir, pairs_file, tmp
         return out
 
     poisoned.calls = 0
-    monkeypatch.setattr(dpo, "token_logps", poisoned)
+    monkeypatch.setattr(logprobs_module, "token_logps", poisoned)
     with pytest.raises(TrainingHealthError, match="step 5: loss/dpo is not finite.*step-00000004"):
         dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", "optim.max_steps=6",
                        "logging.save_every=2"))
@@ -224,7 +263,11 @@ def test_cli_runs_the_stage(tiny_model_dir, pairs_file, tmp_path):
                      "logging.progress=false", "logging.tensorboard=false", "model.device=cpu",
                      "logging.log_every=1"])
     assert code == 0
-    assert len(_rows(out, "loss/ipo")) == 2 and (out / "final" / "config.json").exists()
+    assert len(_rows(out, "loss/ipo")) == 2
+    # The run's saved config is the YAML file with the command-line overrides on top.
+    saved = load_config("dpo", out / "config.yaml")
+    assert (saved.algo.loss, saved.algo.beta, saved.optim.max_steps, saved.optim.batch_size) == ("ipo", 0.5, 2, 8)
+    assert saved.model.name_or_path == str(tiny_model_dir) and saved.data.train_path == str(pairs_file)
 
 
 @pytest.mark.parametrize("overrides, message", [

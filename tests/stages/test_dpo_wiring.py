@@ -4,7 +4,7 @@
 chosen and which rejected, sums or per-token means, the response lengths, the reference log-probs of the
 right rows, and every option of `algo` (beta, label_smoothing, average_logps, simpo_gamma, the KTO
 weights and reference point, orpo_lambda, simpo_beta, cpl_alpha, cpl_gamma and cpl_lambda). The stage
-runs a row of `preference.PREFERENCE_LOSS_TABLE` with `dpo.loss_of_batch`; the table's keyword mapping is
+runs a row of `preference.PREFERENCE_LOSS_TABLE` with `preference.run_preference_loss`; the table's keyword mapping is
 part of the wiring, so the expected values here call the functions with keywords written out by hand.
 Two kinds of check:
 
@@ -34,10 +34,12 @@ from rlhflab.data import (
     tokenize_pair,
     tokenize_unpaired,
 )
+from rlhflab.data.tokenize import mismatched_partners
 from rlhflab.losses import preference
 from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.stages import dpo
+from rlhflab.stages import reference as ref_cache
 
 from .conftest import write_jsonl
 
@@ -142,7 +144,7 @@ def pair_batch(models, pair_examples, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def pair_cache(models, pair_examples, tiny_tokenizer):
     """The stage's own reference cache of every pair (batches of 2, so its length sort matters)."""
-    return {"train": dpo.reference_logps(models[1], pair_examples, "pairwise", CPU, tiny_tokenizer.pad_token_id,
+    return {"train": ref_cache.reference_logps(models[1], pair_examples, "pairwise", CPU, tiny_tokenizer.pad_token_id,
                                          batch_size=2)[0]}
 
 
@@ -265,7 +267,7 @@ def test_step0_loss_is_the_closed_form(loss, extra, expected, model_dir, data_fi
 def test_cached_reference_rows_follow_the_batch(pair_cache, pair_batch):
     """The cache holds (chosen, rejected) per example; a batch's rows are its chosen then its rejected
     response, in the batch's example order."""
-    rows = dpo._cache_rows(pair_cache["train"], PAIR_BATCH)
+    rows = ref_cache.cache_rows(pair_cache["train"], PAIR_BATCH)
     assert_close(rows, pair_batch["ref_sums"], **TOL)
 
 
@@ -318,7 +320,7 @@ def test_kto_loss_matches_the_pure_function(ref_mode, models, unpaired_examples,
     handed to batch_loss; per-kind rewards are beta * r on the rows of that kind (NaN elsewhere)."""
     policy, reference = models
     pad_id = tiny_tokenizer.pad_token_id
-    kw = ({"cache": {"train": dpo.reference_logps(reference, unpaired_examples, "unpaired", CPU, pad_id,
+    kw = ({"cache": {"train": ref_cache.reference_logps(reference, unpaired_examples, "unpaired", CPU, pad_id,
                                                   batch_size=2)[0]}}
           if ref_mode == "cache" else {"reference": reference})
     ctx = _context("kto", KTO_OPTIONS, policy, pad_id, **kw)
@@ -344,10 +346,10 @@ def test_kto_evaluate_feeds_the_kl_reference_point(models, unpaired_examples, ti
     completion) rows and hands it to every batch's KTO loss; eval/loss is the mean over examples."""
     policy, reference = models
     pad_id = tiny_tokenizer.pad_token_id
-    partners = dpo.mismatched_partners([p for p, _, _ in UNPAIRED])
+    partners = mismatched_partners([p for p, _, _ in UNPAIRED])
     kl_examples = [tokenize_unpaired(UnpairedRecord(p, UNPAIRED[j][1], good), tiny_tokenizer, max_length=32)
                    for (p, _, good), j in zip(UNPAIRED, partners)]
-    cache = {split: dpo.reference_logps(reference, ex, "unpaired", CPU, pad_id, batch_size=2)[0]
+    cache = {split: ref_cache.reference_logps(reference, ex, "unpaired", CPU, pad_id, batch_size=2)[0]
              for split, ex in (("eval", unpaired_examples), ("eval_kl", kl_examples))}
     ctx = _context("kto", KTO_OPTIONS, policy, pad_id, cache=cache)
     metrics = dpo.evaluate(ctx, unpaired_examples, kl_examples, batch_size=4)

@@ -150,3 +150,10 @@ def make_collator(kind: str, pad_token_id: int | None, **options: Any) -> Callab
         raise ConfigError(f"unknown data kind {kind!r}; expected one of {', '.join(_COLLATORS)}")
     _check_pad_id(pad_token_id)
     return functools.partial(_COLLATORS[kind], pad_token_id=pad_token_id, **options)
+
+
+def collate_preference(examples: Sequence[dict], kind: str, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A preference batch: "pairwise" examples as 2B stacked rows (chosen, then rejected), "unpaired" as B."""
+    if kind == "pairwise":
+        return collate_pairs(examples, pad_token_id=pad_token_id, stack=True)
+    return collate_unpaired(examples, pad_token_id=pad_token_id)

@@ -260,3 +260,14 @@ def tokenize_record(record: Record, tokenizer: Any, *, max_length: int | None = 
     if fn is None:
         raise TypeError(f"not an rlhflab record: {type(record).__name__}")
     return fn(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, add_eos=add_eos)
+
+
+def mismatched_partners(prompts: list[Any], search: int = 64) -> list[int]:
+    """For each example i, the index of a later example (cyclically) with another prompt, or i+1 when none
+    is near. KTO's reference point z0 is the policy/reference KL on such mismatched pairs (x_i, y_j)."""
+    n = len(prompts)
+    partners = []
+    for i in range(n):
+        steps = (s for s in range(1, min(n, search + 1)) if prompts[(i + s) % n] != prompts[i])
+        partners.append((i + next(steps, 1)) % n)
+    return partners

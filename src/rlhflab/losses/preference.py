@@ -26,8 +26,9 @@ hyperparameters each takes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -409,3 +410,67 @@ def preference_loss_markdown() -> str:
         lines.append(f"| `{name}` | `{row.fn.__name__}` | {row.data} | {'yes' if row.reference else 'no'} | "
                      f"{row.inputs} | {params} | {row.cite} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class PreferenceInputs:
+    """Response log-probs of one batch. Paired data: R = 2B rows, chosen rows 0..B-1 then rejected rows
+    B..2B-1; unpaired data: R = B rows.
+
+    policy_logps [R] summed over response tokens; lengths [R] response token counts; token_logps [R, T]
+    per-token (0 off the response) with token_mask [R, T]; ref_logps [R] summed (None without a
+    reference); desirable [B] bool and kl_estimate 0-dim (unpaired losses only).
+    """
+
+    policy_logps: Tensor
+    lengths: Tensor
+    token_logps: Tensor
+    token_mask: Tensor
+    ref_logps: Tensor | None = None
+    desirable: Tensor | None = None
+    kl_estimate: Tensor | None = None
+
+
+def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
+def _run_unpaired(row: PreferenceLoss, x: PreferenceInputs, beta: float, kw: dict) -> LossOutput:
+    out = row.fn(x.policy_logps, x.ref_logps, x.desirable, x.kl_estimate, **kw)
+    implicit, good = out.metrics["reward/implicit"], x.desirable.bool()
+    z0 = out.metrics["kl/reference_point"]
+    nan = torch.full_like(implicit, float("nan"))
+    # NaN marks "not this kind": a trainer's metric means skip it, giving per-kind means.
+    metrics = {"reward/chosen": torch.where(good, implicit, nan),
+               "reward/rejected": torch.where(good, nan, implicit),
+               "reward/accuracy": ((implicit > beta * z0) == good).to(implicit.dtype),
+               "kl/reference_point": z0}
+    return LossOutput(out.loss, metrics)
+
+
+def run_preference_loss(row: PreferenceLoss, x: PreferenceInputs, settings: Mapping[str, Any]) -> LossOutput:
+    """Run one row of `PREFERENCE_LOSS_TABLE` on a batch's log-probs.
+
+    `row.inputs` says which log-probs its function takes; `settings` holds the hyperparameters by name
+    (`row.params` maps each to the function's keyword; "average_logps" switches "sums" rows to per-token
+    means). Returns the function's LossOutput (unpaired losses: with per-kind reward/chosen, reward/rejected,
+    NaN for the other kind, and reward/accuracy = the share on the right side of beta * z0).
+    """
+    kw = {keyword: settings[key] for key, keyword in row.params.items()}
+    lengths = x.lengths.clamp(min=1).to(x.policy_logps.dtype)
+    if row.inputs == "sums":
+        policy, ref = x.policy_logps, x.ref_logps
+        if settings.get("average_logps", False):
+            policy, ref = policy / lengths, ref / lengths
+        return row.fn(*_halves(policy), *_halves(ref), **kw)
+    if row.inputs == "means":
+        return row.fn(*_halves(x.policy_logps / lengths), **kw)
+    if row.inputs == "sums_lengths":
+        return row.fn(*_halves(x.policy_logps), *_halves(x.lengths), **kw)
+    if row.inputs == "tokens":
+        (chosen, rejected), (chosen_mask, rejected_mask) = _halves(x.token_logps), _halves(x.token_mask)
+        return row.fn(chosen, chosen_mask, rejected, rejected_mask, **kw)
+    if row.inputs == "unpaired":
+        return _run_unpaired(row, x, settings["beta"], kw)
+    raise ValueError(f"unknown loss inputs {row.inputs!r}")  # a bug in the table, not user input

@@ -14,6 +14,9 @@ nothing is kept (one [chunk_size, V] block at a time).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -280,3 +283,16 @@ def token_logps(
     else:
         logps = gather_logprobs(hidden_to_logits(model, head, h) / temperature, labels)
     return (logps, hidden) if return_hidden else logps
+
+
+def response_logps(model, batch: dict[str, Tensor], device, amp: Callable = contextlib.nullcontext
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(summed log-probs [R], lengths [R], token log-probs [R, T-1], token mask [R, T-1]) of every row's
+    response (batch["loss_mask"]), from one forward with the LM head at response positions only, run inside
+    `amp()` (the model.autocast context: a policy and its reference must share it, or their log-ratios start
+    away from zero)."""
+    mask = batch["loss_mask"].to(device)
+    with amp():
+        logps = token_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask)
+    target = mask[:, 1:]
+    return logps.sum(-1), target.sum(-1), logps, target

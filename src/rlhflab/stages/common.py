@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from rlhflab.config import (
     config_to_dict,
     config_to_yaml,
 )
+from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import MetricsLogger
+from rlhflab.core.progress import Progress
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError, UserError
 
@@ -160,3 +163,77 @@ def optimizer_step(optimizer, scheduler) -> None:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def accumulate_metrics(sums: dict[str, list[float]], metrics: dict[str, torch.Tensor]) -> None:
+    """Add each metric's sum and count of non-NaN values to `sums` (NaN marks "not this kind", e.g. the
+    reward of a desirable example under reward/rejected), so `metric_means` gives per-kind means."""
+    for k, v in metrics.items():
+        v = v.detach().float()
+        seen = ~torch.isnan(v)
+        acc = sums.setdefault(k, [0.0, 0.0])
+        acc[0] += float(v[seen].sum())
+        acc[1] += float(seen.sum())
+
+
+def metric_means(sums: dict[str, list[float]]) -> dict[str, float]:
+    return {k: total / count for k, (total, count) in sums.items() if count}
+
+
+class Loop:
+    """The bookkeeping every stage's loop shares, written once: resume from the latest checkpoint, a progress
+    bar with ETA, metrics every logging.log_every steps (with the counts accumulated since the last log, for
+    throughput), evaluation every logging.eval_every steps, checkpoints every logging.save_every steps. The
+    stage's own step (the maths) stays in its train(), read top to bottom:
+
+        loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
+        while loop.step < loop.total:
+            ...one optimizer step...
+            loop.count(tokens=n)
+            loop.end_step({...metrics...}, perf=lambda counts, seconds: {...}, show={"loss": "loss/dpo"})
+        loop.close()
+
+    `state`: extra stage state to checkpoint (e.g. PPO's KL controller); on resume `resumed_state` holds it.
+    """
+
+    def __init__(self, run: Run, name: str, logging_cfg: LoggingSection, total: int, model: torch.nn.Module,
+                 optimizer, scheduler, *, resume: bool, state: Callable[[], dict] | None = None):
+        self.run, self.name, self.cfg, self.total = run, name, logging_cfg, total
+        self.model, self.optimizer, self.scheduler, self._state = model, optimizer, scheduler, state
+        self.step, self.last_ckpt, self.resumed_state = 0, None, {}
+        if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
+            loaded = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            self.step, self.last_ckpt = loaded.pop("step"), ckpt
+            self.resumed_state = loaded
+            print(f"{name}: resumed from {ckpt} at step {self.step}")
+        self.progress = Progress(total, name, enabled=logging_cfg.progress, completed=self.step)
+        self.counts: dict[str, float] = {}
+        self._t_last = time.time()
+
+    def count(self, **amounts: float) -> None:
+        """Add to the counts handed to the next log (tokens, examples, ...)."""
+        for key, n in amounts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def end_step(self, metrics: dict[str, Any], *, perf: Callable[[dict[str, float], float], dict] | None = None,
+                 show: dict[str, str] | None = None, evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+        """After an optimizer step: when a log is due, `metrics` and `perf(counts, seconds since the last log)`
+        are logged (`show`: progress-bar label -> logged key); `evaluate()` runs when an evaluation is due
+        (the final one is the stage's); a checkpoint is written when one is due."""
+        self.step += 1
+        if self.step % self.cfg.log_every == 0 or self.step == self.total:
+            seconds = max(time.time() - self._t_last, 1e-9)
+            row = self.run.logger.log(self.step, {**metrics, **(perf(self.counts, seconds) if perf else {})})
+            self.counts, self._t_last = {}, time.time()
+            self.progress.update(0, {label: row[key] for label, key in (show or {}).items()})
+        every = getattr(self.cfg, "eval_every", 0)
+        if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
+            self.run.logger.log(self.step, evaluate())
+        if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
+            self.last_ckpt = save_checkpoint(self.run.dir, self.step, model=self.model, optimizer=self.optimizer,
+                                             scheduler=self.scheduler, keep=self.cfg.keep_checkpoints,
+                                             state=self._state() if self._state else None)
+        self.progress.update(1)
+
+    def close(self) -> None:
+        self.progress.close()

@@ -32,9 +32,7 @@ import torch
 from torch import nn
 
 from rlhflab.config import PPOConfig
-from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.core.health import check_finite
-from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import PromptRecord
 from rlhflab.errors import ConfigError
@@ -57,6 +55,7 @@ from rlhflab.models.loading import count_parameters, load_causal_lm
 from rlhflab.models.logprobs import token_logps
 from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
 from rlhflab.stages.common import (
+    Loop,
     build_optimizer,
     clip_gradients,
     load_policy,
@@ -305,47 +304,38 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     print(f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
           f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}")
 
-    iteration, last_ckpt = 0, None
-    if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:
-        state = load_checkpoint(last_ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)
-        iteration = state["step"]
-        kl_ctl.load_state_dict(state["kl_controller"])
-        print(f"ppo: resumed from {last_ckpt} at iteration {iteration}")
+    loop = Loop(run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume,
+                state=lambda: {"kl_controller": kl_ctl.state_dict()})
+    if loop.resumed_state:
+        kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
 
-    progress = Progress(cfg.algo.iterations, "ppo", enabled=cfg.logging.progress, completed=iteration)
-    while iteration < cfg.algo.iterations:
-        epoch, position = divmod(iteration, steps_per_epoch)
+    while loop.step < loop.total:
+        iteration = loop.step + 1  # 1-based, as logged
+        epoch, position = divmod(loop.step, steps_per_epoch)
         batch = [prompts[i] for i in batch_schedule(len(prompts), cfg.algo.rollout_batch_size, cfg.seed, epoch)[position]]
         # 1. generate
         t0 = time.time()
         with mixed_precision(cfg.model, device)():
             rollout = generate(policy, tokenizer, batch, sampling, batch_size=cfg.algo.rollout_batch_size,
-                               seed=cfg.seed * 100_003 + iteration, max_prompt_tokens=cfg.data.max_prompt_length)
+                               seed=cfg.seed * 100_003 + loop.step, max_prompt_tokens=cfg.data.max_prompt_length)
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
-        exp, metrics = _make_experience(policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration + 1,
-                                        last_ckpt)
+        exp, metrics = _make_experience(policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration,
+                                        loop.last_ckpt)
         # 6. optimize
         t0 = time.time()
         metrics.update(_ppo_epochs(policy, value_model, trainable, optimizer, scheduler, rollout, exp, cfg,
-                                   iteration + 1, last_ckpt))
+                                   iteration, loop.last_ckpt))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
         metrics.update(_iteration_perf(metrics, rollout, cfg, flop_params))
         # 7. adapt the KL coefficient
         kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
-        iteration += 1
 
         _append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp)
-        _health_warnings(metrics, iteration, log=progress.print)
-        if iteration % cfg.logging.log_every == 0 or iteration == cfg.algo.iterations:
-            run.logger.log(iteration, metrics)
-        if cfg.logging.save_every and iteration % cfg.logging.save_every == 0 and iteration < cfg.algo.iterations:
-            last_ckpt = save_checkpoint(run.dir, iteration, model=trainable, optimizer=optimizer, scheduler=scheduler,
-                                        state={"kl_controller": kl_ctl.state_dict()},
-                                        keep=cfg.logging.keep_checkpoints)
-        progress.update(1, {"score": metrics["reward/score"], "kl": metrics["kl/sequence"]})
-    progress.close()
+        _health_warnings(metrics, iteration, log=loop.progress.print)
+        loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
+    loop.close()
 
     final = _save_final(run.dir, policy, value_model, tokenizer)
     run.close()

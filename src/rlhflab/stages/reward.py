@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,8 @@ from typing import Any
 import torch
 
 from rlhflab.config import RewardConfig
-from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.core.health import check_finite
 from rlhflab.core.io import atomic_write_text
-from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import (
     LLAMA2_RATINGS,
@@ -66,6 +63,7 @@ from rlhflab.models.loading import (
 from rlhflab.models.reward_model import RewardModel, batch_rewards
 from rlhflab.rewards.learned import SETTINGS_FILE
 from rlhflab.stages.common import (
+    Loop,
     build_optimizer,
     clip_gradients,
     lora_settings,
@@ -217,6 +215,13 @@ def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: 
         print(text, end="")
 
 
+def _perf(counts: dict[str, float], seconds: float, model: RewardModel) -> dict[str, float]:
+    # Model FLOPs (rlhflab.models.flops): no LM head, the final layer's non-K/V work only at the reads.
+    flops = reward_model_train_flops(matmul_params(model), counts.get("tokens", 0), counts.get("reads", 0))
+    return {"perf/pairs_per_s": counts.get("pairs", 0) / seconds, "perf/tokens_per_s": counts.get("tokens", 0) / seconds,
+            "perf/flops_per_s": flops / seconds}
+
+
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
     # 1. Setup: seeds, run directory, model, data.
@@ -242,53 +247,36 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     if not eval_examples:
         print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
 
-    step, last_ckpt = 0, None
-    if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:
-        step = load_checkpoint(last_ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
-        print(f"rm: resumed from {last_ckpt} at step {step}")
-    if step == 0 and eval_examples and cfg.logging.eval_every:
-        run.logger.log(0, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])  # the untrained baseline
+    loop = Loop(run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
+    if loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
+        run.logger.log(0, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
-    progress = Progress(total_steps, "rm", enabled=cfg.logging.progress, completed=step)
-    t_last, tokens_since, pairs_since, reads_since = time.time(), 0, 0, 0
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
+    while loop.step < loop.total:
+        epoch, position = divmod(loop.step, steps_per_epoch)
         batch = [examples[i] for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]]
-        stats, n_tokens = _train_step(model, batch, kind, cfg, device, pad_id, step + 1, last_ckpt, shared)
+        stats, n_tokens = _train_step(model, batch, kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
-        check_finite({"loss/grad_norm": grad_norm}, step=step + 1, last_good=last_ckpt)
+        check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
-        step += 1
-        tokens_since += n_tokens
-        pairs_since += len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch)
-        reads_since += 2 * len(batch) if kind == "pairwise" else sum(len(e["input_ids"]) for e in batch)
+        loop.count(tokens=n_tokens, pairs=len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch),
+                   reads=2 * len(batch) if kind == "pairwise" else sum(len(e["input_ids"]) for e in batch))
 
         # 3. Log, evaluate, checkpoint.
-        if step % cfg.logging.log_every == 0 or step == total_steps:
-            elapsed = max(time.time() - t_last, 1e-9)
-            row = run.logger.log(step, {
-                **stats, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
-                "perf/pairs_per_s": pairs_since / elapsed, "perf/tokens_per_s": tokens_since / elapsed,
-                # Model FLOPs (rlhflab.models.flops): no LM head, the final layer's non-K/V work at the reads.
-                "perf/flops_per_s": reward_model_train_flops(matmul_params(model), tokens_since, reads_since) / elapsed,
-                "perf/epoch": step / steps_per_epoch})
-            t_last, tokens_since, pairs_since, reads_since = time.time(), 0, 0, 0
-            progress.update(0, {"loss": row["loss/rm"], "acc": row["reward/accuracy"]})
-        if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < total_steps:
-            run.logger.log(step, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])
-        if cfg.logging.save_every and step % cfg.logging.save_every == 0 and step < total_steps:
-            last_ckpt = save_checkpoint(run.dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        keep=cfg.logging.keep_checkpoints)
-        progress.update(1)
-    progress.close()
+        loop.end_step({**stats, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
+                       "perf/epoch": (loop.step + 1) / steps_per_epoch},
+                      perf=lambda counts, seconds: _perf(counts, seconds, model),
+                      show={"loss": "loss/rm", "acc": "reward/accuracy"},
+                      evaluate=(lambda: evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])
+                      if eval_examples else None)
+    loop.close()
 
     # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
     if eval_examples:
-        _report(run, step, model, eval_examples, kind, device, pad_id, shared)
+        _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared)
     if cfg.algo.normalization_samples:
-        run.logger.log(step, fit_normalization(model, examples, kind, device, pad_id,
+        run.logger.log(loop.step, fit_normalization(model, examples, kind, device, pad_id,
                                                 cfg.algo.normalization_samples, cfg.seed, shared=shared))
     final = model.save_pretrained(run.dir / "final", tokenizer)
     # How training tokenized, so `rlhflab.rewards.LearnedReward` scores new responses alike.

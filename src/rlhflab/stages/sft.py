@@ -10,15 +10,12 @@ Setup -> loop -> save, read top to bottom.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from rlhflab.config import SFTConfig
-from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.core.health import check_finite
-from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import collate_packed, collate_sft, pack_sequences, tokenize_sft
 from rlhflab.losses import sft_nll
@@ -26,6 +23,7 @@ from rlhflab.models.flops import causal_lm_train_flops, matmul_params
 from rlhflab.models.loading import count_parameters, save_model
 from rlhflab.models.logprobs import token_logps
 from rlhflab.stages.common import (
+    Loop,
     build_optimizer,
     clip_gradients,
     load_policy,
@@ -95,55 +93,44 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     print(f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
           f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}")
 
-    step, last_ckpt = 0, None
-    if resume and (last_ckpt := latest_checkpoint(run.dir)) is not None:
-        step = load_checkpoint(last_ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
-        print(f"sft: resumed from {last_ckpt} at step {step}")
+    loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
     amp = mixed_precision(cfg.model, device)  # forward passes in bf16 under model.autocast=bf16
-    progress = Progress(total_steps, "sft", enabled=cfg.logging.progress, completed=step)
-    t_last, tokens_since, real_since = time.time(), 0, 0
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
+    while loop.step < loop.total:
+        epoch, position = divmod(loop.step, steps_per_epoch)
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
         n_tokens = sum(sum(examples[i]["loss_mask"][1:]) for i in indices)
-        real_since += sum(len(examples[i]["input_ids"]) for i in indices)  # the body runs at every real token
-        step_loss = 0.0
+        step_loss, trained = 0.0, 0
         for batch in _micro_batches(examples, indices, cfg, tokenizer.pad_token_id):
             with amp():
                 loss, n = _loss(model, batch, device, cfg.algo.loss_reduction, max(n_tokens, 1), len(indices))
-            check_finite({"loss/sft": loss}, step=step + 1, last_good=last_ckpt)
+            check_finite({"loss/sft": loss}, step=loop.step + 1, last_good=loop.last_ckpt)
             loss.backward()
             step_loss += float(loss.detach())
-            tokens_since += n
+            trained += n
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
-        check_finite({"loss/grad_norm": grad_norm}, step=step + 1, last_good=last_ckpt)
+        check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
-        step += 1
+        # The body runs at every real token, the LM head only at the trained (response) tokens.
+        loop.count(tokens=trained, real=sum(len(examples[i]["input_ids"]) for i in indices))
 
         # 3. Log, evaluate, checkpoint.
-        if step % cfg.logging.log_every == 0 or step == total_steps:
-            elapsed = max(time.time() - t_last, 1e-9)
-            row = run.logger.log(step, {
-                "loss/sft": step_loss, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
-                "perf/tokens_per_s": tokens_since / elapsed, "perf/epoch": step / steps_per_epoch,
-                # Model FLOPs (rlhflab.models.flops): the LM head only at the trained (response) tokens.
-                "perf/flops_per_s": causal_lm_train_flops(matmul_params(model), real_since, tokens_since) / elapsed})
-            t_last, tokens_since, real_since = time.time(), 0, 0
-            progress.update(0, {"loss": row["loss/sft"]})
-        if eval_examples and cfg.logging.eval_every and step % cfg.logging.eval_every == 0:
-            run.logger.log(step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
-        if cfg.logging.save_every and step % cfg.logging.save_every == 0 and step < total_steps:
-            last_ckpt = save_checkpoint(run.dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        keep=cfg.logging.keep_checkpoints)
-        progress.update(1)
-    progress.close()
+        loop.end_step({"loss/sft": step_loss, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
+                       "perf/epoch": (loop.step + 1) / steps_per_epoch},
+                      perf=lambda counts, seconds: {
+                          "perf/tokens_per_s": counts["tokens"] / seconds,
+                          "perf/flops_per_s": causal_lm_train_flops(matmul_params(model), counts["real"],
+                                                                    counts["tokens"]) / seconds},
+                      show={"loss": "loss/sft"},
+                      evaluate=(lambda: evaluate(model, eval_examples, device, tokenizer.pad_token_id))
+                      if eval_examples else None)
+    loop.close()
 
     # 4. Save the final model (HF format) and the final evaluation.
     if eval_examples:
-        metrics = run.logger.log(step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
+        metrics = run.logger.log(loop.step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
         print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     final = save_model(model, tokenizer, run.dir / "final")
     run.close()
