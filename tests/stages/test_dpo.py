@@ -114,7 +114,7 @@ def test_cached_reference_equals_a_fresh_forward(tiny_model_dir, pairs_file, tmp
     cfg = _cfg(tiny_model_dir, pairs_file, out)
     tok = load_tokenizer(tiny_model_dir)
     records, _ = dpo.load_stage_records(cfg.data, "pairwise", seed=0)
-    examples, _ = dpo._tokenize(records, "pairwise", tok, cfg)
+    examples, _ = dpo._tokenize_records(records, "pairwise", tok, cfg)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert cached.shape == (len(examples), 2)
     for i, ex in enumerate(examples):  # one pair at a time: no padding, no batching

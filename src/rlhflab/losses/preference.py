@@ -43,6 +43,7 @@ from rlhflab.losses.utils import (
     detach_metrics,
     fill_masked,
     masked_sum,
+    pair_metrics,
 )
 
 
@@ -50,16 +51,6 @@ def _gap(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
     check_same_shape(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc,
                      ref_rejected_logps=rr)
     return (pc - rc) - (pr - rr)
-
-
-def _margin_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-    margin = chosen - rejected
-    return detach_metrics({
-        "reward/chosen": chosen,
-        "reward/rejected": rejected,
-        "reward/margin": margin,
-        "reward/accuracy": (margin > 0).to(chosen.dtype),
-    })
 
 
 def implicit_reward_metrics(
@@ -77,7 +68,7 @@ def implicit_reward_metrics(
     """
     check_same_shape(policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps,
                      policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
-    return _margin_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
+    return pair_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
                            beta * (policy_rejected_logps - ref_rejected_logps))
 
 
@@ -270,7 +261,7 @@ def orpo(
     log_odds = (lc - _log1mexp(lc)) - (lr - _log1mexp(lr))
     or_loss = -F.logsigmoid(log_odds)
     nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
-    metrics = _margin_metrics(beta * policy_chosen_logps, beta * policy_rejected_logps)
+    metrics = pair_metrics(beta * policy_chosen_logps, beta * policy_rejected_logps)
     metrics.update(detach_metrics({"loss/nll": nll, "loss/odds_ratio": or_loss,
                                    "reward/log_odds_ratio": log_odds}))
     return LossOutput(nll + beta * or_loss, metrics)
@@ -300,7 +291,7 @@ def simpo(
                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     rc = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
     rr = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
-    return LossOutput(_logistic(rc - rr - gamma, label_smoothing), _margin_metrics(rc, rr))
+    return LossOutput(_logistic(rc - rr - gamma, label_smoothing), pair_metrics(rc, rr))
 
 
 def _discounted_segment_score(logps: Tensor, mask: Tensor, ref: Tensor | None, gamma: float) -> Tensor:
@@ -342,7 +333,7 @@ def cpl(
     check_same_shape(rejected_logps=rejected_logps, rejected_mask=rejected_mask)
     s_pos = alpha * _discounted_segment_score(chosen_logps, chosen_mask, ref_chosen_logps, gamma)
     s_neg = alpha * _discounted_segment_score(rejected_logps, rejected_mask, ref_rejected_logps, gamma)
-    return LossOutput(-F.logsigmoid(s_pos - conservative_lambda * s_neg), _margin_metrics(s_pos, s_neg))
+    return LossOutput(-F.logsigmoid(s_pos - conservative_lambda * s_neg), pair_metrics(s_pos, s_neg))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from rlhflab.losses.utils import (
     detach_metrics,
     fill_masked,
     masked_sum,
+    pair_metrics,
 )
 
 # Llama 2 (Touvron et al. 2023), Table 27: margin m(r) by preference strength, index 0..3 =
@@ -31,16 +32,6 @@ LLAMA2_MARGINS: dict[str, tuple[float, float, float, float]] = {
     "small": (1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0),
     "large": (3.0, 2.0, 1.0, 0.0),
 }
-
-
-def _pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-    margin = chosen - rejected
-    return detach_metrics({
-        "reward/chosen": chosen,
-        "reward/rejected": rejected,
-        "reward/margin": margin,
-        "reward/accuracy": (margin > 0).to(chosen.dtype),
-    })
 
 
 def _smoothed_logistic(z: Tensor, label_smoothing: float) -> Tensor:
@@ -84,7 +75,7 @@ def bradley_terry(
     z = chosen_rewards - rejected_rewards
     if margin is not None:
         z = z - margin
-    return LossOutput(_smoothed_logistic(z, label_smoothing), _pair_metrics(chosen_rewards, rejected_rewards))
+    return LossOutput(_smoothed_logistic(z, label_smoothing), pair_metrics(chosen_rewards, rejected_rewards))
 
 
 def _ranked_inputs(rewards: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -276,7 +267,7 @@ def trex(
     check_same_shape(rejected_state_rewards=rejected_state_rewards, rejected_mask=rejected_mask)
     ret_c = masked_sum(chosen_state_rewards, chosen_mask, dim=-1)
     ret_r = masked_sum(rejected_state_rewards, rejected_mask, dim=-1)
-    return LossOutput(-F.logsigmoid(ret_c - ret_r), _pair_metrics(ret_c, ret_r))
+    return LossOutput(-F.logsigmoid(ret_c - ret_r), pair_metrics(ret_c, ret_r))
 
 
 def stacked_bradley_terry(rewards: Tensor, margin: Tensor | None, *, label_smoothing: float = 0.0,

@@ -61,7 +61,7 @@ from rlhflab.stages.data_source import load_stage_records, require_train_path
 from rlhflab.stages.reference import cache_rows, cached_reference_logps, response_tokens
 
 
-def _tokenize(records: list, kind: str, tokenizer, cfg: DPOConfig) -> tuple[list[dict], list[dict] | None]:
+def _tokenize_records(records: list, kind: str, tokenizer, cfg: DPOConfig) -> tuple[list[dict], list[dict] | None]:
     """(examples, KTO's mismatched examples or None)."""
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     if kind == "pairwise":
@@ -132,7 +132,7 @@ def batch_loss(ctx: _Context, split: str, examples: list[dict], indices: list[in
     return run_preference_loss(ctx.row, inputs, vars(ctx.algo)), int(batch["attention_mask"].sum())
 
 
-def _train_step(ctx: _Context, examples: list[dict], kl_examples, indices: list[int], micro: int, step: int,
+def _preference_gradients(ctx: _Context, examples: list[dict], kl_examples, indices: list[int], micro: int, step: int,
                 last_ckpt) -> tuple[dict[str, float], int, int]:
     """Forward/backward of one optimizer step; returns (metrics, trained tokens, forward-only tokens)."""
     z0 = _kl_estimate(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
@@ -219,8 +219,8 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite)
     model, tokenizer, device = load_policy(cfg.model)
     train_records, eval_records = _load_records(cfg, spec.data, run.dir)
-    examples, kl_examples = _tokenize(train_records, spec.data, tokenizer, cfg)
-    eval_examples, eval_kl = _tokenize(eval_records, spec.data, tokenizer, cfg)
+    examples, kl_examples = _tokenize_records(train_records, spec.data, tokenizer, cfg)
+    eval_examples, eval_kl = _tokenize_records(eval_records, spec.data, tokenizer, cfg)
     what = "pairs" if spec.data == "pairwise" else "examples"
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=what)
     micro, n_params = cfg.optim.micro_batch_size or cfg.optim.batch_size, count_parameters(model)
@@ -248,7 +248,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     while loop.step < loop.total:
         epoch, position = divmod(loop.step, steps_per_epoch)
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
-        metrics, tokens, forward_only = _train_step(ctx, examples, kl_examples, indices, micro, loop.step + 1,
+        metrics, tokens, forward_only = _preference_gradients(ctx, examples, kl_examples, indices, micro, loop.step + 1,
                                                     loop.last_ckpt)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)

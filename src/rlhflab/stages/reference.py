@@ -107,5 +107,5 @@ def cached_reference_logps(run_dir: Path, ref_id: str, sets: dict[str, list[dict
             "perf/ref_tokens_per_s": tokens / elapsed,
             # A forward pass, the LM head at response tokens only (rlhflab.models.flops).
             "perf/ref_flops_per_s": ref_flops / elapsed, "perf/ref_seconds": elapsed}
-    log(f"reference: cached the log-probs log-probs of {n_examples} training examples in {elapsed:.1f}s ({path})")
+    log(f"reference: cached the log-probs of {n_examples} training examples in {elapsed:.1f}s ({path})")
     return logps, perf

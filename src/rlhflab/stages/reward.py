@@ -75,7 +75,7 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records, require_train_path
-from rlhflab.stages.reward_eval import evaluate, fit_normalization
+from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization
 
 # Plackett-Luce sums over every order of tied responses; past this many orders, all_pairs is the sane choice.
 MAX_TIE_ORDERS = 120
@@ -111,7 +111,7 @@ def tie_orders(ranks: Sequence[int]) -> list[list[int]]:
                           "use algo.loss=all_pairs, which skips tied pairs") from None
 
 
-def _tokenize(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str) -> dict[str, Any]:
+def _tokenize_for_head(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str) -> dict[str, Any]:
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     if kind == "pairwise":
         ex = tokenize_pair(record, tokenizer, **kw)
@@ -134,8 +134,8 @@ def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tu
         data = dataclasses.replace(cfg.data, train_path=spec.data, eval_path="") if spec.data else cfg.data
         records, eval_records = load_stage_records(data, kind, seed=cfg.seed)
         where = spec.data or cfg.data.train_path
-        train += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in records]
-        held += [_tokenize(r, kind, head, tokenizer, cfg, where) for r in eval_records]
+        train += [_tokenize_for_head(r, kind, head, tokenizer, cfg, where) for r in records]
+        held += [_tokenize_for_head(r, kind, head, tokenizer, cfg, where) for r in eval_records]
     return train, held
 
 
@@ -182,7 +182,7 @@ def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[R
     return RewardModel(backbone, len(head_names), head_names), device
 
 
-def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, device, pad_id: int, step: int,
+def _reward_gradients(model, examples: list[dict], kind: str, cfg: RewardConfig, device, pad_id: int, step: int,
                 last_ckpt, shared: bool = False) -> tuple[dict[str, float], int]:
     """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
     size = cfg.optim.micro_batch_size or len(examples)
@@ -205,7 +205,7 @@ def _train_step(model, examples: list[dict], kind: str, cfg: RewardConfig, devic
 
 
 def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: bool) -> None:
-    metrics, tables = evaluate(model, eval_examples, kind, device, pad_id, shared=shared)
+    metrics, tables = evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)
     run.logger.log(step, metrics)
     print("rm: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/accuracy/" not in k))
     if tables:
@@ -249,14 +249,14 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
 
     loop = Loop(run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
     if loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
-        run.logger.log(0, evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])
+        run.logger.log(0, evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0])
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
     while loop.step < loop.total:
         epoch, position = divmod(loop.step, steps_per_epoch)
         batch = [examples[i] for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]]
-        stats, n_tokens = _train_step(model, batch, kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared)
+        stats, n_tokens = _reward_gradients(model, batch, kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
@@ -268,7 +268,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
                        "perf/epoch": (loop.step + 1) / steps_per_epoch},
                       perf=lambda counts, seconds: _perf(counts, seconds, model),
                       show={"loss": "loss/rm", "acc": "reward/accuracy"},
-                      evaluate=(lambda: evaluate(model, eval_examples, kind, device, pad_id, shared=shared)[0])
+                      evaluate=(lambda: evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0])
                       if eval_examples else None)
     loop.close()
 

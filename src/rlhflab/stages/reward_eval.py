@@ -33,7 +33,7 @@ def score_examples(model: RewardModel, examples: Sequence[dict], kind: str, devi
     return out
 
 
-def evaluate(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int, *,
+def evaluate_with_tables(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int, *,
              shared: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
     """Held-out metrics, each head under `eval/HEAD/...` when there are several (plus the pooled
     `eval/accuracy`), and the per-head rating tables (pairwise data; empty for rankings)."""
