@@ -66,9 +66,16 @@ def test_synthetic_pairs_shape_and_determinism():
             assert 32 <= len(p[key].split()) <= 48
 
 
-def test_matmul_probe_reports_a_rate():
-    probe = bc.matmul_probe(sizes=(64,), repeats=1)
-    assert probe["peak_gflops"] > 0 and set(probe["gflops_by_size"]) == {"64"} and probe["threads"] >= 1
+def test_matmul_probe_reports_a_rate(monkeypatch):
+    import torch
+
+    # A fake clock: n = 64 takes 4 ms then 2 ms, n = 32 takes 1 ms then 3 ms; the best of each counts.
+    ticks = iter([0.0, 0.004, 1.0, 1.002, 2.0, 2.001, 3.0, 3.003])
+    monkeypatch.setattr(bc.time, "perf_counter", lambda: next(ticks))
+    probe = bc.matmul_probe(sizes=(64, 32), repeats=2)
+    # 2 n^3 FLOPs: 2 x 64^3 / 2 ms = 0.262144 GFLOP/s, 2 x 32^3 / 1 ms = 0.065536 GFLOP/s.
+    assert probe["gflops_by_size"] == pytest.approx({"64": 0.262144, "32": 0.065536})
+    assert probe["peak_gflops"] == pytest.approx(0.262144) and probe["threads"] == torch.get_num_threads()
 
 
 def test_first_batch_check():

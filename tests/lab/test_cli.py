@@ -59,7 +59,9 @@ def test_lab_data(tmp_path, capsys):
     assert manifest["annotators"]["rating_thresholds"] == [0.1, 0.2, 0.4]
     rows = [json.loads(line) for line in (out_dir / "pairs.jsonl").read_text().splitlines()]
     assert rows and all("margin" not in r and "rating" in r for r in rows)
-    assert (out_dir / "rankings.jsonl").is_file()
+    rankings = [json.loads(line) for line in (out_dir / "rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) == manifest["counts"]["rankings"] and 0 < len(rankings) <= 5
+    assert all(len(set(r["responses"])) == 4 for r in rankings)  # --k defaults to 4 distinct responses
     assert "annotators agree with gold" in capsys.readouterr().out
 
 
@@ -99,4 +101,7 @@ def test_lab_base_and_eval(lab_cache, sentiment_base_dir, tmp_path, capsys):
     assert "gold/mean" in out and "kl/ref" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     (metrics,) = report["policies"].values()
-    assert metrics["kl/ref"] == 0.0 and (tmp_path / "report" / "report.html").is_file()
+    assert metrics["kl/ref"] == 0.0
+    # The HTML table shows the same numbers as report.json.
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert f"<td>{metrics['gold/mean']:.3f}</td>" in html and f"<td>{metrics['sample/len_mean']:.3f}</td>" in html

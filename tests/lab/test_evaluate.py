@@ -1,12 +1,10 @@
-import math
-
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhflab.errors import ConfigError
-from rlhflab.eval.metrics import mean_ci95
+from rlhflab.eval.metrics import mean_ci95, spearman
 from rlhflab.lab.evaluate import (
     evaluate_policy,
     evaluate_reward_model,
@@ -64,7 +62,6 @@ def test_kl_and_win_rate_against_a_reference(base):
     far = evaluate_policy(model, tokenizer, task, n_prompts=16, n_samples=4, ref_model=other)
     assert far["kl/ref_ci95"][0] > 5.0  # the pretrained model is far from a random one
     assert far["gold/win_rate"] > 0.7 and far["gold/ref_mean"] < far["gold/mean"]
-    assert far["gold/win_rate_ci95"][0] < far["gold/win_rate"] < far["gold/win_rate_ci95"][1]
 
 
 def test_kl_estimate_matches_exact_kl_for_one_token():
@@ -123,8 +120,15 @@ def test_reference_samples_must_share_prompts(base):
         evaluate_policy(
             model, tokenizer, task, prompts=task.heldout_prompts(4, seed=2), n_samples=2, ref_samples=ref
         )
-    m = evaluate_policy(model, tokenizer, task, prompts=ref.prompts, n_samples=2, ref_samples=ref)
-    assert 0.0 <= m["gold/win_rate"] <= 1.0
+    m = evaluate_policy(model, tokenizer, task, prompts=ref.prompts, n_samples=2, ref_samples=ref, return_samples=True)
+    samples = m["samples_obj"]
+    for p, responses, gold in zip(ref.prompts, samples.responses, samples.gold.tolist()):
+        assert gold == gold_scores(task, [p, p], responses).tolist()
+    # By hand: each prompt's 2 x 2 (sample, reference sample) pairs, ties 1/2, averaged per prompt, then over prompts.
+    per_prompt = [sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in g for b in r) / 4
+                  for g, r in zip(samples.gold.tolist(), ref.gold.tolist())]
+    assert m["gold/win_rate"] == pytest.approx(sum(per_prompt) / 4)
+    assert m["gold/ref_mean"] == pytest.approx(float(np.mean(ref.gold)))
 
 
 def _gold_scorer(task):
@@ -164,7 +168,14 @@ def test_a_learned_reward_scores_reward_model_evaluation(base):
 
     task = get_task("sentiment")
     metrics = evaluate_reward_model(score, task, n_pairs=40, seed=1)
-    assert 0.0 <= metrics["rm/accuracy"] <= 1.0 and not math.isnan(metrics["rm/spearman_gold"])
+    # By hand on the same held-out pairs: chosen and rejected scored apart, ties 1/2; gold from the task.
+    pairs = heldout_pairs(task, 40, seed=1)
+    prompts, chosen, rejected = ([p[k] for p in pairs] for k in ("prompt", "chosen", "rejected"))
+    sc, sr = score(prompts, chosen), score(prompts, rejected)
+    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(sc.tolist(), sr.tolist())]
+    assert metrics["rm/n_pairs"] == len(pairs) and metrics["rm/accuracy"] == pytest.approx(sum(wins) / len(wins))
+    gold = gold_scores(task, [prompt_text(p) for p in prompts] * 2, chosen + rejected)
+    assert metrics["rm/spearman_gold"] == pytest.approx(spearman(np.concatenate([sc, sr]), gold))
     a = score(
         [[{"role": "user", "content": "review the film ."}]] * 2, ["the plot was good .", "it was bad ."]
     )

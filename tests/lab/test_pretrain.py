@@ -52,8 +52,10 @@ def test_incomplete_cache_entry_is_rebuilt(tmp_path):
     broken.mkdir(parents=True)
     (broken / "config.json").write_text("{}")
     path = ensure_base_model(task, budget="tiny", seed=0, cache_dir=tmp_path)
-    assert (path / "lab_info.json").is_file()
-    AutoModelForCausalLM.from_pretrained(path)
+    info = json.loads((path / "lab_info.json").read_text())
+    assert path == broken and (info["task"], info["budget"], info["seed"]) == (task.name, "tiny", 0)
+    model = AutoModelForCausalLM.from_pretrained(path)  # the rebuilt model, not the broken stub
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
 
 
 def _fluency_and_eos(model, tokenizer, task, n=64):

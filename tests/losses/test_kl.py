@@ -76,7 +76,9 @@ def test_kl_shaped_rewards_by_hand():
     clamped = kl_shaped_rewards(score, pol, ref, mask, beta=0.1, clamp=True)
     torch.testing.assert_close(clamped.rewards[1], t([0.0, 2.0, 0.0]))
     k3 = kl_shaped_rewards(score, pol, ref, mask, beta=0.1, estimator="k3")
-    assert (k3.metrics["kl/sequence"] >= 0).all()
+    # k3 = e^(ref - pol) - 1 - (ref - pol) per real token: row 0 log r = [-1, 0, -0.5], row 1 log r = [0, 0.5].
+    k3_row0 = (math.exp(-1) - 1 + 1) + 0.0 + (math.exp(-0.5) - 1 + 0.5)
+    torch.testing.assert_close(k3.metrics["kl/sequence"], t([k3_row0, math.exp(0.5) - 1 - 0.5]))
     with pytest.raises(ConfigError, match="unknown KL estimator"):
         kl_shaped_rewards(score, pol, ref, mask, beta=0.1, estimator="k4")
 

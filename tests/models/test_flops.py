@@ -188,7 +188,9 @@ def test_reward_stage_logs_these_flops(tmp_path, tiny_tokenizer):
     for row in logged:
         elapsed = 8 / row["perf/pairs_per_s"]  # 8 pairs per step, one step per row
         tokens = round(row["perf/tokens_per_s"] * elapsed)
-        assert tokens > 0
+        # Shared-prompt rows, words + EOS: prompt "what is the W ?" (5) once, "the W is very good ." (7) and
+        # "the W is bad ." (6): 18 real tokens per pair, 144 per step.
+        assert tokens == 8 * 18
         # Every pair is read twice (chosen and rejected): 16 reads per step.
         assert row["perf/flops_per_s"] == pytest.approx(reward_model_train_flops(p, tokens, 16) / elapsed, rel=1e-9)
         assert row["perf/flops_per_s"] < 6 * count_parameters(model) * row["perf/tokens_per_s"]  # the rough 6 N T

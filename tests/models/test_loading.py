@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -119,7 +120,9 @@ def test_lora_trains_only_adapters_and_merges_on_save(tmp_path, tiny_tokenizer, 
     model.train()
     loss = model(input_ids=ids, attention_mask=mask, labels=ids).logits.float().square().mean()
     loss.backward()
-    assert all(p.grad is not None for n, p in trainable.items() if "lora_A" in n)
+    # LoRA starts at B = 0: the gradient reaches every B, and none of A yet (dL/dA carries a factor B).
+    assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+    assert all(p.grad.eq(0).all() for n, p in trainable.items() if "lora_A" in n)
 
     with torch.no_grad():
         for n, p in trainable.items():
@@ -141,7 +144,8 @@ def test_lora_trains_only_adapters_and_merges_on_save(tmp_path, tiny_tokenizer, 
     assert any("lora_B" in n for n, _ in model.named_parameters())
 
     save_model(model, tiny_tokenizer, tmp_path / "adapter", merge_lora=False)
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["peft_type"], adapter["r"], adapter["lora_alpha"]) == ("LORA", 2, 4)
     reloaded = load_causal_lm(tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-6, rtol=0)

@@ -57,7 +57,6 @@ def test_sft_trains_in_bf16_with_float32_weights(tiny_model_dir, sft_file, tmp_p
         "optim.max_steps=20", "model.autocast=bf16", *BASE]))
     assert torch.bfloat16 in seen  # the forward ran under autocast
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss/sft" in r]
-    assert all(math.isfinite(r["loss/sft"]) for r in rows)
     assert rows[-1]["loss/sft"] < 0.5 * rows[0]["loss/sft"]
     from safetensors.torch import load_file
 
@@ -131,7 +130,8 @@ def test_ppo_reference_and_rollout_passes_share_the_precision(tiny_model_dir, tm
     assert torch.bfloat16 in seen
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "kl/sequence" in r]
     assert rows[0]["kl/sequence"] == 0.0
-    assert all(math.isfinite(r["loss/total"]) for r in rows)
+    for r in rows:  # the logged total is the loss that was minimized: policy + value_coef (0.1) x value
+        assert r["loss/total"] == pytest.approx(r["loss/policy"] + 0.1 * r["loss/value"], rel=1e-5, abs=1e-6)
     assert any(r["kl/sequence"] != 0.0 for r in rows[1:])  # the policy moved, in bf16 too
 
 
@@ -146,5 +146,4 @@ def test_reward_model_trains_under_autocast(tiny_model_dir, tmp_path, monkeypatc
         "optim.max_steps=12", "model.autocast=bf16", *BASE]))
     assert torch.bfloat16 in seen
     metrics = [r for r in read_metrics(out / "metrics.jsonl") if "loss/rm" in r]
-    assert all(math.isfinite(r["loss/rm"]) for r in metrics)
     assert metrics[-1]["loss/rm"] < metrics[0]["loss/rm"] and metrics[-1]["reward/accuracy"] == 1.0

@@ -8,8 +8,13 @@ import math
 import pytest
 
 from rlhflab.cli import main
+from rlhflab.config import load_config
+from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
+from rlhflab.lab.evaluate import heldout_pairs
+from rlhflab.lab.gold import gold_scores
 from rlhflab.pipeline import _user_sections, run_pipeline
+from rlhflab.rewards import LearnedReward
 
 TINY = [
     "data.n_sft=64", "data.n_pairs=64", "data.n_prompts=32", "data.n_heldout=16",
@@ -33,19 +38,51 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, lab_cache_env
     out = tmp_path / "run"
     assert html == out / "report.html" and html.read_text().startswith("<!")
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "sentiment" and report["seed"] == 3 and report["runtime_s"] > 0
-    assert 0.0 <= report["reward_model"]["heldout_accuracy"] <= 1.0
+    assert report["task"] == "sentiment" and report["seed"] == 3
+    assert report["runtime_s"] == report["meta"]["runtime_s"]
+    # The held-out RM accuracy is the saved RM's on the lab's held-out pairs for seed 3, recomputed here by hand.
+    rm = report["reward_models"]["rm"]
+    accuracy = report["reward_model"]["heldout_accuracy"]
+    assert accuracy == rm["rm/accuracy"] == rm["rm/accuracy_by_rating"]["overall"]["accuracy"]
+    pairs = heldout_pairs("sentiment", seed=3)
+    scorer = LearnedReward.from_pretrained(out / "rm" / "final")
+    chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs]).tolist()
+    rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs]).tolist()
+    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)]
+    assert rm["rm/n_pairs"] == len(pairs) and accuracy == pytest.approx(sum(wins) / len(wins))
     assert set(report["policies"]) == {"sft", "ppo", "ppo_kl0", "dpo", "best_of_2"}
     for name, row in report["policies"].items():
         assert set(row) == {"gold_reward_mean", "gold_reward_ci95", "win_rate_vs_sft", "kl_to_sft", "mean_length"}
-        assert all(math.isfinite(v) for v in row.values()), (name, row)
+        # The summary row is the policy's gold evaluation, field by field.
+        m = report["policy_metrics"][name]
+        lo, hi = m["gold/ci95"]
+        assert row == pytest.approx({"gold_reward_mean": m["gold/mean"], "gold_reward_ci95": (hi - lo) / 2,
+                                     "win_rate_vs_sft": m["gold/win_rate"], "kl_to_sft": m["kl/ref"],
+                                     "mean_length": m["sample/len_mean"]}), name
+        # The examples' gold is the gold reward of their text.
+        assert len(m["examples"]) == 4, name
+        for ex in m["examples"]:
+            assert ex["gold"] == pytest.approx(gold_scores("sentiment", [ex["prompt"]], [ex["response"]])[0])
     assert report["policies"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
-    # The PPO curves are scored by gold after training: one point per iteration, both runs.
+    # Best-of-2 is not sampled for a KL: the analytic log n - (n - 1) / n.
+    assert report["policies"]["best_of_2"]["kl_to_sft"] == pytest.approx(math.log(2) - 0.5)
+    # Every trained policy's win rate is against the same SFT samples.
+    ref_means = {report["policy_metrics"][name]["gold/ref_mean"] for name in ("sft", "ppo", "ppo_kl0", "dpo")}
+    assert len(ref_means) == 1
+    # The PPO curves are scored by gold after training: one point per iteration, both runs, whose proxy score
+    # and KL are the ones the stage logged for that iteration.
     for run in ("ppo", "ppo_kl0"):
-        assert [p["step"] for p in report["curves"][run]] == [1, 2]
+        logged = [r for r in read_metrics(out / run / "metrics.jsonl") if "reward/score" in r]
+        assert [p["step"] for p in report["curves"][run]] == [r["step"] for r in logged] == [1, 2]
+        for point, row in zip(report["curves"][run], logged):
+            assert point["reward/score"] == pytest.approx(row["reward/score"], rel=1e-5, abs=1e-6)
+            assert point["kl/ref"] == pytest.approx(row["kl/sequence"], rel=1e-5, abs=1e-6)
     # Each stage is an ordinary run directory that can be re-run alone from its config.
     for stage in ("sft", "rm", "ppo", "ppo_kl0", "dpo"):
-        assert (out / stage / "config.yaml").exists() and (out / stage / "final").is_dir()
+        cfg = load_config("ppo" if stage == "ppo_kl0" else stage, out / stage / "config.yaml")
+        assert cfg.seed == 3 and cfg.logging.output_dir == str(out / stage) and (out / stage / "final").is_dir()
+        if stage != "sft":
+            assert cfg.model.name_or_path == str(out / "sft" / "final"), stage
     assert (out / "ppo_kl0" / "config.yaml").read_text().count("kl_coef: 0.0") == 1
     printed = capsys.readouterr().out
     assert "gold-reward evaluation" in printed and str(html) in printed

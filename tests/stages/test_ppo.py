@@ -48,7 +48,11 @@ def test_ppo_increases_a_programmatic_reward(tiny_model_dir, prompts_file, tmp_p
         assert key in rows[-1]
     lines = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
     assert len(lines) == 16 * 32 and {"iteration", "prompt", "response", "score", "kl"} <= json.loads(lines[0]).keys()
-    assert (final / "value_head.safetensors").exists()
+    from rlhflab.models.heads import ValueHead
+
+    # The trained value head, not a fresh one: its bias starts at exactly 0 and the value loss moved it.
+    head = ValueHead.load(final / "value_head.safetensors")
+    assert head.linear.weight.shape == (1, 32) and head.linear.bias.item() != 0.0
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)  # a plain HF directory
@@ -62,7 +66,11 @@ def test_ppo_kl_is_zero_at_start_and_separate_critic_runs(tiny_model_dir, prompt
     assert row["kl/sequence"] == pytest.approx(0.0, abs=1e-5)
     # The logged coefficient is the one that shaped this iteration's rewards: the initial 0.01.
     assert row["kl/coef"] == pytest.approx(0.01)
-    assert (tmp_path / "run" / "critic" / "value_head.safetensors").exists()
+    from rlhflab.models.heads import Critic
+
+    # The critic saved is the trained one: its fresh head's bias (exactly 0) moved in the one iteration.
+    critic = Critic.from_pretrained(tmp_path / "run" / "critic")
+    assert critic.value_head.linear.in_features == 32 and critic.value_head.linear.bias.item() != 0.0
 
 
 def test_ppo_resume_is_exact(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
@@ -119,4 +127,8 @@ def test_ppo_trains_on_a_llama2_gated_reward_from_the_config(tiny_model_dir, pro
     # Whitened over the rollout batch: mean 0 (up to float rounding) and unit spread.
     assert all(abs(r["reward/score"]) < 1e-5 for r in rows)
     assert all(abs(r["reward/score_std"] - 1.0) < 1e-3 for r in rows)
-    assert (out / "final" / "config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the saved policy is the trained one

@@ -22,7 +22,7 @@ def test_sft_learns_the_demonstrations(tiny_model_dir, sft_file, tmp_path):
     final = sft.train(cfg)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/sft" in r]
     assert rows[-1]["loss/sft"] < 0.5 * rows[0]["loss/sft"]
-    assert (tmp_path / "run" / "config.yaml").exists()
+    assert load_config("sft", tmp_path / "run" / "config.yaml") == cfg  # the run's config, saved whole
     # The saved model is a plain HF directory that continues the demonstration.
     model = AutoModelForCausalLM.from_pretrained(final)
     from transformers import AutoTokenizer
