@@ -42,8 +42,12 @@ def _sentence(rng: random.Random, n_words: int) -> str:
     return " ".join([words[0].capitalize(), *words[1:]])
 
 
-def synthetic_pairs(n: int, seed: int = 0, prompt_words: tuple[int, int] = (20, 28),
-                    response_words: tuple[int, int] = (32, 48)) -> list[dict[str, str]]:
+def synthetic_pairs(
+    n: int,
+    seed: int = 0,
+    prompt_words: tuple[int, int] = (20, 28),
+    response_words: tuple[int, int] = (32, 48),
+) -> list[dict[str, str]]:
     """`n` pairwise records {"prompt", "chosen", "rejected"} of random common words.
 
     The prompt ends on a word (no trailing space) and each response starts with a space, so a BPE
@@ -92,9 +96,15 @@ def steady_stats(step_seconds: Sequence[float], warmup: int, items_per_step: int
     mid = len(ordered) // 2
     median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
     total = sum(steady)
-    return {"steps": len(steady), "seconds": total, "items_per_s": items_per_step * len(steady) / total,
-            "step_mean_s": total / len(steady), "step_median_s": median, "step_min_s": ordered[0],
-            "step_max_s": ordered[-1]}
+    return {
+        "steps": len(steady),
+        "seconds": total,
+        "items_per_s": items_per_step * len(steady) / total,
+        "step_mean_s": total / len(steady),
+        "step_median_s": median,
+        "step_min_s": ordered[0],
+        "step_max_s": ordered[-1],
+    }
 
 
 def peak_rss_mb() -> float:
@@ -122,7 +132,11 @@ def matmul_probe(sizes: Sequence[int] = (1024, 1536, 2048), repeats: int = 5) ->
             torch.mm(a, b)
             best = min(best, time.perf_counter() - t0)
         per_size[str(n)] = 2.0 * n**3 / best / 1e9
-    return {"peak_gflops": max(per_size.values()), "gflops_by_size": per_size, "threads": torch.get_num_threads()}
+    return {
+        "peak_gflops": max(per_size.values()),
+        "gflops_by_size": per_size,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -130,16 +144,32 @@ def matmul_probe(sizes: Sequence[int] = (1024, 1536, 2048), repeats: int = 5) ->
 # --------------------------------------------------------------------------------------------------------
 
 
-def json_line(comparison: str, metric: str, unit: str, rlhflab: float, trl: float, *, better: str = "higher",
-              **extra: Any) -> str:
+def json_line(
+    comparison: str,
+    metric: str,
+    unit: str,
+    rlhflab: float,
+    trl: float,
+    *,
+    better: str = "higher",
+    **extra: Any,
+) -> str:
     """One comparison as one JSON line: both figures and ratio = rlhflab / trl. `better` says how to read
     the ratio: "higher" (throughput), "lower" (memory: below 1 is the win) or "equal" (a loss both must
     agree on)."""
     if better not in ("higher", "lower", "equal"):
         raise ValueError(f"better must be 'higher', 'lower' or 'equal', got {better!r}")
     ratio = rlhflab / trl if trl else math.nan
-    row = {"comparison": comparison, "metric": metric, "unit": unit, "better": better,
-           "rlhflab": round(rlhflab, 6), "trl": round(trl, 6), "ratio": round(ratio, 4), **extra}
+    row = {
+        "comparison": comparison,
+        "metric": metric,
+        "unit": unit,
+        "better": better,
+        "rlhflab": round(rlhflab, 6),
+        "trl": round(trl, 6),
+        "ratio": round(ratio, 4),
+        **extra,
+    }
     return json.dumps(row)
 
 

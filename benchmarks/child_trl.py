@@ -54,10 +54,22 @@ def _args(cls, job: dict, out_dir: str, **kwargs):
     variant = job["variant"]
     if variant.get("max_steps"):  # a shorter run (TRL as it comes is slow on CPU); kwargs may set it too
         kwargs.setdefault("max_steps", variant["max_steps"])
-    return cls(output_dir=out_dir, per_device_train_batch_size=job["batch_size"], gradient_accumulation_steps=1,
-               num_train_epochs=1, seed=0, data_seed=0, use_cpu=True, report_to="none", save_strategy="no",
-               disable_tqdm=True, dataloader_num_workers=0, bf16=variant["bf16"],
-               gradient_checkpointing=variant["gradient_checkpointing"], **kwargs)
+    return cls(
+        output_dir=out_dir,
+        per_device_train_batch_size=job["batch_size"],
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=variant["bf16"],
+        gradient_checkpointing=variant["gradient_checkpointing"],
+        **kwargs,
+    )
 
 
 def _count_tokens(trainer_cls) -> list[int]:
@@ -79,18 +91,37 @@ def dpo_loss(job: dict) -> dict:
     trainer's own compute_loss, and the token ids TRL trains on."""
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     ref = AutoModelForCausalLM.from_pretrained(job["ref_dir"], dtype=torch.float32)
-    args = _args(DPOConfig, job, job["work"] + "/trl_dpo_loss", learning_rate=job["dpo_lr"], beta=job["beta"],
-                 loss_type=["sigmoid"], max_steps=1)
-    trainer = DPOTrainer(model=job["model_dir"], ref_model=ref, args=args,
-                         train_dataset=Dataset.from_list(_records(job["check_path"])), processing_class=tokenizer)
-    ids = [{k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in trainer.train_dataset]
+    args = _args(
+        DPOConfig,
+        job,
+        job["work"] + "/trl_dpo_loss",
+        learning_rate=job["dpo_lr"],
+        beta=job["beta"],
+        loss_type=["sigmoid"],
+        max_steps=1,
+    )
+    trainer = DPOTrainer(
+        model=job["model_dir"],
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(_records(job["check_path"])),
+        processing_class=tokenizer,
+    )
+    ids = [
+        {k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        for row in trainer.train_dataset
+    ]
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
     metrics = trainer._metrics["train"]
-    return {"loss": float(loss), "token_ids": ids, "batch_rows": int(batch["input_ids"].shape[0]),
-            "mean_logps": {"chosen": metrics["logps/chosen"][-1], "rejected": metrics["logps/rejected"][-1]}}
+    return {
+        "loss": float(loss),
+        "token_ids": ids,
+        "batch_rows": int(batch["input_ids"].shape[0]),
+        "mean_logps": {"chosen": metrics["logps/chosen"][-1], "rejected": metrics["logps/rejected"][-1]},
+    }
 
 
 def dpo_time(job: dict) -> dict:
@@ -107,17 +138,35 @@ def dpo_time(job: dict) -> dict:
 
     DPOTrainer._precompute_ref_logps = timed_precompute
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    args = _args(DPOConfig, job, job["work"] + "/trl_dpo_time", learning_rate=job["dpo_lr"], beta=job["beta"],
-                 loss_type=["sigmoid"], precompute_ref_log_probs=precompute)
+    args = _args(
+        DPOConfig,
+        job,
+        job["work"] + "/trl_dpo_time",
+        learning_rate=job["dpo_lr"],
+        beta=job["beta"],
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=precompute,
+    )
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=job["model_dir"], args=args, train_dataset=Dataset.from_list(_records(job["data_path"])),
-                         processing_class=tokenizer, callbacks=[clock])
+    trainer = DPOTrainer(
+        model=job["model_dir"],
+        args=args,
+        train_dataset=Dataset.from_list(_records(job["data_path"])),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     init_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = trainer.train()
-    return {"step_seconds": clock.step_seconds(), "step_tokens": counts, "ref_seconds": ref_pass["seconds"],
-            "init_seconds": init_seconds, "train_call_seconds": time.perf_counter() - t0,
-            "train_loss": out.training_loss, "log_history": trainer.state.log_history[:2]}
+    return {
+        "step_seconds": clock.step_seconds(),
+        "step_tokens": counts,
+        "ref_seconds": ref_pass["seconds"],
+        "init_seconds": init_seconds,
+        "train_call_seconds": time.perf_counter() - t0,
+        "train_loss": out.training_loss,
+        "log_history": trainer.state.log_history[:2],
+    }
 
 
 def rm_time(job: dict) -> dict:
@@ -125,14 +174,22 @@ def rm_time(job: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     args = _args(RewardConfig, job, job["work"] + "/trl_rm_time", learning_rate=job["rm_lr"])
     t0 = time.perf_counter()
-    trainer = RewardTrainer(model=job["model_dir"], args=args,
-                            train_dataset=Dataset.from_list(_records(job["data_path"])), processing_class=tokenizer,
-                            callbacks=[clock])
+    trainer = RewardTrainer(
+        model=job["model_dir"],
+        args=args,
+        train_dataset=Dataset.from_list(_records(job["data_path"])),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     init_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     trainer.train()
-    return {"step_seconds": clock.step_seconds(), "step_tokens": counts, "init_seconds": init_seconds,
-            "train_call_seconds": time.perf_counter() - t0}
+    return {
+        "step_seconds": clock.step_seconds(),
+        "step_tokens": counts,
+        "init_seconds": init_seconds,
+        "train_call_seconds": time.perf_counter() - t0,
+    }
 
 
 TASKS = {"dpo_loss": dpo_loss, "dpo_time": dpo_time, "rm_time": rm_time}
@@ -142,9 +199,16 @@ def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     torch.manual_seed(0)
     result = TASKS[job["task"]](job)
-    result.update({"peak_rss_mb": peak_rss_mb(), "rss_after_python_mb": RSS_AFTER_PYTHON,
-                   "rss_after_imports_mb": RSS_AFTER_IMPORTS, "torch_threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "trl": trl.__version__})
+    result.update(
+        {
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_after_python_mb": RSS_AFTER_PYTHON,
+            "rss_after_imports_mb": RSS_AFTER_IMPORTS,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "trl": trl.__version__,
+        }
+    )
     write_json(sys.argv[2], result)
 
 

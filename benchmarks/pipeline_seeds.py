@@ -24,8 +24,18 @@ FIELDS = ("gold_reward_mean", "gold_reward_ci95", "win_rate_vs_sft", "kl_to_sft"
 
 def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
     out = work / f"seed-{seed}"
-    cmd = [sys.executable, "-m", "rlhflab.cli", "run", "--seed", str(seed), "--output-dir", str(out),
-           "--overwrite", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhflab.cli",
+        "run",
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        *extra,
+    ]
     t = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     report = json.loads((out / "report.json").read_text())
@@ -45,26 +55,35 @@ def summarize(reports: list[dict]) -> dict:
         row = {}
         for field in FIELDS:
             values = [r["policies"][name][field] for r in reports]
-            row[field] = {"mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
+            row[field] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "per_seed": values,
+            }
         table[name] = row
     return table
 
 
 def markdown(table: dict, reports: list[dict]) -> str:
-    lines = ["| policy | gold reward (mean ± std over seeds) | per seed | win rate vs SFT | KL to SFT | mean length |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| policy | gold reward (mean ± std over seeds) | per seed | win rate vs SFT | KL to SFT | mean length |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, row in table.items():
         g = row["gold_reward_mean"]
         per = ", ".join(f"{v:.3f}" for v in g["per_seed"])
-        lines.append(f"| {name} | {g['mean']:.3f} ± {g['std']:.3f} | {per} | {row['win_rate_vs_sft']['mean']:.2f} | "
-                     f"{row['kl_to_sft']['mean']:.2f} | {row['mean_length']['mean']:.1f} |")
+        lines.append(
+            f"| {name} | {g['mean']:.3f} ± {g['std']:.3f} | {per} | {row['win_rate_vs_sft']['mean']:.2f} | "
+            f"{row['kl_to_sft']['mean']:.2f} | {row['mean_length']['mean']:.1f} |"
+        )
     accs = [r["reward_model"]["heldout_accuracy"] for r in reports]
     walls = [r["runtime_s"] for r in reports]
     lines.append("")
-    lines.append(f"Reward model held-out accuracy: {statistics.fmean(accs):.3f} "
-                 f"(per seed {', '.join(f'{a:.3f}' for a in accs)}). "
-                 f"Pipeline runtime: {statistics.fmean(walls):.0f} s mean (per seed {', '.join(f'{w:.0f}' for w in walls)}).")
+    lines.append(
+        f"Reward model held-out accuracy: {statistics.fmean(accs):.3f} "
+        f"(per seed {', '.join(f'{a:.3f}' for a in accs)}). "
+        f"Pipeline runtime: {statistics.fmean(walls):.0f} s mean (per seed {', '.join(f'{w:.0f}' for w in walls)})."
+    )
     return "\n".join(lines)
 
 
@@ -80,17 +99,32 @@ def main() -> int:
         print(f"seed {seed}: running", file=sys.stderr, flush=True)
         reports.append(run_seed(seed, work, args.overrides))
         verdict = {n: beats_sft(reports[-1]["policies"], n) for n in ("ppo", "dpo")}
-        print(f"seed {seed}: done in {reports[-1]['wall_s']:.0f} s; beats SFT beyond the 95% intervals: {verdict}",
-              file=sys.stderr, flush=True)
+        print(
+            f"seed {seed}: done in {reports[-1]['wall_s']:.0f} s; beats SFT beyond the 95% intervals: {verdict}",
+            file=sys.stderr,
+            flush=True,
+        )
     table = summarize(reports)
     for name, row in table.items():
-        print(json.dumps({"policy": name, **{f: row[f]["mean"] for f in FIELDS},
-                          "gold_reward_std_over_seeds": row["gold_reward_mean"]["std"]}))
+        print(
+            json.dumps(
+                {
+                    "policy": name,
+                    **{f: row[f]["mean"] for f in FIELDS},
+                    "gold_reward_std_over_seeds": row["gold_reward_mean"]["std"],
+                }
+            )
+        )
     md = markdown(table, reports)
     print(md)
-    result = {"date": datetime.date.today().isoformat(), "seeds": args.seeds, "overrides": args.overrides,
-              "table": table, "beats_sft": [{n: beats_sft(r["policies"], n) for n in ("ppo", "dpo")} for r in reports],
-              "markdown": md}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "seeds": args.seeds,
+        "overrides": args.overrides,
+        "table": table,
+        "beats_sft": [{n: beats_sft(r["policies"], n) for n in ("ppo", "dpo")} for r in reports],
+        "markdown": md,
+    }
     (work / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

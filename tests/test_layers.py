@@ -24,12 +24,16 @@ from pathlib import Path
 import rlhflab
 
 LAYERS: dict[str, int] = {
-    "errors": 0, "__init__": 0,
+    "errors": 0,
+    "__init__": 0,
     "core": 1,
-    "data": 2, "losses": 2,
+    "data": 2,
+    "losses": 2,
     "models": 3,
-    "rollout": 4, "rewards": 4,
-    "config": 5, "eval": 5,
+    "rollout": 4,
+    "rewards": 4,
+    "config": 5,
+    "eval": 5,
     "stages": 6,
     "lab": 7,
     "pipeline": 8,
@@ -60,8 +64,10 @@ def forbidden_imports(module: str, source: str) -> list[str]:
                 continue
             there = _unit(target)
             if there not in LAYERS or here not in LAYERS or LAYERS[there] >= LAYERS[here]:
-                bad.append(f"{module} (layer {LAYERS.get(here)}) imports {target} (layer {LAYERS.get(there)}), "
-                           f"line {node.lineno}")
+                bad.append(
+                    f"{module} (layer {LAYERS.get(here)}) imports {target} (layer {LAYERS.get(there)}), "
+                    f"line {node.lineno}"
+                )
     return bad
 
 
@@ -81,8 +87,11 @@ def test_every_package_has_a_layer():
 
 
 def test_every_import_points_down_the_layers():
-    bad = [line for module, path in sorted(_modules().items())
-           for line in forbidden_imports(module, path.read_text())]
+    bad = [
+        line
+        for module, path in sorted(_modules().items())
+        for line in forbidden_imports(module, path.read_text())
+    ]
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
@@ -90,7 +99,8 @@ def test_a_planted_forbidden_import_is_caught():
     """The checker itself: training code reaching the gold reward, even lazily inside a function, fails."""
     planted = "def f():\n    from rlhflab.lab.gold import gold_scores\n    return gold_scores\n"
     assert forbidden_imports("rlhflab.stages.ppo", planted) == [
-        "rlhflab.stages.ppo (layer 6) imports rlhflab.lab.gold (layer 7), line 2"]
+        "rlhflab.stages.ppo (layer 6) imports rlhflab.lab.gold (layer 7), line 2"
+    ]
     assert forbidden_imports("rlhflab.models.heads", "import rlhflab.rewards.learned\n")
     assert forbidden_imports("rlhflab.data.records", "from rlhflab.losses import dpo\n")  # same layer
     assert forbidden_imports("rlhflab.rewards.spec", "from rlhflab.rewards.rules import x\n") == []

@@ -10,7 +10,8 @@ def test_tokenizer_round_trip_and_specials(tiny_tokenizer):
     assert split_words("2+3=5") == ["2", "+", "3", "=", "5"]
     assert tiny_tokenizer("zebra")["input_ids"] == [tiny_tokenizer.unk_token_id]
     text = tiny_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.strip().endswith("<|assistant|>")
 
 

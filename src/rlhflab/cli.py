@@ -19,9 +19,15 @@ from rlhflab.lab.cli import register as register_lab
 # Stage name -> (module with `train(cfg, *, resume, overwrite)`, one-line help). Registered as they land.
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhflab.stages.sft", "supervised fine-tuning on demonstrations (prompt masked out of the loss)"),
-    "rm": ("rlhflab.stages.reward", "reward model from pairwise comparisons (with margins) or K-wise rankings"),
+    "rm": (
+        "rlhflab.stages.reward",
+        "reward model from pairwise comparisons (with margins) or K-wise rankings",
+    ),
     "ppo": ("rlhflab.stages.ppo", "PPO against reward model(s) with a KL penalty to a frozen reference"),
-    "dpo": ("rlhflab.stages.dpo", "DPO and its family (IPO, hinge, cDPO, robust, KTO, ORPO, SimPO, CPL) from preferences"),
+    "dpo": (
+        "rlhflab.stages.dpo",
+        "DPO and its family (IPO, hinge, cDPO, robust, KTO, ORPO, SimPO, CPL) from preferences",
+    ),
 }
 
 EPILOG = """\
@@ -77,8 +83,14 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rlhflab.pipeline import run_pipeline
 
-    run_pipeline(task=args.task, seed=args.seed, output_dir=args.output_dir, config_file=args.config,
-                 overrides=args.overrides, overwrite=args.overwrite)
+    run_pipeline(
+        task=args.task,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        config_file=args.config,
+        overrides=args.overrides,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -88,7 +100,9 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+    )
     policy, prompts = args.policy, args.prompts
     if policy.startswith("lab:") or not prompts:
         from rlhflab.lab.launch import lab_data, lab_model_dir, lab_task_of
@@ -97,8 +111,18 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
         if not prompts and task is not None:
             prompts = str(lab_data(task, seed=args.seed, kinds=("prompt",))["prompts"])
         policy = lab_model_dir(policy, seed=args.seed)
-    sample_to_file(policy, args.reward, args.out, prompts_path=prompts, n=args.n, settings=settings,
-                   seed=args.seed, device=args.device, max_prompts=args.max_prompts, all_samples=args.all_samples)
+    sample_to_file(
+        policy,
+        args.reward,
+        args.out,
+        prompts_path=prompts,
+        n=args.n,
+        settings=settings,
+        seed=args.seed,
+        device=args.device,
+        max_prompts=args.max_prompts,
+        all_samples=args.all_samples,
+    )
     return 0
 
 
@@ -160,15 +184,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rlhflab", description="RLHF and its alternatives, end to end, with honest measurement.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="rlhflab",
+        description="RLHF and its alternatives, end to end, with honest measurement.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the main job: lab data -> SFT -> reward model -> policies -> gold evaluation")
+    p = sub.add_parser(
+        "run", help="the main job: lab data -> SFT -> reward model -> policies -> gold evaluation"
+    )
     p.add_argument("--task", default="sentiment", help="built-in lab task (see `rlhflab lab list`)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, training and evaluation")
     p.add_argument("--output-dir", default="runs/demo", help="where the stages and the report go")
-    p.add_argument("--config", metavar="FILE", help="YAML with per-stage overrides: {sft: {...}, rm: {...}, ...}")
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML with per-stage overrides: {sft: {...}, rm: {...}, ...}"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     p.add_argument("overrides", nargs="*", metavar="STAGE.KEY=VALUE", help="e.g. sft.optim.lr=1e-4")
     p.set_defaults(func=cmd_run)
@@ -178,17 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
         _add_stage_args(p)
         p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("best-of-n", help="best of n samples per prompt under a reward; SFT data for rejection sampling",
-                       description="Sample n responses per prompt from a policy, score them with a reward source, "
-                                   "and write the best one per prompt as SFT records (prompt, completion, score): "
-                                   "`rlhflab sft data.train_path=OUT` then fine-tunes on them (rejection sampling).")
+    p = sub.add_parser(
+        "best-of-n",
+        help="best of n samples per prompt under a reward; SFT data for rejection sampling",
+        description="Sample n responses per prompt from a policy, score them with a reward source, "
+        "and write the best one per prompt as SFT records (prompt, completion, score): "
+        "`rlhflab sft data.train_path=OUT` then fine-tunes on them (rejection sampling).",
+    )
     p.add_argument("--policy", required=True, help="policy model directory, or lab:TASK")
-    p.add_argument("--reward", required=True,
-                   help="reward spec: a reward model directory (runs/rm/final[:head=NAME]) or a rule (rule:length), "
-                        "comma-separated to sum several")
+    p.add_argument(
+        "--reward",
+        required=True,
+        help="reward spec: a reward model directory (runs/rm/final[:head=NAME]) or a rule (rule:length), "
+        "comma-separated to sum several",
+    )
     p.add_argument("--out", required=True, help="output .jsonl")
-    p.add_argument("--prompts", default="", help="prompt records (JSONL/JSON/CSV/Parquet); default for a lab model: "
-                                                  "the lab's prompts")
+    p.add_argument(
+        "--prompts",
+        default="",
+        help="prompt records (JSONL/JSON/CSV/Parquet); default for a lab model: the lab's prompts",
+    )
     p.add_argument("--n", type=int, default=16, help="samples per prompt (default 16)")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -201,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="inspect stage configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = config_sub.add_parser("show", help="print the resolved config of a stage, with every field documented")
+    show = config_sub.add_parser(
+        "show", help="print the resolved config of a stage, with every field documented"
+    )
     show.add_argument("stage", help="sft, rm, dpo or ppo")
     show.add_argument("--config", metavar="FILE", help="YAML config file to start from")
     show.add_argument("--no-comments", action="store_true", help="print bare YAML")

@@ -47,9 +47,12 @@ class LoraSection:
 
     def __post_init__(self):
         _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
-        _require(bool(self.target_modules) and ("all-linear" not in self.target_modules
-                                                or self.target_modules == ["all-linear"]),
-                 "model.lora.target_modules", f"must be module names or [all-linear] alone, got {self.target_modules}")
+        _require(
+            bool(self.target_modules)
+            and ("all-linear" not in self.target_modules or self.target_modules == ["all-linear"]),
+            "model.lora.target_modules",
+            f"must be module names or [all-linear] alone, got {self.target_modules}",
+        )
         _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -71,9 +74,12 @@ class ModelSection:
     lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self):
-        _require(self.autocast == "none" or self.dtype == "float32", "model.autocast",
-                 f"'{self.autocast}' keeps float32 master weights and needs model.dtype=float32, got "
-                 f"model.dtype={self.dtype}; set model.dtype=float32, or model.autocast=none to train in {self.dtype}")
+        _require(
+            self.autocast == "none" or self.dtype == "float32",
+            "model.autocast",
+            f"'{self.autocast}' keeps float32 master weights and needs model.dtype=float32, got "
+            f"model.dtype={self.dtype}; set model.dtype=float32, or model.autocast=none to train in {self.dtype}",
+        )
 
 
 @dataclass
@@ -97,14 +103,23 @@ class DataSection:
 
     def __post_init__(self):
         _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
-        _require(self.max_prompt_length >= 1, "data.max_prompt_length",
-                 f"must be >= 1, got {self.max_prompt_length}")
-        _require(self.max_prompt_length < self.max_length, "data.max_prompt_length",
-                 f"({self.max_prompt_length}) must be smaller than data.max_length ({self.max_length}), "
-                 "otherwise no response token survives truncation; raise data.max_length or lower "
-                 "data.max_prompt_length")
-        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction",
-                 f"must be in [0, 1), got {self.eval_fraction}")
+        _require(
+            self.max_prompt_length >= 1,
+            "data.max_prompt_length",
+            f"must be >= 1, got {self.max_prompt_length}",
+        )
+        _require(
+            self.max_prompt_length < self.max_length,
+            "data.max_prompt_length",
+            f"({self.max_prompt_length}) must be smaller than data.max_length ({self.max_length}), "
+            "otherwise no response token survives truncation; raise data.max_length or lower "
+            "data.max_prompt_length",
+        )
+        _require(
+            0.0 <= self.eval_fraction < 1.0,
+            "data.eval_fraction",
+            f"must be in [0, 1), got {self.eval_fraction}",
+        )
 
 
 @dataclass
@@ -129,8 +144,11 @@ class PromptDataSection:
     """Skip malformed records (their count is reported) instead of stopping at the first one."""
 
     def __post_init__(self):
-        _require(self.max_prompt_length >= 1, "data.max_prompt_length",
-                 f"must be >= 1, got {self.max_prompt_length}")
+        _require(
+            self.max_prompt_length >= 1,
+            "data.max_prompt_length",
+            f"must be >= 1, got {self.max_prompt_length}",
+        )
 
 
 @dataclass
@@ -173,12 +191,16 @@ class OptimSection(AdamWSection):
     def __post_init__(self):
         super().__post_init__()
         _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.micro_batch_size >= 0, "optim.micro_batch_size",
-                 f"must be >= 0, got {self.micro_batch_size}")
+        _require(
+            self.micro_batch_size >= 0, "optim.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}"
+        )
         if self.micro_batch_size:
-            _require(self.batch_size % self.micro_batch_size == 0, "optim.micro_batch_size",
-                     f"({self.micro_batch_size}) must divide optim.batch_size ({self.batch_size}); "
-                     f"try {_divisor_hint(self.batch_size, self.micro_batch_size)}")
+            _require(
+                self.batch_size % self.micro_batch_size == 0,
+                "optim.micro_batch_size",
+                f"({self.micro_batch_size}) must divide optim.batch_size ({self.batch_size}); "
+                f"try {_divisor_hint(self.batch_size, self.micro_batch_size)}",
+            )
         _require(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "optim.max_steps", f"must be >= 0, got {self.max_steps}")
 
@@ -208,8 +230,11 @@ class LoggingSection:
 
     def __post_init__(self):
         _require(self.log_every >= 1, "logging.log_every", f"must be >= 1, got {self.log_every}")
-        _require(self.keep_checkpoints >= 1, "logging.keep_checkpoints",
-                 f"must be >= 1, got {self.keep_checkpoints}")
+        _require(
+            self.keep_checkpoints >= 1,
+            "logging.keep_checkpoints",
+            f"must be >= 1, got {self.keep_checkpoints}",
+        )
 
 
 @dataclass
@@ -243,8 +268,11 @@ class HeadSpec:
     """Its data file; empty: data.train_path."""
 
     def __post_init__(self):
-        _require(bool(self.name) and not any(c in self.name for c in ":/ "), "algo.heads",
-                 f"has a bad head name {self.name!r}; names have no ':', '/' or spaces")
+        _require(
+            bool(self.name) and not any(c in self.name for c in ":/ "),
+            "algo.heads",
+            f"has a bad head name {self.name!r}; names have no ':', '/' or spaces",
+        )
 
     @staticmethod
     def from_short(item: str) -> dict[str, str]:
@@ -283,17 +311,32 @@ class RewardAlgo:
     mask holds B x T^2 entries and rules out flash attention kernels, so very long rows may prefer it)."""
 
     def __post_init__(self):
-        _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
-                 f"must be in [0, 0.5), got {self.label_smoothing}")
-        _require(self.margin == "none" or self.loss == "bradley_terry", "algo.margin",
-                 f"'{self.margin}' needs algo.loss=bradley_terry (K-wise losses have no margin), got "
-                 f"algo.loss={self.loss}; set algo.margin=none")
-        _require(self.label_smoothing == 0 or self.loss != "plackett_luce", "algo.label_smoothing",
-                 "is not defined for algo.loss=plackett_luce; use bradley_terry or all_pairs, or set it to 0")
-        _require(self.center_rewards_coef >= 0, "algo.center_rewards_coef",
-                 f"must be >= 0, got {self.center_rewards_coef}")
-        _require(self.normalization_samples >= 0, "algo.normalization_samples",
-                 f"must be >= 0, got {self.normalization_samples}")
+        _require(
+            0.0 <= self.label_smoothing < 0.5,
+            "algo.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+        _require(
+            self.margin == "none" or self.loss == "bradley_terry",
+            "algo.margin",
+            f"'{self.margin}' needs algo.loss=bradley_terry (K-wise losses have no margin), got "
+            f"algo.loss={self.loss}; set algo.margin=none",
+        )
+        _require(
+            self.label_smoothing == 0 or self.loss != "plackett_luce",
+            "algo.label_smoothing",
+            "is not defined for algo.loss=plackett_luce; use bradley_terry or all_pairs, or set it to 0",
+        )
+        _require(
+            self.center_rewards_coef >= 0,
+            "algo.center_rewards_coef",
+            f"must be >= 0, got {self.center_rewards_coef}",
+        )
+        _require(
+            self.normalization_samples >= 0,
+            "algo.normalization_samples",
+            f"must be >= 0, got {self.normalization_samples}",
+        )
         names = [h.name for h in self.heads]
         for name in names:
             _require(names.count(name) == 1, "algo.heads", f"names head {name!r} twice")
@@ -343,39 +386,74 @@ class DPOAlgo:
 
     def __post_init__(self):
         if self.loss not in PREFERENCE_LOSS_TABLE:
-            close = [_TRL_LOSS_NAMES[self.loss]] if self.loss in _TRL_LOSS_NAMES else \
-                difflib.get_close_matches(self.loss, list(PREFERENCE_LOSS_TABLE), n=1)
-            raise ConfigError(f"config: 'algo.loss' must be one of {', '.join(PREFERENCE_LOSS_TABLE)}, got "
-                              f"{self.loss!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            close = (
+                [_TRL_LOSS_NAMES[self.loss]]
+                if self.loss in _TRL_LOSS_NAMES
+                else difflib.get_close_matches(self.loss, list(PREFERENCE_LOSS_TABLE), n=1)
+            )
+            raise ConfigError(
+                f"config: 'algo.loss' must be one of {', '.join(PREFERENCE_LOSS_TABLE)}, got "
+                f"{self.loss!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
         row = PREFERENCE_LOSS_TABLE[self.loss]
         # A hyperparameter acts or is refused: one the loss does not take must stay at its default.
         used = set(row.params) | ({"average_logps"} if row.average else set())
         defaults = DPOAlgo.__dataclass_fields__
         for key in _LOSS_HYPERPARAMETERS:
             if key not in used and getattr(self, key) != defaults[key].default:
-                takers = [n for n, r in PREFERENCE_LOSS_TABLE.items()
-                          if key in r.params or (key == "average_logps" and r.average)]
-                raise ConfigError(f"config: algo.{key} is not used by algo.loss={self.loss} (it is used by "
-                                  f"{', '.join(takers)}); remove it or keep its default "
-                                  f"{defaults[key].default!r}")
-        for key in ("beta", "orpo_lambda", "simpo_beta", "cpl_alpha", "kto_desirable_weight",
-                    "kto_undesirable_weight"):
+                takers = [
+                    n
+                    for n, r in PREFERENCE_LOSS_TABLE.items()
+                    if key in r.params or (key == "average_logps" and r.average)
+                ]
+                raise ConfigError(
+                    f"config: algo.{key} is not used by algo.loss={self.loss} (it is used by "
+                    f"{', '.join(takers)}); remove it or keep its default "
+                    f"{defaults[key].default!r}"
+                )
+        for key in (
+            "beta",
+            "orpo_lambda",
+            "simpo_beta",
+            "cpl_alpha",
+            "kto_desirable_weight",
+            "kto_undesirable_weight",
+        ):
             _require(getattr(self, key) > 0, f"algo.{key}", f"must be > 0, got {getattr(self, key)}")
-        _require(0.0 <= self.label_smoothing < 0.5, "algo.label_smoothing",
-                 f"must be in [0, 0.5), got {self.label_smoothing}")
-        _require(self.loss not in ("cdpo", "robust_dpo") or self.label_smoothing > 0, "algo.label_smoothing",
-                 f"is 0, which makes algo.loss={self.loss} plain DPO; set the assumed label-flip rate "
-                 "(e.g. algo.label_smoothing=0.1) or use algo.loss=dpo")
+        _require(
+            0.0 <= self.label_smoothing < 0.5,
+            "algo.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+        _require(
+            self.loss not in ("cdpo", "robust_dpo") or self.label_smoothing > 0,
+            "algo.label_smoothing",
+            f"is 0, which makes algo.loss={self.loss} plain DPO; set the assumed label-flip rate "
+            "(e.g. algo.label_smoothing=0.1) or use algo.loss=dpo",
+        )
         _require(self.simpo_gamma >= 0, "algo.simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
         for key in ("cpl_gamma", "cpl_lambda"):
-            _require(0 < getattr(self, key) <= 1, f"algo.{key}", f"must be in (0, 1], got {getattr(self, key)}")
+            _require(
+                0 < getattr(self, key) <= 1, f"algo.{key}", f"must be in (0, 1], got {getattr(self, key)}"
+            )
 
 
 # TRL's loss_type names of our losses, so a TRL user's habit gets the right suggestion.
 _TRL_LOSS_NAMES = {"sigmoid": "dpo", "robust": "robust_dpo", "slic": "hinge"}
 # The DPO stage's settings that belong to particular losses (`PreferenceLoss.params`, plus average_logps).
-_LOSS_HYPERPARAMETERS = ("beta", "label_smoothing", "average_logps", "orpo_lambda", "simpo_beta", "simpo_gamma",
-                         "kto_desirable_weight", "kto_undesirable_weight", "cpl_alpha", "cpl_gamma", "cpl_lambda")
+_LOSS_HYPERPARAMETERS = (
+    "beta",
+    "label_smoothing",
+    "average_logps",
+    "orpo_lambda",
+    "simpo_beta",
+    "simpo_gamma",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
+    "cpl_alpha",
+    "cpl_gamma",
+    "cpl_lambda",
+)
 
 
 @dataclass
@@ -390,7 +468,9 @@ class SamplingSection:
     """Nucleus sampling mass; 1.0 disables."""
 
     def __post_init__(self):
-        _require(self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(
+            self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        )
         _require(self.temperature > 0, "sampling.temperature", f"must be > 0, got {self.temperature}")
         _require(self.top_k >= 0, "sampling.top_k", f"must be >= 0, got {self.top_k}")
         _require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -453,31 +533,51 @@ class PPOAlgo:
     def __post_init__(self):
         _require(self.rollout_batch_size >= 1, "algo.rollout_batch_size", "must be >= 1")
         _require(self.minibatch_size >= 1, "algo.minibatch_size", "must be >= 1")
-        _require(self.rollout_batch_size % self.minibatch_size == 0, "algo.minibatch_size",
-                 f"({self.minibatch_size}) must divide algo.rollout_batch_size ({self.rollout_batch_size}); "
-                 f"try {_divisor_hint(self.rollout_batch_size, self.minibatch_size)}")
+        _require(
+            self.rollout_batch_size % self.minibatch_size == 0,
+            "algo.minibatch_size",
+            f"({self.minibatch_size}) must divide algo.rollout_batch_size ({self.rollout_batch_size}); "
+            f"try {_divisor_hint(self.rollout_batch_size, self.minibatch_size)}",
+        )
         _require(self.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {self.kl_coef}")
         _require(0 < self.gamma <= 1, "algo.gamma", f"must be in (0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}")
         _require(self.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {self.clip_eps}")
         _require(self.target_kl > 0, "algo.target_kl", f"must be > 0, got {self.target_kl}")
-        _require(0 < self.safety_threshold < 1, "algo.safety_threshold",
-                 f"must be in (0, 1) (a probability), got {self.safety_threshold}")
-        _require(not self.reward_weights or len(self.reward_weights) == len(self.reward_model), "algo.reward_weights",
-                 f"has {len(self.reward_weights)} weights for {len(self.reward_model)} reward sources; give one per "
-                 "source in algo.reward_model")
-        _require(self.reward_combine == "weighted_sum" or not self.reward_weights, "algo.reward_weights",
-                 f"apply to algo.reward_combine=weighted_sum only, not {self.reward_combine}; leave them empty")
-        _require(self.reward_combine != "llama2_gate" or len(self.reward_model) in (0, 2), "algo.reward_model",
-                 f"must name exactly two sources (helpfulness, safety) for algo.reward_combine=llama2_gate, got "
-                 f"{len(self.reward_model)}")
-        _require(self.reward_combine == "llama2_gate" or not self.unsafe_prompt_pattern, "algo.unsafe_prompt_pattern",
-                 "applies to algo.reward_combine=llama2_gate only; set that or leave the pattern empty")
+        _require(
+            0 < self.safety_threshold < 1,
+            "algo.safety_threshold",
+            f"must be in (0, 1) (a probability), got {self.safety_threshold}",
+        )
+        _require(
+            not self.reward_weights or len(self.reward_weights) == len(self.reward_model),
+            "algo.reward_weights",
+            f"has {len(self.reward_weights)} weights for {len(self.reward_model)} reward sources; give one per "
+            "source in algo.reward_model",
+        )
+        _require(
+            self.reward_combine == "weighted_sum" or not self.reward_weights,
+            "algo.reward_weights",
+            f"apply to algo.reward_combine=weighted_sum only, not {self.reward_combine}; leave them empty",
+        )
+        _require(
+            self.reward_combine != "llama2_gate" or len(self.reward_model) in (0, 2),
+            "algo.reward_model",
+            f"must name exactly two sources (helpfulness, safety) for algo.reward_combine=llama2_gate, got "
+            f"{len(self.reward_model)}",
+        )
+        _require(
+            self.reward_combine == "llama2_gate" or not self.unsafe_prompt_pattern,
+            "algo.unsafe_prompt_pattern",
+            "applies to algo.reward_combine=llama2_gate only; set that or leave the pattern empty",
+        )
         try:
             re.compile(self.unsafe_prompt_pattern)
         except re.error as e:
-            raise ConfigError(f"config: algo.unsafe_prompt_pattern {self.unsafe_prompt_pattern!r} is not a valid "
-                              f"regular expression ({e})") from None
+            raise ConfigError(
+                f"config: algo.unsafe_prompt_pattern {self.unsafe_prompt_pattern!r} is not a valid "
+                f"regular expression ({e})"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -511,9 +611,12 @@ class RewardConfig:
     algo: RewardAlgo = field(default_factory=RewardAlgo)
 
     def __post_init__(self):
-        _require(not (self.data.train_path and all(h.data for h in self.algo.head_specs())), "data.train_path",
-                 "is set but every head in algo.heads names its own data file, so it would be ignored; leave it "
-                 "empty or drop a head's file")
+        _require(
+            not (self.data.train_path and all(h.data for h in self.algo.head_specs())),
+            "data.train_path",
+            "is set but every head in algo.heads names its own data file, so it would be ignored; leave it "
+            "empty or drop a head's file",
+        )
 
 
 @dataclass
@@ -720,7 +823,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: '{p}' must hold a mapping of sections at top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"config: '{p}' must hold a mapping of sections at top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -739,12 +844,14 @@ def load_config(stage: str, config_file: str | Path | None = None, overrides: li
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A plain dict (tuples as lists) that `build_config` accepts back."""
+
     def plain(v):
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
+
     return plain(dataclasses.asdict(cfg))
 
 
@@ -791,8 +898,12 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body
         for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs

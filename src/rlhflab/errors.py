@@ -23,8 +23,14 @@ class DataError(UserError):
     the field, and what was expected.
     """
 
-    def __init__(self, message: str, *, path: str | None = None, record: int | str | None = None,
-                 field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        record: int | str | None = None,
+        field: str | None = None,
+    ):
         where = []
         if path is not None:
             where.append(str(path))

@@ -26,7 +26,10 @@ def test_epoch_flops_hand_worked():
     # TOY layer weights: q, k, v, o 4 x 2 x 2 = 16, gate/up/down 3 x 2 x 3 = 18: 34.
     # One pair, prompt 1, chosen 1, rejected 2: rows of 2 and 3 tokens, 5 tokens, 3 scored.
     ep = br.epoch_flops([{"prompt": 1, "chosen": 1, "rejected": 2}], TOY)
-    body, attention = 2 * 34 * 5, 2 * 1 * 2 * (2 * 3 + 3 * 4)  # 340; Q K^T and A V over the causal triangles: 72
+    body, attention = (
+        2 * 34 * 5,
+        2 * 1 * 2 * (2 * 3 + 3 * 4),
+    )  # 340; Q K^T and A V over the causal triangles: 72
     assert ep["tokens"] == 5
     assert ep["ref_forward"] == body + attention + 2 * 2 * 5 * 3  # + the LM head (2 x 5) at 3 scored tokens
     assert ep["dpo_train"] == 3 * ep["ref_forward"]
@@ -47,7 +50,9 @@ def test_steady_stats_drops_warmup():
 def test_json_line_round_trip_and_ratio():
     row = bc.parse_json_line(bc.json_line("dpo", "pairs_per_s", "pairs/s", 3.0, 1.5, trl_variant="x"))
     assert row["ratio"] == 2.0 and row["better"] == "higher" and row["trl_variant"] == "x"
-    assert bc.parse_json_line(bc.json_line("dpo", "peak_rss", "MiB", 900, 1000, better="lower"))["ratio"] == 0.9
+    assert (
+        bc.parse_json_line(bc.json_line("dpo", "peak_rss", "MiB", 900, 1000, better="lower"))["ratio"] == 0.9
+    )
     assert math.isnan(json.loads(bc.json_line("a", "b", "c", 1.0, 0.0))["ratio"])
     with pytest.raises(ValueError, match="better"):
         bc.json_line("a", "b", "c", 1.0, 1.0, better="faster")
@@ -89,11 +94,19 @@ def test_first_batch_check():
 
 
 def _ppo_run():
-    iteration = {"perf/time_generate": 2.0, "perf/time_score": 0.5, "perf/time_forward": 1.0,
-                 "perf/time_optimize": 4.0, "perf/response_length": 32, "perf/flops_per_s": 2e9}
+    iteration = {
+        "perf/time_generate": 2.0,
+        "perf/time_score": 0.5,
+        "perf/time_forward": 1.0,
+        "perf/time_optimize": 4.0,
+        "perf/response_length": 32,
+        "perf/flops_per_s": 2e9,
+    }
     passes = {"ref_logps": 0.25, "policy_rollout_pass": 0.5, "policy_train_pass": 3.0}
-    return {"iterations": [{**iteration, "perf/time_generate": 9.0}, iteration, iteration],
-            "passes": [passes, passes, passes]}
+    return {
+        "iterations": [{**iteration, "perf/time_generate": 9.0}, iteration, iteration],
+        "passes": [passes, passes, passes],
+    }
 
 
 def test_ppo_split_skips_warmup_and_shares_sum_to_one():
@@ -109,24 +122,38 @@ def test_ppo_split_skips_warmup_and_shares_sum_to_one():
 
 
 def _time_run(step: float, rss: float, ref: float = 0.0) -> dict:
-    return {"step_seconds": [5.0] + [step] * 4, "step_tokens": [1000.0] * 5, "ref_seconds": ref,
-            "peak_rss_mb_wait4": rss, "process_seconds": 60.0}
+    return {
+        "step_seconds": [5.0] + [step] * 4,
+        "step_tokens": [1000.0] * 5,
+        "ref_seconds": ref,
+        "peak_rss_mb_wait4": rss,
+        "process_seconds": 60.0,
+    }
 
 
 def test_summarize_builds_every_comparison():
     ids = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}]
-    runs = {"loss_rlhflab": {"loss": 0.6, "token_ids": ids}, "loss_trl": {"loss": 0.6, "token_ids": ids},
-            "dpo_rlhflab": _time_run(1.0, 1000, ref=2.0), "dpo_trl_precompute": _time_run(2.0, 2000, ref=3.0),
-            "dpo_trl_matched": _time_run(3.0, 2000), "rm_rlhflab": _time_run(0.5, 800),
-            "rm_trl_matched": _time_run(0.6, 900), "ppo_rlhflab": _ppo_run(),
-            "dpo_trl_defaults": _time_run(4.0, 1900), "rm_trl_defaults": _time_run(2.0, 700)}
+    runs = {
+        "loss_rlhflab": {"loss": 0.6, "token_ids": ids},
+        "loss_trl": {"loss": 0.6, "token_ids": ids},
+        "dpo_rlhflab": _time_run(1.0, 1000, ref=2.0),
+        "dpo_trl_precompute": _time_run(2.0, 2000, ref=3.0),
+        "dpo_trl_matched": _time_run(3.0, 2000),
+        "rm_rlhflab": _time_run(0.5, 800),
+        "rm_trl_matched": _time_run(0.6, 900),
+        "ppo_rlhflab": _ppo_run(),
+        "dpo_trl_defaults": _time_run(4.0, 1900),
+        "rm_trl_defaults": _time_run(2.0, 700),
+    }
     meta = {"warmup": 1, "batch_size": 8, "n_pairs": 40, "n_params": 1000}
     probe = {"peak_gflops": 50.0, "gflops_by_size": {"1024": 50.0}, "threads": 2}
     lengths = [{"prompt": 10, "chosen": 20, "rejected": 30}] * 40
     lines, table = br.summarize(runs, probe, meta, lengths, DIMS)
     rows = [json.loads(x) for x in lines]
     comparisons = [bc.parse_json_line(x) for x in lines if "comparison" in json.loads(x)]
-    steps = [r for r in comparisons if r["comparison"] == "dpo" and r["metric"] == "pairs_per_s_training_steps"]
+    steps = [
+        r for r in comparisons if r["comparison"] == "dpo" and r["metric"] == "pairs_per_s_training_steps"
+    ]
     assert steps[0]["rlhflab"] == 8.0 and steps[0]["trl"] == 4.0 and steps[0]["ratio"] == 2.0
     e2e = next(r for r in comparisons if r["metric"] == "pairs_per_s_end_to_end")
     assert e2e["rlhflab"] == pytest.approx(40 / (2.0 + 5.0 + 4.0), abs=1e-5)  # reference pass + every step
@@ -147,7 +174,10 @@ def test_summarize_builds_every_comparison():
     assert f"DPO training achieved {flops['rlhflab']:.1f} GFLOP/s = {percent}" in table
     assert "PPO perf/flops_per_s (stage log): 2.00 GFLOP/s = 4.0% of the matmul peak." in table
     logged = flops["rlhflab_logged_convention_gflops"]
-    assert f"As the stage logs it in perf/flops_per_s (rlhflab.models.flops without the attention scores) it is {logged:.1f}" in table
+    assert (
+        f"As the stage logs it in perf/flops_per_s (rlhflab.models.flops without the attention scores) it is {logged:.1f}"
+        in table
+    )
 
 
 def test_median_run_picks_the_middle_repeat_and_an_rm_only_summary():
@@ -157,12 +187,19 @@ def test_median_run_picks_the_middle_repeat_and_an_rm_only_summary():
     assert picked["peak_rss_mb_wait4"] == 800 and picked["repeat_pairs_per_s"] == [4.0, 16.0, 8.0]
     # An even count takes the lower middle run (the conservative one for the side being measured).
     assert br.median_run([fast, slow], warmup=1, batch=8)["peak_rss_mb_wait4"] == 900
-    runs = {"rm_rlhflab": picked, "rm_trl_matched": br.median_run([_time_run(2.0, 900)] * 3, warmup=1, batch=8)}
+    runs = {
+        "rm_rlhflab": picked,
+        "rm_trl_matched": br.median_run([_time_run(2.0, 900)] * 3, warmup=1, batch=8),
+    }
     meta = {"warmup": 1, "batch_size": 8, "n_pairs": 40, "n_params": 1000}
     probe = {"peak_gflops": 50.0, "gflops_by_size": {"1024": 50.0}, "threads": 2}
     lines, table = br.summarize(runs, probe, meta, [{"prompt": 10, "chosen": 20, "rejected": 30}] * 40, DIMS)
     rows = [bc.parse_json_line(x) for x in lines if "comparison" in json.loads(x)]
     assert {r["comparison"] for r in rows} == {"rm"}  # no DPO runs, so no DPO lines
     steps = next(r for r in rows if r["metric"] == "pairs_per_s_training_steps")
-    assert steps["ratio"] == 2.0 and steps["rlhflab_repeats"] == [4.0, 16.0, 8.0] and steps["trl_repeats"] == [4.0] * 3
+    assert (
+        steps["ratio"] == 2.0
+        and steps["rlhflab_repeats"] == [4.0, 16.0, 8.0]
+        and steps["trl_repeats"] == [4.0] * 3
+    )
     assert "median of 3 interleaved runs (rlhflab 4.0/16.0/8.0, TRL 4.0/4.0/4.0)" in table

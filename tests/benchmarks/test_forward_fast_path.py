@@ -43,8 +43,9 @@ def _grads(fn, h, w, b, y):
 @pytest.mark.parametrize("temperature, bias, chunk", [(1.0, False, 1024), (0.7, True, 3), (1.3, True, 1)])
 def test_head_logps_matches_full_logits(temperature, bias, chunk):
     h, w, b, y = _inputs(bias=bias)
-    ours, ours_grads = _grads(lambda *a: head_logps(a[0], a[1], a[3], a[2], chunk_size=chunk,
-                                                    temperature=temperature), h, w, b, y)
+    ours, ours_grads = _grads(
+        lambda *a: head_logps(a[0], a[1], a[3], a[2], chunk_size=chunk, temperature=temperature), h, w, b, y
+    )
     ref, ref_grads = _grads(lambda *a: _plain(*a, temperature), h, w, b, y)
     assert torch.allclose(ours, ref, atol=1e-5)
     for got, want in zip(ours_grads, ref_grads, strict=True):
@@ -65,14 +66,17 @@ def test_head_logps_hand_worked():
 
 def test_head_logps_gradcheck_float64():
     h, w, b, y = _inputs(dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda h, w, b: head_logps(h, w, y, b, chunk_size=4, temperature=0.9),
-                                    (h, w, b))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: head_logps(h, w, y, b, chunk_size=4, temperature=0.9), (h, w, b)
+    )
 
 
 def test_without_grad_and_over_budget_no_softmax_is_kept(monkeypatch):
     h, w, b, y = _inputs()
     calls = []
-    monkeypatch.setattr(forward._HeadLogps, "apply", lambda *a: calls.append(a) or pytest.fail("kept softmax"))
+    monkeypatch.setattr(
+        forward._HeadLogps, "apply", lambda *a: calls.append(a) or pytest.fail("kept softmax")
+    )
     with torch.no_grad():
         out = head_logps(h, w, y, b, chunk_size=2, temperature=0.8)
         assert torch.allclose(out, _plain(h, w, b, y, 0.8), atol=1e-5) and not out.requires_grad
@@ -125,8 +129,15 @@ def _reward_model(kv_heads: int):
     from rlhflab.models.reward_model import RewardModel
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, intermediate_size=48, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     return RewardModel(LlamaModel(config).train(), 2)
 
 
@@ -143,13 +154,18 @@ def test_final_layer_only_at_gives_the_same_rewards_and_gradients(kv_heads):
     weights = torch.tensor([[1.0, -0.5], [0.3, 2.0], [-1.2, 0.7], [0.9, 0.1]])
 
     mlp_rows = []
-    model.backbone.layers[-1].mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[:-1]))
+    model.backbone.layers[-1].mlp.register_forward_hook(
+        lambda m, args, out: mlp_rows.append(args[0].shape[:-1])
+    )
 
     def run(fast: bool):
         model.zero_grad(set_to_none=True)
         mlp_rows.clear()
-        block = (final_layer_only_at(model.backbone, mask, last_token_index(mask)) if fast
-                 else contextlib.nullcontext(False))
+        block = (
+            final_layer_only_at(model.backbone, mask, last_token_index(mask))
+            if fast
+            else contextlib.nullcontext(False)
+        )
         with block as used:
             rewards = model(ids, mask)
         (rewards * weights).sum().backward()
@@ -174,7 +190,10 @@ def test_final_layer_only_at_leaves_other_models_and_errors_alone(tiny_tokenizer
         assert not used
     model = _reward_model(4)
     last = model.backbone.layers[-1]
-    with pytest.raises(RuntimeError, match="boom"), final_layer_only_at(model.backbone, mask, torch.tensor([2, 2])):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        final_layer_only_at(model.backbone, mask, torch.tensor([2, 2])),
+    ):
         assert model.backbone.layers[-1] is not last
         raise RuntimeError("boom")
     assert model.backbone.layers[-1] is last

@@ -26,9 +26,9 @@ def test_user_error_is_one_line_exit_2(capsys):
 def test_subprocess_no_traceback_on_bad_config(tmp_path):
     bad = tmp_path / "x.yaml"
     bad.write_text("data: {max_length: 8, max_prompt_length: 9}\n")
-    proc = subprocess.run([sys.executable, "-m", "rlhflab.cli", "sft", "--config", str(bad)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhflab.cli", "sft", "--config", str(bad)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "must be smaller than data.max_length" in proc.stderr
     assert "Traceback" not in proc.stderr
-

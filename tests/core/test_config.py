@@ -35,19 +35,22 @@ def test_round_trip_through_dict_and_yaml():
     assert "strength of the implicit KL constraint" in config_to_yaml(cfg)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.lrr=1"], r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
-    (["optimizer.lr=1"], r"unknown key 'optimizer'; did you mean 'optim'\?"),
-    (["optim.batch_size=abc"], r"'optim.batch_size' must be an integer, got 'abc'"),
-    (["optim.lr=fast"], r"'optim.lr' must be a number"),
-    (["logging.tensorboard=maybe"], r"must be true or false"),
-    (["optim.scheduler=cosin"], r"must be one of .*did you mean 'cosine'\?"),
-    (["optim.batch_size=10", "optim.micro_batch_size=4"], r"must divide optim.batch_size \(10\); try 5"),
-    (["algo.beta=0"], r"algo.beta must be > 0"),
-    (["data.max_length=32", "data.max_prompt_length=32"], r"must be smaller than data.max_length"),
-    (["optim=3"], r"'optim' is a section"),
-    (["nonsense"], r"must look like key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
+        (["optimizer.lr=1"], r"unknown key 'optimizer'; did you mean 'optim'\?"),
+        (["optim.batch_size=abc"], r"'optim.batch_size' must be an integer, got 'abc'"),
+        (["optim.lr=fast"], r"'optim.lr' must be a number"),
+        (["logging.tensorboard=maybe"], r"must be true or false"),
+        (["optim.scheduler=cosin"], r"must be one of .*did you mean 'cosine'\?"),
+        (["optim.batch_size=10", "optim.micro_batch_size=4"], r"must divide optim.batch_size \(10\); try 5"),
+        (["algo.beta=0"], r"algo.beta must be > 0"),
+        (["data.max_length=32", "data.max_prompt_length=32"], r"must be smaller than data.max_length"),
+        (["optim=3"], r"'optim' is a section"),
+        (["nonsense"], r"must look like key=value"),
+    ],
+)
 def test_actionable_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("dpo", None, overrides)
@@ -70,11 +73,16 @@ def test_file_errors(tmp_path):
 
 def test_parse_overrides_nests_and_parses_scalars():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"]) == {
-        "a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
+        "a": {"b": 1, "c": "x"},
+        "d": True,
+        "e": [1, 2],
+    }
 
 
 def test_ppo_minibatch_must_divide_rollout_batch():
-    with pytest.raises(ConfigError, match=r"algo.minibatch_size \(24\) must divide algo.rollout_batch_size \(64\)"):
+    with pytest.raises(
+        ConfigError, match=r"algo.minibatch_size \(24\) must divide algo.rollout_batch_size \(64\)"
+    ):
         load_config("ppo", None, ["algo.minibatch_size=24"])
 
 

@@ -107,5 +107,7 @@ def test_run_dir_refuses_to_clobber(tmp_path):
 
 def test_check_finite(tmp_path):
     check_finite({"loss": torch.tensor(1.0), "x": 2.0}, step=1)
-    with pytest.raises(TrainingHealthError, match="step 7: loss/train is not finite.*last good checkpoint is"):
+    with pytest.raises(
+        TrainingHealthError, match="step 7: loss/train is not finite.*last good checkpoint is"
+    ):
         check_finite({"loss/train": torch.tensor([1.0, float("nan")])}, step=7, last_good=tmp_path)

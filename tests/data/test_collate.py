@@ -22,8 +22,11 @@ PAD = 0
 
 
 def _ex(ids, n_prompt):
-    return {"input_ids": ids, "attention_mask": [1] * len(ids),
-            "loss_mask": [False] * n_prompt + [True] * (len(ids) - n_prompt)}
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "loss_mask": [False] * n_prompt + [True] * (len(ids) - n_prompt),
+    }
 
 
 def test_collate_sft_right_pads():
@@ -32,21 +35,30 @@ def test_collate_sft_right_pads():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["loss_mask"].tolist() == [[False, True, True], [False, True, False]]
     assert batch["loss_mask"].dtype == torch.bool and batch["input_ids"].dtype == torch.long
-    assert collate_sft([_ex([5, 6, 7], 1)], pad_token_id=PAD, pad_to_multiple_of=4)["input_ids"].shape == (1, 4)
-    unpaired = collate_unpaired([{**_ex([5], 0), "label": True}, {**_ex([6], 0), "label": False}], pad_token_id=PAD)
+    assert collate_sft([_ex([5, 6, 7], 1)], pad_token_id=PAD, pad_to_multiple_of=4)["input_ids"].shape == (
+        1,
+        4,
+    )
+    unpaired = collate_unpaired(
+        [{**_ex([5], 0), "label": True}, {**_ex([6], 0), "label": False}], pad_token_id=PAD
+    )
     assert unpaired["label"].tolist() == [True, False]
 
 
 def test_collate_prompts_left_pads():
-    batch = collate_prompts([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]},
-                             {"input_ids": [8], "attention_mask": [1]}], pad_token_id=PAD)
+    batch = collate_prompts(
+        [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [8], "attention_mask": [1]}],
+        pad_token_id=PAD,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_collate_pairs_split_and_stacked(tiny_tokenizer):
-    examples = [tokenize_pair(PairwiseRecord("hi", "very good", "no", margin=2.0), tiny_tokenizer),
-                tokenize_pair(PairwiseRecord("how was the day ?", "good", "bad"), tiny_tokenizer)]
+    examples = [
+        tokenize_pair(PairwiseRecord("hi", "very good", "no", margin=2.0), tiny_tokenizer),
+        tokenize_pair(PairwiseRecord("how was the day ?", "good", "bad"), tiny_tokenizer),
+    ]
     split = collate_pairs(examples, pad_token_id=tiny_tokenizer.pad_token_id)
     assert split["chosen_input_ids"].shape == split["rejected_input_ids"].shape == (2, 7)
     assert split["margin"].tolist() == [2.0, 0.0]
@@ -58,8 +70,10 @@ def test_collate_pairs_split_and_stacked(tiny_tokenizer):
 
 
 def test_collate_ranked_flattens_rows(tiny_tokenizer):
-    examples = [tokenize_ranked(RankedRecord("hi", ["yes", "no", "hello"], ranks=[0, 1, 1]), tiny_tokenizer),
-                tokenize_ranked(RankedRecord("hi", ["good", "bad"]), tiny_tokenizer)]
+    examples = [
+        tokenize_ranked(RankedRecord("hi", ["yes", "no", "hello"], ranks=[0, 1, 1]), tiny_tokenizer),
+        tokenize_ranked(RankedRecord("hi", ["good", "bad"]), tiny_tokenizer),
+    ]
     batch = collate_ranked(examples, pad_token_id=tiny_tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (5, 3)
     assert batch["num_responses"].tolist() == [3, 2]
@@ -119,8 +133,11 @@ def test_packed_logits_equal_unpacked(tiny_model, tiny_tokenizer, attn):
     batch = collate_packed(rows, pad_token_id=tiny_tokenizer.pad_token_id)
     assert batch["cu_seqlens"].tolist() == [0, 5, 12, 16, 25, 28, 32] and batch["max_seqlen"] == 9
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
         naive = model(input_ids=batch["input_ids"]).logits
         assert torch.isfinite(packed).all()
         worst_gap = 0.0
@@ -128,7 +145,7 @@ def test_packed_logits_equal_unpacked(tiny_model, tiny_tokenizer, attn):
             start = 0
             for n in lens:
                 alone = model(input_ids=torch.tensor([seqs.pop(0)])).logits[0]
-                torch.testing.assert_close(packed[b, start:start + n], alone, atol=1e-5, rtol=0)
-                worst_gap = max(worst_gap, (naive[b, start:start + n] - alone).abs().max().item())
+                torch.testing.assert_close(packed[b, start : start + n], alone, atol=1e-5, rtol=0)
+                worst_gap = max(worst_gap, (naive[b, start : start + n] - alone).abs().max().item())
                 start += n
     assert worst_gap > 1e-3  # without the mask the sequences see each other: the test can fail

@@ -47,15 +47,25 @@ def _source(kind: str, fmt: str, tmp_path: Path) -> Path:
 
 
 EXPECTED = {
-    "sft": [SFTRecord("what is 2 + 2 ?", "it is 4 ."), SFTRecord("say hello", "hello !"),
-            SFTRecord("i love the film", "good")],
-    "pairwise": [PairwiseRecord("how was the movie ?", "very good", "bad", margin=2.5),
-                 PairwiseRecord("say hi", "hi !", "no", rating="significantly_better"),
-                 PairwiseRecord("what is 1 + 1 ?", "2", "3")],
-    "ranked": [RankedRecord("what is 3 + 4 ?", ["7", "it is 8", "no"]),
-               RankedRecord("how was the day ?", ["great", "good", "happy", "bad"], ranks=(0, 1, 1, 2))],
-    "unpaired": [UnpairedRecord("how was the film ?", "very good", True),
-                 UnpairedRecord("how was the film ?", "i hate it", False), UnpairedRecord("say yes", "yes", True)],
+    "sft": [
+        SFTRecord("what is 2 + 2 ?", "it is 4 ."),
+        SFTRecord("say hello", "hello !"),
+        SFTRecord("i love the film", "good"),
+    ],
+    "pairwise": [
+        PairwiseRecord("how was the movie ?", "very good", "bad", margin=2.5),
+        PairwiseRecord("say hi", "hi !", "no", rating="significantly_better"),
+        PairwiseRecord("what is 1 + 1 ?", "2", "3"),
+    ],
+    "ranked": [
+        RankedRecord("what is 3 + 4 ?", ["7", "it is 8", "no"]),
+        RankedRecord("how was the day ?", ["great", "good", "happy", "bad"], ranks=(0, 1, 1, 2)),
+    ],
+    "unpaired": [
+        UnpairedRecord("how was the film ?", "very good", True),
+        UnpairedRecord("how was the film ?", "i hate it", False),
+        UnpairedRecord("say yes", "yes", True),
+    ],
     "prompt": [PromptRecord("how was the day ?"), PromptRecord("say hello"), PromptRecord("what is 5 + 2 ?")],
 }
 
@@ -75,9 +85,20 @@ def test_ranked_ties_and_rating_margins():
     plain = load_records(FILES / "pairwise.jsonl", "pairwise").records
     assert [r.margin for r in plain] == [2.5, None, None]  # a rating alone sets no margin
     assert plain[1].rating == "significantly_better"
-    large = load_records(FILES / "pairwise.jsonl", "pairwise", margin_table={"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0}).records
+    large = load_records(
+        FILES / "pairwise.jsonl",
+        "pairwise",
+        margin_table={
+            "significantly_better": 3.0,
+            "better": 2.0,
+            "slightly_better": 1.0,
+            "negligibly_better": 0.0,
+        },
+    ).records
     assert [r.margin for r in large] == [2.5, 3.0, None]  # explicit margin wins over the table
-    custom = load_records(FILES / "pairwise.jsonl", "pairwise", margin_table={"Significantly better": 7}).records
+    custom = load_records(
+        FILES / "pairwise.jsonl", "pairwise", margin_table={"Significantly better": 7}
+    ).records
     assert custom[1].margin == 7.0
 
 
@@ -117,7 +138,9 @@ def test_dataset_dict_split_and_in_memory_sources(tmp_path):
     import datasets
 
     rows = _jsonl_rows("sft.jsonl")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert len(load_records(tmp_path / "dd", "sft", split="test")) == 1
     with pytest.raises(ConfigError, match="several splits.*train, test"):
@@ -176,30 +199,73 @@ def test_missing_field_suggests_close_spelling(tmp_path):
         load_records(path, "pairwise")
 
 
-@pytest.mark.parametrize("row, kind, pattern", [
-    ({"prompt": "hi", "completion": 5}, "sft", r"field 'completion': expected a string or a list of .*got int 5"),
-    ({"prompt": "hi", "chosen": "a", "rejected": "b", "margin": "big"}, "pairwise",
-     r"field 'margin': expected a finite number, got str 'big'"),
-    ({"prompt": "hi", "completion": "a", "label": "yes"}, "unpaired", r"field 'label': expected true or false"),
-    ({"prompt": "hi", "responses": "a"}, "ranked", r"field 'responses': expected a list of responses"),
-    ({"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 0]}, "ranked",
-     r"field 'ranks': \[1, 0\] is not non-decreasing"),
-    ({"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 1]}, "ranked", r"field 'ranks': ties every response"),
-    ({"prompt": "hi", "chosen": "a", "rejected": "a"}, "pairwise", r"field 'chosen': is identical"),
-    ({"prompt": [{"role": "user"}], "completion": "a"}, "sft", r"field 'prompt': message 0 needs a string 'content'"),
-    ({"chosen": "a", "rejected": "b"}, "pairwise", r"field 'prompt': is missing \(a prompt can be left out only"),
-    ({"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "pairwise",
-     r"field 'chosen': is a list of messages but the prompt is text"),
-    ({"prompt": "hi", "chosen": "a", "rejected": "b", "rating": "way better"}, "pairwise",
-     r"field 'rating': unknown rating 'way better'; expected one of significantly_better, better"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "sft", r"field 'messages': has no assistant message"),
-    ({"prompt": ""}, "prompt", r"field 'prompt': is empty"),
-])
+@pytest.mark.parametrize(
+    "row, kind, pattern",
+    [
+        (
+            {"prompt": "hi", "completion": 5},
+            "sft",
+            r"field 'completion': expected a string or a list of .*got int 5",
+        ),
+        (
+            {"prompt": "hi", "chosen": "a", "rejected": "b", "margin": "big"},
+            "pairwise",
+            r"field 'margin': expected a finite number, got str 'big'",
+        ),
+        (
+            {"prompt": "hi", "completion": "a", "label": "yes"},
+            "unpaired",
+            r"field 'label': expected true or false",
+        ),
+        ({"prompt": "hi", "responses": "a"}, "ranked", r"field 'responses': expected a list of responses"),
+        (
+            {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 0]},
+            "ranked",
+            r"field 'ranks': \[1, 0\] is not non-decreasing",
+        ),
+        (
+            {"prompt": "hi", "responses": ["a", "b"], "ranks": [1, 1]},
+            "ranked",
+            r"field 'ranks': ties every response",
+        ),
+        ({"prompt": "hi", "chosen": "a", "rejected": "a"}, "pairwise", r"field 'chosen': is identical"),
+        (
+            {"prompt": [{"role": "user"}], "completion": "a"},
+            "sft",
+            r"field 'prompt': message 0 needs a string 'content'",
+        ),
+        (
+            {"chosen": "a", "rejected": "b"},
+            "pairwise",
+            r"field 'prompt': is missing \(a prompt can be left out only",
+        ),
+        (
+            {"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+            "pairwise",
+            r"field 'chosen': is a list of messages but the prompt is text",
+        ),
+        (
+            {"prompt": "hi", "chosen": "a", "rejected": "b", "rating": "way better"},
+            "pairwise",
+            r"field 'rating': unknown rating 'way better'; expected one of significantly_better, better",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "sft",
+            r"field 'messages': has no assistant message",
+        ),
+        ({"prompt": ""}, "prompt", r"field 'prompt': is empty"),
+    ],
+)
 def test_wrong_values_name_line_field_and_expectation(tmp_path, row, kind, pattern):
     path = tmp_path / "d.jsonl"
-    good = {"sft": {"prompt": "a", "completion": "b"}, "pairwise": {"prompt": "a", "chosen": "b", "rejected": "c"},
-            "unpaired": {"prompt": "a", "completion": "b", "label": True}, "prompt": {"prompt": "a"},
-            "ranked": {"prompt": "a", "responses": ["b", "c"]}}[kind]
+    good = {
+        "sft": {"prompt": "a", "completion": "b"},
+        "pairwise": {"prompt": "a", "chosen": "b", "rejected": "c"},
+        "unpaired": {"prompt": "a", "completion": "b", "label": True},
+        "prompt": {"prompt": "a"},
+        "ranked": {"prompt": "a", "responses": ["b", "c"]},
+    }[kind]
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=r"d\.jsonl, line 2, " + pattern):
         load_records(path, kind)
@@ -218,8 +284,17 @@ def test_csv_specific_errors(tmp_path):
         load_records(path, "ranked")
 
 
-@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("e.jsonl", "\n\n"), ("e.json", "[]"),
-                                           ("e.csv", ""), ("e.csv", "prompt,completion\n"), ("e.json", " ")])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("e.jsonl", ""),
+        ("e.jsonl", "\n\n"),
+        ("e.json", "[]"),
+        ("e.csv", ""),
+        ("e.csv", "prompt,completion\n"),
+        ("e.json", " "),
+    ],
+)
 def test_empty_sources_are_errors(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
@@ -255,8 +330,13 @@ def test_json_object_forms(tmp_path):
 
 def test_skip_bad_counts_and_reports(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
-    lines = [json.dumps({"prompt": "a", "completion": "b"}), "{broken", json.dumps({"prompt": "a"}),
-             json.dumps({"prompt": "c", "completion": "d"}), "[1, 2]"]
+    lines = [
+        json.dumps({"prompt": "a", "completion": "b"}),
+        "{broken",
+        json.dumps({"prompt": "a"}),
+        json.dumps({"prompt": "c", "completion": "d"}),
+        "[1, 2]",
+    ]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="line 2"):
         load_records(path, "sft")
@@ -284,7 +364,11 @@ def test_write_jsonl_round_trips_records_and_dicts(tmp_path):
     path = tmp_path / "sub" / "out.jsonl"
     assert write_jsonl(records, path) == 5
     assert load_records(path, "pairwise").records == records
-    assert json.loads(path.read_text().splitlines()[2]) == {"prompt": "what is 1 + 1 ?", "chosen": "2", "rejected": "3"}
+    assert json.loads(path.read_text().splitlines()[2]) == {
+        "prompt": "what is 1 + 1 ?",
+        "chosen": "2",
+        "rejected": "3",
+    }
     ranked = EXPECTED["ranked"]
     write_jsonl(ranked, path)
     assert load_records(path, "ranked").records == ranked

@@ -21,11 +21,19 @@ def test_llama2_ratings_are_in_strength_order():
     assert LLAMA2_RATINGS == ("significantly_better", "better", "slightly_better", "negligibly_better")
 
 
-@pytest.mark.parametrize("name, canonical", [
-    ("Significantly Better", "significantly_better"), ("significantly-better", "significantly_better"),
-    ("  SLIGHTLY_better ", "slightly_better"), ("Better", "better"),
-    ("Negligibly Better / Unsure", "negligibly_better"), ("negligibly better or unsure", "negligibly_better"),
-    ("unsure", "negligibly_better"), ("negligibly_better", "negligibly_better")])
+@pytest.mark.parametrize(
+    "name, canonical",
+    [
+        ("Significantly Better", "significantly_better"),
+        ("significantly-better", "significantly_better"),
+        ("  SLIGHTLY_better ", "slightly_better"),
+        ("Better", "better"),
+        ("Negligibly Better / Unsure", "negligibly_better"),
+        ("negligibly better or unsure", "negligibly_better"),
+        ("unsure", "negligibly_better"),
+        ("negligibly_better", "negligibly_better"),
+    ],
+)
 def test_rating_names_normalize(name, canonical):
     assert normalize_rating(name) == canonical
 

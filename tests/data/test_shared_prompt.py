@@ -7,13 +7,19 @@ from rlhflab.data.packing import responses_of
 
 
 def _pair(prompt, chosen, rejected, margin=None):
-    return {"prompt_input_ids": prompt, "chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected,
-            "margin": margin}
+    return {
+        "prompt_input_ids": prompt,
+        "chosen_input_ids": prompt + chosen,
+        "rejected_input_ids": prompt + rejected,
+        "margin": margin,
+    }
 
 
 def test_one_pair_by_hand():
     # Row: p p c c r  (prompt [1, 2], chosen [3, 4], rejected [5]); padded to the second row's length 6.
-    batch = collate_shared_prompt([_pair([1, 2], [3, 4], [5]), _pair([7], [8, 9, 10], [11, 12])], pad_token_id=0)
+    batch = collate_shared_prompt(
+        [_pair([1, 2], [3, 4], [5]), _pair([7], [8, 9, 10], [11, 12])], pad_token_id=0
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [7, 8, 9, 10, 11, 12]]
     # The rejected response continues from the prompt: position 2, like prompt + rejected alone.
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0], [0, 1, 2, 3, 1, 2]]
@@ -37,8 +43,10 @@ def test_one_pair_by_hand():
 
 
 def test_rankings_of_different_sizes_and_dtype():
-    ranked = [{"prompt_input_ids": [1], "input_ids": [[1, 2], [1, 3, 4], [1, 5]]},
-              {"prompt_input_ids": [6, 7], "input_ids": [[6, 7, 8], [6, 7, 9]]}]
+    ranked = [
+        {"prompt_input_ids": [1], "input_ids": [[1, 2], [1, 3, 4], [1, 5]]},
+        {"prompt_input_ids": [6, 7], "input_ids": [[6, 7, 8], [6, 7, 9]]},
+    ]
     batch = collate_shared_prompt(ranked, pad_token_id=0, dtype=torch.float64)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 1, 2, 1], [0, 1, 2, 2, 0]]
@@ -52,7 +60,11 @@ def test_rankings_of_different_sizes_and_dtype():
 def test_examples_that_cannot_share_their_prompt():
     assert responses_of(_pair([1, 2], [3], [4])) == [[3], [4]]
     empty = _pair([1, 2], [3], [])  # an empty response has no token of its own to read
-    other_prefix = {"prompt_input_ids": [1, 2], "chosen_input_ids": [1, 9, 3], "rejected_input_ids": [1, 2, 4]}
+    other_prefix = {
+        "prompt_input_ids": [1, 2],
+        "chosen_input_ids": [1, 9, 3],
+        "rejected_input_ids": [1, 2, 4],
+    }
     for bad in (empty, other_prefix):
         assert responses_of(bad) is None
         assert collate_shared_prompt([_pair([1], [2], [3]), bad], pad_token_id=0) is None

@@ -36,8 +36,9 @@ def test_text_sft_masks_prompt_and_counts_eos(tiny_tokenizer, ids):
     assert out["input_ids"] == ids("say hello hello ! <eos>")
     assert out["loss_mask"] == _mask(2, 3)
     assert out["attention_mask"] == [1] * 5
-    assert tokenize_sft(SFTRecord("say hello", "hello !"), tiny_tokenizer, add_eos=False)["input_ids"] == \
-        ids("say hello hello !")
+    assert tokenize_sft(SFTRecord("say hello", "hello !"), tiny_tokenizer, add_eos=False)["input_ids"] == ids(
+        "say hello hello !"
+    )
     # a response already ending in EOS does not get a second one
     assert tokenize_sft(SFTRecord("hi", "hello <eos>"), tiny_tokenizer)["input_ids"] == ids("hi hello <eos>")
 
@@ -53,8 +54,10 @@ def test_chat_sft_prompt_completion(tiny_tokenizer, ids):
 def test_multi_turn_messages_count_every_assistant_turn(tiny_tokenizer, ids):
     msgs = [S("be happy"), U("hi"), A("hello !"), U("how was the film ?"), A("very good")]
     out = tokenize_sft(SFTRecord(messages=msgs), tiny_tokenizer)
-    expected = ("<|system|> <unk> happy <|user|> hi <|assistant|> hello ! <eos> "
-                "<|user|> how was the film ? <|assistant|> very good <eos>")
+    expected = (
+        "<|system|> <unk> happy <|user|> hi <|assistant|> hello ! <eos> "
+        "<|user|> how was the film ? <|assistant|> very good <eos>"
+    )
     assert out["input_ids"] == ids(expected)
     assert out["loss_mask"] == _mask(6, 3) + _mask(7, 3)
     # the pieces join to exactly the template's full rendering
@@ -68,20 +71,26 @@ def test_multi_turn_with_another_template():
     # ChatML-like: role headers, BOS in the text, a separator after each turn, trailing user turn
     tok.chat_template = (
         "{{ bos_token }}{% for m in messages %}[ {{ m['role'] }} ] : {{ m['content'] }} <eos> {% endfor %}"
-        "{% if add_generation_prompt %}[ assistant ] :{% endif %}")
+        "{% if add_generation_prompt %}[ assistant ] :{% endif %}"
+    )
     msgs = [U("hi"), A("hello"), U("yes"), A("no"), U("hi")]
     out = tokenize_sft(SFTRecord(messages=msgs), tok)
     toks = tok.convert_ids_to_tokens(out["input_ids"])
     counted = [t for t, m in zip(toks, out["loss_mask"]) if m]
     assert counted == ["hello", "<eos>", "no", "<eos>"]
     assert toks[0] == "<bos>" and toks.count("<bos>") == 1
-    assert out["input_ids"] == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        out["input_ids"]
+        == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_template_that_is_not_prefix_stable_is_a_config_error(tiny_tokenizer):
     tok = build_word_tokenizer(["hi", "hello"])
-    tok.chat_template = ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}hello "
-                         "{% endif %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}hello "
+        "{% endif %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     with pytest.raises(ConfigError, match="renders the prompt differently once a response follows"):
         tokenize_sft(SFTRecord([U("hi")], [A("hi")]), tok)
     plain = build_word_tokenizer(["hi"])
@@ -101,19 +110,32 @@ def test_truncation_keeps_prompt_end_and_response_start(tiny_tokenizer, ids):
     # a short prompt is not cut; the response takes the room left
     out = tokenize_sft(SFTRecord("hi", "it is 4 ."), tiny_tokenizer, max_length=4, max_prompt_length=3)
     assert out["input_ids"] == ids("hi it is 4")
-    assert tokenize_sft(rec, tiny_tokenizer, max_length=100)["input_ids"] == ids("what is 2 + 2 ? it is 4 . <eos>")
+    assert tokenize_sft(rec, tiny_tokenizer, max_length=100)["input_ids"] == ids(
+        "what is 2 + 2 ? it is 4 . <eos>"
+    )
     # the BOS survives keep-the-end truncation
     out = tokenize_sft(SFTRecord("<bos> what is 2 + 2 ?", "4"), tiny_tokenizer, max_prompt_length=4)
     assert out["input_ids"] == ids("<bos> + 2 ? 4 <eos>")
 
 
-@pytest.mark.parametrize("max_length, max_prompt_length, pattern", [
-    (8, 8, "must be smaller than max_length"), (8, 9, "must be smaller"), (1, None, "max_length must be"),
-    (8, 0, "max_prompt_length must be"), (8.0, None, "integer")])
+@pytest.mark.parametrize(
+    "max_length, max_prompt_length, pattern",
+    [
+        (8, 8, "must be smaller than max_length"),
+        (8, 9, "must be smaller"),
+        (1, None, "max_length must be"),
+        (8, 0, "max_prompt_length must be"),
+        (8.0, None, "integer"),
+    ],
+)
 def test_impossible_lengths_are_config_errors(tiny_tokenizer, max_length, max_prompt_length, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        tokenize_sft(SFTRecord("hi", "hello"), tiny_tokenizer, max_length=max_length,
-                     max_prompt_length=max_prompt_length)
+        tokenize_sft(
+            SFTRecord("hi", "hello"),
+            tiny_tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
 
 
 def test_pair_shares_one_truncated_prompt(tiny_tokenizer, ids):
@@ -136,13 +158,17 @@ def test_ranked_and_unpaired(tiny_tokenizer, ids):
     assert out["input_ids"] == [ids("hi hello <eos>"), ids("hi yes <eos>"), ids("hi no <eos>")]
     assert out["loss_mask"] == [_mask(1, 2)] * 3 and out["ranks"] == [0, 1, 1]
     out = tokenize_unpaired(UnpairedRecord("hi", "no", False), tiny_tokenizer)
-    assert out["input_ids"] == ids("hi no <eos>") and out["loss_mask"] == _mask(1, 2) and out["label"] is False
+    assert (
+        out["input_ids"] == ids("hi no <eos>") and out["loss_mask"] == _mask(1, 2) and out["label"] is False
+    )
 
 
 def test_prompt_for_generation(tiny_tokenizer, ids):
     out = tokenize_prompt(PromptRecord([S("be happy"), U("how was the day ?")]), tiny_tokenizer)
     assert out["input_ids"] == ids("<|system|> <unk> happy <|user|> how was the day ? <|assistant|>")
-    assert tokenize_prompt("how was the day ?", tiny_tokenizer, max_prompt_length=2)["input_ids"] == ids("day ?")
+    assert tokenize_prompt("how was the day ?", tiny_tokenizer, max_prompt_length=2)["input_ids"] == ids(
+        "day ?"
+    )
     via_record = tokenize_record(PromptRecord("how was the day ?"), tiny_tokenizer, max_length=3)
     assert via_record == {"input_ids": ids("the day ?"), "attention_mask": [1, 1, 1]}
     assert tokenize_record(SFTRecord("hi", "yes"), tiny_tokenizer)["input_ids"] == ids("hi yes <eos>")

@@ -108,8 +108,13 @@ def _pipeline_like_inputs():
         "best_of_16": {"gold/mean": 0.5, "gold/ci95": [0.45, 0.55], "kl/ref": bound, "sample/len_mean": 9.5},
     }
     summary = {
-        n: {"gold_reward_mean": m["gold/mean"], "gold_reward_ci95": 0.05, "win_rate_vs_sft": 0.5,
-            "kl_to_sft": m["kl/ref"], "mean_length": m["sample/len_mean"]}
+        n: {
+            "gold_reward_mean": m["gold/mean"],
+            "gold_reward_ci95": 0.05,
+            "win_rate_vs_sft": 0.5,
+            "kl_to_sft": m["kl/ref"],
+            "mean_length": m["sample/len_mean"],
+        }
         for n, m in policies.items()
     }
     return policies, summary, bound
@@ -191,8 +196,15 @@ def test_reward_vs_sqrt_kl_plot_draws_points_and_sorted_smoothed_lines(monkeypat
     figs = []
     monkeypatch.setattr(R, "_figure_png", lambda fig: figs.append(fig) or b"png")
     # KL that goes up and down over time (a zig-zag if joined in time order), two runs.
-    rows = [{"step": s, "reward/score": 0.1 * s, "gold/mean": 0.2 - 0.01 * s,
-             "kl/ref": 0.3 * s + (0.8 if s % 2 else 0.0)} for s in range(30)]
+    rows = [
+        {
+            "step": s,
+            "reward/score": 0.1 * s,
+            "gold/mean": 0.2 - 0.01 * s,
+            "kl/ref": 0.3 * s + (0.8 if s % 2 else 0.0),
+        }
+        for s in range(30)
+    ]
     other = [{**r, "reward/score": r["reward/score"] + 1} for r in rows]
     assert R.plot_gold_vs_proxy({"ppo": rows, "ppo_kl0": other}) == b"png"
     ax2 = figs[0].axes[1]

@@ -104,4 +104,7 @@ def test_lab_base_and_eval(lab_cache, sentiment_base_dir, tmp_path, capsys):
     assert metrics["kl/ref"] == 0.0
     # The HTML table shows the same numbers as report.json.
     html = (tmp_path / "report" / "report.html").read_text()
-    assert f"<td>{metrics['gold/mean']:.3f}</td>" in html and f"<td>{metrics['sample/len_mean']:.3f}</td>" in html
+    assert (
+        f"<td>{metrics['gold/mean']:.3f}</td>" in html
+        and f"<td>{metrics['sample/len_mean']:.3f}</td>" in html
+    )

@@ -120,13 +120,17 @@ def test_reference_samples_must_share_prompts(base):
         evaluate_policy(
             model, tokenizer, task, prompts=task.heldout_prompts(4, seed=2), n_samples=2, ref_samples=ref
         )
-    m = evaluate_policy(model, tokenizer, task, prompts=ref.prompts, n_samples=2, ref_samples=ref, return_samples=True)
+    m = evaluate_policy(
+        model, tokenizer, task, prompts=ref.prompts, n_samples=2, ref_samples=ref, return_samples=True
+    )
     samples = m["samples_obj"]
     for p, responses, gold in zip(ref.prompts, samples.responses, samples.gold.tolist()):
         assert gold == gold_scores(task, [p, p], responses).tolist()
     # By hand: each prompt's 2 x 2 (sample, reference sample) pairs, ties 1/2, averaged per prompt, then over prompts.
-    per_prompt = [sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in g for b in r) / 4
-                  for g, r in zip(samples.gold.tolist(), ref.gold.tolist())]
+    per_prompt = [
+        sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in g for b in r) / 4
+        for g, r in zip(samples.gold.tolist(), ref.gold.tolist())
+    ]
     assert m["gold/win_rate"] == pytest.approx(sum(per_prompt) / 4)
     assert m["gold/ref_mean"] == pytest.approx(float(np.mean(ref.gold)))
 
@@ -173,7 +177,9 @@ def test_a_learned_reward_scores_reward_model_evaluation(base):
     prompts, chosen, rejected = ([p[k] for p in pairs] for k in ("prompt", "chosen", "rejected"))
     sc, sr = score(prompts, chosen), score(prompts, rejected)
     wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(sc.tolist(), sr.tolist())]
-    assert metrics["rm/n_pairs"] == len(pairs) and metrics["rm/accuracy"] == pytest.approx(sum(wins) / len(wins))
+    assert metrics["rm/n_pairs"] == len(pairs) and metrics["rm/accuracy"] == pytest.approx(
+        sum(wins) / len(wins)
+    )
     gold = gold_scores(task, [prompt_text(p) for p in prompts] * 2, chosen + rejected)
     assert metrics["rm/spearman_gold"] == pytest.approx(spearman(np.concatenate([sc, sr]), gold))
     a = score(

@@ -29,28 +29,57 @@ def test_lab_task_of_names_and_directories(tmp_path):
 
 def test_resolve_lab_fills_the_model_and_the_stage_data(lab_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("RLHFLAB_CACHE", str(lab_cache))
-    cfg = resolve_lab(load_config("dpo", None, ["model.name_or_path=lab:sentiment:tiny", "algo.loss=kto",
-                                                "ref_model=lab:sentiment:tiny"]), "dpo", log=lambda _: None)
+    cfg = resolve_lab(
+        load_config(
+            "dpo",
+            None,
+            ["model.name_or_path=lab:sentiment:tiny", "algo.loss=kto", "ref_model=lab:sentiment:tiny"],
+        ),
+        "dpo",
+        log=lambda _: None,
+    )
     assert (lab_cache / "lab").resolve() in (tmp_path / cfg.model.name_or_path).resolve().parents
     assert cfg.ref_model == cfg.model.name_or_path
     assert cfg.data.train_path.endswith("unpaired.jsonl")  # KTO trains on unpaired records
     first = json.loads(Path(cfg.data.train_path).read_text().splitlines()[0])
     assert set(first) >= {"prompt", "completion", "label"}
-    given = resolve_lab(load_config("sft", None, ["model.name_or_path=lab:sentiment:tiny",
-                                                  f"data.train_path={tmp_path / 'mine.jsonl'}"]), "sft")
+    given = resolve_lab(
+        load_config(
+            "sft",
+            None,
+            ["model.name_or_path=lab:sentiment:tiny", f"data.train_path={tmp_path / 'mine.jsonl'}"],
+        ),
+        "sft",
+    )
     assert given.data.train_path == str(tmp_path / "mine.jsonl")  # the user's data wins
 
 
 def test_a_model_trained_from_a_lab_model_keeps_its_task(lab_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("RLHFLAB_CACHE", str(lab_cache))
-    common = ["logging.progress=false", "logging.tensorboard=false", "model.device=cpu", "optim.max_steps=2",
-              "optim.batch_size=8"]
-    assert main(["sft", "model.name_or_path=lab:sentiment:tiny", f"logging.output_dir={tmp_path / 'sft'}",
-                 *common]) == 0
+    common = [
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "model.device=cpu",
+        "optim.max_steps=2",
+        "optim.batch_size=8",
+    ]
+    assert (
+        main(
+            [
+                "sft",
+                "model.name_or_path=lab:sentiment:tiny",
+                f"logging.output_dir={tmp_path / 'sft'}",
+                *common,
+            ]
+        )
+        == 0
+    )
     sft_final = tmp_path / "sft" / "final"
     assert json.loads((sft_final / "config.json").read_text())[LAB_TASK_KEY] == "sentiment"
     # The reward model starts from the SFT model and, with no data file, gets the lab's annotated pairs.
-    assert main(["rm", f"model.name_or_path={sft_final}", f"logging.output_dir={tmp_path / 'rm'}", *common]) == 0
+    assert (
+        main(["rm", f"model.name_or_path={sft_final}", f"logging.output_dir={tmp_path / 'rm'}", *common]) == 0
+    )
     used = yaml.safe_load((tmp_path / "rm" / "config.yaml").read_text())
     assert used["data"]["train_path"].endswith("pairs.jsonl") and str(lab_cache) in used["data"]["train_path"]
     assert json.loads((tmp_path / "rm" / "final" / "config.json").read_text())[LAB_TASK_KEY] == "sentiment"

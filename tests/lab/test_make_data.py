@@ -48,7 +48,10 @@ def test_sentiment_data_loads_in_every_foundation_format(tmp_path):
     # Prompts are chat conversations, the form the base model was pretrained on.
     assert loaded["sft"][0].prompt == [{"role": "user", "content": prompt_text(loaded["sft"][0].prompt)}]
     for rec in loaded["pairs"]:
-        assert rec.rating in LLAMA2_RATINGS and rec.margin == LLAMA2_MARGINS["large"][LLAMA2_RATINGS.index(rec.rating)]
+        assert (
+            rec.rating in LLAMA2_RATINGS
+            and rec.margin == LLAMA2_MARGINS["large"][LLAMA2_RATINGS.index(rec.rating)]
+        )
     stats = manifest["pairs"]
     assert abs(stats["agreement_with_gold"] - stats["predicted_agreement"]) < 0.06
     # The statistics count the file: with keep_ties every distinct pair of the 400 prompts is written.

@@ -100,5 +100,6 @@ def test_group_normalized_by_hand():
     out = group_normalized_advantages(t([1.0, 2.0, 6.0, 5.0, 5.0, 5.0]), k=3, eps=1e-12)
     torch.testing.assert_close(out[:3], t([-2.0, -1.0, 3.0]) / math.sqrt(7))
     assert out[3:].eq(0).all()
-    torch.testing.assert_close(group_normalized_advantages(t([[1.0, 2.0, 6.0]]), scale_by_std=False),
-                               t([[-2.0, -1.0, 3.0]]))
+    torch.testing.assert_close(
+        group_normalized_advantages(t([[1.0, 2.0, 6.0]]), scale_by_std=False), t([[-2.0, -1.0, 3.0]])
+    )

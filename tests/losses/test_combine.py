@@ -35,8 +35,9 @@ def test_llama2_gate_by_hand():
 def test_llama2_gate_on_probabilities():
     """Sigmoid outputs: safety 0.1 < 0.15 -> gated -> LOGIT(0.1) = ln(0.1 / 0.9) = -2.197225;
     safety 0.9, helpful 0.5 -> LOGIT(0.5) = 0."""
-    out = llama2_safety_gate(t([0.8, 0.5]), t([0.1, 0.9]), torch.tensor([False, False]),
-                             whiten=False, scores_are_probs=True)
+    out = llama2_safety_gate(
+        t([0.8, 0.5]), t([0.1, 0.9]), torch.tensor([False, False]), whiten=False, scores_are_probs=True
+    )
     torch.testing.assert_close(out.rewards, t([math.log(0.1 / 0.9), 0.0]))
 
 

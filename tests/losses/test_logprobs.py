@@ -67,8 +67,9 @@ def test_chunked_equals_full_values_and_gradients(chunk_size):
     (full * torch.linspace(-1, 2, full.numel(), dtype=F64).view_as(full)).sum().backward()
     grads_full = [a.grad for a in args]
     args2 = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    chunked = chunked_gather_logprobs(args2[0], args2[1], labels, args2[2], chunk_size=chunk_size,
-                                      temperature=0.7)
+    chunked = chunked_gather_logprobs(
+        args2[0], args2[1], labels, args2[2], chunk_size=chunk_size, temperature=0.7
+    )
     (chunked * torch.linspace(-1, 2, full.numel(), dtype=F64).view_as(full)).sum().backward()
     torch.testing.assert_close(chunked, full)
     for a, gf in zip(args2, grads_full):
@@ -133,8 +134,9 @@ def test_entropy_by_hand():
     """
     inf = float("inf")
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3), -inf, -inf]]], dtype=F64)
-    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[1.386294, 0.562335]], dtype=F64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        entropy_from_logits(logits), torch.tensor([[1.386294, 0.562335]], dtype=F64), atol=1e-6, rtol=0
+    )
 
 
 def test_gradcheck_chunked_kernel():
@@ -142,7 +144,8 @@ def test_gradcheck_chunked_kernel():
     hidden, weight, bias, labels = _lm_head(b=2, t=3, h=4, v=5)
     leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
     assert torch.autograd.gradcheck(
-        lambda h, w, b: chunked_gather_logprobs(h, w, labels, b, chunk_size=2, temperature=0.9), leaves)
+        lambda h, w, b: chunked_gather_logprobs(h, w, labels, b, chunk_size=2, temperature=0.9), leaves
+    )
 
 
 def test_chunked_matches_a_real_causal_lm(tiny_model, tiny_tokenizer):
@@ -152,8 +155,9 @@ def test_chunked_matches_a_real_causal_lm(tiny_model, tiny_tokenizer):
     labels = torch.where(ids["attention_mask"].bool(), ids["input_ids"], -100)[:, 1:]
     from_logits = gather_logprobs(out.logits[:, :-1], labels)
     head = tiny_model.get_output_embeddings()
-    from_hidden = chunked_gather_logprobs(out.hidden_states[-1][:, :-1], head.weight, labels, head.bias,
-                                          chunk_size=4)
+    from_hidden = chunked_gather_logprobs(
+        out.hidden_states[-1][:, :-1], head.weight, labels, head.bias, chunk_size=4
+    )
     torch.testing.assert_close(from_hidden, from_logits, atol=1e-5, rtol=1e-5)
     from_hidden.sum().backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0

@@ -29,28 +29,44 @@ CASES: dict[str, Case] = {
     "masked_mean": (lambda x, m, m2: utils.masked_mean(x["a"], m), {"a": "m"}, "a"),
     "masked_var": (lambda x, m, m2: utils.masked_var(x["a"], m), {"a": "m"}, "a"),
     "masked_whiten": (lambda x, m, m2: utils.masked_whiten(x["a"], m, shift_mean=False), {"a": "m"}, "a"),
-    "reduce_token_mean": (lambda x, m, m2: utils.reduce_token_losses(x["a"], m, "token_mean"),
-                          {"a": "m"}, "a"),
+    "reduce_token_mean": (
+        lambda x, m, m2: utils.reduce_token_losses(x["a"], m, "token_mean"),
+        {"a": "m"},
+        "a",
+    ),
     "sequence_logps": (lambda x, m, m2: logprobs.sequence_logps(x["a"], m, average=True), {"a": "m"}, "a"),
     "sft_nll": (lambda x, m, m2: sft.sft_nll(x["a"], m), {"a": "m"}, "a"),
     "plackett_luce": (lambda x, m, m2: reward.plackett_luce(x["a"], m), {"a": "m"}, "a"),
     "pairwise_all_pairs": (lambda x, m, m2: reward.pairwise_all_pairs(x["a"], m), {"a": "m"}, "a"),
     "trex": (lambda x, m, m2: reward.trex(x["a"], m, x["b"], m2), {"a": "m", "b": "m2"}, "a"),
-    "cpl": (lambda x, m, m2: preference.cpl(x["a"], m, x["b"], m2, gamma=0.9, ref_chosen_logps=x["c"],
-                                            ref_rejected_logps=x["d"]),
-            {"a": "m", "b": "m2", "c": "m", "d": "m2"}, "a"),
+    "cpl": (
+        lambda x, m, m2: preference.cpl(
+            x["a"], m, x["b"], m2, gamma=0.9, ref_chosen_logps=x["c"], ref_rejected_logps=x["d"]
+        ),
+        {"a": "m", "b": "m2", "c": "m", "d": "m2"},
+        "a",
+    ),
     "sparrow_rerank": (lambda x, m, m2: combine.sparrow_rerank(x["a"], x["p"], m), {"a": "m", "p": "m"}, "a"),
-    "kl_shaped_rewards": (lambda x, m, m2: kl.kl_shaped_rewards(x["s"], x["a"], x["b"], m, 0.1, "k3",
-                                                                clamp=True),
-                          {"a": "m", "b": "m"}, "a"),
+    "kl_shaped_rewards": (
+        lambda x, m, m2: kl.kl_shaped_rewards(x["s"], x["a"], x["b"], m, 0.1, "k3", clamp=True),
+        {"a": "m", "b": "m"},
+        "a",
+    ),
     "kl_penalty_loss": (lambda x, m, m2: kl.kl_penalty_loss(x["a"], x["b"], m), {"a": "m", "b": "m"}, "a"),
     "gae": (lambda x, m, m2: adv_mod.gae(x["a"], x["b"], m, gamma=0.9, lam=0.8), {"a": "m", "b": "m"}, "a"),
     "discounted_returns": (lambda x, m, m2: adv_mod.discounted_returns(x["a"], m, 0.7), {"a": "m"}, "a"),
-    "ppo_policy_loss": (lambda x, m, m2: ppo.ppo_policy_loss(x["a"], x["b"], x["c"], m, dual_clip=3.0,
-                                                             reduction="token_mean"),
-                        {"a": "m", "b": "m", "c": "m"}, "a"),
-    "ppo_value_loss": (lambda x, m, m2: ppo.ppo_value_loss(x["a"], x["b"], x["c"], m),
-                       {"a": "m", "b": "m", "c": "m"}, "a"),
+    "ppo_policy_loss": (
+        lambda x, m, m2: ppo.ppo_policy_loss(
+            x["a"], x["b"], x["c"], m, dual_clip=3.0, reduction="token_mean"
+        ),
+        {"a": "m", "b": "m", "c": "m"},
+        "a",
+    ),
+    "ppo_value_loss": (
+        lambda x, m, m2: ppo.ppo_value_loss(x["a"], x["b"], x["c"], m),
+        {"a": "m", "b": "m", "c": "m"},
+        "a",
+    ),
     "entropy_bonus": (lambda x, m, m2: ppo.entropy_bonus(x["e"], m), {"e": "m"}, "e"),
     "reinforce_loss": (lambda x, m, m2: ppo.reinforce_loss(x["a"], x["c"], m), {"a": "m", "c": "m"}, "a"),
 }

@@ -60,10 +60,13 @@ def test_ppo_reduction_and_metrics_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     out = ppo_policy_loss(lp, lp, adv, mask)
     torch.testing.assert_close(out.loss, torch.tensor([-2.0, -2.0], dtype=F64))
-    torch.testing.assert_close(ppo_policy_loss(lp, lp, adv, mask, reduction="sequence_sum").loss,
-                               torch.tensor([-4.0, -6.0], dtype=F64))
-    torch.testing.assert_close(ppo_policy_loss(lp, lp, adv, mask, reduction="token_mean").loss,
-                               torch.tensor([-1.6, -2.4], dtype=F64))
+    torch.testing.assert_close(
+        ppo_policy_loss(lp, lp, adv, mask, reduction="sequence_sum").loss,
+        torch.tensor([-4.0, -6.0], dtype=F64),
+    )
+    torch.testing.assert_close(
+        ppo_policy_loss(lp, lp, adv, mask, reduction="token_mean").loss, torch.tensor([-1.6, -2.4], dtype=F64)
+    )
     assert out.metrics["kl/approx"].abs().max() == 0
     per_seq = ppo_policy_loss(lp, lp, torch.tensor([1.0, 2.0], dtype=F64), mask)
     torch.testing.assert_close(per_seq.loss, torch.tensor([-1.0, -2.0], dtype=F64))
@@ -77,8 +80,13 @@ def test_ppo_clip_higher_and_dual_clip_by_hand():
     one = torch.ones(1, 1, dtype=torch.bool)
 
     def run(ratio, a, **kw):
-        return ppo_policy_loss(torch.tensor([[math.log(ratio)]], dtype=F64), torch.zeros(1, 1, dtype=F64),
-                               torch.tensor([a], dtype=F64), one, **kw)
+        return ppo_policy_loss(
+            torch.tensor([[math.log(ratio)]], dtype=F64),
+            torch.zeros(1, 1, dtype=F64),
+            torch.tensor([a], dtype=F64),
+            one,
+            **kw,
+        )
 
     assert run(1.25, 1.0).loss.item() == pytest.approx(-1.2)
     assert run(1.25, 1.0, clip_eps_high=0.28).loss.item() == pytest.approx(-1.25)

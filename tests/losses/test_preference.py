@@ -66,8 +66,9 @@ def test_cdpo_and_robust_by_hand():
     """
     assert cdpo(*PAIR, beta=0.5, label_smoothing=0.1).loss.item() == pytest.approx(0.413262, abs=1e-6)
     assert robust_dpo(*PAIR, beta=0.5, label_smoothing=0.1).loss.item() == pytest.approx(0.188262, abs=1e-6)
-    torch.testing.assert_close(robust_dpo(*PAIR, beta=0.5, label_smoothing=0.0).loss,
-                               dpo(*PAIR, beta=0.5).loss)
+    torch.testing.assert_close(
+        robust_dpo(*PAIR, beta=0.5, label_smoothing=0.0).loss, dpo(*PAIR, beta=0.5).loss
+    )
     with pytest.raises(ConfigError):
         robust_dpo(*PAIR, label_smoothing=0.5)
 
@@ -85,7 +86,9 @@ def test_ipo_by_hand_and_minimum():
     out.loss.sum().backward()
     assert out.loss[1].item() == 0.0 and h.grad[1].item() == 0.0
     # 0.3 either side: loss 0.3^2 = 0.09, gradient 2 x (h - target) = -0.6 and +0.6.
-    assert out.loss[[0, 2]].tolist() == pytest.approx([0.09, 0.09]) and h.grad[[0, 2]].tolist() == pytest.approx([-0.6, 0.6])
+    assert out.loss[[0, 2]].tolist() == pytest.approx([0.09, 0.09]) and h.grad[
+        [0, 2]
+    ].tolist() == pytest.approx([-0.6, 0.6])
 
 
 def test_hinge_by_hand():
@@ -100,8 +103,9 @@ def test_kto_by_hand():
     desirable, r = -1 - (-2) = 1: 1 - sigma(0.5 * (1 - 0.2)) = 1 - sigma(0.4) = 0.401312;
     undesirable, r = -3 - (-2) = -1: 1 - sigma(0.5 * (0.2 + 1)) = 1 - sigma(0.6) = 0.354344, x 2 weight.
     """
-    out = kto(t([-1.0, -3.0]), t([-2.0, -2.0]), torch.tensor([True, False]), 0.2, beta=0.5,
-              undesirable_weight=2.0)
+    out = kto(
+        t([-1.0, -3.0]), t([-2.0, -2.0]), torch.tensor([True, False]), 0.2, beta=0.5, undesirable_weight=2.0
+    )
     torch.testing.assert_close(out.loss, t([0.401312, 2 * 0.354344]), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.metrics["reward/implicit"], t([0.5, -0.5]))
 
@@ -141,8 +145,12 @@ def test_cpl_by_hand():
     loss = -log sigma(-1.0 + 0.875) = -log sigma(-0.125) = log(1 + e^0.125) = 0.757599.
     Conservative lambda = 0.5: -log sigma(-1.0 + 0.4375) = -log sigma(-0.5625) = 1.013437.
     """
-    args = (t([[-1.0, -2.0, 0.0]]), torch.tensor([[1, 1, 0]]), t([[-1.0, -1.0, -1.0, 7.0]]),
-            torch.tensor([[1, 1, 1, 0]]))
+    args = (
+        t([[-1.0, -2.0, 0.0]]),
+        torch.tensor([[1, 1, 0]]),
+        t([[-1.0, -1.0, -1.0, 7.0]]),
+        torch.tensor([[1, 1, 1, 0]]),
+    )
     out = cpl(*args, alpha=0.5, gamma=0.5)
     assert out.loss.item() == pytest.approx(0.757599, abs=1e-6)
     assert out.metrics["reward/chosen"].item() == pytest.approx(-1.0)
@@ -171,7 +179,9 @@ def test_the_loss_table():
         assert set(row.params.values()) <= set(inspect.signature(row.fn).parameters), name
         assert row.average == (row.inputs == "sums"), name
         if row.inputs == "sums":
-            out = row.fn(*args, beta=0.2, **({"label_smoothing": 0.1} if "label_smoothing" in row.params else {}))
+            out = row.fn(
+                *args, beta=0.2, **({"label_smoothing": 0.1} if "label_smoothing" in row.params else {})
+            )
             assert out.loss.shape == (5,), name
             expected = implicit_reward_metrics(*args, 0.2)["reward/chosen"]
             torch.testing.assert_close(out.metrics["reward/chosen"], expected)

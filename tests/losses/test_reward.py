@@ -131,7 +131,9 @@ def test_all_pairs_with_ties_by_hand():
     assert out.metrics["reward/accuracy"].tolist() == [1.0, 0.0]
     # label smoothing 0.1 on the first ranking: 0.9 * 0.393669 + 0.1 * (1.313262 + 0.974077) / 2
     smoothed = all_pairs_with_ties(rewards, ranks, label_smoothing=0.1)
-    assert float(smoothed.loss[0]) == pytest.approx(0.9 * 0.393669 + 0.1 * (1.313262 + 0.974077) / 2, abs=1e-6)
+    assert float(smoothed.loss[0]) == pytest.approx(
+        0.9 * 0.393669 + 0.1 * (1.313262 + 0.974077) / 2, abs=1e-6
+    )
     with pytest.raises(ValueError, match="no strictly ordered pair"):
         all_pairs_with_ties(t([[1.0, 2.0]]), torch.tensor([[0, 0]]))
 
@@ -142,7 +144,9 @@ def test_plackett_luce_with_ties_by_hand():
     so L = log Z - 1 = 1.680270 - 1 = 0.680270."""
     out = plackett_luce_with_ties(t([[1.0, 0.0, 0.5]]), torch.tensor([[0, 1, 1]]))
     assert float(out.loss[0]) == pytest.approx(0.680270, abs=1e-6)
-    assert float(out.loss[0]) == pytest.approx(float(torch.log(torch.exp(t([1.0, 0.0, 0.5])).sum())) - 1, abs=1e-12)
+    assert float(out.loss[0]) == pytest.approx(
+        float(torch.log(torch.exp(t([1.0, 0.0, 0.5])).sum())) - 1, abs=1e-12
+    )
 
 
 def test_rankings_with_ties_reduce_to_the_plain_losses_without_ties():
@@ -150,8 +154,12 @@ def test_rankings_with_ties_reduce_to_the_plain_losses_without_ties():
     rewards = torch.randn(4, 3, dtype=F64)
     ranks = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, -1], [0, 1, -1]])
     mask = ranks >= 0
-    torch.testing.assert_close(plackett_luce_with_ties(rewards, ranks).loss, plackett_luce(rewards, mask).loss)
-    torch.testing.assert_close(all_pairs_with_ties(rewards, ranks).loss, pairwise_all_pairs(rewards, mask).loss)
+    torch.testing.assert_close(
+        plackett_luce_with_ties(rewards, ranks).loss, plackett_luce(rewards, mask).loss
+    )
+    torch.testing.assert_close(
+        all_pairs_with_ties(rewards, ranks).loss, pairwise_all_pairs(rewards, mask).loss
+    )
     # K = 2 without ties: both are Bradley-Terry.
     two = rewards[:, :2]
     bt = bradley_terry(two[:, 0], two[:, 1]).loss
@@ -188,5 +196,7 @@ def test_reward_centering_by_hand():
     """Pair (r_c, r_r) = (1, 0): (r_c + r_r)^2 = 1; ranking [2, 1, 0] and a padded one [1, -1, (x)]:
     (2 * mean)^2 = (2 * 1)^2 = 4 and (2 * 0)^2 = 0."""
     torch.testing.assert_close(reward_centering(t([[1.0, 0.0]])), t([1.0]))
-    out = reward_centering(t([[2.0, 1.0, 0.0], [1.0, -1.0, 9.0]]), torch.tensor([[True] * 3, [True, True, False]]))
+    out = reward_centering(
+        t([[2.0, 1.0, 0.0], [1.0, -1.0, 9.0]]), torch.tensor([[True] * 3, [True, True, False]])
+    )
     torch.testing.assert_close(out, t([4.0, 0.0]))

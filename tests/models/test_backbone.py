@@ -17,13 +17,15 @@ from rlhflab.models.tiny import tiny_causal_lm
 
 
 def test_last_token_index_hand_worked():
-    mask = torch.tensor([
-        [1, 1, 1, 0, 0],  # right padded -> 2
-        [0, 0, 1, 1, 1],  # left padded -> 4
-        [1, 1, 1, 1, 1],  # full -> 4
-        [1, 0, 0, 0, 0],  # one token -> 0
-        [0, 1, 1, 0, 0],  # both sides -> 2
-    ])
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 0, 0],  # right padded -> 2
+            [0, 0, 1, 1, 1],  # left padded -> 4
+            [1, 1, 1, 1, 1],  # full -> 4
+            [1, 0, 0, 0, 0],  # one token -> 0
+            [0, 1, 1, 0, 0],  # both sides -> 2
+        ]
+    )
     assert last_token_index(mask).tolist() == [2, 4, 4, 0, 2]
     assert last_token_index(mask.bool()).tolist() == [2, 4, 4, 0, 2]
 

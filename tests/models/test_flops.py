@@ -60,17 +60,27 @@ def test_llama_counts_its_layers_and_lm_head_not_its_embedding(tiny_tokenizer, l
     # All parameters: the embedding (tied to the LM head, so once), the layers, 2 x L + 1 RMSNorm weights.
     assert count_parameters(llama) == V * H + LLAMA_BODY + (2 * L + 1) * H
     # The same numbers from the config alone (what the benchmark counts with).
-    assert decoder_matmul_params(hidden=H, layers=L, heads=2, kv_heads=2, intermediate=FF, head_outputs=V) == p
+    assert (
+        decoder_matmul_params(hidden=H, layers=L, heads=2, kv_heads=2, intermediate=FF, head_outputs=V) == p
+    )
 
 
 def test_config_numbers_match_a_grouped_query_llama(tiny_tokenizer):
     V = len(tiny_tokenizer)
-    config = LlamaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=FF)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=FF,
+    )
     p = matmul_params(LlamaForCausalLM(config))
     # k and v project to one head of 16: q, o 2 x H x H + k, v 2 x H x 16, then the MLP: 15,360 per layer.
     assert p.body == L * (2 * H * H + 2 * H * 16 + 3 * H * FF) == 30_720
-    assert decoder_matmul_params(hidden=H, layers=L, heads=2, kv_heads=1, intermediate=FF, head_outputs=V) == p
+    assert (
+        decoder_matmul_params(hidden=H, layers=L, heads=2, kv_heads=1, intermediate=FF, head_outputs=V) == p
+    )
 
 
 def test_gpt2_counts_conv1d_weights_not_biases_or_position_embeddings(tiny_tokenizer, gpt2):
@@ -95,8 +105,17 @@ def test_the_lm_head_counts_only_at_head_tokens_tied_or_not(tiny_tokenizer, llam
     assert 6 * count_parameters(llama) * 40 == 6 * (V * 32 + 32_768 + 5 * 32) * 40
     assert causal_lm_train_flops(p, 40, 12) < 6 * count_parameters(llama) * 40
     # An untied head is one more parameter matrix but the same work.
-    untied = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=2,
-                                          num_key_value_heads=2, intermediate_size=FF, tie_word_embeddings=False))
+    untied = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=L,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=FF,
+            tie_word_embeddings=False,
+        )
+    )
     assert count_parameters(untied) == count_parameters(llama) + V * H
     assert matmul_params(untied) == p
 
@@ -105,7 +124,10 @@ def test_attention_scores_only_when_asked(llama):
     p = matmul_params(llama)
     assert causal_pairs([2, 3]) == 3 + 6
     # Q K^T and A V: 2 x 32 FLOPs each per query-key pair, in each of 2 layers.
-    assert causal_lm_forward_flops(p, 5, 2, attention_pairs=9) - causal_lm_forward_flops(p, 5, 2) == 4 * 2 * 32 * 9
+    assert (
+        causal_lm_forward_flops(p, 5, 2, attention_pairs=9) - causal_lm_forward_flops(p, 5, 2)
+        == 4 * 2 * 32 * 9
+    )
     assert causal_lm_train_flops(p, 5, 2, attention_pairs=9) == 3 * causal_lm_forward_flops(p, 5, 2, 9)
 
 
@@ -149,18 +171,30 @@ def test_ppo_iteration(tiny_tokenizer, llama):
     body, lm = 2 * 32_768, 2 * V * 32  # forward FLOPs per real token and per LM-head position
     tokens, resp = 50, 20
     generation = body * tokens + lm * resp
-    rollout = body * tokens + 2 * lm * resp + 2 * 32 * resp  # log-probs and entropy; values at response tokens
+    rollout = (
+        body * tokens + 2 * lm * resp + 2 * 32 * resp
+    )  # log-probs and entropy; values at response tokens
     reference = body * tokens + lm * resp
     update = 3 * (body * tokens + lm * resp) + 6 * 32 * resp
-    assert ppo_iteration_flops(policy, ref, head, tokens, resp, 2) == generation + rollout + reference + 2 * update
+    assert (
+        ppo_iteration_flops(policy, ref, head, tokens, resp, 2)
+        == generation + rollout + reference + 2 * update
+    )
     # The entropy bonus in the loss runs the LM head once more at response tokens, in each of 2 epochs.
-    assert (ppo_iteration_flops(policy, ref, head, tokens, resp, 2, entropy_in_loss=True)
-            - ppo_iteration_flops(policy, ref, head, tokens, resp, 2)) == 2 * 3 * lm * resp
+    assert (
+        ppo_iteration_flops(policy, ref, head, tokens, resp, 2, entropy_in_loss=True)
+        - ppo_iteration_flops(policy, ref, head, tokens, resp, 2)
+    ) == 2 * 3 * lm * resp
     # A separate critic: its own body and a value head at every token.
     critic = matmul_params(Critic(copy.deepcopy(llama.model)))
     assert critic == MatmulParams(body=32_768, head=32, layers=L, attn_dim=H)
-    with_critic = (generation + (body * tokens + 2 * lm * resp) + (body * tokens + 2 * 32 * tokens) + reference
-                   + 2 * (3 * (body * tokens + lm * resp) + 3 * (body * tokens + 2 * 32 * tokens)))
+    with_critic = (
+        generation
+        + (body * tokens + 2 * lm * resp)
+        + (body * tokens + 2 * 32 * tokens)
+        + reference
+        + 2 * (3 * (body * tokens + lm * resp) + 3 * (body * tokens + 2 * 32 * tokens))
+    )
     assert ppo_iteration_flops(policy, ref, critic, tokens, resp, 2) == with_critic
 
 
@@ -171,14 +205,29 @@ def test_reward_stage_logs_these_flops(tmp_path, tiny_tokenizer):
     model_dir = tmp_path / "sft"
     tiny_causal_lm(tiny_tokenizer, hidden_size=H, num_layers=L, num_heads=2).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    rows = [{"prompt": f"what is the {w} ?", "chosen": f"the {w} is very good .", "rejected": f"the {w} is bad ."}
-            for w in ("cat", "dog", "film", "day")] * 4
+    rows = [
+        {"prompt": f"what is the {w} ?", "chosen": f"the {w} is very good .", "rejected": f"the {w} is bad ."}
+        for w in ("cat", "dog", "film", "day")
+    ] * 4
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config("rm", None, [
-        f"model.name_or_path={model_dir}", f"logging.output_dir={tmp_path / 'run'}", "model.device=cpu",
-        "logging.progress=false", "logging.tensorboard=false", "logging.log_every=1", "data.max_length=32",
-        "data.max_prompt_length=16", "optim.batch_size=8", "optim.max_steps=2", f"data.train_path={data}"])
+    cfg = load_config(
+        "rm",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"logging.output_dir={tmp_path / 'run'}",
+            "model.device=cpu",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "logging.log_every=1",
+            "data.max_length=32",
+            "data.max_prompt_length=16",
+            "optim.batch_size=8",
+            "optim.max_steps=2",
+            f"data.train_path={data}",
+        ],
+    )
     reward.train(cfg)
     model = reward._build_model(cfg, str(model_dir), ["reward"])[0].train()
     p = matmul_params(model)
@@ -192,5 +241,9 @@ def test_reward_stage_logs_these_flops(tmp_path, tiny_tokenizer):
         # "the W is bad ." (6): 18 real tokens per pair, 144 per step.
         assert tokens == 8 * 18
         # Every pair is read twice (chosen and rejected): 16 reads per step.
-        assert row["perf/flops_per_s"] == pytest.approx(reward_model_train_flops(p, tokens, 16) / elapsed, rel=1e-9)
-        assert row["perf/flops_per_s"] < 6 * count_parameters(model) * row["perf/tokens_per_s"]  # the rough 6 N T
+        assert row["perf/flops_per_s"] == pytest.approx(
+            reward_model_train_flops(p, tokens, 16) / elapsed, rel=1e-9
+        )
+        assert (
+            row["perf/flops_per_s"] < 6 * count_parameters(model) * row["perf/tokens_per_s"]
+        )  # the rough 6 N T

@@ -17,8 +17,17 @@ gguf = pytest.importorskip("gguf")
 
 # A byte-level BPE vocabulary (tokenizer.ggml.model = "gpt2"): one control token, the 256 byte symbols,
 # then merges that spell "hello" and " world" ("Ġ" is the byte-level symbol for a space).
-MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
-          ("l", "d"), ("Ġwor", "ld")]
+MERGES = [
+    ("h", "e"),
+    ("l", "l"),
+    ("he", "ll"),
+    ("hell", "o"),
+    ("Ġ", "w"),
+    ("o", "r"),
+    ("Ġw", "or"),
+    ("l", "d"),
+    ("Ġwor", "ld"),
+]
 TOKENS = ["<|endoftext|>", *sorted(ByteLevel.alphabet()), *("".join(m) for m in MERGES)]
 
 
@@ -28,10 +37,20 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _tiny_llama(hidden: int, tied: bool) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=len(TOKENS), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
-                         bos_token_id=0, eos_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(TOKENS),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF inits norms to ones; random values make a layer mix-up visible
@@ -73,8 +92,11 @@ def _write_gguf(path, model: LlamaForCausalLM, qtype=None) -> dict[str, np.ndarr
         else:
             w.add_tensor(gguf_name, data)
         # what the reader must return: the stored values, with the q/k permutation undone
-        expected[hf_name] = sd[hf_name] if qtype is None or data.ndim != 2 else (
-            data if permute_heads is None else _undo_permute(data, permute_heads))
+        expected[hf_name] = (
+            sd[hf_name]
+            if qtype is None or data.ndim != 2
+            else (data if permute_heads is None else _undo_permute(data, permute_heads))
+        )
 
     add("token_embd.weight", "model.embed_tokens.weight")
     for i in range(cfg.num_hidden_layers):

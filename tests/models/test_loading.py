@@ -138,7 +138,9 @@ def test_lora_trains_only_adapters_and_merges_on_save(tmp_path, tiny_tokenizer, 
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            plain(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-5, rtol=0
+        )
         # saving did not merge the live model: its adapters still exist and still give the same outputs
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, adapted)
     assert any("lora_B" in n for n, _ in model.named_parameters())
@@ -148,4 +150,6 @@ def test_lora_trains_only_adapters_and_merges_on_save(tmp_path, tiny_tokenizer, 
     assert (adapter["peft_type"], adapter["r"], adapter["lora_alpha"]) == ("LORA", 2, 4)
     reloaded = load_causal_lm(tmp_path / "adapter").eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-6, rtol=0
+        )

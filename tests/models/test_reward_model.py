@@ -69,7 +69,9 @@ def test_reward_reads_last_real_token_with_eos_pad(sft_dir, eos_pad_tokenizer):
     hidden = rm.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
     eos_pos = mask.sum(1) - 1
     assert (ids[torch.arange(3), eos_pos] == eos_pad_tokenizer.eos_token_id).all()
-    torch.testing.assert_close(rm.score(hidden[torch.arange(3), eos_pos]).detach(), batched, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rm.score(hidden[torch.arange(3), eos_pos]).detach(), batched, atol=1e-5, rtol=0
+    )
 
 
 def test_left_and_right_padding_agree_for_gpt2(tmp_path, eos_pad_tokenizer):
@@ -120,8 +122,9 @@ def test_multi_head_round_trip_and_plain_transformers(tmp_path, sft_dir, eos_pad
     # without a trailing EOS the two pooling rules agree, so plain HF gives our rewards exactly
     plain = eos_pad_tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        torch.testing.assert_close(hf(**plain).logits, again(plain["input_ids"], plain["attention_mask"]),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            hf(**plain).logits, again(plain["input_ids"], plain["attention_mask"]), atol=1e-5, rtol=0
+        )
 
 
 def test_single_head_gpt2_round_trip(tmp_path, eos_pad_tokenizer):
@@ -152,8 +155,9 @@ def test_lora_reward_model_merges_on_save(tmp_path, sft_dir, eos_pad_tokenizer):
         torch.testing.assert_close(again(ids, mask), ref, atol=1e-5, rtol=0)
 
 
-def test_fallback_format_for_architectures_without_sequence_classification(tmp_path, sft_dir, eos_pad_tokenizer,
-                                                                             monkeypatch):
+def test_fallback_format_for_architectures_without_sequence_classification(
+    tmp_path, sft_dir, eos_pad_tokenizer, monkeypatch
+):
     import rlhflab.models.reward_model as rm_module
 
     monkeypatch.setattr(rm_module, "_sequence_classification_class", lambda config: None)

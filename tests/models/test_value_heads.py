@@ -88,7 +88,9 @@ def test_critic_round_trip_and_init_from_reward_model(tmp_path, sft_dir, batch):
     with torch.no_grad():
         last = mask.sum(1) - 1
         # the critic's value at the last real token is the reward model's second reward
-        torch.testing.assert_close(from_rm(ids, mask)[torch.arange(3), last], rm(ids, mask)[:, 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            from_rm(ids, mask)[torch.arange(3), last], rm(ids, mask)[:, 1], atol=1e-5, rtol=0
+        )
     with pytest.raises(UserError, match="out of range"):
         Critic.from_pretrained(rm_dir, head_index=2)
 

@@ -46,8 +46,9 @@ def test_llama2_gate_by_hand():
     raw = CombinedReward.llama2_gate(helpful, safety, unsafe_prompt=is_risky, whiten=False)
     torch.testing.assert_close(raw.score(prompts, responses), torch.tensor([0.0, -3.0, 2.0]))
     gated = CombinedReward.llama2_gate(helpful, safety, unsafe_prompt=is_risky)
-    torch.testing.assert_close(gated.score(prompts, responses), torch.tensor([0.132453, -1.059626, 0.927173]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        gated.score(prompts, responses), torch.tensor([0.132453, -1.059626, 0.927173]), atol=1e-5, rtol=0
+    )
     # No prompt flagged: only the threshold gates; one response is never whitened (it would become 0).
     torch.testing.assert_close(gated.score(["hi"], ["y"]), torch.tensor([-3.0]))
     with pytest.raises(ConfigError, match="exactly \\(helpfulness, safety\\)"):
@@ -63,17 +64,24 @@ def test_sparrow_rerank_groups_candidates_by_prompt():
     sparrow = CombinedReward.sparrow(pref, [rule])
     parts = sparrow.components(["A", "B", "A"], ["a1", "b1", "a2"])
     torch.testing.assert_close(parts["starts_with_a"], torch.tensor([1.0, 0.0, 1.0]))
-    torch.testing.assert_close(parts["sparrow"], torch.tensor([0.731059, 0.5e-6, 0.268941]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        parts["sparrow"], torch.tensor([0.731059, 0.5e-6, 0.268941]), atol=1e-6, rtol=0
+    )
     # A learned rule model's score is a logit: its probability is the sigmoid.
     logit_rule = Fixed({"a1": 0.0, "b1": 0.0, "a2": math.log(3.0)}, "rule_rm")  # P = 0.5, 0.5, 0.75
     out = CombinedReward.sparrow(pref, [logit_rule]).score(["A", "B", "A"], ["a1", "b1", "a2"])
-    torch.testing.assert_close(out, torch.tensor([0.731059 * 0.5, 0.5 * 0.5, 0.268941 * 0.75]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out, torch.tensor([0.731059 * 0.5, 0.5 * 0.5, 0.268941 * 0.75]), atol=1e-6, rtol=0
+    )
 
 
 def test_group_by_prompt_handles_chat_prompts():
     chat = [{"role": "user", "content": "hi"}]
     index, mask = group_by_prompt([chat, "x", [dict(chat[0])], "x", "x"])
-    assert index.tolist() == [[0, 2, -1], [1, 3, 4]] and mask.tolist() == [[True, True, False], [True, True, True]]
+    assert index.tolist() == [[0, 2, -1], [1, 3, 4]] and mask.tolist() == [
+        [True, True, False],
+        [True, True, True],
+    ]
 
 
 def test_component_names_stay_unique():

@@ -23,9 +23,15 @@ def rm_dir(tmp_path, tiny_tokenizer):
 
 
 TEXT_PROMPTS = ["the cat sat on the mat and it was a good day , i say", "hello"]
-CHAT_PROMPTS = [[{"role": "user", "content": "what is the film ?"}],
-                [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
-                 {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how was the day ?"}]]
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "what is the film ?"}],
+    [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how was the day ?"},
+    ],
+]
 CHOSEN = ["the film was very very good and i love it , yes", "good"]
 REJECTED = ["bad", "the day was bad , not good ."]
 
@@ -35,15 +41,18 @@ def test_learned_reward_matches_the_training_forward(rm_dir, tiny_tokenizer, pro
     source = LearnedReward.from_pretrained(rm_dir, head="safe", batch_size=3)
     assert (source.max_length, source.max_prompt_length) == (12, 6)  # read from the stage's settings file
     # What the reward stage feeds the model: tokenize_pair + one stacked batch of 2B rows.
-    examples = [tokenize_pair(PairwiseRecord(p, c, r), tiny_tokenizer, max_length=12, max_prompt_length=6)
-                for p, c, r in zip(prompts, CHOSEN, REJECTED)]
+    examples = [
+        tokenize_pair(PairwiseRecord(p, c, r), tiny_tokenizer, max_length=12, max_prompt_length=6)
+        for p, c, r in zip(prompts, CHOSEN, REJECTED)
+    ]
     batch = collate_pairs(examples, pad_token_id=tiny_tokenizer.pad_token_id, stack=True)
     with torch.no_grad():
         expected = source.model(batch["input_ids"], batch["attention_mask"])
     got = source.score(list(prompts) * 2, CHOSEN + REJECTED)
     torch.testing.assert_close(got, expected[:, 1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(source.score_all_heads(list(prompts) * 2, CHOSEN + REJECTED), expected,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        source.score_all_heads(list(prompts) * 2, CHOSEN + REJECTED), expected, atol=1e-5, rtol=0
+    )
 
 
 def test_learned_reward_heads_and_whitening(rm_dir):

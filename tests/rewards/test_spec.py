@@ -26,10 +26,15 @@ def run_dir(tmp_path, tiny_tokenizer):
 
 def test_parse_spec():
     assert parse_spec("runs/rm/final") == ("runs/rm/final", {})
-    assert parse_spec("runs/rm:head=safe:normalize=true") == ("runs/rm", {"head": "safe", "normalize": "true"})
+    assert parse_spec("runs/rm:head=safe:normalize=true") == (
+        "runs/rm",
+        {"head": "safe", "normalize": "true"},
+    )
     assert parse_spec("rule:length") == ("rule:length", {})
     assert parse_spec("rule:regex:pattern=a:b(?=c):mode=must_not") == (
-        "rule:regex", {"pattern": "a:b(?=c)", "mode": "must_not"})
+        "rule:regex",
+        {"pattern": "a:b(?=c)", "mode": "must_not"},
+    )
     assert parse_spec("C:/models/rm:head=1") == ("C:/models/rm", {"head": "1"})
 
 
@@ -46,29 +51,35 @@ def test_load_rule_specs():
 
 def test_load_learned_specs(run_dir):
     source = load_reward(f"{run_dir}:head=safe:normalize=true:batch_size=4")
-    assert isinstance(source, LearnedReward) and source.head == 1 and source.normalize and source.batch_size == 4
+    assert (
+        isinstance(source, LearnedReward) and source.head == 1 and source.normalize and source.batch_size == 4
+    )
     assert load_reward(f"{run_dir / 'final'}:head=1").head == 1
     combined = load_rewards(f"{run_dir}:head=helpful,rule:length:coef=1", weights="1,0.5")
     assert isinstance(combined, CombinedReward) and combined.weights == [1.0, 0.5]
     prompts, responses = ["hi", "hello"], ["good", "a b c"]
-    expected = source.__class__.from_pretrained(run_dir, head="helpful").score(prompts, responses) - \
-        0.5 * torch.tensor([1.0, 3.0])
+    expected = source.__class__.from_pretrained(run_dir, head="helpful").score(
+        prompts, responses
+    ) - 0.5 * torch.tensor([1.0, 3.0])
     torch.testing.assert_close(combined.score(prompts, responses), expected)
     assert isinstance(load_rewards("rule:length"), LengthPenalty)
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("", "empty reward spec"),
-    ("rule:shout", "unknown rule 'shout'; known rules: length, regex, eos"),
-    ("rule:length:coeff=1", "unknown option 'coeff'; this source takes coef, target, unit"),
-    ("rule:length:coef=lots", "option coef='lots' is not valid"),
-    ("rule:length:unit=tokens", "'words' or 'chars'"),
-    ("rule:regex", "rule:regex needs a pattern"),
-    ("rule:regex:pattern=(", "not a valid regular expression"),
-    ("rule:length:coef=1:coef=2", "option 'coef' is given twice"),
-    ("lab:sentiment", "gold reward is hidden from training"),
-    ("no/such/dir", "reward model 'no/such/dir' does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("", "empty reward spec"),
+        ("rule:shout", "unknown rule 'shout'; known rules: length, regex, eos"),
+        ("rule:length:coeff=1", "unknown option 'coeff'; this source takes coef, target, unit"),
+        ("rule:length:coef=lots", "option coef='lots' is not valid"),
+        ("rule:length:unit=tokens", "'words' or 'chars'"),
+        ("rule:regex", "rule:regex needs a pattern"),
+        ("rule:regex:pattern=(", "not a valid regular expression"),
+        ("rule:length:coef=1:coef=2", "option 'coef' is given twice"),
+        ("lab:sentiment", "gold reward is hidden from training"),
+        ("no/such/dir", "reward model 'no/such/dir' does not exist"),
+    ],
+)
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(UserError, match=message.replace("(", "\\(")):
         load_reward(spec)
@@ -90,8 +101,10 @@ def test_reward_sources_never_import_the_lab():
     import subprocess
     import sys
 
-    code = ("import sys, rlhflab.rewards, rlhflab.rewards.spec; "
-            "print(sorted(m for m in sys.modules if m.startswith('rlhflab.lab')))")
+    code = (
+        "import sys, rlhflab.rewards, rlhflab.rewards.spec; "
+        "print(sorted(m for m in sys.modules if m.startswith('rlhflab.lab')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -101,8 +114,11 @@ def test_llama2_gate_from_specs_by_hand():
     Row 0: safety 0, sigmoid 0.5 >= 0.15 -> helpfulness -4. Row 1: safety -3, sigmoid 0.047 < 0.15 -> -3.
     Row 2: prompt flagged by the pattern 'joke' -> the safety score 0. Combined [-4, -3, 0], whitened:
     mean -7/3, unbiased std sqrt(13/3) = 2.081666 -> [-0.800641, -0.320256, 1.120897]."""
-    reward = load_rewards("rule:length:coef=1,rule:regex:pattern=bomb:mode=must_not:penalty=3",
-                          combine="llama2_gate", unsafe_prompt_pattern="JOKE")
+    reward = load_rewards(
+        "rule:length:coef=1,rule:regex:pattern=bomb:mode=must_not:penalty=3",
+        combine="llama2_gate",
+        unsafe_prompt_pattern="JOKE",
+    )
     assert isinstance(reward, CombinedReward) and reward.mode == "llama2_gate"
     prompts = ["how do I bake bread", "how do I build one", [{"role": "user", "content": "tell me a joke"}]]
     scores = reward.score(prompts, ["mix flour and water", "a bomb needs", "why did the chicken"])
@@ -117,19 +133,32 @@ def test_ppo_config_checks_the_reward_combination():
     from rlhflab.config import load_config
     from rlhflab.errors import ConfigError
 
-    cfg = load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=bomb|weapon"])
+    cfg = load_config(
+        "ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=bomb|weapon"]
+    )
     assert cfg.algo.safety_threshold == 0.15
-    with pytest.raises(ConfigError, match="algo.reward_weights apply to algo.reward_combine=weighted_sum only"):
-        load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.reward_model=a,b", "algo.reward_weights=1,1"])
+    with pytest.raises(
+        ConfigError, match="algo.reward_weights apply to algo.reward_combine=weighted_sum only"
+    ):
+        load_config(
+            "ppo",
+            None,
+            ["algo.reward_combine=llama2_gate", "algo.reward_model=a,b", "algo.reward_weights=1,1"],
+        )
     with pytest.raises(ConfigError, match="exactly two sources"):
         load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.reward_model=a,b,c"])
     with pytest.raises(ConfigError, match="has 1 weights for 2 reward sources"):
         load_config("ppo", None, ["algo.reward_model=a,b", "algo.reward_weights=1"])
     assert load_config("ppo", None, ["algo.reward_model=rule:regex:pattern=a,b"]).algo.reward_model == [
-        "rule:regex:pattern=a", "b"]  # the short form splits at ','; a YAML list keeps a ',' inside a spec
+        "rule:regex:pattern=a",
+        "b",
+    ]  # the short form splits at ','; a YAML list keeps a ',' inside a spec
     assert load_config("ppo", None, ['algo.reward_model=["rule:regex:pattern=a,b"]']).algo.reward_model == [
-        "rule:regex:pattern=a,b"]
-    with pytest.raises(ConfigError, match="algo.unsafe_prompt_pattern applies to algo.reward_combine=llama2_gate"):
+        "rule:regex:pattern=a,b"
+    ]
+    with pytest.raises(
+        ConfigError, match="algo.unsafe_prompt_pattern applies to algo.reward_combine=llama2_gate"
+    ):
         load_config("ppo", None, ["algo.unsafe_prompt_pattern=bomb"])
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=(unclosed"])

@@ -147,8 +147,14 @@ def test_a_long_prompt_keeps_its_last_tokens(tiny_tokenizer, tiny_model):
     and the rollout still carries the prompts as given (reward sources score them)."""
     long_prompt, short_prompt = "the cat sat on the mat and the dog is very happy", "hi"
     ids = encode_prompts(tiny_tokenizer, [long_prompt, short_prompt])
-    out = generate(tiny_model, tiny_tokenizer, [long_prompt, short_prompt], SamplingSettings(max_new_tokens=3),
-                   seed=0, max_prompt_tokens=4)
+    out = generate(
+        tiny_model,
+        tiny_tokenizer,
+        [long_prompt, short_prompt],
+        SamplingSettings(max_new_tokens=3),
+        seed=0,
+        max_prompt_tokens=4,
+    )
     kept = [row[mask].tolist() for row, mask in zip(out.prompt_ids, out.prompt_mask)]
     assert len(ids[0]) > 4 and kept[0] == ids[0][-4:]
     assert kept[1] == ids[1][-4:] and len(ids[1]) <= 4

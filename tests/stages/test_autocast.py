@@ -36,7 +36,9 @@ def _spy_linear_dtypes(monkeypatch, module, name="load_policy"):
 
 
 def test_autocast_needs_float32_weights_and_builds_the_context():
-    with pytest.raises(ConfigError, match="model.autocast 'bf16' keeps float32 master weights.*model.dtype=float32"):
+    with pytest.raises(
+        ConfigError, match="model.autocast 'bf16' keeps float32 master weights.*model.dtype=float32"
+    ):
         load_config("sft", None, ["model.autocast=bf16", "model.dtype=bfloat16"])
     cfg = load_config("sft", None, ["model.autocast=bf16"])
     layer = nn.Linear(4, 3)
@@ -51,10 +53,24 @@ def test_autocast_needs_float32_weights_and_builds_the_context():
 def test_sft_trains_in_bf16_with_float32_weights(tiny_model_dir, sft_file, tmp_path, monkeypatch):
     seen = _spy_linear_dtypes(monkeypatch, sft)
     out = tmp_path / "run"
-    final = sft.train(load_config("sft", None, [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={sft_file}", f"logging.output_dir={out}",
-        "data.max_length=32", "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
-        "optim.max_steps=20", "model.autocast=bf16", *BASE]))
+    final = sft.train(
+        load_config(
+            "sft",
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"data.train_path={sft_file}",
+                f"logging.output_dir={out}",
+                "data.max_length=32",
+                "data.max_prompt_length=16",
+                "optim.batch_size=8",
+                "optim.lr=1e-2",
+                "optim.max_steps=20",
+                "model.autocast=bf16",
+                *BASE,
+            ],
+        )
+    )
     assert torch.bfloat16 in seen  # the forward ran under autocast
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss/sft" in r]
     assert rows[-1]["loss/sft"] < 0.5 * rows[0]["loss/sft"]
@@ -100,13 +116,31 @@ def test_dpo_reference_shares_the_policy_precision(tiny_model_dir, tmp_path, mon
     if head_path == "chunked":  # the path long batches take: the head recomputed chunk by chunk in backward
         monkeypatch.setattr(forward, "SAVED_PROBS_BYTES", 0)
     seen = _spy_linear_dtypes(monkeypatch, dpo)
-    rows = [{"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."} for p in PROMPTS]
+    rows = [
+        {"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
+        for p in PROMPTS
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows * 4)
     out = tmp_path / "run"
-    dpo.train(load_config("dpo", None, [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", f"logging.output_dir={out}",
-        "data.max_length=32", "data.max_prompt_length=16", "optim.batch_size=4", "optim.lr=1e-2",
-        "optim.max_steps=6", "algo.beta=0.5", "model.autocast=bf16", *BASE]))
+    dpo.train(
+        load_config(
+            "dpo",
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"data.train_path={data}",
+                f"logging.output_dir={out}",
+                "data.max_length=32",
+                "data.max_prompt_length=16",
+                "optim.batch_size=4",
+                "optim.lr=1e-2",
+                "optim.max_steps=6",
+                "algo.beta=0.5",
+                "model.autocast=bf16",
+                *BASE,
+            ],
+        )
+    )
     assert torch.bfloat16 in seen
     losses = [r["loss/dpo"] for r in read_metrics(out / "metrics.jsonl") if "loss/dpo" in r]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -123,10 +157,27 @@ def test_ppo_reference_and_rollout_passes_share_the_precision(tiny_model_dir, tm
     seen = _spy_linear_dtypes(monkeypatch, ppo)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS] * 8)
     out = tmp_path / "run"
-    ppo.train(load_config("ppo", None, [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={prompts}", f"logging.output_dir={out}",
-        "algo.rollout_batch_size=16", "algo.minibatch_size=8", "algo.ppo_epochs=1", "sampling.max_new_tokens=6",
-        "optim.lr=5e-3", "algo.kl_coef=0.05", "algo.iterations=3", "model.autocast=bf16", *BASE]), reward=Length())
+    ppo.train(
+        load_config(
+            "ppo",
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"data.train_path={prompts}",
+                f"logging.output_dir={out}",
+                "algo.rollout_batch_size=16",
+                "algo.minibatch_size=8",
+                "algo.ppo_epochs=1",
+                "sampling.max_new_tokens=6",
+                "optim.lr=5e-3",
+                "algo.kl_coef=0.05",
+                "algo.iterations=3",
+                "model.autocast=bf16",
+                *BASE,
+            ],
+        ),
+        reward=Length(),
+    )
     assert torch.bfloat16 in seen
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "kl/sequence" in r]
     assert rows[0]["kl/sequence"] == 0.0
@@ -137,13 +188,30 @@ def test_ppo_reference_and_rollout_passes_share_the_precision(tiny_model_dir, tm
 
 def test_reward_model_trains_under_autocast(tiny_model_dir, tmp_path, monkeypatch):
     seen = _spy_linear_dtypes(monkeypatch, reward, "_build_model")
-    rows = [{"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."} for p in PROMPTS]
+    rows = [
+        {"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
+        for p in PROMPTS
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows * 8)
     out = tmp_path / "run"
-    reward.train(load_config("rm", None, [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", f"logging.output_dir={out}",
-        "data.max_length=32", "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
-        "optim.max_steps=12", "model.autocast=bf16", *BASE]))
+    reward.train(
+        load_config(
+            "rm",
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"data.train_path={data}",
+                f"logging.output_dir={out}",
+                "data.max_length=32",
+                "data.max_prompt_length=16",
+                "optim.batch_size=8",
+                "optim.lr=1e-2",
+                "optim.max_steps=12",
+                "model.autocast=bf16",
+                *BASE,
+            ],
+        )
+    )
     assert torch.bfloat16 in seen
     metrics = [r for r in read_metrics(out / "metrics.jsonl") if "loss/rm" in r]
     assert metrics[-1]["loss/rm"] < metrics[0]["loss/rm"] and metrics[-1]["reward/accuracy"] == 1.0

@@ -7,8 +7,14 @@ from rlhflab.errors import ConfigError, UserError
 from rlhflab.rollout.generate import SamplingSettings
 from rlhflab.stages.best_of_n import BestOfN, best_of_n, best_of_n_kl
 
-PROMPTS = ["the cat sat on the mat", "what is the cat", "i like the dog", "why is the day sad", "say hi",
-           "hello"]
+PROMPTS = [
+    "the cat sat on the mat",
+    "what is the cat",
+    "i like the dog",
+    "why is the day sad",
+    "say hi",
+    "hello",
+]
 
 
 class WordCount:
@@ -30,8 +36,9 @@ SETTINGS = SamplingSettings(max_new_tokens=12, temperature=1.0)
 
 def test_best_of_n_picks_the_argmax_of_the_reward(tiny_model, tiny_tokenizer):
     reward = WordCount("cat")
-    result = best_of_n(tiny_model, tiny_tokenizer, PROMPTS, reward, n=16, settings=SETTINGS, seed=0,
-                       score_batch_size=10)
+    result = best_of_n(
+        tiny_model, tiny_tokenizer, PROMPTS, reward, n=16, settings=SETTINGS, seed=0, score_batch_size=10
+    )
     assert len(result.texts) == len(PROMPTS) and result.all_scores.shape == (len(PROMPTS), 16)
     assert all(len(row) == 16 for row in result.all_texts)
     # Scoring was batched: 96 responses, at most 10 per call, every response scored once.
@@ -89,7 +96,7 @@ class Broken:
         self.scores = scores
 
     def score(self, prompts, responses):
-        return torch.tensor(self.scores[:len(responses)])
+        return torch.tensor(self.scores[: len(responses)])
 
 
 def test_bad_reward_sources_get_clear_errors(tiny_model, tiny_tokenizer):
@@ -111,11 +118,28 @@ def test_best_of_n_command_writes_sft_records(tiny_model_dir, tmp_path, capsys):
     from rlhflab.data import load_records
 
     prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "the dog", "i say"] * 3))
+    prompts_file.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "the dog", "i say"] * 3)
+    )
     out = tmp_path / "bo" / "best.jsonl"
-    args = ["best-of-n", "--policy", str(tiny_model_dir), "--reward", "rule:length:coef=1:target=8",
-            "--prompts", str(prompts_file), "--out", str(out), "--n", "4", "--max-prompts", "6",
-            "--max-new-tokens", "6", "--all-samples"]
+    args = [
+        "best-of-n",
+        "--policy",
+        str(tiny_model_dir),
+        "--reward",
+        "rule:length:coef=1:target=8",
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+        "--n",
+        "4",
+        "--max-prompts",
+        "6",
+        "--max-new-tokens",
+        "6",
+        "--all-samples",
+    ]
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6
@@ -126,7 +150,10 @@ def test_best_of_n_command_writes_sft_records(tiny_model_dir, tmp_path, capsys):
         assert row["mean_score"] == pytest.approx(sum(row["sample_scores"]) / 4)
     assert len(load_records(str(out), "sft").records) == 6  # ready for `rlhflab sft data.train_path=OUT`
     assert "best of 4" in capsys.readouterr().out
-    for bad, message in ((["--n", "0"], "--n must be >= 1"), (["--out", str(tmp_path / "x.txt")], "must be a .jsonl")):
+    for bad, message in (
+        (["--n", "0"], "--n must be >= 1"),
+        (["--out", str(tmp_path / "x.txt")], "must be a .jsonl"),
+    ):
         assert main(args + bad) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()

@@ -10,10 +10,18 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_malformed_data_names_the_record_and_leaves_nothing_behind(tmp_path, tiny_model_dir, capsys):
     """A stage stopped by bad input removes the run directory it had just created."""
     data = tmp_path / "pairs.jsonl"
-    data.write_text('{"prompt": "hi", "chosen": "good", "rejected": "bad"}\n{"prompt": "hey", "chosen": "fine"}\n')
+    data.write_text(
+        '{"prompt": "hi", "chosen": "good", "rejected": "bad"}\n{"prompt": "hey", "chosen": "fine"}\n'
+    )
     out = tmp_path / "run"
-    code = main(["dpo", f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}",
-                 f"logging.output_dir={out}"])
+    code = main(
+        [
+            "dpo",
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train_path={data}",
+            f"logging.output_dir={out}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{data}, line 2, field 'rejected': is missing; columns found: 'prompt', 'chosen'" in err
@@ -25,8 +33,14 @@ def test_input_error_keeps_an_earlier_run(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    code = main(["dpo", f"model.name_or_path={tiny_model_dir}", f"data.train_path={tmp_path / 'none.jsonl'}",
-                 f"logging.output_dir={out}"])
+    code = main(
+        [
+            "dpo",
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train_path={tmp_path / 'none.jsonl'}",
+            f"logging.output_dir={out}",
+        ]
+    )
     assert code == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
@@ -35,11 +49,18 @@ def test_input_error_keeps_an_earlier_run(tmp_path, tiny_model_dir, capsys):
 UNUSABLE_KEYS = [
     # PPO samples its responses: no response lengths, no packing, no held-out records, and its optimizer
     # steps are set by algo.rollout_batch_size / minibatch_size / ppo_epochs / iterations.
-    ("ppo", "data.packing=true"), ("ppo", "data.max_length=64"), ("ppo", "data.eval_fraction=0.1"),
-    ("ppo", "data.eval_path=x.jsonl"), ("ppo", "optim.batch_size=8"), ("ppo", "optim.micro_batch_size=2"),
-    ("ppo", "optim.epochs=2"), ("ppo", "optim.max_steps=3"), ("ppo", "logging.eval_every=5"),
+    ("ppo", "data.packing=true"),
+    ("ppo", "data.max_length=64"),
+    ("ppo", "data.eval_fraction=0.1"),
+    ("ppo", "data.eval_path=x.jsonl"),
+    ("ppo", "optim.batch_size=8"),
+    ("ppo", "optim.micro_batch_size=2"),
+    ("ppo", "optim.epochs=2"),
+    ("ppo", "optim.max_steps=3"),
+    ("ppo", "logging.eval_every=5"),
     # Only SFT packs rows.
-    ("rm", "data.packing=true"), ("dpo", "data.packing=true"),
+    ("rm", "data.packing=true"),
+    ("dpo", "data.packing=true"),
     # A typo anywhere.
     ("sft", "optim.lrr=1e-3"),
 ]
@@ -63,5 +84,8 @@ def test_ppo_without_a_reward_fails_before_loading_a_model(tmp_path, capsys):
     data.write_text('{"prompt": "hi"}\n')
     out = tmp_path / "run"
     # The model does not exist: the reward check comes first, so its message is the one shown.
-    assert main(["ppo", "model.name_or_path=/no/model", f"data.train_path={data}", f"logging.output_dir={out}"]) == 2
+    assert (
+        main(["ppo", "model.name_or_path=/no/model", f"data.train_path={data}", f"logging.output_dir={out}"])
+        == 2
+    )
     assert "algo.reward_model is empty" in capsys.readouterr().err and not out.exists()

@@ -26,25 +26,43 @@ PROMPTS = ["the cat sat on the mat", "what is the cat", "i like the cat", "why i
 @pytest.fixture()
 def pairs_file(tmp_path):
     # A learnable toy: the happy answer is always preferred, with a second pattern so pairs differ.
-    rows = [{"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
-            for p in PROMPTS]
+    rows = [
+        {"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
+        for p in PROMPTS
+    ]
     rows += [{"prompt": p, "chosen": "i love the dog", "rejected": "i hate the dog !"} for p in PROMPTS]
     return write_jsonl(tmp_path / "pairs.jsonl", rows * 2)
 
 
 @pytest.fixture()
 def unpaired_file(tmp_path):
-    rows = [{"prompt": p, "completion": c, "label": good} for p in PROMPTS
-            for c, good in (("the cat is very happy .", True), ("the cat is very sad .", False))]
+    rows = [
+        {"prompt": p, "completion": c, "label": good}
+        for p in PROMPTS
+        for c, good in (("the cat is very happy .", True), ("the cat is very sad .", False))
+    ]
     return write_jsonl(tmp_path / "unpaired.jsonl", rows)
 
 
 def _cfg(model_dir, data, out, *extra):
-    return load_config("dpo", None, [
-        f"model.name_or_path={model_dir}", f"data.train_path={data}", f"logging.output_dir={out}",
-        "data.max_length=32", "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
-        "logging.log_every=1", "logging.progress=false", "logging.tensorboard=false", "model.device=cpu",
-        *extra])
+    return load_config(
+        "dpo",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train_path={data}",
+            f"logging.output_dir={out}",
+            "data.max_length=32",
+            "data.max_prompt_length=16",
+            "optim.batch_size=8",
+            "optim.lr=1e-2",
+            "logging.log_every=1",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "model.device=cpu",
+            *extra,
+        ],
+    )
 
 
 def _rows(run_dir, key):
@@ -65,8 +83,17 @@ def test_the_config_takes_exactly_the_table_and_its_hyperparameters():
 
 def test_dpo_learns_the_preferences(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=12", "data.eval_fraction=0.25",
-                   "optim.batch_size=4", "algo.beta=0.5"))
+    dpo.train(
+        _cfg(
+            tiny_model_dir,
+            pairs_file,
+            out,
+            "optim.max_steps=12",
+            "data.eval_fraction=0.25",
+            "optim.batch_size=4",
+            "algo.beta=0.5",
+        )
+    )
     rows = _rows(out, "loss/dpo")
     # Policy == reference at the first step: h = 0, so -log sigma(0) = log 2 exactly, through the cache.
     assert rows[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
@@ -93,11 +120,12 @@ def test_dpo_learns_the_preferences(tiny_model_dir, pairs_file, tmp_path):
         seconds = 4 / r["perf/pairs_per_s"]
         tokens = r["perf/tokens_per_s"] * seconds
         head = (r["perf/flops_per_s"] * seconds - causal_lm_train_flops(params, tokens, 0)) / (
-            causal_lm_train_flops(params, 0, 1))
+            causal_lm_train_flops(params, 0, 1)
+        )
         assert (tokens, head) == pytest.approx((round(tokens), round(head)), abs=1e-6) and 0 < head < tokens
         counts.append((round(tokens), round(head)))
     assert len(counts) == 12
-    assert len({tuple(map(sum, zip(*counts[i:i + 3]))) for i in (0, 3, 6, 9)}) == 1
+    assert len({tuple(map(sum, zip(*counts[i : i + 3]))) for i in (0, 3, 6, 9)}) == 1
     final_eval = _rows(out, "eval/accuracy")[-1]
     assert final_eval["eval/accuracy"] == 1.0 and final_eval["eval/margin"] > 0
     cache = torch.load(out / REF_CACHE, weights_only=True)["logps"]
@@ -124,13 +152,22 @@ def test_cached_reference_equals_a_fresh_forward(tiny_model_dir, pairs_file, tmp
         assert torch.allclose(cached[i], sums, atol=1e-5), i
 
 
-@pytest.mark.parametrize("loss, extra", [
-    ("dpo", []), ("cdpo", ["algo.label_smoothing=0.1"]), ("robust_dpo", ["algo.label_smoothing=0.1"]),
-    ("ipo", ["algo.average_logps=true"]), ("hinge", []), ("orpo", []), ("simpo", ["algo.simpo_beta=2.0"]),
-    ("cpl", []),
-])
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("dpo", []),
+        ("cdpo", ["algo.label_smoothing=0.1"]),
+        ("robust_dpo", ["algo.label_smoothing=0.1"]),
+        ("ipo", ["algo.average_logps=true"]),
+        ("hinge", []),
+        ("orpo", []),
+        ("simpo", ["algo.simpo_beta=2.0"]),
+        ("cpl", []),
+    ],
+)
 def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     if not PREFERENCE_LOSS_TABLE[loss].reference:
+
         def no_reference(*args, **kwargs):
             raise AssertionError("a reference-free loss loaded or ran a reference")
 
@@ -138,8 +175,18 @@ def test_each_paired_loss_runs_and_decreases(loss, extra, tiny_model_dir, pairs_
         monkeypatch.setattr(reference, "reference_logps", no_reference)
     out = tmp_path / loss
     # One batch holding every pair, so each step sees the same data and the loss must go down.
-    dpo.train(_cfg(tiny_model_dir, pairs_file, out, f"algo.loss={loss}", "optim.max_steps=4",
-                   "optim.batch_size=16", "optim.lr=3e-3", *extra))
+    dpo.train(
+        _cfg(
+            tiny_model_dir,
+            pairs_file,
+            out,
+            f"algo.loss={loss}",
+            "optim.max_steps=4",
+            "optim.batch_size=16",
+            "optim.lr=3e-3",
+            *extra,
+        )
+    )
     key = f"loss/{loss}"
     losses = [r[key] for r in _rows(out, key)]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
@@ -166,16 +213,25 @@ def test_kto_learns_from_unpaired_data(tiny_model_dir, unpaired_file, tmp_path):
         seconds = 8 / r["perf/examples_per_s"]
         assert r["perf/tokens_per_s"] * seconds == pytest.approx(94)
         assert r["perf/flops_per_s"] * seconds == pytest.approx(
-            causal_lm_train_flops(params, 94, 56) + causal_lm_forward_flops(params, 94, 56))
+            causal_lm_train_flops(params, 94, 56) + causal_lm_forward_flops(params, 94, 56)
+        )
     cache = torch.load(out / REF_CACHE, weights_only=True)["logps"]
     assert cache["train"].shape == cache["train_kl"].shape == (8,)
 
 
 def test_kto_metrics_by_hand():
-    x = PreferenceInputs(torch.tensor([-1.0, -2.0]), torch.tensor([2, 2]), torch.zeros(2, 3), torch.ones(2, 3),
-                       ref_logps=torch.tensor([-1.5, -1.5]), desirable=torch.tensor([True, False]),
-                       kl_estimate=torch.tensor(0.1))
-    out = run_preference_loss(PREFERENCE_LOSS_TABLE["kto"], x, vars(DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0)))
+    x = PreferenceInputs(
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([2, 2]),
+        torch.zeros(2, 3),
+        torch.ones(2, 3),
+        ref_logps=torch.tensor([-1.5, -1.5]),
+        desirable=torch.tensor([True, False]),
+        kl_estimate=torch.tensor(0.1),
+    )
+    out = run_preference_loss(
+        PREFERENCE_LOSS_TABLE["kto"], x, vars(DPOAlgo(loss="kto", beta=1.0, kto_undesirable_weight=2.0))
+    )
     # r = [0.5, -0.5]; desirable: 1 - sigma(0.5 - 0.1); undesirable: 2 * (1 - sigma(0.1 + 0.5)).
     sigma = torch.sigmoid(torch.tensor([0.4, 0.6]))
     expected = torch.stack([1 - sigma[0], 2 * (1 - sigma[1])])
@@ -192,8 +248,11 @@ def test_mismatched_partners_pick_another_prompt():
 
 def test_live_reference_matches_the_cache(tiny_model_dir, pairs_file, tmp_path):
     losses = {}
-    for mode, extra in (("cached", []), ("live", ["algo.precompute_ref_logps=false"]),
-                        ("explicit", [f"ref_model={tiny_model_dir}"])):
+    for mode, extra in (
+        ("cached", []),
+        ("live", ["algo.precompute_ref_logps=false"]),
+        ("explicit", [f"ref_model={tiny_model_dir}"]),
+    ):
         out = tmp_path / mode
         dpo.train(_cfg(tiny_model_dir, pairs_file, out, "optim.max_steps=2", *extra))
         losses[mode] = [r["loss/dpo"] for r in _rows(out, "loss/dpo")]
@@ -245,8 +304,9 @@ def test_dpo_stops_on_nan_with_checkpoint_intact(tiny_model_dir, pairs_file, tmp
     poisoned.calls = 0
     monkeypatch.setattr(logprobs_module, "token_logps", poisoned)
     with pytest.raises(TrainingHealthError, match="step 5: loss/dpo is not finite.*step-00000004"):
-        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", "optim.max_steps=6",
-                       "logging.save_every=2"))
+        dpo.train(
+            _cfg(tiny_model_dir, pairs_file, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2")
+        )
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == "step-00000004"
     state = torch.load(ckpt / "model.pt", weights_only=True)
@@ -258,27 +318,46 @@ def test_cli_runs_the_stage(tiny_model_dir, pairs_file, tmp_path):
     config = tmp_path / "dpo.yaml"
     config.write_text("stage: dpo\nalgo:\n  loss: ipo\n  beta: 0.5\noptim:\n  max_steps: 2\n")
     out = tmp_path / "run"
-    code = cli.main(["dpo", "--config", str(config), f"model.name_or_path={tiny_model_dir}",
-                     f"data.train_path={pairs_file}", f"logging.output_dir={out}", "optim.batch_size=8",
-                     "logging.progress=false", "logging.tensorboard=false", "model.device=cpu",
-                     "logging.log_every=1"])
+    code = cli.main(
+        [
+            "dpo",
+            "--config",
+            str(config),
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train_path={pairs_file}",
+            f"logging.output_dir={out}",
+            "optim.batch_size=8",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "model.device=cpu",
+            "logging.log_every=1",
+        ]
+    )
     assert code == 0
     assert len(_rows(out, "loss/ipo")) == 2
     # The run's saved config is the YAML file with the command-line overrides on top.
     saved = load_config("dpo", out / "config.yaml")
-    assert (saved.algo.loss, saved.algo.beta, saved.optim.max_steps, saved.optim.batch_size) == ("ipo", 0.5, 2, 8)
+    assert (saved.algo.loss, saved.algo.beta, saved.optim.max_steps, saved.optim.batch_size) == (
+        "ipo",
+        0.5,
+        2,
+        8,
+    )
     assert saved.model.name_or_path == str(tiny_model_dir) and saved.data.train_path == str(pairs_file)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["algo.loss=cdpo"], r"makes algo.loss=cdpo plain DPO"),
-    (["algo.loss=ipo", "algo.label_smoothing=0.1"], r"not used by algo.loss=ipo"),
-    (["algo.loss=kto", "algo.average_logps=true"], r"algo.average_logps is not used by algo.loss=kto"),
-    (["algo.loss=simpoo"], r"did you mean 'simpo'"),
-    (["algo.loss=cpl", "algo.cpl_lambda=0"], r"algo.cpl_lambda must be in \(0, 1\]"),
-    (["algo.loss=kto", "algo.kto_desirable_weight=-1"], r"algo.kto_desirable_weight must be > 0"),
-    (["algo.cpl_lambda=0.5"], r"algo.cpl_lambda is not used by algo.loss=dpo \(it is used by cpl\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.loss=cdpo"], r"makes algo.loss=cdpo plain DPO"),
+        (["algo.loss=ipo", "algo.label_smoothing=0.1"], r"not used by algo.loss=ipo"),
+        (["algo.loss=kto", "algo.average_logps=true"], r"algo.average_logps is not used by algo.loss=kto"),
+        (["algo.loss=simpoo"], r"did you mean 'simpo'"),
+        (["algo.loss=cpl", "algo.cpl_lambda=0"], r"algo.cpl_lambda must be in \(0, 1\]"),
+        (["algo.loss=kto", "algo.kto_desirable_weight=-1"], r"algo.kto_desirable_weight must be > 0"),
+        (["algo.cpl_lambda=0.5"], r"algo.cpl_lambda is not used by algo.loss=dpo \(it is used by cpl\)"),
+    ],
+)
 def test_config_errors_say_what_to_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("dpo", None, overrides)

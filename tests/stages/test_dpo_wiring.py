@@ -68,14 +68,22 @@ UNPAIRED = [
 ]
 UNPAIRED_BATCH = [4, 1, 2, 0, 3]
 
-PAIRED_FNS = {"dpo": preference.dpo, "cdpo": preference.cdpo, "robust_dpo": preference.robust_dpo,
-              "ipo": preference.ipo, "hinge": preference.hinge}
+PAIRED_FNS = {
+    "dpo": preference.dpo,
+    "cdpo": preference.cdpo,
+    "robust_dpo": preference.robust_dpo,
+    "ipo": preference.ipo,
+    "hinge": preference.hinge,
+}
 SMOOTHED = ("dpo", "cdpo", "robust_dpo")
 
 # (loss, algo options): every option that changes a loss's call, at a distinct nonzero value.
 REF_PAIRED_CASES = [
-    *[(name, {"beta": 0.3, "label_smoothing": 0.2, "average_logps": avg})
-      for name in SMOOTHED for avg in (False, True)],
+    *[
+        (name, {"beta": 0.3, "label_smoothing": 0.2, "average_logps": avg})
+        for name in SMOOTHED
+        for avg in (False, True)
+    ],
     *[(name, {"beta": 0.3, "average_logps": avg}) for name in ("ipo", "hinge") for avg in (False, True)],
 ]
 REF_FREE_CASES = [
@@ -115,8 +123,10 @@ def pair_examples(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def unpaired_examples(tiny_tokenizer):
-    return [tokenize_unpaired(UnpairedRecord(p, c, good), tiny_tokenizer, max_length=32)
-            for p, c, good in UNPAIRED]
+    return [
+        tokenize_unpaired(UnpairedRecord(p, c, good), tiny_tokenizer, max_length=32)
+        for p, c, good in UNPAIRED
+    ]
 
 
 def _hand_logps(model, batch):
@@ -134,24 +144,40 @@ def _hand_logps(model, batch):
 def pair_batch(models, pair_examples, tiny_tokenizer):
     """Hand log-probs of PAIR_BATCH: rows 0..B-1 chosen, B..2B-1 rejected."""
     policy, reference = models
-    batch = collate_pairs([pair_examples[i] for i in PAIR_BATCH], pad_token_id=tiny_tokenizer.pad_token_id,
-                          stack=True)
+    batch = collate_pairs(
+        [pair_examples[i] for i in PAIR_BATCH], pad_token_id=tiny_tokenizer.pad_token_id, stack=True
+    )
     sums, counts, tokens, mask = _hand_logps(policy, batch)
-    return {"sums": sums, "counts": counts, "tokens": tokens, "mask": mask,
-            "ref_sums": _hand_logps(reference, batch)[0]}
+    return {
+        "sums": sums,
+        "counts": counts,
+        "tokens": tokens,
+        "mask": mask,
+        "ref_sums": _hand_logps(reference, batch)[0],
+    }
 
 
 @pytest.fixture(scope="module")
 def pair_cache(models, pair_examples, tiny_tokenizer):
     """The stage's own reference cache of every pair (batches of 2, so its length sort matters)."""
-    return {"train": ref_cache.reference_logps(models[1], pair_examples, "pairwise", CPU, tiny_tokenizer.pad_token_id,
-                                         batch_size=2)[0]}
+    return {
+        "train": ref_cache.reference_logps(
+            models[1], pair_examples, "pairwise", CPU, tiny_tokenizer.pad_token_id, batch_size=2
+        )[0]
+    }
 
 
 def _context(name, options, policy, pad_id, *, reference=None, cache=None):
     live = functools.partial(contextlib.nullcontext, reference) if reference is not None else None
-    return dpo._Context(model=policy, row=PREFERENCE_LOSS_TABLE[name], algo=DPOAlgo(loss=name, **options),
-                        device=CPU, pad_id=pad_id, ref_cache=cache, live_ref=live)
+    return dpo._Context(
+        model=policy,
+        row=PREFERENCE_LOSS_TABLE[name],
+        algo=DPOAlgo(loss=name, **options),
+        device=CPU,
+        pad_id=pad_id,
+        ref_cache=cache,
+        live_ref=live,
+    )
 
 
 def _halves(x):
@@ -188,7 +214,9 @@ def test_every_loss_in_the_table_has_a_wiring_case():
     the cases below assume each loss's data kind and whether it reads a reference."""
     covered = {n for n, _ in REF_PAIRED_CASES + REF_FREE_CASES} | {"kto"}
     assert covered == set(PREFERENCE_LOSS_TABLE)
-    assert {n for n, r in PREFERENCE_LOSS_TABLE.items() if r.reference and r.data == "pairwise"} == set(PAIRED_FNS)
+    assert {n for n, r in PREFERENCE_LOSS_TABLE.items() if r.reference and r.data == "pairwise"} == set(
+        PAIRED_FNS
+    )
     assert {n for n, r in PREFERENCE_LOSS_TABLE.items() if not r.reference} == {"orpo", "simpo", "cpl"}
     assert PREFERENCE_LOSS_TABLE["kto"].data == "unpaired" and PREFERENCE_LOSS_TABLE["kto"].reference
 
@@ -207,21 +235,38 @@ def model_dir(tmp_path_factory, tiny_tokenizer, models):
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("wiring-data")
-    pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
+    pairs = write_jsonl(
+        root / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    )
     # Unbalanced labels (4 desirable, 2 undesirable), so swapping the KTO weights changes the step's mean.
-    unpaired = write_jsonl(root / "unpaired.jsonl",
-                           [{"prompt": p, "completion": c, "label": good} for p, c, good in UNPAIRED])
+    unpaired = write_jsonl(
+        root / "unpaired.jsonl", [{"prompt": p, "completion": c, "label": good} for p, c, good in UNPAIRED]
+    )
     return {"pairwise": pairs, "unpaired": unpaired}
 
 
 def _train_step0(model_dir, data, out, *extra):
     """One optimizer step on one batch holding every example; returns the logged training row."""
     n = sum(1 for line in data.read_text().splitlines() if line.strip())
-    cfg = load_config("dpo", None, [
-        f"model.name_or_path={model_dir}", f"data.train_path={data}", f"logging.output_dir={out}",
-        "data.max_length=32", "data.max_prompt_length=16", f"optim.batch_size={n}", "optim.lr=1e-2",
-        "optim.max_steps=1", "logging.log_every=1", "logging.progress=false", "logging.tensorboard=false",
-        "model.device=cpu", *extra])
+    cfg = load_config(
+        "dpo",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train_path={data}",
+            f"logging.output_dir={out}",
+            "data.max_length=32",
+            "data.max_prompt_length=16",
+            f"optim.batch_size={n}",
+            "optim.lr=1e-2",
+            "optim.max_steps=1",
+            "logging.log_every=1",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "model.device=cpu",
+            *extra,
+        ],
+    )
     dpo.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return next(r for r in rows if any(k.startswith("loss/") and k != "loss/grad_norm" for k in r))
@@ -243,7 +288,11 @@ STEP0 = [
     ("robust_dpo", ["algo.label_smoothing=0.2"], math.log(2)),
     ("ipo", ["algo.beta=0.4"], (1 / (2 * 0.4)) ** 2),
     ("hinge", ["algo.beta=0.4"], 1.0),
-    ("kto", ["algo.kto_desirable_weight=1.0", "algo.kto_undesirable_weight=1.7"], (4 * 1.0 + 2 * 1.7) / 6 / 2),
+    (
+        "kto",
+        ["algo.kto_desirable_weight=1.0", "algo.kto_undesirable_weight=1.7"],
+        (4 * 1.0 + 2 * 1.7) / 6 / 2,
+    ),
 ]
 
 
@@ -273,14 +322,20 @@ def test_cached_reference_rows_follow_the_batch(pair_cache, pair_batch):
 
 @pytest.mark.parametrize("ref_mode", ["cache", "live"])
 @pytest.mark.parametrize("case", REF_PAIRED_CASES, ids=_case_id)
-def test_reference_loss_matches_the_pure_function(case, ref_mode, models, pair_examples, pair_batch, pair_cache,
-                                                   tiny_tokenizer):
+def test_reference_loss_matches_the_pure_function(
+    case, ref_mode, models, pair_examples, pair_batch, pair_cache, tiny_tokenizer
+):
     """dpo/cdpo/robust_dpo/ipo/hinge: fn(pc, pr, rc, rr, beta, [label_smoothing]) on sums, or on
     per-token means (sum / response length) with average_logps, policy and reference alike."""
     name, options = case
     policy, reference = models
-    ctx = _context(name, options, policy, tiny_tokenizer.pad_token_id,
-                   **({"cache": pair_cache} if ref_mode == "cache" else {"reference": reference}))
+    ctx = _context(
+        name,
+        options,
+        policy,
+        tiny_tokenizer.pad_token_id,
+        **({"cache": pair_cache} if ref_mode == "cache" else {"reference": reference}),
+    )
     out, _ = dpo.batch_loss(ctx, "train", pair_examples, PAIR_BATCH)
 
     pol, ref, n = pair_batch["sums"], pair_batch["ref_sums"], pair_batch["counts"].float()
@@ -292,7 +347,9 @@ def test_reference_loss_matches_the_pure_function(case, ref_mode, models, pair_e
 
 
 @pytest.mark.parametrize("case", REF_FREE_CASES, ids=_case_id)
-def test_reference_free_loss_matches_the_pure_function(case, models, pair_examples, pair_batch, tiny_tokenizer):
+def test_reference_free_loss_matches_the_pure_function(
+    case, models, pair_examples, pair_batch, tiny_tokenizer
+):
     """orpo: per-token means, lambda = orpo_lambda; simpo: sums with the chosen and rejected lengths,
     beta = simpo_beta, gamma = simpo_gamma and label smoothing; cpl: token log-probs and masks,
     alpha = cpl_alpha, gamma = cpl_gamma, lambda = cpl_lambda. No reference."""
@@ -304,13 +361,24 @@ def test_reference_free_loss_matches_the_pure_function(case, models, pair_exampl
     if name == "orpo":
         expected = preference.orpo(*_halves(sums / n.float()), beta=options["orpo_lambda"])
     elif name == "simpo":
-        expected = preference.simpo(*_halves(sums), *_halves(n), beta=options["simpo_beta"],
-                                    gamma=options["simpo_gamma"],
-                                    label_smoothing=options.get("label_smoothing", 0.0))
+        expected = preference.simpo(
+            *_halves(sums),
+            *_halves(n),
+            beta=options["simpo_beta"],
+            gamma=options["simpo_gamma"],
+            label_smoothing=options.get("label_smoothing", 0.0),
+        )
     else:
         (tc, tr), (mc, mr) = _halves(pair_batch["tokens"]), _halves(pair_batch["mask"])
-        expected = preference.cpl(tc, mc, tr, mr, alpha=options["cpl_alpha"], gamma=options["cpl_gamma"],
-                                  conservative_lambda=options["cpl_lambda"])
+        expected = preference.cpl(
+            tc,
+            mc,
+            tr,
+            mr,
+            alpha=options["cpl_alpha"],
+            gamma=options["cpl_gamma"],
+            conservative_lambda=options["cpl_lambda"],
+        )
     _assert_same_output(out, expected)
 
 
@@ -320,25 +388,43 @@ def test_kto_loss_matches_the_pure_function(ref_mode, models, unpaired_examples,
     handed to batch_loss; per-kind rewards are beta * r on the rows of that kind (NaN elsewhere)."""
     policy, reference = models
     pad_id = tiny_tokenizer.pad_token_id
-    kw = ({"cache": {"train": ref_cache.reference_logps(reference, unpaired_examples, "unpaired", CPU, pad_id,
-                                                  batch_size=2)[0]}}
-          if ref_mode == "cache" else {"reference": reference})
+    kw = (
+        {
+            "cache": {
+                "train": ref_cache.reference_logps(
+                    reference, unpaired_examples, "unpaired", CPU, pad_id, batch_size=2
+                )[0]
+            }
+        }
+        if ref_mode == "cache"
+        else {"reference": reference}
+    )
     ctx = _context("kto", KTO_OPTIONS, policy, pad_id, **kw)
-    out, _ = dpo.batch_loss(ctx, "train", unpaired_examples, UNPAIRED_BATCH,
-                            kl_estimate=torch.tensor(KL_ESTIMATE))
+    out, _ = dpo.batch_loss(
+        ctx, "train", unpaired_examples, UNPAIRED_BATCH, kl_estimate=torch.tensor(KL_ESTIMATE)
+    )
 
     batch = collate_unpaired([unpaired_examples[i] for i in UNPAIRED_BATCH], pad_token_id=pad_id)
     pol, ref = _hand_logps(policy, batch)[0], _hand_logps(reference, batch)[0]
     good = batch["label"]
     assert good.any() and not good.all()
-    expected = preference.kto(pol, ref, good, KL_ESTIMATE, beta=KTO_OPTIONS["beta"],
-                              desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
-                              undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"])
+    expected = preference.kto(
+        pol,
+        ref,
+        good,
+        KL_ESTIMATE,
+        beta=KTO_OPTIONS["beta"],
+        desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
+        undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"],
+    )
     _assert_same_output(out, expected)
     implicit = KTO_OPTIONS["beta"] * (pol - ref)
     assert_close(out.metrics["reward/chosen"][good], implicit[good], **TOL)
     assert_close(out.metrics["reward/rejected"][~good], implicit[~good], **TOL)
-    assert out.metrics["reward/chosen"][~good].isnan().all() and out.metrics["reward/rejected"][good].isnan().all()
+    assert (
+        out.metrics["reward/chosen"][~good].isnan().all()
+        and out.metrics["reward/rejected"][good].isnan().all()
+    )
 
 
 def test_kto_evaluate_feeds_the_kl_reference_point(models, unpaired_examples, tiny_tokenizer):
@@ -347,10 +433,14 @@ def test_kto_evaluate_feeds_the_kl_reference_point(models, unpaired_examples, ti
     policy, reference = models
     pad_id = tiny_tokenizer.pad_token_id
     partners = mismatched_partners([p for p, _, _ in UNPAIRED])
-    kl_examples = [tokenize_unpaired(UnpairedRecord(p, UNPAIRED[j][1], good), tiny_tokenizer, max_length=32)
-                   for (p, _, good), j in zip(UNPAIRED, partners)]
-    cache = {split: ref_cache.reference_logps(reference, ex, "unpaired", CPU, pad_id, batch_size=2)[0]
-             for split, ex in (("eval", unpaired_examples), ("eval_kl", kl_examples))}
+    kl_examples = [
+        tokenize_unpaired(UnpairedRecord(p, UNPAIRED[j][1], good), tiny_tokenizer, max_length=32)
+        for (p, _, good), j in zip(UNPAIRED, partners)
+    ]
+    cache = {
+        split: ref_cache.reference_logps(reference, ex, "unpaired", CPU, pad_id, batch_size=2)[0]
+        for split, ex in (("eval", unpaired_examples), ("eval_kl", kl_examples))
+    }
     ctx = _context("kto", KTO_OPTIONS, policy, pad_id, cache=cache)
     metrics = dpo.evaluate(ctx, unpaired_examples, kl_examples, batch_size=4)
 
@@ -358,8 +448,14 @@ def test_kto_evaluate_feeds_the_kl_reference_point(models, unpaired_examples, ti
     z0 = (_hand_logps(policy, kl_batch)[0] - _hand_logps(reference, kl_batch)[0]).mean().clamp(min=0)
     assert z0 > 0.05  # a reference point that matters, so dropping it shows
     batch = collate_unpaired(unpaired_examples, pad_token_id=pad_id)
-    expected = preference.kto(_hand_logps(policy, batch)[0], _hand_logps(reference, batch)[0], batch["label"],
-                              z0, beta=KTO_OPTIONS["beta"], desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
-                              undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"])
+    expected = preference.kto(
+        _hand_logps(policy, batch)[0],
+        _hand_logps(reference, batch)[0],
+        batch["label"],
+        z0,
+        beta=KTO_OPTIONS["beta"],
+        desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
+        undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"],
+    )
     assert metrics["eval/kl/reference_point"] == pytest.approx(float(z0), abs=1e-5)
     assert metrics["eval/loss"] == pytest.approx(float(expected.loss.mean()), abs=1e-5)

@@ -17,12 +17,23 @@ from rlhflab.pipeline import _user_sections, run_pipeline
 from rlhflab.rewards import LearnedReward
 
 TINY = [
-    "data.n_sft=64", "data.n_pairs=64", "data.n_prompts=32", "data.n_heldout=16",
-    "eval.prompts=4", "eval.samples=2", "eval.best_of_n=2",
-    "sft.model.name_or_path=lab:sentiment:tiny", "sft.optim.max_steps=3",
-    "rm.optim.max_steps=3", "rm.data.eval_fraction=0.25",
-    "ppo.algo.iterations=2", "ppo.algo.rollout_batch_size=8", "ppo.algo.minibatch_size=4",
-    "ppo_kl0.algo.iterations=2", "ppo_kl0.algo.rollout_batch_size=8", "ppo_kl0.algo.minibatch_size=4",
+    "data.n_sft=64",
+    "data.n_pairs=64",
+    "data.n_prompts=32",
+    "data.n_heldout=16",
+    "eval.prompts=4",
+    "eval.samples=2",
+    "eval.best_of_n=2",
+    "sft.model.name_or_path=lab:sentiment:tiny",
+    "sft.optim.max_steps=3",
+    "rm.optim.max_steps=3",
+    "rm.data.eval_fraction=0.25",
+    "ppo.algo.iterations=2",
+    "ppo.algo.rollout_batch_size=8",
+    "ppo.algo.minibatch_size=4",
+    "ppo_kl0.algo.iterations=2",
+    "ppo_kl0.algo.rollout_batch_size=8",
+    "ppo_kl0.algo.minibatch_size=4",
     "dpo.optim.max_steps=3",
 ]
 
@@ -52,13 +63,25 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, lab_cache_env
     assert rm["rm/n_pairs"] == len(pairs) and accuracy == pytest.approx(sum(wins) / len(wins))
     assert set(report["policies"]) == {"sft", "ppo", "ppo_kl0", "dpo", "best_of_2"}
     for name, row in report["policies"].items():
-        assert set(row) == {"gold_reward_mean", "gold_reward_ci95", "win_rate_vs_sft", "kl_to_sft", "mean_length"}
+        assert set(row) == {
+            "gold_reward_mean",
+            "gold_reward_ci95",
+            "win_rate_vs_sft",
+            "kl_to_sft",
+            "mean_length",
+        }
         # The summary row is the policy's gold evaluation, field by field.
         m = report["policy_metrics"][name]
         lo, hi = m["gold/ci95"]
-        assert row == pytest.approx({"gold_reward_mean": m["gold/mean"], "gold_reward_ci95": (hi - lo) / 2,
-                                     "win_rate_vs_sft": m["gold/win_rate"], "kl_to_sft": m["kl/ref"],
-                                     "mean_length": m["sample/len_mean"]}), name
+        assert row == pytest.approx(
+            {
+                "gold_reward_mean": m["gold/mean"],
+                "gold_reward_ci95": (hi - lo) / 2,
+                "win_rate_vs_sft": m["gold/win_rate"],
+                "kl_to_sft": m["kl/ref"],
+                "mean_length": m["sample/len_mean"],
+            }
+        ), name
         # The examples' gold is the gold reward of their text.
         assert len(m["examples"]) == 4, name
         for ex in m["examples"]:
@@ -80,7 +103,9 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, lab_cache_env
     # Each stage is an ordinary run directory that can be re-run alone from its config.
     for stage in ("sft", "rm", "ppo", "ppo_kl0", "dpo"):
         cfg = load_config("ppo" if stage == "ppo_kl0" else stage, out / stage / "config.yaml")
-        assert cfg.seed == 3 and cfg.logging.output_dir == str(out / stage) and (out / stage / "final").is_dir()
+        assert (
+            cfg.seed == 3 and cfg.logging.output_dir == str(out / stage) and (out / stage / "final").is_dir()
+        )
         if stage != "sft":
             assert cfg.model.name_or_path == str(out / "sft" / "final"), stage
     assert (out / "ppo_kl0" / "config.yaml").read_text().count("kl_coef: 0.0") == 1
@@ -103,8 +128,15 @@ def test_pipeline_config_errors_name_the_key(tmp_path):
 
 def test_run_cli_reports_a_bad_stage_key_without_traceback(tmp_path, capsys):
     # A typo in a stage key is caught by the stage config (with a suggestion) before any work is done.
-    code = main(["run", "--output-dir", str(tmp_path / "r"), "sft.optim.batch_sise=4",
-                 "sft.model.name_or_path=lab:sentiment:tiny"])
+    code = main(
+        [
+            "run",
+            "--output-dir",
+            str(tmp_path / "r"),
+            "sft.optim.batch_sise=4",
+            "sft.model.name_or_path=lab:sentiment:tiny",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "batch_size" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # nothing half-written

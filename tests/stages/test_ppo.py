@@ -22,32 +22,70 @@ class WordCount:
 
 @pytest.fixture()
 def prompts_file(tmp_path):
-    rows = [{"prompt": p} for p in ["the cat", "the dog", "i say", "what is", "how was the film",
-                                    "the day was", "we like", "you hate"]] * 4
+    rows = [
+        {"prompt": p}
+        for p in [
+            "the cat",
+            "the dog",
+            "i say",
+            "what is",
+            "how was the film",
+            "the day was",
+            "we like",
+            "you hate",
+        ]
+    ] * 4
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def _cfg(model_dir, prompts, out, *extra):
-    return load_config("ppo", None, [
-        f"model.name_or_path={model_dir}", f"data.train_path={prompts}", f"logging.output_dir={out}",
-        "model.device=cpu", "logging.progress=false", "logging.tensorboard=false", "logging.log_every=1",
-        "algo.rollout_batch_size=32", "algo.minibatch_size=16", "algo.ppo_epochs=2", "sampling.max_new_tokens=8",
-        "optim.lr=5e-3", "algo.kl_coef=0.01", *extra])
+    return load_config(
+        "ppo",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train_path={prompts}",
+            f"logging.output_dir={out}",
+            "model.device=cpu",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "logging.log_every=1",
+            "algo.rollout_batch_size=32",
+            "algo.minibatch_size=16",
+            "algo.ppo_epochs=2",
+            "sampling.max_new_tokens=8",
+            "optim.lr=5e-3",
+            "algo.kl_coef=0.01",
+            *extra,
+        ],
+    )
 
 
 def test_ppo_increases_a_programmatic_reward(tiny_model_dir, prompts_file, tmp_path):
-    final = ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=16"), reward=WordCount())
+    final = ppo.train(
+        _cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=16"), reward=WordCount()
+    )
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first = sum(r["reward/score"] for r in rows[:3]) / 3
     last = sum(r["reward/score"] for r in rows[-3:]) / 3
     assert last > first + 0.5, (first, last)
-    for key in ("kl/sequence", "loss/clipfrac", "loss/value_error", "perf/time_generate", "perf/time_optimize",
-                "perf/response_length", "loss/entropy_rollout"):
+    for key in (
+        "kl/sequence",
+        "loss/clipfrac",
+        "loss/value_error",
+        "perf/time_generate",
+        "perf/time_optimize",
+        "perf/response_length",
+        "loss/entropy_rollout",
+    ):
         assert key in rows[-1]
     lines = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
-    assert len(lines) == 16 * 32 and {"iteration", "prompt", "response", "score", "kl"} <= json.loads(lines[0]).keys()
+    assert (
+        len(lines) == 16 * 32
+        and {"iteration", "prompt", "response", "score", "kl"} <= json.loads(lines[0]).keys()
+    )
     from rlhflab.models.heads import ValueHead
 
     # The trained value head, not a fresh one: its bias starts at exactly 0 and the value loss moved it.
@@ -59,8 +97,18 @@ def test_ppo_increases_a_programmatic_reward(tiny_model_dir, prompts_file, tmp_p
 
 
 def test_ppo_kl_is_zero_at_start_and_separate_critic_runs(tiny_model_dir, prompts_file, tmp_path):
-    ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=1", "algo.separate_critic=true",
-                   "algo.adaptive_kl=true", "algo.target_kl=1"), reward=WordCount())
+    ppo.train(
+        _cfg(
+            tiny_model_dir,
+            prompts_file,
+            tmp_path / "run",
+            "algo.iterations=1",
+            "algo.separate_critic=true",
+            "algo.adaptive_kl=true",
+            "algo.target_kl=1",
+        ),
+        reward=WordCount(),
+    )
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     # Policy == reference before the first update: the sampled KL estimate is exactly 0.
     assert row["kl/sequence"] == pytest.approx(0.0, abs=1e-5)
@@ -91,8 +139,9 @@ def test_ppo_resume_is_exact(tiny_model_dir, prompts_file, tmp_path, monkeypatch
         ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), reward=WordCount())
     monkeypatch.setattr(ppo, "_append_rollouts", real)
     assert latest_checkpoint(tmp_path / "b").name == "step-00000002"
-    resumed = ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), resume=True,
-                        reward=WordCount())
+    resumed = ppo.train(
+        _cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), resume=True, reward=WordCount()
+    )
     from transformers import AutoModelForCausalLM
 
     a = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
@@ -110,8 +159,10 @@ def test_ppo_stops_on_nan_reward(tiny_model_dir, prompts_file, tmp_path):
             return out * float("nan") if NaNAfterTwo.calls > 2 else out
 
     with pytest.raises(TrainingHealthError, match="step 3: reward/score is not finite.*step-00000002"):
-        ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=4", "logging.save_every=2"),
-                  reward=NaNAfterTwo())
+        ppo.train(
+            _cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=4", "logging.save_every=2"),
+            reward=NaNAfterTwo(),
+        )
     state = torch.load(latest_checkpoint(tmp_path / "run") / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
 
@@ -119,9 +170,17 @@ def test_ppo_stops_on_nan_reward(tiny_model_dir, prompts_file, tmp_path):
 def test_ppo_trains_on_a_llama2_gated_reward_from_the_config(tiny_model_dir, prompts_file, tmp_path):
     # Two reward sources named in the config, combined by Llama 2's safety gate (whitened per batch).
     out = tmp_path / "run"
-    ppo.train(_cfg(tiny_model_dir, prompts_file, out, "algo.iterations=2",
-                   "algo.reward_model=rule:length:coef=0.1,rule:regex:pattern=hate:mode=must_not:penalty=4",
-                   "algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=you hate"))
+    ppo.train(
+        _cfg(
+            tiny_model_dir,
+            prompts_file,
+            out,
+            "algo.iterations=2",
+            "algo.reward_model=rule:length:coef=0.1,rule:regex:pattern=hate:mode=must_not:penalty=4",
+            "algo.reward_combine=llama2_gate",
+            "algo.unsafe_prompt_pattern=you hate",
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 2
     # Whitened over the rollout batch: mean 0 (up to float rounding) and unit spread.

@@ -41,9 +41,24 @@ from .conftest import write_jsonl
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
-PROMPTS = ["the cat", "the dog", "i say", "what is", "how was the film", "the day was", "we like", "you hate",
-           "hello", "why is the cat sad", "i love this", "the movie is", "that was a", "how is it", "yes",
-           "the mat"]
+PROMPTS = [
+    "the cat",
+    "the dog",
+    "i say",
+    "what is",
+    "how was the film",
+    "the day was",
+    "we like",
+    "you hate",
+    "hello",
+    "why is the cat sad",
+    "i love this",
+    "the movie is",
+    "that was a",
+    "how is it",
+    "yes",
+    "the mat",
+]
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------------
@@ -77,8 +92,9 @@ def ref_model_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture()
 def rm_dir(tmp_path, tiny_tokenizer):
     """A reward model whose backbone is another tiny LM (seed 1): unlike the policy's in every weight."""
-    rm = RewardModel.from_causal_lm(tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2,
-                                                   seed=1))
+    rm = RewardModel.from_causal_lm(
+        tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1)
+    )
     out = tmp_path / "rm"
     rm.save_pretrained(out, tiny_tokenizer)
     return out
@@ -90,11 +106,20 @@ def prompts_file(tmp_path):
 
 
 def _cfg(model_dir, *extra, out=None, prompts=None):
-    return load_config("ppo", None, [
-        f"model.name_or_path={model_dir}", "model.device=cpu", "logging.progress=false",
-        "logging.tensorboard=false", "logging.log_every=1",
-        *([f"logging.output_dir={out}"] if out else []), *([f"data.train_path={prompts}"] if prompts else []),
-        *extra])
+    return load_config(
+        "ppo",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            "model.device=cpu",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "logging.log_every=1",
+            *([f"logging.output_dir={out}"] if out else []),
+            *([f"data.train_path={prompts}"] if prompts else []),
+            *extra,
+        ],
+    )
 
 
 def _mixed_rollout(policy, tokenizer, cfg):
@@ -102,7 +127,9 @@ def _mixed_rollout(policy, tokenizer, cfg):
 
     The first sampling seed that gives both kinds is taken, so the test does not hang on one seed's luck.
     """
-    settings = SamplingSettings(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature)
+    settings = SamplingSettings(
+        max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature
+    )
     for seed in range(100):
         rollout = generate(policy, tokenizer, PROMPTS, settings, batch_size=len(PROMPTS), seed=seed)
         if 0 < int(rollout.ended_with_eos.sum()) < len(rollout):
@@ -113,28 +140,41 @@ def _mixed_rollout(policy, tokenizer, cfg):
 def _sampled_token_logps(model, rollout, temperature):
     """(log-probs [B, R] of the sampled response tokens, scaled logits [B, R, V], final hidden [B, R, D]) at
     the positions that predict each response token: a plain forward, independent of the stage's code."""
-    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                position_ids=rollout.position_ids, output_hidden_states=True)
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        output_hidden_states=True,
+    )
     s = rollout.response_start
-    logits = out.logits[:, s - 1:-1].float() / temperature
+    logits = out.logits[:, s - 1 : -1].float() / temperature
     logps = torch.log_softmax(logits, -1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
-    return logps * rollout.response_mask, logits, out.hidden_states[-1][:, s - 1:-1]
+    return logps * rollout.response_mask, logits, out.hidden_states[-1][:, s - 1 : -1]
 
 
 def _experience(cfg):
     """(policy, value model, reference, tokenizer, rollout, experience, metrics) through the stage."""
     policy, value_model, ref, tokenizer, _ = ppo._setup_models(cfg)
     rollout = _mixed_rollout(policy, tokenizer, cfg)
-    exp, metrics = ppo._make_experience(policy, value_model, ref, FixedScores(), rollout,
-                                        FixedKLController(cfg.algo.kl_coef), cfg, 1, None)
+    exp, metrics = ppo._make_experience(
+        policy, value_model, ref, FixedScores(), rollout, FixedKLController(cfg.algo.kl_coef), cfg, 1, None
+    )
     return policy, value_model, ref, tokenizer, rollout, exp, metrics
 
 
 # ---- steps 2-5: scores, log-probs, values, KL-shaped rewards, GAE, whitening ------------------------------
 
-EXPERIENCE_OPTIONS = ["sampling.temperature=0.7", "sampling.max_new_tokens=4", "algo.kl_coef=0.3",
-                      "algo.kl_estimator=k3", "algo.gamma=0.9", "algo.lam=0.7", "algo.missing_eos_penalty=1.5",
-                      "algo.rollout_batch_size=16", "algo.minibatch_size=16"]
+EXPERIENCE_OPTIONS = [
+    "sampling.temperature=0.7",
+    "sampling.max_new_tokens=4",
+    "algo.kl_coef=0.3",
+    "algo.kl_estimator=k3",
+    "algo.gamma=0.9",
+    "algo.lam=0.7",
+    "algo.missing_eos_penalty=1.5",
+    "algo.rollout_batch_size=16",
+    "algo.minibatch_size=16",
+]
 
 
 @pytest.mark.parametrize("whiten", [True, False])
@@ -143,8 +183,12 @@ def test_experience_matches_the_pure_functions(tiny_model_dir, ref_model_dir, wh
     the EOS penalty is subtracted from cut-off responses only; policy and reference log-probs go to
     kl_shaped_rewards in that order with beta and the estimator; gae gets gamma and lam; the advantages
     are whitened exactly when whiten_advantages is set."""
-    cfg = _cfg(tiny_model_dir, *EXPERIENCE_OPTIONS, f"ref_model={ref_model_dir}",
-               f"algo.whiten_advantages={str(whiten).lower()}")
+    cfg = _cfg(
+        tiny_model_dir,
+        *EXPERIENCE_OPTIONS,
+        f"ref_model={ref_model_dir}",
+        f"algo.whiten_advantages={str(whiten).lower()}",
+    )
     policy, value_model, ref, _, rollout, exp, metrics = _experience(cfg)
     assert isinstance(value_model, ValueHead)
     mask = rollout.response_mask
@@ -173,16 +217,25 @@ def test_experience_matches_the_pure_functions(tiny_model_dir, ref_model_dir, wh
     assert_close(exp["returns"], returns, **TOL)
     assert_close(exp["advantages"], advantages, **TOL)
     assert metrics["kl/coef"] == pytest.approx(0.3)
-    assert float(metrics["kl/sequence"]) == pytest.approx(float(shaped.metrics["kl/sequence"].mean()), rel=1e-4)
-    assert float(metrics["reward/total"]) == pytest.approx(float(shaped.metrics["reward/total"].mean()),
-                                                           rel=1e-4, abs=1e-5)
+    assert float(metrics["kl/sequence"]) == pytest.approx(
+        float(shaped.metrics["kl/sequence"].mean()), rel=1e-4
+    )
+    assert float(metrics["reward/total"]) == pytest.approx(
+        float(shaped.metrics["reward/total"].mean()), rel=1e-4, abs=1e-5
+    )
     assert float(metrics["reward/score"]) == pytest.approx(float(raw.mean()), abs=1e-6)
 
 
 # ---- step 6: the PPO update -----------------------------------------------------------------------------
 
-UPDATE_OPTIONS = ["algo.ppo_epochs=1", "algo.clip_eps=0.05", "algo.value_clip_eps=0.01", "algo.value_coef=0.37",
-                  "algo.entropy_coef=0.05", "optim.max_grad_norm=0"]
+UPDATE_OPTIONS = [
+    "algo.ppo_epochs=1",
+    "algo.clip_eps=0.05",
+    "algo.value_clip_eps=0.01",
+    "algo.value_coef=0.37",
+    "algo.entropy_coef=0.05",
+    "optim.max_grad_norm=0",
+]
 
 
 def test_ppo_update_backpropagates_the_hand_built_loss(tiny_model_dir, ref_model_dir, monkeypatch):
@@ -231,16 +284,30 @@ def test_ppo_update_backpropagates_the_hand_built_loss(tiny_model_dir, ref_model
 
 
 @pytest.mark.parametrize("target_kl, direction", [(1e-4, "up"), (1e3, "down")])
-def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, ref_model_dir, prompts_file, tmp_path,
-                                                       target_kl, direction):
+def test_adaptive_kl_coefficient_follows_the_controller(
+    tiny_model_dir, ref_model_dir, prompts_file, tmp_path, target_kl, direction
+):
     """In `ppo.train`, beta rises while the sequence KL is above target_kl and falls while below, each
     iteration by AdaptiveKLController's rule on the logged KL with n_steps = rollout_batch_size; the logged
     kl/coef is the beta that shaped that iteration's rewards."""
     out = tmp_path / "run"
-    cfg = _cfg(tiny_model_dir, f"ref_model={ref_model_dir}", "algo.adaptive_kl=true", "algo.kl_coef=0.2",
-               f"algo.target_kl={target_kl}", "algo.kl_horizon=40", "algo.kl_estimator=k3",
-               "algo.iterations=3", "algo.rollout_batch_size=8", "algo.minibatch_size=8", "algo.ppo_epochs=1",
-               "sampling.max_new_tokens=4", "optim.lr=1e-3", out=out, prompts=prompts_file)
+    cfg = _cfg(
+        tiny_model_dir,
+        f"ref_model={ref_model_dir}",
+        "algo.adaptive_kl=true",
+        "algo.kl_coef=0.2",
+        f"algo.target_kl={target_kl}",
+        "algo.kl_horizon=40",
+        "algo.kl_estimator=k3",
+        "algo.iterations=3",
+        "algo.rollout_batch_size=8",
+        "algo.minibatch_size=8",
+        "algo.ppo_epochs=1",
+        "sampling.max_new_tokens=4",
+        "optim.lr=1e-3",
+        out=out,
+        prompts=prompts_file,
+    )
     ppo.train(cfg, reward=FixedScores())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
@@ -252,24 +319,32 @@ def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, ref_mode
         controller.update(row["kl/sequence"], 8)
     coefs = [row["kl/coef"] for row in rows]
     if direction == "up":
-        assert coefs == sorted(coefs) and coefs[-1] == pytest.approx(0.2 * 1.04 ** 2, rel=1e-6)
+        assert coefs == sorted(coefs) and coefs[-1] == pytest.approx(0.2 * 1.04**2, rel=1e-6)
     else:
-        assert coefs == sorted(coefs, reverse=True) and coefs[-1] == pytest.approx(0.2 * 0.96 ** 2, rel=1e-6)
+        assert coefs == sorted(coefs, reverse=True) and coefs[-1] == pytest.approx(0.2 * 0.96**2, rel=1e-6)
 
 
 # ---- gradient checkpointing ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_gradient_checkpointing_recomputes_the_policy_in_the_update(tiny_model_dir, ref_model_dir, monkeypatch,
-                                                                   checkpointing):
+def test_gradient_checkpointing_recomputes_the_policy_in_the_update(
+    tiny_model_dir, ref_model_dir, monkeypatch, checkpointing
+):
     """With model.gradient_checkpointing=true the policy `_setup_models` builds recomputes its decoder
     layers in the backward of the PPO update (each layer runs twice per minibatch, once without it)."""
-    cfg = _cfg(tiny_model_dir, *EXPERIENCE_OPTIONS, "algo.ppo_epochs=1", f"ref_model={ref_model_dir}",
-               f"model.gradient_checkpointing={str(checkpointing).lower()}")
+    cfg = _cfg(
+        tiny_model_dir,
+        *EXPERIENCE_OPTIONS,
+        "algo.ppo_epochs=1",
+        f"ref_model={ref_model_dir}",
+        f"model.gradient_checkpointing={str(checkpointing).lower()}",
+    )
     policy, value_model, _, _, rollout, exp, _ = _experience(cfg)
     layers = policy.model.layers
-    assert [bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers] == [checkpointing] * len(layers)
+    assert [bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers] == [
+        checkpointing
+    ] * len(layers)
     calls = [0] * len(layers)
     for i, layer in enumerate(layers):
         # A pre-hook: non-reentrant checkpointing stops the recomputation once the saved tensors are rebuilt,
@@ -290,9 +365,12 @@ def test_gradient_checkpointing_recomputes_the_policy_in_the_update(tiny_model_d
 
 # ---- the Llama 2 safety gate from the config -------------------------------------------------------------
 
-GATE_OPTIONS = ["algo.reward_model=rule:length:coef=0.5,rule:regex:pattern=hate:mode=must_not:penalty=2",
-                "algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=you hate|kill",
-                "algo.safety_threshold=0.1"]
+GATE_OPTIONS = [
+    "algo.reward_model=rule:length:coef=0.5,rule:regex:pattern=hate:mode=must_not:penalty=2",
+    "algo.reward_combine=llama2_gate",
+    "algo.unsafe_prompt_pattern=you hate|kill",
+    "algo.safety_threshold=0.1",
+]
 
 
 def _gated(prompts, responses):
@@ -326,15 +404,24 @@ def test_ppo_train_scores_rollouts_with_the_configured_gate(tiny_model_dir, prom
     """`ppo.train` without a reward object scores every rollout with the configured gate: the scores in
     RUN/rollouts.jsonl equal the gate computed by hand on the logged prompts and responses."""
     out = tmp_path / "run"
-    cfg = _cfg(tiny_model_dir, *GATE_OPTIONS, "algo.iterations=1", "algo.rollout_batch_size=16",
-               "algo.minibatch_size=16", "algo.ppo_epochs=1", "sampling.max_new_tokens=4", out=out,
-               prompts=prompts_file)
+    cfg = _cfg(
+        tiny_model_dir,
+        *GATE_OPTIONS,
+        "algo.iterations=1",
+        "algo.rollout_batch_size=16",
+        "algo.minibatch_size=16",
+        "algo.ppo_epochs=1",
+        "sampling.max_new_tokens=4",
+        out=out,
+        prompts=prompts_file,
+    )
     ppo.train(cfg)
     lines = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(lines) == 16 and sum(re.search("you hate", r["prompt"]) is not None for r in lines) == 1
     logged = torch.tensor([r["score"] for r in lines])
-    assert_close(logged, _gated([r["prompt"] for r in lines], [r["response"] for r in lines]),
-                 atol=1e-5, rtol=1e-5)
+    assert_close(
+        logged, _gated([r["prompt"] for r in lines], [r["response"] for r in lines]), atol=1e-5, rtol=1e-5
+    )
 
 
 # ---- the separate critic -------------------------------------------------------------------------------
@@ -367,6 +454,8 @@ def test_separate_critic_starts_from_a_reward_spec_with_options(tiny_model_dir, 
     """A reward spec with options ('DIR:head=0') still names the reward model directory DIR: the critic
     must start from it, not silently from the policy (taking the whole spec string as the directory finds
     no model there, and the critic would fall back to the policy)."""
-    cfg = _cfg(tiny_model_dir, f"algo.reward_model={rm_dir}{options},rule:length", "algo.separate_critic=true")
+    cfg = _cfg(
+        tiny_model_dir, f"algo.reward_model={rm_dir}{options},rule:length", "algo.separate_critic=true"
+    )
     policy, value_model, _, _, _ = ppo._setup_models(cfg)
     _assert_critic_from_rm(value_model, rm_dir, policy)

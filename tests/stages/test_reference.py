@@ -11,8 +11,11 @@ from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.stages.reference import REF_CACHE, cache_rows, cached_reference_logps, response_tokens
 
 CPU = torch.device("cpu")
-PAIRS = [("the cat sat", "it is good .", "no"), ("what is it", "a dog", "it is very very bad ."),
-         ("hello", "hi !", "hi")]
+PAIRS = [
+    ("the cat sat", "it is good .", "no"),
+    ("what is it", "a dog", "it is very very bad ."),
+    ("hello", "hi !", "hi"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,9 @@ def test_the_cache_holds_each_pairs_log_probs_and_is_reused(model, pairs, tiny_t
         loads.append(1)
         return model
 
-    logps, perf = cached_reference_logps(tmp_path, "ref A", {"train": pairs}, "pairwise", load, CPU, pad,
-                                         batch_size=2, log=logs.append)
+    logps, perf = cached_reference_logps(
+        tmp_path, "ref A", {"train": pairs}, "pairwise", load, CPU, pad, batch_size=2, log=logs.append
+    )
     torch.testing.assert_close(logps["train"], _one_by_one(model, pairs, pad), atol=1e-5, rtol=1e-5)
     assert (tmp_path / REF_CACHE).is_file() and loads == [1]
     # The rates are what the pass processed over its time: every real token of every pair, both sides.
@@ -52,16 +56,19 @@ def test_the_cache_holds_each_pairs_log_probs_and_is_reused(model, pairs, tiny_t
     assert perf["perf/ref_tokens_per_s"] * perf["perf/ref_seconds"] == pytest.approx(real)
     assert perf["perf/ref_examples_per_s"] * perf["perf/ref_seconds"] == pytest.approx(len(pairs))
 
-    again, perf2 = cached_reference_logps(tmp_path, "ref A", {"train": pairs}, "pairwise", load, CPU, pad,
-                                          batch_size=2, log=logs.append)
+    again, perf2 = cached_reference_logps(
+        tmp_path, "ref A", {"train": pairs}, "pairwise", load, CPU, pad, batch_size=2, log=logs.append
+    )
     assert loads == [1] and perf2 == {} and torch.equal(again["train"], logps["train"])
     assert "reusing" in logs[-1]
     # Another reference, or other tokens, invalidate the cache.
-    cached_reference_logps(tmp_path, "ref B", {"train": pairs}, "pairwise", load, CPU, pad, batch_size=2,
-                           log=logs.append)
+    cached_reference_logps(
+        tmp_path, "ref B", {"train": pairs}, "pairwise", load, CPU, pad, batch_size=2, log=logs.append
+    )
     assert loads == [1, 1] and "computing it again" in logs[-2]
-    cached_reference_logps(tmp_path, "ref B", {"train": pairs[:2]}, "pairwise", load, CPU, pad, batch_size=2,
-                           log=logs.append)
+    cached_reference_logps(
+        tmp_path, "ref B", {"train": pairs[:2]}, "pairwise", load, CPU, pad, batch_size=2, log=logs.append
+    )
     assert loads == [1, 1, 1]
 
 
@@ -75,6 +82,11 @@ def test_cache_rows_follow_the_collated_batch():
 def test_response_tokens_count_both_sides_where_the_head_runs(pairs, tiny_tokenizer):
     """The LM head runs at the positions that predict response tokens: loss_mask[1:], chosen and rejected."""
     expected = [sum(ex["chosen_loss_mask"][1:]) + sum(ex["rejected_loss_mask"][1:]) for ex in pairs]
-    assert response_tokens(pairs, [0]) == expected[0] and response_tokens(pairs, [0, 2]) == expected[0] + expected[2]
-    unpaired = [tokenize_unpaired(UnpairedRecord("hello", "it is good .", True), tiny_tokenizer, max_length=32)]
+    assert (
+        response_tokens(pairs, [0]) == expected[0]
+        and response_tokens(pairs, [0, 2]) == expected[0] + expected[2]
+    )
+    unpaired = [
+        tokenize_unpaired(UnpairedRecord("hello", "it is good .", True), tiny_tokenizer, max_length=32)
+    ]
     assert response_tokens(unpaired, [0]) == sum(unpaired[0]["loss_mask"][1:]) > 0

@@ -31,17 +31,36 @@ def _pairs(n=96, chosen_word="good", rejected_word="bad", seed=0):
     rows = []
     for i in range(n):
         s = rng.choice(SUBJECTS)
-        rows.append({"prompt": f"what is {rng.choice(SUBJECTS)} ?", "chosen": f"{s} is very {chosen_word} .",
-                     "rejected": f"{s} is very {rejected_word} .", "rating": RATINGS[i % 4]})
+        rows.append(
+            {
+                "prompt": f"what is {rng.choice(SUBJECTS)} ?",
+                "chosen": f"{s} is very {chosen_word} .",
+                "rejected": f"{s} is very {rejected_word} .",
+                "rating": RATINGS[i % 4],
+            }
+        )
     return rows
 
 
 def _cfg(model_dir, out, *extra, data=None):
-    return load_config("rm", None, [
-        f"model.name_or_path={model_dir}", f"logging.output_dir={out}", "model.device=cpu",
-        "logging.progress=false", "logging.tensorboard=false", "logging.log_every=1", "data.max_length=32",
-        "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
-        *([f"data.train_path={data}"] if data else []), *extra])
+    return load_config(
+        "rm",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"logging.output_dir={out}",
+            "model.device=cpu",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "logging.log_every=1",
+            "data.max_length=32",
+            "data.max_prompt_length=16",
+            "optim.batch_size=8",
+            "optim.lr=1e-2",
+            *([f"data.train_path={data}"] if data else []),
+            *extra,
+        ],
+    )
 
 
 def _eval_rows(run_dir):
@@ -53,8 +72,16 @@ def test_rm_separates_a_separable_set(tiny_model_dir, tmp_path, chosen_word, rej
     # Both orientations must reach high accuracy, so it cannot be a lucky initial head.
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(chosen_word=chosen_word, rejected_word=rejected_word))
     out = tmp_path / "run"
-    final = reward.train(_cfg(tiny_model_dir, out, "optim.max_steps=30", "data.eval_fraction=0.25",
-                              "logging.eval_every=10", data=data))
+    final = reward.train(
+        _cfg(
+            tiny_model_dir,
+            out,
+            "optim.max_steps=30",
+            "data.eval_fraction=0.25",
+            "logging.eval_every=10",
+            data=data,
+        )
+    )
     evals = _eval_rows(out)
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
     assert evals[-1]["eval/accuracy"] > 0.9
@@ -65,7 +92,7 @@ def test_rm_separates_a_separable_set(tiny_model_dir, tmp_path, chosen_word, rej
     # a whole number; each epoch (9 steps over the same 72 training pairs) sees the same tokens in all.
     tokens = [8 * r["perf/tokens_per_s"] / r["perf/pairs_per_s"] for r in train_rows]
     assert len(tokens) == 30 and tokens == pytest.approx([round(t) for t in tokens], rel=1e-9)
-    assert len({round(sum(tokens[i:i + 9])) for i in (0, 9, 18)}) == 1
+    assert len({round(sum(tokens[i : i + 9])) for i in (0, 9, 18)}) == 1
     # Table 28 layout on disk; the saved model is a plain HF sequence classifier with its settings file.
     table = json.loads((out / "eval_accuracy.json").read_text())["reward"]
     assert list(table) == [*RATINGS, "avg"] and table["avg"]["n"] == 24
@@ -77,7 +104,9 @@ def test_rm_separates_a_separable_set(tiny_model_dir, tmp_path, chosen_word, rej
     # Normalization stats fitted on training responses: whitened training rewards have mean ~0, std ~1.
     rm = LearnedReward.from_pretrained(final, normalize=True)
     rows = _pairs(chosen_word=chosen_word, rejected_word=rejected_word)
-    scores = rm.score([r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    scores = rm.score(
+        [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    )
     assert abs(float(scores.mean())) < 0.2 and 0.7 < float(scores.std()) < 1.3
 
 
@@ -94,8 +123,15 @@ def test_rm_starts_from_the_sft_backbone(tiny_model_dir, tiny_tokenizer):
 
 def test_rm_with_lora_and_gradient_checkpointing(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=32))
-    cfg = _cfg(tiny_model_dir, tmp_path / "run", "model.lora.enabled=true", "model.lora.r=4",
-               "model.gradient_checkpointing=true", "optim.max_steps=6", data=data)
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path / "run",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "model.gradient_checkpointing=true",
+        "optim.max_steps=6",
+        data=data,
+    )
     model, _ = reward._build_model(cfg, str(tiny_model_dir), ["reward"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "score.weight" in trainable and all("lora_" in n for n in trainable - {"score.weight"})
@@ -138,8 +174,17 @@ def test_margin_training_raises_the_first_loss_and_the_separation(tiny_model_dir
     first, gap = {}, {}
     for margin in ("none", "large"):
         out = tmp_path / margin
-        reward.train(_cfg(tiny_model_dir, out, "optim.max_steps=8", f"algo.margin={margin}",
-                          "algo.normalization_samples=0", "optim.lr=3e-3", data=data))
+        reward.train(
+            _cfg(
+                tiny_model_dir,
+                out,
+                "optim.max_steps=8",
+                f"algo.margin={margin}",
+                "algo.normalization_samples=0",
+                "optim.lr=3e-3",
+                data=data,
+            )
+        )
         rows = read_metrics(out / "metrics.jsonl")
         first[margin], gap[margin] = rows[0]["loss/rm"], rows[-1]["reward/margin"]
     assert first["large"] > first["none"] + 0.3
@@ -151,8 +196,15 @@ def _ranked_rows(n=64, seed=0):
     rows = []
     for _ in range(n):
         s = rng.choice(SUBJECTS)
-        row = {"prompt": f"how was {s} ?",
-               "responses": [f"{s} was good good good .", f"{s} was good good .", f"{s} was good .", f"{s} was ."]}
+        row = {
+            "prompt": f"how was {s} ?",
+            "responses": [
+                f"{s} was good good good .",
+                f"{s} was good good .",
+                f"{s} was good .",
+                f"{s} was .",
+            ],
+        }
         if rng.random() < 0.3:  # a tie between the two middle responses
             row["responses"][2] = f"yes {s} was good good ."
             row["ranks"] = [0, 1, 1, 2]
@@ -164,8 +216,17 @@ def _ranked_rows(n=64, seed=0):
 def test_kwise_training_raises_kendall_tau(tiny_model_dir, tmp_path, loss):
     data = write_jsonl(tmp_path / "ranked.jsonl", _ranked_rows())
     out = tmp_path / "run"
-    reward.train(_cfg(tiny_model_dir, out, f"algo.loss={loss}", "optim.max_steps=24", "data.eval_fraction=0.25",
-                      "logging.eval_every=12", data=data))
+    reward.train(
+        _cfg(
+            tiny_model_dir,
+            out,
+            f"algo.loss={loss}",
+            "optim.max_steps=24",
+            "data.eval_fraction=0.25",
+            "logging.eval_every=12",
+            data=data,
+        )
+    )
     evals = _eval_rows(out)
     assert evals[0]["eval/kendall_tau"] < 0.5
     assert evals[-1]["eval/kendall_tau"] > 0.9 and evals[-1]["eval/accuracy"] > 0.9
@@ -180,8 +241,13 @@ def _ranked_batch(ranks_list):
     examples = []
     for ranks in ranks_list:
         k = len(ranks)
-        ex = {"input_ids": [[1, 5]] * k, "attention_mask": [[1, 1]] * k, "loss_mask": [[False, True]] * k,
-              "ranks": ranks, "head": 0}
+        ex = {
+            "input_ids": [[1, 5]] * k,
+            "attention_mask": [[1, 1]] * k,
+            "loss_mask": [[False, True]] * k,
+            "ranks": ranks,
+            "head": 0,
+        }
         ex["pairs"] = [(i, j) for i in range(k) for j in range(i + 1, k) if ranks[i] < ranks[j]]
         examples.append(ex)
     return collate_reward_batch(examples, "ranked", pad_id=0)
@@ -204,7 +270,9 @@ def test_ranked_losses_with_ties_by_hand():
     Z = e^1 + e^0 + e^.5, so the loss is -(1 - log Z) = log(e + 1 + e^.5) - 1 = 0.832945."""
     r = torch.tensor([1.0, 0.0, 0.5])
     out = _ranked(r, _ranked_batch([[0, 1, 1]]), loss="all_pairs")
-    assert float(out.loss[0]) == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(0.5))).item() / 2)
+    assert float(out.loss[0]) == pytest.approx(
+        (-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(0.5))).item() / 2
+    )
     assert float(out.loss[0]) == pytest.approx(0.393669, abs=1e-6)
     out = _ranked(r, _ranked_batch([[0, 1, 1]]), loss="plackett_luce")
     assert float(out.loss[0]) == pytest.approx(math.log(math.e + 1 + math.exp(0.5)) - 1, abs=1e-6)
@@ -227,10 +295,13 @@ def test_accuracy_by_rating_on_a_hand_made_example():
     assert math.isnan(table["negligibly_better"]["accuracy"]) and table["negligibly_better"]["n"] == 0
     assert table["avg"] == {"accuracy": 0.75, "n": 6}
     text = format_accuracy_table({"helpful": table})
-    assert text.splitlines()[0] == ("| head | Significantly Better | Better | Slightly Better | "
-                                    "Negligibly Better / Unsure | custom | Unrated | Avg |")
-    assert text.splitlines()[2] == ("| helpful | 50.0 (n=2) | 50.0 (n=1) | 100.0 (n=1) | - | 100.0 (n=1) | "
-                                    "100.0 (n=1) | 75.0 (n=6) |")
+    assert text.splitlines()[0] == (
+        "| head | Significantly Better | Better | Slightly Better | "
+        "Negligibly Better / Unsure | custom | Unrated | Avg |"
+    )
+    assert text.splitlines()[2] == (
+        "| helpful | 50.0 (n=2) | 50.0 (n=1) | 100.0 (n=1) | - | 100.0 (n=1) | 100.0 (n=1) | 75.0 (n=6) |"
+    )
 
 
 def test_two_heads_each_learn_their_own_aspect(tiny_model_dir, tmp_path):
@@ -239,11 +310,20 @@ def test_two_heads_each_learn_their_own_aspect(tiny_model_dir, tmp_path):
     for _ in range(64):
         who, how = rng.choice(["the cat", "the dog"]), rng.choice(["good", "bad"])
         sentiment.append({"prompt": "say it", "chosen": f"{who} is good .", "rejected": f"{who} is bad ."})
-        animal.append({"prompt": "say it", "chosen": f"the cat is {how} .", "rejected": f"the dog is {how} ."})
+        animal.append(
+            {"prompt": "say it", "chosen": f"the cat is {how} .", "rejected": f"the dog is {how} ."}
+        )
     files = [write_jsonl(tmp_path / f"{n}.jsonl", rows) for n, rows in (("s", sentiment), ("a", animal))]
     out = tmp_path / "run"
-    final = reward.train(_cfg(tiny_model_dir, out, f"algo.heads=sentiment={files[0]},animal={files[1]}",
-                              "optim.max_steps=40", "data.eval_fraction=0.2"))
+    final = reward.train(
+        _cfg(
+            tiny_model_dir,
+            out,
+            f"algo.heads=sentiment={files[0]},animal={files[1]}",
+            "optim.max_steps=40",
+            "data.eval_fraction=0.2",
+        )
+    )
     last = _eval_rows(out)[-1]
     assert last["eval/sentiment/accuracy"] > 0.9 and last["eval/animal/accuracy"] > 0.9
     # Conflicting probes: each head must follow its own aspect and ignore the other.
@@ -260,8 +340,9 @@ def test_config_refuses_impossible_combinations():
         load_config("rm", None, ["algo.heads=a,a=x.jsonl"])
     with pytest.raises(ConfigError, match="algo.label_smoothing"):
         load_config("rm", None, ["algo.loss=plackett_luce", "algo.label_smoothing=0.1"])
-    assert [(h.name, h.data) for h in load_config("rm", None, ["algo.heads=h=a.jsonl, s"]).algo.head_specs()] == [
-        ("h", "a.jsonl"), ("s", "")]
+    assert [
+        (h.name, h.data) for h in load_config("rm", None, ["algo.heads=h=a.jsonl, s"]).algo.head_specs()
+    ] == [("h", "a.jsonl"), ("s", "")]
 
 
 def test_rm_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):
@@ -304,7 +385,9 @@ def test_rm_stops_on_nan_with_checkpoint_intact(tiny_model_dir, tmp_path, monkey
     poisoned.calls = 0
     monkeypatch.setattr(reward, "_row_rewards", poisoned)
     with pytest.raises(TrainingHealthError, match="step 5: loss/rm is not finite.*step-00000004"):
-        reward.train(_cfg(tiny_model_dir, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2", data=data))
+        reward.train(
+            _cfg(tiny_model_dir, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2", data=data)
+        )
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == "step-00000004"
     state = torch.load(ckpt / "model.pt", weights_only=True)
@@ -318,16 +401,35 @@ def _shared_vs_stacked_model(arch, kv_heads, tokenizer):
     torch.manual_seed(0)
     vocab = len(tokenizer)
     if arch == "gpt2":  # absolute positions: a response's position ids must continue from the prompt
-        backbone = transformers.GPT2Model(transformers.GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0))
+        backbone = transformers.GPT2Model(
+            transformers.GPT2Config(
+                vocab_size=vocab,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
     else:
-        config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaModel"), "qwen2": ("Qwen2Config", "Qwen2Model"),
-                                 "mistral": ("MistralConfig", "MistralModel")}[arch]
+        config_cls, model_cls = {
+            "llama": ("LlamaConfig", "LlamaModel"),
+            "qwen2": ("Qwen2Config", "Qwen2Model"),
+            "mistral": ("MistralConfig", "MistralModel"),
+        }[arch]
         extra = {"sliding_window": None} if arch == "mistral" else {}
         config = getattr(transformers, config_cls)(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
-            intermediate_size=48, max_position_embeddings=64, **extra)
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            **extra,
+        )
         backbone = getattr(transformers, model_cls)(config)
     return RewardModel(backbone.train(), 2)
 
@@ -335,8 +437,11 @@ def _shared_vs_stacked_model(arch, kv_heads, tokenizer):
 def test_shared_prompt_rows_only_where_the_mask_is_known_to_work(tiny_tokenizer):
     from transformers import BloomConfig, BloomModel
 
-    assert not supports_shared_prompt(RewardModel(BloomModel(BloomConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=1, n_head=4)), 1))  # ALiBi from a 2-D mask
+    assert not supports_shared_prompt(
+        RewardModel(
+            BloomModel(BloomConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=1, n_head=4)), 1
+        )
+    )  # ALiBi from a 2-D mask
     windowed = _shared_vs_stacked_model("mistral", 2, tiny_tokenizer)
     assert supports_shared_prompt(windowed)
     windowed.config.sliding_window = 16  # a custom mask would override the window
@@ -345,19 +450,36 @@ def test_shared_prompt_rows_only_where_the_mask_is_known_to_work(tiny_tokenizer)
     assert not supports_shared_prompt(windowed)
 
 
-@pytest.mark.parametrize("arch,kv_heads", [("llama", 4), ("llama", 2), ("gpt2", 4), ("qwen2", 2), ("mistral", 2)])
+@pytest.mark.parametrize(
+    "arch,kv_heads", [("llama", 4), ("llama", 2), ("gpt2", 4), ("qwen2", 2), ("mistral", 2)]
+)
 def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny_tokenizer, arch, kv_heads):
     from rlhflab.data import tokenize_pair, tokenize_ranked
     from rlhflab.data.records import RankedRecord
 
     model = _shared_vs_stacked_model(arch, kv_heads, tiny_tokenizer)
     assert supports_shared_prompt(model)
-    pairs = [tokenize_pair(PairwiseRecord(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"] + " very bad"
-                                          * i), tiny_tokenizer) for i, r in enumerate(_pairs(n=3))]
-    ranked = [tokenize_ranked(RankedRecord(prompt="what is it ?", responses=["it is good .", "it is very very bad .",
-                                                                             "bad"], ranks=[0, 1, 2]), tiny_tokenizer),
-              tokenize_ranked(RankedRecord(prompt="what is the day ?", responses=["good", "bad ."], ranks=[0, 1]),
-                              tiny_tokenizer)]
+    pairs = [
+        tokenize_pair(
+            PairwiseRecord(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"] + " very bad" * i),
+            tiny_tokenizer,
+        )
+        for i, r in enumerate(_pairs(n=3))
+    ]
+    ranked = [
+        tokenize_ranked(
+            RankedRecord(
+                prompt="what is it ?",
+                responses=["it is good .", "it is very very bad .", "bad"],
+                ranks=[0, 1, 2],
+            ),
+            tiny_tokenizer,
+        ),
+        tokenize_ranked(
+            RankedRecord(prompt="what is the day ?", responses=["good", "bad ."], ranks=[0, 1]),
+            tiny_tokenizer,
+        ),
+    ]
     for kind, examples in (("pairwise", pairs), ("ranked", ranked)):
         for e in examples:
             e["head"], e["pairs"] = 1, [(0, 1)]
@@ -367,10 +489,17 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny
             assert ("read_rows" in batch) == shared
             model.zero_grad(set_to_none=True)
             rewards = batch_rewards(model, batch, torch.device("cpu"))
-            weights = torch.linspace(-1.0, 2.0, rewards.numel()).view_as(rewards)  # every reward its own gradient
+            weights = torch.linspace(-1.0, 2.0, rewards.numel()).view_as(
+                rewards
+            )  # every reward its own gradient
             (rewards * weights).sum().backward()
-            results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                            int(batch["attention_mask"].sum())))
+            results.append(
+                (
+                    rewards.detach(),
+                    {n: p.grad.clone() for n, p in model.named_parameters()},
+                    int(batch["attention_mask"].sum()),
+                )
+            )
         (shared_r, shared_g, shared_tokens), (rows_r, rows_g, rows_tokens) = results
         assert torch.allclose(shared_r, rows_r, atol=1e-5), kind
         for name, grad in rows_g.items():

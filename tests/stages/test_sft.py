@@ -10,11 +10,24 @@ from rlhflab.stages import sft
 
 
 def _cfg(model_dir, data, out, *extra):
-    return load_config("sft", None, [
-        f"model.name_or_path={model_dir}", f"data.train_path={data}", f"logging.output_dir={out}",
-        "data.max_length=32", "data.max_prompt_length=16", "optim.batch_size=8", "optim.lr=1e-2",
-        "logging.log_every=1", "logging.progress=false", "logging.tensorboard=false", "model.device=cpu",
-        *extra])
+    return load_config(
+        "sft",
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train_path={data}",
+            f"logging.output_dir={out}",
+            "data.max_length=32",
+            "data.max_prompt_length=16",
+            "optim.batch_size=8",
+            "optim.lr=1e-2",
+            "logging.log_every=1",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "model.device=cpu",
+            *extra,
+        ],
+    )
 
 
 def test_sft_learns_the_demonstrations(tiny_model_dir, sft_file, tmp_path):
@@ -30,7 +43,7 @@ def test_sft_learns_the_demonstrations(tiny_model_dir, sft_file, tmp_path):
     tok = AutoTokenizer.from_pretrained(final)
     ids = tok("the cat sat on the mat", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert tok.decode(out[0, ids.shape[1]:]).startswith("the cat is very")
+    assert tok.decode(out[0, ids.shape[1] :]).startswith("the cat is very")
 
 
 def test_sft_resume_is_exact(tiny_model_dir, sft_file, tmp_path, monkeypatch):
@@ -72,7 +85,9 @@ def test_sft_stops_on_nan_with_checkpoint_intact(tiny_model_dir, sft_file, tmp_p
     poisoned.calls = 0
     monkeypatch.setattr(sft, "token_logps", poisoned)
     with pytest.raises(TrainingHealthError, match="step 5: loss/sft is not finite.*step-00000004"):
-        sft.train(_cfg(tiny_model_dir, sft_file, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2"))
+        sft.train(
+            _cfg(tiny_model_dir, sft_file, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2")
+        )
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == "step-00000004"
     state = torch.load(ckpt / "model.pt", weights_only=True)

@@ -12,20 +12,31 @@ from rlhflab.core.io import atomic_dir
 from rlhflab.core.seeding import rng_state, set_rng_state
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any = None, state: dict[str, Any] | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
     """Write checkpoints/step-N atomically (model + optimizer + scheduler + RNG + `state`), keep the last `keep`."""
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{step:08d}"
     with atomic_dir(target) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "state": state or {},
-        }, tmp / "trainer_state.pt")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(),
+                "state": state or {},
+            },
+            tmp / "trainer_state.pt",
+        )
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -36,8 +47,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None
+) -> dict[str, Any]:
     """Restore a checkpoint written by `save_checkpoint`; returns {"step": N, **state}."""
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
     trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)

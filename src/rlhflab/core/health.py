@@ -20,7 +20,12 @@ def check_finite(values: dict[str, Any], *, step: int, last_good: Path | None = 
     for name, v in values.items():
         finite = torch.isfinite(v).all().item() if isinstance(v, torch.Tensor) else math.isfinite(float(v))
         if not finite:
-            where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
+            where = (
+                f"; the last good checkpoint is {last_good}"
+                if last_good
+                else "; no checkpoint was written yet"
+            )
             raise TrainingHealthError(
                 f"training stopped at step {step}: {name} is not finite (NaN or inf){where}. Check the data "
-                "of this step, lower optim.lr, or keep optim.max_grad_norm > 0")
+                "of this step, lower optim.lr, or keep optim.max_grad_norm > 0"
+            )

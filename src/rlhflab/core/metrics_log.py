@@ -27,8 +27,15 @@ def _scalar(v: Any) -> float | None:
 class MetricsLogger:
     """Writes every logged step to metrics.jsonl, and to TensorBoard / W&B when enabled."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "rlhflab", config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "rlhflab",
+        config: dict[str, Any] | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run's life)
         self._t0 = time.time()
@@ -36,6 +43,7 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is optional
                 self._tb = None

@@ -1,11 +1,11 @@
 """Run directories.
 
-    RUN/
-      config.yaml          the resolved config, written before training starts
-      metrics.jsonl        one JSON object per logged step: {"step": N, "time": s, "loss/...": ...}
-      tb/                  TensorBoard event files (when tensorboard is installed and enabled)
-      checkpoints/step-N/  resumable state: model, optimizer, scheduler, RNG states
-      final/               the trained model in Hugging Face format
+RUN/
+  config.yaml          the resolved config, written before training starts
+  metrics.jsonl        one JSON object per logged step: {"step": N, "time": s, "loss/...": ...}
+  tb/                  TensorBoard event files (when tensorboard is installed and enabled)
+  checkpoints/step-N/  resumable state: model, optimizer, scheduler, RNG states
+  final/               the trained model in Hugging Face format
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def prepare_run_dir(output_dir: str | Path, stage: str, *, resume: bool, overwri
         else:
             raise UserError(
                 f"output directory '{out}' already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another logging.output_dir")
+                "--overwrite to replace it, or choose another logging.output_dir"
+            )
     elif resume:
         raise UserError(f"--resume: output directory '{out}' holds no run to resume")
     out.mkdir(parents=True, exist_ok=True)
@@ -47,8 +48,11 @@ def discard_fresh_runs() -> list[Path]:
     removed = []
     while _FRESH_RUN_DIRS:
         out = _FRESH_RUN_DIRS.pop()
-        trained = any(p.is_dir() and (p.name == "final" or (p.name.startswith("step-") and p.parent.name == "checkpoints"))
-                      for p in out.rglob("*"))
+        trained = any(
+            p.is_dir()
+            and (p.name == "final" or (p.name.startswith("step-") and p.parent.name == "checkpoints"))
+            for p in out.rglob("*")
+        )
         if out.is_dir() and not trained:
             shutil.rmtree(out, ignore_errors=True)
             removed.append(out)

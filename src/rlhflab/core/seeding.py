@@ -26,11 +26,13 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def batch_schedule(n: int, batch_size: int, seed: int, epoch: int, *, drop_last: bool = True) -> list[list[int]]:
+def batch_schedule(
+    n: int, batch_size: int, seed: int, epoch: int, *, drop_last: bool = True
+) -> list[list[int]]:
     """Index batches for one epoch. drop_last keeps every step the same size (steady loss scale)."""
     order = epoch_permutation(n, seed, epoch)
     stop = (n // batch_size) * batch_size if drop_last else n
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
 def rng_state() -> dict[str, Any]:

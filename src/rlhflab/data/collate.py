@@ -21,8 +21,14 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
-def pad(seqs: Sequence[Sequence[Any]], value: Any, *, side: str = "right", length: int | None = None,
-        dtype: torch.dtype = torch.long) -> torch.Tensor:
+def pad(
+    seqs: Sequence[Sequence[Any]],
+    value: Any,
+    *,
+    side: str = "right",
+    length: int | None = None,
+    dtype: torch.dtype = torch.long,
+) -> torch.Tensor:
     """Stack variable-length sequences into a [B, T] tensor, filling with `value` on `side`.
 
     T is `length` when given (it must hold the longest sequence), else the longest length.
@@ -38,21 +44,29 @@ def pad(seqs: Sequence[Sequence[Any]], value: Any, *, side: str = "right", lengt
         if len(s):
             row = torch.as_tensor(list(s), dtype=dtype)
             if side == "right":
-                out[i, :len(s)] = row
+                out[i, : len(s)] = row
             else:
-                out[i, length - len(s):] = row
+                out[i, length - len(s) :] = row
     return out
 
 
 def _check_pad_id(pad_token_id: int | None) -> int:
     if pad_token_id is None:
-        raise ConfigError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
-                          "tokenizer.eos_token) before batching")
+        raise ConfigError(
+            "the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
+            "tokenizer.eos_token) before batching"
+        )
     return int(pad_token_id)
 
 
-def _pad_triplet(ids: Sequence[Sequence[int]], att: Sequence[Sequence[int]], loss: Sequence[Sequence[bool]],
-                 pad_token_id: int, length: int, side: str = "right") -> dict[str, torch.Tensor]:
+def _pad_triplet(
+    ids: Sequence[Sequence[int]],
+    att: Sequence[Sequence[int]],
+    loss: Sequence[Sequence[bool]],
+    pad_token_id: int,
+    length: int,
+    side: str = "right",
+) -> dict[str, torch.Tensor]:
     return {
         "input_ids": pad(ids, pad_token_id, side=side, length=length),
         "attention_mask": pad(att, 0, side=side, length=length),
@@ -60,25 +74,37 @@ def _pad_triplet(ids: Sequence[Sequence[int]], att: Sequence[Sequence[int]], los
     }
 
 
-def collate_sft(examples: Sequence[dict], *, pad_token_id: int | None,
-                pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_sft(
+    examples: Sequence[dict], *, pad_token_id: int | None, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """`input_ids` [B, T] long, `attention_mask` [B, T] long, `loss_mask` [B, T] bool; right-padded."""
     pad_id = _check_pad_id(pad_token_id)
     length = _round_up(max(len(e["input_ids"]) for e in examples), pad_to_multiple_of)
-    return _pad_triplet([e["input_ids"] for e in examples], [e["attention_mask"] for e in examples],
-                        [e["loss_mask"] for e in examples], pad_id, length)
+    return _pad_triplet(
+        [e["input_ids"] for e in examples],
+        [e["attention_mask"] for e in examples],
+        [e["loss_mask"] for e in examples],
+        pad_id,
+        length,
+    )
 
 
-def collate_unpaired(examples: Sequence[dict], *, pad_token_id: int | None,
-                     pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_unpaired(
+    examples: Sequence[dict], *, pad_token_id: int | None, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """As `collate_sft`, plus `label` [B] bool (True = desirable)."""
     out = collate_sft(examples, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
     out["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
     return out
 
 
-def collate_pairs(examples: Sequence[dict], *, pad_token_id: int | None, stack: bool = False,
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    examples: Sequence[dict],
+    *,
+    pad_token_id: int | None,
+    stack: bool = False,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Batch preference pairs, chosen and rejected padded to one common length T.
 
     Returns `chosen_input_ids`, `chosen_attention_mask`, `chosen_loss_mask`, the same for `rejected_`
@@ -88,8 +114,10 @@ def collate_pairs(examples: Sequence[dict], *, pad_token_id: int | None, stack: 
     B..2B-1 rejected.
     """
     pad_id = _check_pad_id(pad_token_id)
-    length = _round_up(max(len(e[f"{side}_input_ids"]) for e in examples for side in ("chosen", "rejected")),
-                       pad_to_multiple_of)
+    length = _round_up(
+        max(len(e[f"{side}_input_ids"]) for e in examples for side in ("chosen", "rejected")),
+        pad_to_multiple_of,
+    )
     margin = torch.tensor([0.0 if e.get("margin") is None else float(e["margin"]) for e in examples])
     sides = ("chosen", "rejected")
     if stack:
@@ -109,8 +137,9 @@ def _side_rows(examples: Sequence[dict], side: str) -> list[tuple[list, list, li
     return [(e[f"{side}_input_ids"], e[f"{side}_attention_mask"], e[f"{side}_loss_mask"]) for e in examples]
 
 
-def collate_ranked(examples: Sequence[dict], *, pad_token_id: int | None,
-                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_ranked(
+    examples: Sequence[dict], *, pad_token_id: int | None, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Batch K-wise rankings (K may differ between examples) as N = sum of K flat rows.
 
     Returns `input_ids`, `attention_mask`, `loss_mask` [N, T] (example 0's responses best first, then
@@ -129,18 +158,24 @@ def collate_ranked(examples: Sequence[dict], *, pad_token_id: int | None,
     return out
 
 
-def collate_prompts(examples: Sequence[dict], *, pad_token_id: int | None,
-                    pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_prompts(
+    examples: Sequence[dict], *, pad_token_id: int | None, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Left-padded prompts for generation: `input_ids` [B, T] long and `attention_mask` [B, T] long."""
     pad_id = _check_pad_id(pad_token_id)
     length = _round_up(max(len(e["input_ids"]) for e in examples), pad_to_multiple_of)
-    return {"input_ids": pad([e["input_ids"] for e in examples], pad_id, side="left", length=length),
-            "attention_mask": pad([e["attention_mask"] for e in examples], 0, side="left", length=length)}
+    return {
+        "input_ids": pad([e["input_ids"] for e in examples], pad_id, side="left", length=length),
+        "attention_mask": pad([e["attention_mask"] for e in examples], 0, side="left", length=length),
+    }
 
 
 _COLLATORS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
-    "sft": collate_sft, "pairwise": collate_pairs, "ranked": collate_ranked,
-    "unpaired": collate_unpaired, "prompt": collate_prompts,
+    "sft": collate_sft,
+    "pairwise": collate_pairs,
+    "ranked": collate_ranked,
+    "unpaired": collate_unpaired,
+    "prompt": collate_prompts,
 }
 
 

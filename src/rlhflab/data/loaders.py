@@ -106,21 +106,24 @@ class _Row:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
-                raise RecordError(f"expected a JSON list in this CSV cell ({e.msg} at column {e.colno})",
-                                  field=name) from None
+                raise RecordError(
+                    f"expected a JSON list in this CSV cell ({e.msg} at column {e.colno})", field=name
+                ) from None
         return value
 
 
-def _missing_message(name: str, column: str, row: Mapping[str, Any], column_map: Mapping[str, str],
-                     hint: str) -> str:
+def _missing_message(
+    name: str, column: str, row: Mapping[str, Any], column_map: Mapping[str, str], hint: str
+) -> str:
     state = "is null" if column in row else "is missing"
     where = f"(read from column '{column}') " if column != name else ""
     columns = [c for c in row if c not in column_map.values()]
     found = ", ".join(map(repr, columns)) or "none"
     guess = [c for c in _SYNONYMS.get(name, ()) if c in columns]
     guess = guess or difflib.get_close_matches(name, columns, n=1, cutoff=0.5)
-    suggestion = (f"; did you mean {guess[0]!r}? Map it with column_map={{{name!r}: {guess[0]!r}}}"
-                  if guess else "")
+    suggestion = (
+        f"; did you mean {guess[0]!r}? Map it with column_map={{{name!r}: {guess[0]!r}}}" if guess else ""
+    )
     detail = " ".join(part for part in (state, where.strip(), hint.strip()) if part)
     return f"{detail}; columns found: {found}{suggestion}"
 
@@ -147,8 +150,11 @@ def _parse_sft(r: _Row, margins: Mapping[str, float] | None) -> SFTRecord:
 def _parse_pairwise(r: _Row, margins: Mapping[str, float] | None) -> PairwiseRecord:
     chosen, rejected = r.text("chosen"), r.text("rejected")
     if r.has("prompt") or not (is_conversation(chosen) and is_conversation(rejected)):
-        prompt = r.text("prompt", "(a prompt can be left out only when 'chosen' and 'rejected' are message "
-                                  "lists that share it as their first messages)")
+        prompt = r.text(
+            "prompt",
+            "(a prompt can be left out only when 'chosen' and 'rejected' are message "
+            "lists that share it as their first messages)",
+        )
     else:
         prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
     margin, rating = r.optional("margin"), r.optional("rating")
@@ -171,12 +177,18 @@ def _split_shared_prefix(chosen: Any, rejected: Any) -> tuple[list, list, list]:
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise RecordError("is missing, and 'chosen' and 'rejected' share no leading messages to take it from; "
-                          "add a 'prompt' field", field="prompt")
+        raise RecordError(
+            "is missing, and 'chosen' and 'rejected' share no leading messages to take it from; "
+            "add a 'prompt' field",
+            field="prompt",
+        )
     if n == len(chosen) or n == len(rejected):
         side = "chosen" if n == len(chosen) else "rejected"
-        raise RecordError("has no messages after the prompt it shares with the other response; "
-                          "'chosen' and 'rejected' must differ after the shared prompt", field=side)
+        raise RecordError(
+            "has no messages after the prompt it shares with the other response; "
+            "'chosen' and 'rejected' must differ after the shared prompt",
+            field=side,
+        )
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -200,8 +212,11 @@ def _parse_prompt(r: _Row, margins: Mapping[str, float] | None) -> PromptRecord:
 
 
 _PARSERS: dict[str, Callable[[_Row, Mapping[str, float] | None], Record]] = {
-    "sft": _parse_sft, "pairwise": _parse_pairwise, "ranked": _parse_ranked,
-    "unpaired": _parse_unpaired, "prompt": _parse_prompt,
+    "sft": _parse_sft,
+    "pairwise": _parse_pairwise,
+    "ranked": _parse_ranked,
+    "unpaired": _parse_unpaired,
+    "prompt": _parse_prompt,
 }
 
 
@@ -227,8 +242,10 @@ def _check_options(kind: str, column_map: Mapping[str, str] | None) -> dict[str,
     column_map = dict(column_map or {})
     for key, value in column_map.items():
         if key not in FIELDS[kind]:
-            raise ConfigError(f"column_map key {key!r} is not a field of {kind!r} records; its fields are "
-                              f"{', '.join(FIELDS[kind])} (column_map maps our field -> your column)")
+            raise ConfigError(
+                f"column_map key {key!r} is not a field of {kind!r} records; its fields are "
+                f"{', '.join(FIELDS[kind])} (column_map maps our field -> your column)"
+            )
         if not isinstance(value, str):
             raise ConfigError(f"column_map[{key!r}] must be a column name (string), got {value!r}")
     return column_map
@@ -284,10 +301,16 @@ def load_records(
             errors.append(str(err))
     if not records:
         if n_bad:
-            raise data_error(f"no usable {kind} records: all {n_bad} were malformed; the first: {errors[0]}",
-                             path=src.name)
+            raise data_error(
+                f"no usable {kind} records: all {n_bad} were malformed; the first: {errors[0]}", path=src.name
+            )
         raise data_error(f"no records found; the source is empty (expected {kind} records)", path=src.name)
     if n_bad:
-        logger.warning("%s: skipped %d malformed of %d records (skip_bad=True); the first: %s",
-                       src.name, n_bad, n_bad + len(records), errors[0])
+        logger.warning(
+            "%s: skipped %d malformed of %d records (skip_bad=True); the first: %s",
+            src.name,
+            n_bad,
+            n_bad + len(records),
+            errors[0],
+        )
     return LoadResult(records, n_bad, src.name, errors)

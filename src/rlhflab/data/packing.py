@@ -67,8 +67,10 @@ def pack_sequences(examples: Sequence[dict], max_length: int, *, strategy: str =
     lengths = [len(e["input_ids"]) for e in examples]
     for i, n in enumerate(lengths):
         if n == 0 or n > max_length:
-            raise ConfigError(f"example {i} has {n} tokens; packing needs 1..{max_length} (tokenize with "
-                              f"max_length <= {max_length})")
+            raise ConfigError(
+                f"example {i} has {n} tokens; packing needs 1..{max_length} (tokenize with "
+                f"max_length <= {max_length})"
+            )
     rows = []
     for members in _bins(lengths, max_length, strategy):
         ids: list[int] = []
@@ -82,14 +84,19 @@ def pack_sequences(examples: Sequence[dict], max_length: int, *, strategy: str =
         cu = [0]
         for n in seq_lens:
             cu.append(cu[-1] + n)
-        rows.append({"input_ids": ids, "loss_mask": loss, "position_ids": pos, "seq_lens": seq_lens,
-                     "cu_seqlens": cu})
+        rows.append(
+            {"input_ids": ids, "loss_mask": loss, "position_ids": pos, "seq_lens": seq_lens, "cu_seqlens": cu}
+        )
     return rows
 
 
-def block_causal_mask(seq_lens: Sequence[Sequence[int]], length: int | None = None, *,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-                      ) -> torch.Tensor:
+def block_causal_mask(
+    seq_lens: Sequence[Sequence[int]],
+    length: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Additive 4-D attention mask [B, 1, T, T] for packed rows: 0 where query t may attend key s (same
     sequence, s <= t), -inf elsewhere.
 
@@ -109,7 +116,7 @@ def block_causal_mask(seq_lens: Sequence[Sequence[int]], length: int | None = No
         segment[b] = -1 - torch.arange(length)  # padding: a segment of its own per position
         start = 0
         for k, n in enumerate(lens):
-            segment[b, start:start + n] = k
+            segment[b, start : start + n] = k
             start += n
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal
@@ -117,8 +124,14 @@ def block_causal_mask(seq_lens: Sequence[Sequence[int]], length: int | None = No
     return mask[:, None].to(device) if device is not None else mask[:, None]
 
 
-def collate_packed(rows: Sequence[dict], *, pad_token_id: int | None, pad_to_multiple_of: int | None = None,
-                   with_4d_mask: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def collate_packed(
+    rows: Sequence[dict],
+    *,
+    pad_token_id: int | None,
+    pad_to_multiple_of: int | None = None,
+    with_4d_mask: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
     """Batch packed rows (from `pack_sequences`).
 
     Returns `input_ids`, `position_ids` [B, T] long, `loss_mask` [B, T] bool, `attention_mask`
@@ -155,15 +168,19 @@ def responses_of(example: dict) -> list[list[int]] | None:
     response is empty or does not start right after the shared `prompt_input_ids` (then the example needs
     one row per response)."""
     prompt = example["prompt_input_ids"]
-    rows = ([example["chosen_input_ids"], example["rejected_input_ids"]] if "chosen_input_ids" in example
-            else list(example["input_ids"]))
-    if any(len(r) <= len(prompt) or r[:len(prompt)] != prompt for r in rows):
+    rows = (
+        [example["chosen_input_ids"], example["rejected_input_ids"]]
+        if "chosen_input_ids" in example
+        else list(example["input_ids"])
+    )
+    if any(len(r) <= len(prompt) or r[: len(prompt)] != prompt for r in rows):
         return None
-    return [r[len(prompt):] for r in rows]
+    return [r[len(prompt) :] for r in rows]
 
 
-def collate_shared_prompt(examples: Sequence[dict], *, pad_token_id: int | None,
-                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+def collate_shared_prompt(
+    examples: Sequence[dict], *, pad_token_id: int | None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor] | None:
     """Batch examples whose K responses share one prompt as one row each: prompt, response 1, ..., response K.
 
     Each response attends to the prompt and to itself (causally), never to another response, and its
@@ -198,10 +215,14 @@ def collate_shared_prompt(examples: Sequence[dict], *, pad_token_id: int | None,
     length = max(len(r) for r in ids)
     t = torch.arange(length)
     # Padding gets a segment of its own per position, so it attends only to itself (no all -inf softmax row).
-    segment = torch.stack([torch.cat([torch.tensor(s, dtype=torch.long), -1 - t[len(s):]]) for s in segments])
+    segment = torch.stack(
+        [torch.cat([torch.tensor(s, dtype=torch.long), -1 - t[len(s) :]]) for s in segments]
+    )
     prompt_len = torch.tensor([len(e["prompt_input_ids"]) for e in examples])
     is_prompt = t[None] < prompt_len[:, None]
-    allowed = ((segment[:, :, None] == segment[:, None, :]) | (is_prompt[:, None, :] & (segment[:, :, None] >= 0)))
+    allowed = (segment[:, :, None] == segment[:, None, :]) | (
+        is_prompt[:, None, :] & (segment[:, :, None] >= 0)
+    )
     allowed &= torch.ones(length, length, dtype=torch.bool).tril()
     read_rows = torch.tensor([b for b, read in enumerate(reads) for _ in read], dtype=torch.long)
     read_positions = torch.tensor([p for read in reads for p in read], dtype=torch.long)
@@ -209,7 +230,9 @@ def collate_shared_prompt(examples: Sequence[dict], *, pad_token_id: int | None,
         "input_ids": pad(ids, pad_id, length=length),
         "position_ids": pad(positions, 0, length=length),
         "attention_mask": (segment >= 0).long(),
-        "attention_mask_4d": torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[:, None],
+        "attention_mask_4d": torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[
+            :, None
+        ],
         "read_rows": read_rows,
         "read_positions": read_positions,
         "key_mask": allowed[read_rows, read_positions],

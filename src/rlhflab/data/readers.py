@@ -20,8 +20,15 @@ from typing import Any
 from rlhflab.data.records import RECORD_TYPES, record_to_dict
 from rlhflab.errors import ConfigError, DataError
 
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
-            ".parquet": "parquet", ".pq": "parquet"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _BATCH = 1024
 
 # A row is either a dict or the error that reading it raised; the caller decides whether to skip it.
@@ -42,8 +49,14 @@ class Source:
     text_cells: bool = False
 
 
-def data_error(reason: str, *, path: str | None, unit: str | None = None, number: int | None = None,
-               field: str | None = None) -> DataError:
+def data_error(
+    reason: str,
+    *,
+    path: str | None,
+    unit: str | None = None,
+    number: int | None = None,
+    field: str | None = None,
+) -> DataError:
     """A DataError reading "<path>, <unit> <number>, field '<field>': <reason>".
 
     DataError itself would write "record <n>"; this says "line 3" or "index 2" so the user knows how to
@@ -73,8 +86,10 @@ def open_source(source: Any, split: str | None = None) -> Source:
     if datasets is not None and isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         name = f"<datasets.{type(source).__name__}>"
         return Source(name, "index", _iter_dataset(_pick_split(source, split, name)))
-    raise ConfigError(f"cannot read data from a {type(source).__name__}; give a file path (.jsonl, .json, .csv, "
-                      ".parquet), a saved datasets directory, a datasets.Dataset or a list of dicts")
+    raise ConfigError(
+        f"cannot read data from a {type(source).__name__}; give a file path (.jsonl, .json, .csv, "
+        ".parquet), a saved datasets directory, a datasets.Dataset or a list of dicts"
+    )
 
 
 def read_rows(source: Any, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -95,8 +110,10 @@ def read_rows(source: Any, split: str | None = None) -> Iterator[tuple[int, dict
 
 def _no_split(split: str | None, name: str) -> None:
     if split is not None:
-        raise ConfigError(f"{name}: split={split!r} applies only to a DatasetDict (a saved datasets directory "
-                          "with several splits); leave split unset for this source")
+        raise ConfigError(
+            f"{name}: split={split!r} applies only to a DatasetDict (a saved datasets directory "
+            "with several splits); leave split unset for this source"
+        )
 
 
 def _open_path(path: Path, split: str | None) -> Source:
@@ -107,8 +124,11 @@ def _open_path(path: Path, split: str | None) -> Source:
         return Source(name, "index", _iter_dataset(_pick_split(_load_from_disk(path), split, name)))
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        raise data_error(f"unknown file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)} or a "
-                         "directory written by datasets' save_to_disk", path=name)
+        raise data_error(
+            f"unknown file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)} or a "
+            "directory written by datasets' save_to_disk",
+            path=name,
+        )
     _no_split(split, name)
     if kind == "jsonl":
         return Source(name, "line", _iter_jsonl(path))
@@ -126,20 +146,38 @@ def _iter_jsonl(path: Path) -> Iterator[RowOrError]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
-                yield number, data_error(f"not valid UTF-8 ({e.reason} at byte {e.start})", path=name,
-                                         unit="line", number=number)
+                yield (
+                    number,
+                    data_error(
+                        f"not valid UTF-8 ({e.reason} at byte {e.start})",
+                        path=name,
+                        unit="line",
+                        number=number,
+                    ),
+                )
                 continue
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield number, data_error(f"invalid JSON: {e.msg} at column {e.colno}", path=name,
-                                         unit="line", number=number)
+                yield (
+                    number,
+                    data_error(
+                        f"invalid JSON: {e.msg} at column {e.colno}", path=name, unit="line", number=number
+                    ),
+                )
                 continue
             if not isinstance(row, dict):
-                yield number, data_error(f"expected a JSON object {{...}}, got a {type(row).__name__}",
-                                         path=name, unit="line", number=number)
+                yield (
+                    number,
+                    data_error(
+                        f"expected a JSON object {{...}}, got a {type(row).__name__}",
+                        path=name,
+                        unit="line",
+                        number=number,
+                    ),
+                )
                 continue
             yield number, row
 
@@ -157,14 +195,17 @@ def _open_json(path: Path) -> Source:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line in a .json file, as HF datasets also accepts
             return Source(name, "line", _iter_jsonl(path))
-        raise data_error(f"invalid JSON: {e.msg} at column {e.colno}", path=name, unit="line",
-                         number=e.lineno) from None
+        raise data_error(
+            f"invalid JSON: {e.msg} at column {e.colno}", path=name, unit="line", number=e.lineno
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise data_error('expected a JSON array of objects [{...}, ...] or {"data": [...]}, got a '
-                         f"{type(data).__name__}" + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict)
-                                                     else ""), path=name)
+        raise data_error(
+            'expected a JSON array of objects [{...}, ...] or {"data": [...]}, got a '
+            f"{type(data).__name__}" + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else ""),
+            path=name,
+        )
     return Source(name, "index", _iter_list(data, name))
 
 
@@ -173,8 +214,12 @@ def _iter_list(items: Iterable[Any], name: str) -> Iterator[RowOrError]:
         if isinstance(item, Mapping):
             yield i, dict(item)
         else:
-            yield i, data_error(f"expected an object/dict, got {type(item).__name__}", path=name, unit="index",
-                                number=i)
+            yield (
+                i,
+                data_error(
+                    f"expected an object/dict, got {type(item).__name__}", path=name, unit="index", number=i
+                ),
+            )
 
 
 def _iter_csv(path: Path, delimiter: str) -> Iterator[RowOrError]:
@@ -192,9 +237,16 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[RowOrError]:
                 if not cells or all(not c.strip() for c in cells):
                     continue
                 if len(cells) > len(header):
-                    yield number, data_error(
-                        f"has {len(cells)} fields but the header has {len(header)} ({', '.join(header)}); "
-                        "quote cells that contain the delimiter", path=name, unit="line", number=number)
+                    yield (
+                        number,
+                        data_error(
+                            f"has {len(cells)} fields but the header has {len(header)} ({', '.join(header)}); "
+                            "quote cells that contain the delimiter",
+                            path=name,
+                            unit="line",
+                            number=number,
+                        ),
+                    )
                     continue
                 # Short rows leave their last columns missing; the loader reports the field it needed.
                 yield number, {h: (cells[i] if i < len(cells) else None) for i, h in enumerate(header)}
@@ -224,8 +276,9 @@ def _load_from_disk(path: Path):
     try:
         return datasets.load_from_disk(str(path))
     except FileNotFoundError as e:
-        raise data_error(f"is a directory but not one written by datasets' save_to_disk ({e})",
-                         path=str(path)) from None
+        raise data_error(
+            f"is a directory but not one written by datasets' save_to_disk ({e})", path=str(path)
+        ) from None
 
 
 def _pick_split(ds: Any, split: str | None, name: str):
@@ -285,10 +338,10 @@ def _json_line(item: Any, index: int, name: str) -> str:
     if isinstance(item, tuple(RECORD_TYPES.values())):
         item = record_to_dict(item)
     if not isinstance(item, Mapping):
-        raise data_error(f"expected a record or a dict, got {type(item).__name__}", path=name, unit="item",
-                         number=index)
+        raise data_error(
+            f"expected a record or a dict, got {type(item).__name__}", path=name, unit="item", number=index
+        )
     try:
         return json.dumps(dict(item), ensure_ascii=False, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise data_error(f"cannot be written as JSON ({e})", path=name, unit="item", number=index) from None
-

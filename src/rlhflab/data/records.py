@@ -57,8 +57,9 @@ def normalize_margin_table(table: Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, value in table.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"margin table: the margin for rating {name!r} must be a finite number, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"margin table: the margin for rating {name!r} must be a finite number, got {value!r}"
+            )
         out[normalize_rating(name)] = float(value)
     return out
 
@@ -75,8 +76,11 @@ def check_rating(rating: str, known: Iterable[str]) -> str:
         return key
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise RecordError(f"unknown rating {rating!r}; expected one of {', '.join(known)}{hint} "
-                      "(or pass margin_table= with your own rating names)", field="rating")
+    raise RecordError(
+        f"unknown rating {rating!r}; expected one of {', '.join(known)}{hint} "
+        "(or pass margin_table= with your own rating names)",
+        field="rating",
+    )
 
 
 def is_conversation(value: Any) -> bool:
@@ -94,8 +98,9 @@ def check_text(value: Any, field: str, *, allow_empty: bool = True) -> Text:
         return [_check_message(m, field, i) for i, m in enumerate(value)]
     if isinstance(value, (list, tuple)) and not value:
         raise RecordError("is an empty list; expected text or a non-empty list of messages", field=field)
-    raise RecordError(f"expected a string or a list of {{'role', 'content'}} messages, got {_describe(value)}",
-                      field=field)
+    raise RecordError(
+        f"expected a string or a list of {{'role', 'content'}} messages, got {_describe(value)}", field=field
+    )
 
 
 def _check_message(message: Mapping, field: str, index: int) -> Message:
@@ -103,8 +108,10 @@ def _check_message(message: Mapping, field: str, index: int) -> Message:
     msg = {k: v for k, v in message.items() if v is not None}
     for key in ("role", "content"):
         if not isinstance(msg.get(key), str):
-            raise RecordError(f"message {index} needs a string {key!r}, got {_describe(msg.get(key))} "
-                              f"in {dict(message)!r}", field=field)
+            raise RecordError(
+                f"message {index} needs a string {key!r}, got {_describe(msg.get(key))} in {dict(message)!r}",
+                field=field,
+            )
     return msg
 
 
@@ -122,8 +129,11 @@ def _check_response(value: Any, field: str, prompt: Text | None) -> Text:
     if isinstance(prompt, list) and isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     if isinstance(prompt, str) and isinstance(value, list):
-        raise RecordError("is a list of messages but the prompt is text; give the prompt as a list of "
-                          "messages too (or the response as text)", field=field)
+        raise RecordError(
+            "is a list of messages but the prompt is text; give the prompt as a list of "
+            "messages too (or the response as text)",
+            field=field,
+        )
     return value
 
 
@@ -143,12 +153,16 @@ class SFTRecord:
     def __post_init__(self):
         if self.messages is not None:
             if self.prompt is not None or self.completion is not None:
-                raise RecordError("give either 'messages' or 'prompt' + 'completion', not both", field="messages")
+                raise RecordError(
+                    "give either 'messages' or 'prompt' + 'completion', not both", field="messages"
+                )
             msgs = check_text(self.messages, "messages")
             if not isinstance(msgs, list):
                 raise RecordError("expected a list of messages, got text", field="messages")
             if not any(m["role"] == "assistant" for m in msgs):
-                raise RecordError("has no assistant message, so nothing would be trained on", field="messages")
+                raise RecordError(
+                    "has no assistant message, so nothing would be trained on", field="messages"
+                )
             object.__setattr__(self, "messages", msgs)
             return
         if self.prompt is None or self.completion is None:
@@ -189,7 +203,9 @@ class PairwiseRecord:
             object.__setattr__(self, "margin", float(m))
         if self.rating is not None:
             if not isinstance(self.rating, str):
-                raise RecordError(f"expected a rating name (string), got {_describe(self.rating)}", field="rating")
+                raise RecordError(
+                    f"expected a rating name (string), got {_describe(self.rating)}", field="rating"
+                )
             object.__setattr__(self, "rating", normalize_rating(self.rating))
 
 
@@ -209,11 +225,16 @@ class RankedRecord:
     def __post_init__(self):
         prompt = _check_prompt(self.prompt)
         if not isinstance(self.responses, (list, tuple)) or is_conversation(self.responses):
-            raise RecordError(f"expected a list of responses (each text or a list of messages), ordered best "
-                              f"to worst, got {_describe(self.responses)}", field="responses")
+            raise RecordError(
+                f"expected a list of responses (each text or a list of messages), ordered best "
+                f"to worst, got {_describe(self.responses)}",
+                field="responses",
+            )
         responses = [_check_response(r, "responses", prompt) for r in self.responses]
         if len(responses) < 2:
-            raise RecordError(f"has {len(responses)} response(s); a ranking needs at least 2", field="responses")
+            raise RecordError(
+                f"has {len(responses)} response(s); a ranking needs at least 2", field="responses"
+            )
         object.__setattr__(self, "prompt", prompt)
         object.__setattr__(self, "responses", responses)
         object.__setattr__(self, "ranks", _check_ranks(self.ranks, len(responses)))
@@ -236,13 +257,20 @@ class RankedRecord:
 def _check_ranks(ranks: Any, k: int) -> tuple[int, ...]:
     if ranks is None:
         return tuple(range(k))
-    if not isinstance(ranks, (list, tuple)) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
-        raise RecordError(f"expected a list of integers (equal = tied), got {_describe(ranks)}", field="ranks")
+    if not isinstance(ranks, (list, tuple)) or any(
+        isinstance(r, bool) or not isinstance(r, int) for r in ranks
+    ):
+        raise RecordError(
+            f"expected a list of integers (equal = tied), got {_describe(ranks)}", field="ranks"
+        )
     if len(ranks) != k:
         raise RecordError(f"has {len(ranks)} entries but there are {k} responses", field="ranks")
     if any(b < a for a, b in zip(ranks, ranks[1:])):
-        raise RecordError(f"{list(ranks)} is not non-decreasing; responses must be ordered best to worst, "
-                          "with equal ranks for ties", field="ranks")
+        raise RecordError(
+            f"{list(ranks)} is not non-decreasing; responses must be ordered best to worst, "
+            "with equal ranks for ties",
+            field="ranks",
+        )
     if len(set(ranks)) < 2:
         raise RecordError("ties every response, so the ranking carries no preference", field="ranks")
     dense = {r: i for i, r in enumerate(sorted(set(ranks)))}
@@ -278,16 +306,22 @@ class PromptRecord:
 Record = SFTRecord | PairwiseRecord | RankedRecord | UnpairedRecord | PromptRecord
 
 RECORD_TYPES: dict[str, type] = {
-    "sft": SFTRecord, "pairwise": PairwiseRecord, "ranked": RankedRecord,
-    "unpaired": UnpairedRecord, "prompt": PromptRecord,
+    "sft": SFTRecord,
+    "pairwise": PairwiseRecord,
+    "ranked": RankedRecord,
+    "unpaired": UnpairedRecord,
+    "prompt": PromptRecord,
 }
 
 
 def record_to_dict(record: Record) -> dict[str, Any]:
     """The JSON form of a record, as the loaders read it back (None fields and trivial ranks left out)."""
     if isinstance(record, SFTRecord):
-        return ({"messages": record.messages} if record.messages is not None
-                else {"prompt": record.prompt, "completion": record.completion})
+        return (
+            {"messages": record.messages}
+            if record.messages is not None
+            else {"prompt": record.prompt, "completion": record.completion}
+        )
     if isinstance(record, PairwiseRecord):
         out = {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected}
         out.update({k: v for k, v in (("margin", record.margin), ("rating", record.rating)) if v is not None})

@@ -10,8 +10,14 @@ from rlhflab.data.collate import collate_pairs, collate_ranked, pad
 from rlhflab.data.packing import collate_shared_prompt
 
 
-def collate_reward_batch(examples: Sequence[dict], kind: str, pad_id: int, *, shared: bool = False,
-                           dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def collate_reward_batch(
+    examples: Sequence[dict],
+    kind: str,
+    pad_id: int,
+    *,
+    shared: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """A batch of responses in a flat order (pairwise: B chosen, then B rejected; rankings: example 0's
     responses best first, then example 1's, ...) with, per response, the head it trains (`row_head`).
 

@@ -33,17 +33,22 @@ def check_lengths(max_length: int | None, max_prompt_length: int | None) -> None
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ConfigError(f"{name} must be an integer >= {low} (or None for no limit), got {value!r}")
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise ConfigError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length "
-                          f"({max_length}); otherwise a long prompt leaves no room for the response")
+        raise ConfigError(
+            f"max_prompt_length ({max_prompt_length}) must be smaller than max_length "
+            f"({max_length}); otherwise a long prompt leaves no room for the response"
+        )
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
     """The chat template's text for `messages` (not tokenized)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"{type(tokenizer).__name__} has no chat template, but the data is conversational "
-                          "(lists of messages); set tokenizer.chat_template or give the data as text")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+        raise ConfigError(
+            f"{type(tokenizer).__name__} has no chat template, but the data is conversational "
+            "(lists of messages); set tokenizer.chat_template or give the data as text"
+        )
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool = False) -> list[int]:
@@ -76,25 +81,31 @@ def _response_text(prompt: Text, response: Text, tokenizer: Any) -> str:
     full = render_chat(tokenizer, [*prompt, *response], add_generation_prompt=False)
     if not full.startswith(head):
         raise ConfigError(_prefix_message(head, full))
-    return full[len(head):]
+    return full[len(head) :]
 
 
 def _prefix_message(head: str, full: str) -> str:
-    return ("the chat template renders the prompt differently once a response follows it, so the "
-            "prompt/response boundary is not exact; rlhflab needs render(prompt, add_generation_prompt=True) "
-            f"to be a prefix of render(prompt + response). Prompt renders as {head[-80:]!r}, prompt + "
-            f"response as {full[:len(head) + 40][-120:]!r}")
+    return (
+        "the chat template renders the prompt differently once a response follows it, so the "
+        "prompt/response boundary is not exact; rlhflab needs render(prompt, add_generation_prompt=True) "
+        f"to be a prefix of render(prompt + response). Prompt renders as {head[-80:]!r}, prompt + "
+        f"response as {full[: len(head) + 40][-120:]!r}"
+    )
 
 
 def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ConfigError("add_eos needs tokenizer.eos_token_id, which is None; set the tokenizer's eos_token "
-                          "or pass add_eos=False")
+        raise ConfigError(
+            "add_eos needs tokenizer.eos_token_id, which is None; set the tokenizer's eos_token "
+            "or pass add_eos=False"
+        )
     return ids if ids[-1:] == [eos] else [*ids, eos]
 
 
-def encode_response(prompt: Text, response: Text, tokenizer: Any, *, add_eos: bool | None = None) -> list[int]:
+def encode_response(
+    prompt: Text, response: Text, tokenizer: Any, *, add_eos: bool | None = None
+) -> list[int]:
     """Token ids of a response to `prompt`, without the prompt.
 
     add_eos: True makes the response end with EOS (appended unless already there); False never adds it;
@@ -113,33 +124,50 @@ def _truncate_left(ids: list[int], budget: int, bos_id: int | None) -> list[int]
         return ids
     # Dropping the BOS would put the model off-distribution for free; keep it and drop what follows.
     if bos_id is not None and ids[0] == bos_id and budget >= 2:
-        return [bos_id, *ids[len(ids) - budget + 1:]]
-    return ids[len(ids) - budget:]
+        return [bos_id, *ids[len(ids) - budget + 1 :]]
+    return ids[len(ids) - budget :]
 
 
-def fit_lengths(prompt_ids: list[int], responses: list[list[int]], tokenizer: Any, max_length: int | None,
-                max_prompt_length: int | None) -> tuple[list[int], list[list[int]]]:
+def fit_lengths(
+    prompt_ids: list[int],
+    responses: list[list[int]],
+    tokenizer: Any,
+    max_length: int | None,
+    max_prompt_length: int | None,
+) -> tuple[list[int], list[list[int]]]:
     """Truncate one prompt and its responses: the prompt from the left to `max_prompt_length` (or to
     `max_length - 1` when that is unset, so one response token always fits), then every response from the
     right so that prompt + response fits in `max_length`."""
     check_lengths(max_length, max_prompt_length)
-    budget = max_prompt_length if max_prompt_length is not None else (
-        max_length - 1 if max_length is not None else None)
+    budget = (
+        max_prompt_length
+        if max_prompt_length is not None
+        else (max_length - 1 if max_length is not None else None)
+    )
     if budget is not None:
         prompt_ids = _truncate_left(prompt_ids, budget, getattr(tokenizer, "bos_token_id", None))
     if max_length is not None:
-        responses = [r[:max_length - len(prompt_ids)] for r in responses]
+        responses = [r[: max_length - len(prompt_ids)] for r in responses]
     return prompt_ids, responses
 
 
 def _example(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list]:
     ids = prompt_ids + response_ids
-    return {"input_ids": ids, "attention_mask": [1] * len(ids),
-            "loss_mask": [False] * len(prompt_ids) + [True] * len(response_ids)}
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "loss_mask": [False] * len(prompt_ids) + [True] * len(response_ids),
+    }
 
 
-def tokenize_sft(record: SFTRecord, tokenizer: Any, *, max_length: int | None = None,
-                 max_prompt_length: int | None = None, add_eos: bool | None = None) -> dict[str, list]:
+def tokenize_sft(
+    record: SFTRecord,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    add_eos: bool | None = None,
+) -> dict[str, list]:
     """`input_ids`, `attention_mask`, `loss_mask` (each length T) for a demonstration.
 
     prompt + completion: the completion counts. `messages`: every assistant turn counts, everything else
@@ -166,21 +194,22 @@ def conversation_segments(messages: Sequence[dict], tokenizer: Any) -> list[tupl
         if message["role"] != "assistant":
             continue
         head = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        full = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         for a, b in ((done, head), (head, full)):
             if not b.startswith(a):
                 raise ConfigError(_prefix_message(a, b))
-        pieces += [(head[len(done):], False), (full[len(head):], True)]
+        pieces += [(head[len(done) :], False), (full[len(head) :], True)]
         done = full
     final = render_chat(tokenizer, messages, add_generation_prompt=False)
     if not final.startswith(done):
         raise ConfigError(_prefix_message(done, final))
-    pieces.append((final[len(done):], False))
+    pieces.append((final[len(done) :], False))
     return [(text, counts) for text, counts in pieces if text]
 
 
-def _tokenize_conversation(messages: Sequence[dict], tokenizer: Any, *, max_length: int | None,
-                           add_eos: bool | None) -> dict[str, list]:
+def _tokenize_conversation(
+    messages: Sequence[dict], tokenizer: Any, *, max_length: int | None, add_eos: bool | None
+) -> dict[str, list]:
     check_lengths(max_length, None)
     ids: list[int] = []
     loss_mask: list[bool] = []
@@ -195,14 +224,24 @@ def _tokenize_conversation(messages: Sequence[dict], tokenizer: Any, *, max_leng
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "loss_mask": loss_mask}
 
 
-def tokenize_pair(record: PairwiseRecord, tokenizer: Any, *, max_length: int | None = None,
-                  max_prompt_length: int | None = None, add_eos: bool | None = None) -> dict[str, Any]:
+def tokenize_pair(
+    record: PairwiseRecord,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    add_eos: bool | None = None,
+) -> dict[str, Any]:
     """`prompt_input_ids` and `chosen_`/`rejected_` `input_ids`, `attention_mask`, `loss_mask` (each
     prompt + response, sharing one truncated prompt), and `margin` (float or None)."""
     prompt_ids = encode_prompt(record.prompt, tokenizer)
-    responses = [encode_response(record.prompt, r, tokenizer, add_eos=add_eos)
-                 for r in (record.chosen, record.rejected)]
-    prompt_ids, (chosen, rejected) = fit_lengths(prompt_ids, responses, tokenizer, max_length, max_prompt_length)
+    responses = [
+        encode_response(record.prompt, r, tokenizer, add_eos=add_eos)
+        for r in (record.chosen, record.rejected)
+    ]
+    prompt_ids, (chosen, rejected) = fit_lengths(
+        prompt_ids, responses, tokenizer, max_length, max_prompt_length
+    )
     out: dict[str, Any] = {"prompt_input_ids": prompt_ids}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         out.update({f"{name}_{k}": v for k, v in _example(prompt_ids, response).items()})
@@ -210,8 +249,14 @@ def tokenize_pair(record: PairwiseRecord, tokenizer: Any, *, max_length: int | N
     return out
 
 
-def tokenize_ranked(record: RankedRecord, tokenizer: Any, *, max_length: int | None = None,
-                    max_prompt_length: int | None = None, add_eos: bool | None = None) -> dict[str, Any]:
+def tokenize_ranked(
+    record: RankedRecord,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    add_eos: bool | None = None,
+) -> dict[str, Any]:
     """`prompt_input_ids`; `input_ids`, `attention_mask`, `loss_mask` as K lists (best first); `ranks` (K)."""
     prompt_ids = encode_prompt(record.prompt, tokenizer)
     responses = [encode_response(record.prompt, r, tokenizer, add_eos=add_eos) for r in record.responses]
@@ -223,8 +268,14 @@ def tokenize_ranked(record: RankedRecord, tokenizer: Any, *, max_length: int | N
     return out
 
 
-def tokenize_unpaired(record: UnpairedRecord, tokenizer: Any, *, max_length: int | None = None,
-                      max_prompt_length: int | None = None, add_eos: bool | None = None) -> dict[str, Any]:
+def tokenize_unpaired(
+    record: UnpairedRecord,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    add_eos: bool | None = None,
+) -> dict[str, Any]:
     """`input_ids`, `attention_mask`, `loss_mask` for prompt + completion, and the bool `label`."""
     prompt_ids = encode_prompt(record.prompt, tokenizer)
     response = encode_response(record.prompt, record.completion, tokenizer, add_eos=add_eos)
@@ -232,8 +283,9 @@ def tokenize_unpaired(record: UnpairedRecord, tokenizer: Any, *, max_length: int
     return {**_example(prompt_ids, response), "label": record.label}
 
 
-def tokenize_prompt(prompt: Text | Record, tokenizer: Any, *, max_prompt_length: int | None = None
-                    ) -> dict[str, list]:
+def tokenize_prompt(
+    prompt: Text | Record, tokenizer: Any, *, max_prompt_length: int | None = None
+) -> dict[str, list]:
     """`input_ids` and `attention_mask` of a prompt for generation (messages end with the generation
     prompt); longer prompts keep their end. Accepts a prompt or any record with a `prompt`."""
     if not isinstance(prompt, (str, list)):
@@ -245,12 +297,22 @@ def tokenize_prompt(prompt: Text | Record, tokenizer: Any, *, max_prompt_length:
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
 
-_TOKENIZERS = {SFTRecord: tokenize_sft, PairwiseRecord: tokenize_pair, RankedRecord: tokenize_ranked,
-               UnpairedRecord: tokenize_unpaired}
+_TOKENIZERS = {
+    SFTRecord: tokenize_sft,
+    PairwiseRecord: tokenize_pair,
+    RankedRecord: tokenize_ranked,
+    UnpairedRecord: tokenize_unpaired,
+}
 
 
-def tokenize_record(record: Record, tokenizer: Any, *, max_length: int | None = None,
-                    max_prompt_length: int | None = None, add_eos: bool | None = None) -> dict[str, Any]:
+def tokenize_record(
+    record: Record,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    add_eos: bool | None = None,
+) -> dict[str, Any]:
     """Tokenize any record with the function for its type (a PromptRecord uses max_prompt_length, or
     max_length when that is unset)."""
     if isinstance(record, PromptRecord):

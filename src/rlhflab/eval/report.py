@@ -202,7 +202,9 @@ def plot_gold_vs_proxy(
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
     for i, (run, rows) in enumerate(curves.items()):
-        color = f"C{i}"  # one colour per run in both panels; on the right, proxy solid (.) and gold dashed (x)
+        color = (
+            f"C{i}"  # one colour per run in both panels; on the right, proxy solid (.) and gold dashed (x)
+        )
         pk, gk, kk = (_curve_key(rows, kind, keys) for kind in ("proxy", "gold", "kl"))
         both = [
             r
@@ -225,8 +227,15 @@ def plot_gold_vs_proxy(
                 ]
                 if pts:
                     what = "proxy" if key == pk else "gold"
-                    ax2.plot([p[0] for p in pts], [p[1] for p in pts], ls="none", marker=marker,
-                             markersize=3, alpha=0.35, color=color)
+                    ax2.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        ls="none",
+                        marker=marker,
+                        markersize=3,
+                        alpha=0.35,
+                        color=color,
+                    )
                     sx, sy = smooth_by_x([p[0] for p in pts], [p[1] for p in pts])
                     ax2.plot(sx, sy, style, lw=1.8, color=color, label=f"{run} {what}")
                     drawn = True
@@ -234,8 +243,9 @@ def plot_gold_vs_proxy(
     ax1.set_ylabel("gold reward")
     ax1.set_title("gold vs proxy during training")
     ax2.set_xlabel("sqrt(KL to reference)")
-    ax2.set_title("reward vs distance from the reference\n(points: iterations; lines: binned means)",
-                  fontsize=10)
+    ax2.set_title(
+        "reward vs distance from the reference\n(points: iterations; lines: binned means)", fontsize=10
+    )
     for ax in (ax1, ax2):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -394,9 +404,7 @@ def _policy_table(policies: Mapping[str, Mapping]) -> str:
     policies = _policies(policies)
     head = "".join(f"<th>{h}</th>" for _, h in POLICY_COLUMNS)
     rows = "".join(
-        f"<tr><td>{html.escape(n)}</td>"
-        + "".join(_cell(n, k, m.get(k)) for k, _ in POLICY_COLUMNS)
-        + "</tr>"
+        f"<tr><td>{html.escape(n)}</td>" + "".join(_cell(n, k, m.get(k)) for k, _ in POLICY_COLUMNS) + "</tr>"
         for n, m in policies.items()
     )
     note = _bound_note(policies, [k for k, _ in POLICY_COLUMNS])

@@ -10,22 +10,31 @@ from rlhflab.data.records import LLAMA2_RATINGS
 from rlhflab.eval.metrics import accuracy_by_bucket
 
 # Llama 2 Table 28 column titles, in the paper's order; "avg" pools every pair.
-RATING_TITLES = {"significantly_better": "Significantly Better", "better": "Better",
-                 "slightly_better": "Slightly Better", "negligibly_better": "Negligibly Better / Unsure",
-                 "unrated": "Unrated", "avg": "Avg"}
+RATING_TITLES = {
+    "significantly_better": "Significantly Better",
+    "better": "Better",
+    "slightly_better": "Slightly Better",
+    "negligibly_better": "Negligibly Better / Unsure",
+    "unrated": "Unrated",
+    "avg": "Avg",
+}
 
 
-def accuracy_by_rating(chosen: Sequence[float], rejected: Sequence[float],
-                       ratings: Sequence[str | None]) -> dict[str, dict[str, float]]:
+def accuracy_by_rating(
+    chosen: Sequence[float], rejected: Sequence[float], ratings: Sequence[str | None]
+) -> dict[str, dict[str, float]]:
     """Pairwise accuracy per Llama 2 rating bucket, in Table 28's order, then "avg" pooled over all pairs.
 
     Returns {bucket: {"accuracy": share of pairs with chosen > rejected (a tie counts 1/2; nan when the
     bucket is empty), "n": pairs}}. The four Llama 2 buckets always appear; pairs without a rating go to
     "unrated" and other rating names to their own buckets (both only when present).
     """
-    table = accuracy_by_bucket(torch.as_tensor(chosen, dtype=torch.float64).numpy(),
-                               torch.as_tensor(rejected, dtype=torch.float64).numpy(),
-                               [x or "unrated" for x in ratings], order=LLAMA2_RATINGS)
+    table = accuracy_by_bucket(
+        torch.as_tensor(chosen, dtype=torch.float64).numpy(),
+        torch.as_tensor(rejected, dtype=torch.float64).numpy(),
+        [x or "unrated" for x in ratings],
+        order=LLAMA2_RATINGS,
+    )
     table["avg"] = table.pop("overall")
     return table
 
@@ -33,15 +42,17 @@ def accuracy_by_rating(chosen: Sequence[float], rejected: Sequence[float],
 def format_accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
     """Markdown table in Llama 2 Table 28's layout: one row per head, accuracy in % with the pair count."""
     columns = list(dict.fromkeys(b for t in tables.values() for b in t))
-    lines = ["| head | " + " | ".join(RATING_TITLES.get(b, b) for b in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
+    lines = [
+        "| head | " + " | ".join(RATING_TITLES.get(b, b) for b in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for head, table in tables.items():
-        cells = [f"{100 * table[b]['accuracy']:.1f} (n={table[b]['n']})" if table.get(b, {}).get("n") else "-"
-                 for b in columns]
+        cells = [
+            f"{100 * table[b]['accuracy']:.1f} (n={table[b]['n']})" if table.get(b, {}).get("n") else "-"
+            for b in columns
+        ]
         lines.append(f"| {head} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
 
 
 def ranking_metrics(scores: torch.Tensor, ex: dict) -> tuple[float, float, float]:

@@ -26,7 +26,13 @@ from rlhflab.lab.tasks import get_task
 
 # Which file of the lab's data each record kind reads, and how many extra records the kinds that are not
 # made by default get.
-LAB_FILES = {"sft": "sft", "pairwise": "pairs", "prompt": "prompts", "ranked": "rankings", "unpaired": "unpaired"}
+LAB_FILES = {
+    "sft": "sft",
+    "pairwise": "pairs",
+    "prompt": "prompts",
+    "ranked": "rankings",
+    "unpaired": "unpaired",
+}
 EXTRA_COUNTS = {"rankings": 500, "unpaired": 1000}
 
 
@@ -60,12 +66,21 @@ def lab_data(task: str, *, seed: int, kinds: tuple[str, ...], log=print) -> dict
     task_obj = get_task(task)
     wanted = {LAB_FILES[k] for k in kinds}
     extras = sorted(wanted & set(EXTRA_COUNTS))
-    out = cache_root() / "lab" / f"data-{task_obj.name}-v{task_obj.version}-s{seed}{''.join('-' + e for e in extras)}"
+    out = (
+        cache_root()
+        / "lab"
+        / f"data-{task_obj.name}-v{task_obj.version}-s{seed}{''.join('-' + e for e in extras)}"
+    )
     if not (out / "lab_data.json").is_file():
         log(f"data: making the lab task '{task}' data in {out}")
         with atomic_dir(out) as tmp:
-            make_task_data(task_obj, tmp, seed=seed, n_rankings=EXTRA_COUNTS["rankings"] if "rankings" in extras else 0,
-                           n_unpaired=EXTRA_COUNTS["unpaired"] if "unpaired" in extras else 0)
+            make_task_data(
+                task_obj,
+                tmp,
+                seed=seed,
+                n_rankings=EXTRA_COUNTS["rankings"] if "rankings" in extras else 0,
+                n_unpaired=EXTRA_COUNTS["unpaired"] if "unpaired" in extras else 0,
+            )
     return {name: out / f"{name}.jsonl" for name in wanted}
 
 
@@ -88,13 +103,17 @@ def resolve_lab(cfg: Any, stage: str, *, log=print) -> Any:
     """`cfg` with lab model names replaced by directories and, for a lab model without data, the lab's data."""
     model_name = cfg.model.name_or_path
     task = lab_task_of(model_name)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=lab_model_dir(model_name, seed=cfg.seed)))
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name_or_path=lab_model_dir(model_name, seed=cfg.seed))
+    )
     if getattr(cfg, "ref_model", ""):
         cfg = dataclasses.replace(cfg, ref_model=lab_model_dir(cfg.ref_model, seed=cfg.seed))
     if cfg.data.train_path or task is None or (stage == "rm" and all(h.data for h in cfg.algo.head_specs())):
         return cfg
     kind = record_kind(stage, cfg)
     path = lab_data(task, seed=cfg.seed, kinds=(kind,), log=log)[LAB_FILES[kind]]
-    origin = "" if model_name.startswith("lab:") else f" ({model_name} comes from the lab's '{task}' base model)"
+    origin = (
+        "" if model_name.startswith("lab:") else f" ({model_name} comes from the lab's '{task}' base model)"
+    )
     log(f"data: the lab task '{task}' {kind} data, {path}{origin}")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_path=str(path)))

@@ -66,7 +66,11 @@ class ResponseSource:
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = ensure_base_model(task, budget=budget, seed=seed, cache_dir=cache_dir) if source == "base" else Path(source)
+        path = (
+            ensure_base_model(task, budget=budget, seed=seed, cache_dir=cache_dir)
+            if source == "base"
+            else Path(source)
+        )
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(
                 f"pair_source {source!r}: expected 'demonstrator', 'base' or a model directory "
@@ -225,8 +229,16 @@ def make_task_data(
     """Write a task's datasets to `out_dir` (see the module docstring). Returns {kind: path}, kinds
     "sft", "pairs", "prompts", "heldout", "manifest" and, when asked for, "rankings", "unpaired", "steps"."""
     task = get_task(task)
-    _check_counts(k, n_sft=n_sft, n_pairs=n_pairs, n_prompts=n_prompts, n_heldout=n_heldout,
-                  n_rankings=n_rankings, n_unpaired=n_unpaired, n_steps=n_steps)
+    _check_counts(
+        k,
+        n_sft=n_sft,
+        n_pairs=n_pairs,
+        n_prompts=n_prompts,
+        n_heldout=n_heldout,
+        n_rankings=n_rankings,
+        n_unpaired=n_unpaired,
+        n_steps=n_steps,
+    )
     settings = annotator_settings or AnnotatorSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,10 @@ def _grouped(scores: Tensor, k: int | None) -> tuple[Tensor, tuple[int, ...]]:
     if scores.dim() != 1 or k is None:
         raise ValueError("scores must be [P, K], or flat [P*K] with k given")
     if k < 1 or scores.shape[0] % k:
-        raise ConfigError(f"{scores.shape[0]} scores do not split into groups of k={k}; the number of "
-                          "completions per prompt must divide the batch.")
+        raise ConfigError(
+            f"{scores.shape[0]} scores do not split into groups of k={k}; the number of "
+            "completions per prompt must divide the batch."
+        )
     return scores.view(-1, k), shape
 
 

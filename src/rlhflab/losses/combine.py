@@ -48,8 +48,9 @@ def llama2_safety_gate(
     scale the combined scores over the batch (mean 0, unit unbiased variance). Returns rewards [B] and
     metric reward/safety_gated (1 where the safety score was used).
     """
-    check_same_shape(helpfulness_scores=helpfulness_scores, safety_scores=safety_scores,
-                     unsafe_prompt=unsafe_prompt)
+    check_same_shape(
+        helpfulness_scores=helpfulness_scores, safety_scores=safety_scores, unsafe_prompt=unsafe_prompt
+    )
     check_unit_interval("threshold", threshold)
     safety_prob = safety_scores if scores_are_probs else torch.sigmoid(safety_scores)
     gated = as_bool_mask(unsafe_prompt) | (safety_prob < threshold)
@@ -69,8 +70,10 @@ def weighted_sum(rewards: Tensor | Sequence[Tensor], weights: Sequence[float] | 
     stacked = torch.stack(list(rewards), dim=-1) if not isinstance(rewards, Tensor) else rewards
     w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
     if w.dim() != 1 or w.shape[0] != stacked.shape[-1]:
-        raise ConfigError(f"got {w.numel()} reward weights for {stacked.shape[-1]} reward signals; "
-                          "give exactly one weight per reward.")
+        raise ConfigError(
+            f"got {w.numel()} reward weights for {stacked.shape[-1]} reward signals; "
+            "give exactly one weight per reward."
+        )
     return stacked @ w
 
 
@@ -97,8 +100,10 @@ def sparrow_rerank(
         mask = torch.ones_like(preference_rewards, dtype=torch.bool)
     check_same_shape(preference_rewards=preference_rewards, mask=mask)
     if rule_rewards.shape[:-1] != preference_rewards.shape:
-        raise ValueError(f"rule_rewards {tuple(rule_rewards.shape)} must be [P, N, n] for "
-                         f"preference_rewards {tuple(preference_rewards.shape)}")
+        raise ValueError(
+            f"rule_rewards {tuple(rule_rewards.shape)} must be [P, N, n] for "
+            f"preference_rewards {tuple(preference_rewards.shape)}"
+        )
     mask = as_bool_mask(mask)
     zero = torch.zeros((), dtype=preference_rewards.dtype, device=preference_rewards.device)
     r_pr = torch.where(mask, preference_rewards, zero)

@@ -28,8 +28,9 @@ def _token_advantages(advantages: Tensor, like: Tensor, mask: Tensor) -> Tensor:
     # A per-sequence advantage [B] (REINFORCE, RLOO, GRPO) applies to every token of its sequence.
     adv = advantages.detach()
     if adv.shape not in (like.shape, like.shape[:1]):
-        raise ValueError(f"advantages {tuple(adv.shape)} must be [B, T] or [B] for log-probs "
-                         f"{tuple(like.shape)}")
+        raise ValueError(
+            f"advantages {tuple(adv.shape)} must be [B, T] or [B] for log-probs {tuple(like.shape)}"
+        )
     adv = adv[:, None].expand_as(like) if adv.dim() == 1 else adv
     return fill_masked(adv, mask)
 

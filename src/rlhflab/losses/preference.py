@@ -48,8 +48,9 @@ from rlhflab.losses.utils import (
 
 
 def _gap(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
-    check_same_shape(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc,
-                     ref_rejected_logps=rr)
+    check_same_shape(
+        policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr
+    )
     return (pc - rc) - (pr - rr)
 
 
@@ -66,10 +67,15 @@ def implicit_reward_metrics(
     Returns reward/chosen, reward/rejected, reward/margin (chosen - rejected) and reward/accuracy
     (1 where the chosen reward is strictly higher).
     """
-    check_same_shape(policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps,
-                     policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
-    return pair_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
-                           beta * (policy_rejected_logps - ref_rejected_logps))
+    check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    return pair_metrics(
+        beta * (policy_chosen_logps - ref_chosen_logps), beta * (policy_rejected_logps - ref_rejected_logps)
+    )
 
 
 def _logistic(z: Tensor, label_smoothing: float) -> Tensor:
@@ -95,8 +101,9 @@ def dpo(
     check_positive("beta", beta)
     check_unit_interval("label_smoothing", label_smoothing, upper_open=True, upper=0.5)
     h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                      ref_rejected_logps, beta)
+    metrics = implicit_reward_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
     return LossOutput(_logistic(beta * h, label_smoothing), metrics)
 
 
@@ -113,8 +120,14 @@ def cdpo(
     (Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO", Eq. 3): labels are
     assumed flipped with probability eps. Shapes as `dpo`.
     """
-    return dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-               beta=beta, label_smoothing=label_smoothing)
+    return dpo(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        label_smoothing=label_smoothing,
+    )
 
 
 def robust_dpo(
@@ -136,8 +149,9 @@ def robust_dpo(
     h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = label_smoothing
     loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                      ref_rejected_logps, beta)
+    metrics = implicit_reward_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
     return LossOutput(loss, metrics)
 
 
@@ -158,8 +172,9 @@ def ipo(
     """
     check_positive("beta", beta)
     h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                      ref_rejected_logps, beta)
+    metrics = implicit_reward_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
     return LossOutput((h - 1 / (2 * beta)) ** 2, metrics)
 
 
@@ -178,8 +193,9 @@ def hinge(
     """
     check_positive("beta", beta)
     h = _gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    metrics = implicit_reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                      ref_rejected_logps, beta)
+    metrics = implicit_reward_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
     return LossOutput(torch.relu(1 - beta * h), metrics)
 
 
@@ -262,8 +278,9 @@ def orpo(
     or_loss = -F.logsigmoid(log_odds)
     nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
     metrics = pair_metrics(beta * policy_chosen_logps, beta * policy_rejected_logps)
-    metrics.update(detach_metrics({"loss/nll": nll, "loss/odds_ratio": or_loss,
-                                   "reward/log_odds_ratio": log_odds}))
+    metrics.update(
+        detach_metrics({"loss/nll": nll, "loss/odds_ratio": or_loss, "reward/log_odds_ratio": log_odds})
+    )
     return LossOutput(nll + beta * or_loss, metrics)
 
 
@@ -287,8 +304,12 @@ def simpo(
     """
     check_positive("beta", beta)
     check_unit_interval("label_smoothing", label_smoothing, upper_open=True, upper=0.5)
-    check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                     chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
     rc = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
     rr = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
     return LossOutput(_logistic(rc - rr - gamma, label_smoothing), pair_metrics(rc, rr))
@@ -299,7 +320,7 @@ def _discounted_segment_score(logps: Tensor, mask: Tensor, ref: Tensor | None, g
     mask = as_bool_mask(mask)
     step = (mask.cumsum(-1) - 1).clamp(min=0).to(logps.dtype)
     ratio = fill_masked(logps if ref is None else logps - fill_masked(ref, mask), mask)
-    return masked_sum(gamma ** step * ratio, mask, dim=-1)
+    return masked_sum(gamma**step * ratio, mask, dim=-1)
 
 
 def cpl(
@@ -373,33 +394,59 @@ _DPO_PARAMS = {"beta": "beta", "label_smoothing": "label_smoothing"}
 PREFERENCE_LOSS_TABLE: dict[str, PreferenceLoss] = {
     "dpo": PreferenceLoss(dpo, "pairwise", True, "sums", _DPO_PARAMS, True, "Rafailov et al. 2023, Eq. 7"),
     "cdpo": PreferenceLoss(cdpo, "pairwise", True, "sums", _DPO_PARAMS, True, "Mitchell 2023, Eq. 3"),
-    "robust_dpo": PreferenceLoss(robust_dpo, "pairwise", True, "sums", _DPO_PARAMS, True,
-                                 "Chowdhury et al. 2024"),
+    "robust_dpo": PreferenceLoss(
+        robust_dpo, "pairwise", True, "sums", _DPO_PARAMS, True, "Chowdhury et al. 2024"
+    ),
     "ipo": PreferenceLoss(ipo, "pairwise", True, "sums", {"beta": "beta"}, True, "Azar et al. 2023, Eq. 17"),
-    "hinge": PreferenceLoss(hinge, "pairwise", True, "sums", {"beta": "beta"}, True,
-                            "Zhao et al. 2023 (SLiC-HF)"),
-    "kto": PreferenceLoss(kto, "unpaired", True, "unpaired",
-                          {"beta": "beta", "kto_desirable_weight": "desirable_weight",
-                           "kto_undesirable_weight": "undesirable_weight"}, cite="Ethayarajh et al. 2024"),
-    "orpo": PreferenceLoss(orpo, "pairwise", False, "means", {"orpo_lambda": "beta"},
-                           cite="Hong et al. 2024"),
-    "simpo": PreferenceLoss(simpo, "pairwise", False, "sums_lengths",
-                            {"simpo_beta": "beta", "simpo_gamma": "gamma", "label_smoothing": "label_smoothing"},
-                            cite="Meng et al. 2024"),
-    "cpl": PreferenceLoss(cpl, "pairwise", False, "tokens",
-                          {"cpl_alpha": "alpha", "cpl_gamma": "gamma", "cpl_lambda": "conservative_lambda"},
-                          cite="Hejna et al. 2023"),
+    "hinge": PreferenceLoss(
+        hinge, "pairwise", True, "sums", {"beta": "beta"}, True, "Zhao et al. 2023 (SLiC-HF)"
+    ),
+    "kto": PreferenceLoss(
+        kto,
+        "unpaired",
+        True,
+        "unpaired",
+        {
+            "beta": "beta",
+            "kto_desirable_weight": "desirable_weight",
+            "kto_undesirable_weight": "undesirable_weight",
+        },
+        cite="Ethayarajh et al. 2024",
+    ),
+    "orpo": PreferenceLoss(
+        orpo, "pairwise", False, "means", {"orpo_lambda": "beta"}, cite="Hong et al. 2024"
+    ),
+    "simpo": PreferenceLoss(
+        simpo,
+        "pairwise",
+        False,
+        "sums_lengths",
+        {"simpo_beta": "beta", "simpo_gamma": "gamma", "label_smoothing": "label_smoothing"},
+        cite="Meng et al. 2024",
+    ),
+    "cpl": PreferenceLoss(
+        cpl,
+        "pairwise",
+        False,
+        "tokens",
+        {"cpl_alpha": "alpha", "cpl_gamma": "gamma", "cpl_lambda": "conservative_lambda"},
+        cite="Hejna et al. 2023",
+    ),
 }
 
 
 def preference_loss_markdown() -> str:
     """The table as markdown (docs/losses.md carries it verbatim; a test keeps the two in step)."""
-    lines = ["| loss | function | data | reference | log-probs | hyperparameters | source |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loss | function | data | reference | log-probs | hyperparameters | source |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in PREFERENCE_LOSS_TABLE.items():
         params = ", ".join(f"`{k}`" for k in row.params) + (", `average_logps`" if row.average else "")
-        lines.append(f"| `{name}` | `{row.fn.__name__}` | {row.data} | {'yes' if row.reference else 'no'} | "
-                     f"{row.inputs} | {params} | {row.cite} |")
+        lines.append(
+            f"| `{name}` | `{row.fn.__name__}` | {row.data} | {'yes' if row.reference else 'no'} | "
+            f"{row.inputs} | {params} | {row.cite} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -433,10 +480,12 @@ def _run_unpaired(row: PreferenceLoss, x: PreferenceInputs, beta: float, kw: dic
     z0 = out.metrics["kl/reference_point"]
     nan = torch.full_like(implicit, float("nan"))
     # NaN marks "not this kind": a trainer's metric means skip it, giving per-kind means.
-    metrics = {"reward/chosen": torch.where(good, implicit, nan),
-               "reward/rejected": torch.where(good, nan, implicit),
-               "reward/accuracy": ((implicit > beta * z0) == good).to(implicit.dtype),
-               "kl/reference_point": z0}
+    metrics = {
+        "reward/chosen": torch.where(good, implicit, nan),
+        "reward/rejected": torch.where(good, nan, implicit),
+        "reward/accuracy": ((implicit > beta * z0) == good).to(implicit.dtype),
+        "kl/reference_point": z0,
+    }
     return LossOutput(out.loss, metrics)
 
 

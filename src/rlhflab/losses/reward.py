@@ -270,8 +270,9 @@ def trex(
     return LossOutput(-F.logsigmoid(ret_c - ret_r), pair_metrics(ret_c, ret_r))
 
 
-def stacked_bradley_terry(rewards: Tensor, margin: Tensor | None, *, label_smoothing: float = 0.0,
-                          center_coef: float = 0.0) -> LossOutput:
+def stacked_bradley_terry(
+    rewards: Tensor, margin: Tensor | None, *, label_smoothing: float = 0.0, center_coef: float = 0.0
+) -> LossOutput:
     """`bradley_terry` over a stacked batch, with optional reward centering (Eisenstein et al. 2023).
 
     rewards [2B]: chosen rows, then rejected rows; margin [B] or None. Returns loss [B] =
@@ -287,8 +288,16 @@ def stacked_bradley_terry(rewards: Tensor, margin: Tensor | None, *, label_smoot
     return LossOutput(loss, metrics)
 
 
-def ranked_loss(scores: Tensor, num_responses: Tensor, ranks: Tensor, *, loss: str, label_smoothing: float = 0.0,
-                center_coef: float = 0.0, max_orders: int = 120) -> LossOutput:
+def ranked_loss(
+    scores: Tensor,
+    num_responses: Tensor,
+    ranks: Tensor,
+    *,
+    loss: str,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+    max_orders: int = 120,
+) -> LossOutput:
     """K-wise loss of B rankings from flat per-response scores [N]: example 0's num_responses[0] responses
     best first, then example 1's, ...; ranks [B, K_max] (-1 = no response).
 

@@ -154,9 +154,11 @@ def reduce_token_losses(token_losses: Tensor, mask: Tensor, reduction: str = "se
 def pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
     """The detached `reward/*` metrics of scored pairs: chosen, rejected, margin, and accuracy (margin > 0)."""
     margin = chosen - rejected
-    return detach_metrics({
-        "reward/chosen": chosen,
-        "reward/rejected": rejected,
-        "reward/margin": margin,
-        "reward/accuracy": (margin > 0).to(chosen.dtype),
-    })
+    return detach_metrics(
+        {
+            "reward/chosen": chosen,
+            "reward/rejected": rejected,
+            "reward/margin": margin,
+            "reward/accuracy": (margin > 0).to(chosen.dtype),
+        }
+    )

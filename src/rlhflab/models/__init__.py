@@ -20,7 +20,20 @@ from rlhflab.models.loading import (
 from rlhflab.models.reward_model import RewardModel
 
 __all__ = [
-    "Critic", "LoraSettings", "PolicyWithValueHead", "RewardModel", "ValueHead", "apply_lora",
-    "backbone_and_head", "count_parameters", "hidden_to_logits", "import_gguf", "last_token_index",
-    "load_backbone", "load_causal_lm", "load_tokenizer", "position_ids_from_mask", "save_model",
+    "Critic",
+    "LoraSettings",
+    "PolicyWithValueHead",
+    "RewardModel",
+    "ValueHead",
+    "apply_lora",
+    "backbone_and_head",
+    "count_parameters",
+    "hidden_to_logits",
+    "import_gguf",
+    "last_token_index",
+    "load_backbone",
+    "load_causal_lm",
+    "load_tokenizer",
+    "position_ids_from_mask",
+    "save_model",
 ]

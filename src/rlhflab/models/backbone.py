@@ -50,8 +50,10 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         base = inner.base_model
     head = inner.get_output_embeddings()
     if head is None or base is inner:
-        raise UserError(f"{type(inner).__name__} is not a causal LM with a separate LM head; "
-                        "expected a *ForCausalLM / *LMHeadModel")
+        raise UserError(
+            f"{type(inner).__name__} is not a causal LM with a separate LM head; "
+            "expected a *ForCausalLM / *LMHeadModel"
+        )
     return base, head
 
 

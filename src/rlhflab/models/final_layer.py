@@ -32,7 +32,9 @@ class _FinalLayerAt(nn.Module):
         super().__init__()
         self.layer, self.rows, self.positions, self.key_mask = layer, rows, positions, key_mask
 
-    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], **_: object) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], **_: object
+    ) -> Tensor:
         layer, attn = self.layer, self.layer.self_attn
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         b, t, _ = hidden_states.shape
@@ -49,8 +51,9 @@ class _FinalLayerAt(nn.Module):
         groups = query.shape[1] // keys.shape[1]
         if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
             keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.key_mask[:, None, None, :],
-                                             scale=attn.scaling)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=self.key_mask[:, None, None, :], scale=attn.scaling
+        )
         x = hidden_states[rows, positions] + attn.o_proj(out.transpose(1, 2).reshape(n, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         return hidden_states.index_put((rows, positions), x)
@@ -78,8 +81,14 @@ def fast_final_layer(backbone: nn.Module) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def final_layer_only_at(backbone: nn.Module, attention_mask: Tensor, positions: Tensor, *,
-                        rows: Tensor | None = None, key_mask: Tensor | None = None) -> Iterator[bool]:
+def final_layer_only_at(
+    backbone: nn.Module,
+    attention_mask: Tensor,
+    positions: Tensor,
+    *,
+    rows: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Iterator[bool]:
     """Within the block, `backbone`'s final decoder layer computes its output only where it is read (e.g.
     the last real token a reward head reads); yields whether it does.
 

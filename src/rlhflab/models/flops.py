@@ -100,8 +100,9 @@ def matmul_params(model: nn.Module) -> MatmulParams:
         layer = fast_final_layer(model.backbone)
         if layer is not None:
             everywhere = (layer.self_attn.k_proj, layer.self_attn.v_proj)  # keys and values: every position
-            final_at_reads, frozen_final = (a - b for a, b in zip(_linear_weights([layer]),
-                                                                  _linear_weights(everywhere), strict=True))
+            final_at_reads, frozen_final = (
+                a - b for a, b in zip(_linear_weights([layer]), _linear_weights(everywhere), strict=True)
+            )
     elif isinstance(model, Critic):
         body, head = model.backbone, model.value_head
     elif isinstance(model, ValueHead):
@@ -111,11 +112,14 @@ def matmul_params(model: nn.Module) -> MatmulParams:
     n_body, frozen_body = _linear_weights([body] if body is not None else [])
     n_head, frozen_head = _linear_weights([head])
     layers, attn_dim = _shape(body if body is not None else model)
-    return MatmulParams(n_body, n_head, final_at_reads, frozen_body, frozen_head, frozen_final, layers, attn_dim)
+    return MatmulParams(
+        n_body, n_head, final_at_reads, frozen_body, frozen_head, frozen_final, layers, attn_dim
+    )
 
 
-def decoder_matmul_params(*, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-                          head_outputs: int) -> MatmulParams:
+def decoder_matmul_params(
+    *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, head_outputs: int
+) -> MatmulParams:
     """A Llama-style decoder's matmul weights from its config numbers: q, k, v, o and a gated MLP (gate,
     up, down) per layer, and a head of `head_outputs` outputs (the vocabulary for an LM head)."""
     kv = hidden * kv_heads // heads
@@ -133,7 +137,9 @@ def _attention(p: MatmulParams, pairs: int) -> float:
     return 4.0 * p.layers * p.attn_dim * pairs
 
 
-def causal_lm_forward_flops(p: MatmulParams, tokens: int, head_tokens: int, attention_pairs: int = 0) -> float:
+def causal_lm_forward_flops(
+    p: MatmulParams, tokens: int, head_tokens: int, attention_pairs: int = 0
+) -> float:
     """One forward pass (a reference or rollout pass, generation): 2 x body x tokens + 2 x head x
     head_tokens (+ attention scores over `attention_pairs`)."""
     return 2.0 * (p.body * tokens + p.head * head_tokens) + _attention(p, attention_pairs)
@@ -142,16 +148,20 @@ def causal_lm_forward_flops(p: MatmulParams, tokens: int, head_tokens: int, atte
 def causal_lm_train_flops(p: MatmulParams, tokens: int, head_tokens: int, attention_pairs: int = 0) -> float:
     """Forward and backward (SFT, DPO, a PPO update): 6 per trained weight and 4 per frozen weight, per
     token it runs at: the body at `tokens`, the head at `head_tokens` (+ 3 x the attention scores)."""
-    return ((6 * p.body - 2 * p.frozen_body) * tokens + (6 * p.head - 2 * p.frozen_head) * head_tokens
-            + 3.0 * _attention(p, attention_pairs))
+    return (
+        (6 * p.body - 2 * p.frozen_body) * tokens
+        + (6 * p.head - 2 * p.frozen_head) * head_tokens
+        + 3.0 * _attention(p, attention_pairs)
+    )
 
 
 def reward_model_forward_flops(p: MatmulParams, tokens: int, reads: int, attention_pairs: int = 0) -> float:
     """A reward model's forward: the body at every token except its `final_at_reads` part, which runs with
     the score head at the `reads` read positions (one per response). Attention pairs are counted at every
     layer (the fast path's smaller final-layer attention is not modelled)."""
-    return (2.0 * ((p.body - p.final_at_reads) * tokens + (p.final_at_reads + p.head) * reads)
-            + _attention(p, attention_pairs))
+    return 2.0 * ((p.body - p.final_at_reads) * tokens + (p.final_at_reads + p.head) * reads) + _attention(
+        p, attention_pairs
+    )
 
 
 def reward_model_train_flops(p: MatmulParams, tokens: int, reads: int, attention_pairs: int = 0) -> float:
@@ -162,8 +172,15 @@ def reward_model_train_flops(p: MatmulParams, tokens: int, reads: int, attention
     return every * tokens + at_reads * reads + 3.0 * _attention(p, attention_pairs)
 
 
-def ppo_iteration_flops(policy: MatmulParams, ref: MatmulParams, value: MatmulParams, tokens: int,
-                        response_tokens: int, ppo_epochs: int, entropy_in_loss: bool = False) -> float:
+def ppo_iteration_flops(
+    policy: MatmulParams,
+    ref: MatmulParams,
+    value: MatmulParams,
+    tokens: int,
+    response_tokens: int,
+    ppo_epochs: int,
+    entropy_in_loss: bool = False,
+) -> float:
     """One PPO iteration over a rollout batch of `tokens` real tokens, `response_tokens` of them sampled.
 
     Generation: the policy over every token (prompt prefill, then one token per step with the KV cache;
@@ -175,16 +192,26 @@ def ppo_iteration_flops(policy: MatmulParams, ref: MatmulParams, value: MatmulPa
     head at every token; a `ValueHead` on the policy's hidden states only at response tokens.
     """
     value_tokens = tokens if value.body else response_tokens
-    forward = (causal_lm_forward_flops(policy, tokens, response_tokens)  # generation
-               + causal_lm_forward_flops(policy, tokens, 2 * response_tokens)  # rollout pass
-               + causal_lm_forward_flops(value, tokens, value_tokens)
-               + causal_lm_forward_flops(ref, tokens, response_tokens))  # reference pass
-    update = (causal_lm_train_flops(policy, tokens, (2 if entropy_in_loss else 1) * response_tokens)
-              + causal_lm_train_flops(value, tokens, value_tokens))
+    forward = (
+        causal_lm_forward_flops(policy, tokens, response_tokens)  # generation
+        + causal_lm_forward_flops(policy, tokens, 2 * response_tokens)  # rollout pass
+        + causal_lm_forward_flops(value, tokens, value_tokens)
+        + causal_lm_forward_flops(ref, tokens, response_tokens)
+    )  # reference pass
+    update = causal_lm_train_flops(
+        policy, tokens, (2 if entropy_in_loss else 1) * response_tokens
+    ) + causal_lm_train_flops(value, tokens, value_tokens)
     return forward + ppo_epochs * update
 
 
 __all__ = [
-    "MatmulParams", "causal_lm_forward_flops", "causal_lm_train_flops", "causal_pairs", "decoder_matmul_params",
-    "matmul_params", "ppo_iteration_flops", "reward_model_forward_flops", "reward_model_train_flops",
+    "MatmulParams",
+    "causal_lm_forward_flops",
+    "causal_lm_train_flops",
+    "causal_pairs",
+    "decoder_matmul_params",
+    "matmul_params",
+    "ppo_iteration_flops",
+    "reward_model_forward_flops",
+    "reward_model_train_flops",
 ]

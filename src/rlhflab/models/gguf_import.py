@@ -23,8 +23,13 @@ logger = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 
 
-def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                overwrite: bool = False) -> Path:
+def import_gguf(
+    gguf_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
     """Convert `gguf_path` into an HF causal-LM directory `out_dir` (config, safetensors, tokenizer).
 
     Args:
@@ -47,8 +52,13 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    logger.info("imported %s (%s, %d parameters) into %s", path.name, model.config.model_type,
-                sum(p.numel() for p in model.parameters()), out_dir)
+    logger.info(
+        "imported %s (%s, %d parameters) into %s",
+        path.name,
+        model.config.model_type,
+        sum(p.numel() for p in model.parameters()),
+        out_dir,
+    )
     return Path(out_dir)
 
 
@@ -61,8 +71,10 @@ def _check_gguf_file(gguf_path: str | os.PathLike) -> Path:
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        raise UserError(f"'{path}' is not a GGUF file: it starts with {magic!r}, expected {GGUF_MAGIC!r} "
-                        "(llama.cpp's model format)")
+        raise UserError(
+            f"'{path}' is not a GGUF file: it starts with {magic!r}, expected {GGUF_MAGIC!r} "
+            "(llama.cpp's model format)"
+        )
     return path
 
 
@@ -70,8 +82,9 @@ def _require_gguf_package() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise UserError("reading GGUF files needs the `gguf` package: pip install gguf "
-                        "(or pip install 'rlhflab[gguf]')") from err
+        raise UserError(
+            "reading GGUF files needs the `gguf` package: pip install gguf (or pip install 'rlhflab[gguf]')"
+        ) from err
 
 
 def _load_dense_model(path: Path, dtype: torch.dtype):
@@ -80,7 +93,8 @@ def _load_dense_model(path: Path, dtype: torch.dtype):
 
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True)
+            str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True
+        )
     except (ValueError, NotImplementedError, KeyError) as err:
         raise UserError(f"transformers could not read '{path}' as a causal LM: {err}") from err
     config = loaded.config
@@ -92,8 +106,10 @@ def _load_dense_model(path: Path, dtype: torch.dtype):
     packed = [k for k, v in state.items() if not v.is_floating_point()]
     if packed:
         # Newer transformers can keep quantized blocks packed (uint8) for fast inference; we need dense.
-        raise UserError(f"'{path}': transformers kept {len(packed)} tensors packed (e.g. {packed[0]}); "
-                        "cannot convert them to dense weights with this transformers version")
+        raise UserError(
+            f"'{path}': transformers kept {len(packed)} tensors packed (e.g. {packed[0]}); "
+            "cannot convert them to dense weights with this transformers version"
+        )
     model.load_state_dict(state, strict=True)
     model.generation_config = loaded.generation_config
     return model.eval()

@@ -69,7 +69,9 @@ class ValueHead(nn.Module):
     def load(cls, path: Path, *, device: torch.device | str = "cpu") -> ValueHead:
         tensors = load_file(str(path))
         if set(tensors) != {"weight", "bias"} or tensors["weight"].ndim != 2:
-            raise UserError(f"'{path}' is not a value head file (expected tensors 'weight' [1, D] and 'bias' [1])")
+            raise UserError(
+                f"'{path}' is not a value head file (expected tensors 'weight' [1, D] and 'bias' [1])"
+            )
         head = cls(tensors["weight"].shape[1])
         head.linear.load_state_dict(tensors)
         return head.to(device)
@@ -78,13 +80,19 @@ class ValueHead(nn.Module):
 def _load_value_head(directory: Path, hidden_size: int, device: torch.device, what: str) -> ValueHead:
     file = directory / VALUE_HEAD_FILE
     if not file.is_file():
-        logger.info("%s: no %s in %s; starting from a freshly initialized value head", what, VALUE_HEAD_FILE,
-                    directory)
+        logger.info(
+            "%s: no %s in %s; starting from a freshly initialized value head",
+            what,
+            VALUE_HEAD_FILE,
+            directory,
+        )
         return ValueHead(hidden_size).to(device)
     head = ValueHead.load(file, device=device)
     if head.linear.in_features != hidden_size:
-        raise UserError(f"{file}: value head expects hidden size {head.linear.in_features}, but the model in "
-                        f"'{directory}' has hidden size {hidden_size}")
+        raise UserError(
+            f"{file}: value head expects hidden size {head.linear.in_features}, but the model in "
+            f"'{directory}' has hidden size {hidden_size}"
+        )
     return head
 
 
@@ -102,17 +110,21 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = value_head if value_head is not None else ValueHead(hidden_size_of(policy))
         self.value_head.to(device_of(policy))
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final (post-norm) hidden states [B, T, D]; the LM head is not applied."""
         base, _ = backbone_and_head(self.policy)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = base(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         return out.last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask [B, T] -> (logits [B, T, V], values [B, T] float32)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         _, head = backbone_and_head(self.policy)
@@ -149,13 +161,15 @@ class Critic(nn.Module):
         self.value_head = value_head if value_head is not None else ValueHead(hidden_size_of(backbone))
         self.value_head.to(device_of(backbone))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """input_ids, attention_mask [B, T] -> values [B, T] float32 (garbage at padded positions)."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         return self.value_head(out.last_hidden_state)
 
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None) -> Path:
@@ -167,8 +181,15 @@ class Critic(nn.Module):
         return Path(out_dir)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, head_index: int = 0, dtype="float32", device="cpu",
-                        trust_remote_code: bool = False) -> Critic:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        head_index: int = 0,
+        dtype="float32",
+        device="cpu",
+        trust_remote_code: bool = False,
+    ) -> Critic:
         """Load a critic from a critic, reward-model or causal-LM directory.
 
         A critic directory reloads exactly. A reward-model directory (`*ForSequenceClassification`)
@@ -185,7 +206,9 @@ class Critic(nn.Module):
         if score is None:
             return cls(backbone, _load_value_head(p, hidden, dev, "critic"))
         if not 0 <= head_index < score.shape[0]:
-            raise UserError(f"reward model '{p}' has {score.shape[0]} heads; head_index={head_index} is out of range")
+            raise UserError(
+                f"reward model '{p}' has {score.shape[0]} heads; head_index={head_index} is out of range"
+            )
         head = ValueHead(hidden).to(dev)
         with torch.no_grad():
             head.linear.weight.copy_(score[head_index : head_index + 1])
@@ -207,6 +230,13 @@ def _reward_head_weight(directory: Path) -> torch.Tensor | None:
 
 
 __all__ = [
-    "VALUE_HEAD_FILE", "Critic", "PolicyWithValueHead", "RewardModel", "ValueHead", "backbone_and_head",
-    "hidden_to_logits", "last_token_index", "position_ids_from_mask",
+    "VALUE_HEAD_FILE",
+    "Critic",
+    "PolicyWithValueHead",
+    "RewardModel",
+    "ValueHead",
+    "backbone_and_head",
+    "hidden_to_logits",
+    "last_token_index",
+    "position_ids_from_mask",
 ]

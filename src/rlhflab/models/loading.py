@@ -74,7 +74,9 @@ def resolve_device(device: str | torch.device, *, field: str = "device") -> torc
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"{field} {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
+        raise ConfigError(
+            f"{field} {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{field} is {device!r} but no CUDA device is available; use 'cpu' or 'auto'")
     return dev
@@ -90,12 +92,18 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> Path:
             "(use `rlhflab import-gguf` or a directory saved with save_pretrained)."
         )
     if not p.is_dir():
-        hint = " For a .gguf file, convert it first with `rlhflab import-gguf FILE OUT_DIR`." \
-            if p.suffix == ".gguf" else ""
+        hint = (
+            " For a .gguf file, convert it first with `rlhflab import-gguf FILE OUT_DIR`."
+            if p.suffix == ".gguf"
+            else ""
+        )
         raise UserError(f"{what} path '{p}' is a file; expected a Hugging Face model directory.{hint}")
     if not (p / "config.json").is_file():
-        extra = (" It has adapter_config.json: this is a LoRA adapter directory; load it with load_causal_lm."
-                 if (p / "adapter_config.json").is_file() else "")
+        extra = (
+            " It has adapter_config.json: this is a LoRA adapter directory; load it with load_causal_lm."
+            if (p / "adapter_config.json").is_file()
+            else ""
+        )
         raise UserError(
             f"{what} directory '{p}' has no config.json, so it is not a Hugging Face model directory. "
             f"Expected the output of save_pretrained (config.json + *.safetensors).{extra}"
@@ -114,24 +122,38 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "right", trus
 
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise UserError(f"tokenizer path '{p}' is not a directory; expected a local model/tokenizer directory "
-                        "(tokenizer.json or tokenizer_config.json).")
+        raise UserError(
+            f"tokenizer path '{p}' is not a directory; expected a local model/tokenizer directory "
+            "(tokenizer.json or tokenizer_config.json)."
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            str(p), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load a tokenizer from '{p}': {err}. Expected tokenizer.json / "
-                        "tokenizer_config.json as written by tokenizer.save_pretrained.") from err
+        raise UserError(
+            f"could not load a tokenizer from '{p}': {err}. Expected tokenizer.json / "
+            "tokenizer_config.json as written by tokenizer.save_pretrained."
+        ) from err
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
-            logger.info("tokenizer in %s has no pad token; using its EOS token %r (id %d) for padding",
-                        p, tok.eos_token, tok.eos_token_id)
+            logger.info(
+                "tokenizer in %s has no pad token; using its EOS token %r (id %d) for padding",
+                p,
+                tok.eos_token,
+                tok.eos_token_id,
+            )
         elif tok.unk_token is not None:
             tok.pad_token = tok.unk_token
-            logger.info("tokenizer in %s has neither pad nor EOS token; padding with UNK %r", p, tok.unk_token)
+            logger.info(
+                "tokenizer in %s has neither pad nor EOS token; padding with UNK %r", p, tok.unk_token
+            )
         else:
-            raise UserError(f"tokenizer in '{p}' has no pad, EOS or UNK token to pad with; "
-                            "add one (tokenizer.add_special_tokens({'pad_token': ...})) and save it again.")
+            raise UserError(
+                f"tokenizer in '{p}' has no pad, EOS or UNK token to pad with; "
+                "add one (tokenizer.add_special_tokens({'pad_token': ...})) and save it again."
+            )
     tok.padding_side = padding_side
     return tok
 
@@ -163,13 +185,19 @@ def load_causal_lm(
 
     p = Path(path).expanduser()
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
-        return _load_adapter_dir(p, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
-                                 trust_remote_code=trust_remote_code)
+        return _load_adapter_dir(
+            p,
+            dtype=dtype,
+            device=device,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
     p = check_model_dir(p)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code)
+            str(p), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load a causal LM from '{p}': {err}") from err
     model.to(dev)
@@ -196,8 +224,9 @@ def load_backbone(
 
     p = check_model_dir(path)
     try:
-        model = AutoModel.from_pretrained(str(p), dtype=resolve_dtype(dtype), local_files_only=True,
-                                          trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(
+            str(p), dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load a model backbone from '{p}': {err}") from err
     return model.to(resolve_device(device))
@@ -210,10 +239,17 @@ def _load_adapter_dir(p: Path, *, dtype, device, gradient_checkpointing: bool, t
 
     base_path = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path).is_dir():
-        raise UserError(f"LoRA adapter directory '{p}' names base model {base_path!r}, which is not a local "
-                        "directory; save the merged model instead (save_model(..., merge_lora=True)).")
-    base = load_causal_lm(base_path, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
-                          trust_remote_code=trust_remote_code)
+        raise UserError(
+            f"LoRA adapter directory '{p}' names base model {base_path!r}, which is not a local "
+            "directory; save the merged model instead (save_model(..., merge_lora=True))."
+        )
+    base = load_causal_lm(
+        base_path,
+        dtype=dtype,
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
+        trust_remote_code=trust_remote_code,
+    )
     return PeftModel.from_pretrained(base, str(p), is_trainable=True)
 
 
@@ -235,8 +271,13 @@ def apply_lora(model: nn.Module, settings: LoraSettings):
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules, bias="none")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias="none",
+    )
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5.x spells it is_gradient_checkpointing
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -267,11 +308,16 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     the middle of training and training can go on with the adapters.
     """
     base = model.get_base_model()
-    lora_layers = {name: mod for name, mod in base.named_modules()
-                   if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer")}
+    lora_layers = {
+        name: mod
+        for name, mod in base.named_modules()
+        if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer")
+    }
     for name, mod in lora_layers.items():
         if any(mod.use_dora.get(a, False) for a in mod.active_adapters):
-            raise NotImplementedError(f"merging DoRA adapters ({name}) is not supported; use merge_and_unload")
+            raise NotImplementedError(
+                f"merging DoRA adapters ({name}) is not supported; use merge_and_unload"
+            )
     out: dict[str, torch.Tensor] = {}
     for key, value in base.state_dict().items():
         if ".lora_" in key or ".original_module." in key:
@@ -305,11 +351,15 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = True) -> 
             raise UserError(f"output path '{out}' exists and is a file; expected a directory path")
         occupied = any(out.iterdir())
         if occupied and not overwrite:
-            raise UserError(f"output directory '{out}' already exists and is not empty; "
-                            "choose a new directory or remove it first")
+            raise UserError(
+                f"output directory '{out}' already exists and is not empty; "
+                "choose a new directory or remove it first"
+            )
         if occupied and not (out / "config.json").exists():
-            raise UserError(f"output directory '{out}' is not empty and does not hold a saved model; "
-                            "refusing to replace it. Choose a new or empty directory.")
+            raise UserError(
+                f"output directory '{out}' is not empty and does not hold a saved model; "
+                "refusing to replace it. Choose a new or empty directory."
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

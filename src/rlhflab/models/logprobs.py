@@ -36,16 +36,21 @@ CHUNK_BYTES = 64 * 2**20
 
 def _head_is_plain_linear(model: torch.nn.Module, head: torch.nn.Module) -> bool:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scaled = getattr(config, "logit_scale", None) not in (None, 1.0) or getattr(config, "final_logit_softcapping", None)
+    scaled = getattr(config, "logit_scale", None) not in (None, 1.0) or getattr(
+        config, "final_logit_softcapping", None
+    )
     return isinstance(head, torch.nn.Linear) and not scaled
 
 
-def _exp_logits(block: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                temperature: float) -> tuple[Tensor, Tensor]:
+def _exp_logits(
+    block: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """Write exp(logits - max) of one chunk into `block` [r, V] (in place); return (label log-probs [r],
     1 / sum of the exps [r]), so that softmax = block * that and nothing else is allocated at [r, V]."""
     if weight.dtype == hidden.dtype == block.dtype and (bias is None or bias.dtype == block.dtype):
-        torch.mm(hidden, weight.T, out=block) if bias is None else torch.addmm(bias, hidden, weight.T, out=block)
+        torch.mm(hidden, weight.T, out=block) if bias is None else torch.addmm(
+            bias, hidden, weight.T, out=block
+        )
     else:  # half precision: the matmul in the model's dtype, the softmax in float32
         block.copy_(F.linear(hidden, weight, bias))
     if temperature != 1.0:
@@ -67,8 +72,15 @@ class _HeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int,
-                temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        chunk_size: int,
+        temperature: float,
+    ) -> Tensor:  # type: ignore[override]
         n, cdtype = hidden.shape[0], torch.promote_types(weight.dtype, torch.float32)
         exps = torch.empty(n, weight.shape[0], dtype=cdtype, device=hidden.device)
         out = torch.empty(n, dtype=cdtype, device=hidden.device)
@@ -96,7 +108,7 @@ class _HeadLogps(torch.autograd.Function):
         w = weight.to(exps.dtype)
         for s in range(0, len(g), cs):
             c = slice(s, s + cs)
-            gl = torch.mul(exps[c], scale[c, None], out=block[:len(g[c])])
+            gl = torch.mul(exps[c], scale[c, None], out=block[: len(g[c])])
             gl.scatter_add_(1, labels[c, None], g[c, None])
             if need_h:
                 torch.mm(gl, w, out=grad_h[c])
@@ -124,10 +136,10 @@ class _ChunkedLabelLogprobs(torch.autograd.Function):
         out = torch.empty(n, dtype=cdtype, device=hidden.device)
         lse = torch.empty(n, dtype=cdtype, device=hidden.device)
         for s in range(0, n, chunk_size):
-            logits = F.linear(hidden[s:s + chunk_size], weight, bias).to(cdtype) / temperature
-            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(-1, labels[s:s + chunk_size].unsqueeze(-1)).squeeze(-1)
-            out[s:s + chunk_size] = picked - lse[s:s + chunk_size]
+            logits = F.linear(hidden[s : s + chunk_size], weight, bias).to(cdtype) / temperature
+            lse[s : s + chunk_size] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, labels[s : s + chunk_size].unsqueeze(-1)).squeeze(-1)
+            out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return out
@@ -142,15 +154,15 @@ class _ChunkedLabelLogprobs(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
         cs, temp = ctx.chunk_size, ctx.temperature
         for s in range(0, hidden.shape[0], cs):
-            h = hidden[s:s + cs]
+            h = hidden[s : s + cs]
             logits = F.linear(h, weight, bias).to(lse.dtype) / temp
-            g = grad_out[s:s + cs].to(lse.dtype)
+            g = grad_out[s : s + cs].to(lse.dtype)
             # d/dlogits of (logit[y] - lse) is onehot(y) - softmax, scaled by the incoming gradient.
-            grad_logits = -torch.exp(logits - lse[s:s + cs, None]) * g[:, None]
-            grad_logits.scatter_add_(-1, labels[s:s + cs, None], g[:, None])
+            grad_logits = -torch.exp(logits - lse[s : s + cs, None]) * g[:, None]
+            grad_logits.scatter_add_(-1, labels[s : s + cs, None], g[:, None])
             grad_logits = grad_logits / temp
             if need_h:
-                grad_h[s:s + cs] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[s : s + cs] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += grad_logits.T @ h.to(lse.dtype)
             if need_b:
@@ -182,20 +194,29 @@ def chunked_gather_logprobs(
     check_positive("chunk_size", chunk_size)
     check_positive("temperature", temperature)
     if hidden_states.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} "
-                         "disagree")
+        raise ValueError(
+            f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree"
+        )
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).reshape(-1).long()
     # Ignored positions (padding) are zeroed so that nothing there, not even NaN, reaches W's gradient.
     flat_h = torch.where(valid[..., None], hidden_states, 0.0).reshape(-1, hidden_states.shape[-1])
-    out = _ChunkedLabelLogprobs.apply(flat_h, lm_head_weight, lm_head_bias, safe, int(chunk_size),
-                                      float(temperature))
+    out = _ChunkedLabelLogprobs.apply(
+        flat_h, lm_head_weight, lm_head_bias, safe, int(chunk_size), float(temperature)
+    )
     out = out.reshape(labels.shape)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-def head_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
-               chunk_size: int | None = None, temperature: float = 1.0) -> Tensor:
+def head_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
     """log softmax((hidden W^T + bias) / temperature)[labels] of N positions: hidden [N, D], labels [N]
     (real token ids, no ignore index) -> [N] (float32 for half inputs), differentiable in hidden, weight
     and bias.
@@ -209,24 +230,36 @@ def head_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | No
     """
     if torch.is_autocast_enabled(hidden.device.type):
         with torch.autocast(hidden.device.type, enabled=False):
-            return head_logps(hidden.to(weight.dtype), weight, labels, bias, chunk_size=chunk_size,
-                              temperature=temperature)
+            return head_logps(
+                hidden.to(weight.dtype), weight, labels, bias, chunk_size=chunk_size, temperature=temperature
+            )
     cdtype = torch.promote_types(weight.dtype, torch.float32)
     if chunk_size is None:
         chunk_size = max(1, CHUNK_BYTES // (weight.shape[0] * cdtype.itemsize))
     if chunk_size < 1 or not temperature > 0:
         raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size} and {temperature}")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     if not needs_grad:
         return _no_grad_head_logps(hidden, weight, labels, bias, chunk_size, temperature, cdtype)
     if hidden.shape[0] * weight.shape[0] * cdtype.itemsize <= SAVED_PROBS_BYTES:
         return _HeadLogps.apply(hidden, weight, bias, labels, int(chunk_size), float(temperature))
-    return chunked_gather_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, temperature=temperature)
+    return chunked_gather_logprobs(
+        hidden, weight, labels, bias, chunk_size=chunk_size, temperature=temperature
+    )
 
 
 @torch.no_grad()
-def _no_grad_head_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, chunk_size: int,
-                        temperature: float, cdtype: torch.dtype) -> Tensor:
+def _no_grad_head_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    chunk_size: int,
+    temperature: float,
+    cdtype: torch.dtype,
+) -> Tensor:
     """`head_logps` without autograd (reference and rollout passes): one reused [chunk_size, V] block."""
     n = hidden.shape[0]
     out = torch.empty(n, dtype=cdtype, device=hidden.device)
@@ -269,15 +302,17 @@ def token_logps(
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     mask_arg = attention_mask_4d if attention_mask_4d is not None else attention_mask
-    hidden = base(input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids,
-                  use_cache=False).last_hidden_state
+    hidden = base(
+        input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     labels = input_ids[:, 1:].masked_fill(~target_mask[:, 1:].bool(), -100)
     h = hidden[:, :-1]
     if _head_is_plain_linear(model, head):
         sel = labels != -100
         # Gather the needed rows first: with short responses most positions are prompt or padding.
-        picked = head_logps(h[sel], head.weight, labels[sel], head.bias, chunk_size=chunk_size,
-                            temperature=temperature)
+        picked = head_logps(
+            h[sel], head.weight, labels[sel], head.bias, chunk_size=chunk_size, temperature=temperature
+        )
         logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
         logps = logps.masked_scatter(sel, picked)
     else:
@@ -285,8 +320,9 @@ def token_logps(
     return (logps, hidden) if return_hidden else logps
 
 
-def response_logps(model, batch: dict[str, Tensor], device, amp: Callable = contextlib.nullcontext
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def response_logps(
+    model, batch: dict[str, Tensor], device, amp: Callable = contextlib.nullcontext
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(summed log-probs [R], lengths [R], token log-probs [R, T-1], token mask [R, T-1]) of every row's
     response (batch["loss_mask"]), from one forward with the LM head at response positions only, run inside
     `amp()` (the model.autocast context: a policy and its reference must share it, or their log-ratios start

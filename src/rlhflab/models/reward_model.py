@@ -57,13 +57,22 @@ class RewardModel(nn.Module):
     zero-mean, unit-variance rewards to RL (Llama 2 whitens its rewards).
     """
 
-    def __init__(self, backbone: nn.Module, num_heads: int = 1, head_names: Sequence[str] | None = None,
-                 *, score: nn.Linear | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_heads: int = 1,
+        head_names: Sequence[str] | None = None,
+        *,
+        score: nn.Linear | None = None,
+    ):
         super().__init__()
         if num_heads < 1:
             raise UserError(f"a reward model needs at least one head, got num_heads={num_heads}")
-        names = list(head_names) if head_names is not None else (
-            ["reward"] if num_heads == 1 else [f"reward_{i}" for i in range(num_heads)])
+        names = (
+            list(head_names)
+            if head_names is not None
+            else (["reward"] if num_heads == 1 else [f"reward_{i}" for i in range(num_heads)])
+        )
         if len(names) != num_heads or len(set(names)) != num_heads:
             raise UserError(f"head_names must be {num_heads} distinct names, got {names}")
         self.backbone = backbone
@@ -76,7 +85,9 @@ class RewardModel(nn.Module):
             # so the first Bradley-Terry losses sit near log 2 instead of saturating.
             nn.init.normal_(score.weight, std=1.0 / math.sqrt(hidden + 1))
         if tuple(score.weight.shape) != (num_heads, hidden):
-            raise UserError(f"reward head has shape {tuple(score.weight.shape)}, expected ({num_heads}, {hidden})")
+            raise UserError(
+                f"reward head has shape {tuple(score.weight.shape)}, expected ({num_heads}, {hidden})"
+            )
         self.score = score.to(param.device)
         self.register_buffer("reward_mean", torch.zeros(num_heads, device=param.device), persistent=False)
         self.register_buffer("reward_std", torch.ones(num_heads, device=param.device), persistent=False)
@@ -89,16 +100,23 @@ class RewardModel(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, *, normalize: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        normalize: bool = False,
+    ) -> torch.Tensor:
         """input_ids, attention_mask [B, T] (any padding side) -> rewards [B, num_heads] float32.
 
         With `normalize`, rewards are whitened per head with the stored mean/std.
         """
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         last = last_token_index(attention_mask)
         # Pool before the head: the head then runs on B rows instead of B * T.
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -107,20 +125,33 @@ class RewardModel(nn.Module):
             rewards = (rewards - self.reward_mean) / self.reward_std
         return rewards
 
-    def rewards_at(self, input_ids: torch.Tensor, attention_mask_4d: torch.Tensor, position_ids: torch.Tensor,
-                   rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rewards_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask_4d: torch.Tensor,
+        position_ids: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
         """Rewards read at chosen positions of rows that hold several sequences, e.g. one prompt and its K
         responses (`rlhflab.data.packing.collate_shared_prompt`).
 
         input_ids, position_ids [B, T]; attention_mask_4d [B, 1, T, T] additive (0 = may attend) in the
         model's dtype; rows, positions [N]: where each of N sequences ends. Returns [N, num_heads] float32.
         """
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask_4d, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask_4d, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self.score(hidden[rows, positions]).float()
 
-    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | str = 0,
-               *, normalize: bool = False) -> torch.Tensor:
+    def reward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        head: int | str = 0,
+        *,
+        normalize: bool = False,
+    ) -> torch.Tensor:
         """One head's rewards [B] float32; `head` is an index or a name from `head_names`."""
         return self(input_ids, attention_mask, normalize=normalize)[:, self.head_index(head)]
 
@@ -133,19 +164,25 @@ class RewardModel(nn.Module):
             raise UserError(f"reward head index {head} out of range for {self.num_heads} heads")
         return head
 
-    def set_normalization(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> None:
+    def set_normalization(
+        self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+    ) -> None:
         """Store per-head whitening statistics (each of length num_heads; std > 0)."""
         mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         if mean_t.numel() != self.num_heads or std_t.numel() != self.num_heads:
-            raise UserError(f"normalization needs {self.num_heads} means and stds, got {mean_t.numel()} "
-                            f"and {std_t.numel()}")
+            raise UserError(
+                f"normalization needs {self.num_heads} means and stds, got {mean_t.numel()} "
+                f"and {std_t.numel()}"
+            )
         if not bool((std_t > 0).all()):
             raise UserError(f"reward std must be positive, got {std_t.tolist()}")
         self.reward_mean.copy_(mean_t)
         self.reward_std.copy_(std_t)
 
-    def fit_normalization(self, rewards: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit_normalization(
+        self, rewards: torch.Tensor, eps: float = 1e-6
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Set the whitening statistics from raw rewards [N, num_heads] (or [N] for one head)."""
         r = rewards.detach().float().reshape(rewards.shape[0], -1)
         mean, std = r.mean(dim=0), r.std(dim=0, unbiased=False).clamp_min(eps)
@@ -153,9 +190,17 @@ class RewardModel(nn.Module):
         return mean, std
 
     @classmethod
-    def from_causal_lm(cls, path_or_model: str | os.PathLike | nn.Module, num_heads: int = 1,
-                       head_names: Sequence[str] | None = None, *, dtype="float32", device="cpu",
-                       lora: LoraSettings | None = None, trust_remote_code: bool = False) -> RewardModel:
+    def from_causal_lm(
+        cls,
+        path_or_model: str | os.PathLike | nn.Module,
+        num_heads: int = 1,
+        head_names: Sequence[str] | None = None,
+        *,
+        dtype="float32",
+        device="cpu",
+        lora: LoraSettings | None = None,
+        trust_remote_code: bool = False,
+    ) -> RewardModel:
         """A reward model initialized from a causal LM (typically the SFT model), with fresh heads.
 
         From a path, only the backbone is loaded (the LM head's weights are never materialized). From a
@@ -165,13 +210,16 @@ class RewardModel(nn.Module):
         """
         if isinstance(path_or_model, nn.Module):
             if is_peft_model(path_or_model):
-                raise UserError("from_causal_lm needs a plain model; merge its LoRA adapters first "
-                                "(model.merge_and_unload()) or pass the saved model's path")
+                raise UserError(
+                    "from_causal_lm needs a plain model; merge its LoRA adapters first "
+                    "(model.merge_and_unload()) or pass the saved model's path"
+                )
             backbone, _ = backbone_and_head(path_or_model)
             backbone.to(device=resolve_device(device))
         else:
-            backbone = load_backbone(path_or_model, dtype=dtype, device=device,
-                                     trust_remote_code=trust_remote_code)
+            backbone = load_backbone(
+                path_or_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
         if lora is not None:
             backbone = apply_lora(backbone, lora)
         return cls(backbone, num_heads, head_names)
@@ -183,8 +231,11 @@ class RewardModel(nn.Module):
         with atomic_output_dir(out_dir) as tmp:
             if seq_cls is None:
                 write_pretrained(self.backbone, tmp, merge_lora=True)
-                save_file({"weight": self.score.weight.detach().contiguous().cpu()}, str(tmp / REWARD_HEAD_FILE),
-                          metadata={"format": "pt", "rlhflab": json.dumps(self._head_meta())})
+                save_file(
+                    {"weight": self.score.weight.detach().contiguous().cpu()},
+                    str(tmp / REWARD_HEAD_FILE),
+                    metadata={"format": "pt", "rlhflab": json.dumps(self._head_meta())},
+                )
             else:
                 config = copy.deepcopy(base.config)
                 config.architectures = [seq_cls.__name__]
@@ -197,7 +248,9 @@ class RewardModel(nn.Module):
                 if config.pad_token_id is None and tokenizer is not None:
                     config.pad_token_id = tokenizer.pad_token_id  # HF's seq-cls refuses batches without one
                 config.save_pretrained(str(tmp))
-                tensors = {f"{seq_cls.base_model_prefix}.{k}": v for k, v in plain_state_dict(self.backbone).items()}
+                tensors = {
+                    f"{seq_cls.base_model_prefix}.{k}": v for k, v in plain_state_dict(self.backbone).items()
+                }
                 tensors["score.weight"] = self.score.weight
                 save_file(_unshared_cpu(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if tokenizer is not None:
@@ -205,17 +258,23 @@ class RewardModel(nn.Module):
         return Path(out_dir)
 
     def _head_meta(self) -> dict:
-        return {"head_names": self.head_names, MEAN_KEY: self.reward_mean.tolist(), STD_KEY: self.reward_std.tolist()}
+        return {
+            "head_names": self.head_names,
+            MEAN_KEY: self.reward_mean.tolist(),
+            STD_KEY: self.reward_std.tolist(),
+        }
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype="float32", device="cpu",
-                        trust_remote_code: bool = False) -> RewardModel:
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, dtype="float32", device="cpu", trust_remote_code: bool = False
+    ) -> RewardModel:
         """Reload a reward model written by `save_pretrained` (or any HF `*ForSequenceClassification`)."""
         p = check_model_dir(path, what="reward model")
         config = json.loads((p / "config.json").read_text())
         if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-            return cls._from_sequence_classification(p, dtype=dtype, device=device,
-                                                     trust_remote_code=trust_remote_code)
+            return cls._from_sequence_classification(
+                p, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
         if (p / REWARD_HEAD_FILE).is_file():
             backbone = load_backbone(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             with safe_open(str(p / REWARD_HEAD_FILE), framework="pt") as f:
@@ -226,20 +285,25 @@ class RewardModel(nn.Module):
             model = cls(backbone, weight.shape[0], meta["head_names"], score=score)
             model.set_normalization(meta[MEAN_KEY], meta[STD_KEY])
             return model
-        raise UserError(f"'{p}' is not a reward model directory (architectures={config.get('architectures')}); "
-                        "to start a reward model from a causal LM use RewardModel.from_causal_lm")
+        raise UserError(
+            f"'{p}' is not a reward model directory (architectures={config.get('architectures')}); "
+            "to start a reward model from a causal LM use RewardModel.from_causal_lm"
+        )
 
     @classmethod
     def _from_sequence_classification(cls, p: Path, *, dtype, device, trust_remote_code: bool) -> RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         seq = AutoModelForSequenceClassification.from_pretrained(
-            str(p), dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code)
+            str(p), dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
+        )
         seq.to(resolve_device(device))
         score = getattr(seq, "score", None)
         if not isinstance(score, nn.Linear) or score.bias is not None:
-            raise UserError(f"'{p}': {type(seq).__name__} has no bias-free linear `score` head; "
-                            "it cannot be read as a reward model")
+            raise UserError(
+                f"'{p}': {type(seq).__name__} has no bias-free linear `score` head; "
+                "it cannot be read as a reward model"
+            )
         config = seq.config
         names = [str(config.id2label[i]) for i in range(config.num_labels)]
         model = cls(seq.base_model, config.num_labels, names, score=score)
@@ -279,9 +343,12 @@ def batch_rewards(model: RewardModel, batch: dict, device: torch.device) -> torc
     # The head reads one position per response, so the final layer runs only there (forward and backward).
     if "read_rows" in batch:
         rows, positions = batch["read_rows"].to(device), batch["read_positions"].to(device)
-        with final_layer_only_at(model.backbone, None, positions, rows=rows, key_mask=batch["key_mask"].to(device)):
-            return model.rewards_at(ids, batch["attention_mask_4d"].to(device), batch["position_ids"].to(device),
-                                    rows, positions)
+        with final_layer_only_at(
+            model.backbone, None, positions, rows=rows, key_mask=batch["key_mask"].to(device)
+        ):
+            return model.rewards_at(
+                ids, batch["attention_mask_4d"].to(device), batch["position_ids"].to(device), rows, positions
+            )
     mask = batch["attention_mask"].to(device)
     with final_layer_only_at(model.backbone, mask, last_token_index(mask)):
         return model(ids, mask)

@@ -36,11 +36,13 @@ def split_words(text: str) -> list[str]:
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
 
 
 def build_word_tokenizer(words: Iterable[str], *, model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -63,7 +65,10 @@ def build_word_tokenizer(words: Iterable[str], *, model_max_length: int = 512) -
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
         additional_special_tokens=[USER, ASSISTANT, SYSTEM],
         model_max_length=model_max_length,
         padding_side="right",
@@ -90,20 +95,33 @@ def tiny_causal_lm(
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id}
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, num_key_value_heads=num_heads,
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
             intermediate_size=intermediate_size or 4 * hidden_size,
-            max_position_embeddings=max_positions, tie_word_embeddings=True, **ids,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            **ids,
         )
         cls = LlamaForCausalLM
     elif arch == "gpt2":
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-            n_inner=intermediate_size, n_positions=max_positions, **ids,
+            vocab_size=len(tokenizer),
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            **ids,
         )
         cls = GPT2LMHeadModel
     else:

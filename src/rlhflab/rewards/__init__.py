@@ -16,7 +16,18 @@ from rlhflab.rewards.rules import LengthPenalty, MissingEOSPenalty, RegexRule, R
 from rlhflab.rewards.spec import load_reward, load_rewards, parse_spec
 
 __all__ = [
-    "SETTINGS_FILE", "CombinedReward", "LearnedReward", "LengthPenalty", "MissingEOSPenalty", "Prompt",
-    "RegexRule", "Reward", "RewardSource", "RuleReward", "check_batch", "load_reward", "load_rewards",
+    "SETTINGS_FILE",
+    "CombinedReward",
+    "LearnedReward",
+    "LengthPenalty",
+    "MissingEOSPenalty",
+    "Prompt",
+    "RegexRule",
+    "Reward",
+    "RewardSource",
+    "RuleReward",
+    "check_batch",
+    "load_reward",
+    "load_rewards",
     "parse_spec",
 ]

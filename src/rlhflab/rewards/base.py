@@ -55,11 +55,15 @@ def check_batch(prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[li
     """The batch as lists, refusing mismatched lengths and non-text responses with a clear message."""
     prompts, responses = list(prompts), list(responses)
     if len(prompts) != len(responses):
-        raise UserError(f"a reward source got {len(prompts)} prompts but {len(responses)} responses; "
-                        "give one prompt per response (repeat a prompt for several samples)")
+        raise UserError(
+            f"a reward source got {len(prompts)} prompts but {len(responses)} responses; "
+            "give one prompt per response (repeat a prompt for several samples)"
+        )
     for i, r in enumerate(responses):
         if not isinstance(r, str):
-            raise UserError(f"response {i} is {type(r).__name__}, not text; reward sources score decoded text")
+            raise UserError(
+                f"response {i} is {type(r).__name__}, not text; reward sources score decoded text"
+            )
     return prompts, responses
 
 

@@ -66,10 +66,17 @@ class CombinedReward(Reward):
         whiten: llama2_gate: whiten the combined scores over the batch (Llama 2); skipped for one response.
     """
 
-    def __init__(self, sources: Sequence[RewardSource], mode: str = "weighted_sum", *,
-                 weights: Sequence[float] | None = None,
-                 unsafe_prompt: Callable[[list[Prompt]], Any] | None = None, threshold: float = 0.15,
-                 whiten: bool = True, name: str | None = None):
+    def __init__(
+        self,
+        sources: Sequence[RewardSource],
+        mode: str = "weighted_sum",
+        *,
+        weights: Sequence[float] | None = None,
+        unsafe_prompt: Callable[[list[Prompt]], Any] | None = None,
+        threshold: float = 0.15,
+        whiten: bool = True,
+        name: str | None = None,
+    ):
         sources = list(sources)
         if mode not in MODES:
             raise ConfigError(f"unknown reward combination {mode!r}; choose one of {', '.join(MODES)}")
@@ -78,13 +85,16 @@ class CombinedReward(Reward):
         if mode == "weighted_sum":
             weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
             if len(weights) != len(sources):
-                raise ConfigError(f"got {len(weights)} reward weights for {len(sources)} reward sources; "
-                                  "give exactly one weight per source")
+                raise ConfigError(
+                    f"got {len(weights)} reward weights for {len(sources)} reward sources; "
+                    "give exactly one weight per source"
+                )
         elif weights is not None:
             raise ConfigError(f"weights apply to mode 'weighted_sum' only, not {mode!r}")
         if mode == "llama2_gate" and len(sources) != 2:
-            raise ConfigError(f"the Llama 2 safety gate combines exactly (helpfulness, safety), got {len(sources)}"
-                              " sources")
+            raise ConfigError(
+                f"the Llama 2 safety gate combines exactly (helpfulness, safety), got {len(sources)} sources"
+            )
         if mode != "llama2_gate" and unsafe_prompt is not None:
             raise ConfigError("unsafe_prompt applies to mode 'llama2_gate' only")
         self.sources, self.mode, self.weights = sources, mode, weights
@@ -94,8 +104,9 @@ class CombinedReward(Reward):
         self.source_names = [n if n != self.name else f"{n}_source" for n in _unique_names(sources)]
 
     @classmethod
-    def weighted_sum(cls, sources: Sequence[RewardSource], weights: Sequence[float] | None = None,
-                     **kw: Any) -> CombinedReward:
+    def weighted_sum(
+        cls, sources: Sequence[RewardSource], weights: Sequence[float] | None = None, **kw: Any
+    ) -> CombinedReward:
         """R = sum_i w_i R_i."""
         return cls(sources, "weighted_sum", weights=weights, **kw)
 
@@ -131,8 +142,9 @@ class CombinedReward(Reward):
             unsafe = torch.as_tensor(flags, dtype=torch.bool).reshape(-1)
             if unsafe.numel() != len(prompts):
                 raise ConfigError(f"unsafe_prompt returned {unsafe.numel()} flags for {len(prompts)} prompts")
-            return llama2_safety_gate(parts[0], parts[1], unsafe, threshold=self.threshold,
-                                      whiten=self.whiten and len(prompts) > 1).rewards
+            return llama2_safety_gate(
+                parts[0], parts[1], unsafe, threshold=self.threshold, whiten=self.whiten and len(prompts) > 1
+            ).rewards
         index, mask = group_by_prompt(prompts)
         safe = index.clamp(min=0)
         rules = torch.stack(parts[1:], dim=-1) if len(parts) > 1 else parts[0].new_ones(len(prompts), 0)
@@ -143,9 +155,11 @@ class CombinedReward(Reward):
         return self.components(prompts, responses)[self.name]
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {**super().describe(), "mode": self.mode,
-                                "sources": [getattr(s, "describe", lambda s=s: {"name": s.name})()
-                                            for s in self.sources]}
+        info: dict[str, Any] = {
+            **super().describe(),
+            "mode": self.mode,
+            "sources": [getattr(s, "describe", lambda s=s: {"name": s.name})() for s in self.sources],
+        }
         if self.mode == "weighted_sum":
             info["weights"] = self.weights
         if self.mode == "llama2_gate":

@@ -38,14 +38,25 @@ def resolve_reward_dir(path: str | Path) -> Path:
 class LearnedReward(Reward):
     """Scores from one head of a `RewardModel` (raw, or whitened with its stored statistics)."""
 
-    def __init__(self, model: RewardModel, tokenizer: Any, *, head: int | str = 0, normalize: bool = False,
-                 batch_size: int = 32, max_length: int | None = None, max_prompt_length: int | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model: RewardModel,
+        tokenizer: Any,
+        *,
+        head: int | str = 0,
+        normalize: bool = False,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        name: str | None = None,
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if tokenizer.pad_token_id is None:
-            raise ConfigError("the reward model's tokenizer has no pad token; load it with "
-                              "rlhflab.models.loading.load_tokenizer, which sets one")
+            raise ConfigError(
+                "the reward model's tokenizer has no pad token; load it with "
+                "rlhflab.models.loading.load_tokenizer, which sets one"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.head = model.head_index(head)
         self.normalize, self.batch_size = normalize, batch_size
@@ -54,10 +65,19 @@ class LearnedReward(Reward):
         self.name = name or (head_name if model.num_heads > 1 else "learned")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, head: int | str = 0, normalize: bool = False,
-                        device: str | torch.device = "cpu", dtype: str = "float32", batch_size: int = 32,
-                        max_length: int | None = None, max_prompt_length: int | None = None,
-                        name: str | None = None) -> LearnedReward:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        head: int | str = 0,
+        normalize: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        name: str | None = None,
+    ) -> LearnedReward:
         """Load a reward model saved by `rlhflab rm` (or any HF *ForSequenceClassification directory).
 
         max_length / max_prompt_length default to the training values stored beside the model.
@@ -68,11 +88,18 @@ class LearnedReward(Reward):
         model = RewardModel.from_pretrained(p, dtype=dtype, device=str(device))
         model.requires_grad_(False).eval()
         settings = json.loads((p / SETTINGS_FILE).read_text()) if (p / SETTINGS_FILE).is_file() else {}
-        return cls(model, load_tokenizer(p), head=head, normalize=normalize, batch_size=batch_size,
-                   max_length=max_length if max_length is not None else settings.get("max_length"),
-                   max_prompt_length=(max_prompt_length if max_prompt_length is not None
-                                      else settings.get("max_prompt_length")),
-                   name=name)
+        return cls(
+            model,
+            load_tokenizer(p),
+            head=head,
+            normalize=normalize,
+            batch_size=batch_size,
+            max_length=max_length if max_length is not None else settings.get("max_length"),
+            max_prompt_length=(
+                max_prompt_length if max_prompt_length is not None else settings.get("max_prompt_length")
+            ),
+            name=name,
+        )
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of prompt + response, as the reward stage's `tokenize_pair` builds one side of a pair."""
@@ -81,8 +108,9 @@ class LearnedReward(Reward):
         reply: Any = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
         prompt_ids = encode_prompt(prompt, self.tokenizer)
         response_ids = encode_response(prompt, reply, self.tokenizer)
-        prompt_ids, (response_ids,) = fit_lengths(prompt_ids, [response_ids], self.tokenizer, self.max_length,
-                                                  self.max_prompt_length)
+        prompt_ids, (response_ids,) = fit_lengths(
+            prompt_ids, [response_ids], self.tokenizer, self.max_length, self.max_prompt_length
+        )
         return prompt_ids + response_ids
 
     @torch.no_grad()
@@ -98,13 +126,13 @@ class LearnedReward(Reward):
         self.model.eval()
         try:
             for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
+                idx = order[s : s + self.batch_size]
                 width = max(len(rows[i]) for i in idx)
                 ids = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
                 for j, i in enumerate(idx):
-                    ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                    mask[j, :len(rows[i])] = 1
+                    ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                    mask[j, : len(rows[i])] = 1
                 rewards = self.model(ids.to(device), mask.to(device), normalize=self.normalize)
                 out[torch.tensor(idx)] = rewards.float().cpu()
         finally:
@@ -115,16 +143,23 @@ class LearnedReward(Reward):
         return self.score_all_heads(prompts, responses)[:, self.head]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "head": self.model.head_names[self.head], "normalize": self.normalize,
-                "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        return {
+            **super().describe(),
+            "head": self.model.head_names[self.head],
+            "normalize": self.normalize,
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+        }
 
 
 def check_reward_dir(path: str | Path) -> Path:
     """The reward-model directory of `path`, or a UserError that says what was expected."""
     p = resolve_reward_dir(path)
     if not p.exists():
-        raise UserError(f"reward model '{path}' does not exist; give the directory written by `rlhflab rm` "
-                        "(RUN/final, or the run directory RUN) or a rule such as 'rule:length'")
+        raise UserError(
+            f"reward model '{path}' does not exist; give the directory written by `rlhflab rm` "
+            "(RUN/final, or the run directory RUN) or a rule such as 'rule:length'"
+        )
     return p
 
 

@@ -46,8 +46,9 @@ class LengthPenalty(Reward):
         self.unit, self.name = unit, name
 
     def lengths(self, responses: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([len(r.split()) if self.unit == "words" else len(r) for r in responses],
-                            dtype=torch.float32)
+        return torch.tensor(
+            [len(r.split()) if self.unit == "words" else len(r) for r in responses], dtype=torch.float32
+        )
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         _, responses = check_batch(prompts, responses)
@@ -78,8 +79,9 @@ class RuleReward(Reward):
 class RegexRule(RuleReward):
     """mode "must": the response must match `pattern` (re.search); "must_not": it must not."""
 
-    def __init__(self, pattern: str, mode: str = "must", penalty: float = 1.0, *, flags: int = 0,
-                 name: str = "regex"):
+    def __init__(
+        self, pattern: str, mode: str = "must", penalty: float = 1.0, *, flags: int = 0, name: str = "regex"
+    ):
         if mode not in ("must", "must_not"):
             raise ConfigError(f"regex rule mode must be 'must' or 'must_not', got {mode!r}")
         try:
@@ -94,7 +96,12 @@ class RegexRule(RuleReward):
         return hits if self.mode == "must" else ~hits
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "pattern": self.regex.pattern, "mode": self.mode, "penalty": self.penalty}
+        return {
+            **super().describe(),
+            "pattern": self.regex.pattern,
+            "mode": self.mode,
+            "penalty": self.penalty,
+        }
 
 
 class MissingEOSPenalty(RuleReward):
@@ -105,8 +112,9 @@ class MissingEOSPenalty(RuleReward):
     sampled tokens.
     """
 
-    def __init__(self, penalty: float = 1.0, eos_texts: str | Sequence[str] = DEFAULT_EOS_TEXTS, *,
-                 name: str = "eos"):
+    def __init__(
+        self, penalty: float = 1.0, eos_texts: str | Sequence[str] = DEFAULT_EOS_TEXTS, *, name: str = "eos"
+    ):
         texts = (eos_texts,) if isinstance(eos_texts, str) else tuple(eos_texts)
         if not texts or not all(isinstance(t, str) and t for t in texts):
             raise ConfigError(f"eos_texts must be non-empty strings, got {eos_texts!r}")

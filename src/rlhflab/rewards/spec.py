@@ -48,15 +48,21 @@ RULES: dict[str, tuple[Callable[..., RewardSource], dict[str, Callable[[str], An
     "eos": (MissingEOSPenalty, {"penalty": float, "eos": str}),
 }
 LEARNED_OPTIONS: dict[str, Callable[[str], Any]] = {
-    "head": _head, "normalize": _bool, "batch_size": int, "max_length": int, "max_prompt_length": int,
+    "head": _head,
+    "normalize": _bool,
+    "batch_size": int,
+    "max_length": int,
+    "max_prompt_length": int,
 }
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """('rule:NAME' or a path, {option: raw value}) of one reward spec."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError("empty reward spec; give a reward model directory (from `rlhflab rm`) or a rule such as "
-                        "'rule:length'")
+        raise UserError(
+            "empty reward spec; give a reward model directory (from `rlhflab rm`) or a rule such as "
+            "'rule:length'"
+        )
     parts = spec.strip().split(":")
     if parts[0] in ("rule", "lab") and len(parts) > 1:
         source, rest = f"{parts[0]}:{parts[1]}", parts[2:]
@@ -78,12 +84,16 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return source, options
 
 
-def _parse_options(spec: str, options: dict[str, str], known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+def _parse_options(
+    spec: str, options: dict[str, str], known: dict[str, Callable[[str], Any]]
+) -> dict[str, Any]:
     out = {}
     for key, raw in options.items():
         if key not in known:
-            raise UserError(f"reward spec '{spec}': unknown option '{key}'; this source takes "
-                            f"{', '.join(known) or 'no options'}")
+            raise UserError(
+                f"reward spec '{spec}': unknown option '{key}'; this source takes "
+                f"{', '.join(known) or 'no options'}"
+            )
         try:
             out[key] = known[key](raw)
         except ValueError as e:
@@ -95,17 +105,21 @@ def load_reward(spec: str, *, device: str | torch.device = "cpu", dtype: str = "
     """The reward source a spec names (see the module docstring); a UserError says what is wrong."""
     source, options = parse_spec(spec)
     if source.startswith("lab:"):
-        raise UserError(f"reward spec '{spec}': the lab's gold reward is hidden from training on purpose (it is "
-                        "what training is judged by); train a reward model with `rlhflab rm` on the lab's "
-                        "preferences and give its directory")
+        raise UserError(
+            f"reward spec '{spec}': the lab's gold reward is hidden from training on purpose (it is "
+            "what training is judged by); train a reward model with `rlhflab rm` on the lab's "
+            "preferences and give its directory"
+        )
     if source.startswith("rule:"):
-        name = source[len("rule:"):]
+        name = source[len("rule:") :]
         if name not in RULES:
             raise UserError(f"reward spec '{spec}': unknown rule '{name}'; known rules: {', '.join(RULES)}")
         build, known = RULES[name]
         kwargs = _parse_options(spec, options, known)
         if name == "regex" and "pattern" not in kwargs:
-            raise UserError(f"reward spec '{spec}': rule:regex needs a pattern, e.g. rule:regex:pattern=thanks")
+            raise UserError(
+                f"reward spec '{spec}': rule:regex needs a pattern, e.g. rule:regex:pattern=thanks"
+            )
         if "eos" in kwargs:
             kwargs["eos_texts"] = kwargs.pop("eos")
         try:
@@ -117,9 +131,16 @@ def load_reward(spec: str, *, device: str | torch.device = "cpu", dtype: str = "
     return LearnedReward.from_pretrained(path, device=device, dtype=dtype, **kwargs)
 
 
-def load_rewards(specs: str | Sequence[str], *, weights: str | Sequence[float] | None = None,
-                 device: str | torch.device = "cpu", dtype: str = "float32", combine: str = "weighted_sum",
-                 safety_threshold: float = 0.15, unsafe_prompt_pattern: str = "") -> RewardSource:
+def load_rewards(
+    specs: str | Sequence[str],
+    *,
+    weights: str | Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    combine: str = "weighted_sum",
+    safety_threshold: float = 0.15,
+    unsafe_prompt_pattern: str = "",
+) -> RewardSource:
     """One reward source from one or several specs (comma-separated, or a list).
 
     combine: "weighted_sum" sums them with `weights` (comma-separated or a list, one per spec; empty means
@@ -129,11 +150,15 @@ def load_rewards(specs: str | Sequence[str], *, weights: str | Sequence[float] |
     """
     items = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
     if not items:
-        raise UserError("no reward source given; name a reward model directory or a rule such as 'rule:length'")
+        raise UserError(
+            "no reward source given; name a reward model directory or a rule such as 'rule:length'"
+        )
     if combine == "llama2_gate":
         if len(items) != 2 or weights:
-            raise UserError(f"the Llama 2 safety gate takes exactly two reward sources (helpfulness, safety) and no "
-                            f"weights, got {len(items)} ({', '.join(items)})")
+            raise UserError(
+                f"the Llama 2 safety gate takes exactly two reward sources (helpfulness, safety) and no "
+                f"weights, got {len(items)} ({', '.join(items)})"
+            )
         helpfulness, safety = (load_reward(s, device=device, dtype=dtype) for s in items)
         flag = _unsafe_flags(unsafe_prompt_pattern) if unsafe_prompt_pattern else None
         return CombinedReward.llama2_gate(helpfulness, safety, unsafe_prompt=flag, threshold=safety_threshold)
@@ -143,11 +168,15 @@ def load_rewards(specs: str | Sequence[str], *, weights: str | Sequence[float] |
         try:
             weights = [float(w) for w in weights.split(",") if w.strip()]
         except ValueError:
-            raise UserError(f"reward weights '{weights}' must be comma-separated numbers, e.g. '1.0,0.5'") from None
+            raise UserError(
+                f"reward weights '{weights}' must be comma-separated numbers, e.g. '1.0,0.5'"
+            ) from None
     weights = list(weights) if weights else None
     if weights is not None and len(weights) != len(items):
-        raise UserError(f"{len(weights)} reward weights for {len(items)} reward sources ({', '.join(items)}); "
-                        "give one weight per source")
+        raise UserError(
+            f"{len(weights)} reward weights for {len(items)} reward sources ({', '.join(items)}); "
+            "give one weight per source"
+        )
     sources = [load_reward(s, device=device, dtype=dtype) for s in items]
     if len(sources) == 1 and weights in (None, [1.0]):
         return sources[0]

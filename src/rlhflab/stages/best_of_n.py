@@ -48,9 +48,13 @@ class BestOfN:
     def from_scores(cls, all_texts: list[list[str]], all_scores: Tensor) -> BestOfN:
         """Pick the argmax of each row of all_scores [P, n] (ties: the first)."""
         best = all_scores.argmax(dim=1)
-        return cls(texts=[row[int(j)] for row, j in zip(all_texts, best)],
-                   scores=all_scores.gather(1, best[:, None]).squeeze(1), all_texts=all_texts,
-                   all_scores=all_scores, best_index=best)
+        return cls(
+            texts=[row[int(j)] for row, j in zip(all_texts, best)],
+            scores=all_scores.gather(1, best[:, None]).squeeze(1),
+            all_texts=all_texts,
+            all_scores=all_scores,
+            best_index=best,
+        )
 
     def best_of(self, k: int) -> BestOfN:
         """Best-of-k from the first k samples of each prompt (k <= n): a whole reward-vs-n curve from one
@@ -79,17 +83,21 @@ def score_in_batches(reward, prompts: Sequence, responses: Sequence[str], batch_
     name = getattr(reward, "name", type(reward).__name__)
     chunks = []
     for s in range(0, len(responses), batch_size):
-        p, r = list(prompts[s:s + batch_size]), list(responses[s:s + batch_size])
+        p, r = list(prompts[s : s + batch_size]), list(responses[s : s + batch_size])
         scores = torch.as_tensor(reward.score(p, r)).detach().to("cpu", torch.float32).reshape(-1)
         if scores.shape[0] != len(r):
-            raise UserError(f"reward source '{name}' returned {scores.shape[0]} scores for {len(r)} "
-                            "responses; score(prompts, responses) must return one score per response")
+            raise UserError(
+                f"reward source '{name}' returned {scores.shape[0]} scores for {len(r)} "
+                "responses; score(prompts, responses) must return one score per response"
+            )
         chunks.append(scores)
     scores = torch.cat(chunks) if chunks else torch.zeros(0)
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).nonzero()[0])
-        raise UserError(f"reward source '{name}' returned a non-finite score ({float(scores[bad])}) for "
-                        f"response {bad} ({responses[bad]!r}); fix the reward source before ranking with it")
+        raise UserError(
+            f"reward source '{name}' returned a non-finite score ({float(scores[bad])}) for "
+            f"response {bad} ({responses[bad]!r}); fix the reward source before ranking with it"
+        )
     return scores
 
 
@@ -122,8 +130,10 @@ def best_of_n(
     if n < 1:
         raise ConfigError(f"best-of-n needs n >= 1, got {n}")
     if not callable(getattr(reward, "score", None)):
-        raise TypeError(f"best_of_n(model, tokenizer, prompts, reward, ...): reward must have "
-                        f"score(prompts, responses), got {type(reward).__name__}")
+        raise TypeError(
+            f"best_of_n(model, tokenizer, prompts, reward, ...): reward must have "
+            f"score(prompts, responses), got {type(reward).__name__}"
+        )
     prompts = list(prompts)
     if not prompts:
         raise ConfigError("best-of-n needs at least one prompt")
@@ -131,13 +141,24 @@ def best_of_n(
     repeated = [p for p in prompts for _ in range(n)]
     rollout = generate(model, tokenizer, repeated, settings, batch_size=batch_size, seed=seed)
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
-    all_texts = [rollout.texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    all_texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
     return BestOfN.from_scores(all_texts, scores.view(len(prompts), n))
 
 
-def sample_to_file(policy: str, reward: str, out_path: str, *, prompts_path: str = "", n: int = 16,
-                   settings: SamplingSettings | None = None, seed: int = 0, device: str = "auto",
-                   max_prompts: int = 0, all_samples: bool = False, log=print) -> dict[str, float]:
+def sample_to_file(
+    policy: str,
+    reward: str,
+    out_path: str,
+    *,
+    prompts_path: str = "",
+    n: int = 16,
+    settings: SamplingSettings | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    max_prompts: int = 0,
+    all_samples: bool = False,
+    log=print,
+) -> dict[str, float]:
     """`rlhflab best-of-n`: the best of n samples of `policy` per prompt, scored by `reward` (a reward spec,
     `rlhflab.rewards.load_rewards`), written to `out_path` as JSONL rows {"prompt", "completion", "score",
     "mean_score"} (+ "samples", "sample_scores" with all_samples). The rows are SFT demonstrations, so
@@ -167,15 +188,24 @@ def sample_to_file(policy: str, reward: str, out_path: str, *, prompts_path: str
     result = best_of_n(model, load_tokenizer(path), prompts, source, n=n, settings=settings, seed=seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        row = {"prompt": prompt, "completion": result.texts[i], "score": float(result.scores[i]),
-               "mean_score": float(result.all_scores[i].mean())}
+        row = {
+            "prompt": prompt,
+            "completion": result.texts[i],
+            "score": float(result.scores[i]),
+            "mean_score": float(result.all_scores[i].mean()),
+        }
         if all_samples:
             row.update(samples=result.all_texts[i], sample_scores=result.all_scores[i].tolist())
         rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(rows, out)  # atomic: never a half-written file at `out`
-    summary = {"best_score": float(result.scores.mean()), "sample_score": float(result.all_scores.mean()),
-               "kl_bound": best_of_n_kl(n)}
-    log(f"best-of-n: mean score {summary['sample_score']:.4f} per sample, {summary['best_score']:.4f} best of "
-        f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}")
+    summary = {
+        "best_score": float(result.scores.mean()),
+        "sample_score": float(result.all_scores.mean()),
+        "kl_bound": best_of_n_kl(n),
+    }
+    log(
+        f"best-of-n: mean score {summary['sample_score']:.4f} per sample, {summary['best_score']:.4f} best of "
+        f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}"
+    )
     return summary

@@ -41,8 +41,9 @@ def resolve_device(name: str) -> torch.device:
     return resolve(name, field="config: model.device")
 
 
-def mixed_precision(model_cfg: ModelSection, device: torch.device
-                    ) -> Callable[[], contextlib.AbstractContextManager]:
+def mixed_precision(
+    model_cfg: ModelSection, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of the context that forward passes run in: torch.autocast(bfloat16) on `device` when
     model.autocast is 'bf16', else a no-op. Backward passes and optimizer steps run outside it (PyTorch's
     AMP recipe); bf16 has float32's exponent range, so no loss scaling is needed."""
@@ -55,11 +56,16 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local model directory (models are never downloaded at run time)."""
     path = Path(name_or_path)
     if not path.exists():
-        hint = (" ('lab:' names are resolved by the rlhflab command line and pipeline, or by "
-                "rlhflab.lab.launch.resolve_lab)" if name_or_path.startswith("lab:") else "")
+        hint = (
+            " ('lab:' names are resolved by the rlhflab command line and pipeline, or by "
+            "rlhflab.lab.launch.resolve_lab)"
+            if name_or_path.startswith("lab:")
+            else ""
+        )
         raise UserError(
             f"model '{name_or_path}' does not exist; give a local Hugging Face model directory "
-            f"(models are never downloaded at run time){hint}")
+            f"(models are never downloaded at run time){hint}"
+        )
     return str(path)
 
 
@@ -80,8 +86,13 @@ def load_policy(model_cfg: ModelSection):
     lora = None
     if model_cfg.lora.enabled:
         lora = lora_settings(model_cfg.lora)
-    model = load_causal_lm(path, dtype=model_cfg.dtype, device=str(device), lora=lora,
-                           gradient_checkpointing=model_cfg.gradient_checkpointing)
+    model = load_causal_lm(
+        path,
+        dtype=model_cfg.dtype,
+        device=str(device),
+        lora=lora,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+    )
     tokenizer = load_tokenizer(path)
     return model, tokenizer, device
 
@@ -92,7 +103,8 @@ def num_optimizer_steps(n_examples: int, optim: OptimSection, *, what: str = "re
     if steps_per_epoch == 0:
         raise ConfigError(
             f"config: the training data has {n_examples} {what}, fewer than optim.batch_size "
-            f"({optim.batch_size}); lower optim.batch_size or add data")
+            f"({optim.batch_size}); lower optim.batch_size or add data"
+        )
     total = optim.max_steps if optim.max_steps else steps_per_epoch * optim.epochs
     return total, steps_per_epoch
 
@@ -103,12 +115,17 @@ def build_optimizer(model: torch.nn.Module, optim: AdamWSection, total_steps: in
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     params = decay + no_decay
     # The fused kernel updates every tensor in one pass instead of a Python loop over parameters: ~6x faster
     # optimizer steps for a 16M-parameter model on 2 CPU cores (BENCHMARKS.md), the same maths.
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, fused=fused)
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, fused=fused
+    )
 
     def factor(step: int) -> float:
         if optim.warmup_steps and step < optim.warmup_steps:
@@ -140,8 +157,13 @@ def open_run(cfg: Any, stage: str, logging_cfg: LoggingSection, *, resume: bool,
     run_dir = prepare_run_dir(logging_cfg.output_dir, stage, resume=resume, overwrite=overwrite)
     # The resolved config goes to disk before any work, so a crashed run still says how it was launched.
     atomic_write_text(run_dir / "config.yaml", f"stage: {stage}\n" + config_to_yaml(cfg, comments=False))
-    logger = MetricsLogger(run_dir, tensorboard=logging_cfg.tensorboard, wandb=logging_cfg.wandb,
-                           wandb_project=logging_cfg.wandb_project, config=config_to_dict(cfg))
+    logger = MetricsLogger(
+        run_dir,
+        tensorboard=logging_cfg.tensorboard,
+        wandb=logging_cfg.wandb,
+        wandb_project=logging_cfg.wandb_project,
+        config=config_to_dict(cfg),
+    )
     return Run(dir=run_dir, logger=logger)
 
 
@@ -196,8 +218,19 @@ class Loop:
     `state`: extra stage state to checkpoint (e.g. PPO's KL controller); on resume `resumed_state` holds it.
     """
 
-    def __init__(self, run: Run, name: str, logging_cfg: LoggingSection, total: int, model: torch.nn.Module,
-                 optimizer, scheduler, *, resume: bool, state: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        run: Run,
+        name: str,
+        logging_cfg: LoggingSection,
+        total: int,
+        model: torch.nn.Module,
+        optimizer,
+        scheduler,
+        *,
+        resume: bool,
+        state: Callable[[], dict] | None = None,
+    ):
         self.run, self.name, self.cfg, self.total = run, name, logging_cfg, total
         self.model, self.optimizer, self.scheduler, self._state = model, optimizer, scheduler, state
         self.step, self.last_ckpt, self.resumed_state = 0, None, {}
@@ -215,8 +248,14 @@ class Loop:
         for key, n in amounts.items():
             self.counts[key] = self.counts.get(key, 0) + n
 
-    def end_step(self, metrics: dict[str, Any], *, perf: Callable[[dict[str, float], float], dict] | None = None,
-                 show: dict[str, str] | None = None, evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+    def end_step(
+        self,
+        metrics: dict[str, Any],
+        *,
+        perf: Callable[[dict[str, float], float], dict] | None = None,
+        show: dict[str, str] | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         """After an optimizer step: when a log is due, `metrics` and `perf(counts, seconds since the last log)`
         are logged (`show`: progress-bar label -> logged key); `evaluate()` runs when an evaluation is due
         (the final one is the stage's); a checkpoint is written when one is due."""
@@ -230,9 +269,15 @@ class Loop:
         if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
             self.run.logger.log(self.step, evaluate())
         if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
-            self.last_ckpt = save_checkpoint(self.run.dir, self.step, model=self.model, optimizer=self.optimizer,
-                                             scheduler=self.scheduler, keep=self.cfg.keep_checkpoints,
-                                             state=self._state() if self._state else None)
+            self.last_ckpt = save_checkpoint(
+                self.run.dir,
+                self.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                keep=self.cfg.keep_checkpoints,
+                state=self._state() if self._state else None,
+            )
         self.progress.update(1)
 
     def close(self) -> None:

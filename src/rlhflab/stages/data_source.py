@@ -16,7 +16,8 @@ def require_train_path(data: DataSection | PromptDataSection, kind: str) -> None
         raise ConfigError(
             f"config: data.train_path is empty; give a {kind} data file (JSONL/JSON/CSV/Parquet or a saved "
             "datasets directory), or on the command line use a lab model (model.name_or_path=lab:TASK, or a "
-            "model trained from one) to get built-in data")
+            "model trained from one) to get built-in data"
+        )
 
 
 def load_train_records(data: DataSection | PromptDataSection, kind: str, *, log=print) -> list[Any]:

@@ -61,22 +61,27 @@ from rlhflab.stages.data_source import load_stage_records, require_train_path
 from rlhflab.stages.reference import cache_rows, cached_reference_logps, response_tokens
 
 
-def _tokenize_records(records: list, kind: str, tokenizer, cfg: DPOConfig) -> tuple[list[dict], list[dict] | None]:
+def _tokenize_records(
+    records: list, kind: str, tokenizer, cfg: DPOConfig
+) -> tuple[list[dict], list[dict] | None]:
     """(examples, KTO's mismatched examples or None)."""
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     if kind == "pairwise":
         return [tokenize_pair(r, tokenizer, **kw) for r in records], None
     examples = [tokenize_unpaired(r, tokenizer, **kw) for r in records]
     partners = mismatched_partners([r.prompt for r in records])
-    kl = [tokenize_unpaired(UnpairedRecord(r.prompt, records[j].completion, r.label), tokenizer, **kw)
-          for r, j in zip(records, partners)]
+    kl = [
+        tokenize_unpaired(UnpairedRecord(r.prompt, records[j].completion, r.label), tokenizer, **kw)
+        for r, j in zip(records, partners)
+    ]
     return examples, kl
 
 
 _DATA_HINTS = {
     "pairwise": "records with prompt, chosen and rejected; for good/bad completions use algo.loss=kto",
     "unpaired": "records with prompt, completion and label; for preference pairs use a paired loss such as "
-                "algo.loss=dpo"}
+    "algo.loss=dpo",
+}
 
 
 def _load_records(cfg: DPOConfig, kind: str, run_dir: Path) -> tuple[list, list]:
@@ -108,39 +113,49 @@ class _Context:
             return response_logps(ref, batch, self.device, self.amp)[0]
 
 
-def _kl_estimate(ctx: _Context, split: str, kl_examples: list[dict], indices: list[int], chunk: int
-                 ) -> Tensor:
+def _kl_estimate(
+    ctx: _Context, split: str, kl_examples: list[dict], indices: list[int], chunk: int
+) -> Tensor:
     """KTO's z0 over the mismatched rows of `indices`: policy log-probs now, reference ones cached."""
     policy, ref = [], []
     with torch.no_grad():
         for s in range(0, len(indices), chunk):
-            idx = indices[s:s + chunk]
+            idx = indices[s : s + chunk]
             batch = collate_preference([kl_examples[i] for i in idx], "unpaired", ctx.pad_id)
             policy.append(response_logps(ctx.model, batch, ctx.device, ctx.amp)[0])
             ref.append(ctx.ref_rows(f"{split}_kl", idx, batch))
     return kto_kl_estimate(torch.cat(policy), torch.cat(ref))
 
 
-def batch_loss(ctx: _Context, split: str, examples: list[dict], indices: list[int],
-               kl_estimate: Tensor | None = None) -> tuple[LossOutput, int]:
+def batch_loss(
+    ctx: _Context, split: str, examples: list[dict], indices: list[int], kl_estimate: Tensor | None = None
+) -> tuple[LossOutput, int]:
     """The loss [B] and metrics of examples[indices], and the real tokens the forward processed."""
     batch = collate_preference([examples[i] for i in indices], ctx.row.data, ctx.pad_id)
     sums, lengths, logps, mask = response_logps(ctx.model, batch, ctx.device, ctx.amp)
     desirable = batch["label"].to(ctx.device) if "label" in batch else None
-    inputs = PreferenceInputs(sums, lengths, logps, mask, ref_logps=ctx.ref_rows(split, indices, batch),
-                        desirable=desirable, kl_estimate=kl_estimate)
+    inputs = PreferenceInputs(
+        sums,
+        lengths,
+        logps,
+        mask,
+        ref_logps=ctx.ref_rows(split, indices, batch),
+        desirable=desirable,
+        kl_estimate=kl_estimate,
+    )
     return run_preference_loss(ctx.row, inputs, vars(ctx.algo)), int(batch["attention_mask"].sum())
 
 
-def _preference_gradients(ctx: _Context, examples: list[dict], kl_examples, indices: list[int], micro: int, step: int,
-                last_ckpt) -> tuple[dict[str, float], int, int]:
+def _preference_gradients(
+    ctx: _Context, examples: list[dict], kl_examples, indices: list[int], micro: int, step: int, last_ckpt
+) -> tuple[dict[str, float], int, int]:
     """Forward/backward of one optimizer step; returns (metrics, trained tokens, forward-only tokens)."""
     z0 = _kl_estimate(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
     metric = f"loss/{ctx.algo.loss}"
     sums: dict[str, list[float]] = {}
     total, tokens = 0.0, 0
     for s in range(0, len(indices), micro):
-        out, n = batch_loss(ctx, "train", examples, indices[s:s + micro], kl_estimate=z0)
+        out, n = batch_loss(ctx, "train", examples, indices[s : s + micro], kl_estimate=z0)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
         loss = out.loss.sum() / len(indices)
         check_finite({metric: loss}, step=step, last_good=last_ckpt)
@@ -153,8 +168,9 @@ def _preference_gradients(ctx: _Context, examples: list[dict], kl_examples, indi
 
 
 @torch.no_grad()
-def evaluate(ctx: _Context, examples: list[dict], kl_examples: list[dict] | None, batch_size: int = 32
-             ) -> dict[str, float]:
+def evaluate(
+    ctx: _Context, examples: list[dict], kl_examples: list[dict] | None, batch_size: int = 32
+) -> dict[str, float]:
     """Held-out loss and metrics: eval/loss, eval/accuracy (the share of pairs whose chosen response gets
     the higher implicit reward; for KTO, of completions on the right side of the reference point),
     eval/chosen, eval/rejected, eval/margin, and the loss's other metrics under eval/."""
@@ -164,7 +180,7 @@ def evaluate(ctx: _Context, examples: list[dict], kl_examples: list[dict] | None
     z0 = _kl_estimate(ctx, "eval", kl_examples, everything, batch_size) if kl_examples is not None else None
     sums: dict[str, list[float]] = {}
     for s in range(0, len(examples), batch_size):
-        out, _ = batch_loss(ctx, "eval", examples, everything[s:s + batch_size], kl_estimate=z0)
+        out, _ = batch_loss(ctx, "eval", examples, everything[s : s + batch_size], kl_estimate=z0)
         accumulate_metrics(sums, {"loss": out.loss, **out.metrics})
     ctx.model.train(was_training)
     return {f"eval/{k.removeprefix('reward/')}": v for k, v in metric_means(sums).items()}
@@ -176,14 +192,16 @@ def _adapters_off(policy):
         yield policy
 
 
-def _setup_reference(cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path, sets: dict[str, list[dict]],
-                     kind: str) -> tuple[dict[str, Tensor] | None, dict[str, float], Callable | None]:
+def _setup_reference(
+    cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path, sets: dict[str, list[dict]], kind: str
+) -> tuple[dict[str, Tensor] | None, dict[str, float], Callable | None]:
     """(cached reference log-probs or None, perf of the caching pass, live reference context or None).
 
     An empty cfg.ref_model means the initial policy: the policy itself fills the cache before its first
     update (nothing else is loaded), and a live LoRA policy switches its adapters off to act as reference.
     A reference model loaded only to fill the cache is dropped as soon as it is filled.
     """
+
     def load_other():
         path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
         return load_causal_lm(path, dtype=cfg.model.dtype, device=str(device)).eval().requires_grad_(False)
@@ -195,19 +213,30 @@ def _setup_reference(cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path,
     precision = cfg.model.dtype + (f", autocast {cfg.model.autocast}" if cfg.model.autocast != "none" else "")
     ref_id = f"{cfg.ref_model or 'initial policy ' + cfg.model.name_or_path} ({precision})"
     batch_size = max(cfg.optim.micro_batch_size or cfg.optim.batch_size, 32)
-    cache, perf = cached_reference_logps(run_dir, ref_id, sets, kind, lambda: load_other() if cfg.ref_model
-                                         else policy, device, pad_id, batch_size,
-                                         amp=mixed_precision(cfg.model, device))
+    cache, perf = cached_reference_logps(
+        run_dir,
+        ref_id,
+        sets,
+        kind,
+        lambda: load_other() if cfg.ref_model else policy,
+        device,
+        pad_id,
+        batch_size,
+        amp=mixed_precision(cfg.model, device),
+    )
     return cache, perf, None
 
 
 def _perf(counts: dict[str, int], elapsed: float, params: MatmulParams, what: str) -> dict[str, float]:
     # Model FLOPs (rlhflab.models.flops): trained and forward-only rows, the LM head at response tokens only.
-    flops = (causal_lm_train_flops(params, counts["tokens"], counts["head_tokens"])
-             + causal_lm_forward_flops(params, counts["forward_tokens"], counts["forward_head_tokens"]))
-    return {f"perf/{what}_per_s": counts["examples"] / elapsed,
-            "perf/tokens_per_s": counts["tokens"] / elapsed,
-            "perf/flops_per_s": flops / elapsed}
+    flops = causal_lm_train_flops(params, counts["tokens"], counts["head_tokens"]) + causal_lm_forward_flops(
+        params, counts["forward_tokens"], counts["forward_head_tokens"]
+    )
+    return {
+        f"perf/{what}_per_s": counts["examples"] / elapsed,
+        "perf/tokens_per_s": counts["tokens"] / elapsed,
+        "perf/flops_per_s": flops / elapsed,
+    }
 
 
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -225,8 +254,10 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=what)
     micro, n_params = cfg.optim.micro_batch_size or cfg.optim.batch_size, count_parameters(model)
     n_trainable = count_parameters(model, trainable_only=True)
-    print(f"dpo: loss {cfg.algo.loss}, {len(examples)} {what}, {total_steps} steps, {n_params / 1e6:.2f}M "
-          f"parameters ({n_trainable / 1e6:.2f}M trainable), run dir {run.dir}")
+    print(
+        f"dpo: loss {cfg.algo.loss}, {len(examples)} {what}, {total_steps} steps, {n_params / 1e6:.2f}M "
+        f"parameters ({n_trainable / 1e6:.2f}M trainable), run dir {run.dir}"
+    )
 
     # 2. Reference log-probs, once, before the first update (and before a checkpoint replaces the weights).
     ref_cache, ref_perf, live = None, {}, None
@@ -234,10 +265,19 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
         sets = {"train": examples, "eval": eval_examples}
         if kl_examples is not None:
             sets.update({"train_kl": kl_examples, "eval_kl": eval_kl})
-        ref_cache, ref_perf, live = _setup_reference(cfg, model, device, tokenizer.pad_token_id, run.dir,
-                                                     sets, spec.data)
-    ctx = _Context(model, spec, cfg.algo, device, tokenizer.pad_token_id, ref_cache, live,
-                   mixed_precision(cfg.model, device))
+        ref_cache, ref_perf, live = _setup_reference(
+            cfg, model, device, tokenizer.pad_token_id, run.dir, sets, spec.data
+        )
+    ctx = _Context(
+        model,
+        spec,
+        cfg.algo,
+        device,
+        tokenizer.pad_token_id,
+        ref_cache,
+        live,
+        mixed_precision(cfg.model, device),
+    )
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
     if ref_perf:
@@ -248,8 +288,9 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     while loop.step < loop.total:
         epoch, position = divmod(loop.step, steps_per_epoch)
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
-        metrics, tokens, forward_only = _preference_gradients(ctx, examples, kl_examples, indices, micro, loop.step + 1,
-                                                    loop.last_ckpt)
+        metrics, tokens, forward_only = _preference_gradients(
+            ctx, examples, kl_examples, indices, micro, loop.step + 1, loop.last_ckpt
+        )
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
@@ -258,16 +299,26 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
         live_runs = int(live is not None)
         head = response_tokens(examples, indices)
         kl_head = response_tokens(kl_examples, indices) if kl_examples is not None else 0
-        loop.count(examples=len(indices), tokens=tokens, head_tokens=head,
-                   forward_tokens=(1 + live_runs) * forward_only + live_runs * tokens,
-                   forward_head_tokens=(1 + live_runs) * kl_head + live_runs * head)
+        loop.count(
+            examples=len(indices),
+            tokens=tokens,
+            head_tokens=head,
+            forward_tokens=(1 + live_runs) * forward_only + live_runs * tokens,
+            forward_head_tokens=(1 + live_runs) * kl_head + live_runs * head,
+        )
 
         # 4. Log, evaluate, checkpoint.
-        loop.end_step({**metrics, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
-                       "perf/epoch": (loop.step + 1) / steps_per_epoch},
-                      perf=lambda counts, seconds: _perf(counts, seconds, matmul_params(model), what),
-                      show={"loss": f"loss/{cfg.algo.loss}"},
-                      evaluate=(lambda: evaluate(ctx, eval_examples, eval_kl)) if eval_examples else None)
+        loop.end_step(
+            {
+                **metrics,
+                "loss/grad_norm": grad_norm,
+                "perf/lr": scheduler.get_last_lr()[0],
+                "perf/epoch": (loop.step + 1) / steps_per_epoch,
+            },
+            perf=lambda counts, seconds: _perf(counts, seconds, matmul_params(model), what),
+            show={"loss": f"loss/{cfg.algo.loss}"},
+            evaluate=(lambda: evaluate(ctx, eval_examples, eval_kl)) if eval_examples else None,
+        )
     loop.close()
 
     # 5. Save the final model (HF format) and the final evaluation.

@@ -72,8 +72,15 @@ CLIPFRAC_WARN = 0.3
 APPROX_KL_WARN = 0.5
 
 
-def _response_pass(policy, value_model, rollout: Rollout, temperature: float, *, with_entropy: bool,
-                   amp: Callable = contextlib.nullcontext):
+def _response_pass(
+    policy,
+    value_model,
+    rollout: Rollout,
+    temperature: float,
+    *,
+    with_entropy: bool,
+    amp: Callable = contextlib.nullcontext,
+):
     """Log-probs [B, R] of the sampled tokens, values [B, R], and optionally per-token entropy [B, R], all
     float32 (the forward runs inside `amp()`, the model.autocast context).
 
@@ -82,14 +89,21 @@ def _response_pass(policy, value_model, rollout: Rollout, temperature: float, *,
     ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
     with amp():
-        logps, hidden = token_logps(policy, ids, attn, target, position_ids=rollout.position_ids,
-                                    temperature=temperature, return_hidden=True)
-        logps = logps[:, start - 1:]
-        state_hidden = hidden[:, start - 1:-1]
+        logps, hidden = token_logps(
+            policy,
+            ids,
+            attn,
+            target,
+            position_ids=rollout.position_ids,
+            temperature=temperature,
+            return_hidden=True,
+        )
+        logps = logps[:, start - 1 :]
+        state_hidden = hidden[:, start - 1 : -1]
         if isinstance(value_model, ValueHead):
             values = value_model(state_hidden)
         else:
-            values = value_model(ids, attn, rollout.position_ids)[:, start - 1:-1]
+            values = value_model(ids, attn, rollout.position_ids)[:, start - 1 : -1]
         entropy = None
         if with_entropy:
             _, head = backbone_and_head(policy)
@@ -98,17 +112,29 @@ def _response_pass(policy, value_model, rollout: Rollout, temperature: float, *,
 
 
 def _sub_rollout(r: Rollout, idx: torch.Tensor) -> Rollout:
-    return Rollout(prompt_ids=r.prompt_ids[idx], prompt_mask=r.prompt_mask[idx], response_ids=r.response_ids[idx],
-                   response_mask=r.response_mask[idx], ended_with_eos=r.ended_with_eos[idx],
-                   texts=[r.texts[i] for i in idx.tolist()], prompts=[r.prompts[i] for i in idx.tolist()])
+    return Rollout(
+        prompt_ids=r.prompt_ids[idx],
+        prompt_mask=r.prompt_mask[idx],
+        response_ids=r.response_ids[idx],
+        response_mask=r.response_mask[idx],
+        ended_with_eos=r.ended_with_eos[idx],
+        texts=[r.texts[i] for i in idx.tolist()],
+        prompts=[r.prompts[i] for i in idx.tolist()],
+    )
 
 
 def _load_reward(cfg: PPOConfig, device: torch.device):
     from rlhflab.rewards import load_rewards
 
     algo = cfg.algo
-    return load_rewards(algo.reward_model, weights=algo.reward_weights or None, device=device, combine=algo.reward_combine,
-                        safety_threshold=algo.safety_threshold, unsafe_prompt_pattern=algo.unsafe_prompt_pattern)
+    return load_rewards(
+        algo.reward_model,
+        weights=algo.reward_weights or None,
+        device=device,
+        combine=algo.reward_combine,
+        safety_threshold=algo.safety_threshold,
+        unsafe_prompt_pattern=algo.unsafe_prompt_pattern,
+    )
 
 
 def _critic_init(cfg: PPOConfig) -> str:
@@ -119,7 +145,10 @@ def _critic_init(cfg: PPOConfig) -> str:
 
     if cfg.algo.reward_model:
         source, _ = parse_spec(cfg.algo.reward_model[0])
-        if not source.startswith(("rule:", "lab:")) and (resolve_reward_dir(source) / "config.json").is_file():
+        if (
+            not source.startswith(("rule:", "lab:"))
+            and (resolve_reward_dir(source) / "config.json").is_file()
+        ):
             return str(resolve_reward_dir(source))
     return resolve_model_path(cfg.model.name_or_path)
 
@@ -139,8 +168,9 @@ def _setup_models(cfg: PPOConfig):
 
 
 @torch.no_grad()
-def _make_experience(policy, value_model, ref, reward, rollout: Rollout, kl_ctl, cfg: PPOConfig, step: int,
-                     last_ckpt):
+def _make_experience(
+    policy, value_model, ref, reward, rollout: Rollout, kl_ctl, cfg: PPOConfig, step: int, last_ckpt
+):
     """Steps 2-5: scores, old/ref log-probs and values, KL-shaped rewards, GAE. Returns tensors + metrics."""
     timings = {}
     t = time.time()
@@ -155,38 +185,78 @@ def _make_experience(policy, value_model, ref, reward, rollout: Rollout, kl_ctl,
     temp = cfg.sampling.temperature
     policy.eval()
     amp = mixed_precision(cfg.model, rollout.response_ids.device)
-    old_logps, old_values, entropy = _response_pass(policy, value_model, rollout, temp, with_entropy=True, amp=amp)
+    old_logps, old_values, entropy = _response_pass(
+        policy, value_model, rollout, temp, with_entropy=True, amp=amp
+    )
     target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
     with amp():
-        ref_logps = token_logps(ref, rollout.input_ids, rollout.attention_mask, target,
-                                position_ids=rollout.position_ids, temperature=temp)[:, rollout.response_start - 1:]
+        ref_logps = token_logps(
+            ref,
+            rollout.input_ids,
+            rollout.attention_mask,
+            target,
+            position_ids=rollout.position_ids,
+            temperature=temp,
+        )[:, rollout.response_start - 1 :]
     policy.train()
     timings["perf/time_forward"] = time.time() - t
     mask = rollout.response_mask
-    check_finite({"old_logps": old_logps[mask], "ref_logps": ref_logps[mask], "values": old_values[mask],
-                  "reward/score": scores}, step=step, last_good=last_ckpt)
+    check_finite(
+        {
+            "old_logps": old_logps[mask],
+            "ref_logps": ref_logps[mask],
+            "values": old_values[mask],
+            "reward/score": scores,
+        },
+        step=step,
+        last_good=last_ckpt,
+    )
     # 4. KL-shaped rewards
-    shaped = kl_shaped_rewards(scores, old_logps, ref_logps, mask, beta=kl_ctl.value, estimator=cfg.algo.kl_estimator)
+    shaped = kl_shaped_rewards(
+        scores, old_logps, ref_logps, mask, beta=kl_ctl.value, estimator=cfg.algo.kl_estimator
+    )
     # 5. GAE, then whitening across the whole rollout batch (more samples, steadier statistics)
     advantages, returns = gae(shaped.rewards, old_values, mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
     if cfg.algo.whiten_advantages:
         advantages = masked_whiten(advantages, mask, shift_mean=True)
     seq_kl = shaped.metrics["kl/sequence"]
     metrics = {
-        "reward/score": raw_scores.mean(), "reward/score_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
-        "reward/total": shaped.metrics["reward/total"].mean(), "reward/non_score": shaped.metrics["reward/non_score"].mean(),
-        "kl/sequence": seq_kl.mean(), "kl/coef": kl_ctl.value, "loss/entropy_rollout": masked_mean(entropy, mask),
-        "perf/response_length": mask.sum(-1).float().mean(), "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
+        "reward/score": raw_scores.mean(),
+        "reward/score_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
+        "reward/total": shaped.metrics["reward/total"].mean(),
+        "reward/non_score": shaped.metrics["reward/non_score"].mean(),
+        "kl/sequence": seq_kl.mean(),
+        "kl/coef": kl_ctl.value,
+        "loss/entropy_rollout": masked_mean(entropy, mask),
+        "perf/response_length": mask.sum(-1).float().mean(),
+        "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
         "loss/value_error_rollout": masked_mean((old_values - returns).abs(), mask),
         **timings,
     }
-    exp = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values, "advantages": advantages,
-           "returns": returns, "scores": raw_scores, "seq_kl": seq_kl}
+    exp = {
+        "old_logps": old_logps,
+        "ref_logps": ref_logps,
+        "old_values": old_values,
+        "advantages": advantages,
+        "returns": returns,
+        "scores": raw_scores,
+        "seq_kl": seq_kl,
+    }
     return exp, metrics
 
 
-def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Rollout, exp: dict, cfg: PPOConfig,
-                step_for_errors: int, last_ckpt) -> dict[str, float]:
+def _ppo_epochs(
+    policy,
+    value_model,
+    params,
+    optimizer,
+    scheduler,
+    rollout: Rollout,
+    exp: dict,
+    cfg: PPOConfig,
+    step_for_errors: int,
+    last_ckpt,
+) -> dict[str, float]:
     """Step 6: several epochs of minibatch updates on one rollout batch. Returns averaged metrics."""
     n = len(rollout)
     sums: dict[str, float] = {}
@@ -196,14 +266,27 @@ def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Roll
     for _ in range(cfg.algo.ppo_epochs):
         order = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.algo.minibatch_size):
-            idx = order[s:s + cfg.algo.minibatch_size].to(rollout.response_ids.device)
+            idx = order[s : s + cfg.algo.minibatch_size].to(rollout.response_ids.device)
             mb = _sub_rollout(rollout, idx)
             mask = mb.response_mask
-            logps, values, entropy = _response_pass(policy, value_model, mb, cfg.sampling.temperature,
-                                                    with_entropy=cfg.algo.entropy_coef > 0, amp=amp)
-            pg = ppo_policy_loss(logps, exp["old_logps"][idx], exp["advantages"][idx], mask, clip_eps=cfg.algo.clip_eps)
-            vf = ppo_value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask,
-                                clip_eps_value=cfg.algo.value_clip_eps or None)
+            logps, values, entropy = _response_pass(
+                policy,
+                value_model,
+                mb,
+                cfg.sampling.temperature,
+                with_entropy=cfg.algo.entropy_coef > 0,
+                amp=amp,
+            )
+            pg = ppo_policy_loss(
+                logps, exp["old_logps"][idx], exp["advantages"][idx], mask, clip_eps=cfg.algo.clip_eps
+            )
+            vf = ppo_value_loss(
+                values,
+                exp["old_values"][idx],
+                exp["returns"][idx],
+                mask,
+                clip_eps_value=cfg.algo.value_clip_eps or None,
+            )
             loss = pg.loss.mean() + cfg.algo.value_coef * vf.loss.mean()
             if entropy is not None:
                 loss = loss + cfg.algo.entropy_coef * entropy_bonus(entropy, mask).loss.mean()
@@ -212,43 +295,76 @@ def _ppo_epochs(policy, value_model, params, optimizer, scheduler, rollout: Roll
             grad_norm = clip_gradients(params, cfg.optim.max_grad_norm)
             check_finite({"loss/grad_norm": grad_norm}, step=step_for_errors, last_good=last_ckpt)
             optimizer_step(optimizer, scheduler)
-            row = {"loss/policy": pg.loss.mean(), "loss/value": vf.loss.mean(), "loss/total": loss,
-                   "loss/grad_norm": grad_norm, **{k: v.mean() for k, v in {**pg.metrics, **vf.metrics}.items()}}
+            row = {
+                "loss/policy": pg.loss.mean(),
+                "loss/value": vf.loss.mean(),
+                "loss/total": loss,
+                "loss/grad_norm": grad_norm,
+                **{k: v.mean() for k, v in {**pg.metrics, **vf.metrics}.items()},
+            }
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             count += 1
     return {k: v / count for k, v in sums.items()}
 
 
-def _iteration_perf(metrics: dict[str, float], rollout: Rollout, cfg: PPOConfig,
-                    params: tuple[MatmulParams, MatmulParams, MatmulParams]) -> dict[str, float]:
+def _iteration_perf(
+    metrics: dict[str, float],
+    rollout: Rollout,
+    cfg: PPOConfig,
+    params: tuple[MatmulParams, MatmulParams, MatmulParams],
+) -> dict[str, float]:
     """perf/time_iteration and perf/flops_per_s of one iteration: `rlhflab.models.flops.ppo_iteration_flops`
     of the (policy, reference, value model) matmul weights over the rollout's real and response tokens."""
     seconds = sum(metrics[f"perf/time_{k}"] for k in ("generate", "score", "forward", "optimize"))
     tokens = int(rollout.attention_mask.sum())
-    flops = ppo_iteration_flops(*params, tokens, int(rollout.response_mask.sum()), cfg.algo.ppo_epochs,
-                                entropy_in_loss=cfg.algo.entropy_coef > 0)
-    return {"perf/time_iteration": seconds, "perf/flops_per_s": flops / max(seconds, 1e-9),
-            "perf/tokens_per_s": tokens / max(seconds, 1e-9)}
+    flops = ppo_iteration_flops(
+        *params,
+        tokens,
+        int(rollout.response_mask.sum()),
+        cfg.algo.ppo_epochs,
+        entropy_in_loss=cfg.algo.entropy_coef > 0,
+    )
+    return {
+        "perf/time_iteration": seconds,
+        "perf/flops_per_s": flops / max(seconds, 1e-9),
+        "perf/tokens_per_s": tokens / max(seconds, 1e-9),
+    }
 
 
 def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> None:
     if metrics["kl/sequence"] < NEGATIVE_KL_WARN:
-        log(f"ppo warning (iteration {iteration}): the KL estimate is negative ({metrics['kl/sequence']:.3f}); "
-            "sampling and scoring disagree (temperature, top-k/top-p, or a tokenizer mismatch)")
+        log(
+            f"ppo warning (iteration {iteration}): the KL estimate is negative ({metrics['kl/sequence']:.3f}); "
+            "sampling and scoring disagree (temperature, top-k/top-p, or a tokenizer mismatch)"
+        )
     if metrics.get("loss/clipfrac", 0.0) > CLIPFRAC_WARN:
-        log(f"ppo warning (iteration {iteration}): clip fraction {metrics['loss/clipfrac']:.2f} is high; "
-            "lower optim.lr or algo.ppo_epochs")
+        log(
+            f"ppo warning (iteration {iteration}): clip fraction {metrics['loss/clipfrac']:.2f} is high; "
+            "lower optim.lr or algo.ppo_epochs"
+        )
     if metrics.get("kl/approx", 0.0) > APPROX_KL_WARN:
-        log(f"ppo warning (iteration {iteration}): policy moved {metrics['kl/approx']:.2f} nats in one update; "
-            "lower optim.lr")
+        log(
+            f"ppo warning (iteration {iteration}): policy moved {metrics['kl/approx']:.2f} nats in one update; "
+            "lower optim.lr"
+        )
 
 
 def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) -> None:
     with open(path, "a") as f:
         for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
-            f.write(json.dumps({"iteration": iteration, "prompt": prompt, "response": text,
-                                "score": float(exp["scores"][i]), "kl": float(exp["seq_kl"][i])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": iteration,
+                        "prompt": prompt,
+                        "response": text,
+                        "score": float(exp["scores"][i]),
+                        "kl": float(exp["seq_kl"][i]),
+                    }
+                )
+                + "\n"
+            )
 
 
 def _load_prompts(cfg: PPOConfig, run_dir: Path) -> tuple[list, int]:
@@ -257,8 +373,10 @@ def _load_prompts(cfg: PPOConfig, run_dir: Path) -> tuple[list, int]:
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"config: {len(prompts)} prompts are fewer than algo.rollout_batch_size "
-                          f"({cfg.algo.rollout_batch_size}); lower it or add prompts")
+        raise ConfigError(
+            f"config: {len(prompts)} prompts are fewer than algo.rollout_batch_size "
+            f"({cfg.algo.rollout_batch_size}); lower it or add prompts"
+        )
     return prompts, steps_per_epoch
 
 
@@ -285,8 +403,10 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     # Setup: checks that need no model, seeds, run directory, models, reward, prompts, optimizer, KL controller.
     require_train_path(cfg.data, "prompt")
     if reward is None and not cfg.algo.reward_model:
-        raise ConfigError("config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
-                          "or a reward spec such as 'rule:length'")
+        raise ConfigError(
+            "config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
+            "or a reward spec such as 'rule:length'"
+        )
     seed_everything(cfg.seed)
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg)
@@ -295,37 +415,78 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
-    kl_ctl = (AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.target_kl, cfg.algo.kl_horizon)
-              if cfg.algo.adaptive_kl else FixedKLController(cfg.algo.kl_coef))
-    sampling = SamplingSettings(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
+    kl_ctl = (
+        AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.target_kl, cfg.algo.kl_horizon)
+        if cfg.algo.adaptive_kl
+        else FixedKLController(cfg.algo.kl_coef)
+    )
+    sampling = SamplingSettings(
+        max_new_tokens=cfg.sampling.max_new_tokens,
+        temperature=cfg.sampling.temperature,
+        top_k=cfg.sampling.top_k,
+        top_p=cfg.sampling.top_p,
+    )
     n_params = count_parameters(policy)
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
-    print(f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
-          f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}")
+    print(
+        f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
+        f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}"
+    )
 
-    loop = Loop(run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume,
-                state=lambda: {"kl_controller": kl_ctl.state_dict()})
+    loop = Loop(
+        run,
+        "ppo",
+        cfg.logging,
+        cfg.algo.iterations,
+        trainable,
+        optimizer,
+        scheduler,
+        resume=resume,
+        state=lambda: {"kl_controller": kl_ctl.state_dict()},
+    )
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
 
     while loop.step < loop.total:
         iteration = loop.step + 1  # 1-based, as logged
         epoch, position = divmod(loop.step, steps_per_epoch)
-        batch = [prompts[i] for i in batch_schedule(len(prompts), cfg.algo.rollout_batch_size, cfg.seed, epoch)[position]]
+        batch = [
+            prompts[i]
+            for i in batch_schedule(len(prompts), cfg.algo.rollout_batch_size, cfg.seed, epoch)[position]
+        ]
         # 1. generate
         t0 = time.time()
         with mixed_precision(cfg.model, device)():
-            rollout = generate(policy, tokenizer, batch, sampling, batch_size=cfg.algo.rollout_batch_size,
-                               seed=cfg.seed * 100_003 + loop.step, max_prompt_tokens=cfg.data.max_prompt_length)
+            rollout = generate(
+                policy,
+                tokenizer,
+                batch,
+                sampling,
+                batch_size=cfg.algo.rollout_batch_size,
+                seed=cfg.seed * 100_003 + loop.step,
+                max_prompt_tokens=cfg.data.max_prompt_length,
+            )
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
-        exp, metrics = _make_experience(policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration,
-                                        loop.last_ckpt)
+        exp, metrics = _make_experience(
+            policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration, loop.last_ckpt
+        )
         # 6. optimize
         t0 = time.time()
-        metrics.update(_ppo_epochs(policy, value_model, trainable, optimizer, scheduler, rollout, exp, cfg,
-                                   iteration, loop.last_ckpt))
+        metrics.update(
+            _ppo_epochs(
+                policy,
+                value_model,
+                trainable,
+                optimizer,
+                scheduler,
+                rollout,
+                exp,
+                cfg,
+                iteration,
+                loop.last_ckpt,
+            )
+        )
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
         metrics.update(_iteration_perf(metrics, rollout, cfg, flop_params))
@@ -341,4 +502,3 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     run.close()
     print(f"ppo: saved the policy to {final}")
     return final
-

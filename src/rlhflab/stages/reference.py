@@ -39,8 +39,15 @@ def cache_rows(values: Tensor, indices: list[int]) -> Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model, examples: list[dict], kind: str, device, pad_id: int, batch_size: int = 32,
-                    amp: Callable = contextlib.nullcontext) -> tuple[Tensor, int]:
+def reference_logps(
+    model,
+    examples: list[dict],
+    kind: str,
+    device,
+    pad_id: int,
+    batch_size: int = 32,
+    amp: Callable = contextlib.nullcontext,
+) -> tuple[Tensor, int]:
     """Summed response log-probs of every example under `model`: ([N, 2] (chosen, rejected) for pairs or
     [N] for unpaired examples, float32 on the CPU; real tokens processed).
 
@@ -53,7 +60,7 @@ def reference_logps(model, examples: list[dict], kind: str, device, pad_id: int,
     out = torch.zeros(len(examples), 2) if kind == "pairwise" else torch.zeros(len(examples))
     tokens = 0
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         batch = collate_preference([examples[i] for i in idx], kind, pad_id)
         sums = response_logps(model, batch, device, amp)[0].float().cpu()
         out[idx] = torch.stack(sums.chunk(2), dim=1) if kind == "pairwise" else sums
@@ -73,9 +80,18 @@ def _fingerprint(ref_id: str, sets: dict[str, list[dict]]) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(run_dir: Path, ref_id: str, sets: dict[str, list[dict]], kind: str, load_ref,
-                           device, pad_id: int, batch_size: int, log=print, amp: Callable = contextlib.nullcontext
-                           ) -> tuple[dict[str, Tensor], dict]:
+def cached_reference_logps(
+    run_dir: Path,
+    ref_id: str,
+    sets: dict[str, list[dict]],
+    kind: str,
+    load_ref,
+    device,
+    pad_id: int,
+    batch_size: int,
+    log=print,
+    amp: Callable = contextlib.nullcontext,
+) -> tuple[dict[str, Tensor], dict]:
     """Reference log-probs of every example set ({"train": ..., "eval": ..., ...}), from RUN/ref_logps.pt
     when it was made for the same reference and tokens, else computed with `load_ref()` and cached.
 
@@ -103,9 +119,12 @@ def cached_reference_logps(run_dir: Path, ref_id: str, sets: dict[str, list[dict
     n_examples = len(sets.get("train", []))
     head_tokens = sum(response_tokens(s, range(len(s))) for s in sets.values())
     ref_flops = causal_lm_forward_flops(matmul_params(ref), tokens, head_tokens) if ref is not None else 0.0
-    perf = {"perf/ref_examples_per_s": sum(len(s) for s in sets.values()) / elapsed,
-            "perf/ref_tokens_per_s": tokens / elapsed,
-            # A forward pass, the LM head at response tokens only (rlhflab.models.flops).
-            "perf/ref_flops_per_s": ref_flops / elapsed, "perf/ref_seconds": elapsed}
+    perf = {
+        "perf/ref_examples_per_s": sum(len(s) for s in sets.values()) / elapsed,
+        "perf/ref_tokens_per_s": tokens / elapsed,
+        # A forward pass, the LM head at response tokens only (rlhflab.models.flops).
+        "perf/ref_flops_per_s": ref_flops / elapsed,
+        "perf/ref_seconds": elapsed,
+    }
     log(f"reference: cached the log-probs of {n_examples} training examples in {elapsed:.1f}s ({path})")
     return logps, perf

@@ -94,9 +94,13 @@ def _margin(record, mode: str, where: str) -> float | None:
         return record.margin
     if record.rating not in LLAMA2_RATINGS:
         prompt = record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]
-        raise DataError(f"algo.margin={mode} needs a Llama 2 rating ({', '.join(LLAMA2_RATINGS)}), got "
-                        f"{record.rating!r}; add ratings, or use algo.margin=data / none", path=where,
-                        record=f"with prompt {prompt[:40]!r}", field="rating")
+        raise DataError(
+            f"algo.margin={mode} needs a Llama 2 rating ({', '.join(LLAMA2_RATINGS)}), got "
+            f"{record.rating!r}; add ratings, or use algo.margin=data / none",
+            path=where,
+            record=f"with prompt {prompt[:40]!r}",
+            field="rating",
+        )
     strength = torch.tensor([LLAMA2_RATINGS.index(record.rating)])
     return float(llama2_margins(strength, mode)[0])
 
@@ -107,11 +111,15 @@ def tie_orders(ranks: Sequence[int]) -> list[list[int]]:
     try:
         return losses_tie_orders(ranks, MAX_TIE_ORDERS)
     except ValueError:
-        raise ConfigError(f"a ranking with ranks {list(ranks)} has more than {MAX_TIE_ORDERS} orders of its ties; "
-                          "use algo.loss=all_pairs, which skips tied pairs") from None
+        raise ConfigError(
+            f"a ranking with ranks {list(ranks)} has more than {MAX_TIE_ORDERS} orders of its ties; "
+            "use algo.loss=all_pairs, which skips tied pairs"
+        ) from None
 
 
-def _tokenize_for_head(record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str) -> dict[str, Any]:
+def _tokenize_for_head(
+    record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str
+) -> dict[str, Any]:
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     if kind == "pairwise":
         ex = tokenize_pair(record, tokenizer, **kw)
@@ -154,11 +162,18 @@ def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, d
     algo = cfg.algo
     if kind == "pairwise":
         margin = batch["margin"].to(device) if algo.margin != "none" else None
-        return stacked_bradley_terry(scores, margin, label_smoothing=algo.label_smoothing,
-                             center_coef=algo.center_rewards_coef)
-    return ranked_loss(scores, batch["num_responses"], batch["ranks"], loss=algo.loss,
-                       label_smoothing=algo.label_smoothing, center_coef=algo.center_rewards_coef,
-                       max_orders=MAX_TIE_ORDERS)
+        return stacked_bradley_terry(
+            scores, margin, label_smoothing=algo.label_smoothing, center_coef=algo.center_rewards_coef
+        )
+    return ranked_loss(
+        scores,
+        batch["num_responses"],
+        batch["ranks"],
+        loss=algo.loss,
+        label_smoothing=algo.label_smoothing,
+        center_coef=algo.center_rewards_coef,
+        max_orders=MAX_TIE_ORDERS,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -182,15 +197,26 @@ def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[R
     return RewardModel(backbone, len(head_names), head_names), device
 
 
-def _reward_gradients(model, examples: list[dict], kind: str, cfg: RewardConfig, device, pad_id: int, step: int,
-                last_ckpt, shared: bool = False) -> tuple[dict[str, float], int]:
+def _reward_gradients(
+    model,
+    examples: list[dict],
+    kind: str,
+    cfg: RewardConfig,
+    device,
+    pad_id: int,
+    step: int,
+    last_ckpt,
+    shared: bool = False,
+) -> tuple[dict[str, float], int]:
     """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
     size = cfg.optim.micro_batch_size or len(examples)
     amp = mixed_precision(cfg.model, device)
     sums: dict[str, float] = {}
     tokens = 0
     for s in range(0, len(examples), size):
-        batch = collate_reward_batch(examples[s:s + size], kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
+        batch = collate_reward_batch(
+            examples[s : s + size], kind, pad_id, shared=shared, dtype=model.score.weight.dtype
+        )
         with amp():
             out = _batch_loss(model, batch, kind, cfg, device)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
@@ -218,8 +244,11 @@ def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: 
 def _perf(counts: dict[str, float], seconds: float, model: RewardModel) -> dict[str, float]:
     # Model FLOPs (rlhflab.models.flops): no LM head, the final layer's non-K/V work only at the reads.
     flops = reward_model_train_flops(matmul_params(model), counts.get("tokens", 0), counts.get("reads", 0))
-    return {"perf/pairs_per_s": counts.get("pairs", 0) / seconds, "perf/tokens_per_s": counts.get("tokens", 0) / seconds,
-            "perf/flops_per_s": flops / seconds}
+    return {
+        "perf/pairs_per_s": counts.get("pairs", 0) / seconds,
+        "perf/tokens_per_s": counts.get("tokens", 0) / seconds,
+        "perf/flops_per_s": flops / seconds,
+    }
 
 
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -237,13 +266,17 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     pad_id = tokenizer.pad_token_id
     shared = cfg.algo.share_prompt and supports_shared_prompt(model)
     if cfg.algo.share_prompt and not shared:
-        print(f"rm: one row per response: shared-prompt rows need a {'/'.join(SHARED_PROMPT_MODEL_TYPES)} backbone "
-              "with sdpa or eager attention and no sliding window")
+        print(
+            f"rm: one row per response: shared-prompt rows need a {'/'.join(SHARED_PROMPT_MODEL_TYPES)} backbone "
+            "with sdpa or eager attention and no sliding window"
+        )
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     n_params = count_parameters(model)
-    print(f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
-          f"{total_steps} steps, {n_params / 1e6:.2f}M parameters, run dir {run.dir}")
+    print(
+        f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
+        f"{total_steps} steps, {n_params / 1e6:.2f}M parameters, run dir {run.dir}"
+    )
     if not eval_examples:
         print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
 
@@ -255,34 +288,64 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     model.train()
     while loop.step < loop.total:
         epoch, position = divmod(loop.step, steps_per_epoch)
-        batch = [examples[i] for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]]
-        stats, n_tokens = _reward_gradients(model, batch, kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared)
+        batch = [
+            examples[i]
+            for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
+        ]
+        stats, n_tokens = _reward_gradients(
+            model, batch, kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared
+        )
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
-        loop.count(tokens=n_tokens, pairs=len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch),
-                   reads=2 * len(batch) if kind == "pairwise" else sum(len(e["input_ids"]) for e in batch))
+        loop.count(
+            tokens=n_tokens,
+            pairs=len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch),
+            reads=2 * len(batch) if kind == "pairwise" else sum(len(e["input_ids"]) for e in batch),
+        )
 
         # 3. Log, evaluate, checkpoint.
-        loop.end_step({**stats, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
-                       "perf/epoch": (loop.step + 1) / steps_per_epoch},
-                      perf=lambda counts, seconds: _perf(counts, seconds, model),
-                      show={"loss": "loss/rm", "acc": "reward/accuracy"},
-                      evaluate=(lambda: evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0])
-                      if eval_examples else None)
+        loop.end_step(
+            {
+                **stats,
+                "loss/grad_norm": grad_norm,
+                "perf/lr": scheduler.get_last_lr()[0],
+                "perf/epoch": (loop.step + 1) / steps_per_epoch,
+            },
+            perf=lambda counts, seconds: _perf(counts, seconds, model),
+            show={"loss": "loss/rm", "acc": "reward/accuracy"},
+            evaluate=(
+                lambda: evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0]
+            )
+            if eval_examples
+            else None,
+        )
     loop.close()
 
     # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
     if eval_examples:
         _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared)
     if cfg.algo.normalization_samples:
-        run.logger.log(loop.step, fit_normalization(model, examples, kind, device, pad_id,
-                                                cfg.algo.normalization_samples, cfg.seed, shared=shared))
+        run.logger.log(
+            loop.step,
+            fit_normalization(
+                model, examples, kind, device, pad_id, cfg.algo.normalization_samples, cfg.seed, shared=shared
+            ),
+        )
     final = model.save_pretrained(run.dir / "final", tokenizer)
     # How training tokenized, so `rlhflab.rewards.LearnedReward` scores new responses alike.
-    atomic_write_text(final / SETTINGS_FILE, json.dumps({
-        "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
-        "head_names": model.head_names, "loss": cfg.algo.loss}, indent=2))
+    atomic_write_text(
+        final / SETTINGS_FILE,
+        json.dumps(
+            {
+                "max_length": cfg.data.max_length,
+                "max_prompt_length": cfg.data.max_prompt_length,
+                "head_names": model.head_names,
+                "loss": cfg.algo.loss,
+            },
+            indent=2,
+        ),
+    )
     run.close()
     print(f"rm: saved the reward model to {final}")
     return final

@@ -13,15 +13,23 @@ from rlhflab.models.reward_model import RewardModel, batch_rewards
 
 
 @torch.no_grad()
-def score_examples(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
-                   batch_size: int = 64, *, shared: bool = False) -> list[torch.Tensor]:
+def score_examples(
+    model: RewardModel,
+    examples: Sequence[dict],
+    kind: str,
+    device,
+    pad_id: int,
+    batch_size: int = 64,
+    *,
+    shared: bool = False,
+) -> list[torch.Tensor]:
     """Every head's rewards for each example's responses: one [n_responses, H] CPU tensor per example
     (pairwise: rows chosen, rejected). shared: shared-prompt rows where possible (see `collate_reward_batch`)."""
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
+        chunk = examples[s : s + batch_size]
         batch = collate_reward_batch(chunk, kind, pad_id, shared=shared, dtype=model.score.weight.dtype)
         rewards = batch_rewards(model, batch, device).cpu()
         if kind == "pairwise":
@@ -33,8 +41,9 @@ def score_examples(model: RewardModel, examples: Sequence[dict], kind: str, devi
     return out
 
 
-def evaluate_with_tables(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int, *,
-             shared: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
+def evaluate_with_tables(
+    model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int, *, shared: bool = False
+) -> tuple[dict[str, float], dict[str, dict]]:
     """Held-out metrics, each head under `eval/HEAD/...` when there are several (plus the pooled
     `eval/accuracy`), and the per-head rating tables (pairwise data; empty for rankings)."""
     names = model.head_names
@@ -55,19 +64,31 @@ def evaluate_with_tables(model: RewardModel, examples: Sequence[dict], kind: str
             metrics[f"{prefix}loss"] = float(bradley_terry(c, r, margin=margin).loss.mean())
             metrics[f"{prefix}accuracy"] = table["avg"]["accuracy"]
             pooled.append((table["avg"]["accuracy"], len(mine)))
-            metrics.update({f"{prefix}accuracy/{b}": v["accuracy"] for b, v in table.items()
-                            if b != "avg" and v["n"]})
+            metrics.update(
+                {f"{prefix}accuracy/{b}": v["accuracy"] for b, v in table.items() if b != "avg" and v["n"]}
+            )
         else:
             acc, tau, top1 = (sum(x) / len(mine) for x in zip(*(ranking_metrics(s, ex) for ex, s in mine)))
-            metrics.update({f"{prefix}accuracy": acc, f"{prefix}kendall_tau": tau, f"{prefix}top1_accuracy": top1})
+            metrics.update(
+                {f"{prefix}accuracy": acc, f"{prefix}kendall_tau": tau, f"{prefix}top1_accuracy": top1}
+            )
             pooled.append((acc, len(mine)))
     if len(names) > 1 and pooled:
         metrics["eval/accuracy"] = sum(a * n for a, n in pooled) / sum(n for _, n in pooled)
     return metrics, tables
 
 
-def fit_normalization(model: RewardModel, examples: Sequence[dict], kind: str, device, pad_id: int,
-                       n_samples: int, seed: int, *, shared: bool = False) -> dict[str, float]:
+def fit_normalization(
+    model: RewardModel,
+    examples: Sequence[dict],
+    kind: str,
+    device,
+    pad_id: int,
+    n_samples: int,
+    seed: int,
+    *,
+    shared: bool = False,
+) -> dict[str, float]:
     """Store the per-head mean/std of the rewards of (up to) n_samples training responses in the model."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     picked, n_rows = [], 0
@@ -78,5 +99,8 @@ def fit_normalization(model: RewardModel, examples: Sequence[dict], kind: str, d
         n_rows += 2 if kind == "pairwise" else len(examples[i]["input_ids"])
     rewards = torch.cat(score_examples(model, picked, kind, device, pad_id, shared=shared))[:n_samples]
     mean, std = model.fit_normalization(rewards)
-    return {f"reward/norm_{stat}/{name}": float(v[h]) for stat, v in (("mean", mean), ("std", std))
-            for h, name in enumerate(model.head_names)}
+    return {
+        f"reward/norm_{stat}/{name}": float(v[h])
+        for stat, v in (("mean", mean), ("std", std))
+        for h, name in enumerate(model.head_names)
+    }

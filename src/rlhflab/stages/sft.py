@@ -42,15 +42,21 @@ def _micro_batches(examples: list[dict], indices: list[int], cfg: SFTConfig, pad
         rows = pack_sequences(chosen, cfg.data.max_length)
         return [collate_packed(rows, pad_token_id=pad_id)]
     size = cfg.optim.micro_batch_size or len(chosen)
-    return [collate_sft(chosen[i:i + size], pad_token_id=pad_id) for i in range(0, len(chosen), size)]
+    return [collate_sft(chosen[i : i + size], pad_token_id=pad_id) for i in range(0, len(chosen), size)]
 
 
 def _loss(model, batch: dict, device, reduction: str, n_batch_tokens: int, n_batch_seqs: int):
     """Loss of one micro-batch, scaled so that the micro-batches of a step add up to the step's loss."""
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     mask = batch["loss_mask"].bool()
-    logps = token_logps(model, batch["input_ids"], batch["attention_mask"], mask,
-                        position_ids=batch.get("position_ids"), attention_mask_4d=batch.get("attention_mask_4d"))
+    logps = token_logps(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        mask,
+        position_ids=batch.get("position_ids"),
+        attention_mask_4d=batch.get("attention_mask_4d"),
+    )
     target = mask[:, 1:]
     per_example = sft_nll(logps, target, reduction="sequence_sum").loss
     # Normalize by the whole step's token (or sequence) count, not the micro-batch's, so gradient
@@ -65,7 +71,7 @@ def evaluate(model, examples: list[dict], device, pad_id: int, batch_size: int =
     nll, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            batch = collate_sft(examples[i:i + batch_size], pad_token_id=pad_id)
+            batch = collate_sft(examples[i : i + batch_size], pad_token_id=pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             mask = batch["loss_mask"].bool()
             logps = token_logps(model, batch["input_ids"], batch["attention_mask"], mask)
@@ -90,8 +96,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     n_params = count_parameters(model)
-    print(f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
-          f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}")
+    print(
+        f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
+        f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}"
+    )
 
     loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
 
@@ -117,15 +125,25 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         loop.count(tokens=trained, real=sum(len(examples[i]["input_ids"]) for i in indices))
 
         # 3. Log, evaluate, checkpoint.
-        loop.end_step({"loss/sft": step_loss, "loss/grad_norm": grad_norm, "perf/lr": scheduler.get_last_lr()[0],
-                       "perf/epoch": (loop.step + 1) / steps_per_epoch},
-                      perf=lambda counts, seconds: {
-                          "perf/tokens_per_s": counts["tokens"] / seconds,
-                          "perf/flops_per_s": causal_lm_train_flops(matmul_params(model), counts["real"],
-                                                                    counts["tokens"]) / seconds},
-                      show={"loss": "loss/sft"},
-                      evaluate=(lambda: evaluate(model, eval_examples, device, tokenizer.pad_token_id))
-                      if eval_examples else None)
+        loop.end_step(
+            {
+                "loss/sft": step_loss,
+                "loss/grad_norm": grad_norm,
+                "perf/lr": scheduler.get_last_lr()[0],
+                "perf/epoch": (loop.step + 1) / steps_per_epoch,
+            },
+            perf=lambda counts, seconds: {
+                "perf/tokens_per_s": counts["tokens"] / seconds,
+                "perf/flops_per_s": causal_lm_train_flops(
+                    matmul_params(model), counts["real"], counts["tokens"]
+                )
+                / seconds,
+            },
+            show={"loss": "loss/sft"},
+            evaluate=(lambda: evaluate(model, eval_examples, device, tokenizer.pad_token_id))
+            if eval_examples
+            else None,
+        )
     loop.close()
 
     # 4. Save the final model (HF format) and the final evaluation.
