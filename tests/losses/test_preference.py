@@ -16,6 +16,7 @@ import torch
 from rlhflab.errors import ConfigError
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
+    PreferenceInputs,
     cdpo,
     cpl,
     dpo,
@@ -27,6 +28,7 @@ from rlhflab.losses.preference import (
     orpo,
     preference_loss_markdown,
     robust_dpo,
+    run_preference_loss,
     simpo,
 )
 
@@ -198,3 +200,30 @@ def test_docs_list_the_table():
 def test_bad_beta_is_a_config_error():
     with pytest.raises(ConfigError, match="beta must be > 0"):
         dpo(*PAIR, beta=0.0)
+
+
+def test_run_preference_loss_feeds_each_row_its_inputs():
+    """The dispatcher by hand, on a batch of 2 pairs (rows c0, c1, r0, r1) with lengths 4, 2, 1, 5:
+    "sums" with average_logps divides policy and reference by the lengths; "means" (ORPO) always does;
+    "sums_lengths" (SimPO) passes the raw sums and the lengths."""
+    policy = torch.tensor([-4.0, -3.0, -2.0, -10.0], dtype=F64)
+    ref = torch.tensor([-2.0, -4.0, -1.0, -5.0], dtype=F64)
+    lengths = torch.tensor([4, 2, 1, 5])
+    x = PreferenceInputs(
+        policy, lengths, torch.zeros(4, 3, dtype=F64), torch.ones(4, 3, dtype=torch.bool), ref
+    )
+    summed = run_preference_loss(PREFERENCE_LOSS_TABLE["dpo"], x, {"beta": 0.5, "label_smoothing": 0.0})
+    torch.testing.assert_close(summed.loss, dpo(policy[:2], policy[2:], ref[:2], ref[2:], beta=0.5).loss)
+    mean_p = torch.tensor([-1.0, -1.5, -2.0, -2.0], dtype=F64)  # policy / lengths
+    mean_r = torch.tensor([-0.5, -2.0, -1.0, -1.0], dtype=F64)  # ref / lengths
+    averaged = run_preference_loss(PREFERENCE_LOSS_TABLE["ipo"], x, {"beta": 0.5, "average_logps": True})
+    torch.testing.assert_close(
+        averaged.loss, ipo(mean_p[:2], mean_p[2:], mean_r[:2], mean_r[2:], beta=0.5).loss
+    )
+    odds = run_preference_loss(PREFERENCE_LOSS_TABLE["orpo"], x, {"orpo_lambda": 0.2})
+    torch.testing.assert_close(odds.loss, orpo(mean_p[:2], mean_p[2:], beta=0.2).loss)
+    simple = run_preference_loss(
+        PREFERENCE_LOSS_TABLE["simpo"], x, {"simpo_beta": 2.0, "simpo_gamma": 0.3, "label_smoothing": 0.0}
+    )
+    expected = simpo(policy[:2], policy[2:], lengths[:2], lengths[2:], beta=2.0, gamma=0.3).loss
+    torch.testing.assert_close(simple.loss, expected)
