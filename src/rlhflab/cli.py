@@ -66,8 +66,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     module_name, _ = STAGES[args.command]
     from rlhflab.lab.launch import resolve_lab
 
-    cfg = resolve_lab(load_config(args.command, args.config, args.overrides), args.command)
+    cfg = load_config(args.command, args.config, args.overrides)
     module = importlib.import_module(module_name)
+    if hasattr(
+        module, "preflight"
+    ):  # checks that need no model: before a lab model is pretrained or data made
+        module.preflight(cfg)
+    cfg = resolve_lab(cfg, args.command)
     module.train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 

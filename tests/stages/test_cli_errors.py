@@ -89,3 +89,11 @@ def test_ppo_without_a_reward_fails_before_loading_a_model(tmp_path, capsys):
         == 2
     )
     assert "algo.reward_model is empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_ppo_without_a_reward_fails_before_any_lab_work(tmp_path, monkeypatch, capsys):
+    """With the default lab model and no reward, nothing is pretrained or made: the lab cache stays empty."""
+    monkeypatch.setenv("RLHFLAB_CACHE", str(tmp_path / "cache"))
+    assert main(["ppo", f"logging.output_dir={tmp_path / 'run'}"]) == 2
+    assert "algo.reward_model is empty" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -394,6 +394,15 @@ def _save_final(run_dir: Path, policy, value_model, tokenizer) -> Path:
     return final
 
 
+def preflight(cfg: PPOConfig, *, reward: Any = None) -> None:
+    """The checks that need no model or data file, run before anything is loaded or made."""
+    if reward is None and not cfg.algo.reward_model:
+        raise ConfigError(
+            "config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
+            "or a reward spec such as 'rule:length'"
+        )
+
+
 def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, reward: Any = None) -> Path:
     """Run PPO; returns the final policy directory (RUN/final, a plain HF causal LM + value head).
 
@@ -402,11 +411,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     """
     # Setup: checks that need no model, seeds, run directory, models, reward, prompts, optimizer, KL controller.
     require_train_path(cfg.data, "prompt")
-    if reward is None and not cfg.algo.reward_model:
-        raise ConfigError(
-            "config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
-            "or a reward spec such as 'rule:length'"
-        )
+    preflight(cfg, reward=reward)
     seed_everything(cfg.seed)
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg)
