@@ -633,6 +633,19 @@ class DPOConfig:
     logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
     algo: DPOAlgo = field(default_factory=DPOAlgo)
 
+    def __post_init__(self):
+        if not PREFERENCE_LOSS_TABLE[self.algo.loss].reference:  # a key acts or is refused
+            _require(
+                not self.ref_model,
+                "ref_model",
+                f"is set but algo.loss={self.algo.loss} uses no reference model; leave it empty",
+            )
+            _require(
+                self.algo.precompute_ref_logps,
+                "algo.precompute_ref_logps",
+                f"is false but algo.loss={self.algo.loss} uses no reference model; leave it true",
+            )
+
 
 @dataclass
 class PPOConfig:

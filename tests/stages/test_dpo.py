@@ -356,6 +356,14 @@ def test_cli_runs_the_stage(tiny_model_dir, pairs_file, tmp_path):
         (["algo.loss=cpl", "algo.cpl_lambda=0"], r"algo.cpl_lambda must be in \(0, 1\]"),
         (["algo.loss=kto", "algo.kto_desirable_weight=-1"], r"algo.kto_desirable_weight must be > 0"),
         (["algo.cpl_lambda=0.5"], r"algo.cpl_lambda is not used by algo.loss=dpo \(it is used by cpl\)"),
+        (
+            ["algo.loss=orpo", "ref_model=some/dir"],
+            r"ref_model is set but algo.loss=orpo uses no reference model",
+        ),
+        (
+            ["algo.loss=simpo", "algo.precompute_ref_logps=false"],
+            r"precompute_ref_logps is false but algo.loss=simpo",
+        ),
     ],
 )
 def test_config_errors_say_what_to_do(overrides, message):
