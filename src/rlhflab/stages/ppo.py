@@ -394,6 +394,38 @@ def _save_final(run_dir: Path, policy, value_model, tokenizer) -> Path:
     return final
 
 
+def _kl_controller(cfg: PPOConfig):
+    a = cfg.algo
+    return (
+        AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon)
+        if a.adaptive_kl
+        else FixedKLController(a.kl_coef)
+    )
+
+
+def _sampling(cfg: PPOConfig) -> SamplingSettings:
+    s = cfg.sampling
+    return SamplingSettings(
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p
+    )
+
+
+def _generate(
+    policy, tokenizer, prompts, sampling: SamplingSettings, cfg: PPOConfig, device, *, seed: int
+) -> Rollout:
+    """Step 1: one response per prompt from the current policy, prompts cut to data.max_prompt_length."""
+    with mixed_precision(cfg.model, device)():
+        return generate(
+            policy,
+            tokenizer,
+            prompts,
+            sampling,
+            batch_size=cfg.algo.rollout_batch_size,
+            seed=seed,
+            max_prompt_tokens=cfg.data.max_prompt_length,
+        )
+
+
 def preflight(cfg: PPOConfig, *, reward: Any = None) -> None:
     """The checks that need no model or data file, run before anything is loaded or made."""
     if reward is None and not cfg.algo.reward_model:
@@ -420,23 +452,16 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
-    kl_ctl = (
-        AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.target_kl, cfg.algo.kl_horizon)
-        if cfg.algo.adaptive_kl
-        else FixedKLController(cfg.algo.kl_coef)
-    )
-    sampling = SamplingSettings(
-        max_new_tokens=cfg.sampling.max_new_tokens,
-        temperature=cfg.sampling.temperature,
-        top_k=cfg.sampling.top_k,
-        top_p=cfg.sampling.top_p,
-    )
+    kl_ctl, sampling = _kl_controller(cfg), _sampling(cfg)
     n_params = count_parameters(policy)
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
     print(
         f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
         f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}"
     )
+
+    def kl_state() -> dict:  # checkpointed with the weights, so a resumed run adapts beta exactly as before
+        return {"kl_controller": kl_ctl.state_dict()}
 
     loop = Loop(
         run,
@@ -447,7 +472,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         optimizer,
         scheduler,
         resume=resume,
-        state=lambda: {"kl_controller": kl_ctl.state_dict()},
+        state=kl_state,
     )
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
@@ -461,16 +486,9 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         ]
         # 1. generate
         t0 = time.time()
-        with mixed_precision(cfg.model, device)():
-            rollout = generate(
-                policy,
-                tokenizer,
-                batch,
-                sampling,
-                batch_size=cfg.algo.rollout_batch_size,
-                seed=cfg.seed * 100_003 + loop.step,
-                max_prompt_tokens=cfg.data.max_prompt_length,
-            )
+        rollout = _generate(
+            policy, tokenizer, batch, sampling, cfg, device, seed=cfg.seed * 100_003 + loop.step
+        )
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
         exp, metrics = _make_experience(
@@ -478,19 +496,9 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         )
         # 6. optimize
         t0 = time.time()
+        models = (policy, value_model, trainable)
         metrics.update(
-            _ppo_epochs(
-                policy,
-                value_model,
-                trainable,
-                optimizer,
-                scheduler,
-                rollout,
-                exp,
-                cfg,
-                iteration,
-                loop.last_ckpt,
-            )
+            _ppo_epochs(*models, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt)
         )
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
