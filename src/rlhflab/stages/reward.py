@@ -251,6 +251,31 @@ def _perf(counts: dict[str, float], seconds: float, model: RewardModel) -> dict[
     }
 
 
+def _shared_prompt(cfg: RewardConfig, model: RewardModel) -> bool:
+    """Whether batches run each prompt once for all its responses (algo.share_prompt, where the model can)."""
+    shared = cfg.algo.share_prompt and supports_shared_prompt(model)
+    if cfg.algo.share_prompt and not shared:
+        print(
+            f"rm: one row per response: shared-prompt rows need a {'/'.join(SHARED_PROMPT_MODEL_TYPES)} "
+            "backbone with sdpa or eager attention and no sliding window"
+        )
+    return shared
+
+
+def _save(cfg: RewardConfig, model: RewardModel, tokenizer, out: Path) -> Path:
+    """The model in HF *ForSequenceClassification format, and how training tokenized beside it, so
+    `rlhflab.rewards.LearnedReward` scores new responses alike."""
+    final = model.save_pretrained(out, tokenizer)
+    settings = {
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "head_names": model.head_names,
+        "loss": cfg.algo.loss,
+    }
+    atomic_write_text(final / SETTINGS_FILE, json.dumps(settings, indent=2))
+    return final
+
+
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
     # 1. Setup: seeds, run directory, model, data.
@@ -264,12 +289,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     model, device = _build_model(cfg, path, [h.name for h in cfg.algo.head_specs()])
     examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
-    shared = cfg.algo.share_prompt and supports_shared_prompt(model)
-    if cfg.algo.share_prompt and not shared:
-        print(
-            f"rm: one row per response: shared-prompt rows need a {'/'.join(SHARED_PROMPT_MODEL_TYPES)} backbone "
-            "with sdpa or eager attention and no sliding window"
-        )
+    shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     n_params = count_parameters(model)
@@ -332,20 +352,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
                 model, examples, kind, device, pad_id, cfg.algo.normalization_samples, cfg.seed, shared=shared
             ),
         )
-    final = model.save_pretrained(run.dir / "final", tokenizer)
-    # How training tokenized, so `rlhflab.rewards.LearnedReward` scores new responses alike.
-    atomic_write_text(
-        final / SETTINGS_FILE,
-        json.dumps(
-            {
-                "max_length": cfg.data.max_length,
-                "max_prompt_length": cfg.data.max_prompt_length,
-                "head_names": model.head_names,
-                "loss": cfg.algo.loss,
-            },
-            indent=2,
-        ),
-    )
+    final = _save(cfg, model, tokenizer, run.dir / "final")
     run.close()
     print(f"rm: saved the reward model to {final}")
     return final
