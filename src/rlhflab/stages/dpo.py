@@ -239,6 +239,14 @@ def _perf(counts: dict[str, int], elapsed: float, params: MatmulParams, what: st
     }
 
 
+def _announce(cfg: DPOConfig, model, what: str, run_dir: Path) -> None:
+    n, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
+    print(
+        f"dpo: loss {cfg.algo.loss}, {what}, {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+        f"run dir {run_dir}"
+    )
+
+
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with algo.loss; returns the directory of the final model (RUN/final)."""
     # 1. Setup: seeds, run directory, policy, data.
@@ -252,32 +260,19 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     eval_examples, eval_kl = _tokenize_records(eval_records, spec.data, tokenizer, cfg)
     what = "pairs" if spec.data == "pairwise" else "examples"
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=what)
-    micro, n_params = cfg.optim.micro_batch_size or cfg.optim.batch_size, count_parameters(model)
-    n_trainable = count_parameters(model, trainable_only=True)
-    print(
-        f"dpo: loss {cfg.algo.loss}, {len(examples)} {what}, {total_steps} steps, {n_params / 1e6:.2f}M "
-        f"parameters ({n_trainable / 1e6:.2f}M trainable), run dir {run.dir}"
-    )
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
+    _announce(cfg, model, f"{len(examples)} {what}, {total_steps} steps", run.dir)
 
     # 2. Reference log-probs, once, before the first update (and before a checkpoint replaces the weights).
     ref_cache, ref_perf, live = None, {}, None
     if spec.reference:
-        sets = {"train": examples, "eval": eval_examples}
-        if kl_examples is not None:
-            sets.update({"train_kl": kl_examples, "eval_kl": eval_kl})
+        kl_sets = {"train_kl": kl_examples, "eval_kl": eval_kl} if kl_examples is not None else {}
+        sets = {"train": examples, "eval": eval_examples, **kl_sets}
         ref_cache, ref_perf, live = _setup_reference(
             cfg, model, device, tokenizer.pad_token_id, run.dir, sets, spec.data
         )
-    ctx = _Context(
-        model,
-        spec,
-        cfg.algo,
-        device,
-        tokenizer.pad_token_id,
-        ref_cache,
-        live,
-        mixed_precision(cfg.model, device),
-    )
+    amp, pad_id = mixed_precision(cfg.model, device), tokenizer.pad_token_id
+    ctx = _Context(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
     if ref_perf:
