@@ -187,33 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlhflab",
-        description="RLHF and its alternatives, end to end, with honest measurement.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "run", help="the main job: lab data -> SFT -> reward model -> policies -> gold evaluation"
-    )
-    p.add_argument("--task", default="sentiment", help="built-in lab task (see `rlhflab lab list`)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, training and evaluation")
-    p.add_argument("--output-dir", default="runs/demo", help="where the stages and the report go")
-    p.add_argument(
-        "--config", metavar="FILE", help="YAML with per-stage overrides: {sft: {...}, rm: {...}, ...}"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
-    p.add_argument("overrides", nargs="*", metavar="STAGE.KEY=VALUE", help="e.g. sft.optim.lr=1e-4")
-    p.set_defaults(func=cmd_run)
-
-    for name, (_, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_stage_args(p)
-        p.set_defaults(func=cmd_stage)
-
+def _add_best_of_n(sub) -> None:
     p = sub.add_parser(
         "best-of-n",
         help="best of n samples per prompt under a reward; SFT data for rejection sampling",
@@ -244,6 +218,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-samples", action="store_true", help="also write every sample and its score")
     p.set_defaults(func=cmd_best_of_n)
 
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a policy on a lab task with the hidden gold reward")
+    p.add_argument("--policy", required=True, help="HF model directory of the policy")
+    p.add_argument("--task", default="sentiment", help="lab task (see `rlhflab lab list`)")
+    p.add_argument("--ref", default=None, help="reference model directory (KL and win rate)")
+    p.add_argument("--n-prompts", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for report.json / report.html")
+    p.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhflab",
+        description="RLHF and its alternatives, end to end, with honest measurement.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run", help="the main job: lab data -> SFT -> reward model -> policies -> gold evaluation"
+    )
+    p.add_argument("--task", default="sentiment", help="built-in lab task (see `rlhflab lab list`)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, training and evaluation")
+    p.add_argument("--output-dir", default="runs/demo", help="where the stages and the report go")
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML with per-stage overrides: {sft: {...}, rm: {...}, ...}"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    p.add_argument("overrides", nargs="*", metavar="STAGE.KEY=VALUE", help="e.g. sft.optim.lr=1e-4")
+    p.set_defaults(func=cmd_run)
+
+    for name, (_, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_stage_args(p)
+        p.set_defaults(func=cmd_stage)
+
+    _add_best_of_n(sub)
+
     p = sub.add_parser("config", help="inspect stage configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_sub.add_parser(
@@ -262,17 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_lab(sub)
 
-    p = sub.add_parser("eval", help="evaluate a policy on a lab task with the hidden gold reward")
-    p.add_argument("--policy", required=True, help="HF model directory of the policy")
-    p.add_argument("--task", default="sentiment", help="lab task (see `rlhflab lab list`)")
-    p.add_argument("--ref", default=None, help="reference model directory (KL and win rate)")
-    p.add_argument("--n-prompts", type=int, default=64)
-    p.add_argument("--n-samples", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for report.json / report.html")
-    p.set_defaults(func=cmd_eval)
+    _add_eval(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -229,6 +229,22 @@ def _summary(policies: dict) -> dict:
     return out
 
 
+def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[str, list[str]]:
+    """Each stage's model and data: the lab's base model and files, then each stage from the SFT model."""
+    wiring = {
+        "sft": [f"model.name_or_path=lab:{task}", f"data.train_path={data['sft']}"],
+        "rm": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
+        "ppo": [
+            f"model.name_or_path={final['sft']}",
+            f"data.train_path={data['prompts']}",
+            f"algo.reward_model={final['rm']}",
+        ],
+        "dpo": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
+    }
+    wiring["ppo_kl0"] = wiring["ppo"]
+    return wiring
+
+
 def run_pipeline(
     *,
     task: str = "sentiment",
@@ -252,17 +268,7 @@ def run_pipeline(
     # section fails in a second, not after ten minutes. Stages save their model to STAGE/final.
     data = {name: out / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}
     final = {stage: out / stage / "final" for stage in PIPELINE_STAGES}
-    wiring = {
-        "sft": [f"model.name_or_path=lab:{task}", f"data.train_path={data['sft']}"],
-        "rm": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
-        "ppo": [
-            f"model.name_or_path={final['sft']}",
-            f"data.train_path={data['prompts']}",
-            f"algo.reward_model={final['rm']}",
-        ],
-        "dpo": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
-    }
-    wiring["ppo_kl0"] = wiring["ppo"]
+    wiring = _wiring(task, data, final)
     configs = {stage: _stage_config(stage, out, seed, wiring[stage], user) for stage in PIPELINE_STAGES}
     out = prepare_run_dir(output_dir, "run", resume=False, overwrite=overwrite)
     seed_everything(seed)

@@ -207,6 +207,18 @@ def _check_counts(k: int, **counts: int) -> None:
         raise ConfigError(f"k (responses per ranking) must be >= 2, got {k}")
 
 
+def _gold_summary(
+    task: LabTask, sft_prompts: list[str], demos: list[str], heldout: list[str], seed: int
+) -> dict:
+    """The manifest's gold block: the SFT data's gold with its interval, and the best achievable on held-out."""
+    sft_gold = gold_scores(task, sft_prompts, demos)
+    best = best_achievable(task, heldout[:64], seed=seed) if heldout else np.array([])
+    return {
+        "sft_data": _mean_ci(sft_gold) if len(sft_gold) else None,
+        "best_achievable_heldout": float(best.mean()) if len(best) else None,
+    }
+
+
 def make_task_data(
     task: str | LabTask,
     out_dir: str | Path,
@@ -274,24 +286,13 @@ def make_task_data(
             write_jsonl(rows, out / f"{kind}.jsonl")
             paths[kind], counts[kind] = out / f"{kind}.jsonl", len(rows)
 
-    sft_gold = gold_scores(task, sft_prompts, demos)
-    best = best_achievable(task, heldout[:64], seed=seed) if heldout else np.array([])
+    gold = _gold_summary(task, sft_prompts, demos, heldout, seed)
     manifest = {
-        "schema": "rlhflab.lab_data/1",
-        "task": task.name,
-        "task_version": task.version,
-        "seed": seed,
-        "chat": chat,
-        "pair_source": pair_source,
-        "files": {k: p.name for k, p in paths.items()},
-        "counts": counts,
-        "annotators": {**dataclasses.asdict(settings), "biases": pool.biases.tolist()},
-        "pairs": pair_stats,
-        "gold": {
-            "sft_data": _mean_ci(sft_gold) if len(sft_gold) else None,
-            "best_achievable_heldout": float(best.mean()) if len(best) else None,
-        },
-    }
+        "schema": "rlhflab.lab_data/1", "task": task.name, "task_version": task.version, "seed": seed,
+        "chat": chat, "pair_source": pair_source, "files": {k: p.name for k, p in paths.items()},
+        "counts": counts, "annotators": {**dataclasses.asdict(settings), "biases": pool.biases.tolist()},
+        "pairs": pair_stats, "gold": gold,
+    }  # fmt: skip
     _write_json(manifest, out / "lab_data.json")
     paths["manifest"] = out / "lab_data.json"
     return paths
