@@ -18,7 +18,7 @@ from rlhflab.losses.reward import ranked_loss, stacked_bradley_terry
 from rlhflab.models.final_layer import supports_shared_prompt
 from rlhflab.models.reward_model import RewardModel, batch_rewards
 from rlhflab.rewards import LearnedReward
-from rlhflab.stages import reward
+from rlhflab.stages import reward, reward_data
 
 from .conftest import write_jsonl
 
@@ -159,12 +159,12 @@ def test_pairwise_loss_uses_margins_by_hand():
 
 def test_margins_come_from_the_rating_table():
     rec = PairwiseRecord("p", "a", "b", rating="better")
-    assert reward._margin(rec, "none", "f") is None
-    assert reward._margin(rec, "small", "f") == pytest.approx(2 / 3)
-    assert reward._margin(rec, "large", "f") == 2.0
-    assert reward._margin(PairwiseRecord("p", "a", "b", margin=0.7), "data", "f") == 0.7
+    assert reward_data.margin_of(rec, "none", "f") is None
+    assert reward_data.margin_of(rec, "small", "f") == pytest.approx(2 / 3)
+    assert reward_data.margin_of(rec, "large", "f") == 2.0
+    assert reward_data.margin_of(PairwiseRecord("p", "a", "b", margin=0.7), "data", "f") == 0.7
     with pytest.raises(DataError, match="f, record with prompt 'p', field 'rating': algo.margin=large needs"):
-        reward._margin(PairwiseRecord("p", "a", "b"), "large", "f")
+        reward_data.margin_of(PairwiseRecord("p", "a", "b"), "large", "f")
 
 
 def test_margin_training_raises_the_first_loss_and_the_separation(tiny_model_dir, tmp_path):
@@ -276,9 +276,9 @@ def test_ranked_losses_with_ties_by_hand():
     assert float(out.loss[0]) == pytest.approx(0.393669, abs=1e-6)
     out = _ranked(r, _ranked_batch([[0, 1, 1]]), loss="plackett_luce")
     assert float(out.loss[0]) == pytest.approx(math.log(math.e + 1 + math.exp(0.5)) - 1, abs=1e-6)
-    assert reward.tie_orders([0, 1, 1, 2]) == [[0, 1, 2, 3], [0, 2, 1, 3]]
+    assert reward_data.tie_orders([0, 1, 1, 2]) == [[0, 1, 2, 3], [0, 2, 1, 3]]
     with pytest.raises(ConfigError, match="use algo.loss=all_pairs"):
-        reward.tie_orders([0] * 6 + [1])
+        reward_data.tie_orders([0] * 6 + [1])
 
 
 def test_accuracy_by_rating_on_a_hand_made_example():

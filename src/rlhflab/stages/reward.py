@@ -24,12 +24,8 @@ Setup -> loop -> save, read top to bottom.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,19 +33,11 @@ from rlhflab.config import RewardConfig
 from rlhflab.core.health import check_finite
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.seeding import batch_schedule, seed_everything
-from rlhflab.data import (
-    LLAMA2_RATINGS,
-    tokenize_pair,
-    tokenize_ranked,
-)
 from rlhflab.data.reward_batch import collate_reward_batch
-from rlhflab.errors import ConfigError, DataError
 from rlhflab.eval.reward_accuracy import format_accuracy_table
 from rlhflab.losses import (
     LossOutput,
-    llama2_margins,
 )
-from rlhflab.losses import tie_orders as losses_tie_orders
 from rlhflab.losses.reward import ranked_loss, stacked_bradley_terry
 from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, supports_shared_prompt
 from rlhflab.models.flops import matmul_params, reward_model_train_flops
@@ -74,78 +62,9 @@ from rlhflab.stages.common import (
     resolve_device,
     resolve_model_path,
 )
-from rlhflab.stages.data_source import load_stage_records, require_train_path
+from rlhflab.stages.data_source import require_train_path
+from rlhflab.stages.reward_data import MAX_TIE_ORDERS, load_examples
 from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization
-
-# Plackett-Luce sums over every order of tied responses; past this many orders, all_pairs is the sane choice.
-MAX_TIE_ORDERS = 120
-
-
-# --------------------------------------------------------------------------------------------------------
-# Data: one tokenized example per record, tagged with the head it trains
-# --------------------------------------------------------------------------------------------------------
-
-
-def _margin(record, mode: str, where: str) -> float | None:
-    """The margin m of a pairwise record under algo.margin (None: no margin)."""
-    if mode == "none":
-        return None
-    if mode == "data":
-        return record.margin
-    if record.rating not in LLAMA2_RATINGS:
-        prompt = record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]
-        raise DataError(
-            f"algo.margin={mode} needs a Llama 2 rating ({', '.join(LLAMA2_RATINGS)}), got "
-            f"{record.rating!r}; add ratings, or use algo.margin=data / none",
-            path=where,
-            record=f"with prompt {prompt[:40]!r}",
-            field="rating",
-        )
-    strength = torch.tensor([LLAMA2_RATINGS.index(record.rating)])
-    return float(llama2_margins(strength, mode)[0])
-
-
-def tie_orders(ranks: Sequence[int]) -> list[list[int]]:
-    """Every order of the responses consistent with `ranks` (`rlhflab.losses.tie_orders`), refusing more
-    than MAX_TIE_ORDERS with what to do instead."""
-    try:
-        return losses_tie_orders(ranks, MAX_TIE_ORDERS)
-    except ValueError:
-        raise ConfigError(
-            f"a ranking with ranks {list(ranks)} has more than {MAX_TIE_ORDERS} orders of its ties; "
-            "use algo.loss=all_pairs, which skips tied pairs"
-        ) from None
-
-
-def _tokenize_for_head(
-    record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str
-) -> dict[str, Any]:
-    kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
-    if kind == "pairwise":
-        ex = tokenize_pair(record, tokenizer, **kw)
-        ex["margin"] = _margin(record, cfg.algo.margin, where)
-        ex["rating"] = record.rating
-    else:
-        ex = tokenize_ranked(record, tokenizer, **kw)
-        ranks = ex["ranks"]
-        ex["pairs"] = [(i, j) for i, j in itertools.combinations(range(len(ranks)), 2) if ranks[i] < ranks[j]]
-        if cfg.algo.loss == "plackett_luce":
-            tie_orders(ranks)  # refuse a ranking with too many tie orders before training starts
-    ex["head"] = head
-    return ex
-
-
-def _load_examples(cfg: RewardConfig, kind: str, tokenizer, run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train, eval) examples of every head; a head with its own file reads it instead of data.train_path."""
-    train, held = [], []
-    for head, spec in enumerate(cfg.algo.head_specs()):
-        data = dataclasses.replace(cfg.data, train_path=spec.data, eval_path="") if spec.data else cfg.data
-        records, eval_records = load_stage_records(data, kind, seed=cfg.seed)
-        where = spec.data or cfg.data.train_path
-        train += [_tokenize_for_head(r, kind, head, tokenizer, cfg, where) for r in records]
-        held += [_tokenize_for_head(r, kind, head, tokenizer, cfg, where) for r in eval_records]
-    return train, held
-
 
 # --------------------------------------------------------------------------------------------------------
 # Forward and losses (the maths is rlhflab.losses; here only which rows meet which)
@@ -174,11 +93,6 @@ def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, d
         center_coef=algo.center_rewards_coef,
         max_orders=MAX_TIE_ORDERS,
     )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Evaluation: accuracy overall and per Llama 2 rating (Table 28), Kendall tau for rankings
-# --------------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -287,7 +201,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
     model, device = _build_model(cfg, path, [h.name for h in cfg.algo.head_specs()])
-    examples, eval_examples = _load_examples(cfg, kind, tokenizer, run.dir)
+    examples, eval_examples = load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
     shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
