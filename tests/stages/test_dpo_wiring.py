@@ -169,7 +169,7 @@ def pair_cache(models, pair_examples, tiny_tokenizer):
 
 def _context(name, options, policy, pad_id, *, reference=None, cache=None):
     live = functools.partial(contextlib.nullcontext, reference) if reference is not None else None
-    return dpo._Context(
+    return dpo.PreferenceContext(
         model=policy,
         row=PREFERENCE_LOSS_TABLE[name],
         algo=DPOAlgo(loss=name, **options),

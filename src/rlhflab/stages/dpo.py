@@ -20,30 +20,21 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor
 
-from rlhflab.config import DPOAlgo, DPOConfig
+from rlhflab.config import DPOConfig
 from rlhflab.core.health import check_finite
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import UnpairedRecord, tokenize_pair, tokenize_unpaired
-from rlhflab.data.collate import collate_preference
 from rlhflab.data.tokenize import mismatched_partners
 from rlhflab.errors import DataError
-from rlhflab.losses import LossOutput, kto_kl_estimate
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
-    PreferenceInputs,
-    PreferenceLoss,
-    run_preference_loss,
 )
 from rlhflab.models.flops import MatmulParams, causal_lm_forward_flops, causal_lm_train_flops, matmul_params
 from rlhflab.models.loading import count_parameters, is_peft_model, load_causal_lm, save_model
-from rlhflab.models.logprobs import response_logps
 from rlhflab.stages.common import (
     Loop,
     accumulate_metrics,
@@ -58,7 +49,8 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records, require_train_path
-from rlhflab.stages.reference import cache_rows, cached_reference_logps, response_tokens
+from rlhflab.stages.preference_batch import PreferenceContext, batch_loss, evaluate, kl_reference_point
+from rlhflab.stages.reference import cached_reference_logps, response_tokens
 
 
 def _tokenize_records(
@@ -91,66 +83,17 @@ def _load_records(cfg: DPOConfig, kind: str, run_dir: Path) -> tuple[list, list]
         raise DataError(f"{e}. algo.loss={cfg.algo.loss} trains on {_DATA_HINTS[kind]}") from None
 
 
-@dataclass
-class _Context:
-    """What the loss of a batch needs: the policy, where reference log-probs come from, the loss."""
-
-    model: Any
-    row: PreferenceLoss
-    algo: DPOAlgo
-    device: torch.device
-    pad_id: int
-    ref_cache: dict[str, Tensor] | None  # cached reference log-probs per example set
-    live_ref: Callable[[], contextlib.AbstractContextManager] | None  # context yielding a reference model
-    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # model.autocast context
-
-    def ref_rows(self, split: str, indices: list[int], batch: dict) -> Tensor | None:
-        if not self.row.reference:
-            return None
-        if self.ref_cache is not None:
-            return cache_rows(self.ref_cache[split], indices).to(self.device)
-        with torch.no_grad(), self.live_ref() as ref:
-            return response_logps(ref, batch, self.device, self.amp)[0]
-
-
-def _kl_estimate(
-    ctx: _Context, split: str, kl_examples: list[dict], indices: list[int], chunk: int
-) -> Tensor:
-    """KTO's z0 over the mismatched rows of `indices`: policy log-probs now, reference ones cached."""
-    policy, ref = [], []
-    with torch.no_grad():
-        for s in range(0, len(indices), chunk):
-            idx = indices[s : s + chunk]
-            batch = collate_preference([kl_examples[i] for i in idx], "unpaired", ctx.pad_id)
-            policy.append(response_logps(ctx.model, batch, ctx.device, ctx.amp)[0])
-            ref.append(ctx.ref_rows(f"{split}_kl", idx, batch))
-    return kto_kl_estimate(torch.cat(policy), torch.cat(ref))
-
-
-def batch_loss(
-    ctx: _Context, split: str, examples: list[dict], indices: list[int], kl_estimate: Tensor | None = None
-) -> tuple[LossOutput, int]:
-    """The loss [B] and metrics of examples[indices], and the real tokens the forward processed."""
-    batch = collate_preference([examples[i] for i in indices], ctx.row.data, ctx.pad_id)
-    sums, lengths, logps, mask = response_logps(ctx.model, batch, ctx.device, ctx.amp)
-    desirable = batch["label"].to(ctx.device) if "label" in batch else None
-    inputs = PreferenceInputs(
-        sums,
-        lengths,
-        logps,
-        mask,
-        ref_logps=ctx.ref_rows(split, indices, batch),
-        desirable=desirable,
-        kl_estimate=kl_estimate,
-    )
-    return run_preference_loss(ctx.row, inputs, vars(ctx.algo)), int(batch["attention_mask"].sum())
-
-
 def _preference_gradients(
-    ctx: _Context, examples: list[dict], kl_examples, indices: list[int], micro: int, step: int, last_ckpt
+    ctx: PreferenceContext,
+    examples: list[dict],
+    kl_examples,
+    indices: list[int],
+    micro: int,
+    step: int,
+    last_ckpt,
 ) -> tuple[dict[str, float], int, int]:
     """Forward/backward of one optimizer step; returns (metrics, trained tokens, forward-only tokens)."""
-    z0 = _kl_estimate(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
+    z0 = kl_reference_point(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
     metric = f"loss/{ctx.algo.loss}"
     sums: dict[str, list[float]] = {}
     total, tokens = 0.0, 0
@@ -165,25 +108,6 @@ def _preference_gradients(
         accumulate_metrics(sums, out.metrics)
     forward_only = sum(len(kl_examples[i]["input_ids"]) for i in indices) if kl_examples is not None else 0
     return {metric: total, **metric_means(sums)}, tokens, forward_only
-
-
-@torch.no_grad()
-def evaluate(
-    ctx: _Context, examples: list[dict], kl_examples: list[dict] | None, batch_size: int = 32
-) -> dict[str, float]:
-    """Held-out loss and metrics: eval/loss, eval/accuracy (the share of pairs whose chosen response gets
-    the higher implicit reward; for KTO, of completions on the right side of the reference point),
-    eval/chosen, eval/rejected, eval/margin, and the loss's other metrics under eval/."""
-    was_training = ctx.model.training
-    ctx.model.eval()
-    everything = list(range(len(examples)))
-    z0 = _kl_estimate(ctx, "eval", kl_examples, everything, batch_size) if kl_examples is not None else None
-    sums: dict[str, list[float]] = {}
-    for s in range(0, len(examples), batch_size):
-        out, _ = batch_loss(ctx, "eval", examples, everything[s : s + batch_size], kl_estimate=z0)
-        accumulate_metrics(sums, {"loss": out.loss, **out.metrics})
-    ctx.model.train(was_training)
-    return {f"eval/{k.removeprefix('reward/')}": v for k, v in metric_means(sums).items()}
 
 
 @contextlib.contextmanager
@@ -272,7 +196,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
             cfg, model, device, tokenizer.pad_token_id, run.dir, sets, spec.data
         )
     amp, pad_id = mixed_precision(cfg.model, device), tokenizer.pad_token_id
-    ctx = _Context(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp)
+    ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
     if ref_perf:
