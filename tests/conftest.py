@@ -12,7 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rlhflab.models.tiny import build_word_tokenizer, tiny_causal_lm  # noqa: E402
+from rlhflab.models.tiny import build_word_tokenizer  # noqa: E402
+
+pytest.register_assert_rewrite("tests.helpers")  # its asserts explain themselves, as a test's do
+
+from .helpers import save_model_dir, tiny_lm  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -29,4 +33,17 @@ def tiny_tokenizer():
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    return tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    return tiny_lm(tiny_tokenizer)
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer):
+    """`tiny_model` and its tokenizer saved as a plain HF directory, as a stage's model.name_or_path."""
+    return save_model_dir(tiny_model, tiny_tokenizer, tmp_path / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def lab_cache(tmp_path_factory):
+    """The lab cache of the whole session (never ~/.cache): tests/lab, tests/eval and the stage tests share it,
+    so the tiny base model is pretrained once."""
+    return tmp_path_factory.getbasetemp() / "rlhflab-cache"

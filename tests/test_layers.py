@@ -8,7 +8,8 @@ reach the lab's gold reward, and there is no import cycle between packages.
     layer 1  core                    seeding, atomic IO, run dirs, logging, checkpoints, health guards
     layer 2  data, losses            records/loaders/collators; pure loss functions
     layer 3  models                  loading, heads, reward model, log-prob kernels
-    layer 4  rollout, rewards        generation; reward sources
+    layer 4  rollout, rewards,       generation; reward sources; feedback sources (pairwise labels the online
+             feedback                methods ask for)
     layer 5  config, eval            typed stage configs (validated against the loss table); metrics, reports
     layer 6  stages                  one training loop per method
     layer 7  lab                     tasks, gold rewards, simulated annotators, gold-judged evaluation
@@ -32,6 +33,7 @@ LAYERS: dict[str, int] = {
     "models": 3,
     "rollout": 4,
     "rewards": 4,
+    "feedback": 4,
     "config": 5,
     "eval": 5,
     "stages": 6,

@@ -15,20 +15,10 @@ import sys
 from rlhflab import __version__
 from rlhflab.errors import TrainingHealthError, UserError
 from rlhflab.lab.cli import register as register_lab
+from rlhflab.stages import STAGES
 
-# Stage name -> (module with `train(cfg, *, resume, overwrite)`, one-line help). Registered as they land.
-STAGES: dict[str, tuple[str, str]] = {
-    "sft": ("rlhflab.stages.sft", "supervised fine-tuning on demonstrations (prompt masked out of the loss)"),
-    "rm": (
-        "rlhflab.stages.reward",
-        "reward model from pairwise comparisons (with margins) or K-wise rankings",
-    ),
-    "ppo": ("rlhflab.stages.ppo", "PPO against reward model(s) with a KL penalty to a frozen reference"),
-    "dpo": (
-        "rlhflab.stages.dpo",
-        "DPO and its family (IPO, hinge, cDPO, robust, KTO, ORPO, SimPO, CPL) from preferences",
-    ),
-}
+# The methods `rlhflab run --methods` knows (`rlhflab.pipeline.METHODS`, not imported here: it imports torch).
+RUN_METHODS = "sft, rm, ppo, ppo_kl0, dpo, rloo, grpo, online_dpo, best_of_n"
 
 EPILOG = """\
 examples:
@@ -64,7 +54,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from rlhflab.config import load_config
 
     module_name, _ = STAGES[args.command]
-    from rlhflab.lab.launch import resolve_lab
+    from rlhflab.lab.launch import lab_feedback, resolve_lab
 
     cfg = load_config(args.command, args.config, args.overrides)
     module = importlib.import_module(module_name)
@@ -72,8 +62,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
         module, "preflight"
     ):  # checks that need no model: before a lab model is pretrained or data made
         module.preflight(cfg)
+    # algo.feedback=lab: the lab's simulated annotators, built here (stages never import the lab).
+    feedback = lab_feedback(cfg, args.command)
     cfg = resolve_lab(cfg, args.command)
-    module.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    extra = {"feedback": feedback} if feedback is not None else {}
+    module.train(cfg, resume=args.resume, overwrite=args.overwrite, **extra)
     return 0
 
 
@@ -95,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_file=args.config,
         overrides=args.overrides,
         overwrite=args.overwrite,
+        methods=args.methods.split(",") if args.methods else None,
     )
     return 0
 
@@ -252,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="YAML with per-stage overrides: {sft: {...}, rm: {...}, ...}"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    p.add_argument(
+        "--methods",
+        metavar="LIST",
+        help="comma-separated methods to train and compare (default: sft,rm,ppo,ppo_kl0,dpo,best_of_n; "
+        "'all': every one); what a method needs is added (ppo needs rm and sft). Known: " + RUN_METHODS,
+    )
     p.add_argument("overrides", nargs="*", metavar="STAGE.KEY=VALUE", help="e.g. sft.optim.lr=1e-4")
     p.set_defaults(func=cmd_run)
 

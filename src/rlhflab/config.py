@@ -219,6 +219,10 @@ class LoggingSection:
     """Write a resumable checkpoint every N optimizer steps; 0 means only at the end."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep on disk."""
+    snapshot_every: int = 0
+    """Save the trained model (as RUN/final is saved) to RUN/snapshots/step-N every N optimizer steps (PPO and
+    the other on-policy methods: iterations); 0 means none. Snapshots are what a curve over training is drawn
+    from afterwards (e.g. the lab's gold reward and KL at each one) without the training loop seeing it."""
     tensorboard: bool = True
     """Write TensorBoard event files (when the tensorboard package is installed)."""
     wandb: bool = False
@@ -230,6 +234,9 @@ class LoggingSection:
 
     def __post_init__(self):
         _require(self.log_every >= 1, "logging.log_every", f"must be >= 1, got {self.log_every}")
+        _require(
+            self.snapshot_every >= 0, "logging.snapshot_every", f"must be >= 0, got {self.snapshot_every}"
+        )
         _require(
             self.keep_checkpoints >= 1,
             "logging.keep_checkpoints",
@@ -347,15 +354,20 @@ class RewardAlgo:
 
 
 @dataclass
-class DPOAlgo:
+class PreferenceLossSection:
+    """A preference loss of `PREFERENCE_LOSS_TABLE` and its hyperparameters, with their checks: what the
+    offline (dpo) and online (online-dpo) stages share."""
+
     loss: str = "dpo"
     """Preference loss by name, one of `rlhflab.losses.preference.PREFERENCE_LOSS_TABLE` (docs/losses.md lists
     each with its data, reference and hyperparameters): with a reference policy, on pairwise data: dpo, cdpo,
-    robust_dpo, ipo, hinge (SLiC); kto on unpaired data (prompt, completion, label); orpo, simpo, cpl on
-    pairwise data without a reference model. A hyperparameter the loss does not take must keep its default."""
+    robust_dpo, ipo, hinge (SLiC); kto and bco on unpaired data (prompt, completion, label); orpo, simpo, cpl
+    on pairwise data without a reference model. A hyperparameter the loss does not take must keep its
+    default."""
     beta: float = 0.1
-    """dpo, cdpo, robust_dpo, ipo, hinge, kto: strength of the implicit KL constraint to the reference
-    policy (DPO paper 0.1)."""
+    """dpo, cdpo, robust_dpo, ipo, hinge, kto, bco: strength of the implicit KL constraint to the reference
+    policy (DPO paper 0.1). bco also shifts its rewards by their running mean, kept across steps and
+    checkpoints (no setting)."""
     label_smoothing: float = 0.0
     """dpo, cdpo, robust_dpo, simpo: assumed probability that a preference label is flipped, in [0, 0.5);
     cdpo and robust_dpo need it > 0."""
@@ -379,10 +391,6 @@ class DPOAlgo:
     """cpl: discount over the response tokens (the steps of a segment), in (0, 1]."""
     cpl_lambda: float = 1.0
     """cpl: conservative weight on the rejected segment's score, in (0, 1]; 1 is the plain CPL loss."""
-    precompute_ref_logps: bool = True
-    """Compute the reference log-probs of all data once before training and cache them in the run
-    directory (reused by --resume), so no reference model stays in memory; false keeps the reference
-    model loaded and runs it every step. Reference-free losses (orpo, simpo, cpl) never load one."""
 
     def __post_init__(self):
         if self.loss not in PREFERENCE_LOSS_TABLE:
@@ -398,7 +406,7 @@ class DPOAlgo:
         row = PREFERENCE_LOSS_TABLE[self.loss]
         # A hyperparameter acts or is refused: one the loss does not take must stay at its default.
         used = set(row.params) | ({"average_logps"} if row.average else set())
-        defaults = DPOAlgo.__dataclass_fields__
+        defaults = type(self).__dataclass_fields__
         for key in _LOSS_HYPERPARAMETERS:
             if key not in used and getattr(self, key) != defaults[key].default:
                 takers = [
@@ -436,6 +444,14 @@ class DPOAlgo:
             _require(
                 0 < getattr(self, key) <= 1, f"algo.{key}", f"must be in (0, 1], got {getattr(self, key)}"
             )
+
+
+@dataclass
+class DPOAlgo(PreferenceLossSection):
+    precompute_ref_logps: bool = True
+    """Compute the reference log-probs of all data once before training and cache them in the run
+    directory (reused by --resume), so no reference model stays in memory; false keeps the reference
+    model loaded and runs it every step. Reference-free losses (orpo, simpo, cpl) never load one."""
 
 
 # TRL's loss_type names of our losses, so a TRL user's habit gets the right suggestion.
@@ -477,7 +493,9 @@ class SamplingSection:
 
 
 @dataclass
-class PPOAlgo:
+class RewardSourcesSection:
+    """The reward source(s) an on-policy method optimizes (PPO, RLOO, GRPO): shared fields and checks."""
+
     reward_model: list[str] = field(default_factory=list)
     """Reward sources (`rlhflab.rewards.load_reward` specs): reward model directories (runs/rm/final, with
     options such as runs/rm/final:head=safety) and rules (rule:length); several are combined by
@@ -493,57 +511,10 @@ class PPOAlgo:
     unsafe_prompt_pattern: str = ""
     """llama2_gate: a regular expression; prompts it matches (case-insensitive) are flagged as risky (Llama 2's
     IS_SAFETY) and always scored by the safety reward. Empty: only the threshold gates."""
-    rollout_batch_size: int = 64
-    """Prompts sampled per PPO iteration."""
-    iterations: int = 100
-    """PPO iterations (sample, score, optimize)."""
-    ppo_epochs: int = 4
-    """Optimization passes over each rollout batch."""
-    minibatch_size: int = 16
-    """Rollouts per PPO gradient step; must divide rollout_batch_size."""
-    kl_coef: float = 0.05
-    """Initial beta of the per-token KL penalty to the reference policy."""
-    adaptive_kl: bool = False
-    """Adapt beta toward target_kl (Ziegler et al. 2019)."""
-    target_kl: float = 6.0
-    """Target sequence KL (nats) for the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive controller."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator used in the reward."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    clip_eps: float = 0.2
-    """PPO ratio clip."""
-    value_clip_eps: float = 0.2
-    """Value clip; 0 disables."""
-    value_coef: float = 0.1
-    """Weight of the value loss (shared-backbone critic)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus weight."""
-    whiten_advantages: bool = True
-    """Normalize advantages per batch."""
-    separate_critic: bool = False
-    """A separate value network instead of a value head on the policy."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of responses cut off without EOS (0 disables)."""
 
     def __post_init__(self):
-        _require(self.rollout_batch_size >= 1, "algo.rollout_batch_size", "must be >= 1")
-        _require(self.minibatch_size >= 1, "algo.minibatch_size", "must be >= 1")
-        _require(
-            self.rollout_batch_size % self.minibatch_size == 0,
-            "algo.minibatch_size",
-            f"({self.minibatch_size}) must divide algo.rollout_batch_size ({self.rollout_batch_size}); "
-            f"try {_divisor_hint(self.rollout_batch_size, self.minibatch_size)}",
-        )
-        _require(self.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {self.kl_coef}")
-        _require(0 < self.gamma <= 1, "algo.gamma", f"must be in (0, 1], got {self.gamma}")
-        _require(0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}")
-        _require(self.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {self.clip_eps}")
-        _require(self.target_kl > 0, "algo.target_kl", f"must be > 0, got {self.target_kl}")
         _require(
             0 < self.safety_threshold < 1,
             "algo.safety_threshold",
@@ -578,6 +549,259 @@ class PPOAlgo:
                 f"config: algo.unsafe_prompt_pattern {self.unsafe_prompt_pattern!r} is not a valid "
                 f"regular expression ({e})"
             ) from None
+
+
+@dataclass
+class PPOAlgo(RewardSourcesSection):
+    rollout_batch_size: int = 64
+    """Prompts sampled per PPO iteration."""
+    iterations: int = 100
+    """PPO iterations (sample, score, optimize)."""
+    ppo_epochs: int = 4
+    """Optimization passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Rollouts per PPO gradient step; must divide rollout_batch_size."""
+    kl_coef: float = 0.05
+    """Initial beta of the per-token KL penalty to the reference policy."""
+    adaptive_kl: bool = False
+    """Adapt beta toward target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL (nats) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator used in the reward."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip."""
+    value_clip_eps: float = 0.2
+    """Value clip; 0 disables."""
+    value_coef: float = 0.1
+    """Weight of the value loss (shared-backbone critic)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    whiten_advantages: bool = True
+    """Normalize advantages per batch."""
+    separate_critic: bool = False
+    """A separate value network instead of a value head on the policy."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.rollout_batch_size >= 1, "algo.rollout_batch_size", "must be >= 1")
+        _require(self.minibatch_size >= 1, "algo.minibatch_size", "must be >= 1")
+        _require(
+            self.rollout_batch_size % self.minibatch_size == 0,
+            "algo.minibatch_size",
+            f"({self.minibatch_size}) must divide algo.rollout_batch_size ({self.rollout_batch_size}); "
+            f"try {_divisor_hint(self.rollout_batch_size, self.minibatch_size)}",
+        )
+        _require(self.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _require(0 < self.gamma <= 1, "algo.gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "algo.lam", f"must be in [0, 1], got {self.lam}")
+        _require(self.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {self.clip_eps}")
+        _require(self.target_kl > 0, "algo.target_kl", f"must be > 0, got {self.target_kl}")
+
+
+@dataclass
+class CriticFreeAlgo(RewardSourcesSection):
+    """What RLOO and GRPO share: k samples per prompt, a baseline from the group instead of a critic, PPO's
+    clipped update, and a KL term to the reference."""
+
+    prompts_per_iteration: int = 16
+    """Prompts sampled per iteration; each gets num_generations responses."""
+    num_generations: int = 4
+    """Responses sampled per prompt (the group whose scores make the baseline); >= 2."""
+    iterations: int = 100
+    """Iterations (sample, score, optimize)."""
+    ppo_epochs: int = 1
+    """Optimization passes over each batch of responses. With 1 epoch and one minibatch the update is plain
+    REINFORCE with the group baseline (the ratio is exactly 1, so the clip never acts)."""
+    minibatch_size: int = 0
+    """Responses per gradient step; must divide prompts_per_iteration x num_generations. 0: all of them."""
+    clip_eps: float = 0.2
+    """PPO ratio clip, lower side (1 - clip_eps)."""
+    clip_eps_high: float = 0.0
+    """Upper side of the clip (1 + clip_eps_high); 0 means clip_eps. DAPO's clip-higher uses 0.28."""
+    kl_coef: float = 0.05
+    """beta of the KL term to the reference; 0 drops the term (and the reference forward)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman 2020). In the reward, k1 gives an unbiased gradient of the KL; in the
+    loss, k2 does and k3 (GRPO's choice) does not (docs/losses.md, the KL table)."""
+    kl_placement: Literal["reward", "loss"] = "reward"
+    """reward: the sequence's summed KL estimate times beta is subtracted from its score before the baseline
+    (RLOO, Ahmadian et al. 2024); loss: beta times the KL estimate is added to the loss (GRPO)."""
+    loss_aggregation: Literal["sequence_mean", "token_mean", "sequence_sum", "constant"] = "sequence_mean"
+    """How token losses make the batch loss: sequence_mean (each response weighs the same; GRPO), token_mean
+    (every token weighs the same; DAPO), sequence_sum (log-prob of the whole response; REINFORCE/RLOO),
+    constant (each response's sum over sampling.max_new_tokens; Dr. GRPO, Liu et al. 2025)."""
+    dynamic_sampling: bool = False
+    """Leave out of the loss the groups whose k scores are all equal (no learning signal), as DAPO does
+    (Yu et al. 2025); their count is logged."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.prompts_per_iteration >= 1, "algo.prompts_per_iteration", "must be >= 1")
+        _require(
+            self.num_generations >= 2,
+            "algo.num_generations",
+            f"must be >= 2 (the baseline comes from the other samples of the prompt), got {self.num_generations}",
+        )
+        _require(self.iterations >= 1, "algo.iterations", f"must be >= 1, got {self.iterations}")
+        _require(self.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _require(self.minibatch_size >= 0, "algo.minibatch_size", f"must be >= 0, got {self.minibatch_size}")
+        n = self.prompts_per_iteration * self.num_generations
+        _require(
+            not self.minibatch_size or n % self.minibatch_size == 0,
+            "algo.minibatch_size",
+            f"({self.minibatch_size}) must divide algo.prompts_per_iteration x algo.num_generations ({n}); "
+            f"try {_divisor_hint(n, self.minibatch_size or 1)}",
+        )
+        _require(self.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {self.clip_eps}")
+        _require(self.clip_eps_high >= 0, "algo.clip_eps_high", f"must be >= 0, got {self.clip_eps_high}")
+        _require(self.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+    @property
+    def rollouts_per_iteration(self) -> int:
+        return self.prompts_per_iteration * self.num_generations
+
+
+@dataclass
+class RLOOAlgo(CriticFreeAlgo):
+    """REINFORCE with a baseline that needs no critic (Ahmadian et al. 2024, "Back to Basics")."""
+
+    baseline: Literal["leave_one_out", "batch_mean", "greedy"] = "leave_one_out"
+    """leave_one_out: the mean score of the prompt's other k-1 samples (RLOO, Kool et al. 2019); batch_mean:
+    the mean score of the whole batch (REINFORCE with a baseline, Williams 1992); greedy: the score of the
+    greedy response to the prompt, one extra greedy sample per prompt (ReMax, Li et al. 2023)."""
+    loss_aggregation: Literal["sequence_mean", "token_mean", "sequence_sum", "constant"] = "sequence_sum"
+
+
+@dataclass
+class GRPOAlgo(CriticFreeAlgo):
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath) with the known fixes as options."""
+
+    scale_rewards: bool = True
+    """Divide each group's centred scores by the group's std (GRPO); false keeps them only centred (Dr. GRPO,
+    Liu et al. 2025), which does not up-weight prompts whose samples all score about the same."""
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_placement: Literal["reward", "loss"] = "loss"
+
+
+@dataclass
+class LabAnnotatorsSection:
+    """The lab's simulated annotators as a feedback source (algo.feedback=lab): `rlhflab.lab.annotators`'
+    model of an annotator, judging by the lab task's hidden gold reward. The defaults are the ones that
+    label the lab's own preference data."""
+
+    temperature: float = 0.1
+    """Bradley-Terry temperature in gold units: P(first) = sigmoid(perceived gap / temperature); 0 always
+    picks the higher perceived gold."""
+    noise: float = 0.0
+    """Probability that a label is flipped (the annotator answers at random with twice this probability);
+    in [0, 0.5], 0.5 is a coin flip."""
+    n_annotators: int = 1
+    """Size of the pool; each pair is judged by one annotator drawn at random."""
+    bias_spread: float = 0.0
+    """Std of each annotator's own length bias, in gold units per 10 words (disagreement between them)."""
+    tie_margin: float = 0.0
+    """Perceived gold gaps below this are ties (label 0.5: the pair is dropped, unless keep_ties)."""
+    keep_ties: bool = False
+    """Answer a tie with a random order instead of 0.5 (Llama 2's "negligibly better / unsure")."""
+
+    def __post_init__(self):
+        _require(
+            self.temperature >= 0, "algo.annotators.temperature", f"must be >= 0, got {self.temperature}"
+        )
+        _require(
+            0 <= self.noise <= 0.5,
+            "algo.annotators.noise",
+            f"must be in [0, 0.5] (0.5 = coin flip), got {self.noise}",
+        )
+        _require(
+            self.n_annotators >= 1, "algo.annotators.n_annotators", f"must be >= 1, got {self.n_annotators}"
+        )
+        _require(
+            self.bias_spread >= 0, "algo.annotators.bias_spread", f"must be >= 0, got {self.bias_spread}"
+        )
+        _require(self.tie_margin >= 0, "algo.annotators.tie_margin", f"must be >= 0, got {self.tie_margin}")
+
+
+@dataclass
+class OnlineDPOAlgo(RewardSourcesSection, PreferenceLossSection):
+    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): each step
+    samples two responses per prompt from the current policy, asks a feedback source which is better and
+    takes one step of a paired preference loss on the answered pairs. The reward-source keys name the
+    reward that answers when feedback=reward."""
+
+    prompts_per_step: int = 16
+    """Prompts per step; each gets two responses from the current policy, one pair to judge."""
+    iterations: int = 100
+    """Steps (sample, ask, one optimizer step)."""
+    micro_batch_size: int = 0
+    """Pairs per forward/backward pass (gradient accumulation within the step); 0: all of the step's pairs."""
+    feedback: Literal["reward", "lab"] = "reward"
+    """Who judges the pairs. reward: the reward source(s) of algo.reward_model, by feedback_mode; lab: the
+    simulated annotators of the model's lab task (algo.annotators; the command line builds them, in Python
+    pass `feedback=` to `rlhflab.stages.online_dpo.train`)."""
+    feedback_mode: Literal["argmax", "bradley_terry"] = "argmax"
+    """feedback=reward: argmax prefers the higher score (equal scores are a tie, dropped); bradley_terry
+    draws the label with P(first) = sigmoid(score_first - score_second)."""
+    feedback_timeout: float = 60.0
+    """Seconds to wait for a source that answers later (human labellers) before its unanswered pairs are
+    dropped; sources that answer at once never wait."""
+    annotators: LabAnnotatorsSection = field(default_factory=LabAnnotatorsSection)
+    """feedback=lab: how the simulated annotators behave."""
+
+    def __post_init__(self):
+        PreferenceLossSection.__post_init__(self)
+        RewardSourcesSection.__post_init__(self)
+        row = PREFERENCE_LOSS_TABLE[self.loss]
+        paired = [n for n, r in PREFERENCE_LOSS_TABLE.items() if r.data == "pairwise"]
+        _require(
+            row.data == "pairwise",
+            "algo.loss",
+            f"is {self.loss}, a loss of unpaired (prompt, completion, label) data; online-dpo compares two "
+            f"samples of each prompt and takes a paired loss: {', '.join(paired)}",
+        )
+        _require(
+            self.prompts_per_step >= 1, "algo.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}"
+        )
+        _require(self.iterations >= 1, "algo.iterations", f"must be >= 1, got {self.iterations}")
+        _require(
+            self.micro_batch_size >= 0, "algo.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}"
+        )
+        _require(
+            self.feedback_timeout >= 0, "algo.feedback_timeout", f"must be >= 0, got {self.feedback_timeout}"
+        )
+        _require(
+            self.missing_eos_penalty == 0,
+            "algo.missing_eos_penalty",
+            "is not used by online-dpo (the feedback compares the two responses' texts); leave it 0",
+        )
+        if self.feedback == "lab":  # a key acts or is refused: the reward keys judge nothing here
+            for f in dataclasses.fields(RewardSourcesSection):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                _require(
+                    getattr(self, f.name) == default,
+                    f"algo.{f.name}",
+                    "is set but algo.feedback=lab asks the lab's simulated annotators, not a reward; remove "
+                    "it or use algo.feedback=reward",
+                )
+            _require(
+                self.feedback_mode == "argmax",
+                "algo.feedback_mode",
+                "applies to algo.feedback=reward; the lab's annotators are set in algo.annotators",
+            )
+        else:
+            _require(
+                self.annotators == LabAnnotatorsSection(),
+                "algo.annotators",
+                "applies to algo.feedback=lab only; set algo.feedback=lab or leave the annotators' defaults",
+            )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -663,12 +887,71 @@ class PPOConfig:
     algo: PPOAlgo = field(default_factory=PPOAlgo)
 
 
+@dataclass
+class RLOOConfig:
+    """REINFORCE leave-one-out (or another critic-free baseline) against reward sources, KL to a reference."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    ref_model: str = ""
+    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=1e-5))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: RLOOAlgo = field(default_factory=RLOOAlgo)
+
+
+@dataclass
+class GRPOConfig:
+    """Group relative policy optimization against reward sources, KL to a reference."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    ref_model: str = ""
+    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=1e-5))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: GRPOAlgo = field(default_factory=GRPOAlgo)
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Online DPO / IPO: pairs sampled from the current policy, judged by a feedback source, a paired
+    preference loss against a reference."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, the prompt order, the sampling and the feedback source."""
+    model: ModelSection = field(default_factory=ModelSection)
+    ref_model: str = ""
+    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=5e-5))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: OnlineDPOAlgo = field(default_factory=OnlineDPOAlgo)
+
+    def __post_init__(self):
+        _require(
+            PREFERENCE_LOSS_TABLE[self.algo.loss].reference or not self.ref_model,
+            "ref_model",
+            f"is set but algo.loss={self.algo.loss} uses no reference model; leave it empty",
+        )
+
+
 # The one explicit table of stages; the CLI and `config show` read it.
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "rloo": RLOOConfig,
+    "grpo": GRPOConfig,
+    "online-dpo": OnlineDPOConfig,
 }
 
 

@@ -3,20 +3,25 @@
     0. data      the lab's simulated annotators label pairs; demonstrations and prompts are written to disk
     1. sft       supervised fine-tuning of the lab's pretrained base model on the demonstrations
     2. rm        a reward model initialized from the SFT model, trained on the preference pairs
-    3. ppo       PPO against the reward model with a KL penalty to the SFT model
-       ppo_kl0   the same with no KL penalty: the reward-hacking run (proxy up, gold down)
-    4. dpo       DPO from the SFT model on the same preference pairs
-    5. eval      SFT, best-of-16 (against the reward model), PPO and DPO sampled on held-out prompts and
-                 scored by the gold reward that no training stage ever saw
-    6. report    report.json, plots and report.html
+    3. methods   each method of --methods from the SFT model (default: ppo, ppo_kl0, dpo, best_of_n):
+       ppo         PPO against the reward model with a KL penalty to the SFT model
+       ppo_kl0     the same with no KL penalty: the reward-hacking run (proxy up, gold down)
+       dpo         DPO on the same preference pairs
+       rloo, grpo  critic-free on-policy RL against the reward model
+       online_dpo  DPO on the policy's own samples, labelled as it trains by the lab's simulated annotators
+       best_of_n   the best of n SFT samples by the reward model (a sampling procedure, nothing trained)
+    4. eval      every policy sampled on held-out prompts and scored by the gold reward that no training stage
+                 ever saw; and, from each trained method's snapshots, its gold and KL over training
+    5. report    report.json, plots (gold against sqrt(KL) for every method on one plot) and report.html
 
-Every stage is an ordinary stage run in OUTPUT_DIR/STAGE (config, metrics, final model), so any of them
-can be re-run alone with `rlhflab STAGE --config OUTPUT_DIR/STAGE/config.yaml`.
+Every stage is an ordinary stage run in OUTPUT_DIR/METHOD (config, metrics, snapshots, final model), so any
+of them can be re-run alone with `rlhflab STAGE --config OUTPUT_DIR/METHOD/config.yaml`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +32,64 @@ from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.core.seeding import seed_everything
 from rlhflab.errors import ConfigError
 
-PIPELINE_STAGES = ("sft", "rm", "ppo", "ppo_kl0", "dpo")
-# Non-stage sections of the pipeline config: how much lab data to make and how to evaluate.
+
+@dataclass(frozen=True)
+class Method:
+    """A method `rlhflab run --methods` can run: its stage (a `STAGE_CONFIGS` key, or "best_of_n", a sampling
+    procedure that trains nothing) and the methods it starts from."""
+
+    stage: str
+    needs: tuple[str, ...]
+    title: str
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method("sft", (), "supervised fine-tuning on the demonstrations"),
+    "rm": Method("rm", ("sft",), "reward model on the preference pairs"),
+    "ppo": Method("ppo", ("sft", "rm"), "PPO against the reward model, KL penalty to SFT"),
+    "ppo_kl0": Method("ppo", ("sft", "rm"), "PPO with no KL penalty: the reward-hacking run"),
+    "dpo": Method("dpo", ("sft",), "DPO on the preference pairs"),
+    "rloo": Method("rloo", ("sft", "rm"), "RLOO against the reward model, KL to SFT in the reward"),
+    "grpo": Method("grpo", ("sft", "rm"), "GRPO against the reward model, KL to SFT in the loss"),
+    "online_dpo": Method(
+        "online-dpo", ("sft",), "online DPO: the lab's annotators label the policy's samples"
+    ),
+    "best_of_n": Method("best_of_n", ("sft", "rm"), "best of n SFT samples by the reward model"),
+}
+DEFAULT_METHODS = ("sft", "rm", "ppo", "ppo_kl0", "dpo", "best_of_n")
+TRAINED = tuple(name for name, m in METHODS.items() if m.stage != "best_of_n")
+# Non-stage sections of the pipeline config: how much lab data to make and how to evaluate. curve_points:
+# snapshots per trained method (each evaluated on curve_prompts held-out prompts x curve_samples samples).
 PIPELINE_SECTIONS = {
     "data": {"n_sft": 2000, "n_pairs": 2000, "n_prompts": 1000, "n_heldout": 256},
-    "eval": {"prompts": 64, "samples": 4, "best_of_n": 16},
+    "eval": {
+        "prompts": 64,
+        "samples": 4,
+        "best_of_n": 16,
+        "curve_points": 5,
+        "curve_prompts": 32,
+        "curve_samples": 2,
+    },
 }
+
+
+def resolve_methods(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The methods to run, in METHODS order, with what they need added (ppo needs rm and sft); "all": every
+    method. Unknown names are refused with the known ones."""
+    if not names:
+        names = DEFAULT_METHODS
+    if list(names) == ["all"]:
+        names = tuple(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(METHODS)} (or 'all')")
+    wanted = set(names)
+    for name in names:
+        wanted |= set(METHODS[name].needs)
+        for need in METHODS[name].needs:
+            wanted |= set(METHODS[need].needs)
+    return [n for n in METHODS if n in wanted]
+
 
 # Defaults tuned so that the whole run takes about 1.5 minutes on 2 CPU cores (see BENCHMARKS.md).
 DEFAULTS: dict[str, list[str]] = {
@@ -64,7 +121,7 @@ DEFAULTS: dict[str, list[str]] = {
         "sampling.max_new_tokens=24",
         "logging.log_every=1",
     ],
-    "ppo_kl0": ["algo.kl_coef=0"],
+    "ppo_kl0": ["algo.kl_coef=0"],  # on top of ppo's
     "dpo": [
         "optim.lr=2e-4",
         "optim.batch_size=32",
@@ -74,18 +131,50 @@ DEFAULTS: dict[str, list[str]] = {
         "data.max_prompt_length=24",
         "logging.log_every=5",
     ],
+    # The methods beyond the default set get PPO's sampling budget (6,400 responses) or, for online DPO,
+    # offline DPO's label budget (2,000 pairs), and PPO's / DPO's learning rate: set before any run of them,
+    # not tuned on the held-out prompts.
+    "rloo": [
+        "optim.lr=2e-4",
+        "algo.iterations=100",
+        "algo.prompts_per_iteration=16",
+        "algo.num_generations=4",
+        "algo.kl_coef=0.05",
+        "sampling.max_new_tokens=24",
+        "logging.log_every=1",
+    ],
+    "grpo": [
+        "optim.lr=2e-4",
+        "algo.iterations=100",
+        "algo.prompts_per_iteration=16",
+        "algo.num_generations=4",
+        "sampling.max_new_tokens=24",
+        "logging.log_every=1",
+    ],
+    "online_dpo": [
+        "optim.lr=2e-4",
+        "algo.iterations=125",
+        "algo.prompts_per_step=16",
+        "algo.beta=0.1",
+        "algo.feedback=lab",
+        "sampling.max_new_tokens=24",
+        "logging.log_every=5",
+    ],
 }
 
 
-def _stage_config(stage: str, out: Path, seed: int, base: list[str], user: dict[str, Any]):
+def _stage_config(
+    name: str, out: Path, seed: int, base: list[str], user: dict[str, Any], snapshot_every: int = 0
+):
     """Stage config = stage defaults <- pipeline defaults <- wiring (`base`) <- the user's section."""
-    kind = "ppo" if stage == "ppo_kl0" else stage
     data: dict[str, Any] = {}
-    for layer in (DEFAULTS[kind], DEFAULTS["ppo_kl0"] if stage == "ppo_kl0" else [], base):
+    for layer in (DEFAULTS["ppo"] if name == "ppo_kl0" else [], DEFAULTS[name], base):
         data = deep_merge(data, parse_overrides(layer))
-    data = deep_merge(data, user.get(stage, {}))
-    data = deep_merge(data, {"seed": seed, "logging": {"output_dir": str(out / stage)}})
-    return build_config(STAGE_CONFIGS[kind], data)
+    if snapshot_every:
+        data = deep_merge(data, {"logging": {"snapshot_every": snapshot_every}})
+    data = deep_merge(data, user.get(name, {}))
+    data = deep_merge(data, {"seed": seed, "logging": {"output_dir": str(out / name)}})
+    return build_config(STAGE_CONFIGS[METHODS[name].stage], data)
 
 
 def _user_sections(config_file: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -93,7 +182,7 @@ def _user_sections(config_file: str | None, overrides: list[str]) -> dict[str, A
     user = read_yaml(config_file) if config_file else {}
     user = deep_merge(user, parse_overrides(overrides))
     where = config_file or "command line"
-    sections = (*PIPELINE_STAGES, *PIPELINE_SECTIONS)
+    sections = (*TRAINED, *PIPELINE_SECTIONS)
     for key, value in user.items():
         if key not in sections:
             raise ConfigError(
@@ -136,21 +225,27 @@ def _gold_curve(task, run_dir: Path) -> list[dict[str, float]]:
     curve = []
     for it, rows in sorted(by_iter.items()):
         gold = gold_scores(task, [prompt_text(r["prompt"]) for r in rows], [r["response"] for r in rows])
-        curve.append(
-            {
-                "step": it,
-                "reward/score": float(np.mean([r["score"] for r in rows])),
-                "gold/mean": float(np.mean(gold)),
-                "kl/ref": float(np.mean([r["kl"] for r in rows])),
-            }
-        )
+        point = {
+            "step": it,
+            "reward/score": _mean(r["score"] for r in rows),
+            "gold/mean": float(np.mean(gold)),
+        }
+        point["kl/ref"] = _mean(r["kl"] for r in rows)
+        curve.append(point)
     return curve
 
 
+def _mean(values) -> float:
+    """Mean of the values that are not None (a rollout's score or KL can be null: not measured)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else float("nan")
+
+
 def _evaluate_all(
-    task, dirs: dict[str, Path], rm_dir: Path, seed: int, ev: dict[str, int]
+    task, dirs: dict[str, Path], rm_dir: Path | None, seed: int, ev: dict[str, int], best_of_n: bool
 ) -> tuple[dict, dict]:
-    """Gold evaluation of every policy against SFT samples on the same held-out prompts."""
+    """Gold evaluation of every policy against SFT samples on the same held-out prompts (and of the reward
+    model and best-of-n when they were run)."""
     from rlhflab.lab.evaluate import evaluate_policy, evaluate_reward_model, sample_policy
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.rewards import LearnedReward
@@ -160,8 +255,8 @@ def _evaluate_all(
     sft = load_causal_lm(dirs["sft"])
     sft_samples = sample_policy(sft, tokenizer, task, prompts, n_samples=ev["samples"], seed=seed + 1)
     results = {}
-    for name in ("sft", "ppo", "ppo_kl0", "dpo"):
-        model = sft if name == "sft" else load_causal_lm(dirs[name])
+    for name, directory in dirs.items():
+        model = sft if name == "sft" else load_causal_lm(directory)
         results[name] = evaluate_policy(
             model,
             tokenizer,
@@ -172,12 +267,34 @@ def _evaluate_all(
             ref_samples=sft_samples,
             seed=seed + 2,
         )
+    if rm_dir is None:
+        return results, {}
     reward = LearnedReward.from_pretrained(rm_dir)
-    results[f"best_of_{ev['best_of_n']}"] = _evaluate_best_of_n(
-        task, sft, tokenizer, reward, prompts, sft_samples, seed, ev["samples"], ev["best_of_n"]
-    )
+    if best_of_n:
+        results[f"best_of_{ev['best_of_n']}"] = _evaluate_best_of_n(
+            task, sft, tokenizer, reward, prompts, sft_samples, seed, ev["samples"], ev["best_of_n"]
+        )
     rm_metrics = evaluate_reward_model(reward.score, task, seed=seed)
     return results, {"rm": rm_metrics}
+
+
+def _heldout_curves(task, dirs: dict[str, Path], out: Path, seed: int, ev: dict[str, int]) -> dict[str, list]:
+    """Gold and KL to SFT over training, from each trained method's snapshots, on one set of held-out prompts
+    (other seeds than the final evaluation's draws); step 0 is the SFT model for every method."""
+    from rlhflab.lab.curves import gold_curve
+    from rlhflab.lab.evaluate import evaluate_policy, sample_policy
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+
+    prompts = task.heldout_prompts(ev["curve_prompts"], seed=seed + 7)
+    tokenizer, sft = load_tokenizer(dirs["sft"]), load_causal_lm(dirs["sft"])
+    ref_samples = sample_policy(sft, tokenizer, task, prompts, n_samples=ev["curve_samples"], seed=seed + 8)
+    kw = {"prompts": prompts, "n_samples": ev["curve_samples"], "ref_samples": ref_samples, "seed": seed + 9}
+    start = evaluate_policy(sft, tokenizer, task, ref_model=sft, **kw)
+    return {
+        name: gold_curve(task, out / name, ref_model=sft, tokenizer=tokenizer, start=start, **kw)
+        for name in dirs
+        if name != "sft"
+    }
 
 
 def _evaluate_best_of_n(
@@ -230,6 +347,7 @@ def _summary(policies: dict) -> dict:
 
 
 def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[str, list[str]]:
+    final = {name: final.get(name, Path("unused")) for name in METHODS}
     """Each stage's model and data: the lab's base model and files, then each stage from the SFT model."""
     wiring = {
         "sft": [f"model.name_or_path=lab:{task}", f"data.train_path={data['sft']}"],
@@ -241,8 +359,51 @@ def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[st
         ],
         "dpo": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
     }
-    wiring["ppo_kl0"] = wiring["ppo"]
+    wiring["ppo_kl0"] = wiring["rloo"] = wiring["grpo"] = wiring["ppo"]
+    wiring["online_dpo"] = [f"model.name_or_path={final['sft']}", f"data.train_path={data['prompts']}"]
     return wiring
+
+
+def _total_steps(name: str, cfg, n_records: dict[str, int]) -> int:
+    """About how many optimizer steps (iterations) a method's run takes, for its snapshot spacing."""
+    algo = cfg.algo
+    if hasattr(algo, "iterations"):
+        return algo.iterations
+    if cfg.optim.max_steps:
+        return cfg.optim.max_steps
+    n = n_records["n_pairs" if name in ("rm", "dpo") else "n_sft"]
+    n_train = n - int(n * getattr(cfg.data, "eval_fraction", 0.0))
+    return max(1, n_train // cfg.optim.batch_size) * cfg.optim.epochs
+
+
+def _configs(names: list[str], out: Path, seed: int, task: str, user: dict, data: dict, ev: dict) -> dict:
+    """Every method's stage config, built (and so validated) before any work starts: a typo in the last
+    method's section fails in a second, not after ten minutes. Trained policies snapshot curve_points times."""
+    final = {name: out / name / "final" for name in names}
+    wiring = _wiring(task, data, final)
+    n_records = _section(user, "data")
+    configs = {}
+    for name in names:
+        cfg = _stage_config(name, out, seed, wiring[name], user)
+        if name not in ("sft", "rm") and not cfg.logging.snapshot_every:
+            every = max(1, -(-_total_steps(name, cfg, n_records) // ev["curve_points"]))
+            cfg = _stage_config(name, out, seed, wiring[name], user, snapshot_every=every)
+        configs[name] = cfg
+    return configs
+
+
+def _train(name: str, cfg) -> Path:
+    """Run one method's stage as the command line would: lab names resolved, lab feedback built."""
+    import importlib
+
+    from rlhflab.lab.launch import lab_feedback, resolve_lab
+    from rlhflab.stages import STAGES
+
+    stage = METHODS[name].stage
+    module = importlib.import_module(STAGES[stage][0])
+    feedback = lab_feedback(cfg, stage)
+    extra = {"feedback": feedback} if feedback is not None else {}
+    return module.train(resolve_lab(cfg, stage), **extra)
 
 
 def run_pipeline(
@@ -253,54 +414,48 @@ def run_pipeline(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     overwrite: bool = False,
+    methods: list[str] | None = None,
 ) -> Path:
-    """Run the whole pipeline; returns the path of report.html."""
-    from rlhflab.lab.launch import resolve_lab
+    """Run the whole pipeline with `methods` (default `DEFAULT_METHODS`); returns the path of report.html."""
     from rlhflab.lab.make_data import make_task_data
     from rlhflab.lab.tasks import get_task
-    from rlhflab.stages import dpo, ppo, reward, sft
 
     t_start = time.time()
     task_obj = get_task(task)
+    names = resolve_methods(methods)
+    trained = [n for n in names if n in TRAINED]
     user = _user_sections(config_file, overrides or [])
+    unused = [k for k in user if k in TRAINED and k not in trained]
+    if unused:
+        raise ConfigError(
+            f"pipeline section '{unused[0]}' is for a method that is not run; add it to --methods or drop it"
+        )
+    ev = _section(user, "eval")
     out = Path(output_dir)
-    # Every stage's config is built (and validated) before any work starts, so a typo in the last stage's
-    # section fails in a second, not after ten minutes. Stages save their model to STAGE/final.
     data = {name: out / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}
-    final = {stage: out / stage / "final" for stage in PIPELINE_STAGES}
-    wiring = _wiring(task, data, final)
-    configs = {stage: _stage_config(stage, out, seed, wiring[stage], user) for stage in PIPELINE_STAGES}
+    configs = _configs(trained, out, seed, task, user, data, ev)
     out = prepare_run_dir(output_dir, "run", resume=False, overwrite=overwrite)
     seed_everything(seed)
 
-    print(f"[0/6] data: simulated annotators label the '{task}' task")
+    steps = len(trained) + 3
+    print(f"[0/{steps}] data: simulated annotators label the '{task}' task")
     paths = make_task_data(task_obj, out / "data", seed=seed, **_section(user, "data"))
     assert all(paths[name] == path for name, path in data.items()), paths
-    trainers = {
-        "sft": sft.train,
-        "rm": reward.train,
-        "ppo": ppo.train,
-        "ppo_kl0": ppo.train,
-        "dpo": dpo.train,
+    for i, name in enumerate(trained, 1):
+        print(f"[{i}/{steps}] {name}: {METHODS[name].title}")
+        saved = _train(name, configs[name])
+        if Path(saved) != out / name / "final":
+            raise RuntimeError(f"{name} saved its model to {saved}, expected {out / name / 'final'}")
+    dirs = {n: out / n / "final" for n in trained if n != "rm"}
+    rm_dir = out / "rm" / "final" if "rm" in trained else None
+    print(f"[{steps - 2}/{steps}] gold evaluation")
+    policies, reward_models = _evaluate_all(task_obj, dirs, rm_dir, seed, ev, "best_of_n" in names)
+    curves = _heldout_curves(task_obj, dirs, out, seed, ev)
+    # The on-policy runs also logged every sample: their proxy score, gold (scored here) and KL per iteration.
+    rollout_curves = {
+        n: _gold_curve(task_obj, out / n) for n in trained if METHODS[n].stage in ("ppo", "rloo", "grpo")
     }
-    titles = {
-        "sft": "[1/6] sft",
-        "rm": "[2/6] reward model",
-        "ppo": "[3/6] ppo",
-        "ppo_kl0": "[3/6] ppo_kl0 (no KL penalty: the reward-hacking run)",
-        "dpo": "[4/6] dpo",
-    }
-    for stage in PIPELINE_STAGES:
-        print(titles[stage])
-        saved = trainers[stage](resolve_lab(configs[stage], "ppo" if stage == "ppo_kl0" else stage))
-        if Path(saved) != final[stage]:
-            raise RuntimeError(f"{stage} saved its model to {saved}, expected {final[stage]}")
-    dirs, rm_dir = {s: final[s] for s in ("sft", "ppo", "ppo_kl0", "dpo")}, final["rm"]
-    print("[5/6] gold evaluation")
-    policies, reward_models = _evaluate_all(task_obj, dirs, rm_dir, seed, _section(user, "eval"))
-    # Only the PPO runs have a proxy/gold/KL curve; the other stages' losses stay in their metrics.jsonl.
-    curves = {name: _gold_curve(task_obj, out / name) for name in ("ppo", "ppo_kl0")}
-    print("[6/6] report")
+    print(f"[{steps - 1}/{steps}] report")
     from rlhflab.eval.report import write_report
 
     runtime = time.time() - t_start
@@ -311,7 +466,8 @@ def run_pipeline(
         policies=policies,
         reward_models=reward_models,
         curves=curves,
-        meta={"seed": seed, "runtime_s": runtime, "summary": summary},
+        rollout_curves=rollout_curves,
+        meta={"seed": seed, "runtime_s": runtime, "methods": names, "summary": summary},
     )
     _patch_report_json(paths_out["json"], task, seed, runtime, reward_models, summary)
     _print_table(summary, paths_out["html"])
@@ -332,7 +488,7 @@ def _patch_report_json(
             "task": task,
             "seed": seed,
             "runtime_s": runtime,
-            "reward_model": {"heldout_accuracy": reward_models["rm"].get("rm/accuracy")},
+            "reward_model": {"heldout_accuracy": reward_models.get("rm", {}).get("rm/accuracy")},
         }
     )
     report["policy_metrics"] = report.pop("policies")

@@ -86,10 +86,10 @@ def test_ppo_minibatch_must_divide_rollout_batch():
         load_config("ppo", None, ["algo.minibatch_size=24"])
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo"])
 def test_shipped_example_configs_load(stage):
     from pathlib import Path
 
-    path = Path(__file__).parents[2] / "configs" / f"{stage}_tiny.yaml"
+    path = Path(__file__).parents[2] / "configs" / f"{stage.replace('-', '_')}_tiny.yaml"
     cfg = load_config(stage, path)
     assert cfg.model.name_or_path == "lab:sentiment"

@@ -57,7 +57,13 @@ def test_report_files(tmp_path):
         task="sentiment",
         policies=policies,
         reward_models=reward_models,
-        curves=curves,
+        curves={
+            "ppo": [
+                {"step": 0, "gold/mean": 0.1, "kl/ref": 0.0},
+                {"step": 5, "gold/mean": 0.3, "kl/ref": 4.0},
+            ]
+        },
+        rollout_curves=curves,
         meta={"seed": 0, "minutes": 4.2},
     )
     report = json.loads(paths["json"].read_text())
@@ -65,8 +71,17 @@ def test_report_files(tmp_path):
     assert report["policies"]["ppo"]["sample/distinct_2"] is None  # NaN -> null
     assert "samples_obj" not in report["policies"]["ppo"]
     assert report["reward_models"]["rm"]["rm/accuracy_by_rating"]["negligibly_better"]["accuracy"] is None
-    assert len(report["curves"]["ppo"]) == 10
-    assert set(report["plots"]) == {"gold_by_policy", "training_curves", "gold_vs_proxy", "rm_accuracy"}
+    assert len(report["rollout_curves"]["ppo"]) == 10 and [p["step"] for p in report["curves"]["ppo"]] == [
+        0,
+        5,
+    ]
+    assert set(report["plots"]) == {
+        "gold_by_policy",
+        "gold_vs_kl",
+        "training_curves",
+        "gold_vs_proxy",
+        "rm_accuracy",
+    }
     page = paths["html"].read_text()
     for name, file in report["plots"].items():
         png = (tmp_path / file).read_bytes()

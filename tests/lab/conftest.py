@@ -1,15 +1,9 @@
-"""Fixtures for lab tests: a lab cache in the session's temp dir (never ~/.cache) and the tiny base model."""
+"""Fixtures for lab tests: the tiny base model, pretrained once in the session's lab cache (`lab_cache`, in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def lab_cache(tmp_path_factory):
-    # One cache for the whole session (the stage and pipeline tests use the same path), so the tiny base model is
-    # pretrained once.
-    return tmp_path_factory.getbasetemp() / "rlhflab-cache"
 
 
 @pytest.fixture(scope="session")

@@ -62,25 +62,19 @@ def test_sentiment_data_loads_in_every_foundation_format(tmp_path):
 
 def test_pairs_prefer_higher_gold_and_files_are_deterministic(tmp_path):
     settings = AnnotatorSettings(temperature=0.0)
-    a = make_task_data(
-        "sentiment",
-        tmp_path / "a",
-        n_sft=10,
-        n_pairs=200,
-        n_prompts=5,
-        n_heldout=5,
-        annotator_settings=settings,
-        seed=3,
-    )
-    b = make_task_data(
-        "sentiment",
-        tmp_path / "b",
-        n_sft=10,
-        n_pairs=200,
-        n_prompts=5,
-        n_heldout=5,
-        annotator_settings=settings,
-        seed=3,
+    # Two runs with the same seed, into two directories.
+    a, b = (
+        make_task_data(
+            "sentiment",
+            tmp_path / name,
+            n_sft=10,
+            n_pairs=200,
+            n_prompts=5,
+            n_heldout=5,
+            annotator_settings=settings,
+            seed=3,
+        )
+        for name in ("a", "b")
     )
     for key in ("sft", "pairs", "prompts", "heldout"):
         assert a[key].read_text() == b[key].read_text()

@@ -1,11 +1,12 @@
 """DPO family: hand-worked numbers, invariants (DPO = log 2, IPO minimum, CPL -> DPO) and the loss table.
 
-Reference values: -log sigma(z): 0 -> 0.693147, 1 -> 0.313262, 1.5 -> 0.201413, -1 -> 1.313262;
-sigma(0.4) = 0.598688, sigma(0.6) = 0.645656.
+Reference values: -log sigma(z): 0 -> 0.693147, 1 -> 0.313262, 1.5 -> 0.201413, -1 -> 1.313262,
+0.3 -> 0.554355, 0.7 -> 0.403186, -0.7 -> 1.103186; sigma(0.4) = 0.598688, sigma(0.6) = 0.645656.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from pathlib import Path
@@ -16,7 +17,9 @@ import torch
 from rlhflab.errors import ConfigError
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
+    BCORewardShift,
     PreferenceInputs,
+    bco,
     cdpo,
     cpl,
     dpo,
@@ -119,6 +122,84 @@ def test_kto_kl_estimate_by_hand():
     assert est.item() == 0.0 and not est.requires_grad
 
 
+def test_bco_by_hand():
+    """beta = 0.5, delta = 0.2.
+    desirable, r = 0.5 * (-1 - (-2)) = 0.5: -log sigma(0.5 - 0.2) = -log sigma(0.3) = 0.554355;
+    undesirable, r = 0.5 * (-3 - (-2)) = -0.5: -log sigma(-(-0.5 - 0.2)) = -log sigma(0.7) = 0.403186.
+    The same rewards with the labels swapped: -log sigma(-0.3) = 0.854355, -log sigma(-0.7) = 1.103186.
+    """
+    pol, ref = t([-1.0, -3.0]), t([-2.0, -2.0])
+    out = bco(pol, ref, torch.tensor([True, False]), 0.2, beta=0.5)
+    torch.testing.assert_close(out.loss, t([0.554355, 0.403186]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.metrics["reward/implicit"], t([0.5, -0.5]))
+    torch.testing.assert_close(out.metrics["reward/shift"], t([0.2, 0.2]))
+    swapped = bco(pol, ref, torch.tensor([False, True]), torch.tensor(0.2), beta=0.5)
+    torch.testing.assert_close(swapped.loss, t([0.854355, 1.103186]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+def test_bco_is_log2_when_policy_equals_reference_and_no_shift(beta):
+    g = torch.Generator().manual_seed(1)
+    logps = torch.randn(6, dtype=F64, generator=g) * 20
+    out = bco(logps, logps, torch.tensor([True, False] * 3), 0.0, beta=beta)
+    torch.testing.assert_close(out.loss, torch.full((6,), math.log(2), dtype=F64))
+
+
+def test_bco_shift_is_a_constant_and_moves_the_decision_boundary():
+    """Gradient d/dr: desirable -(1 - sigma(r - delta)), undesirable sigma(r - delta); nothing reaches delta.
+    At r = delta each kind pays log 2: the shift is where the classifier is undecided."""
+    pol = t([-1.0, -1.0]).requires_grad_()
+    shift = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    out = bco(pol, t([-1.5, -1.5]), torch.tensor([True, False]), shift, beta=1.0)
+    torch.testing.assert_close(out.loss, torch.full((2,), math.log(2), dtype=F64))
+    out.loss.sum().backward()
+    torch.testing.assert_close(pol.grad, t([-0.5, 0.5]))
+    assert shift.grad is None
+
+
+def test_bco_reward_shift_by_hand():
+    """Running mean over every reward seen: [0.5, -0.5, 0.25] -> 0.25 / 3 = 0.083333; then [1.0]:
+    (0.25 + 1.0) / 4 = 0.3125. The state survives a round trip; a NaN reward is refused."""
+    shift = BCORewardShift()
+    assert shift.value == 0.0
+    assert shift.update(t([0.5, -0.5, 0.25])) == pytest.approx(0.083333, abs=1e-6)
+    assert shift.update(t([1.0])) == pytest.approx(0.3125)
+    assert shift.update(t([])) == pytest.approx(0.3125)
+    clone = BCORewardShift()
+    clone.load_state_dict(shift.state_dict())
+    assert (clone.value, clone.count) == (0.3125, 4)
+    assert clone.update(t([0.3125])) == pytest.approx(0.3125)
+    with pytest.raises(ValueError, match="not finite"):
+        shift.update(t([float("nan")]))
+
+
+def test_run_preference_loss_feeds_bco_its_shift():
+    """The bco row reads desirable flags and reward_shift (not kl_estimate); per-kind rewards NaN elsewhere;
+    accuracy = the share on the right side of delta: r = [0.5, -0.5, 0.1] against delta 0.2 with labels
+    [good, bad, good] -> [right, right, wrong]."""
+    x = PreferenceInputs(
+        t([-1.0, -3.0, -1.8]),
+        torch.tensor([2, 2, 2]),
+        torch.zeros(3, 2, dtype=F64),
+        torch.ones(3, 2, dtype=torch.bool),
+        ref_logps=t([-2.0, -2.0, -2.0]),
+        desirable=torch.tensor([True, False, True]),
+        kl_estimate=torch.tensor(5.0, dtype=F64),  # ignored by bco: a KTO-only input
+        reward_shift=0.2,
+    )
+    out = run_preference_loss(PREFERENCE_LOSS_TABLE["bco"], x, {"beta": 0.5})
+    expected = bco(x.policy_logps, x.ref_logps, x.desirable, 0.2, beta=0.5)
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert out.metrics["reward/accuracy"].tolist() == [1.0, 1.0, 0.0]
+    torch.testing.assert_close(out.metrics["reward/implicit"], t([0.5, -0.5, 0.1]))
+    assert out.metrics["reward/chosen"][1].isnan() and out.metrics["reward/rejected"][0].isnan()
+    assert "kl/reference_point" not in out.metrics
+    with pytest.raises(ValueError, match="reward_shift"):
+        run_preference_loss(
+            PREFERENCE_LOSS_TABLE["bco"], dataclasses.replace(x, reward_shift=None), {"beta": 0.5}
+        )
+
+
 def test_orpo_by_hand():
     """Average log-probs ln 0.5 (chosen) and ln 0.25 (rejected).
     odds_c = 0.5 / 0.5 = 1, odds_r = 0.25 / 0.75 = 1/3 -> log odds ratio = ln 3 = 1.098612;
@@ -188,7 +269,7 @@ def test_the_loss_table():
             expected = implicit_reward_metrics(*args, 0.2)["reward/chosen"]
             torch.testing.assert_close(out.metrics["reward/chosen"], expected)
     assert [n for n, r in PREFERENCE_LOSS_TABLE.items() if not r.reference] == ["orpo", "simpo", "cpl"]
-    assert [n for n, r in PREFERENCE_LOSS_TABLE.items() if r.data == "unpaired"] == ["kto"]
+    assert [n for n, r in PREFERENCE_LOSS_TABLE.items() if r.data == "unpaired"] == ["kto", "bco"]
 
 
 def test_docs_list_the_table():

@@ -13,7 +13,8 @@ from rlhflab.models.backbone import (
     last_token_index,
     position_ids_from_mask,
 )
-from rlhflab.models.tiny import tiny_causal_lm
+
+from ..helpers import tiny_lm
 
 
 def test_last_token_index_hand_worked():
@@ -37,7 +38,7 @@ def test_position_ids_from_mask_hand_worked():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_backbone_and_head_reproduce_model_logits(tiny_tokenizer, arch):
-    model = tiny_causal_lm(tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2).eval()
+    model = tiny_lm(tiny_tokenizer, arch=arch).eval()
     batch = tiny_tokenizer(["the cat sat on the mat", "hi"], return_tensors="pt", padding=True)
     base, head = backbone_and_head(model)
     assert head is model.get_output_embeddings()

@@ -10,23 +10,11 @@ import torch
 
 from rlhflab.models.final_layer import final_layer_only_at
 
+from ..helpers import tiny_reward_model
+
 
 def _reward_model(kv_heads: int):
-    from transformers import LlamaConfig, LlamaModel
-
-    from rlhflab.models.reward_model import RewardModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
-    return RewardModel(LlamaModel(config).train(), 2)
+    return tiny_reward_model("llama", kv_heads, vocab=40)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

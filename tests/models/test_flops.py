@@ -9,13 +9,11 @@ c_fc (H x FF = 4,096) and mlp.c_proj (FF x H = 4,096): 12,288.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhflab.config import load_config
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.models.final_layer import final_layer_only_at
 from rlhflab.models.flops import (
@@ -33,6 +31,8 @@ from rlhflab.models.heads import Critic, ValueHead
 from rlhflab.models.loading import LoraSettings, apply_lora, count_parameters
 from rlhflab.models.reward_model import RewardModel
 from rlhflab.models.tiny import tiny_causal_lm
+
+from ..helpers import TINY_LM, stage_config, write_jsonl
 
 H, L, FF = 32, 2, 128
 LLAMA_LAYER = 4 * H * H + 3 * H * FF  # 16,384
@@ -198,35 +198,27 @@ def test_ppo_iteration(tiny_tokenizer, llama):
     assert ppo_iteration_flops(policy, ref, critic, tokens, resp, 2) == with_critic
 
 
-def test_reward_stage_logs_these_flops(tmp_path, tiny_tokenizer):
+def test_reward_stage_logs_these_flops(tmp_path, tiny_model_dir):
     """A 2-step `rlhflab rm` run on a tiny Llama logs perf/flops_per_s = reward_model_train_flops / elapsed."""
     from rlhflab.stages import reward
 
-    model_dir = tmp_path / "sft"
-    tiny_causal_lm(tiny_tokenizer, hidden_size=H, num_layers=L, num_heads=2).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
+    # The fixture's tiny Llama is the one of the numbers below: hidden H, L layers, 2 heads.
+    assert TINY_LM == {"hidden_size": H, "num_layers": L, "num_heads": 2}
     rows = [
         {"prompt": f"what is the {w} ?", "chosen": f"the {w} is very good .", "rejected": f"the {w} is bad ."}
         for w in ("cat", "dog", "film", "day")
     ] * 4
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = stage_config(
         "rm",
-        None,
-        [
-            f"model.name_or_path={model_dir}",
-            f"logging.output_dir={tmp_path / 'run'}",
-            "model.device=cpu",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "logging.log_every=1",
-            "data.max_length=32",
-            "data.max_prompt_length=16",
-            "optim.batch_size=8",
-            "optim.max_steps=2",
-            f"data.train_path={data}",
-        ],
+        model_dir,
+        "data.max_length=32",
+        "data.max_prompt_length=16",
+        "optim.batch_size=8",
+        "optim.max_steps=2",
+        data=data,
+        out=tmp_path / "run",
     )
     reward.train(cfg)
     model = reward._build_model(cfg, str(model_dir), ["reward"])[0].train()

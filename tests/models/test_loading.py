@@ -19,7 +19,9 @@ from rlhflab.models.loading import (
     resolve_dtype,
     save_model,
 )
-from rlhflab.models.tiny import build_word_tokenizer, tiny_causal_lm
+from rlhflab.models.tiny import build_word_tokenizer
+
+from ..helpers import tiny_lm
 
 
 def _ids(tok, *texts):
@@ -29,7 +31,7 @@ def _ids(tok, *texts):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_causal_lm_round_trip_identical_logits(tmp_path, tiny_tokenizer, arch):
-    model = tiny_causal_lm(tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2).eval()
+    model = tiny_lm(tiny_tokenizer, arch=arch).eval()
     ids, mask = _ids(tiny_tokenizer, "the cat sat on the mat", "hello")
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits

@@ -13,6 +13,8 @@ from rlhflab.models.loading import LoraSettings, count_parameters, save_model
 from rlhflab.models.reward_model import RewardModel
 from rlhflab.models.tiny import build_word_tokenizer, tiny_causal_lm
 
+from ..helpers import tiny_lm
+
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad", "very", "not"]
 
 
@@ -26,7 +28,7 @@ def eos_pad_tokenizer():
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, eos_pad_tokenizer):
-    model = tiny_causal_lm(eos_pad_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1)
+    model = tiny_lm(eos_pad_tokenizer, seed=1)
     model.config.pad_token_id = eos_pad_tokenizer.eos_token_id
     return save_model(model, eos_pad_tokenizer, tmp_path_factory.mktemp("rm") / "sft")
 
@@ -76,7 +78,7 @@ def test_reward_reads_last_real_token_with_eos_pad(sft_dir, eos_pad_tokenizer):
 
 def test_left_and_right_padding_agree_for_gpt2(tmp_path, eos_pad_tokenizer):
     """GPT-2 has absolute positions, so left padding only agrees if positions come from the mask."""
-    model = tiny_causal_lm(eos_pad_tokenizer, arch="gpt2", hidden_size=32, num_layers=2, num_heads=2)
+    model = tiny_lm(eos_pad_tokenizer, arch="gpt2")
     rm = RewardModel.from_causal_lm(model, num_heads=2).eval()
     with torch.no_grad():
         right = rm(*_batch(eos_pad_tokenizer, TEXTS, side="right"))

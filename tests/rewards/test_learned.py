@@ -6,13 +6,14 @@ import torch
 from rlhflab.data import PairwiseRecord, collate_pairs, tokenize_pair
 from rlhflab.errors import UserError
 from rlhflab.models.reward_model import RewardModel
-from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.rewards import SETTINGS_FILE, LearnedReward, RewardSource
+
+from ..helpers import tiny_lm
 
 
 @pytest.fixture()
 def rm_dir(tmp_path, tiny_tokenizer):
-    lm = tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    lm = tiny_lm(tiny_tokenizer)
     torch.manual_seed(0)
     rm = RewardModel.from_causal_lm(lm, num_heads=2, head_names=["helpful", "safe"])
     rm.set_normalization([1.0, -2.0], [2.0, 4.0])
@@ -74,7 +75,7 @@ def test_learned_reward_heads_and_whitening(rm_dir):
 
 
 def test_learned_reward_refuses_a_causal_lm(tmp_path, tiny_tokenizer):
-    lm = tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    lm = tiny_lm(tiny_tokenizer)
     lm.save_pretrained(tmp_path / "lm")
     with pytest.raises(UserError, match="not a reward model directory"):
         LearnedReward.from_pretrained(tmp_path / "lm")

@@ -3,7 +3,6 @@ import torch
 
 from rlhflab.errors import UserError
 from rlhflab.models.reward_model import RewardModel
-from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.rewards import (
     CombinedReward,
     LearnedReward,
@@ -15,10 +14,12 @@ from rlhflab.rewards import (
     parse_spec,
 )
 
+from ..helpers import tiny_lm
+
 
 @pytest.fixture()
 def run_dir(tmp_path, tiny_tokenizer):
-    lm = tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    lm = tiny_lm(tiny_tokenizer)
     rm = RewardModel.from_causal_lm(lm, num_heads=2, head_names=["helpful", "safe"])
     rm.save_pretrained(tmp_path / "run" / "final", tiny_tokenizer)
     return tmp_path / "run"

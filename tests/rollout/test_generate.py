@@ -4,6 +4,8 @@ import torch
 from rlhflab.errors import ConfigError
 from rlhflab.rollout import Rollout, SamplingSettings, encode_prompts, generate
 
+from ..helpers import tiny_lm
+
 PROMPTS = ["the cat sat on", "hello", "what is the dog", "i love this film and it was a good day"]
 
 
@@ -24,11 +26,7 @@ def _greedy_reference(model, tokenizer, prompt_ids, max_new_tokens):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_left_padded_greedy_matches_one_by_one(tiny_tokenizer, arch):
-    from rlhflab.models.tiny import tiny_causal_lm
-
-    model = tiny_causal_lm(
-        tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2, seed=1
-    ).eval()
+    model = tiny_lm(tiny_tokenizer, arch=arch, seed=1).eval()
     settings = SamplingSettings(max_new_tokens=8, do_sample=False)
     out = generate(model, tiny_tokenizer, PROMPTS, settings, batch_size=3)
     rows = encode_prompts(tiny_tokenizer, PROMPTS)

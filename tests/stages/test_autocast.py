@@ -12,10 +12,7 @@ from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
 from rlhflab.stages import common, dpo, ppo, reward, sft
 
-from .conftest import write_jsonl
-
-PROMPTS = ["the cat sat on the mat", "what is the cat", "i like the cat", "why is the cat sad"]
-BASE = ["logging.log_every=1", "logging.progress=false", "logging.tensorboard=false", "model.device=cpu"]
+from ..helpers import CAT_PAIRS, CAT_PROMPTS, SHORT_TEXT, stage_config, write_jsonl
 
 
 def _spy_linear_dtypes(monkeypatch, module, name="load_policy"):
@@ -54,21 +51,14 @@ def test_sft_trains_in_bf16_with_float32_weights(tiny_model_dir, sft_file, tmp_p
     seen = _spy_linear_dtypes(monkeypatch, sft)
     out = tmp_path / "run"
     final = sft.train(
-        load_config(
+        stage_config(
             "sft",
-            None,
-            [
-                f"model.name_or_path={tiny_model_dir}",
-                f"data.train_path={sft_file}",
-                f"logging.output_dir={out}",
-                "data.max_length=32",
-                "data.max_prompt_length=16",
-                "optim.batch_size=8",
-                "optim.lr=1e-2",
-                "optim.max_steps=20",
-                "model.autocast=bf16",
-                *BASE,
-            ],
+            tiny_model_dir,
+            *SHORT_TEXT,
+            "optim.max_steps=20",
+            "model.autocast=bf16",
+            data=sft_file,
+            out=out,
         )
     )
     assert torch.bfloat16 in seen  # the forward ran under autocast
@@ -116,29 +106,19 @@ def test_dpo_reference_shares_the_policy_precision(tiny_model_dir, tmp_path, mon
     if head_path == "chunked":  # the path long batches take: the head recomputed chunk by chunk in backward
         monkeypatch.setattr(forward, "SAVED_PROBS_BYTES", 0)
     seen = _spy_linear_dtypes(monkeypatch, dpo)
-    rows = [
-        {"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
-        for p in PROMPTS
-    ]
-    data = write_jsonl(tmp_path / "pairs.jsonl", rows * 4)
+    data = write_jsonl(tmp_path / "pairs.jsonl", CAT_PAIRS * 4)
     out = tmp_path / "run"
     dpo.train(
-        load_config(
+        stage_config(
             "dpo",
-            None,
-            [
-                f"model.name_or_path={tiny_model_dir}",
-                f"data.train_path={data}",
-                f"logging.output_dir={out}",
-                "data.max_length=32",
-                "data.max_prompt_length=16",
-                "optim.batch_size=4",
-                "optim.lr=1e-2",
-                "optim.max_steps=6",
-                "algo.beta=0.5",
-                "model.autocast=bf16",
-                *BASE,
-            ],
+            tiny_model_dir,
+            *SHORT_TEXT,
+            "optim.batch_size=4",
+            "optim.max_steps=6",
+            "algo.beta=0.5",
+            "model.autocast=bf16",
+            data=data,
+            out=out,
         )
     )
     assert torch.bfloat16 in seen
@@ -155,26 +135,22 @@ def test_ppo_reference_and_rollout_passes_share_the_precision(tiny_model_dir, tm
             return torch.tensor([float(len(r.split())) for r in responses])
 
     seen = _spy_linear_dtypes(monkeypatch, ppo)
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS] * 8)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in CAT_PROMPTS] * 8)
     out = tmp_path / "run"
     ppo.train(
-        load_config(
+        stage_config(
             "ppo",
-            None,
-            [
-                f"model.name_or_path={tiny_model_dir}",
-                f"data.train_path={prompts}",
-                f"logging.output_dir={out}",
-                "algo.rollout_batch_size=16",
-                "algo.minibatch_size=8",
-                "algo.ppo_epochs=1",
-                "sampling.max_new_tokens=6",
-                "optim.lr=5e-3",
-                "algo.kl_coef=0.05",
-                "algo.iterations=3",
-                "model.autocast=bf16",
-                *BASE,
-            ],
+            tiny_model_dir,
+            "algo.rollout_batch_size=16",
+            "algo.minibatch_size=8",
+            "algo.ppo_epochs=1",
+            "sampling.max_new_tokens=6",
+            "optim.lr=5e-3",
+            "algo.kl_coef=0.05",
+            "algo.iterations=3",
+            "model.autocast=bf16",
+            data=prompts,
+            out=out,
         ),
         reward=Length(),
     )
@@ -188,28 +164,17 @@ def test_ppo_reference_and_rollout_passes_share_the_precision(tiny_model_dir, tm
 
 def test_reward_model_trains_under_autocast(tiny_model_dir, tmp_path, monkeypatch):
     seen = _spy_linear_dtypes(monkeypatch, reward, "_build_model")
-    rows = [
-        {"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
-        for p in PROMPTS
-    ]
-    data = write_jsonl(tmp_path / "pairs.jsonl", rows * 8)
+    data = write_jsonl(tmp_path / "pairs.jsonl", CAT_PAIRS * 8)
     out = tmp_path / "run"
     reward.train(
-        load_config(
+        stage_config(
             "rm",
-            None,
-            [
-                f"model.name_or_path={tiny_model_dir}",
-                f"data.train_path={data}",
-                f"logging.output_dir={out}",
-                "data.max_length=32",
-                "data.max_prompt_length=16",
-                "optim.batch_size=8",
-                "optim.lr=1e-2",
-                "optim.max_steps=12",
-                "model.autocast=bf16",
-                *BASE,
-            ],
+            tiny_model_dir,
+            *SHORT_TEXT,
+            "optim.max_steps=12",
+            "model.autocast=bf16",
+            data=data,
+            out=out,
         )
     )
     assert torch.bfloat16 in seen

@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM
 
 from rlhflab import cli
 from rlhflab.config import DPOAlgo, load_config
-from rlhflab.core.checkpoint import latest_checkpoint
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import collate_pairs
 from rlhflab.data.tokenize import mismatched_partners
@@ -18,19 +17,25 @@ from rlhflab.models.logprobs import token_logps
 from rlhflab.stages import dpo, reference
 from rlhflab.stages.reference import REF_CACHE
 
-from .conftest import write_jsonl
-
-PROMPTS = ["the cat sat on the mat", "what is the cat", "i like the cat", "why is the cat sad"]
+from ..helpers import (
+    CAT_PAIRS,
+    CAT_PROMPTS,
+    SHORT_TEXT,
+    assert_resume_matches,
+    assert_stopped_with_checkpoint_intact,
+    causal_lm_state,
+    poison_from_call,
+    stage_config,
+    write_jsonl,
+)
 
 
 @pytest.fixture()
 def pairs_file(tmp_path):
     # A learnable toy: the happy answer is always preferred, with a second pattern so pairs differ.
-    rows = [
-        {"prompt": p, "chosen": "the cat is very happy .", "rejected": "the cat is very sad ."}
-        for p in PROMPTS
+    rows = CAT_PAIRS + [
+        {"prompt": p, "chosen": "i love the dog", "rejected": "i hate the dog !"} for p in CAT_PROMPTS
     ]
-    rows += [{"prompt": p, "chosen": "i love the dog", "rejected": "i hate the dog !"} for p in PROMPTS]
     return write_jsonl(tmp_path / "pairs.jsonl", rows * 2)
 
 
@@ -38,31 +43,14 @@ def pairs_file(tmp_path):
 def unpaired_file(tmp_path):
     rows = [
         {"prompt": p, "completion": c, "label": good}
-        for p in PROMPTS
+        for p in CAT_PROMPTS
         for c, good in (("the cat is very happy .", True), ("the cat is very sad .", False))
     ]
     return write_jsonl(tmp_path / "unpaired.jsonl", rows)
 
 
 def _cfg(model_dir, data, out, *extra):
-    return load_config(
-        "dpo",
-        None,
-        [
-            f"model.name_or_path={model_dir}",
-            f"data.train_path={data}",
-            f"logging.output_dir={out}",
-            "data.max_length=32",
-            "data.max_prompt_length=16",
-            "optim.batch_size=8",
-            "optim.lr=1e-2",
-            "logging.log_every=1",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "model.device=cpu",
-            *extra,
-        ],
-    )
+    return stage_config("dpo", model_dir, *SHORT_TEXT, *extra, data=data, out=out)
 
 
 def _rows(run_dir, key):
@@ -130,8 +118,7 @@ def test_dpo_learns_the_preferences(tiny_model_dir, pairs_file, tmp_path):
     assert final_eval["eval/accuracy"] == 1.0 and final_eval["eval/margin"] > 0
     cache = torch.load(out / REF_CACHE, weights_only=True)["logps"]
     assert cache["train"].shape == (12, 2) and cache["eval"].shape == (4, 2)
-    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    trained = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    start, trained = causal_lm_state(tiny_model_dir), causal_lm_state(out / "final")
     assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
 
 
@@ -262,56 +249,28 @@ def test_live_reference_matches_the_cache(tiny_model_dir, pairs_file, tmp_path):
         assert losses[mode] == pytest.approx(losses["cached"], abs=1e-5)
 
 
-def test_dpo_resume_is_exact(tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+def test_dpo_resume_is_exact(tiny_model_dir, pairs_file, tmp_path, capsys):
     common = ["optim.max_steps=6", "logging.save_every=3", "optim.batch_size=4", "optim.micro_batch_size=2"]
-    ref_final = dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", *common))
 
-    calls = {"n": 0}
-    real_step = dpo.optimizer_step
+    def run(out, resume):
+        capsys.readouterr()
+        final = dpo.train(_cfg(tiny_model_dir, pairs_file, out, *common), resume=resume)
+        if resume:  # the reference log-probs cached before the interruption are read back, not recomputed
+            assert "reusing the reference log-probs" in capsys.readouterr().out
+        return final
 
-    def crash_on_fifth(optimizer, scheduler):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        real_step(optimizer, scheduler)
-
-    monkeypatch.setattr(dpo, "optimizer_step", crash_on_fifth)
-    with pytest.raises(KeyboardInterrupt):
-        dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", *common))
-    monkeypatch.setattr(dpo, "optimizer_step", real_step)
-    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
-    capsys.readouterr()
-    resumed_final = dpo.train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", *common), resume=True)
-    assert "reusing the reference log-probs" in capsys.readouterr().out
-
-    a = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(resumed_final).state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    # Ctrl-C at the 5th optimizer step: resumed from the step-3 checkpoint.
+    assert_resume_matches(run, tmp_path, crash_in=(dpo, "optimizer_step"), crash_on_call=5, checkpoint_step=3)
 
 
 def test_dpo_stops_on_nan_with_checkpoint_intact(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
-    real = logprobs_module.token_logps
-
-    def poisoned(model, *args, **kwargs):
-        out = real(model, *args, **kwargs)
-        if torch.is_grad_enabled():  # training forwards only, not the reference pass
-            poisoned.calls += 1
-            if poisoned.calls >= 5:
-                out = out * float("nan")
-        return out
-
-    poisoned.calls = 0
-    monkeypatch.setattr(logprobs_module, "token_logps", poisoned)
+    # Training forwards only (grad enabled), not the reference pass.
+    poison_from_call(monkeypatch, logprobs_module, "token_logps", 5, when=torch.is_grad_enabled)
     with pytest.raises(TrainingHealthError, match="step 5: loss/dpo is not finite.*step-00000004"):
         dpo.train(
             _cfg(tiny_model_dir, pairs_file, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2")
         )
-    ckpt = latest_checkpoint(tmp_path / "run")
-    assert ckpt.name == "step-00000004"
-    state = torch.load(ckpt / "model.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state.values())
-    assert not (tmp_path / "run" / "final").exists()
+    assert_stopped_with_checkpoint_intact(tmp_path / "run", 4)
 
 
 def test_cli_runs_the_stage(tiny_model_dir, pairs_file, tmp_path):

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhflab.config import DPOAlgo, load_config
+from rlhflab.config import DPOAlgo
 from rlhflab.data import (
     PairwiseRecord,
     UnpairedRecord,
@@ -37,11 +37,10 @@ from rlhflab.data import (
 from rlhflab.data.tokenize import mismatched_partners
 from rlhflab.losses import preference
 from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
-from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.stages import dpo
 from rlhflab.stages import reference as ref_cache
 
-from .conftest import write_jsonl
+from ..helpers import SHORT_TEXT, perturb_, save_model_dir, stage_config, tiny_lm, write_jsonl
 
 CPU = torch.device("cpu")
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -107,12 +106,8 @@ def _case_id(case):
 @pytest.fixture(scope="module")
 def models(tiny_tokenizer):
     """(policy, reference): the reference is the policy with every weight perturbed (fixed seed)."""
-    policy = tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0).eval()
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy = tiny_lm(tiny_tokenizer).eval()
+    reference = perturb_(copy.deepcopy(policy).requires_grad_(False), 0.05, seed=1234)
     return policy, reference
 
 
@@ -212,7 +207,7 @@ def test_the_batches_can_show_each_mutation(pair_batch, pair_examples):
 def test_every_loss_in_the_table_has_a_wiring_case():
     """A loss added to the table must get a case here (and in PAIRED_FNS if it takes the paired signature);
     the cases below assume each loss's data kind and whether it reads a reference."""
-    covered = {n for n, _ in REF_PAIRED_CASES + REF_FREE_CASES} | {"kto"}
+    covered = {n for n, _ in REF_PAIRED_CASES + REF_FREE_CASES} | {"kto", "bco"}  # both: own files
     assert covered == set(PREFERENCE_LOSS_TABLE)
     assert {n for n, r in PREFERENCE_LOSS_TABLE.items() if r.reference and r.data == "pairwise"} == set(
         PAIRED_FNS
@@ -226,10 +221,7 @@ def test_every_loss_in_the_table_has_a_wiring_case():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer, models):
-    out = tmp_path_factory.mktemp("wiring") / "tiny-model"
-    models[0].save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
+    return save_model_dir(models[0], tiny_tokenizer, tmp_path_factory.mktemp("wiring") / "tiny-model")
 
 
 @pytest.fixture(scope="module")
@@ -248,24 +240,15 @@ def data_files(tmp_path_factory):
 def _train_step0(model_dir, data, out, *extra):
     """One optimizer step on one batch holding every example; returns the logged training row."""
     n = sum(1 for line in data.read_text().splitlines() if line.strip())
-    cfg = load_config(
+    cfg = stage_config(
         "dpo",
-        None,
-        [
-            f"model.name_or_path={model_dir}",
-            f"data.train_path={data}",
-            f"logging.output_dir={out}",
-            "data.max_length=32",
-            "data.max_prompt_length=16",
-            f"optim.batch_size={n}",
-            "optim.lr=1e-2",
-            "optim.max_steps=1",
-            "logging.log_every=1",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "model.device=cpu",
-            *extra,
-        ],
+        model_dir,
+        *SHORT_TEXT,
+        f"optim.batch_size={n}",
+        "optim.max_steps=1",
+        *extra,
+        data=data,
+        out=out,
     )
     dpo.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -382,6 +365,19 @@ def test_reference_free_loss_matches_the_pure_function(
     _assert_same_output(out, expected)
 
 
+def _kto_by_hand(policy_logps, ref_logps, desirable, z0):
+    """The pure KTO loss with KTO_OPTIONS' beta and weights passed by keyword, as written out by hand."""
+    return preference.kto(
+        policy_logps,
+        ref_logps,
+        desirable,
+        z0,
+        beta=KTO_OPTIONS["beta"],
+        desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
+        undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"],
+    )
+
+
 @pytest.mark.parametrize("ref_mode", ["cache", "live"])
 def test_kto_loss_matches_the_pure_function(ref_mode, models, unpaired_examples, tiny_tokenizer):
     """kto(policy sums, reference sums of the same rows, labels, z0, beta, lambda_D, lambda_U) with the z0
@@ -408,15 +404,7 @@ def test_kto_loss_matches_the_pure_function(ref_mode, models, unpaired_examples,
     pol, ref = _hand_logps(policy, batch)[0], _hand_logps(reference, batch)[0]
     good = batch["label"]
     assert good.any() and not good.all()
-    expected = preference.kto(
-        pol,
-        ref,
-        good,
-        KL_ESTIMATE,
-        beta=KTO_OPTIONS["beta"],
-        desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
-        undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"],
-    )
+    expected = _kto_by_hand(pol, ref, good, KL_ESTIMATE)
     _assert_same_output(out, expected)
     implicit = KTO_OPTIONS["beta"] * (pol - ref)
     assert_close(out.metrics["reward/chosen"][good], implicit[good], **TOL)
@@ -448,14 +436,8 @@ def test_kto_evaluate_feeds_the_kl_reference_point(models, unpaired_examples, ti
     z0 = (_hand_logps(policy, kl_batch)[0] - _hand_logps(reference, kl_batch)[0]).mean().clamp(min=0)
     assert z0 > 0.05  # a reference point that matters, so dropping it shows
     batch = collate_unpaired(unpaired_examples, pad_token_id=pad_id)
-    expected = preference.kto(
-        _hand_logps(policy, batch)[0],
-        _hand_logps(reference, batch)[0],
-        batch["label"],
-        z0,
-        beta=KTO_OPTIONS["beta"],
-        desirable_weight=KTO_OPTIONS["kto_desirable_weight"],
-        undesirable_weight=KTO_OPTIONS["kto_undesirable_weight"],
+    expected = _kto_by_hand(
+        _hand_logps(policy, batch)[0], _hand_logps(reference, batch)[0], batch["label"], z0
     )
     assert metrics["eval/kl/reference_point"] == pytest.approx(float(z0), abs=1e-5)
     assert metrics["eval/loss"] == pytest.approx(float(expected.loss.mean()), abs=1e-5)

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from rlhflab.cli import main
+from rlhflab.cli import RUN_METHODS, main
 from rlhflab.config import load_config
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
 from rlhflab.lab.evaluate import heldout_pairs
 from rlhflab.lab.gold import gold_scores
-from rlhflab.pipeline import _user_sections, run_pipeline
+from rlhflab.pipeline import DEFAULT_METHODS, METHODS, _user_sections, resolve_methods, run_pipeline
 from rlhflab.rewards import LearnedReward
 
 TINY = [
@@ -38,13 +38,7 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def lab_cache_env(tmp_path_factory, monkeypatch):
-    # The same session cache as tests/lab and tests/eval, so the tiny base model is pretrained once.
-    monkeypatch.setenv("RLHFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "rlhflab-cache"))
-
-
-def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, lab_cache_env, capsys):
+def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cache, capsys):
     html = run_pipeline(output_dir=str(tmp_path / "run"), seed=3, overrides=TINY)
     out = tmp_path / "run"
     assert html == out / "report.html" and html.read_text().startswith("<!")
@@ -92,14 +86,20 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, lab_cache_env
     # Every trained policy's win rate is against the same SFT samples.
     ref_means = {report["policy_metrics"][name]["gold/ref_mean"] for name in ("sft", "ppo", "ppo_kl0", "dpo")}
     assert len(ref_means) == 1
-    # The PPO curves are scored by gold after training: one point per iteration, both runs, whose proxy score
-    # and KL are the ones the stage logged for that iteration.
+    # The PPO rollout curves are scored by gold after training: one point per iteration, both runs, whose proxy
+    # score and KL are the ones the stage logged for that iteration.
     for run in ("ppo", "ppo_kl0"):
         logged = [r for r in read_metrics(out / run / "metrics.jsonl") if "reward/score" in r]
-        assert [p["step"] for p in report["curves"][run]] == [r["step"] for r in logged] == [1, 2]
-        for point, row in zip(report["curves"][run], logged):
+        assert [p["step"] for p in report["rollout_curves"][run]] == [r["step"] for r in logged] == [1, 2]
+        for point, row in zip(report["rollout_curves"][run], logged):
             assert point["reward/score"] == pytest.approx(row["reward/score"], rel=1e-5, abs=1e-6)
             assert point["kl/ref"] == pytest.approx(row["kl/sequence"], rel=1e-5, abs=1e-6)
+    # Held-out curves for every trained policy from its snapshots (curve_points=5 over 2 or 3 steps: every
+    # step), starting from SFT at step 0 with KL 0.
+    assert set(report["curves"]) == {"ppo", "ppo_kl0", "dpo"}
+    assert [p["step"] for p in report["curves"]["ppo"]] == [0, 1, 2]
+    assert [p["step"] for p in report["curves"]["dpo"]] == [0, 1, 2, 3]
+    assert report["curves"]["dpo"][0]["kl/ref"] == 0.0 and "gold_vs_kl" in report["plots"]
     # Each stage is an ordinary run directory that can be re-run alone from its config.
     for stage in ("sft", "rm", "ppo", "ppo_kl0", "dpo"):
         cfg = load_config("ppo" if stage == "ppo_kl0" else stage, out / stage / "config.yaml")
@@ -140,3 +140,38 @@ def test_run_cli_reports_a_bad_stage_key_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "batch_size" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_methods_are_resolved_with_what_they_need():
+    assert resolve_methods(None) == list(DEFAULT_METHODS)
+    assert resolve_methods(["grpo"]) == ["sft", "rm", "grpo"]
+    assert resolve_methods(["online_dpo", "dpo"]) == ["sft", "dpo", "online_dpo"]
+    assert resolve_methods(["all"]) == list(METHODS)
+    with pytest.raises(ConfigError, match="unknown method 'grop'"):
+        resolve_methods(["grop"])
+    # The command line's list of methods is the pipeline's.
+    assert RUN_METHODS.split(", ") == list(METHODS)
+
+
+def test_pipeline_runs_the_chosen_methods(tmp_path, tiny_lab_cache):
+    """--methods grpo,rloo,online_dpo: SFT and the RM are added; each method is trained, evaluated and curved."""
+    tiny = [o for o in TINY if not o.startswith(("ppo", "dpo"))] + [
+        f"{m}.algo.{k}" for m in ("rloo", "grpo") for k in ("iterations=2", "prompts_per_iteration=4")
+    ]
+    tiny += ["online_dpo.algo.iterations=2", "online_dpo.algo.prompts_per_step=4"]
+    run_pipeline(
+        output_dir=str(tmp_path / "run"), seed=3, overrides=tiny, methods=["rloo", "grpo", "online_dpo"]
+    )
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["policies"]) == {"sft", "rloo", "grpo", "online_dpo"}
+    assert report["meta"]["methods"] == ["sft", "rm", "rloo", "grpo", "online_dpo"]
+    assert set(report["curves"]) == {"rloo", "grpo", "online_dpo"} and set(report["rollout_curves"]) == {
+        "rloo",
+        "grpo",
+    }
+    assert all([p["step"] for p in c] == [0, 1, 2] for c in report["curves"].values())
+    # Online DPO asked the lab's annotators: 2 steps x 4 prompts = 8 queries at most (identical pairs not asked).
+    logged = read_metrics(tmp_path / "run" / "online_dpo" / "metrics.jsonl")
+    assert 0 < max(r.get("feedback/queries", 0) for r in logged) <= 8
+    with pytest.raises(ConfigError, match="'ppo' is for a method that is not run"):
+        run_pipeline(output_dir=str(tmp_path / "x"), overrides=["ppo.optim.lr=1e-4"], methods=["dpo"])

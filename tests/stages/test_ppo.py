@@ -3,11 +3,18 @@ import json
 import pytest
 import torch
 
-from rlhflab.config import load_config
-from rlhflab.core.checkpoint import latest_checkpoint
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import TrainingHealthError
 from rlhflab.stages import ppo
+
+from ..helpers import (
+    PPO_PROMPTS,
+    assert_resume_matches,
+    assert_stopped_with_checkpoint_intact,
+    causal_lm_state,
+    stage_config,
+    write_jsonl,
+)
 
 
 class WordCount:
@@ -22,44 +29,22 @@ class WordCount:
 
 @pytest.fixture()
 def prompts_file(tmp_path):
-    rows = [
-        {"prompt": p}
-        for p in [
-            "the cat",
-            "the dog",
-            "i say",
-            "what is",
-            "how was the film",
-            "the day was",
-            "we like",
-            "you hate",
-        ]
-    ] * 4
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS[:8]] * 4)
 
 
 def _cfg(model_dir, prompts, out, *extra):
-    return load_config(
+    return stage_config(
         "ppo",
-        None,
-        [
-            f"model.name_or_path={model_dir}",
-            f"data.train_path={prompts}",
-            f"logging.output_dir={out}",
-            "model.device=cpu",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "logging.log_every=1",
-            "algo.rollout_batch_size=32",
-            "algo.minibatch_size=16",
-            "algo.ppo_epochs=2",
-            "sampling.max_new_tokens=8",
-            "optim.lr=5e-3",
-            "algo.kl_coef=0.01",
-            *extra,
-        ],
+        model_dir,
+        "algo.rollout_batch_size=32",
+        "algo.minibatch_size=16",
+        "algo.ppo_epochs=2",
+        "sampling.max_new_tokens=8",
+        "optim.lr=5e-3",
+        "algo.kl_coef=0.01",
+        *extra,
+        data=prompts,
+        out=out,
     )
 
 
@@ -67,7 +52,7 @@ def test_ppo_increases_a_programmatic_reward(tiny_model_dir, prompts_file, tmp_p
     final = ppo.train(
         _cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=16"), reward=WordCount()
     )
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/score" in r]
     first = sum(r["reward/score"] for r in rows[:3]) / 3
     last = sum(r["reward/score"] for r in rows[-3:]) / 3
     assert last > first + 0.5, (first, last)
@@ -121,32 +106,15 @@ def test_ppo_kl_is_zero_at_start_and_separate_critic_runs(tiny_model_dir, prompt
     assert critic.value_head.linear.in_features == 32 and critic.value_head.linear.bias.item() != 0.0
 
 
-def test_ppo_resume_is_exact(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    common = ["algo.iterations=4", "logging.save_every=2", "algo.adaptive_kl=true"]
-    ref_final = ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "a", *common), reward=WordCount())
+def test_ppo_resume_is_exact(tiny_model_dir, prompts_file, tmp_path):
+    def run(out, resume):
+        common = ["algo.iterations=4", "logging.save_every=2", "algo.adaptive_kl=true"]
+        return ppo.train(_cfg(tiny_model_dir, prompts_file, out, *common), resume=resume, reward=WordCount())
 
-    real = ppo._append_rollouts
-    calls = {"n": 0}
-
-    def crash_on_third(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real(*args)
-
-    monkeypatch.setattr(ppo, "_append_rollouts", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        ppo.train(_cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), reward=WordCount())
-    monkeypatch.setattr(ppo, "_append_rollouts", real)
-    assert latest_checkpoint(tmp_path / "b").name == "step-00000002"
-    resumed = ppo.train(
-        _cfg(tiny_model_dir, prompts_file, tmp_path / "b", *common), resume=True, reward=WordCount()
+    # Ctrl-C while the 3rd iteration's rollouts are written: resumed from the step-2 checkpoint.
+    assert_resume_matches(
+        run, tmp_path, crash_in=(ppo, "_append_rollouts"), crash_on_call=3, checkpoint_step=2
     )
-    from transformers import AutoModelForCausalLM
-
-    a = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ppo_stops_on_nan_reward(tiny_model_dir, prompts_file, tmp_path):
@@ -163,8 +131,7 @@ def test_ppo_stops_on_nan_reward(tiny_model_dir, prompts_file, tmp_path):
             _cfg(tiny_model_dir, prompts_file, tmp_path / "run", "algo.iterations=4", "logging.save_every=2"),
             reward=NaNAfterTwo(),
         )
-    state = torch.load(latest_checkpoint(tmp_path / "run") / "model.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state.values())
+    assert_stopped_with_checkpoint_intact(tmp_path / "run", 2)
 
 
 def test_ppo_trains_on_a_llama2_gated_reward_from_the_config(tiny_model_dir, prompts_file, tmp_path):
@@ -181,13 +148,10 @@ def test_ppo_trains_on_a_llama2_gated_reward_from_the_config(tiny_model_dir, pro
             "algo.unsafe_prompt_pattern=you hate",
         )
     )
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward/score" in r]
     assert len(rows) == 2
     # Whitened over the rollout batch: mean 0 (up to float rounding) and unit spread.
     assert all(abs(r["reward/score"]) < 1e-5 for r in rows)
     assert all(abs(r["reward/score_std"] - 1.0) < 1e-3 for r in rows)
-    from transformers import AutoModelForCausalLM
-
-    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    trained = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    start, trained = causal_lm_state(tiny_model_dir), causal_lm_state(out / "final")
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # the saved policy is the trained one

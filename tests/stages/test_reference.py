@@ -7,8 +7,9 @@ import torch
 
 from rlhflab.data import PairwiseRecord, UnpairedRecord, collate_pairs, tokenize_pair, tokenize_unpaired
 from rlhflab.models.logprobs import token_logps
-from rlhflab.models.tiny import tiny_causal_lm
 from rlhflab.stages.reference import REF_CACHE, cache_rows, cached_reference_logps, response_tokens
+
+from ..helpers import tiny_lm
 
 CPU = torch.device("cpu")
 PAIRS = [
@@ -20,7 +21,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
-    return tiny_causal_lm(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3).eval()
+    return tiny_lm(tiny_tokenizer, seed=3).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from rlhflab.config import load_config
-from rlhflab.core.checkpoint import latest_checkpoint
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.data import PairwiseRecord
 from rlhflab.data.reward_batch import collate_reward_batch
@@ -20,7 +19,15 @@ from rlhflab.models.reward_model import RewardModel, batch_rewards
 from rlhflab.rewards import LearnedReward
 from rlhflab.stages import reward, reward_data
 
-from .conftest import write_jsonl
+from ..helpers import (
+    SHORT_TEXT,
+    assert_resume_matches,
+    assert_stopped_with_checkpoint_intact,
+    poison_from_call,
+    stage_config,
+    tiny_reward_model,
+    write_jsonl,
+)
 
 SUBJECTS = ["the cat", "the dog", "the film", "the day", "this movie", "it"]
 RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_better"]
@@ -43,24 +50,7 @@ def _pairs(n=96, chosen_word="good", rejected_word="bad", seed=0):
 
 
 def _cfg(model_dir, out, *extra, data=None):
-    return load_config(
-        "rm",
-        None,
-        [
-            f"model.name_or_path={model_dir}",
-            f"logging.output_dir={out}",
-            "model.device=cpu",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "logging.log_every=1",
-            "data.max_length=32",
-            "data.max_prompt_length=16",
-            "optim.batch_size=8",
-            "optim.lr=1e-2",
-            *([f"data.train_path={data}"] if data else []),
-            *extra,
-        ],
-    )
+    return stage_config("rm", model_dir, *SHORT_TEXT, *extra, data=data, out=out)
 
 
 def _eval_rows(run_dir):
@@ -185,7 +175,7 @@ def test_margin_training_raises_the_first_loss_and_the_separation(tiny_model_dir
                 data=data,
             )
         )
-        rows = read_metrics(out / "metrics.jsonl")
+        rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss/rm" in r]
         first[margin], gap[margin] = rows[0]["loss/rm"], rows[-1]["reward/margin"]
     assert first["large"] > first["none"] + 0.3
     assert gap["large"] > gap["none"]
@@ -345,93 +335,43 @@ def test_config_refuses_impossible_combinations():
     ] == [("h", "a.jsonl"), ("s", "")]
 
 
-def test_rm_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):
+def _rm_state(final_dir):
+    """The saved reward model's weights and its normalization statistics (buffers outside the state dict)."""
+    rm = RewardModel.from_pretrained(final_dir)
+    return {**rm.state_dict(), "reward_mean": rm.reward_mean, "reward_std": rm.reward_std}
+
+
+def test_rm_resume_is_exact(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=48))
-    common = ["optim.max_steps=6", "logging.save_every=3"]
-    ref_final = reward.train(_cfg(tiny_model_dir, tmp_path / "a", *common, data=data))
 
-    calls = {"n": 0}
-    real_step = reward.optimizer_step
+    def run(out, resume):
+        cfg = _cfg(tiny_model_dir, out, "optim.max_steps=6", "logging.save_every=3", data=data)
+        return reward.train(cfg, resume=resume)
 
-    def crash_on_fifth(optimizer, scheduler):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        real_step(optimizer, scheduler)
-
-    monkeypatch.setattr(reward, "optimizer_step", crash_on_fifth)
-    with pytest.raises(KeyboardInterrupt):
-        reward.train(_cfg(tiny_model_dir, tmp_path / "b", *common, data=data))
-    monkeypatch.setattr(reward, "optimizer_step", real_step)
-    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
-    resumed_final = reward.train(_cfg(tiny_model_dir, tmp_path / "b", *common, data=data), resume=True)
-
-    a, b = RewardModel.from_pretrained(ref_final), RewardModel.from_pretrained(resumed_final)
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    assert torch.equal(a.reward_mean, b.reward_mean) and torch.equal(a.reward_std, b.reward_std)
+    # Ctrl-C at the 5th optimizer step: resumed from the step-3 checkpoint.
+    assert_resume_matches(
+        run,
+        tmp_path,
+        crash_in=(reward, "optimizer_step"),
+        crash_on_call=5,
+        checkpoint_step=3,
+        final_state=_rm_state,
+    )
 
 
 def test_rm_stops_on_nan_with_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(n=48))
-    real = reward._row_rewards
-
-    def poisoned(model, batch, device):
-        out = real(model, batch, device)
-        poisoned.calls += 1
-        return out * float("nan") if poisoned.calls >= 5 else out
-
-    poisoned.calls = 0
-    monkeypatch.setattr(reward, "_row_rewards", poisoned)
+    poison_from_call(monkeypatch, reward, "_row_rewards", 5)
     with pytest.raises(TrainingHealthError, match="step 5: loss/rm is not finite.*step-00000004"):
         reward.train(
             _cfg(tiny_model_dir, tmp_path / "run", "optim.max_steps=6", "logging.save_every=2", data=data)
         )
-    ckpt = latest_checkpoint(tmp_path / "run")
-    assert ckpt.name == "step-00000004"
-    state = torch.load(ckpt / "model.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state.values())
-    assert not (tmp_path / "run" / "final").exists()
+    assert_stopped_with_checkpoint_intact(tmp_path / "run", 4)
 
 
 def _shared_vs_stacked_model(arch, kv_heads, tokenizer):
-    import transformers
-
-    torch.manual_seed(0)
-    vocab = len(tokenizer)
-    if arch == "gpt2":  # absolute positions: a response's position ids must continue from the prompt
-        backbone = transformers.GPT2Model(
-            transformers.GPT2Config(
-                vocab_size=vocab,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=64,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-            )
-        )
-    else:
-        config_cls, model_cls = {
-            "llama": ("LlamaConfig", "LlamaModel"),
-            "qwen2": ("Qwen2Config", "Qwen2Model"),
-            "mistral": ("MistralConfig", "MistralModel"),
-        }[arch]
-        extra = {"sliding_window": None} if arch == "mistral" else {}
-        config = getattr(transformers, config_cls)(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            **extra,
-        )
-        backbone = getattr(transformers, model_cls)(config)
-    return RewardModel(backbone.train(), 2)
+    # gpt2: absolute positions, so a response's position ids must continue from the prompt.
+    return tiny_reward_model(arch, kv_heads, vocab=len(tokenizer))
 
 
 def test_shared_prompt_rows_only_where_the_mask_is_known_to_work(tiny_tokenizer):

@@ -11,15 +11,20 @@ report.json (schema "rlhflab.report/1"):
                                                    # gold/win_rate, kl/ref, sample/*, ... (see rlhflab.eval)
       "reward_models": {NAME: {"rm/accuracy": .., "rm/accuracy_by_rating": {RATING: {"accuracy", "n"}},
                                "rm/gold_accuracy": .., "rm/spearman_gold": .., ...}},
-      "curves": {RUN: [{"step": int, METRIC: value, ...}, ...]},   # training logs (metrics.jsonl rows)
+      "curves": {RUN: [{"step": int, METRIC: value, ...}, ...]},   # held-out evaluations over training
+                                                   # (gold/mean, kl/ref, ... of each snapshot; step 0 first)
+      "rollout_curves": {RUN: [{"step": int, METRIC: value, ...}, ...]},  # per-iteration logs of on-policy
+                                                   # runs (their samples' proxy score, gold, KL)
       "curve_keys": {"proxy"|"gold"|"kl": METRIC},  # which logged metric each curve plot uses, if set
       "plots": {PLOT: FILE.png}                    # the PNGs written next to report.json
     }
 
 Numbers that are not finite are written as null. Plots: `gold_by_policy.png` (gold with 95% intervals),
-`training_curves.png` (proxy reward, gold and KL against step), `gold_vs_proxy.png` (gold against proxy
-and both against sqrt(KL), per-iteration points under binned means (`smooth_by_x`): the reward
-over-optimization picture of Gao et al.), `rm_accuracy.png` (accuracy by Llama 2 rating, the layout of its
+`gold_vs_kl.png` (every method's held-out gold against sqrt(KL to the reference) over training, its final
+policy marked: methods compared at matched KL), `training_curves.png` (rollout curves: proxy reward, gold
+and KL against step), `gold_vs_proxy.png` (rollout curves: gold against proxy and both against sqrt(KL),
+per-iteration points under binned means (`smooth_by_x`): the reward over-optimization picture of Gao et
+al.), `rm_accuracy.png` (accuracy by Llama 2 rating, the layout of its
 Table 28). Every file is written atomically. In report.html a policy named best_of_N whose KL is
 log N - (N - 1)/N shows it as "≤ value (bound)" with a note: that is the analytic bound, not a sampled KL;
 meta entries that are mappings (the pipeline's "summary") get their own tables.
@@ -280,10 +285,47 @@ def plot_rm_accuracy(reward_models: Mapping[str, Mapping]) -> bytes | None:
     return _figure_png(fig)
 
 
+def plot_gold_vs_kl(curves: Mapping[str, Sequence[Mapping]], policies: Mapping[str, Mapping]) -> bytes | None:
+    """Held-out gold against sqrt(KL to the reference) over training, one line per method in step order (each
+    point a snapshot's evaluation), and each final policy's point (with its 95% interval) marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for i, (run, rows) in enumerate(curves.items()):
+        pts = [
+            (math.sqrt(max(0.0, r["kl/ref"])), r["gold/mean"])
+            for r in rows
+            if all(
+                isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in ("kl/ref", "gold/mean")
+            )
+        ]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=f"C{i}", label=run)
+            drawn = True
+        final = policies.get(run, {})
+        if isinstance(final.get("gold/mean"), (int, float)) and isinstance(final.get("kl/ref"), (int, float)):
+            lo, hi = final.get("gold/ci95") or (final["gold/mean"], final["gold/mean"])
+            x, y = math.sqrt(max(0.0, final["kl/ref"])), final["gold/mean"]
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="*", ms=10, color=f"C{i}", capsize=3)
+    ax.set_xlabel("sqrt(KL to the reference)")
+    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.set_title(
+        "gold vs distance from the reference over training\n(lines: snapshots; stars: final policies)"
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _figure_png(fig)
+
+
 PLOTS = {
     "gold_by_policy": lambda r: plot_gold_by_policy(r["policies"]),
-    "training_curves": lambda r: plot_training_curves(r["curves"], r["curve_keys"]),
-    "gold_vs_proxy": lambda r: plot_gold_vs_proxy(r["curves"], r["curve_keys"]),
+    "gold_vs_kl": lambda r: plot_gold_vs_kl(r["curves"], r["policies"]),
+    "training_curves": lambda r: plot_training_curves(r["rollout_curves"], r["curve_keys"]),
+    "gold_vs_proxy": lambda r: plot_gold_vs_proxy(r["rollout_curves"], r["curve_keys"]),
     "rm_accuracy": lambda r: plot_rm_accuracy(r["reward_models"]),
 }
 
@@ -295,6 +337,7 @@ def write_report(
     policies: Mapping[str, Mapping] | None = None,
     reward_models: Mapping[str, Mapping] | None = None,
     curves: Mapping[str, Sequence[Mapping]] | None = None,
+    rollout_curves: Mapping[str, Sequence[Mapping]] | None = None,
     meta: Mapping | None = None,
     title: str = "rlhflab report",
     curve_keys: Mapping[str, str] | None = None,
@@ -320,6 +363,7 @@ def write_report(
         "policies": _clean(dict(policies or {})),
         "reward_models": _clean(dict(reward_models or {})),
         "curves": {k: _clean(list(v)) for k, v in (curves or {}).items()},
+        "rollout_curves": {k: _clean(list(v)) for k, v in (rollout_curves or {}).items()},
         "curve_keys": dict(curve_keys or {}),
         "plots": {},
     }

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhflab.core.io import atomic_dir
+from rlhflab.errors import ConfigError
 from rlhflab.lab.pretrain import LAB_TASK_KEY, cache_root, ensure_base_model
 from rlhflab.lab.tasks import get_task
 
@@ -90,13 +91,49 @@ def record_kind(stage: str, cfg: Any) -> str:
         return "sft"
     if stage == "rm":
         return "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
-    if stage == "ppo":
+    if stage in ("ppo", "rloo", "grpo", "online-dpo"):
         return "prompt"
     if stage == "dpo":
         from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 
         return PREFERENCE_LOSS_TABLE[cfg.algo.loss].data
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def lab_feedback(cfg: Any, stage: str, *, log=print):
+    """The feedback source a stage's algo.feedback=lab asks: the simulated annotators (algo.annotators) of the
+    lab task of model.name_or_path, seeded by the run's seed; None when the stage asks no lab feedback.
+
+    Raises:
+        ConfigError: the model belongs to no lab task.
+    """
+    algo = getattr(cfg, "algo", None)
+    if getattr(algo, "feedback", None) != "lab":
+        return None
+    from rlhflab.lab.annotators import AnnotatorSettings
+    from rlhflab.lab.feedback import AnnotatorFeedback
+
+    task = lab_task_of(cfg.model.name_or_path)
+    if task is None:
+        raise ConfigError(
+            f"config: algo.feedback=lab asks the simulated annotators of the model's lab task, but "
+            f"model.name_or_path={cfg.model.name_or_path} belongs to no lab task; give a lab model (lab:TASK, or "
+            "a model trained from one) or use algo.feedback=reward with algo.reward_model"
+        )
+    a = algo.annotators
+    settings = AnnotatorSettings(
+        temperature=a.temperature,
+        noise=a.noise,
+        n_annotators=a.n_annotators,
+        bias_spread=a.bias_spread,
+        tie_margin=a.tie_margin,
+        keep_ties=a.keep_ties,
+    )
+    log(
+        f"{stage}: feedback from the lab task '{task}' simulated annotators (temperature {a.temperature}, noise "
+        f"{a.noise}, {a.n_annotators} annotator(s), bias spread {a.bias_spread}, tie margin {a.tie_margin})"
+    )
+    return AnnotatorFeedback(task, settings, seed=cfg.seed)
 
 
 def resolve_lab(cfg: Any, stage: str, *, log=print) -> Any:

@@ -8,9 +8,12 @@ One module per family; see docs/losses.md for every function, its formula and it
 - reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, the same two with
   ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex
 - combine: llama2_safety_gate, weighted_sum, sparrow_rerank
-- preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, orpo, simpo, cpl, PREFERENCE_LOSS_TABLE
-- kl: kl_k1 / k2 / k3, alpacafarm_clamp, kl_shaped_rewards, kl_penalty_loss, KL controllers
-- advantages: gae, discounted_returns, whiten, reinforce / rloo / group-normalized advantages
+- preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, bco (+ BCORewardShift), orpo, simpo, cpl,
+  PREFERENCE_LOSS_TABLE
+- kl: kl_k1 / k2 / k3, alpacafarm_clamp, kl_shaped_rewards, kl_penalty_loss, KL controllers,
+  KL_GRADIENT_UNBIASED (which estimator x placement gives the gradient of KL(pi || ref))
+- advantages: gae, discounted_returns, whiten, reinforce / rloo / group-normalized / ReMax advantages,
+  finite_groups and dynamic_sampling_mask (DAPO) keep-masks
 - ppo: ppo_policy_loss, ppo_value_loss, entropy_bonus, reinforce_loss
 
 Mask polarity everywhere: True = the token counts.
@@ -18,15 +21,19 @@ Mask polarity everywhere: True = the token counts.
 
 from rlhflab.losses.advantages import (
     discounted_returns,
+    dynamic_sampling_mask,
+    finite_groups,
     gae,
     group_normalized_advantages,
     reinforce_advantages,
+    remax_advantages,
     rloo_advantages,
     whiten,
 )
 from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
 from rlhflab.losses.kl import (
     KL_ESTIMATORS,
+    KL_GRADIENT_UNBIASED,
     AdaptiveKLController,
     FixedKLController,
     alpacafarm_clamp,
@@ -46,6 +53,8 @@ from rlhflab.losses.logprobs import (
 from rlhflab.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss, reinforce_loss
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
+    BCORewardShift,
+    bco,
     cdpo,
     cpl,
     dpo,
@@ -85,22 +94,27 @@ from rlhflab.losses.utils import (
 
 __all__ = [
     "KL_ESTIMATORS",
+    "KL_GRADIENT_UNBIASED",
     "LLAMA2_MARGINS",
     "PREFERENCE_LOSS_TABLE",
     "REDUCTIONS",
     "AdaptiveKLController",
+    "BCORewardShift",
     "FixedKLController",
     "LossOutput",
     "RewardOutput",
     "all_pairs_with_ties",
     "alpacafarm_clamp",
+    "bco",
     "bradley_terry",
     "cdpo",
     "cpl",
     "discounted_returns",
     "dpo",
+    "dynamic_sampling_mask",
     "entropy_bonus",
     "entropy_from_logits",
+    "finite_groups",
     "gae",
     "gather_logprobs",
     "group_normalized_advantages",
@@ -131,6 +145,7 @@ __all__ = [
     "regression",
     "reinforce_advantages",
     "reinforce_loss",
+    "remax_advantages",
     "reward_centering",
     "rloo_advantages",
     "robust_dpo",

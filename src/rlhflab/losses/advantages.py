@@ -1,8 +1,15 @@
-"""Advantage estimators: GAE, reward-to-go, whitening, REINFORCE baselines, RLOO and GRPO groups.
+"""Advantage estimators: GAE, reward-to-go, whitening, REINFORCE baselines, RLOO, GRPO and ReMax.
 
 Token-level tensors are [B, T] with a mask (True = a real response token). Sequences are right-padded: a
 False after the last True ends the episode, so nothing bootstraps from padding. A False between Trues also
 ends the episode at that point.
+
+Critic-free (group) estimators take the scores of K samples per prompt, [P, K] or flat prompt-major
+[P*K] with k given. A group holding a non-finite score (a reward model's NaN, a verifier's inf) is
+dropped, not propagated: all its samples get advantage 0, so they add exactly nothing to the policy
+gradient and no NaN reaches the rest of the batch; `finite_groups` gives the mask of the groups kept,
+for the stage to count and log. DAPO's dynamic sampling (`dynamic_sampling_mask`) also drops the groups
+whose samples all score the same, which would get advantage 0 anyway.
 """
 
 from __future__ import annotations
@@ -84,12 +91,14 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
 def reinforce_advantages(scores: Tensor, baseline: Tensor | float | None = None) -> Tensor:
     """REINFORCE with a baseline: A = R(tau) - b  (Williams 1992: (R(tau) - b) grad log p).
 
-    scores: [B]; baseline: [B], a float, or None for the batch mean (a constant baseline keeps the
-    gradient unbiased). Returns [B].
+    scores: [B]; baseline: [B], a float, or None for the mean of the finite scores (a constant baseline
+    keeps the gradient unbiased). Returns [B]; a non-finite score, or baseline, gives advantage 0.
     """
+    finite = torch.isfinite(scores)
     if baseline is None:
-        baseline = scores.mean()
-    return scores - baseline
+        baseline = scores[finite].mean() if finite.any() else _zero(scores)
+    adv = scores - baseline
+    return torch.where(torch.isfinite(adv), adv, _zero(adv))
 
 
 def _grouped(scores: Tensor, k: int | None) -> tuple[Tensor, tuple[int, ...]]:
@@ -106,6 +115,51 @@ def _grouped(scores: Tensor, k: int | None) -> tuple[Tensor, tuple[int, ...]]:
     return scores.view(-1, k), shape
 
 
+def finite_groups(scores: Tensor, k: int | None = None) -> Tensor:
+    """Keep-mask of the groups whose scores are all finite, per sample.
+
+    scores: [P, K] or flat prompt-major [P*K] with k given. Returns a bool tensor of the input shape: True
+    for every sample of a group whose K scores are all finite, False for every sample of a group holding a
+    NaN or inf. The group estimators below give the False samples advantage 0.
+    """
+    grouped, shape = _grouped(scores, k)
+    keep = torch.isfinite(grouped).all(-1, keepdim=True).expand_as(grouped)
+    return keep.reshape(shape)
+
+
+def dynamic_sampling_mask(scores: Tensor, k: int | None = None) -> Tensor:
+    """DAPO's dynamic-sampling filter: keep a group only if its samples do not all score the same.
+
+    keep(group) = 0 < #{i : R_i = R_max} < K, i.e. max_i R_i != min_i R_i   (Yu et al. 2025, "DAPO",
+    the constraint 0 < |{o_i | is_equivalent(a, o_i)}| < G of its objective, here for any score: a group
+    whose samples all got the same score has zero group-relative advantage, so it only dilutes the batch.)
+    Groups holding a non-finite score are not kept either (see `finite_groups`).
+
+    scores: [P, K] or flat prompt-major [P*K] with k given. Returns the bool keep-mask of the input shape,
+    the same for every sample of a group ([P*K] for flat scores): index the rollout with it, or resample
+    prompts until enough groups are kept, as DAPO does. Equality is exact (verifier scores are exact).
+    Filtering is not the same as the advantage 0 those groups get anyway: kept in the batch, they add
+    nothing to the gradient but still count in every normalizer (B, and N for "token_mean"), which shrinks
+    the informative groups' share of the update.
+    """
+    grouped, shape = _grouped(scores, k)
+    finite = torch.isfinite(grouped).all(-1, keepdim=True)
+    varied = grouped.amax(-1, keepdim=True) != grouped.amin(-1, keepdim=True)
+    return (finite & varied).expand_as(grouped).reshape(shape)
+
+
+def _finite_grouped(scores: Tensor, k: int | None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    # (grouped scores with dropped groups set to 0, [P, 1] mask of the groups that get an advantage, input
+    # shape). Dropped: a non-finite score (the arithmetic then never sees a NaN), and all-equal scores,
+    # whose advantage must be exactly 0 but which the mean can miss by a rounding error: float32 [x, x, x]
+    # has mean(x) != x for many x, and dividing that error by std + eps gives advantages of order 1e-3.
+    grouped, shape = _grouped(scores, k)
+    finite = torch.isfinite(grouped).all(-1, keepdim=True)
+    grouped = torch.where(finite, grouped, _zero(grouped))
+    varied = grouped.amax(-1, keepdim=True) != grouped.amin(-1, keepdim=True)
+    return grouped, finite & varied, shape
+
+
 def rloo_advantages(scores: Tensor, k: int | None = None) -> Tensor:
     """REINFORCE leave-one-out: each sample's baseline is the mean score of the other k-1 samples.
 
@@ -113,14 +167,15 @@ def rloo_advantages(scores: Tensor, k: int | None = None) -> Tensor:
     (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al. 2024, RLOO.)
 
     scores: [P, K] (K samples of P prompts) or flat [P*K], prompt-major (samples of prompt 0 first, as
-    `repeat_interleave` makes them), with k given. Returns the input shape. Needs k >= 2.
+    `repeat_interleave` makes them), with k given. Returns the input shape. Needs k >= 2. A group whose
+    samples all score the same gets exactly 0; so does a group with a non-finite score (`finite_groups`).
     """
-    grouped, shape = _grouped(scores, k)
+    grouped, keep, shape = _finite_grouped(scores, k)
     n = grouped.shape[-1]
     if n < 2:
         raise ConfigError("RLOO needs at least 2 samples per prompt (k >= 2).")
     others = (grouped.sum(-1, keepdim=True) - grouped) / (n - 1)
-    return (grouped - others).reshape(shape)
+    return torch.where(keep, grouped - others, _zero(grouped)).reshape(shape)
 
 
 def group_normalized_advantages(
@@ -135,11 +190,40 @@ def group_normalized_advantages(
     scale_by_std=False gives Dr. GRPO's mean-centred advantages (Liu et al. 2025), which do not
     up-weight prompts whose samples all score about the same.
 
-    scores: [P, K] or flat prompt-major [P*K] with k given. Returns the input shape.
+    scores: [P, K] or flat prompt-major [P*K] with k given. Returns the input shape. A group whose samples
+    all score the same gets exactly 0, with or without the std scaling; so does a group with a non-finite
+    score (see `finite_groups`).
     """
-    grouped, shape = _grouped(scores, k)
+    grouped, keep, shape = _finite_grouped(scores, k)
     centred = grouped - grouped.mean(-1, keepdim=True)
     if scale_by_std:
         std = grouped.std(-1, keepdim=True) if grouped.shape[-1] > 1 else torch.zeros_like(grouped[:, :1])
         centred = centred / (std + eps)
-    return centred.reshape(shape)
+    return torch.where(keep, centred, _zero(centred)).reshape(shape)
+
+
+def remax_advantages(scores: Tensor, greedy_scores: Tensor, k: int | None = None) -> Tensor:
+    """ReMax: REINFORCE whose baseline is the score of the prompt's greedy response.
+
+    A_i = R(x, y_i) - R(x, y_greedy(x)),  y_i ~ pi(. | x),  y_greedy = argmax decoding of pi
+    (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning
+    Large Language Models", arXiv 2310.10505: the greedy response's reward is a baseline that depends on
+    the prompt only, so the gradient stays unbiased while its variance drops.)
+
+    scores: [P] (one sample per prompt, as in the paper), [P, K], or flat prompt-major [P*K] with k given;
+    greedy_scores: [P], one per prompt. Returns the shape of `scores`. A prompt whose samples' or greedy
+    score is non-finite gets 0 for all its samples.
+    """
+    if scores.dim() == 1 and k is None:
+        k = 1
+    grouped, shape = _grouped(scores, k)
+    if greedy_scores.shape != grouped.shape[:1]:
+        raise ValueError(
+            f"greedy_scores {tuple(greedy_scores.shape)} must be [P] = [{grouped.shape[0]}] for scores "
+            f"{tuple(scores.shape)}"
+        )
+    both = torch.cat([grouped, greedy_scores[:, None].to(grouped.dtype)], dim=-1)
+    keep = torch.isfinite(both).all(-1, keepdim=True)
+    both = torch.where(keep, both, _zero(both))
+    adv = both[:, :-1] - both[:, -1:]
+    return torch.where(keep, adv, _zero(adv)).reshape(shape)

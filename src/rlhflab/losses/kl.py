@@ -5,6 +5,8 @@ KL Divergence"). With log r = log ref(y_t) - log pi(y_t):
     k1 = -log r                     unbiased, can be negative
     k2 = (log r)^2 / 2              biased, low variance, >= 0
     k3 = (r - 1) - log r            unbiased, >= 0 (since log x <= x - 1)
+An unbiased value is not an unbiased gradient: which estimator gives grad KL(pi || ref) depends on whether
+it sits in the reward or in the loss (`KL_GRADIENT_UNBIASED`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,34 @@ def alpacafarm_clamp(kl: Tensor) -> Tensor:
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+# Which (estimator, placement) pairs have the gradient of KL(pi || ref) as their expected gradient, for
+# tokens sampled from pi itself (on-policy) at one sampling step. With d = log pi(y) - log ref(y):
+#   "reward": -beta k(y), detached, enters the return, so the policy gradient carries E_pi[k grad log pi]
+#             (`kl_shaped_rewards`);
+#   "loss":   beta k(y) is differentiated on the sampled token, giving E_pi[grad k] (`kl_penalty_loss`).
+# The true gradient is grad KL(pi || ref) = E_pi[d grad log pi]. Then
+#   k1 reward: E[d grad log pi]                                  = grad KL(pi || ref)     unbiased
+#   k1 loss:   E[grad log pi] = sum_y grad pi(y)                 = 0                      no signal at all
+#   k2 reward: E[(d^2 / 2) grad log pi]                          != grad KL, O(d^2)       biased
+#   k2 loss:   E[d grad log pi]                                  = grad KL(pi || ref)     unbiased
+#   k3 reward: E[(e^-d - 1 + d) grad log pi]                     = grad KL(pi || ref) - grad KL(ref || pi)
+#   k3 loss:   E[(1 - e^-d) grad log pi] = -sum_y ref(y) grad log pi(y)
+#                                                                = grad KL(ref || pi)     the other direction
+# (Schulman 2020, "Approximating KL Divergence", for the estimators; Tang & Munos 2025, "On a few pitfalls
+# in KL divergence gradient estimation for RL", arXiv 2506.09477, for the loss placements; Shah et al.
+# 2025, "A Comedy of Estimators: On KL Regularization in RL Training of LLMs", arXiv 2512.21852, for all
+# six.) Over a sequence even the unbiased "loss" row is partial: a token's KL term also depends on the
+# earlier tokens that led to it, which a per-token loss does not differentiate (Tang & Munos 2025).
+# tests/losses/test_kl_gradients.py computes all six exactly on a categorical policy.
+KL_GRADIENT_UNBIASED: dict[tuple[str, str], bool] = {
+    ("k1", "reward"): True,
+    ("k1", "loss"): False,
+    ("k2", "reward"): False,
+    ("k2", "loss"): True,
+    ("k3", "reward"): False,
+    ("k3", "loss"): False,
+}
 
 
 def _estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -121,17 +151,22 @@ def kl_penalty_loss(
     mask: Tensor,
     estimator: str = "k3",
     reduction: str = "sequence_mean",
+    max_tokens: float | None = None,
 ) -> LossOutput:
     """KL to the reference as a loss term (GRPO puts beta * k3 in the loss instead of the reward).
 
     L = reduce_t KL_t(pi || ref)   (Shao et al. 2024, DeepSeekMath, GRPO objective with the k3 estimator)
     policy_logps, ref_logps, mask: [B, T]; the reference is treated as a constant. Returns loss [B] (see
-    `reduce_token_losses` for `reduction`) and metric kl/sequence_mean (per-token mean, [B]); multiply
-    the loss by beta yourself.
+    `reduce_token_losses` for `reduction` and `max_tokens`) and metric kl/sequence_mean (per-token mean,
+    [B]); multiply the loss by beta yourself.
+
+    Its gradient is not what the name suggests for every estimator (`KL_GRADIENT_UNBIASED`): on tokens
+    sampled from pi, k3 here (GRPO's choice) has expected gradient grad KL(ref || pi), k1 has 0, and only
+    k2 gives grad KL(pi || ref). The other unbiased choice is k1 in the reward (`kl_shaped_rewards`).
     """
     check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, mask=mask)
     kl = _estimator(estimator)(fill_masked(policy_logps, mask), fill_masked(ref_logps.detach(), mask))
-    loss = reduce_token_losses(kl, mask, reduction)
+    loss = reduce_token_losses(kl, mask, reduction, max_tokens)
     metrics = {"kl/sequence_mean": reduce_token_losses(kl, mask, "sequence_mean")}
     return LossOutput(loss, detach_metrics(metrics))
 

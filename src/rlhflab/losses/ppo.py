@@ -44,6 +44,7 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     reduction: str = "sequence_mean",
+    max_tokens: float | None = None,
 ) -> LossOutput:
     """PPO's clipped surrogate, as a loss to minimize.
 
@@ -72,7 +73,7 @@ def ppo_policy_loss(
     token_loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip * adv), token_loss)
-    loss = reduce_token_losses(token_loss, mask, reduction)
+    loss = reduce_token_losses(token_loss, mask, reduction, max_tokens)
     metrics = {
         "loss/clipfrac": reduce_token_losses((clipped > unclipped).to(ratio.dtype), mask, "sequence_mean"),
         "loss/ratio": reduce_token_losses(ratio, mask, "sequence_mean"),
@@ -89,6 +90,7 @@ def ppo_value_loss(
     mask: Tensor,
     clip_eps_value: float | None = 0.2,
     reduction: str = "sequence_mean",
+    max_tokens: float | None = None,
 ) -> LossOutput:
     """Clipped value loss: L_t = 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
 
@@ -114,10 +116,12 @@ def ppo_value_loss(
         "loss/value_clipfrac": reduce_token_losses(clip_hit, mask, "sequence_mean"),
         "loss/value_error": reduce_token_losses((values - returns).abs(), mask, "sequence_mean"),
     }
-    return LossOutput(reduce_token_losses(token_loss, mask, reduction), detach_metrics(metrics))
+    return LossOutput(reduce_token_losses(token_loss, mask, reduction, max_tokens), detach_metrics(metrics))
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, reduction: str = "sequence_mean") -> LossOutput:
+def entropy_bonus(
+    entropy: Tensor, mask: Tensor, reduction: str = "sequence_mean", max_tokens: float | None = None
+) -> LossOutput:
     """Entropy bonus as a loss: L = -H (add coef * L to the total to reward exploration).
 
     (Schulman et al. 2017, PPO, Eq. 9's c2 S[pi] term.) entropy: [B, T] per-token entropy (see
@@ -125,7 +129,7 @@ def entropy_bonus(entropy: Tensor, mask: Tensor, reduction: str = "sequence_mean
     """
     check_same_shape(entropy=entropy, mask=mask)
     entropy = fill_masked(entropy, mask)
-    loss = reduce_token_losses(-entropy, mask, reduction)
+    loss = reduce_token_losses(-entropy, mask, reduction, max_tokens)
     metrics = {"loss/entropy": reduce_token_losses(entropy, mask, "sequence_mean")}
     return LossOutput(loss, detach_metrics(metrics))
 
@@ -135,6 +139,7 @@ def reinforce_loss(
     advantages: Tensor,
     mask: Tensor,
     reduction: str = "sequence_sum",
+    max_tokens: float | None = None,
 ) -> LossOutput:
     """REINFORCE (with whatever baseline made the advantages): L = -sum_t A_t log pi(a_t | s_t).
 
@@ -146,6 +151,6 @@ def reinforce_loss(
     """
     check_same_shape(policy_logps=policy_logps, mask=mask)
     adv = _token_advantages(advantages, policy_logps, mask)
-    loss = reduce_token_losses(-adv * fill_masked(policy_logps, mask), mask, reduction)
+    loss = reduce_token_losses(-adv * fill_masked(policy_logps, mask), mask, reduction, max_tokens)
     metrics = {"reward/advantage": reduce_token_losses(adv, mask, "sequence_mean")}
     return LossOutput(loss, detach_metrics(metrics))

@@ -16,6 +16,7 @@ Which inputs each loss needs:
 | dpo / cdpo / robust_dpo | yes       | label_smoothing (cdpo, robust_dpo)                               |
 | ipo, hinge (SLiC)       | yes       | -                                                                |
 | kto                     | yes       | unpaired: one log-prob per example, desirable flag, KL estimate  |
+| bco                     | yes       | unpaired: one log-prob per example, desirable flag, reward shift |
 | orpo                    | no        | length-averaged log-probs; optional chosen NLL                   |
 | simpo                   | no        | summed log-probs and response lengths; margin gamma              |
 | cpl                     | optional  | per-step log-probs [B, T] with masks; discount gamma, alpha      |
@@ -26,6 +27,7 @@ hyperparameters each takes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +248,76 @@ def kto(
     return LossOutput(weight * (1 - value), detach_metrics(metrics))
 
 
+def bco(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    reward_shift: Tensor | float,
+    beta: float = 0.1,
+) -> LossOutput:
+    """BCO on unpaired feedback: a binary classifier of desirable vs undesirable completions whose logit is
+    the implicit reward minus a reward shift.
+
+    r = beta (log pi(y|x) - log ref(y|x)), delta = the reward shift (see `BCORewardShift`)
+    L = -log sigma(r - delta)       if desirable
+        -log sigma(-(r - delta))    otherwise
+    (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment", arXiv
+    2404.04656: this binary cross-entropy bounds the DPO loss from above, and shifting the reward by the
+    mean implicit reward tightens the bound; TRL's BCOTrainer.) Unlike KTO's z0, delta is in reward units
+    (after beta) and is a constant here (no gradient). Policy == reference with delta = 0 gives log 2.
+    The paper's underlying-distribution matching (a density-ratio weight on undesirable examples) is not
+    part of this loss.
+
+    policy_logps, ref_logps: [B] summed log-probs; desirable: [B] bool; reward_shift: 0-dim or float.
+    Returns loss [B]; metrics reward/implicit (r), reward/desirable (the flag as float) and reward/shift
+    (delta, broadcast to [B]).
+    """
+    check_positive("beta", beta)
+    check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
+    delta = torch.as_tensor(reward_shift, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    r = beta * (policy_logps - ref_logps)
+    good = as_bool_mask(desirable)
+    logit = r - delta
+    loss = -F.logsigmoid(torch.where(good, logit, -logit))
+    metrics = {"reward/implicit": r, "reward/desirable": good.to(r.dtype), "reward/shift": delta.expand_as(r)}
+    return LossOutput(loss, detach_metrics(metrics))
+
+
+class BCORewardShift:
+    """BCO's reward shift delta: the running mean of every implicit reward r = beta log pi/ref seen so far,
+    desirable and undesirable pooled (Jung et al. 2024; TRL's BCOTrainer keeps it in `RunningMoments`).
+
+    delta_n = (sum of the n rewards seen) / n, 0 before the first update. A stage passes `.value` to `bco`
+    and calls `update` with the step's rewards after the step's forward passes, so delta lags one step:
+    the step's gradient then does not depend on how the batch is split into micro-batches (TRL folds each
+    micro-batch in before its loss). `state_dict` / `load_state_dict` carry it across --resume.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.count = 0
+
+    def update(self, rewards: Tensor) -> float:
+        """Fold a batch of implicit rewards (any shape, detached) into the mean; returns the new delta."""
+        n = rewards.numel()
+        total = float(rewards.detach().double().sum()) if n else 0.0
+        if not math.isfinite(total):
+            raise ValueError(
+                f"BCO rewards are not finite ({total}); check the policy and reference log-probs"
+            )
+        if n:
+            self.value = (self.value * self.count + total) / (self.count + n)
+            self.count += n
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+        self.count = int(state["count"])
+
+
 def _log1mexp(x: Tensor) -> Tensor:
     # log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012).
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -372,6 +444,7 @@ class PreferenceLoss:
                 "sums_lengths" policy chosen, policy rejected sums, then chosen and rejected token counts
                 "tokens"       chosen token log-probs [B, T], chosen mask, rejected ones, rejected mask
                 "unpaired"     policy, reference, desirable flags, KL estimate (`kto_kl_estimate`)
+                "unpaired_shift" policy, reference, desirable flags, reward shift (`BCORewardShift.value`)
     params:     {hyperparameter name: keyword of `fn`}; the names are the trainer's settings (the DPO
                 stage's algo keys), so one name has one meaning across losses.
     average:    whether summed log-probs may be replaced by per-token means ("sums" inputs only).
@@ -413,6 +486,7 @@ PREFERENCE_LOSS_TABLE: dict[str, PreferenceLoss] = {
         },
         cite="Ethayarajh et al. 2024",
     ),
+    "bco": PreferenceLoss(bco, "unpaired", True, "unpaired_shift", {"beta": "beta"}, cite="Jung et al. 2024"),
     "orpo": PreferenceLoss(
         orpo, "pairwise", False, "means", {"orpo_lambda": "beta"}, cite="Hong et al. 2024"
     ),
@@ -457,7 +531,7 @@ class PreferenceInputs:
 
     policy_logps [R] summed over response tokens; lengths [R] response token counts; token_logps [R, T]
     per-token (0 off the response) with token_mask [R, T]; ref_logps [R] summed (None without a
-    reference); desirable [B] bool and kl_estimate 0-dim (unpaired losses only).
+    reference); desirable [B] bool (unpaired losses only); kl_estimate 0-dim (KTO); reward_shift, BCO's delta.
     """
 
     policy_logps: Tensor
@@ -467,6 +541,7 @@ class PreferenceInputs:
     ref_logps: Tensor | None = None
     desirable: Tensor | None = None
     kl_estimate: Tensor | None = None
+    reward_shift: Tensor | float | None = None
 
 
 def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -475,16 +550,24 @@ def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _run_unpaired(row: PreferenceLoss, x: PreferenceInputs, beta: float, kw: dict) -> LossOutput:
-    out = row.fn(x.policy_logps, x.ref_logps, x.desirable, x.kl_estimate, **kw)
+    if row.inputs == "unpaired_shift":  # BCO: the implicit reward against the reward shift delta
+        if x.reward_shift is None:
+            raise ValueError("bco needs PreferenceInputs.reward_shift")  # a trainer bug, not user input
+        out = row.fn(x.policy_logps, x.ref_logps, x.desirable, x.reward_shift, **kw)
+        threshold = out.metrics["reward/shift"]
+        extra = {"reward/implicit": out.metrics["reward/implicit"], "reward/shift": threshold}
+    else:  # KTO: beta r against beta z0
+        out = row.fn(x.policy_logps, x.ref_logps, x.desirable, x.kl_estimate, **kw)
+        z0 = out.metrics["kl/reference_point"]
+        threshold, extra = beta * z0, {"kl/reference_point": z0}
     implicit, good = out.metrics["reward/implicit"], x.desirable.bool()
-    z0 = out.metrics["kl/reference_point"]
     nan = torch.full_like(implicit, float("nan"))
     # NaN marks "not this kind": a trainer's metric means skip it, giving per-kind means.
     metrics = {
         "reward/chosen": torch.where(good, implicit, nan),
         "reward/rejected": torch.where(good, nan, implicit),
-        "reward/accuracy": ((implicit > beta * z0) == good).to(implicit.dtype),
-        "kl/reference_point": z0,
+        "reward/accuracy": ((implicit > threshold) == good).to(implicit.dtype),
+        **extra,
     }
     return LossOutput(out.loss, metrics)
 
@@ -495,7 +578,8 @@ def run_preference_loss(row: PreferenceLoss, x: PreferenceInputs, settings: Mapp
     `row.inputs` says which log-probs its function takes; `settings` holds the hyperparameters by name
     (`row.params` maps each to the function's keyword; "average_logps" switches "sums" rows to per-token
     means). Returns the function's LossOutput (unpaired losses: with per-kind reward/chosen, reward/rejected,
-    NaN for the other kind, and reward/accuracy = the share on the right side of beta * z0).
+    NaN for the other kind, and reward/accuracy = the share on the right side of beta * z0 (KTO) or of
+    delta (BCO); BCO also returns reward/implicit [B], which its trainer folds into `BCORewardShift`).
     """
     kw = {keyword: settings[key] for key, keyword in row.params.items()}
     lengths = x.lengths.clamp(min=1).to(x.policy_logps.dtype)
@@ -511,6 +595,6 @@ def run_preference_loss(row: PreferenceLoss, x: PreferenceInputs, settings: Mapp
     if row.inputs == "tokens":
         (chosen, rejected), (chosen_mask, rejected_mask) = _halves(x.token_logps), _halves(x.token_mask)
         return row.fn(chosen, chosen_mask, rejected, rejected_mask, **kw)
-    if row.inputs == "unpaired":
+    if row.inputs in ("unpaired", "unpaired_shift"):
         return _run_unpaired(row, x, settings["beta"], kw)
     raise ValueError(f"unknown loss inputs {row.inputs!r}")  # a bug in the table, not user input

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rlhflab.errors import ConfigError
 
-REDUCTIONS = ("sequence_mean", "sequence_sum", "token_mean")
+REDUCTIONS = ("sequence_mean", "sequence_sum", "token_mean", "constant")
 
 
 class LossOutput(NamedTuple):
@@ -131,22 +131,50 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return fill_masked(whitened, mask)
 
 
-def reduce_token_losses(token_losses: Tensor, mask: Tensor, reduction: str = "sequence_mean") -> Tensor:
-    """Reduce per-token losses [B, T] to per-example losses [B].
+def reduce_token_losses(
+    token_losses: Tensor, mask: Tensor, reduction: str = "sequence_mean", max_tokens: float | None = None
+) -> Tensor:
+    """Reduce per-token losses l [B, T] to per-example losses x [B] whose `.mean()` is the batch loss.
 
-    - "sequence_mean": masked mean over each sequence's tokens (every sequence weighs the same).
-    - "sequence_sum": masked sum over each sequence's tokens.
-    - "token_mean": each sequence's masked sum times B / N_tokens, so that `.mean()` over the batch is the
-      mean over all real tokens of the batch (long sequences weigh more; DAPO / verl "token-mean").
+    With L_i the real tokens of sequence i and N = sum_i L_i those of the call:
+
+    | reduction       | x_i                       | x.mean() =                          | source          |
+    |-----------------|---------------------------|-------------------------------------|-----------------|
+    | "sequence_mean" | (1/L_i) sum_t l_it        | (1/B) sum_i (1/L_i) sum_t l_it:     | GRPO, Shao et   |
+    |                 |                           | every sequence weighs the same      | al. 2024, Eq. 3 |
+    | "sequence_sum"  | sum_t l_it                | (1/B) sum_i sum_t l_it              | REINFORCE       |
+    | "token_mean"    | (B/N) sum_t l_it          | (1/N) sum_i sum_t l_it: every token | DAPO, Yu et al. |
+    |                 |                           | weighs the same                     | 2025            |
+    | "constant"      | (1/max_tokens) sum_t l_it | (1/B) sum_i sum_t l_it / max_tokens | Dr. GRPO, Liu   |
+    |                 |                           |                                     | et al. 2025     |
+
+    Only "sequence_mean" divides a sequence by its own length, which gives each token of a long sequence
+    less weight (the length bias Liu et al. 2025 point out); "constant" divides every sequence by the same
+    number (normally the generation limit), so the gradient is the plain sum up to one fixed scale.
+
+    Gradient accumulation: every reduction except "token_mean" is per example, so micro-batch outputs
+    summed and divided by the whole batch's B give the batch loss. "token_mean" uses this call's N; for
+    micro-batches use "constant" with max_tokens = N_batch / B_batch (the whole batch's mean real length),
+    which gives x_i = (B_batch / N_batch) sum_t l_it, then sum over micro-batches and divide by B_batch.
+
+    max_tokens: the constant of "constant" (> 0); refused with the other reductions, which ignore it.
     """
     if reduction not in REDUCTIONS:
         raise ConfigError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}.")
+    if reduction == "constant":
+        if max_tokens is None:
+            raise ConfigError('reduction "constant" needs max_tokens (e.g. the generation limit).')
+        check_positive("max_tokens", max_tokens)
+    elif max_tokens is not None:
+        raise ConfigError(f'max_tokens is used only by reduction "constant", not {reduction!r}; drop it.')
     token_losses = fill_masked(token_losses, mask)
     if reduction == "sequence_mean":
         return masked_mean(token_losses, mask, dim=-1)
     sums = masked_sum(token_losses, mask, dim=-1)
     if reduction == "sequence_sum":
         return sums
+    if reduction == "constant":
+        return sums / max_tokens
     n_tokens = _count(token_losses, mask, None).clamp(min=1)
     return sums * (sums.shape[0] / n_tokens)
 

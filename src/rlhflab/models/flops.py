@@ -204,11 +204,41 @@ def ppo_iteration_flops(
     return forward + ppo_epochs * update
 
 
+def critic_free_iteration_flops(
+    policy: MatmulParams,
+    ref: MatmulParams | None,
+    tokens: int,
+    response_tokens: int,
+    *,
+    train_tokens: int,
+    train_response_tokens: int,
+    old_pass: bool,
+    greedy: tuple[int, int] = (0, 0),
+    entropy_tokens: int = 0,
+) -> float:
+    """One RLOO / GRPO iteration over a batch of `tokens` real tokens, `response_tokens` of them sampled.
+
+    Generation as in `ppo_iteration_flops`, plus the greedy responses of ReMax (`greedy` = their (tokens,
+    response tokens)); the rollout policy's pass only when it runs (`old_pass`); the reference pass when
+    there is a reference; the updates over `train_tokens` (all epochs, the kept groups only), the LM head at
+    `train_response_tokens`; the logged entropy's extra LM head (forward only) at `entropy_tokens`.
+    """
+    flops = causal_lm_forward_flops(policy, tokens, response_tokens)  # generation
+    flops += causal_lm_forward_flops(policy, *greedy)
+    if old_pass:
+        flops += causal_lm_forward_flops(policy, tokens, response_tokens)
+    if ref is not None:
+        flops += causal_lm_forward_flops(ref, tokens, response_tokens)
+    flops += causal_lm_train_flops(policy, train_tokens, train_response_tokens)
+    return flops + 2.0 * policy.head * entropy_tokens
+
+
 __all__ = [
     "MatmulParams",
     "causal_lm_forward_flops",
     "causal_lm_train_flops",
     "causal_pairs",
+    "critic_free_iteration_flops",
     "decoder_matmul_params",
     "matmul_params",
     "ppo_iteration_flops",

@@ -121,6 +121,19 @@ class Rollout:
         """[B] number of real response tokens (EOS included)."""
         return self.response_mask.sum(-1)
 
+    def select(self, idx: Tensor) -> Rollout:
+        """The rows `idx` (a 1-D index tensor) of this batch, as a Rollout of len(idx) rows."""
+        rows = idx.tolist()
+        return Rollout(
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            response_ids=self.response_ids[idx],
+            response_mask=self.response_mask[idx],
+            ended_with_eos=self.ended_with_eos[idx],
+            texts=[self.texts[i] for i in rows],
+            prompts=[self.prompts[i] for i in rows],
+        )
+
 
 def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
     """Token ids of each prompt, encoded exactly as the data layer encodes training prompts

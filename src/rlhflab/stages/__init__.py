@@ -1,1 +1,28 @@
 """Training stages: one readable loop per method."""
+
+# Stage name -> (module with `train(cfg, *, resume, overwrite)`, one-line help). The command line and the pipeline read it;
+# importing this package imports no stage (so `rlhflab --help` answers at once).
+STAGES: dict[str, tuple[str, str]] = {
+    "sft": ("rlhflab.stages.sft", "supervised fine-tuning on demonstrations (prompt masked out of the loss)"),
+    "rm": (
+        "rlhflab.stages.reward",
+        "reward model from pairwise comparisons (with margins) or K-wise rankings",
+    ),
+    "ppo": ("rlhflab.stages.ppo", "PPO against reward model(s) with a KL penalty to a frozen reference"),
+    "rloo": (
+        "rlhflab.stages.critic_free",
+        "RLOO / REINFORCE / ReMax: k samples per prompt, a baseline from the others, no critic",
+    ),
+    "grpo": (
+        "rlhflab.stages.critic_free",
+        "GRPO (and Dr. GRPO, DAPO options): group-normalized advantages, no critic",
+    ),
+    "dpo": (
+        "rlhflab.stages.dpo",
+        "DPO and its family (IPO, hinge, cDPO, robust, KTO, BCO, ORPO, SimPO, CPL) from preferences",
+    ),
+    "online-dpo": (
+        "rlhflab.stages.online_dpo",
+        "online DPO / IPO: pairs sampled from the current policy, judged by a reward or the lab's annotators",
+    ),
+}

@@ -11,7 +11,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,14 +142,39 @@ def build_optimizer(model: torch.nn.Module, optim: AdamWSection, total_steps: in
     return optimizer, scheduler
 
 
+# Counts whose end-to-end rate a run reports when it closes (what a user waits for, per unit of work).
+END_TO_END_UNITS = ("pairs", "examples", "rollouts", "tokens")
+
+
 @dataclass
 class Run:
-    """An open run directory with its metrics logger."""
+    """An open run directory with its metrics logger. `Loop.close` hands it the loop's totals, so that
+    `close` can report end-to-end throughput next to the training loop's: the fixed costs around the loop
+    (loading, a reference pass, evaluation, normalization, saving) count in the first, not the second."""
 
     dir: Path
     logger: MetricsLogger
+    name: str = "run"
+    started: float = field(default_factory=time.time)
+    totals: dict[str, float] = field(default_factory=dict)
+    loop_seconds: float = 0.0
+    final_step: int = 0
 
     def close(self) -> None:
+        wall = max(time.time() - self.started, 1e-9)
+        units = [u for u in END_TO_END_UNITS if self.totals.get(u)]
+        if units:
+            row = {"perf/wall_s": wall, "perf/loop_s": self.loop_seconds}
+            for u in units:
+                row[f"perf/end_to_end_{u}_per_s"] = self.totals[u] / wall
+                row[f"perf/loop_{u}_per_s"] = self.totals[u] / max(self.loop_seconds, 1e-9)
+            self.logger.log(self.final_step, row)
+            u = units[0]
+            print(
+                f"{self.name}: {self.totals[u]:.0f} {u} in {wall:.1f} s from start to saved model "
+                f"({row[f'perf/end_to_end_{u}_per_s']:.3g} {u}/s end to end, "
+                f"{row[f'perf/loop_{u}_per_s']:.3g} {u}/s in the training loop)"
+            )
         self.logger.close()
 
 
@@ -164,7 +189,7 @@ def open_run(cfg: Any, stage: str, logging_cfg: LoggingSection, *, resume: bool,
         wandb_project=logging_cfg.wandb_project,
         config=config_to_dict(cfg),
     )
-    return Run(dir=run_dir, logger=logger)
+    return Run(dir=run_dir, logger=logger, name=stage)
 
 
 def clip_gradients(model: torch.nn.Module, max_grad_norm: float) -> float:
@@ -202,6 +227,11 @@ def metric_means(sums: dict[str, list[float]]) -> dict[str, float]:
     return {k: total / count for k, (total, count) in sums.items() if count}
 
 
+def snapshot_dir(run_dir: Path, step: int) -> Path:
+    """Where `Loop` saves the model of step `step` (logging.snapshot_every)."""
+    return Path(run_dir) / "snapshots" / f"step-{step:06d}"
+
+
 class Loop:
     """The bookkeeping every stage's loop shares, written once: resume from the latest checkpoint, a progress
     bar with ETA, metrics every logging.log_every steps (with the counts accumulated since the last log, for
@@ -216,6 +246,8 @@ class Loop:
         loop.close()
 
     `state`: extra stage state to checkpoint (e.g. PPO's KL controller); on resume `resumed_state` holds it.
+    `snapshot(path)`: saves the trained model to `path` (as the stage's final save does), every
+    logging.snapshot_every steps, into RUN/snapshots/step-NNNNNN.
     """
 
     def __init__(
@@ -230,7 +262,11 @@ class Loop:
         *,
         resume: bool,
         state: Callable[[], dict] | None = None,
+        snapshot: Callable[[Path], Any] | None = None,
     ):
+        if logging_cfg.snapshot_every and snapshot is None:
+            raise ConfigError(f"config: logging.snapshot_every is not supported by {name}; leave it 0")
+        self.snapshot = snapshot
         self.run, self.name, self.cfg, self.total = run, name, logging_cfg, total
         self.model, self.optimizer, self.scheduler, self._state = model, optimizer, scheduler, state
         self.step, self.last_ckpt, self.resumed_state = 0, None, {}
@@ -241,12 +277,16 @@ class Loop:
             print(f"{name}: resumed from {ckpt} at step {self.step}")
         self.progress = Progress(total, name, enabled=logging_cfg.progress, completed=self.step)
         self.counts: dict[str, float] = {}
-        self._t_last = time.time()
+        self.totals: dict[
+            str, float
+        ] = {}  # since this process started the loop (a resumed run: since resume)
+        self._t_last = self._t_start = time.time()
 
     def count(self, **amounts: float) -> None:
         """Add to the counts handed to the next log (tokens, examples, ...)."""
         for key, n in amounts.items():
             self.counts[key] = self.counts.get(key, 0) + n
+            self.totals[key] = self.totals.get(key, 0) + n
 
     def end_step(
         self,
@@ -268,6 +308,8 @@ class Loop:
         every = getattr(self.cfg, "eval_every", 0)
         if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
             self.run.logger.log(self.step, evaluate())
+        if self.cfg.snapshot_every and self.step % self.cfg.snapshot_every == 0:
+            self.snapshot(snapshot_dir(self.run.dir, self.step))
         if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
             self.last_ckpt = save_checkpoint(
                 self.run.dir,
@@ -282,3 +324,5 @@ class Loop:
 
     def close(self) -> None:
         self.progress.close()
+        self.run.totals, self.run.final_step = dict(self.totals), self.step
+        self.run.loop_seconds = time.time() - self._t_start

@@ -2,9 +2,10 @@
 
 Tang et al. 2024 (GPO): DPO, IPO and SLiC are one convex f applied to beta times the log-ratio gap
 h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)); cDPO and robust DPO reweigh it for label
-noise. KTO learns from unpaired good/bad completions against a KL reference point; ORPO, SimPO and CPL need
-no reference model. The maths and the table of losses (data, reference, inputs, hyperparameters) live in
-`rlhflab.losses.preference`; `run_preference_loss` runs a row of that table on a batch.
+noise. KTO learns from unpaired good/bad completions against a KL reference point, BCO as a binary
+classifier of them against a running reward shift; ORPO, SimPO and CPL need no reference model. The maths
+and the table of losses (data, reference, inputs, hyperparameters) live in `rlhflab.losses.preference`;
+`run_preference_loss` runs a row of that table on a batch.
 
 Cost: the reference's log-probs of every response are computed once and cached (`rlhflab.stages.reference`);
 reference-free losses load no reference. Chosen and rejected go through the policy as one batch of 2B rows
@@ -22,6 +23,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from rlhflab.config import DPOConfig
@@ -32,6 +34,7 @@ from rlhflab.data.tokenize import mismatched_partners
 from rlhflab.errors import DataError
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
+    BCORewardShift,
 )
 from rlhflab.models.flops import MatmulParams, causal_lm_forward_flops, causal_lm_train_flops, matmul_params
 from rlhflab.models.loading import count_parameters, is_peft_model, load_causal_lm, save_model
@@ -54,13 +57,15 @@ from rlhflab.stages.reference import cached_reference_logps, response_tokens
 
 
 def _tokenize_records(
-    records: list, kind: str, tokenizer, cfg: DPOConfig
+    records: list, kind: str, tokenizer, cfg: DPOConfig, *, mismatched: bool = True
 ) -> tuple[list[dict], list[dict] | None]:
-    """(examples, KTO's mismatched examples or None)."""
+    """(examples, KTO's mismatched examples or None; `mismatched`: whether the loss needs them)."""
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     if kind == "pairwise":
         return [tokenize_pair(r, tokenizer, **kw) for r in records], None
     examples = [tokenize_unpaired(r, tokenizer, **kw) for r in records]
+    if not mismatched:
+        return examples, None
     partners = mismatched_partners([r.prompt for r in records])
     kl = [
         tokenize_unpaired(UnpairedRecord(r.prompt, records[j].completion, r.label), tokenizer, **kw)
@@ -70,7 +75,8 @@ def _tokenize_records(
 
 
 _DATA_HINTS = {
-    "pairwise": "records with prompt, chosen and rejected; for good/bad completions use algo.loss=kto",
+    "pairwise": "records with prompt, chosen and rejected; for good/bad completions use algo.loss=kto or "
+    "algo.loss=bco",
     "unpaired": "records with prompt, completion and label; for preference pairs use a paired loss such as "
     "algo.loss=dpo",
 }
@@ -96,7 +102,7 @@ def _preference_gradients(
     z0 = kl_reference_point(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
     metric = f"loss/{ctx.algo.loss}"
     sums: dict[str, list[float]] = {}
-    total, tokens = 0.0, 0
+    total, tokens, rewards = 0.0, 0, []
     for s in range(0, len(indices), micro):
         out, n = batch_loss(ctx, "train", examples, indices[s : s + micro], kl_estimate=z0)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
@@ -106,6 +112,11 @@ def _preference_gradients(
         total += float(loss.detach())
         tokens += n
         accumulate_metrics(sums, out.metrics)
+        if ctx.reward_shift is not None:
+            rewards.append(out.metrics["reward/implicit"])
+    if ctx.reward_shift is not None:
+        # BCO: fold the step's implicit rewards into the running shift, which the next step uses.
+        ctx.reward_shift.update(torch.cat(rewards))
     forward_only = sum(len(kl_examples[i]["input_ids"]) for i in indices) if kl_examples is not None else 0
     return {metric: total, **metric_means(sums)}, tokens, forward_only
 
@@ -180,8 +191,9 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite)
     model, tokenizer, device = load_policy(cfg.model)
     train_records, eval_records = _load_records(cfg, spec.data, run.dir)
-    examples, kl_examples = _tokenize_records(train_records, spec.data, tokenizer, cfg)
-    eval_examples, eval_kl = _tokenize_records(eval_records, spec.data, tokenizer, cfg)
+    kl_rows = spec.inputs == "unpaired"  # KTO's KL estimate reads mismatched (prompt, completion) rows
+    examples, kl_examples = _tokenize_records(train_records, spec.data, tokenizer, cfg, mismatched=kl_rows)
+    eval_examples, eval_kl = _tokenize_records(eval_records, spec.data, tokenizer, cfg, mismatched=kl_rows)
     what = "pairs" if spec.data == "pairwise" else "examples"
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=what)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
@@ -196,9 +208,23 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
             cfg, model, device, tokenizer.pad_token_id, run.dir, sets, spec.data
         )
     amp, pad_id = mixed_precision(cfg.model, device), tokenizer.pad_token_id
-    ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp)
+    shift = BCORewardShift() if spec.inputs == "unpaired_shift" else None
+    ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
+    loop = Loop(
+        run,
+        "dpo",
+        cfg.logging,
+        total_steps,
+        model,
+        optimizer,
+        scheduler,
+        resume=resume,
+        state=(lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None,
+        snapshot=functools.partial(save_model, model, tokenizer),
+    )
+    if shift is not None and "reward_shift" in loop.resumed_state:
+        shift.load_state_dict(loop.resumed_state["reward_shift"])
     if ref_perf:
         run.logger.log(loop.step, ref_perf)
 

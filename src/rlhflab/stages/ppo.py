@@ -22,7 +22,7 @@ compared afterwards with anything else (the lab's gold reward) without training 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +34,6 @@ from torch import nn
 from rlhflab.config import PPOConfig
 from rlhflab.core.health import check_finite
 from rlhflab.core.seeding import batch_schedule, seed_everything
-from rlhflab.data import PromptRecord
-from rlhflab.errors import ConfigError
 from rlhflab.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -51,9 +49,9 @@ from rlhflab.losses import (
 from rlhflab.models.backbone import backbone_and_head, hidden_size_of, hidden_to_logits
 from rlhflab.models.flops import MatmulParams, matmul_params, ppo_iteration_flops
 from rlhflab.models.heads import Critic, ValueHead
-from rlhflab.models.loading import count_parameters, load_causal_lm
+from rlhflab.models.loading import count_parameters, load_causal_lm, save_model
 from rlhflab.models.logprobs import token_logps
-from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
+from rlhflab.rollout.generate import Rollout
 from rlhflab.stages.common import (
     Loop,
     build_optimizer,
@@ -64,7 +62,15 @@ from rlhflab.stages.common import (
     optimizer_step,
     resolve_model_path,
 )
-from rlhflab.stages.data_source import load_train_records, require_train_path
+from rlhflab.stages.data_source import require_train_path
+from rlhflab.stages.on_policy import (
+    append_rollouts,
+    load_prompts,
+    load_reward,
+    require_reward,
+    sample,
+    sampling_settings,
+)
 
 # Thresholds of the health warnings (not errors: these happen in healthy runs now and then).
 NEGATIVE_KL_WARN = -0.5
@@ -111,30 +117,8 @@ def _response_pass(
     return logps.float(), values.float(), entropy
 
 
-def _sub_rollout(r: Rollout, idx: torch.Tensor) -> Rollout:
-    return Rollout(
-        prompt_ids=r.prompt_ids[idx],
-        prompt_mask=r.prompt_mask[idx],
-        response_ids=r.response_ids[idx],
-        response_mask=r.response_mask[idx],
-        ended_with_eos=r.ended_with_eos[idx],
-        texts=[r.texts[i] for i in idx.tolist()],
-        prompts=[r.prompts[i] for i in idx.tolist()],
-    )
-
-
 def _load_reward(cfg: PPOConfig, device: torch.device):
-    from rlhflab.rewards import load_rewards
-
-    algo = cfg.algo
-    return load_rewards(
-        algo.reward_model,
-        weights=algo.reward_weights or None,
-        device=device,
-        combine=algo.reward_combine,
-        safety_threshold=algo.safety_threshold,
-        unsafe_prompt_pattern=algo.unsafe_prompt_pattern,
-    )
+    return load_reward(cfg.algo, device)
 
 
 def _critic_init(cfg: PPOConfig) -> str:
@@ -267,7 +251,7 @@ def _ppo_epochs(
         order = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.algo.minibatch_size):
             idx = order[s : s + cfg.algo.minibatch_size].to(rollout.response_ids.device)
-            mb = _sub_rollout(rollout, idx)
+            mb = rollout.select(idx)
             mask = mb.response_mask
             logps, values, entropy = _response_pass(
                 policy,
@@ -351,39 +335,12 @@ def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> No
 
 
 def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) -> None:
-    with open(path, "a") as f:
-        for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
-            f.write(
-                json.dumps(
-                    {
-                        "iteration": iteration,
-                        "prompt": prompt,
-                        "response": text,
-                        "score": float(exp["scores"][i]),
-                        "kl": float(exp["seq_kl"][i]),
-                    }
-                )
-                + "\n"
-            )
-
-
-def _load_prompts(cfg: PPOConfig, run_dir: Path) -> tuple[list, int]:
-    """(prompts, rollout batches per epoch), refusing fewer prompts than one rollout batch."""
-    records = load_train_records(cfg.data, "prompt")
-    prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
-    steps_per_epoch = len(prompts) // cfg.algo.rollout_batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"config: {len(prompts)} prompts are fewer than algo.rollout_batch_size "
-            f"({cfg.algo.rollout_batch_size}); lower it or add prompts"
-        )
-    return prompts, steps_per_epoch
+    append_rollouts(path, iteration, rollout, exp["scores"], exp["seq_kl"])
 
 
 def _save_final(run_dir: Path, policy, value_model, tokenizer) -> Path:
     """The policy as a plain HF causal LM (+ value head file) in RUN/final; a separate critic in RUN/critic."""
     from rlhflab.models.heads import PolicyWithValueHead
-    from rlhflab.models.loading import save_model
 
     final = run_dir / "final"
     if isinstance(value_model, ValueHead):
@@ -403,36 +360,9 @@ def _kl_controller(cfg: PPOConfig):
     )
 
 
-def _sampling(cfg: PPOConfig) -> SamplingSettings:
-    s = cfg.sampling
-    return SamplingSettings(
-        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p
-    )
-
-
-def _generate(
-    policy, tokenizer, prompts, sampling: SamplingSettings, cfg: PPOConfig, device, *, seed: int
-) -> Rollout:
-    """Step 1: one response per prompt from the current policy, prompts cut to data.max_prompt_length."""
-    with mixed_precision(cfg.model, device)():
-        return generate(
-            policy,
-            tokenizer,
-            prompts,
-            sampling,
-            batch_size=cfg.algo.rollout_batch_size,
-            seed=seed,
-            max_prompt_tokens=cfg.data.max_prompt_length,
-        )
-
-
 def preflight(cfg: PPOConfig, *, reward: Any = None) -> None:
     """The checks that need no model or data file, run before anything is loaded or made."""
-    if reward is None and not cfg.algo.reward_model:
-        raise ConfigError(
-            "config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
-            "or a reward spec such as 'rule:length'"
-        )
+    require_reward(cfg.algo, reward)
 
 
 def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, reward: Any = None) -> Path:
@@ -448,11 +378,11 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg)
     reward = reward if reward is not None else _load_reward(cfg, device)
-    prompts, steps_per_epoch = _load_prompts(cfg, run.dir)
+    prompts, steps_per_epoch = load_prompts(cfg.data, cfg.algo.rollout_batch_size)
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
-    kl_ctl, sampling = _kl_controller(cfg), _sampling(cfg)
+    kl_ctl, sampling = _kl_controller(cfg), sampling_settings(cfg.sampling)
     n_params = count_parameters(policy)
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
     print(
@@ -473,6 +403,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         scheduler,
         resume=resume,
         state=kl_state,
+        snapshot=functools.partial(save_model, policy, tokenizer),
     )
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
@@ -486,8 +417,16 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         ]
         # 1. generate
         t0 = time.time()
-        rollout = _generate(
-            policy, tokenizer, batch, sampling, cfg, device, seed=cfg.seed * 100_003 + loop.step
+        rollout = sample(
+            policy,
+            tokenizer,
+            batch,
+            sampling,
+            model_cfg=cfg.model,
+            data=cfg.data,
+            device=device,
+            batch_size=cfg.algo.rollout_batch_size,
+            seed=cfg.seed * 100_003 + loop.step,
         )
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
@@ -508,6 +447,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
 
         _append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp)
         _health_warnings(metrics, iteration, log=loop.progress.print)
+        loop.count(rollouts=len(rollout), tokens=int(rollout.attention_mask.sum()))
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from rlhflab.config import DPOAlgo
 from rlhflab.data.collate import collate_preference
 from rlhflab.losses import LossOutput, kto_kl_estimate
-from rlhflab.losses.preference import PreferenceInputs, PreferenceLoss, run_preference_loss
+from rlhflab.losses.preference import BCORewardShift, PreferenceInputs, PreferenceLoss, run_preference_loss
 from rlhflab.models.logprobs import response_logps
 from rlhflab.stages.common import accumulate_metrics, metric_means
 from rlhflab.stages.reference import cache_rows
@@ -32,6 +32,7 @@ class PreferenceContext:
     ref_cache: dict[str, Tensor] | None  # cached reference log-probs per example set
     live_ref: Callable[[], contextlib.AbstractContextManager] | None  # context yielding a reference model
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # model.autocast context
+    reward_shift: BCORewardShift | None = None  # BCO's running delta, kept across steps (and checkpoints)
 
     def ref_rows(self, split: str, indices: list[int], batch: dict) -> Tensor | None:
         if not self.row.reference:
@@ -75,6 +76,7 @@ def batch_loss(
         ref_logps=ctx.ref_rows(split, indices, batch),
         desirable=desirable,
         kl_estimate=kl_estimate,
+        reward_shift=ctx.reward_shift.value if ctx.reward_shift is not None else None,
     )
     return run_preference_loss(ctx.row, inputs, vars(ctx.algo)), int(batch["attention_mask"].sum())
 
@@ -84,7 +86,8 @@ def evaluate(
     ctx: PreferenceContext, examples: list[dict], kl_examples: list[dict] | None, batch_size: int = 32
 ) -> dict[str, float]:
     """Held-out loss and metrics: eval/loss, eval/accuracy (the share of pairs whose chosen response gets
-    the higher implicit reward; for KTO, of completions on the right side of the reference point),
+    the higher implicit reward; for KTO and BCO, of completions on the right side of the reference point or
+    reward shift; BCO's shift is read, never updated, here),
     eval/chosen, eval/rejected, eval/margin, and the loss's other metrics under eval/."""
     was_training = ctx.model.training
     ctx.model.eval()

@@ -24,6 +24,7 @@ Setup -> loop -> save, read top to bottom.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -214,7 +215,10 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     if not eval_examples:
         print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
 
-    loop = Loop(run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
+    snapshot = functools.partial(_save, cfg, model, tokenizer)
+    loop = Loop(
+        run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot
+    )
     if loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
         run.logger.log(0, evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0])
 

@@ -10,6 +10,7 @@ Setup -> loop -> save, read top to bottom.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -101,7 +102,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}"
     )
 
-    loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume)
+    snapshot = functools.partial(save_model, model, tokenizer)
+    loop = Loop(
+        run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot
+    )
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()

@@ -1,0 +1,386 @@
+"""On-policy RL without a critic: RLOO / REINFORCE / ReMax (`rlhflab rloo`) and GRPO (`rlhflab grpo`).
+
+PPO learns a value function to tell a good response from a lucky one. These methods sample k responses to
+each prompt instead, and the other samples' scores give the baseline (Ahmadian et al. 2024, "Back to
+Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs"; Shao et al. 2024,
+DeepSeekMath, GRPO). One loop serves both; they differ in the baseline and where the KL term goes.
+
+Each iteration:
+
+    1. generate   k responses to each of P prompts from the current policy, prompt-major (the k samples of
+                  prompt 0 first); ReMax also decodes one greedy response per prompt for its baseline
+    2. score      sequence scores from the reward source(s), minus the missing-EOS penalty
+    3. old/ref    log-probs of the sampled tokens under the rollout policy (only when the batch takes more
+                  than one update: with one, the ratio is exactly 1) and under the reference (when beta > 0)
+    4. KL         placement "reward": score - beta * sum_t KL_t before the baseline (RLOO); "loss": later
+    5. baseline   advantages from each group (leave-one-out, batch mean, greedy, or group-normalized);
+                  groups with a NaN score, and with dynamic sampling groups whose k scores are all equal,
+                  are left out of the loss
+    6. optimize   ppo_epochs passes of minibatches of PPO's clipped surrogate (+ beta * KL in the loss)
+
+Every response is appended to RUN/rollouts.jsonl (prompt, response, score, KL), as PPO does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.config import GRPOConfig, RLOOConfig
+from rlhflab.core.health import check_finite
+from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.errors import TrainingHealthError
+from rlhflab.losses import (
+    dynamic_sampling_mask,
+    entropy_from_logits,
+    finite_groups,
+    group_normalized_advantages,
+    kl_penalty_loss,
+    masked_mean,
+    masked_sum,
+    ppo_policy_loss,
+    reinforce_advantages,
+    remax_advantages,
+    rloo_advantages,
+)
+from rlhflab.losses.kl import KL_ESTIMATORS
+from rlhflab.models.backbone import backbone_and_head, hidden_to_logits
+from rlhflab.models.flops import critic_free_iteration_flops, matmul_params
+from rlhflab.models.loading import count_parameters, load_causal_lm, save_model
+from rlhflab.models.logprobs import token_logps
+from rlhflab.rollout.generate import Rollout
+from rlhflab.stages.common import (
+    Loop,
+    build_optimizer,
+    clip_gradients,
+    load_policy,
+    mixed_precision,
+    open_run,
+    optimizer_step,
+    resolve_model_path,
+)
+from rlhflab.stages.data_source import require_train_path
+from rlhflab.stages.on_policy import (
+    append_rollouts,
+    load_prompts,
+    load_reward,
+    require_reward,
+    sample,
+    sampling_settings,
+)
+
+Config = RLOOConfig | GRPOConfig
+
+
+def method_name(cfg: Config) -> str:
+    return "grpo" if isinstance(cfg, GRPOConfig) else "rloo"
+
+
+def rollout_logps(
+    model,
+    rollout: Rollout,
+    temperature: float,
+    *,
+    amp: Callable = contextlib.nullcontext,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, R] (float32) of the sampled response tokens under `model`, and optionally the
+    policy's per-token entropy [B, R] there (computed without gradient: it is logged, not optimized)."""
+    target = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+    start = rollout.response_start
+    with amp():
+        logps, hidden = token_logps(
+            model,
+            rollout.input_ids,
+            rollout.attention_mask,
+            target,
+            position_ids=rollout.position_ids,
+            temperature=temperature,
+            return_hidden=True,
+        )
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                _, head = backbone_and_head(model)
+                logits = hidden_to_logits(model, head, hidden[:, start - 1 : -1].detach())
+                ent = entropy_from_logits(logits.float() / temperature)
+    return logps[:, start - 1 :].float(), ent
+
+
+def advantages_of(cfg: Config, scores: torch.Tensor, greedy_scores: torch.Tensor | None) -> torch.Tensor:
+    """Step 5's advantages [N] from the (KL-adjusted) scores [N] of P groups of k samples."""
+    k = cfg.algo.num_generations
+    if isinstance(cfg, GRPOConfig):
+        return group_normalized_advantages(scores, k, scale_by_std=cfg.algo.scale_rewards)
+    if cfg.algo.baseline == "leave_one_out":
+        return rloo_advantages(scores, k)
+    if cfg.algo.baseline == "greedy":
+        return remax_advantages(scores, greedy_scores, k)
+    return reinforce_advantages(scores)
+
+
+def needs_old_pass(cfg: Config, n: int) -> bool:
+    """Whether step 3 runs the rollout policy over the batch: when the batch takes more than one update (the
+    ratio then moves away from 1), or for the KL in the reward (needed before the advantages)."""
+    algo = cfg.algo
+    several_updates = algo.ppo_epochs > 1 or 0 < algo.minibatch_size < n
+    return several_updates or (algo.kl_coef > 0 and algo.kl_placement == "reward")
+
+
+def _setup(cfg: Config):
+    """(policy, reference or None, tokenizer, device); no reference is loaded when beta = 0."""
+    policy, tokenizer, device = load_policy(cfg.model)
+    ref = None
+    if cfg.algo.kl_coef > 0:
+        ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
+        ref = load_causal_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
+        ref.eval().requires_grad_(False)
+    return policy, ref, tokenizer, device
+
+
+def _score(reward, cfg: Config, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: (scores with the missing-EOS penalty, raw scores), [N] float32."""
+    raw = reward.score(rollout.prompts, rollout.texts).to(rollout.response_ids.device, torch.float32)
+    scores = raw - cfg.algo.missing_eos_penalty * (~rollout.ended_with_eos).float()
+    return scores, raw
+
+
+@torch.no_grad()
+def make_experience(
+    policy, ref, reward, rollout: Rollout, greedy: Rollout | None, cfg: Config, step: int, last
+):
+    """Steps 2-5 on one batch: returns the tensors the update needs and the iteration's metrics."""
+    algo, temp = cfg.algo, cfg.sampling.temperature
+    amp = mixed_precision(cfg.model, rollout.response_ids.device)
+    mask = rollout.response_mask
+    t = time.time()
+    # 2. score
+    scores, raw = _score(reward, cfg, rollout)
+    greedy_scores = _score(reward, cfg, greedy)[0] if greedy is not None else None
+    if not torch.isfinite(scores).any():
+        raise TrainingHealthError(
+            f"iteration {step}: every score of the batch is NaN/inf; check the reward source "
+            f"(last good checkpoint: {last or 'none'})"
+        )
+    t_score = time.time() - t
+    t = time.time()
+    # 3. old (rollout policy) and reference log-probs
+    old_logps = None
+    if needs_old_pass(cfg, len(rollout)):
+        policy.eval()
+        old_logps, _ = rollout_logps(policy, rollout, temp, amp=amp)
+        policy.train()
+        check_finite({"old_logps": old_logps[mask]}, step=step, last_good=last)
+    ref_logps = rollout_logps(ref, rollout, temp, amp=amp)[0] if ref is not None else None
+    t_forward = time.time() - t
+    # 4. KL in the reward: the sequence's summed estimate under the rollout policy
+    seq_kl = torch.full_like(scores, float("nan"))  # NaN: not known yet (measured in the update, step 6)
+    if ref_logps is not None:
+        check_finite({"ref_logps": ref_logps[mask]}, step=step, last_good=last)
+        if old_logps is not None:  # logged in both placements; only "reward" uses it in the advantages
+            seq_kl = masked_sum(KL_ESTIMATORS[algo.kl_estimator](old_logps, ref_logps), mask, dim=-1)
+    adjusted = scores - algo.kl_coef * seq_kl if algo.kl_placement == "reward" and ref is not None else scores
+    # 5. baseline -> advantages; groups without a usable signal are left out
+    k = algo.num_generations
+    keep = dynamic_sampling_mask(adjusted, k) if algo.dynamic_sampling else finite_groups(adjusted, k)
+    if greedy_scores is not None:
+        keep &= torch.isfinite(greedy_scores).repeat_interleave(k)
+    advantages = torch.zeros_like(adjusted)
+    if keep.any():
+        kept_groups = keep.view(-1, k)[:, 0]
+        g_scores = greedy_scores[kept_groups] if greedy_scores is not None else None
+        advantages[keep] = advantages_of(cfg, adjusted[keep], g_scores)
+    finite = torch.isfinite(raw)
+    metrics = {
+        "reward/score": raw[finite].mean(),
+        "reward/score_std": raw[finite].std() if int(finite.sum()) > 1 else 0.0,
+        "reward/total": adjusted[finite].mean(),
+        "reward/advantage_abs": advantages[keep].abs().mean() if keep.any() else 0.0,
+        "reward/nan_scores": (~finite).sum(),
+        "kl/coef": algo.kl_coef,
+        "perf/groups_kept": keep.view(-1, k)[:, 0].float().mean(),
+        "perf/response_length": mask.sum(-1).float().mean(),
+        "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
+        "perf/time_score": t_score,
+        "perf/time_forward": t_forward,
+    }
+    if greedy_scores is not None:
+        metrics["reward/greedy_score"] = greedy_scores[torch.isfinite(greedy_scores)].mean()
+    exp = {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages, "keep": keep}
+    exp.update(scores=raw, seq_kl=seq_kl)
+    return exp, metrics
+
+
+def minibatch_loss(logps, old_logps, ref_logps, advantages, mask, cfg: Config):
+    """Step 6's loss on one minibatch: PPO's clipped surrogate with the group advantages (+ beta * KL to the
+    reference in the loss), aggregated over tokens as algo.loss_aggregation says. Returns (loss, metrics)."""
+    algo = cfg.algo
+    # Dr. GRPO's constant normalizer is the longest response the sampler may write.
+    reduce = {"reduction": algo.loss_aggregation}
+    if algo.loss_aggregation == "constant":
+        reduce["max_tokens"] = cfg.sampling.max_new_tokens
+    old = logps.detach() if old_logps is None else old_logps
+    clip = {"clip_eps": algo.clip_eps, "clip_eps_high": algo.clip_eps_high or None}
+    pg = ppo_policy_loss(logps, old, advantages, mask, **clip, **reduce)
+    loss = pg.loss.mean()
+    metrics = {"loss/policy": loss.detach(), **{k: v.mean() for k, v in pg.metrics.items()}}
+    if algo.kl_placement == "loss" and ref_logps is not None and algo.kl_coef > 0:
+        kl = kl_penalty_loss(logps, ref_logps, mask, estimator=algo.kl_estimator, **reduce)
+        loss = loss + algo.kl_coef * kl.loss.mean()
+        metrics["loss/kl"] = kl.loss.mean().detach()
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
+
+
+def _update(policy, optimizer, scheduler, rollout: Rollout, exp: dict, cfg: Config, step: int, last):
+    """Step 6: ppo_epochs passes over the kept samples in minibatches. Returns averaged metrics."""
+    kept = exp["keep"].nonzero().squeeze(-1)
+    if kept.numel() == 0:
+        return {"perf/updates": 0.0, "perf/train_tokens": 0.0, "perf/train_response_tokens": 0.0}
+    size = cfg.algo.minibatch_size or len(rollout)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    amp = mixed_precision(cfg.model, rollout.response_ids.device)
+    sums: dict[str, float] = {}
+    updates, entropy_row = 0, {}
+    for epoch in range(cfg.algo.ppo_epochs):
+        order = kept[torch.randperm(kept.numel(), generator=g)]
+        for s in range(0, order.numel(), size):
+            idx = order[s : s + size]
+            mb = rollout.select(idx)
+            logps, entropy = rollout_logps(
+                policy, mb, cfg.sampling.temperature, amp=amp, entropy=updates == 0
+            )
+            old = exp["old_logps"][idx] if exp["old_logps"] is not None else None
+            ref = exp["ref_logps"][idx] if exp["ref_logps"] is not None else None
+            loss, row = minibatch_loss(logps, old, ref, exp["advantages"][idx], mb.response_mask, cfg)
+            if ref is not None and old is None and epoch == 0:  # the KL of the samples the policy wrote
+                kl = KL_ESTIMATORS[cfg.algo.kl_estimator](logps.detach(), ref)
+                exp["seq_kl"][idx] = masked_sum(kl, mb.response_mask, dim=-1)
+            check_finite({"loss/total": loss}, step=step, last_good=last)
+            loss.backward()
+            grad_norm = clip_gradients(policy, cfg.optim.max_grad_norm)
+            check_finite({"loss/grad_norm": grad_norm}, step=step, last_good=last)
+            optimizer_step(optimizer, scheduler)
+            row["loss/grad_norm"] = grad_norm
+            if entropy is not None:  # of the first minibatch, before any update: the rollout policy's
+                entropy_row = {"loss/entropy": float(masked_mean(entropy, mb.response_mask))}
+                entropy_row["perf/entropy_tokens"] = float(mb.response_mask.sum())
+            for key, v in row.items():
+                sums[key] = sums.get(key, 0.0) + float(v)
+            updates += 1
+    trained = rollout.select(kept)
+    return {
+        **{k: v / updates for k, v in sums.items()},
+        **entropy_row,
+        "perf/updates": float(updates),
+        "perf/train_tokens": float(cfg.algo.ppo_epochs * trained.attention_mask.sum()),
+        "perf/train_response_tokens": float(cfg.algo.ppo_epochs * trained.response_mask.sum()),
+    }
+
+
+def _perf(metrics: dict[str, float], rollout: Rollout, greedy: Rollout | None, cfg: Config, params) -> dict:
+    """perf/time_iteration, perf/flops_per_s and perf/tokens_per_s of one iteration
+    (`rlhflab.models.flops.critic_free_iteration_flops` of what ran)."""
+    seconds = sum(metrics[f"perf/time_{k}"] for k in ("generate", "score", "forward", "optimize"))
+    tokens = int(rollout.attention_mask.sum())
+    flops = critic_free_iteration_flops(
+        *params,
+        tokens,
+        int(rollout.response_mask.sum()),
+        train_tokens=int(metrics["perf/train_tokens"]),
+        train_response_tokens=int(metrics["perf/train_response_tokens"]),
+        old_pass=needs_old_pass(cfg, len(rollout)),
+        greedy=(int(greedy.attention_mask.sum()), int(greedy.response_mask.sum())) if greedy else (0, 0),
+        entropy_tokens=int(metrics.get("perf/entropy_tokens", 0)),
+    )
+    return {
+        "perf/time_iteration": seconds,
+        "perf/flops_per_s": flops / max(seconds, 1e-9),
+        "perf/tokens_per_s": tokens / max(seconds, 1e-9),
+    }
+
+
+def preflight(cfg: Config, *, reward: Any = None) -> None:
+    """The checks that need no model or data file, run before anything is loaded or made."""
+    require_reward(cfg.algo, reward)
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward: Any = None) -> Path:
+    """Run RLOO (an `RLOOConfig`) or GRPO (a `GRPOConfig`); returns RUN/final, a plain HF causal LM.
+
+    `reward`: any object with `score(prompts, responses) -> Tensor[B]` (Python API); by default the reward
+    source(s) named in algo.reward_model.
+    """
+    name, algo = method_name(cfg), cfg.algo
+    require_train_path(cfg.data, "prompt")
+    preflight(cfg, reward=reward)
+    seed_everything(cfg.seed)
+    run = open_run(cfg, name, cfg.logging, resume=resume, overwrite=overwrite)
+    policy, ref, tokenizer, device = _setup(cfg)
+    reward = reward if reward is not None else load_reward(algo, device)
+    prompts, steps_per_epoch = load_prompts(cfg.data, algo.prompts_per_iteration)
+    n = algo.rollouts_per_iteration
+    updates_per_iteration = algo.ppo_epochs * -(-n // (algo.minibatch_size or n))
+    optimizer, scheduler = build_optimizer(policy, cfg.optim, algo.iterations * updates_per_iteration)
+    sampling = sampling_settings(cfg.sampling)
+    greedy_baseline = isinstance(cfg, RLOOConfig) and algo.baseline == "greedy"
+    flop_params = (matmul_params(policy), matmul_params(ref) if ref is not None else None)
+    print(
+        f"{name}: {len(prompts)} prompts, {algo.iterations} iterations x {algo.prompts_per_iteration} prompts x "
+        f"{algo.num_generations} samples, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
+    )
+    snapshot = functools.partial(save_model, policy, tokenizer)
+    loop = Loop(
+        run,
+        name,
+        cfg.logging,
+        algo.iterations,
+        policy,
+        optimizer,
+        scheduler,
+        resume=resume,
+        snapshot=snapshot,
+    )
+    while loop.step < loop.total:
+        iteration = loop.step + 1
+        epoch, position = divmod(loop.step, steps_per_epoch)
+        order = batch_schedule(len(prompts), algo.prompts_per_iteration, cfg.seed, epoch)[position]
+        batch = [prompts[i] for i in order]
+        # 1. generate: k samples per prompt, prompt-major (+ the greedy responses for ReMax)
+        t0 = time.time()
+        seed = cfg.seed * 100_003 + loop.step
+        repeated = [p for p in batch for _ in range(algo.num_generations)]
+        kwargs = {"model_cfg": cfg.model, "data": cfg.data, "device": device, "batch_size": n, "seed": seed}
+        rollout = sample(policy, tokenizer, repeated, sampling, **kwargs)
+        greedy = None
+        if greedy_baseline:
+            greedy = sample(policy, tokenizer, batch, sampling_settings(cfg.sampling, greedy=True), **kwargs)
+        t_gen = time.time() - t0
+        # 2-5. score, old/ref log-probs, KL, baseline
+        exp, metrics = make_experience(policy, ref, reward, rollout, greedy, cfg, iteration, loop.last_ckpt)
+        # 6. optimize
+        t0 = time.time()
+        metrics.update(_update(policy, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt))
+        known = torch.isfinite(exp["seq_kl"])  # no reference (beta = 0): no KL is measured
+        metrics["kl/sequence"] = exp["seq_kl"][known].mean() if known.any() else 0.0
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
+        metrics.update(_perf(metrics, rollout, greedy, cfg, flop_params))
+
+        # Feedback budget: every scored response is one query to the reward source (ReMax's greedy ones too).
+        metrics["feedback/queries"] = float(iteration * (n + (len(batch) if greedy_baseline else 0)))
+        append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp["scores"], exp["seq_kl"])
+        loop.count(rollouts=len(rollout), tokens=int(rollout.attention_mask.sum()))
+        loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
+    loop.close()
+    final = run.dir / "final"
+    save_model(policy, tokenizer, final)
+    run.close()
+    print(f"{name}: saved the policy to {final}")
+    return final

@@ -1,0 +1,107 @@
+"""What the on-policy stages (PPO, RLOO, GRPO) share: the reward sources, the prompts, sampling from the
+current policy, and the rollouts log. The maths of each method stays in its own stage."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.config import ModelSection, PromptDataSection, RewardSourcesSection, SamplingSection
+from rlhflab.data import PromptRecord
+from rlhflab.errors import ConfigError
+from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
+from rlhflab.stages.common import mixed_precision
+from rlhflab.stages.data_source import load_train_records
+
+
+def require_reward(algo: RewardSourcesSection, reward: Any = None) -> None:
+    """Refuse a run with no reward source (checked before anything is loaded)."""
+    if reward is None and not algo.reward_model:
+        raise ConfigError(
+            "config: algo.reward_model is empty; give a reward model directory (from `rlhflab rm`) "
+            "or a reward spec such as 'rule:length'"
+        )
+
+
+def load_reward(algo: RewardSourcesSection, device: torch.device):
+    """The reward source the config names (several combined as algo.reward_combine says)."""
+    from rlhflab.rewards import load_rewards
+
+    return load_rewards(
+        algo.reward_model,
+        weights=algo.reward_weights or None,
+        device=device,
+        combine=algo.reward_combine,
+        safety_threshold=algo.safety_threshold,
+        unsafe_prompt_pattern=algo.unsafe_prompt_pattern,
+    )
+
+
+def load_prompts(data: PromptDataSection, per_iteration: int) -> tuple[list, int]:
+    """(prompts, iterations per pass over them), refusing fewer prompts than one iteration takes."""
+    records = load_train_records(data, "prompt")
+    prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
+    steps_per_epoch = len(prompts) // per_iteration
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config: {len(prompts)} prompts are fewer than the {per_iteration} one iteration samples; "
+            "lower the prompts per iteration or add prompts"
+        )
+    return prompts, steps_per_epoch
+
+
+def sampling_settings(s: SamplingSection, *, greedy: bool = False) -> SamplingSettings:
+    """The rollout engine's settings from the config's sampling section (greedy: argmax decoding)."""
+    return SamplingSettings(
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        do_sample=not greedy,
+    )
+
+
+def sample(
+    policy,
+    tokenizer,
+    prompts: list,
+    settings: SamplingSettings,
+    *,
+    model_cfg: ModelSection,
+    data: PromptDataSection,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+) -> Rollout:
+    """One response per prompt from the current policy (repeat a prompt for several), prompts cut to
+    data.max_prompt_length, under the model's autocast setting."""
+    with mixed_precision(model_cfg, device)():
+        return generate(
+            policy,
+            tokenizer,
+            prompts,
+            settings,
+            batch_size=batch_size,
+            seed=seed,
+            max_prompt_tokens=data.max_prompt_length,
+        )
+
+
+def append_rollouts(path: Path, iteration: int, rollout: Rollout, scores, kl) -> None:
+    """Append one JSON line per response (prompt, response, score, sequence KL) to RUN/rollouts.jsonl, so the
+    proxy reward can be compared afterwards with anything else (the lab's gold reward)."""
+    with open(path, "a") as f:
+        for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
+            row = {"iteration": iteration, "prompt": prompt, "response": text}
+            # NaN (a failed score, a KL not measured) is written as null: NaN is not JSON.
+            row.update(
+                {
+                    k: float(v[i]) if math.isfinite(float(v[i])) else None
+                    for k, v in (("score", scores), ("kl", kl))
+                }
+            )
+            f.write(json.dumps(row) + "\n")
