@@ -342,6 +342,9 @@ def test_runs_increase_a_programmatic_reward(tiny_model_dir, prompts_file, tmp_p
     assert e2e["perf/end_to_end_rollouts_per_s"] * e2e["perf/wall_s"] == pytest.approx(14 * 4 * K)
     assert e2e["perf/loop_rollouts_per_s"] * e2e["perf/loop_s"] == pytest.approx(14 * 4 * K)
     assert e2e["perf/wall_s"] > e2e["perf/loop_s"] > 0
+    parts = [f"perf/time_{k}" for k in ("generate", "score", "forward", "optimize")]
+    assert all(r[k] >= 0 for r in rows for k in parts)
+    assert sum(r["perf/time_iteration"] for r in rows) < e2e["perf/loop_s"]
     lines = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
     assert len(lines) == 14 * 4 * K
     # Snapshots every 7 iterations; the last one is the final policy.

@@ -265,6 +265,14 @@ def test_online_dpo_raises_a_programmatic_reward(tiny_model_dir, prompts_file, t
     assert rows[-1]["perf/flops_per_s"] > 0 and rows[0]["reward/score"] == pytest.approx(
         score({1}), abs=1e-6
     )  # the source's scores of the (distinct) pairs it was asked
+    # The time split of each step adds up to less than the whole run's wall time (the closing row).
+    wall = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["perf/wall_s"]
+    parts = [f"perf/time_{k}" for k in ("generate", "feedback", "reference", "optimize")]
+    assert all(r[k] >= 0 for r in rows for k in parts)
+    assert sum(r["perf/time_iteration"] for r in rows) == pytest.approx(
+        sum(r[k] for r in rows for k in parts)
+    )
+    assert sum(r["perf/time_iteration"] for r in rows) < wall
 
 
 def test_resume_is_exact(tiny_model_dir, prompts_file, tmp_path):
