@@ -731,22 +731,14 @@ class LabAnnotatorsSection:
 
 
 @dataclass
-class OnlineDPOAlgo(RewardSourcesSection, PreferenceLossSection):
-    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): each step
-    samples two responses per prompt from the current policy, asks a feedback source which is better and
-    takes one step of a paired preference loss on the answered pairs. The reward-source keys name the
-    reward that answers when feedback=reward."""
+class PairFeedbackSection(RewardSourcesSection):
+    """Who judges pairs of the policy's own samples (online-dpo, iterative-dpo): a reward or the lab's
+    annotators, with their checks. The reward-source keys name the reward that answers when feedback=reward."""
 
-    prompts_per_step: int = 16
-    """Prompts per step; each gets two responses from the current policy, one pair to judge."""
-    iterations: int = 100
-    """Steps (sample, ask, one optimizer step)."""
-    micro_batch_size: int = 0
-    """Pairs per forward/backward pass (gradient accumulation within the step); 0: all of the step's pairs."""
     feedback: Literal["reward", "lab"] = "reward"
     """Who judges the pairs. reward: the reward source(s) of algo.reward_model, by feedback_mode; lab: the
     simulated annotators of the model's lab task (algo.annotators; the command line builds them, in Python
-    pass `feedback=` to `rlhflab.stages.online_dpo.train`)."""
+    pass `feedback=` to the stage's `train`)."""
     feedback_mode: Literal["argmax", "bradley_terry"] = "argmax"
     """feedback=reward: argmax prefers the higher score (equal scores are a tie, dropped); bradley_terry
     draws the label with P(first) = sigmoid(score_first - score_second)."""
@@ -757,36 +749,20 @@ class OnlineDPOAlgo(RewardSourcesSection, PreferenceLossSection):
     """feedback=lab: how the simulated annotators behave."""
 
     def __post_init__(self):
-        PreferenceLossSection.__post_init__(self)
         RewardSourcesSection.__post_init__(self)
-        row = PREFERENCE_LOSS_TABLE[self.loss]
-        paired = [n for n, r in PREFERENCE_LOSS_TABLE.items() if r.data == "pairwise"]
-        _require(
-            row.data == "pairwise",
-            "algo.loss",
-            f"is {self.loss}, a loss of unpaired (prompt, completion, label) data; online-dpo compares two "
-            f"samples of each prompt and takes a paired loss: {', '.join(paired)}",
-        )
-        _require(
-            self.prompts_per_step >= 1, "algo.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}"
-        )
-        _require(self.iterations >= 1, "algo.iterations", f"must be >= 1, got {self.iterations}")
-        _require(
-            self.micro_batch_size >= 0, "algo.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}"
-        )
         _require(
             self.feedback_timeout >= 0, "algo.feedback_timeout", f"must be >= 0, got {self.feedback_timeout}"
         )
         _require(
             self.missing_eos_penalty == 0,
             "algo.missing_eos_penalty",
-            "is not used by online-dpo (the feedback compares the two responses' texts); leave it 0",
+            "is not used by online-dpo or iterative-dpo (the feedback compares the two responses' texts); "
+            "leave it 0",
         )
         if self.feedback == "lab":  # a key acts or is refused: the reward keys judge nothing here
             for f in dataclasses.fields(RewardSourcesSection):
-                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 _require(
-                    getattr(self, f.name) == default,
+                    getattr(self, f.name) == _field_default(f),
                     f"algo.{f.name}",
                     "is set but algo.feedback=lab asks the lab's simulated annotators, not a reward; remove "
                     "it or use algo.feedback=reward",
@@ -802,6 +778,97 @@ class OnlineDPOAlgo(RewardSourcesSection, PreferenceLossSection):
                 "algo.annotators",
                 "applies to algo.feedback=lab only; set algo.feedback=lab or leave the annotators' defaults",
             )
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _require_paired_loss(loss: str, stage: str) -> None:
+    paired = [n for n, r in PREFERENCE_LOSS_TABLE.items() if r.data == "pairwise"]
+    _require(
+        PREFERENCE_LOSS_TABLE[loss].data == "pairwise",
+        "algo.loss",
+        f"is {loss}, a loss of unpaired (prompt, completion, label) data; {stage} compares two "
+        f"samples of each prompt and takes a paired loss: {', '.join(paired)}",
+    )
+
+
+@dataclass
+class OnlineDPOAlgo(PairFeedbackSection, PreferenceLossSection):
+    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): each step
+    samples two responses per prompt from the current policy, asks a feedback source which is better and
+    takes one step of a paired preference loss on the answered pairs."""
+
+    prompts_per_step: int = 16
+    """Prompts per step; each gets two responses from the current policy, one pair to judge."""
+    iterations: int = 100
+    """Steps (sample, ask, one optimizer step)."""
+    micro_batch_size: int = 0
+    """Pairs per forward/backward pass (gradient accumulation within the step); 0: all of the step's pairs."""
+
+    def __post_init__(self):
+        PreferenceLossSection.__post_init__(self)
+        PairFeedbackSection.__post_init__(self)
+        _require_paired_loss(self.loss, "online-dpo")
+        _require(
+            self.prompts_per_step >= 1, "algo.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}"
+        )
+        _require(self.iterations >= 1, "algo.iterations", f"must be >= 1, got {self.iterations}")
+        _require(
+            self.micro_batch_size >= 0, "algo.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}"
+        )
+
+
+@dataclass
+class IterativeDPOAlgo(PairFeedbackSection, PreferenceLossSection):
+    """Iterative DPO: rounds of sampling pairs from the current policy, labelling them and an offline DPO
+    run on the round's pairs (Xu et al. 2023, "Some things are more CRINGE than others"; Llama 3); or sDPO
+    (Kim et al. 2024): one offline pairs file in stages, each against the previous stage's model."""
+
+    mode: Literal["iterative", "sdpo"] = "iterative"
+    """iterative: each round samples algo.prompts_per_round pairs from the current policy and asks the
+    feedback source (data.train_path: prompts); sdpo: data.pairs_path is split into algo.rounds stages in file
+    order (order it easy to hard, as sDPO does), no sampling and no feedback."""
+    rounds: int = 3
+    """Rounds (sDPO: stages); each ends with a saved model, the unit of --resume."""
+    prompts_per_round: int = 64
+    """mode=iterative: prompts per round; each gets two responses from the round's starting policy."""
+    reference: Literal["round_start", "initial"] = "round_start"
+    """The DPO reference of each round: round_start, the round's starting policy (Xu et al. 2023, Llama 3;
+    sDPO's previous stage); initial, model.name_or_path every round."""
+
+    def __post_init__(self):
+        PreferenceLossSection.__post_init__(self)
+        PairFeedbackSection.__post_init__(self)
+        _require_paired_loss(self.loss, "iterative-dpo")
+        _require(self.rounds >= 1, "algo.rounds", f"must be >= 1, got {self.rounds}")
+        _require(
+            self.prompts_per_round >= 1,
+            "algo.prompts_per_round",
+            f"must be >= 1, got {self.prompts_per_round}",
+        )
+        _require(
+            PREFERENCE_LOSS_TABLE[self.loss].reference or self.reference == "round_start",
+            "algo.reference",
+            f"is set but algo.loss={self.loss} uses no reference model; leave it round_start",
+        )
+        if self.mode == "sdpo":  # a key acts or is refused: sDPO samples nothing and asks no one
+            _require(
+                self.reference == "round_start",
+                "algo.reference",
+                "is initial, but sDPO's reference is the previous stage's model (round_start); use "
+                "algo.mode=iterative for a fixed reference",
+            )
+            own = {f.name for f in dataclasses.fields(PairFeedbackSection)} | {"prompts_per_round"}
+            for f in dataclasses.fields(self):
+                if f.name in own:
+                    _require(
+                        getattr(self, f.name) == _field_default(f),
+                        f"algo.{f.name}",
+                        "is set but algo.mode=sdpo trains on data.pairs_path (no sampling, no feedback); "
+                        "remove it or use algo.mode=iterative",
+                    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -943,6 +1010,66 @@ class OnlineDPOConfig:
         )
 
 
+@dataclass
+class IterativeDataSection(PromptDataSection):
+    """Prompts (mode=iterative) or preference pairs (mode=sdpo), and the lengths of the DPO rounds."""
+
+    pairs_path: str = ""
+    """mode=sdpo: the preference pairs (prompt, chosen, rejected) split into the rounds. Empty with a lab
+    model: the lab task's pairs."""
+    max_length: int = 128
+    """Maximum tokens of prompt + response in the DPO rounds."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.max_prompt_length < self.max_length,
+            "data.max_prompt_length",
+            f"({self.max_prompt_length}) must be smaller than data.max_length ({self.max_length})",
+        )
+
+
+@dataclass
+class IterativeDPOConfig:
+    """Iterative DPO / sDPO: rounds of offline DPO (`rlhflab dpo`), each from the previous round's model."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, the prompt order, the sampling, the feedback source and each DPO round."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: IterativeDataSection = field(default_factory=IterativeDataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, batch_size=16, epochs=1))
+    """Each round's DPO run (its epochs over the round's pairs, batch size, learning rate and schedule)."""
+    logging: LoggingSection = field(default_factory=lambda: LoggingSection(snapshot_every=1))
+    """snapshot_every counts rounds; checkpoints are the rounds' models (save_every stays 0)."""
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: IterativeDPOAlgo = field(default_factory=IterativeDPOAlgo)
+
+    def __post_init__(self):
+        _require(
+            self.logging.save_every == 0 and self.logging.keep_checkpoints == 2,
+            "logging.save_every",
+            "is not used by iterative-dpo: --resume restarts at the first round without a saved model "
+            "(RUN/round-R/dpo/final); leave logging.save_every and logging.keep_checkpoints at their defaults",
+        )
+        sdpo = self.algo.mode == "sdpo"
+        _require(
+            not (sdpo and self.data.train_path),
+            "data.train_path",
+            "is set but algo.mode=sdpo reads its pairs from data.pairs_path; move the file there",
+        )
+        _require(
+            sdpo or not self.data.pairs_path,
+            "data.pairs_path",
+            "is set but algo.mode=iterative samples its pairs from prompts (data.train_path); remove it or "
+            "use algo.mode=sdpo",
+        )
+        _require(
+            not sdpo or self.sampling == SamplingSection(),
+            "sampling",
+            "is set but algo.mode=sdpo samples nothing; leave the sampling section at its defaults",
+        )
+
+
 # The one explicit table of stages; the CLI and `config show` read it.
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
@@ -952,6 +1079,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
     "online-dpo": OnlineDPOConfig,
+    "iterative-dpo": IterativeDPOConfig,
 }
 
 

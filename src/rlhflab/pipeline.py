@@ -9,6 +9,7 @@
        dpo         DPO on the same preference pairs
        rloo, grpo  critic-free on-policy RL against the reward model
        online_dpo  DPO on the policy's own samples, labelled as it trains by the lab's simulated annotators
+       iterative_dpo  rounds of offline DPO on the current policy's samples, labelled by the annotators
        best_of_n   the best of n SFT samples by the reward model (a sampling procedure, nothing trained)
     4. eval      every policy sampled on held-out prompts and scored by the gold reward that no training stage
                  ever saw; and, from each trained method's snapshots, its gold and KL over training
@@ -53,6 +54,11 @@ METHODS: dict[str, Method] = {
     "grpo": Method("grpo", ("sft", "rm"), "GRPO against the reward model, KL to SFT in the loss"),
     "online_dpo": Method(
         "online-dpo", ("sft",), "online DPO: the lab's annotators label the policy's samples"
+    ),
+    "iterative_dpo": Method(
+        "iterative-dpo",
+        ("sft",),
+        "iterative DPO: rounds of DPO on the annotators' labels of the policy's samples",
     ),
     "best_of_n": Method("best_of_n", ("sft", "rm"), "best of n SFT samples by the reward model"),
 }
@@ -158,6 +164,20 @@ DEFAULTS: dict[str, list[str]] = {
         "algo.beta=0.1",
         "algo.feedback=lab",
         "sampling.max_new_tokens=24",
+        "logging.log_every=5",
+    ],
+    # 3 rounds x 667 prompts: offline DPO's label budget (2,000 pairs); DPO's batch, epochs and lengths.
+    "iterative_dpo": [
+        "optim.lr=2e-4",
+        "optim.batch_size=32",
+        "optim.epochs=1",
+        "algo.rounds=3",
+        "algo.prompts_per_round=667",
+        "algo.beta=0.1",
+        "algo.feedback=lab",
+        "sampling.max_new_tokens=24",
+        "data.max_length=64",
+        "data.max_prompt_length=24",
         "logging.log_every=5",
     ],
 }
@@ -361,12 +381,15 @@ def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[st
     }
     wiring["ppo_kl0"] = wiring["rloo"] = wiring["grpo"] = wiring["ppo"]
     wiring["online_dpo"] = [f"model.name_or_path={final['sft']}", f"data.train_path={data['prompts']}"]
+    wiring["iterative_dpo"] = wiring["online_dpo"]
     return wiring
 
 
 def _total_steps(name: str, cfg, n_records: dict[str, int]) -> int:
     """About how many optimizer steps (iterations) a method's run takes, for its snapshot spacing."""
     algo = cfg.algo
+    if hasattr(algo, "rounds"):  # iterative-dpo: each round is one step (one snapshot at most)
+        return algo.rounds
     if hasattr(algo, "iterations"):
         return algo.iterations
     if cfg.optim.max_steps:

@@ -86,7 +86,7 @@ def test_ppo_minibatch_must_divide_rollout_batch():
         load_config("ppo", None, ["algo.minibatch_size=24"])
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "iterative-dpo"])
 def test_shipped_example_configs_load(stage):
     from pathlib import Path
 

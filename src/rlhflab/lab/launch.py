@@ -93,6 +93,8 @@ def record_kind(stage: str, cfg: Any) -> str:
         return "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
     if stage in ("ppo", "rloo", "grpo", "online-dpo"):
         return "prompt"
+    if stage == "iterative-dpo":  # sDPO trains on a pairs file, the iterative rounds sample from prompts
+        return "pairwise" if cfg.algo.mode == "sdpo" else "prompt"
     if stage == "dpo":
         from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 
@@ -145,7 +147,13 @@ def resolve_lab(cfg: Any, stage: str, *, log=print) -> Any:
     )
     if getattr(cfg, "ref_model", ""):
         cfg = dataclasses.replace(cfg, ref_model=lab_model_dir(cfg.ref_model, seed=cfg.seed))
-    if cfg.data.train_path or task is None or (stage == "rm" and all(h.data for h in cfg.algo.head_specs())):
+    # sDPO reads its pairs from data.pairs_path (its data.train_path is the prompts of the iterative mode).
+    key = "pairs_path" if stage == "iterative-dpo" and cfg.algo.mode == "sdpo" else "train_path"
+    if (
+        getattr(cfg.data, key)
+        or task is None
+        or (stage == "rm" and all(h.data for h in cfg.algo.head_specs()))
+    ):
         return cfg
     kind = record_kind(stage, cfg)
     path = lab_data(task, seed=cfg.seed, kinds=(kind,), log=log)[LAB_FILES[kind]]
@@ -153,4 +161,4 @@ def resolve_lab(cfg: Any, stage: str, *, log=print) -> Any:
         "" if model_name.startswith("lab:") else f" ({model_name} comes from the lab's '{task}' base model)"
     )
     log(f"data: the lab task '{task}' {kind} data, {path}{origin}")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_path=str(path)))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{key: str(path)}))

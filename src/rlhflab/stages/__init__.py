@@ -25,4 +25,8 @@ STAGES: dict[str, tuple[str, str]] = {
         "rlhflab.stages.online_dpo",
         "online DPO / IPO: pairs sampled from the current policy, judged by a reward or the lab's annotators",
     ),
+    "iterative-dpo": (
+        "rlhflab.stages.iterative_dpo",
+        "iterative DPO / sDPO: rounds of offline DPO on the current policy's labelled pairs (or data stages)",
+    ),
 }

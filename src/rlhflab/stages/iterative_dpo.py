@@ -1,0 +1,293 @@
+"""Iterative DPO and sDPO (`rlhflab iterative-dpo`): rounds of offline DPO, each from the previous round's model.
+
+Online DPO takes one optimizer step per batch of fresh pairs. Iterative DPO sits between it and offline DPO:
+each round labels a whole batch of the current policy's pairs and trains an ordinary offline DPO run on
+them (Xu et al. 2023, "Some things are more CRINGE than others: Iterative preference optimization with the
+pairwise cringe loss"; the Llama 3 post-training rounds). algo.mode=iterative, each round R:
+
+    1. sample    two responses to each of algo.prompts_per_round prompts from the round's starting policy
+    2. ask       the feedback source (the keys and semantics of online-dpo: `rlhflab.feedback`); identical pairs,
+                 ties and unanswered pairs are dropped; the labelled pairs go to RUN/round-R/pairs.jsonl as
+                 prompt/chosen/rejected records
+    3. train     `rlhflab.stages.dpo.train` on that file into RUN/round-R/dpo, from the round's starting model,
+                 against algo.reference: round_start (the round's starting policy) or initial (the first model)
+
+algo.mode=sdpo (Kim et al. 2024, "sDPO: Don't Use Your Data All at Once") skips steps 1-2: data.pairs_path is
+split in file order into algo.rounds contiguous stages, and stage R trains against stage R-1's model.
+
+A round is the unit of --resume: a round whose RUN/round-R/dpo/final exists is skipped; an unfinished round
+runs again from its start (its sampling seed and the feedback source's saved state make it the same round).
+Each round logs one row of RUN/metrics.jsonl at step R (feedback/queries: the pairs asked since the run
+began, the label budget; pairs kept, ties, the DPO run's last loss and accuracy), saves RUN/snapshots/step-R
+every logging.snapshot_every rounds, and RUN/final is the last round's model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.config import DataSection, DPOAlgo, DPOConfig, EvalLoggingSection, IterativeDPOConfig
+from rlhflab.core.io import atomic_dir, atomic_write_text
+from rlhflab.core.metrics_log import read_metrics
+from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.errors import ConfigError, UserError
+from rlhflab.feedback import FIRST, SECOND, TIE, RewardFeedback
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
+from rlhflab.models.loading import load_causal_lm, load_tokenizer
+from rlhflab.stages import dpo
+from rlhflab.stages.common import open_run, resolve_device, resolve_model_path, snapshot_dir
+from rlhflab.stages.data_source import load_train_records, require_train_path
+from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
+from rlhflab.stages.online_dpo import ask_feedback
+
+NAME = "iterative-dpo"
+# Sequences per generation batch: bounds memory when a round samples thousands of responses.
+SAMPLE_BATCH = 128
+
+
+def preflight(cfg: IterativeDPOConfig, *, feedback: Any = None) -> None:
+    """The checks that need no model or data file, run before anything is loaded or made."""
+    if cfg.algo.mode == "iterative" and feedback is None and cfg.algo.feedback == "reward":
+        require_reward(cfg.algo)
+
+
+_LAB_NEEDS_A_SOURCE = (
+    "config: algo.feedback=lab asks the lab's simulated annotators, which a stage cannot build (training code "
+    "never imports the lab); run `rlhflab iterative-dpo algo.feedback=lab` with a lab model, or pass "
+    "train(cfg, feedback=rlhflab.lab.feedback.AnnotatorFeedback(task)) in Python"
+)
+
+
+def _plain(text: Any) -> Any:
+    """A record's text as JSON (a chat's messages as dicts)."""
+    if dataclasses.is_dataclass(text):
+        return dataclasses.asdict(text)
+    if isinstance(text, (list, tuple)):
+        return [_plain(t) for t in text]
+    return text
+
+
+def labelled_pairs(rollout, labels: torch.Tensor) -> tuple[list[dict], int]:
+    """Step 2: (a prompt/chosen/rejected record for each pair labelled 1 (first chosen) or 0 (second chosen),
+    the number of decided pairs dropped because a response is empty text: a pairs file holds no empty
+    response, so a policy that answers with EOS alone cannot be trained on here as online-dpo can)."""
+    rows, empty = [], 0
+    for i, label in enumerate(labels.tolist()):
+        if label not in (FIRST, SECOND):  # a tie, or no answer (NaN)
+            continue
+        first, second = rollout.texts[2 * i], rollout.texts[2 * i + 1]
+        if not first.strip() or not second.strip():
+            empty += 1
+            continue
+        chosen, rejected = (first, second) if label == FIRST else (second, first)
+        rows.append({"prompt": _plain(rollout.prompts[2 * i]), "chosen": chosen, "rejected": rejected})
+    return rows, empty
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def dpo_config(cfg: IterativeDPOConfig, round_dir: Path, model: str, reference: str) -> DPOConfig:
+    """Round R's offline DPO run: the loss and its hyperparameters, the optim section, the round's pairs,
+    `model` as the policy and `reference` as ref_model (empty for a reference-free loss)."""
+    loss_keys = {f.name for f in dataclasses.fields(DPOAlgo)} - {"precompute_ref_logps"}
+    uses_ref = PREFERENCE_LOSS_TABLE[cfg.algo.loss].reference
+    log = cfg.logging
+    return DPOConfig(
+        seed=cfg.seed,
+        model=dataclasses.replace(cfg.model, name_or_path=model),
+        ref_model=reference if uses_ref else "",
+        data=DataSection(
+            train_path=str(round_dir / "pairs.jsonl"),
+            max_length=cfg.data.max_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+        ),
+        optim=cfg.optim,
+        logging=EvalLoggingSection(
+            output_dir=str(round_dir / "dpo"),
+            log_every=log.log_every,
+            tensorboard=log.tensorboard,
+            wandb=log.wandb,
+            wandb_project=log.wandb_project,
+            progress=log.progress,
+        ),
+        algo=DPOAlgo(**{k: getattr(cfg.algo, k) for k in loss_keys}),
+    )
+
+
+def _sdpo_stages(cfg: IterativeDPOConfig) -> list[list[dict]]:
+    """sDPO: data.pairs_path split in file order into algo.rounds contiguous stages of near-equal size."""
+    data = DataSection(
+        train_path=cfg.data.pairs_path,
+        split=cfg.data.split,
+        skip_bad_records=cfg.data.skip_bad_records,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
+    records = load_train_records(data, "pairwise")
+    n, k = len(records), cfg.algo.rounds
+    if n < k * cfg.optim.batch_size:
+        raise ConfigError(
+            f"config: data.pairs_path has {n} pairs, fewer than algo.rounds ({k}) x optim.batch_size "
+            f"({cfg.optim.batch_size}); lower one of them or add pairs"
+        )
+    rows = [{key: _plain(v) for key, v in dataclasses.asdict(r).items() if v is not None} for r in records]
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [rows[bounds[i] : bounds[i + 1]] for i in range(k)]
+
+
+def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int) -> tuple:
+    """Steps 1-2 of round `rnd` from `model_dir`: (pair records, per-round feedback metrics)."""
+    algo = cfg.algo
+    device = resolve_device(cfg.model.device)
+    policy = load_causal_lm(model_dir, dtype=cfg.model.dtype, device=str(device)).eval()
+    tokenizer = load_tokenizer(model_dir)
+    per_epoch = len(prompts) // algo.prompts_per_round
+    epoch, position = divmod(rnd - 1, per_epoch)
+    order = batch_schedule(len(prompts), algo.prompts_per_round, cfg.seed, epoch)[position]
+    pairs = [prompts[i] for i in order for _ in range(2)]
+    rollout = sample(
+        policy,
+        tokenizer,
+        pairs,
+        sampling_settings(cfg.sampling),
+        model_cfg=cfg.model,
+        data=cfg.data,
+        device=device,
+        batch_size=min(len(pairs), SAMPLE_BATCH),
+        seed=cfg.seed * 100_003 + rnd,  # a function of the round: a resumed round samples the same pairs
+    )
+    del policy
+    labels, identical, scores = ask_feedback(feedback, rollout, algo.feedback_timeout)
+    rows, empty = labelled_pairs(rollout, labels)
+    metrics = {
+        "feedback/pairs_kept": float(len(rows)),
+        "feedback/empty_response": float(empty),
+        "feedback/ties": float((labels == TIE).sum()),
+        "feedback/unanswered": float((labels.isnan() & ~identical).sum()),
+        "feedback/identical": float(identical.sum()),
+        "perf/response_length": float(rollout.response_lengths.float().mean()),
+    }
+    if scores is not None:
+        both = torch.cat(scores)
+        if torch.isfinite(both).any():
+            metrics["reward/score"] = float(both[torch.isfinite(both)].mean())
+    return rows, metrics
+
+
+def _dpo_metrics(run_dir: Path, loss: str) -> dict[str, float]:
+    """The DPO run's last logged training loss and implicit-reward accuracy."""
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if f"loss/{loss}" in r]
+    if not rows:
+        return {}
+    last = rows[-1]
+    out = {"dpo/loss": last[f"loss/{loss}"], "dpo/steps": float(last["step"])}
+    if "reward/accuracy" in last:
+        out["dpo/accuracy"] = last["reward/accuracy"]
+    return out
+
+
+def _copy_model(src: Path, dest: Path) -> Path:
+    """A model directory copied whole (no symlinks), appearing at `dest` complete or not at all."""
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return dest
+
+
+def _feedback_state(path: Path) -> dict | None:
+    return torch.load(path, weights_only=False) if path.is_file() else None
+
+
+def _setup(cfg: IterativeDPOConfig, feedback: Any):
+    """The rounds' inputs: (prompts or None, sDPO stages or None, feedback source or None)."""
+    if cfg.algo.mode == "sdpo":
+        return None, _sdpo_stages(cfg), None
+    require_train_path(cfg.data, "prompt")
+    if feedback is None:
+        device = resolve_device(cfg.model.device)
+        feedback = RewardFeedback(load_reward(cfg.algo, device), mode=cfg.algo.feedback_mode, seed=cfg.seed)
+    prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_round)
+    return prompts, None, feedback
+
+
+def train(
+    cfg: IterativeDPOConfig, *, resume: bool = False, overwrite: bool = False, feedback: Any = None
+) -> Path:
+    """Run the rounds; returns RUN/final (the last round's model, a plain HF causal LM).
+
+    `feedback` (mode=iterative): any source of `rlhflab.feedback`; by default a `RewardFeedback` of the reward
+    source(s) in algo.reward_model.
+    """
+    algo, iterative = cfg.algo, cfg.algo.mode == "iterative"
+    preflight(cfg, feedback=feedback)
+    if iterative and feedback is None and algo.feedback == "lab":
+        raise ConfigError(_LAB_NEEDS_A_SOURCE)
+    if cfg.algo.mode == "sdpo" and feedback is not None:
+        raise UserError("iterative-dpo: algo.mode=sdpo asks no feedback source; do not pass feedback=")
+    initial = resolve_model_path(cfg.model.name_or_path)
+    seed_everything(cfg.seed)
+    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
+    prompts, stages, feedback = _setup(cfg, feedback)
+    source = getattr(feedback, "name", type(feedback).__name__) if iterative else f"{cfg.data.pairs_path}"
+    print(
+        f"{NAME}: mode {algo.mode}, loss {algo.loss}, {algo.rounds} rounds, pairs from {source}, run dir {run.dir}"
+    )
+
+    model, queries = initial, 0
+    for rnd in range(1, algo.rounds + 1):
+        round_dir = run.dir / f"round-{rnd}"
+        final = round_dir / "dpo" / "final"
+        if resume and final.is_dir():  # a finished round: its model and its label count carry over
+            print(f"{NAME}: round {rnd} is finished ({final}); skipped")
+            state = _feedback_state(round_dir / "feedback.pt")
+            if state is not None:
+                feedback.load_state_dict(state)
+            queries += json.loads((round_dir / "round.json").read_text()).get("queries", 0)
+            model = str(final)
+            continue
+        # 1-2. sample from the round's starting policy and ask, or take the sDPO stage's pairs
+        metrics: dict[str, float] = {}
+        round_queries = 0
+        if iterative:
+            asked_before = feedback.queries
+            rows, metrics = _sample_and_ask(cfg, model, prompts, feedback, rnd)
+            round_queries = feedback.queries - asked_before
+            queries += round_queries
+            metrics["feedback/queries"] = float(queries)
+        else:
+            rows = stages[rnd - 1]
+            metrics["feedback/pairs_kept"] = float(len(rows))
+        _write_jsonl(round_dir / "pairs.jsonl", rows)
+        # 3. offline DPO on the round's pairs, from the round's starting model
+        reference = model if algo.reference == "round_start" else initial
+        if len(rows) < cfg.optim.batch_size:  # too few decided pairs for one step: the policy stays
+            print(f"{NAME}: round {rnd} kept {len(rows)} pairs, fewer than one batch; the model is unchanged")
+            _copy_model(Path(model), final)
+        else:
+            dpo.train(dpo_config(cfg, round_dir, model, reference), overwrite=True)
+            metrics.update(_dpo_metrics(round_dir / "dpo", algo.loss))
+        if iterative and hasattr(feedback, "state_dict"):
+            torch.save(feedback.state_dict(), round_dir / "feedback.pt")
+        atomic_write_text(round_dir / "round.json", json.dumps({"queries": round_queries, **metrics}) + "\n")
+        model = str(final)
+        if cfg.logging.snapshot_every and rnd % cfg.logging.snapshot_every == 0:
+            _copy_model(final, snapshot_dir(run.dir, rnd))
+        run.logger.log(rnd, {"round/index": float(rnd), **metrics})
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("perf/"))
+        print(f"{NAME}: round {rnd}/{algo.rounds}  {shown}")
+
+    # Save RUN/final: the last round's model.
+    out = _copy_model(Path(model), run.dir / "final")
+    run.final_step = algo.rounds
+    run.close()
+    asked = f"{queries} feedback queries; " if iterative else ""
+    print(f"{NAME}: {asked}saved the policy to {out}")
+    return out

@@ -1,0 +1,230 @@
+"""Iterative DPO and sDPO (`rlhflab.stages.iterative_dpo`): the rounds' wiring (models, references), the pairs
+each round writes, the label budget, sDPO's stages, resume by rounds, config refusals, and a learning run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlhflab.config import load_config
+from rlhflab.core.metrics_log import read_metrics
+from rlhflab.errors import ConfigError
+from rlhflab.feedback import RewardFeedback
+from rlhflab.lab.launch import record_kind
+from rlhflab.stages import iterative_dpo
+from rlhflab.stages.common import snapshot_dir
+
+from ..helpers import PPO_PROMPTS, assert_same_tensors, causal_lm_state, stage_config, write_jsonl
+
+
+class WordCount:
+    """A programmatic reward: how often `word` appears in the response."""
+
+    name = "word-count"
+
+    def __init__(self, word="good"):
+        self.word = word
+
+    def score(self, prompts, responses):
+        return torch.tensor([r.split().count(self.word) for r in responses], dtype=torch.float32)
+
+
+class CharCount:
+    """A programmatic reward with few ties: the response's length in characters."""
+
+    name = "char-count"
+
+    def score(self, prompts, responses):
+        return torch.tensor([len(r) for r in responses], dtype=torch.float32)
+
+
+class Recording(RewardFeedback):
+    """CharCount labels, keeping every (first, second, label) it answered."""
+
+    def __init__(self):
+        super().__init__(CharCount())
+        self.answers = []
+
+    def judge(self, prompts, first, second):
+        labels, scores = super().judge(prompts, first, second)
+        self.answers += list(zip(first, second, labels.tolist()))
+        return labels, scores
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+
+
+def _cfg(model_dir, data, out, *extra, sdpo=False):
+    common = ("data.max_length=24", "data.max_prompt_length=12", "optim.batch_size=4", "optim.lr=3e-2")
+    if sdpo:
+        return stage_config(
+            "iterative-dpo", model_dir, "algo.mode=sdpo", f"data.pairs_path={data}", *common, *extra, out=out
+        )
+    return stage_config(
+        "iterative-dpo",
+        model_dir,
+        "algo.reward_model=rule:length",  # replaced by the feedback the tests pass in
+        "algo.prompts_per_round=8",
+        "sampling.max_new_tokens=6",
+        *common,
+        *extra,
+        data=data,
+        out=out,
+    )
+
+
+def _dpo_config(run: Path, rnd: int) -> dict:
+    return yaml.safe_load((run / f"round-{rnd}" / "dpo" / "config.yaml").read_text())
+
+
+def _pairs(run: Path, rnd: int) -> list[dict]:
+    return [json.loads(line) for line in (run / f"round-{rnd}" / "pairs.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("reference", ["round_start", "initial"])
+def test_rounds_chain_models_and_pick_the_reference(tiny_model_dir, prompts_file, tmp_path, reference):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, prompts_file, run, "algo.rounds=2", f"algo.reference={reference}")
+    feedback = Recording()
+    final = iterative_dpo.train(cfg, feedback=feedback)
+    first, second = _dpo_config(run, 1), _dpo_config(run, 2)
+    assert first["model"]["name_or_path"] == str(tiny_model_dir) == first["ref_model"]
+    assert second["model"]["name_or_path"] == str(run / "round-1" / "dpo" / "final")
+    expected_ref = second["model"]["name_or_path"] if reference == "round_start" else str(tiny_model_dir)
+    assert second["ref_model"] == expected_ref
+    assert second["data"]["train_path"] == str(run / "round-2" / "pairs.jsonl")
+    assert second["optim"]["lr"] == 3e-2 and second["algo"]["beta"] == 0.1
+    # RUN/final and the per-round snapshots are copies of the rounds' final models.
+    assert final == run / "final"
+    assert_same_tensors(causal_lm_state(final), causal_lm_state(run / "round-2" / "dpo" / "final"))
+    assert_same_tensors(
+        causal_lm_state(snapshot_dir(run, 1)), causal_lm_state(run / "round-1" / "dpo" / "final")
+    )
+    assert not any(p.is_symlink() for p in run.rglob("*"))
+    # Each pairs file is the round's decided answers, chosen = the higher word count, in the order asked;
+    # queries count every distinct pair asked, logged cumulatively per round.
+    decided = [(a, b, lab) for a, b, lab in feedback.answers if lab in (0.0, 1.0) and a.strip() and b.strip()]
+    written = _pairs(run, 1) + _pairs(run, 2)
+    assert [(r["chosen"], r["rejected"]) for r in written] == [
+        (a, b) if lab == 1.0 else (b, a) for a, b, lab in decided
+    ]
+    assert all(len(r["chosen"]) > len(r["rejected"]) for r in written)
+    rows = read_metrics(run / "metrics.jsonl")
+    per_round = [r for r in rows if "feedback/queries" in r]
+    assert [r["step"] for r in per_round] == [1, 2]
+    assert per_round[-1]["feedback/queries"] == len(feedback.answers) == feedback.queries
+    assert [r["feedback/pairs_kept"] for r in per_round] == [len(_pairs(run, 1)), len(_pairs(run, 2))]
+    assert all(
+        sum(r[f"feedback/{k}"] for k in ("ties", "pairs_kept", "identical", "empty_response")) == 8
+        for r in per_round
+    )
+    assert all("dpo/loss" in r and "dpo/accuracy" in r for r in per_round)
+
+
+def test_sdpo_splits_the_pairs_into_stages(tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"p {i}", "chosen": "good good", "rejected": "bad"} for i in range(14)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run = tmp_path / "run"
+    iterative_dpo.train(_cfg(tiny_model_dir, pairs, run, "algo.rounds=3", sdpo=True))
+    stages = [_pairs(run, r) for r in (1, 2, 3)]
+    assert [len(s) for s in stages] == [5, 4, 5] and sum(stages, []) == rows  # contiguous, in file order
+    for r in (2, 3):  # each stage's reference is the previous stage's model
+        prev = str(run / f"round-{r - 1}" / "dpo" / "final")
+        assert _dpo_config(run, r)["model"]["name_or_path"] == _dpo_config(run, r)["ref_model"] == prev
+    assert [m["feedback/pairs_kept"] for m in read_metrics(run / "metrics.jsonl") if "dpo/loss" in m] == [
+        5,
+        4,
+        5,
+    ]
+    with pytest.raises(ConfigError, match="fewer than algo.rounds"):
+        iterative_dpo.train(_cfg(tiny_model_dir, pairs, tmp_path / "b", "algo.rounds=4", sdpo=True))
+
+
+def test_resume_skips_finished_rounds(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    def run(out, resume=False):
+        cfg = _cfg(tiny_model_dir, prompts_file, out, "algo.rounds=3")
+        feedback = RewardFeedback(CharCount(), mode="bradley_terry", seed=0)
+        return iterative_dpo.train(cfg, resume=resume, feedback=feedback)
+
+    ref = run(tmp_path / "a")
+    real, calls = iterative_dpo.dpo.train, []
+
+    def crash_in_round_3(cfg, **kw):
+        calls.append(cfg.logging.output_dir)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(iterative_dpo.dpo, "train", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    calls.clear()
+    resumed = run(tmp_path / "b", resume=True)
+    assert calls == [str(tmp_path / "b" / "round-3" / "dpo")]  # rounds 1 and 2 were not trained again
+    assert_same_tensors(causal_lm_state(ref), causal_lm_state(resumed))
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("a", "b"))
+    key = "feedback/queries"
+    assert [r[key] for r in a if key in r] == [r[key] for r in b if key in r]
+    assert _pairs(tmp_path / "a", 3) == _pairs(tmp_path / "b", 3)
+
+
+def test_reward_rises_over_rounds(tiny_model_dir, tmp_path):
+    """Labels from the count of "good" lift that count in the policy's own samples, round over round (each
+    round's score is of its starting policy's samples: round 3 samples the model two DPO runs made)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS * 8])
+    run = tmp_path / "run"
+    cfg = _cfg(
+        tiny_model_dir,
+        prompts,
+        run,
+        "algo.rounds=3",
+        "algo.prompts_per_round=64",
+        "sampling.max_new_tokens=10",
+        "optim.batch_size=8",
+        "optim.epochs=2",
+    )
+    iterative_dpo.train(cfg, feedback=RewardFeedback(WordCount()))
+    scores = [r["reward/score"] for r in read_metrics(run / "metrics.jsonl") if "reward/score" in r]
+    assert len(scores) == 3 and scores[2] > scores[1] > scores[0] and scores[2] > scores[0] + 1.0, scores
+
+
+def test_config_refusals_and_registration(tiny_model_dir, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="algo.loss is kto, a loss of unpaired"):
+        load_config("iterative-dpo", None, ["algo.loss=kto"])
+    with pytest.raises(ConfigError, match="algo.prompts_per_round is set but algo.mode=sdpo"):
+        load_config("iterative-dpo", None, ["algo.mode=sdpo", "algo.prompts_per_round=4"])
+    with pytest.raises(ConfigError, match="algo.feedback is set but algo.mode=sdpo"):
+        load_config("iterative-dpo", None, ["algo.mode=sdpo", "algo.feedback=lab"])
+    with pytest.raises(ConfigError, match="algo.reference is initial, but sDPO"):
+        load_config("iterative-dpo", None, ["algo.mode=sdpo", "algo.reference=initial"])
+    with pytest.raises(ConfigError, match="algo.reference is set but algo.loss=simpo"):
+        load_config("iterative-dpo", None, ["algo.loss=simpo", "algo.reference=initial"])
+    with pytest.raises(ConfigError, match="data.pairs_path is set but algo.mode=iterative"):
+        load_config("iterative-dpo", None, ["data.pairs_path=x.jsonl"])
+    with pytest.raises(ConfigError, match="data.train_path is set but algo.mode=sdpo"):
+        load_config("iterative-dpo", None, ["algo.mode=sdpo", "data.train_path=x.jsonl"])
+    with pytest.raises(ConfigError, match="logging.save_every is not used by iterative-dpo"):
+        load_config("iterative-dpo", None, ["logging.save_every=2"])
+    with pytest.raises(ConfigError, match="algo.reward_model is set but algo.feedback=lab"):
+        load_config("iterative-dpo", None, ["algo.feedback=lab", "algo.reward_model=rule:length"])
+    with pytest.raises(ConfigError, match="unknown key 'algo.iterations'"):
+        load_config("iterative-dpo", None, ["algo.iterations=3"])
+    # No reward to ask; the lab's annotators with no source passed in: refused before a run directory exists.
+    with pytest.raises(ConfigError, match="algo.reward_model is empty"):
+        iterative_dpo.train(
+            stage_config("iterative-dpo", tiny_model_dir, data=prompts_file, out=tmp_path / "a")
+        )
+    lab = stage_config(
+        "iterative-dpo", tiny_model_dir, "algo.feedback=lab", data=prompts_file, out=tmp_path / "b"
+    )
+    with pytest.raises(ConfigError, match="algo.feedback=lab asks the lab's simulated annotators"):
+        iterative_dpo.train(lab)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert record_kind("iterative-dpo", load_config("iterative-dpo")) == "prompt"
+    assert record_kind("iterative-dpo", load_config("iterative-dpo", None, ["algo.mode=sdpo"])) == "pairwise"
+    shipped = load_config("iterative-dpo", Path(__file__).parents[2] / "configs" / "iterative_dpo_tiny.yaml")
+    assert shipped.algo.rounds == 3 and shipped.logging.snapshot_every == 1
