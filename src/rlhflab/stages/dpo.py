@@ -128,14 +128,17 @@ def _adapters_off(policy):
 
 
 def _setup_reference(
-    cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path, sets: dict[str, list[dict]], kind: str
+    cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path, sets: dict[str, list[dict]], spec
 ) -> tuple[dict[str, Tensor] | None, dict[str, float], Callable | None]:
     """(cached reference log-probs or None, perf of the caching pass, live reference context or None).
 
     An empty cfg.ref_model means the initial policy: the policy itself fills the cache before its first
     update (nothing else is loaded), and a live LoRA policy switches its adapters off to act as reference.
-    A reference model loaded only to fill the cache is dropped as soon as it is filled.
+    A reference model loaded only to fill the cache is dropped as soon as it is filled. A reference-free loss
+    (`spec.reference` false) gets (None, {}, None).
     """
+    if not spec.reference:
+        return None, {}, None
 
     def load_other():
         path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
@@ -152,7 +155,7 @@ def _setup_reference(
         run_dir,
         ref_id,
         sets,
-        kind,
+        spec.data,
         lambda: load_other() if cfg.ref_model else policy,
         device,
         pad_id,
@@ -200,29 +203,16 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     _announce(cfg, model, f"{len(examples)} {what}, {total_steps} steps", run.dir)
 
     # 2. Reference log-probs, once, before the first update (and before a checkpoint replaces the weights).
-    ref_cache, ref_perf, live = None, {}, None
-    if spec.reference:
-        kl_sets = {"train_kl": kl_examples, "eval_kl": eval_kl} if kl_examples is not None else {}
-        sets = {"train": examples, "eval": eval_examples, **kl_sets}
-        ref_cache, ref_perf, live = _setup_reference(
-            cfg, model, device, tokenizer.pad_token_id, run.dir, sets, spec.data
-        )
+    kl_sets = {"train_kl": kl_examples, "eval_kl": eval_kl} if kl_examples is not None else {}
+    sets = {"train": examples, "eval": eval_examples, **kl_sets}
     amp, pad_id = mixed_precision(cfg.model, device), tokenizer.pad_token_id
+    ref_cache, ref_perf, live = _setup_reference(cfg, model, device, pad_id, run.dir, sets, spec)
     shift = BCORewardShift() if spec.inputs == "unpaired_shift" else None
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    loop = Loop(
-        run,
-        "dpo",
-        cfg.logging,
-        total_steps,
-        model,
-        optimizer,
-        scheduler,
-        resume=resume,
-        state=(lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None,
-        snapshot=functools.partial(save_model, model, tokenizer),
-    )
+    state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
+    extra = {"state": state, "snapshot": functools.partial(save_model, model, tokenizer)}
+    loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, **extra)
     if shift is not None and "reward_shift" in loop.resumed_state:
         shift.load_state_dict(loop.resumed_state["reward_shift"])
     if ref_perf:

@@ -384,18 +384,8 @@ def train(
     stateful = hasattr(feedback, "state_dict")
     state = (lambda: {"feedback": feedback.state_dict()}) if stateful else None
     snapshot = functools.partial(save_model, policy, tokenizer)
-    loop = Loop(
-        run,
-        NAME,
-        cfg.logging,
-        algo.iterations,
-        policy,
-        optimizer,
-        scheduler,
-        resume=resume,
-        state=state,
-        snapshot=snapshot,
-    )
+    extra = {"state": state, "snapshot": snapshot}
+    loop = Loop(run, NAME, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume, **extra)
     if stateful and "feedback" in loop.resumed_state:
         feedback.load_state_dict(loop.resumed_state["feedback"])
     if resume:

@@ -383,27 +383,16 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
     kl_ctl, sampling = _kl_controller(cfg), sampling_settings(cfg.sampling)
-    n_params = count_parameters(policy)
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
     print(
         f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
-        f"{n_params / 1e6:.2f}M parameters, run dir {run.dir}"
+        f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
     )
-
-    def kl_state() -> dict:  # checkpointed with the weights, so a resumed run adapts beta exactly as before
-        return {"kl_controller": kl_ctl.state_dict()}
-
+    # The KL controller is checkpointed with the weights, so a resumed run adapts beta exactly as before.
+    kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731
+    extra = {"state": kl_state, "snapshot": functools.partial(save_model, policy, tokenizer)}
     loop = Loop(
-        run,
-        "ppo",
-        cfg.logging,
-        cfg.algo.iterations,
-        trainable,
-        optimizer,
-        scheduler,
-        resume=resume,
-        state=kl_state,
-        snapshot=functools.partial(save_model, policy, tokenizer),
+        run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume, **extra
     )
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])

@@ -191,6 +191,15 @@ def _save(cfg: RewardConfig, model: RewardModel, tokenizer, out: Path) -> Path:
     return final
 
 
+def _announce(model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path) -> None:
+    print(
+        f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
+        f"{total_steps} steps, {count_parameters(model) / 1e6:.2f}M parameters, run dir {run_dir}"
+    )
+    if not eval_examples:
+        print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
+
+
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
     # 1. Setup: seeds, run directory, model, data.
@@ -207,13 +216,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    n_params = count_parameters(model)
-    print(
-        f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
-        f"{total_steps} steps, {n_params / 1e6:.2f}M parameters, run dir {run.dir}"
-    )
-    if not eval_examples:
-        print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
+    _announce(model, kind, examples, eval_examples, total_steps, run.dir)
 
     snapshot = functools.partial(_save, cfg, model, tokenizer)
     loop = Loop(
