@@ -29,8 +29,16 @@ def test_the_readme_claims_hold(seed, tmp_path, tmp_path_factory, monkeypatch):
     policies = report["policies"]
     assert _beats(policies, "ppo"), policies
     assert _beats(policies, "dpo"), policies
-    hacked = report["curves"]["ppo_kl0"]
+    hacked = report["rollout_curves"]["ppo_kl0"]
     first, last = hacked[:10], hacked[-10:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "reward/score") > mean(first, "reward/score")  # the proxy goes up ...
     assert policies["ppo_kl0"]["gold_reward_mean"] < policies["sft"]["gold_reward_mean"]  # ... gold falls
+    # PPO with its KL penalty still over-optimizes late: its rollouts' gold (10-iteration means) peaks before
+    # the last 10 iterations and ends lower, as the README says.
+    ppo = report["rollout_curves"]["ppo"]
+    windows = [mean(ppo[a : a + 10], "gold/mean") for a in range(0, len(ppo), 10)]
+    assert max(windows[:-1]) > windows[-1] + 0.05, windows
+    # Held-out curves from snapshots for every trained policy, starting at SFT (KL 0).
+    assert set(report["curves"]) == {"ppo", "ppo_kl0", "dpo"}
+    assert all(c[0]["step"] == 0 and c[0]["kl/ref"] == 0.0 and len(c) >= 5 for c in report["curves"].values())
