@@ -939,8 +939,8 @@ class DPOConfig:
 
 
 @dataclass
-class PPOConfig:
-    """PPO against one or more reward models with a KL penalty to a frozen reference (InstructGPT)."""
+class OnPolicyConfig:
+    """The sections every on-policy stage has (PPO, RLOO, GRPO); each subclass sets its algo section."""
 
     seed: int = 0
     """Seeds Python, NumPy and torch, and the data order."""
@@ -951,38 +951,26 @@ class PPOConfig:
     optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=1e-5))
     logging: LoggingSection = field(default_factory=LoggingSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    """PPO against one or more reward models with a KL penalty to a frozen reference (InstructGPT)."""
+
     algo: PPOAlgo = field(default_factory=PPOAlgo)
 
 
 @dataclass
-class RLOOConfig:
+class RLOOConfig(OnPolicyConfig):
     """REINFORCE leave-one-out (or another critic-free baseline) against reward sources, KL to a reference."""
 
-    seed: int = 0
-    """Seeds Python, NumPy and torch, and the data order."""
-    model: ModelSection = field(default_factory=ModelSection)
-    ref_model: str = ""
-    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
-    data: PromptDataSection = field(default_factory=PromptDataSection)
-    optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=1e-5))
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    sampling: SamplingSection = field(default_factory=SamplingSection)
     algo: RLOOAlgo = field(default_factory=RLOOAlgo)
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(OnPolicyConfig):
     """Group relative policy optimization against reward sources, KL to a reference."""
 
-    seed: int = 0
-    """Seeds Python, NumPy and torch, and the data order."""
-    model: ModelSection = field(default_factory=ModelSection)
-    ref_model: str = ""
-    """Reference policy directory; empty means the initial policy (model.name_or_path)."""
-    data: PromptDataSection = field(default_factory=PromptDataSection)
-    optim: AdamWSection = field(default_factory=lambda: AdamWSection(lr=1e-5))
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    sampling: SamplingSection = field(default_factory=SamplingSection)
     algo: GRPOAlgo = field(default_factory=GRPOAlgo)
 
 
