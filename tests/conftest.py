@@ -47,3 +47,10 @@ def lab_cache(tmp_path_factory):
     """The lab cache of the whole session (never ~/.cache): tests/lab, tests/eval and the stage tests share it,
     so the tiny base model is pretrained once."""
     return tmp_path_factory.getbasetemp() / "rlhflab-cache"
+
+
+@pytest.fixture()
+def tiny_lab_cache(lab_cache, monkeypatch):
+    """RLHFLAB_CACHE at the session's lab cache, so the tiny base model is pretrained once per session."""
+    monkeypatch.setenv("RLHFLAB_CACHE", str(lab_cache))
+    return lab_cache

@@ -14,7 +14,8 @@ reach the lab's gold reward, and there is no import cycle between packages.
     layer 6  stages                  one training loop per method
     layer 7  lab                     tasks, gold rewards, simulated annotators, gold-judged evaluation
     layer 8  pipeline                the main job
-    layer 9  cli                     `rlhflab <command>`
+    layer 9  experiments             one module per claim: trains what it compares through the pipeline
+    layer 10 cli                     `rlhflab <command>`
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ LAYERS: dict[str, int] = {
     "stages": 6,
     "lab": 7,
     "pipeline": 8,
-    "cli": 9,
+    "experiments": 9,
+    "cli": 10,
 }
 SRC = Path(rlhflab.__file__).parent
 

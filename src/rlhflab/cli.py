@@ -93,6 +93,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import importlib
+
+    from rlhflab.experiments import EXPERIMENTS
+
+    module = importlib.import_module(EXPERIMENTS[args.name][0])
+    module.run(
+        seeds=args.seeds,
+        output_dir=args.output_dir or f"runs/{args.name}",
+        task=args.task,
+        overrides=args.overrides,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
+    return 0
+
+
+def _add_experiment(sub) -> None:
+    from rlhflab.experiments import EXPERIMENTS
+
+    p = sub.add_parser(
+        "experiment",
+        help="reproduce a claim of the literature on the lab: result.json with a verdict, report.html",
+        description="Experiments: "
+        + "; ".join(f"{name}: {help_text}" for name, (_, help_text) in EXPERIMENTS.items()),
+    )
+    p.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each a full run")
+    p.add_argument("--output-dir", default=None, help="where the runs and result.json go (runs/NAME)")
+    p.add_argument("--task", default="sentiment", help="built-in lab task")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment directory")
+    p.add_argument("--resume", action="store_true", help="keep the seeds already finished, run the others")
+    p.add_argument(
+        "overrides", nargs="*", metavar="STAGE.KEY=VALUE", help="pipeline overrides for every seed"
+    )
+    p.set_defaults(func=cmd_experiment)
+
+
 def cmd_best_of_n(args: argparse.Namespace) -> int:
     from rlhflab.rollout.generate import SamplingSettings
     from rlhflab.stages.best_of_n import sample_to_file
@@ -261,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stage)
 
     _add_best_of_n(sub)
+    _add_experiment(sub)
 
     p = sub.add_parser("config", help="inspect stage configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -351,7 +351,7 @@ def _evaluate_best_of_n(
     }
 
 
-def _summary(policies: dict) -> dict:
+def _summary(policies: dict, label_queries: dict[str, int]) -> dict:
     """The report.json summary block: one row per policy."""
     out = {}
     for name, m in policies.items():
@@ -362,13 +362,39 @@ def _summary(policies: dict) -> dict:
             "win_rate_vs_sft": m.get("gold/win_rate", 0.5),
             "kl_to_sft": m.get("kl/ref", 0.0),
             "mean_length": m["sample/len_mean"],
+            "label_queries": label_queries[name],
         }
     return out
 
 
+def _label_queries(out: Path, policies: dict) -> dict[str, int]:
+    """Preference labels each policy cost (the label budget; Guo et al. 2024 compare methods at equal budgets).
+
+    SFT learns from demonstrations: 0. A method trained on the lab's offline pairs (DPO, and the reward model
+    behind PPO, RLOO, GRPO and best-of-n) costs every pair the annotators were asked, ties included; an online
+    method costs the queries its feedback source logged (`feedback/queries`, last row of its metrics)."""
+    import json
+
+    from rlhflab.core.metrics_log import read_metrics
+
+    pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
+    offline = int(pairs["n"] + pairs["ties"])
+    result = {}
+    for policy in policies:
+        name = "best_of_n" if policy.startswith("best_of_") and policy not in METHODS else policy
+        if name == "sft":
+            result[policy] = 0
+        elif name in ("online_dpo", "iterative_dpo"):
+            rows = [r for r in read_metrics(out / name / "metrics.jsonl") if "feedback/queries" in r]
+            result[policy] = int(rows[-1]["feedback/queries"])
+        else:
+            result[policy] = offline
+    return result
+
+
 def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[str, list[str]]:
-    final = {name: final.get(name, Path("unused")) for name in METHODS}
     """Each stage's model and data: the lab's base model and files, then each stage from the SFT model."""
+    final = {name: final.get(name, Path("unused")) for name in METHODS}
     wiring = {
         "sft": [f"model.name_or_path=lab:{task}", f"data.train_path={data['sft']}"],
         "rm": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
@@ -482,7 +508,7 @@ def run_pipeline(
     from rlhflab.eval.report import write_report
 
     runtime = time.time() - t_start
-    summary = _summary(policies)
+    summary = _summary(policies, _label_queries(out, policies))
     paths_out = write_report(
         out,
         task=task,
@@ -524,7 +550,7 @@ def _print_table(summary: dict, html: Path) -> None:
     from rich.table import Table
 
     table = Table(title="gold-reward evaluation (held-out prompts)")
-    for col in ("policy", "gold reward", "win rate vs SFT", "KL to SFT", "mean length"):
+    for col in ("policy", "gold reward", "win rate vs SFT", "KL to SFT", "mean length", "labels"):
         table.add_column(col, justify="right" if col != "policy" else "left")
     for name, row in summary.items():
         table.add_row(
@@ -533,6 +559,7 @@ def _print_table(summary: dict, html: Path) -> None:
             f"{row['win_rate_vs_sft']:.2f}",
             f"{row['kl_to_sft']:.2f}",
             f"{row['mean_length']:.1f}",
+            str(row["label_queries"]),
         )
     Console().print(table)
     print(f"report: {html}")

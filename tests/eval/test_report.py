@@ -209,7 +209,7 @@ def test_reward_vs_sqrt_kl_plot_draws_points_and_sorted_smoothed_lines(monkeypat
     from rlhflab.eval import report as R
 
     figs = []
-    monkeypatch.setattr(R, "_figure_png", lambda fig: figs.append(fig) or b"png")
+    monkeypatch.setattr(R, "figure_png", lambda fig: figs.append(fig) or b"png")
     # KL that goes up and down over time (a zig-zag if joined in time order), two runs.
     rows = [
         {

@@ -1,4 +1,4 @@
-"""Fixtures for stage tests: tiny data files and the lab cache, all built locally (the tiny model directory,
+"""Fixtures for stage tests: tiny data files, built locally (the tiny model directory,
 `tiny_model_dir`, is in tests/conftest.py; the builders in tests/helpers.py)."""
 
 from __future__ import annotations
@@ -13,10 +13,3 @@ def sft_file(tmp_path):
     # A learnable toy: every prompt about a cat is answered the same way.
     rows = [{"prompt": p, "completion": "the cat is very happy ."} for p in CAT_PROMPTS] * 8
     return write_jsonl(tmp_path / "sft.jsonl", rows)
-
-
-@pytest.fixture()
-def tiny_lab_cache(lab_cache, monkeypatch):
-    """RLHFLAB_CACHE at the session's lab cache, so the tiny base model is pretrained once per session."""
-    monkeypatch.setenv("RLHFLAB_CACHE", str(lab_cache))
-    return lab_cache

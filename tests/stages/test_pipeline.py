@@ -56,6 +56,10 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cach
     wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)]
     assert rm["rm/n_pairs"] == len(pairs) and accuracy == pytest.approx(sum(wins) / len(wins))
     assert set(report["policies"]) == {"sft", "ppo", "ppo_kl0", "dpo", "best_of_2"}
+    # Label budget: SFT none; the RM's methods and DPO every pair the annotators were asked (ties included).
+    lab_pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
+    offline_labels = lab_pairs["n"] + lab_pairs["ties"]
+    assert lab_pairs["n"] == len((out / "data" / "pairs.jsonl").read_text().splitlines())
     for name, row in report["policies"].items():
         assert set(row) == {
             "gold_reward_mean",
@@ -63,6 +67,7 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cach
             "win_rate_vs_sft",
             "kl_to_sft",
             "mean_length",
+            "label_queries",
         }
         # The summary row is the policy's gold evaluation, field by field.
         m = report["policy_metrics"][name]
@@ -74,6 +79,7 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cach
                 "win_rate_vs_sft": m["gold/win_rate"],
                 "kl_to_sft": m["kl/ref"],
                 "mean_length": m["sample/len_mean"],
+                "label_queries": 0 if name == "sft" else offline_labels,
             }
         ), name
         # The examples' gold is the gold reward of their text.
@@ -172,6 +178,11 @@ def test_pipeline_runs_the_chosen_methods(tmp_path, tiny_lab_cache):
     assert all([p["step"] for p in c] == [0, 1, 2] for c in report["curves"].values())
     # Online DPO asked the lab's annotators: 2 steps x 4 prompts = 8 queries at most (identical pairs not asked).
     logged = read_metrics(tmp_path / "run" / "online_dpo" / "metrics.jsonl")
-    assert 0 < max(r.get("feedback/queries", 0) for r in logged) <= 8
+    queries = max(r.get("feedback/queries", 0) for r in logged)
+    assert 0 < queries <= 8
+    assert report["policies"]["online_dpo"]["label_queries"] == queries
+    lab_pairs = json.loads((tmp_path / "run" / "data" / "lab_data.json").read_text())["pairs"]
+    for name in ("rloo", "grpo"):
+        assert report["policies"][name]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"] > 0
     with pytest.raises(ConfigError, match="'ppo' is for a method that is not run"):
         run_pipeline(output_dir=str(tmp_path / "x"), overrides=["ppo.optim.lr=1e-4"], methods=["dpo"])

@@ -109,7 +109,8 @@ def _series(rows: Sequence[Mapping], key: str | None) -> tuple[list[float], list
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout, 110 dpi); closes the figure."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -138,7 +139,7 @@ def plot_gold_by_policy(policies: Mapping[str, Mapping]) -> bytes | None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("gold reward (mean, 95% CI)")
     ax.set_title("gold reward by policy")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_training_curves(
@@ -163,7 +164,7 @@ def plot_training_curves(
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return _figure_png(fig) if drawn else (plt.close(fig) or None)
+    return figure_png(fig) if drawn else (plt.close(fig) or None)
 
 
 def smooth_by_x(
@@ -257,7 +258,7 @@ def plot_gold_vs_proxy(
     if not drawn:
         plt.close(fig)
         return None
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_rm_accuracy(reward_models: Mapping[str, Mapping]) -> bytes | None:
@@ -282,7 +283,7 @@ def plot_rm_accuracy(reward_models: Mapping[str, Mapping]) -> bytes | None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("reward model accuracy by preference rating")
     ax.legend(fontsize=7)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_gold_vs_kl(curves: Mapping[str, Sequence[Mapping]], policies: Mapping[str, Mapping]) -> bytes | None:
@@ -318,7 +319,7 @@ def plot_gold_vs_kl(curves: Mapping[str, Sequence[Mapping]], policies: Mapping[s
     if not drawn:
         plt.close(fig)
         return None
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 PLOTS = {

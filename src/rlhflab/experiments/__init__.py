@@ -1,0 +1,16 @@
+"""Experiments: one module per claim of the literature, run on the lab as a user would run the methods.
+
+`rlhflab experiment NAME` trains what the claim compares, over several seeds, and writes DIR/result.json
+({experiment, claim, source, verdict, rule, table, plots, runtime_s, seeds, command}) and DIR/report.html.
+The verdict comes from a rule written in the module, fixed before any run: "not reproduced", with the
+numbers, is an honest result.
+"""
+
+# Experiment name -> (module with `run(seeds, output_dir, ...)` and CLAIM, one-line help). Importing this
+# package imports no experiment, so `rlhflab --help` answers at once.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "online-vs-offline": (
+        "rlhflab.experiments.online_vs_offline",
+        "offline DPO vs online DPO vs iterative DPO at the same label budget (Guo et al. 2024; Xu et al. 2023)",
+    ),
+}
