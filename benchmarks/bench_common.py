@@ -160,7 +160,10 @@ class Clock:
       functions; TRL: `compute_loss` and its reference pass), with the batch's padded shape; the first
       training pass stamps the start of step 1. The FLOPs each side executes are counted from these shapes.
     - `wrap(owner, name, phase)`: time every call of owner.name as `phase` (load, data, reference, eval,
-      normalization, save); passes recorded inside it are tagged with that phase.
+      normalization, save; GRPO: generate, score); passes recorded inside it are tagged with that phase, and
+      each outermost call is kept as a span (phase, start, end), so that a phase can be counted inside a
+      window of steps. `first_step=True`: the first call stamps the start of step 1 (GRPO's iteration
+      starts with its generation, before any training pass).
     """
 
     def __init__(self) -> None:
@@ -169,6 +172,7 @@ class Clock:
         self.step_ends: list[float] = []
         self.phases: dict[str, float] = {}
         self.passes: list[dict[str, Any]] = []
+        self.spans: list[tuple[str, float, float]] = []
         self._active: list[str] = []
 
     def install(self) -> None:
@@ -201,18 +205,22 @@ class Clock:
             }
         )
 
-    def wrap(self, owner: Any, name: str, phase: str) -> None:
+    def wrap(self, owner: Any, name: str, phase: str, *, first_step: bool = False) -> None:
         inner = getattr(owner, name)
 
         def timed(*args, **kwargs):
             outermost = phase not in self._active  # a phase nested in itself is counted once
             self._active.append(phase)
             t0 = time.monotonic()
+            if first_step and self.first_train is None:
+                self.first_train = t0
             try:
                 return inner(*args, **kwargs)
             finally:
                 if outermost:
-                    self.phases[phase] = self.phases.get(phase, 0.0) + time.monotonic() - t0
+                    t1 = time.monotonic()
+                    self.phases[phase] = self.phases.get(phase, 0.0) + t1 - t0
+                    self.spans.append((phase, t0, t1))
                 self._active.pop()
 
         setattr(owner, name, timed)
@@ -224,6 +232,7 @@ class Clock:
             "step_ends": self.step_ends,
             "step_seconds": step_seconds_from_stamps(self.first_train, self.step_ends),
             "phases": self.phases,
+            "spans": self.spans,
             "passes": self.passes,
             "child_end": time.monotonic(),
         }

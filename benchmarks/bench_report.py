@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from bench_common import ModelDims, json_line, memory_above_baseline, steady_stats
+from bench_grpo import summarize_grpo
 
 from rlhflab.models import flops
 from rlhflab.models.logprobs import SAVED_PROBS_BYTES
@@ -390,15 +391,19 @@ def summarize(
     dims: dict[str, ModelDims],
 ) -> tuple[list[str], str]:
     """(JSON lines, markdown) of every shape in `shape_runs` ({shape: {run name: run}}); meta["shapes"]
-    holds each shape's warmup, batch_size, n_pairs and parameter counts."""
+    holds each shape's warmup, batch_size, n_pairs and parameter counts (and its "grpo" / "generate"
+    settings when those comparisons ran: `bench_grpo.summarize_grpo`)."""
     lines: list[str] = []
     rows: list[tuple[str, ...]] = []
     splits: dict[str, dict[str, dict]] = {}
+    extra: list[str] = []
     for shape, runs in shape_runs.items():
         shape_lines, r, s = summarize_shape(shape, runs, probe, meta["shapes"][shape], dims[shape])
-        lines += shape_lines
-        rows += r
+        grpo_lines, grpo_rows, grpo_md = summarize_grpo(shape, runs, meta["shapes"][shape])
+        lines += shape_lines + grpo_lines
+        rows += r + grpo_rows
         splits[shape] = s
+        extra += grpo_md
     notes = efficiency(lines) + option_notes(shape_runs)
     ppo = next((runs["ppo_rlhflab"] for runs in shape_runs.values() if "ppo_rlhflab" in runs), None)
     if ppo is not None:
@@ -407,9 +412,10 @@ def summarize(
             split["logged_fraction_of_peak"] = round(split["logged_gflops"] / probe["peak_gflops"], 4)
         lines.append(json.dumps({"kind": "ppo_split", **split}))
     for shape, by_run in splits.items():
-        lines.append(json.dumps({"kind": "time_split", "shape": shape, "seconds": by_run}))
+        if by_run:  # none when only the GRPO / sampler comparisons ran (bench_grpo has its own split)
+            lines.append(json.dumps({"kind": "time_split", "shape": shape, "seconds": by_run}))
     lines.append(json.dumps({"kind": "matmul_probe", **probe}))
-    return lines, markdown(rows, meta, probe, splits, shape_runs, notes, ppo)
+    return lines, markdown(rows, meta, probe, splits, shape_runs, notes, ppo, extra)
 
 
 def option_notes(shape_runs: dict[str, dict[str, dict]]) -> list[str]:
@@ -488,16 +494,35 @@ def markdown(
     shape_runs: dict[str, dict[str, dict]],
     notes: list[str] = (),
     ppo: dict | None = None,
+    extra: list[str] = (),
 ) -> str:
     out = []
     for shape, m in meta["shapes"].items():
         pc = m.get("params") or {}
         share = f", embedding / LM head {100 * pc['head_share']:.0f}% of them" if pc else ""
-        out.append(
-            f"- {shape}: {m['description']}, {m['n_params'] / 1e6:.2f}M parameters{share}; "
-            f"batch {m['batch_size']}, {m['n_pairs']} training pairs (one epoch = {m['warmup']} warm-up + "
-            f"{m['steps']} measured steps), {m['n_eval']} held-out pairs."
-        )
+        line = f"- {shape}: {m['description']}, {m['n_params'] / 1e6:.2f}M parameters{share}"
+        if {"dpo", "rm"} & set(m.get("compares", ("dpo", "rm"))):
+            line += (
+                f"; batch {m['batch_size']}, {m['n_pairs']} training pairs (one epoch = {m['warmup']} warm-up + "
+                f"{m['steps']} measured steps), {m['n_eval']} held-out pairs"
+            )
+        out.append(line + ".")
+        if "grpo" in m:
+            g = m["grpo"]
+            out.append(
+                f"  GRPO: {g['prompts_per_iteration']} prompts x {g['num_generations']} samples = "
+                f"{g['per_iteration']} completions per iteration and optimizer step, at most {g['max_new_tokens']} "
+                f"new tokens, temperature 1, no top-k / top-p, lr {g['lr']:g}, beta {g['beta']:g}, reward "
+                f"{g['reward']}; {g['warmup']} warm-up + {g['steps']} measured iterations ({g['n_prompts']} "
+                "prompts, each used once)."
+            )
+        if "generate" in m:
+            g = m["generate"]
+            out.append(
+                f"  Sampler: {g['rows']} rows ({g['prompts']} prompts x {g['repeat']}), at most "
+                f"{g['max_new_tokens']} new tokens, temperature 1, no top-k / top-p, the same seed per call on "
+                f"both sides; {g['warmup']} warm-up + {g['calls']} measured calls."
+            )
     out += [
         "",
         "| comparison | rlhflab | TRL | rlhflab / TRL | TRL setting and notes |",
@@ -521,6 +546,7 @@ def markdown(
     for shape, by_run in splits.items():
         if by_run:
             out += ["", *split_table(shape, by_run)]
+    out += list(extra)
     if ppo is not None:
         split = ppo_split(ppo)
         out += [

