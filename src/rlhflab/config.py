@@ -354,6 +354,42 @@ class RewardAlgo:
 
 
 @dataclass
+class PMDataSection(DataSection):
+    """Pairwise preferences (prompt, chosen, rejected), the reward model's data; the model reads both responses."""
+
+    max_length: int = 192
+    """Maximum tokens of prompt + both responses + their two EOS separators: the prompt keeps its end (up to
+    data.max_prompt_length), each response its start, and both get the same share of what the prompt leaves."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.max_length - self.max_prompt_length >= 4,
+            "data.max_length",
+            f"({self.max_length}) must leave at least 4 tokens after data.max_prompt_length "
+            f"({self.max_prompt_length}): each of the two responses needs a token and its EOS separator; "
+            "raise data.max_length or lower data.max_prompt_length",
+        )
+
+
+@dataclass
+class PMAlgo:
+    """A general preference model (Munos et al. 2023; Jiang et al. 2023, PairRM): P(first preferred | prompt)
+    from the prompt and both responses, antisymmetric by construction (`rlhflab.losses.general_preference`)."""
+
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped: each pair's target is 1 - label_smoothing (conservative
+    training against label noise, as for a reward model)."""
+
+    def __post_init__(self):
+        _require(
+            0.0 <= self.label_smoothing < 0.5,
+            "algo.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+
+
+@dataclass
 class PreferenceLossSection:
     """A preference loss of `PREFERENCE_LOSS_TABLE` and its hyperparameters, with their checks: what the
     offline (dpo) and online (online-dpo) stages share."""
@@ -732,16 +768,22 @@ class LabAnnotatorsSection:
 
 @dataclass
 class PairFeedbackSection(RewardSourcesSection):
-    """Who judges pairs of the policy's own samples (online-dpo, iterative-dpo): a reward or the lab's
-    annotators, with their checks. The reward-source keys name the reward that answers when feedback=reward."""
+    """Who judges pairs of the policy's own samples (online-dpo, iterative-dpo): a reward, a general preference
+    model or the lab's annotators, with their checks. The reward-source keys name the reward that answers when
+    feedback=reward."""
 
-    feedback: Literal["reward", "lab"] = "reward"
+    feedback: Literal["reward", "lab", "preference_model"] = "reward"
     """Who judges the pairs. reward: the reward source(s) of algo.reward_model, by feedback_mode; lab: the
     simulated annotators of the model's lab task (algo.annotators; the command line builds them, in Python
-    pass `feedback=` to the stage's `train`)."""
+    pass `feedback=` to the stage's `train`); preference_model: the general preference model of
+    algo.preference_model (from `rlhflab pm`), by feedback_mode."""
     feedback_mode: Literal["argmax", "bradley_terry"] = "argmax"
     """feedback=reward: argmax prefers the higher score (equal scores are a tie, dropped); bradley_terry
-    draws the label with P(first) = sigmoid(score_first - score_second)."""
+    draws the label with P(first) = sigmoid(score_first - score_second). feedback=preference_model: argmax
+    prefers the side with P(first) above or below 1/2 (within 1e-6 of 1/2: a tie); bradley_terry draws the
+    label with the model's own P(first)."""
+    preference_model: str = ""
+    """feedback=preference_model: the general preference model's directory (`rlhflab pm`'s RUN/final, or RUN)."""
     feedback_timeout: float = 60.0
     """Seconds to wait for a source that answers later (human labellers) before its unanswered pairs are
     dropped; sources that answer at once never wait."""
@@ -759,18 +801,21 @@ class PairFeedbackSection(RewardSourcesSection):
             "is not used by online-dpo or iterative-dpo (the feedback compares the two responses' texts); "
             "leave it 0",
         )
-        if self.feedback == "lab":  # a key acts or is refused: the reward keys judge nothing here
+        if self.feedback != "reward":  # a key acts or is refused: the reward keys judge nothing here
+            who = {"lab": "the lab's simulated annotators", "preference_model": "a general preference model"}
             for f in dataclasses.fields(RewardSourcesSection):
                 _require(
                     getattr(self, f.name) == _field_default(f),
                     f"algo.{f.name}",
-                    "is set but algo.feedback=lab asks the lab's simulated annotators, not a reward; remove "
+                    f"is set but algo.feedback={self.feedback} asks {who[self.feedback]}, not a reward; remove "
                     "it or use algo.feedback=reward",
                 )
+        if self.feedback == "lab":
             _require(
                 self.feedback_mode == "argmax",
                 "algo.feedback_mode",
-                "applies to algo.feedback=reward; the lab's annotators are set in algo.annotators",
+                "applies to algo.feedback=reward or preference_model; the lab's annotators are set in "
+                "algo.annotators",
             )
         else:
             _require(
@@ -778,6 +823,12 @@ class PairFeedbackSection(RewardSourcesSection):
                 "algo.annotators",
                 "applies to algo.feedback=lab only; set algo.feedback=lab or leave the annotators' defaults",
             )
+        _require(
+            self.feedback == "preference_model" or not self.preference_model,
+            "algo.preference_model",
+            f"is set but algo.feedback={self.feedback} does not ask a preference model; set "
+            "algo.feedback=preference_model or remove it",
+        )
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -823,20 +874,31 @@ class OnlineDPOAlgo(PairFeedbackSection, PreferenceLossSection):
 @dataclass
 class IterativeDPOAlgo(PairFeedbackSection, PreferenceLossSection):
     """Iterative DPO: rounds of sampling pairs from the current policy, labelling them and an offline DPO
-    run on the round's pairs (Xu et al. 2023, "Some things are more CRINGE than others"; Llama 3); or sDPO
-    (Kim et al. 2024): one offline pairs file in stages, each against the previous stage's model."""
+    run on the round's pairs (Xu et al. 2023, "Some things are more CRINGE than others"; Llama 3); sDPO
+    (Kim et al. 2024): one offline pairs file in stages, each against the previous stage's model; or DNO
+    (Rosset et al. 2024, "Direct Nash Optimization", Algorithm 2): K samples per prompt, a tournament of the
+    feedback source, the best against the worst by win rate."""
 
-    mode: Literal["iterative", "sdpo"] = "iterative"
+    mode: Literal["iterative", "sdpo", "dno"] = "iterative"
     """iterative: each round samples algo.prompts_per_round pairs from the current policy and asks the
     feedback source (data.train_path: prompts); sdpo: data.pairs_path is split into algo.rounds stages in file
-    order (order it easy to hard, as sDPO does), no sampling and no feedback."""
+    order (order it easy to hard, as sDPO does), no sampling and no feedback; dno: each round samples
+    algo.samples_per_prompt responses per prompt, asks the feedback source about every pair of them and trains
+    on (highest, lowest win rate) pairs whose win-rate margin is at least algo.min_win_rate_margin."""
     rounds: int = 3
     """Rounds (sDPO: stages); each ends with a saved model, the unit of --resume."""
     prompts_per_round: int = 64
-    """mode=iterative: prompts per round; each gets two responses from the round's starting policy."""
+    """mode=iterative and dno: prompts per round; each gets two responses (dno: algo.samples_per_prompt) from
+    the round's starting policy."""
     reference: Literal["round_start", "initial"] = "round_start"
     """The DPO reference of each round: round_start, the round's starting policy (Xu et al. 2023, Llama 3;
-    sDPO's previous stage); initial, model.name_or_path every round."""
+    sDPO's previous stage; DNO's pi_t); initial, model.name_or_path every round (not with mode=sdpo or dno)."""
+    samples_per_prompt: int = 2
+    """mode=dno: K, the responses sampled per prompt; the feedback source is asked about all K(K-1)/2 pairs of
+    them (the label budget grows with K^2). >= 2; the DNO paper samples 5."""
+    min_win_rate_margin: float = 0.0
+    """mode=dno: keep a prompt's (best, worst) pair only when the best response's win rate exceeds the worst's by
+    at least this much (DNO's large-margin filter), in [0, 1); 0 keeps every pair with a positive margin."""
 
     def __post_init__(self):
         PreferenceLossSection.__post_init__(self)
@@ -853,6 +915,7 @@ class IterativeDPOAlgo(PairFeedbackSection, PreferenceLossSection):
             "algo.reference",
             f"is set but algo.loss={self.loss} uses no reference model; leave it round_start",
         )
+        self._check_dno()
         if self.mode == "sdpo":  # a key acts or is refused: sDPO samples nothing and asks no one
             _require(
                 self.reference == "round_start",
@@ -869,6 +932,33 @@ class IterativeDPOAlgo(PairFeedbackSection, PreferenceLossSection):
                         "is set but algo.mode=sdpo trains on data.pairs_path (no sampling, no feedback); "
                         "remove it or use algo.mode=iterative",
                     )
+
+    def _check_dno(self) -> None:
+        if self.mode != "dno":  # a key acts or is refused
+            for key in ("samples_per_prompt", "min_win_rate_margin"):
+                _require(
+                    getattr(self, key) == type(self).__dataclass_fields__[key].default,
+                    f"algo.{key}",
+                    f"is set but applies to algo.mode=dno only (this run is algo.mode={self.mode}); remove it "
+                    "or set algo.mode=dno",
+                )
+            return
+        _require(
+            self.samples_per_prompt >= 2,
+            "algo.samples_per_prompt",
+            f"must be >= 2 (a tournament needs two responses per prompt), got {self.samples_per_prompt}",
+        )
+        _require(
+            0.0 <= self.min_win_rate_margin < 1.0,
+            "algo.min_win_rate_margin",
+            f"must be in [0, 1) (win rates lie in [0, 1]), got {self.min_win_rate_margin}",
+        )
+        _require(
+            self.reference == "round_start",
+            "algo.reference",
+            "is initial, but DNO's reference is the round's starting policy (Rosset et al. 2024, Algorithm 2); "
+            "leave it round_start or use algo.mode=iterative",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -908,6 +998,19 @@ class RewardConfig:
             "is set but every head in algo.heads names its own data file, so it would be ignored; leave it "
             "empty or drop a head's file",
         )
+
+
+@dataclass
+class PMConfig:
+    """A general (pairwise) preference model from pairwise comparisons: no score per response."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, and the data order."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: PMDataSection = field(default_factory=PMDataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=16, epochs=1))
+    logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
+    algo: PMAlgo = field(default_factory=PMAlgo)
 
 
 @dataclass
@@ -1000,7 +1103,7 @@ class OnlineDPOConfig:
 
 @dataclass
 class IterativeDataSection(PromptDataSection):
-    """Prompts (mode=iterative) or preference pairs (mode=sdpo), and the lengths of the DPO rounds."""
+    """Prompts (mode=iterative, dno) or preference pairs (mode=sdpo), and the lengths of the DPO rounds."""
 
     pairs_path: str = ""
     """mode=sdpo: the preference pairs (prompt, chosen, rejected) split into the rounds. Empty with a lab
@@ -1019,7 +1122,7 @@ class IterativeDataSection(PromptDataSection):
 
 @dataclass
 class IterativeDPOConfig:
-    """Iterative DPO / sDPO: rounds of offline DPO (`rlhflab dpo`), each from the previous round's model."""
+    """Iterative DPO / sDPO / DNO: rounds of offline DPO (`rlhflab dpo`), each from the previous round's model."""
 
     seed: int = 0
     """Seeds Python, NumPy and torch, the prompt order, the sampling, the feedback source and each DPO round."""
@@ -1048,8 +1151,8 @@ class IterativeDPOConfig:
         _require(
             sdpo or not self.data.pairs_path,
             "data.pairs_path",
-            "is set but algo.mode=iterative samples its pairs from prompts (data.train_path); remove it or "
-            "use algo.mode=sdpo",
+            f"is set but algo.mode={self.algo.mode} samples its pairs from prompts (data.train_path); remove it "
+            "or use algo.mode=sdpo",
         )
         _require(
             not sdpo or self.sampling == SamplingSection(),
@@ -1062,6 +1165,7 @@ class IterativeDPOConfig:
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RewardConfig,
+    "pm": PMConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
     "rloo": RLOOConfig,

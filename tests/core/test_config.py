@@ -86,7 +86,9 @@ def test_ppo_minibatch_must_divide_rollout_batch():
         load_config("ppo", None, ["algo.minibatch_size=24"])
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "iterative-dpo"])
+@pytest.mark.parametrize(
+    "stage", ["sft", "rm", "pm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "iterative-dpo"]
+)
 def test_shipped_example_configs_load(stage):
     from pathlib import Path
 

@@ -87,7 +87,9 @@ def test_seed_rows_and_the_verdict_rule():
     once = {**base, "online_dpo": (0.6, 0.05), "iterative_dpo": (0.3, 0.05)}
     assert E.decide(_rows([once, behind])) == "not reproduced"
     findings = E.findings(_rows([both_beat, once]))
-    assert findings[1].startswith("online_dpo: gold 0.600") and "beats offline DPO on 2/2 seeds" in findings[1]
+    assert (
+        findings[1].startswith("online_dpo: gold 0.600") and "beats offline DPO on 2/2 seeds" in findings[1]
+    )
 
 
 def test_write_result_files(tmp_path):

@@ -1,6 +1,7 @@
 """Feedback sources the online methods ask about the current policy's samples (see `base` for the contract):
-a reward (`RewardFeedback`) here; the lab's simulated annotators in `rlhflab.lab.feedback`; an LM judge and
-human labellers plug in through the same protocol."""
+a reward (`RewardFeedback`) and a general preference model (`PreferenceModelFeedback`) here; the lab's
+simulated annotators in `rlhflab.lab.feedback`; an LM judge and human labellers plug in through the same
+protocol."""
 
 from rlhflab.feedback.base import (
     FIRST,
@@ -13,6 +14,7 @@ from rlhflab.feedback.base import (
     check_pairs,
     labels_from_scores,
 )
+from rlhflab.feedback.preference_model import PreferenceModelFeedback
 from rlhflab.feedback.reward import RewardFeedback
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "SECOND",
     "TIE",
     "FeedbackSource",
+    "PreferenceModelFeedback",
     "RewardFeedback",
     "SyncFeedback",
     "Ticket",

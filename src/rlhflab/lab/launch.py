@@ -91,9 +91,11 @@ def record_kind(stage: str, cfg: Any) -> str:
         return "sft"
     if stage == "rm":
         return "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
+    if stage == "pm":
+        return "pairwise"
     if stage in ("ppo", "rloo", "grpo", "online-dpo"):
         return "prompt"
-    if stage == "iterative-dpo":  # sDPO trains on a pairs file, the iterative rounds sample from prompts
+    if stage == "iterative-dpo":  # sDPO trains on a pairs file, the iterative and DNO rounds on prompts
         return "pairwise" if cfg.algo.mode == "sdpo" else "prompt"
     if stage == "dpo":
         from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE

@@ -8,6 +8,8 @@ One module per family; see docs/losses.md for every function, its formula and it
 - reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, the same two with
   ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex
 - combine: llama2_safety_gate, weighted_sum, sparrow_rerank
+- general_preference: general_preference (a pairwise preference model's loss, antisymmetric logits)
+- tournament: tournament_pairs / tournament_matrix / tournament_win_rates, best_worst_pairs (DNO's round)
 - preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, bco (+ BCORewardShift), orpo, simpo, cpl,
   PREFERENCE_LOSS_TABLE
 - kl: kl_k1 / k2 / k3, alpacafarm_clamp, kl_shaped_rewards, kl_penalty_loss, KL controllers,
@@ -31,6 +33,7 @@ from rlhflab.losses.advantages import (
     whiten,
 )
 from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
+from rlhflab.losses.general_preference import antisymmetric_logits, general_preference
 from rlhflab.losses.kl import (
     KL_ESTIMATORS,
     KL_GRADIENT_UNBIASED,
@@ -81,6 +84,12 @@ from rlhflab.losses.reward import (
     trex,
 )
 from rlhflab.losses.sft import sft_nll
+from rlhflab.losses.tournament import (
+    best_worst_pairs,
+    tournament_matrix,
+    tournament_pairs,
+    tournament_win_rates,
+)
 from rlhflab.losses.utils import (
     REDUCTIONS,
     LossOutput,
@@ -105,7 +114,9 @@ __all__ = [
     "RewardOutput",
     "all_pairs_with_ties",
     "alpacafarm_clamp",
+    "antisymmetric_logits",
     "bco",
+    "best_worst_pairs",
     "bradley_terry",
     "cdpo",
     "cpl",
@@ -117,6 +128,7 @@ __all__ = [
     "finite_groups",
     "gae",
     "gather_logprobs",
+    "general_preference",
     "group_normalized_advantages",
     "hinge",
     "implicit_reward_metrics",
@@ -155,6 +167,9 @@ __all__ = [
     "sparrow_rerank",
     "tie_orders",
     "token_mask_from_labels",
+    "tournament_matrix",
+    "tournament_pairs",
+    "tournament_win_rates",
     "trex",
     "weighted_sum",
     "whiten",

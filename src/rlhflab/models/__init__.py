@@ -1,4 +1,5 @@
-"""Models: loading HF causal LMs, value and reward heads, LoRA, and the tiny-model factory."""
+"""Models: loading HF causal LMs, value and reward heads, general preference models, LoRA, and the tiny-model
+factory."""
 
 from rlhflab.models.backbone import (
     backbone_and_head,
@@ -17,12 +18,14 @@ from rlhflab.models.loading import (
     load_tokenizer,
     save_model,
 )
+from rlhflab.models.preference_model import PreferenceModel
 from rlhflab.models.reward_model import RewardModel
 
 __all__ = [
     "Critic",
     "LoraSettings",
     "PolicyWithValueHead",
+    "PreferenceModel",
     "RewardModel",
     "ValueHead",
     "apply_lora",

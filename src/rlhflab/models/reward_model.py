@@ -47,6 +47,9 @@ from rlhflab.models.loading import (
 
 REWARD_HEAD_FILE = "reward_head.safetensors"  # only for architectures without a *ForSequenceClassification
 MEAN_KEY, STD_KEY = "rlhflab_reward_mean", "rlhflab_reward_std"
+# In config.json of a general preference model (`rlhflab.models.preference_model`): its settings. The weights are
+# a one-head reward model's, so the key is what tells the two apart.
+PREFERENCE_MODEL_KEY = "rlhflab_preference_model"
 
 
 class RewardModel(nn.Module):
@@ -224,8 +227,11 @@ class RewardModel(nn.Module):
             backbone = apply_lora(backbone, lora)
         return cls(backbone, num_heads, head_names)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-        """Write a `*ForSequenceClassification` directory (LoRA merged) that plain transformers loads."""
+    def save_pretrained(
+        self, out_dir: str | os.PathLike, tokenizer=None, *, extra_config: dict | None = None
+    ) -> Path:
+        """Write a `*ForSequenceClassification` directory (LoRA merged) that plain transformers loads.
+        `extra_config`: keys added to its config.json (written in the same atomic step)."""
         base = self.backbone.get_base_model() if is_peft_model(self.backbone) else self.backbone
         seq_cls = _sequence_classification_class(base.config)
         with atomic_output_dir(out_dir) as tmp:
@@ -255,6 +261,11 @@ class RewardModel(nn.Module):
                 save_file(_unshared_cpu(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            if extra_config:
+                config_file = tmp / "config.json"
+                config_file.write_text(
+                    json.dumps({**json.loads(config_file.read_text()), **extra_config}, indent=2) + "\n"
+                )
         return Path(out_dir)
 
     def _head_meta(self) -> dict:
@@ -269,6 +280,21 @@ class RewardModel(nn.Module):
         cls, path: str | os.PathLike, *, dtype="float32", device="cpu", trust_remote_code: bool = False
     ) -> RewardModel:
         """Reload a reward model written by `save_pretrained` (or any HF `*ForSequenceClassification`)."""
+        p = check_model_dir(path, what="reward model")
+        if PREFERENCE_MODEL_KEY in json.loads((p / "config.json").read_text()):
+            raise UserError(
+                f"'{p}' is a general preference model (from `rlhflab pm`): it compares two responses and gives "
+                "no score to one; ask it as a feedback source (algo.feedback=preference_model "
+                f"algo.preference_model={p}) or give a reward model from `rlhflab rm`"
+            )
+        return cls.load_weights(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def load_weights(
+        cls, path: str | os.PathLike, *, dtype="float32", device="cpu", trust_remote_code: bool = False
+    ) -> RewardModel:
+        """The backbone and heads of a directory `save_pretrained` wrote, whatever the model is used as (a
+        general preference model is one such directory); `from_pretrained` is the checked entry point."""
         p = check_model_dir(path, what="reward model")
         config = json.loads((p / "config.json").read_text())
         if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
@@ -333,7 +359,7 @@ def _unshared_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["REWARD_HEAD_FILE", "RewardModel"]
+__all__ = ["PREFERENCE_MODEL_KEY", "REWARD_HEAD_FILE", "RewardModel"]
 
 
 def batch_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:

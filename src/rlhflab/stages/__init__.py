@@ -8,6 +8,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "rlhflab.stages.reward",
         "reward model from pairwise comparisons (with margins) or K-wise rankings",
     ),
+    "pm": (
+        "rlhflab.stages.preference_model",
+        "general preference model: P(first preferred) from the prompt and both responses, no score per response",
+    ),
     "ppo": ("rlhflab.stages.ppo", "PPO against reward model(s) with a KL penalty to a frozen reference"),
     "rloo": (
         "rlhflab.stages.critic_free",
@@ -23,10 +27,11 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "online-dpo": (
         "rlhflab.stages.online_dpo",
-        "online DPO / IPO: pairs sampled from the current policy, judged by a reward or the lab's annotators",
+        "online DPO / IPO: pairs sampled from the current policy, judged by a reward, a preference model or the "
+        "lab's annotators",
     ),
     "iterative-dpo": (
         "rlhflab.stages.iterative_dpo",
-        "iterative DPO / sDPO: rounds of offline DPO on the current policy's labelled pairs (or data stages)",
+        "iterative DPO / sDPO / DNO: rounds of offline DPO on the current policy's labelled pairs (or data stages)",
     ),
 }

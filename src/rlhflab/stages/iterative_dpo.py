@@ -1,4 +1,4 @@
-"""Iterative DPO and sDPO (`rlhflab iterative-dpo`): rounds of offline DPO, each from the previous round's model.
+"""Iterative DPO, sDPO and DNO (`rlhflab iterative-dpo`): rounds of offline DPO, each from the previous round's model.
 
 Online DPO takes one optimizer step per batch of fresh pairs. Iterative DPO sits between it and offline DPO:
 each round labels a whole batch of the current policy's pairs and trains an ordinary offline DPO run on
@@ -14,6 +14,14 @@ pairwise cringe loss"; the Llama 3 post-training rounds). algo.mode=iterative, e
 
 algo.mode=sdpo (Kim et al. 2024, "sDPO: Don't Use Your Data All at Once") skips steps 1-2: data.pairs_path is
 split in file order into algo.rounds contiguous stages, and stage R trains against stage R-1's model.
+
+algo.mode=dno (Rosset et al. 2024, "Direct Nash Optimization", Algorithm 2, DNO-Prct) optimizes against a general
+preference, which need not come from a reward: step 1 samples algo.samples_per_prompt (K) responses per prompt;
+step 2 asks the feedback source about every pair among them (K(K-1)/2 queries per prompt), ranks each prompt's
+responses by win rate and keeps the (best, worst) pair when its win-rate margin reaches algo.min_win_rate_margin
+(`rlhflab.stages.tournament`, maths in `rlhflab.losses.tournament`; every prompt's tournament goes to
+RUN/round-R/tournament.jsonl); step 3 trains against the round's starting policy, DNO's pi_t. With
+algo.feedback=preference_model the source is a general preference model from `rlhflab pm`.
 
 A round is the unit of --resume: a round whose RUN/round-R/dpo/final exists is skipped; an unfinished round
 runs again from its start (its sampling seed and the feedback source's saved state make it the same round).
@@ -37,14 +45,21 @@ from rlhflab.core.io import atomic_dir, atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.feedback import FIRST, SECOND, TIE, RewardFeedback
+from rlhflab.feedback import FIRST, SECOND, TIE
 from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 from rlhflab.models.loading import load_causal_lm, load_tokenizer
 from rlhflab.stages import dpo
 from rlhflab.stages.common import open_run, resolve_device, resolve_model_path, snapshot_dir
 from rlhflab.stages.data_source import load_train_records, require_train_path
-from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
+from rlhflab.stages.on_policy import (
+    default_feedback,
+    load_prompts,
+    require_feedback,
+    sample,
+    sampling_settings,
+)
 from rlhflab.stages.online_dpo import ask_feedback
+from rlhflab.stages.tournament import ask_tournament, best_worst_rows
 
 NAME = "iterative-dpo"
 # Sequences per generation batch: bounds memory when a round samples thousands of responses.
@@ -53,8 +68,8 @@ SAMPLE_BATCH = 128
 
 def preflight(cfg: IterativeDPOConfig, *, feedback: Any = None) -> None:
     """The checks that need no model or data file, run before anything is loaded or made."""
-    if cfg.algo.mode == "iterative" and feedback is None and cfg.algo.feedback == "reward":
-        require_reward(cfg.algo)
+    if cfg.algo.mode != "sdpo":
+        require_feedback(cfg.algo, feedback)
 
 
 _LAB_NEEDS_A_SOURCE = (
@@ -144,8 +159,9 @@ def _sdpo_stages(cfg: IterativeDPOConfig) -> list[list[dict]]:
     return [rows[bounds[i] : bounds[i + 1]] for i in range(k)]
 
 
-def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int) -> tuple:
-    """Steps 1-2 of round `rnd` from `model_dir`: (pair records, per-round feedback metrics)."""
+def _sample(cfg: IterativeDPOConfig, model_dir: str, prompts: list, rnd: int, per_prompt: int):
+    """Step 1 of round `rnd`: `per_prompt` responses to each of the round's prompts from `model_dir` (rows
+    per_prompt * p .. per_prompt * (p + 1) - 1 answer prompt p)."""
     algo = cfg.algo
     device = resolve_device(cfg.model.device)
     policy = load_causal_lm(model_dir, dtype=cfg.model.dtype, device=str(device)).eval()
@@ -153,20 +169,24 @@ def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feed
     per_epoch = len(prompts) // algo.prompts_per_round
     epoch, position = divmod(rnd - 1, per_epoch)
     order = batch_schedule(len(prompts), algo.prompts_per_round, cfg.seed, epoch)[position]
-    pairs = [prompts[i] for i in order for _ in range(2)]
-    rollout = sample(
+    repeated = [prompts[i] for i in order for _ in range(per_prompt)]
+    return sample(
         policy,
         tokenizer,
-        pairs,
+        repeated,
         sampling_settings(cfg.sampling),
         model_cfg=cfg.model,
         data=cfg.data,
         device=device,
-        batch_size=min(len(pairs), SAMPLE_BATCH),
-        seed=cfg.seed * 100_003 + rnd,  # a function of the round: a resumed round samples the same pairs
+        batch_size=min(len(repeated), SAMPLE_BATCH),
+        seed=cfg.seed * 100_003 + rnd,  # a function of the round: a resumed round samples the same responses
     )
-    del policy
-    labels, identical, scores = ask_feedback(feedback, rollout, algo.feedback_timeout)
+
+
+def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int) -> tuple:
+    """Steps 1-2 of round `rnd` from `model_dir`: (pair records, per-round feedback metrics)."""
+    rollout = _sample(cfg, model_dir, prompts, rnd, 2)
+    labels, identical, scores = ask_feedback(feedback, rollout, cfg.algo.feedback_timeout)
     rows, empty = labelled_pairs(rollout, labels)
     metrics = {
         "feedback/pairs_kept": float(len(rows)),
@@ -180,6 +200,30 @@ def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feed
         both = torch.cat(scores)
         if torch.isfinite(both).any():
             metrics["reward/score"] = float(both[torch.isfinite(both)].mean())
+    return rows, metrics
+
+
+def _sample_and_rank(
+    cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int, round_dir: Path
+):
+    """DNO's steps 1-2 of round `rnd`: K samples per prompt, every pair among them asked, the (best, worst) pair by
+    win rate kept when its margin passes; each prompt's tournament written to round_dir/tournament.jsonl.
+    Returns (pair records, per-round feedback metrics)."""
+    algo, k = cfg.algo, cfg.algo.samples_per_prompt
+    rollout = _sample(cfg, model_dir, prompts, rnd, k)
+    labels, identical = ask_tournament(feedback, rollout.prompts, rollout.texts, k, algo.feedback_timeout)
+    plain = [_plain(p) for p in rollout.prompts]
+    rows, records, metrics = best_worst_rows(plain, rollout.texts, labels, k, algo.min_win_rate_margin)
+    _write_jsonl(round_dir / "tournament.jsonl", records)
+    asked = ~identical
+    metrics.update(
+        {
+            "feedback/ties": float((labels[asked] == TIE).sum()),
+            "feedback/unanswered": float(labels[asked].isnan().sum()),
+            "feedback/identical": float(identical.sum()),
+            "perf/response_length": float(rollout.response_lengths.float().mean()),
+        }
+    )
     return rows, metrics
 
 
@@ -212,8 +256,7 @@ def _setup(cfg: IterativeDPOConfig, feedback: Any):
         return None, _sdpo_stages(cfg), None
     require_train_path(cfg.data, "prompt")
     if feedback is None:
-        device = resolve_device(cfg.model.device)
-        feedback = RewardFeedback(load_reward(cfg.algo, device), mode=cfg.algo.feedback_mode, seed=cfg.seed)
+        feedback = default_feedback(cfg.algo, resolve_device(cfg.model.device), cfg.seed)
     prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_round)
     return prompts, None, feedback
 
@@ -223,10 +266,10 @@ def train(
 ) -> Path:
     """Run the rounds; returns RUN/final (the last round's model, a plain HF causal LM).
 
-    `feedback` (mode=iterative): any source of `rlhflab.feedback`; by default a `RewardFeedback` of the reward
-    source(s) in algo.reward_model.
+    `feedback` (mode=iterative, dno): any source of `rlhflab.feedback`; by default a `RewardFeedback` of the
+    reward source(s) in algo.reward_model, or a `PreferenceModelFeedback` of algo.preference_model.
     """
-    algo, iterative = cfg.algo, cfg.algo.mode == "iterative"
+    algo, iterative = cfg.algo, cfg.algo.mode != "sdpo"  # iterative: the rounds sample and ask
     preflight(cfg, feedback=feedback)
     if iterative and feedback is None and algo.feedback == "lab":
         raise ConfigError(_LAB_NEEDS_A_SOURCE)
@@ -258,7 +301,10 @@ def train(
         round_queries = 0
         if iterative:
             asked_before = feedback.queries
-            rows, metrics = _sample_and_ask(cfg, model, prompts, feedback, rnd)
+            if algo.mode == "dno":
+                rows, metrics = _sample_and_rank(cfg, model, prompts, feedback, rnd, round_dir)
+            else:
+                rows, metrics = _sample_and_ask(cfg, model, prompts, feedback, rnd)
             round_queries = feedback.queries - asked_before
             queries += round_queries
             metrics["feedback/queries"] = float(queries)

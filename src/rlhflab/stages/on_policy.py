@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from rlhflab.config import ModelSection, PromptDataSection, RewardSourcesSection, SamplingSection
+from rlhflab.config import (
+    ModelSection,
+    PairFeedbackSection,
+    PromptDataSection,
+    RewardSourcesSection,
+    SamplingSection,
+)
 from rlhflab.data import PromptRecord
 from rlhflab.errors import ConfigError
 from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
@@ -39,6 +45,32 @@ def load_reward(algo: RewardSourcesSection, device: torch.device):
         safety_threshold=algo.safety_threshold,
         unsafe_prompt_pattern=algo.unsafe_prompt_pattern,
     )
+
+
+def require_feedback(algo: PairFeedbackSection, feedback: Any = None) -> None:
+    """Refuse a pairwise-feedback run whose source is missing (online-dpo, iterative-dpo): no reward, or no
+    preference model directory. Reads config.json at most, so it runs before anything is loaded. The lab's
+    annotators are built above the stages; a source passed in Python needs nothing."""
+    if feedback is not None:
+        return
+    if algo.feedback == "reward":
+        require_reward(algo)
+    elif algo.feedback == "preference_model":
+        from rlhflab.models.preference_model import check_preference_model_dir
+
+        check_preference_model_dir(algo.preference_model)
+
+
+def default_feedback(algo: PairFeedbackSection, device: torch.device, seed: int):
+    """The feedback source algo.feedback names, when none was passed in: a `RewardFeedback` of algo.reward_model
+    or a `PreferenceModelFeedback` of algo.preference_model (algo.feedback_mode either way, seeded by `seed`)."""
+    from rlhflab.feedback import PreferenceModelFeedback, RewardFeedback
+
+    if algo.feedback == "preference_model":
+        return PreferenceModelFeedback.from_pretrained(
+            algo.preference_model, mode=algo.feedback_mode, seed=seed, device=device
+        )
+    return RewardFeedback(load_reward(algo, device), mode=algo.feedback_mode, seed=seed)
 
 
 def load_prompts(data: PromptDataSection, per_iteration: int) -> tuple[list, int]:

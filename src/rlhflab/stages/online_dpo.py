@@ -42,7 +42,7 @@ from rlhflab.core.io import atomic_write_text
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data.collate import collate_preference
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.feedback import FIRST, SECOND, TIE, RewardFeedback
+from rlhflab.feedback import FIRST, SECOND, TIE
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
     PreferenceInputs,
@@ -66,7 +66,13 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import require_train_path
-from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
+from rlhflab.stages.on_policy import (
+    default_feedback,
+    load_prompts,
+    require_feedback,
+    sample,
+    sampling_settings,
+)
 
 NAME = "online-dpo"
 
@@ -319,8 +325,7 @@ def _trim_rollouts(path: Path, step: int) -> None:
 
 def preflight(cfg: OnlineDPOConfig, *, feedback: Any = None) -> None:
     """The checks that need no model or data file, run before anything is loaded or made."""
-    if feedback is None and cfg.algo.feedback == "reward":
-        require_reward(cfg.algo)
+    require_feedback(cfg.algo, feedback)
 
 
 _LAB_NEEDS_A_SOURCE = (
@@ -354,7 +359,8 @@ def train(
     """Run online DPO; returns RUN/final, a plain HF causal LM.
 
     `feedback`: any feedback source (`rlhflab.feedback.FeedbackSource`: the lab's annotators, an LM judge,
-    people); by default a `RewardFeedback` of the reward source(s) in algo.reward_model.
+    people); by default a `RewardFeedback` of the reward source(s) in algo.reward_model, or with
+    algo.feedback=preference_model a `PreferenceModelFeedback` of algo.preference_model.
     """
     algo = cfg.algo
     require_train_path(cfg.data, "prompt")
@@ -367,7 +373,7 @@ def train(
     policy, tokenizer, device = load_policy(cfg.model)
     live_ref, ref_model = _reference(cfg, policy, device)
     if feedback is None:
-        feedback = RewardFeedback(load_reward(algo, device), mode=algo.feedback_mode, seed=cfg.seed)
+        feedback = default_feedback(algo, device, cfg.seed)
     prompts, steps_per_epoch = load_prompts(cfg.data, algo.prompts_per_step)
     optimizer, scheduler = build_optimizer(policy, cfg.optim, algo.iterations)
     amp = mixed_precision(cfg.model, device)
