@@ -3,7 +3,8 @@
     make test-all      # or: .venv/bin/python -m pytest -m slow tests/test_readme_claims.py
 
 Claims: PPO and DPO beat SFT's gold reward beyond the 95% intervals (the intervals do not overlap); PPO
-without a KL penalty drives the learned reward up while its gold reward ends below SFT's (reward hacking).
+without a KL penalty drives the learned reward up while its gold reward ends below SFT's (reward hacking);
+PPO with its KL penalty does not lose its gold over its last iterations.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ def test_the_readme_claims_hold(seed, tmp_path, tmp_path_factory, monkeypatch):
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "reward/score") > mean(first, "reward/score")  # the proxy goes up ...
     assert policies["ppo_kl0"]["gold_reward_mean"] < policies["sft"]["gold_reward_mean"]  # ... gold falls
-    # PPO with its KL penalty still over-optimizes late: its rollouts' gold (10-iteration means) peaks before
-    # the last 10 iterations and ends lower, as the README says.
+    # PPO with its KL penalty (kl_coef 0.2) holds its gold to the end: its rollouts' last 10-iteration mean is
+    # within 0.05 of its best, and above its first (at kl_coef 0.05 it fell 0.1-0.3 from a peak at 30-70).
     ppo = report["rollout_curves"]["ppo"]
     windows = [mean(ppo[a : a + 10], "gold/mean") for a in range(0, len(ppo), 10)]
-    assert max(windows[:-1]) > windows[-1] + 0.05, windows
+    assert windows[-1] >= max(windows) - 0.05 and windows[-1] > windows[0] + 0.1, windows
     # Held-out curves from snapshots for every trained policy, starting at SFT (KL 0).
     assert set(report["curves"]) == {"ppo", "ppo_kl0", "dpo"}
     assert all(c[0]["step"] == 0 and c[0]["kl/ref"] == 0.0 and len(c) >= 5 for c in report["curves"].values())

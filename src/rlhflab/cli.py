@@ -18,7 +18,7 @@ from rlhflab.lab.cli import register as register_lab
 from rlhflab.stages import STAGES
 
 # The methods `rlhflab run --methods` knows (`rlhflab.pipeline.METHODS`, not imported here: it imports torch).
-RUN_METHODS = "sft, rm, ppo, ppo_kl0, dpo, rloo, grpo, online_dpo, iterative_dpo, best_of_n"
+RUN_METHODS = "sft, rm, ppo, ppo_kl0, dpo, rloo, grpo, online_dpo, iterative_dpo, pm, dno, best_of_n"
 
 EPILOG = """\
 examples:

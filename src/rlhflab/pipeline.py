@@ -10,6 +10,7 @@
        rloo, grpo  critic-free on-policy RL against the reward model
        online_dpo  DPO on the policy's own samples, labelled as it trains by the lab's simulated annotators
        iterative_dpo  rounds of offline DPO on the current policy's samples, labelled by the annotators
+       pm, dno     a general preference model on the pairs, and DNO's rounds against it (best vs worst of 4)
        best_of_n   the best of n SFT samples by the reward model (a sampling procedure, nothing trained)
     4. eval      every policy sampled on held-out prompts and scored by the gold reward that no training stage
                  ever saw; and, from each trained method's snapshots, its gold and KL over training
@@ -60,8 +61,16 @@ METHODS: dict[str, Method] = {
         ("sft",),
         "iterative DPO: rounds of DPO on the annotators' labels of the policy's samples",
     ),
+    "pm": Method("pm", ("sft",), "general preference model on the preference pairs (no score per response)"),
+    "dno": Method(
+        "iterative-dpo",
+        ("sft", "pm"),
+        "DNO: rounds of DPO on the best vs worst of 4 samples, judged by the preference model",
+    ),
     "best_of_n": Method("best_of_n", ("sft", "rm"), "best of n SFT samples by the reward model"),
 }
+# Trained models that are judges, not policies: not evaluated by gold, no snapshots.
+JUDGES = ("rm", "pm")
 DEFAULT_METHODS = ("sft", "rm", "ppo", "ppo_kl0", "dpo", "best_of_n")
 TRAINED = tuple(name for name, m in METHODS.items() if m.stage != "best_of_n")
 # Non-stage sections of the pipeline config: how much lab data to make and how to evaluate. curve_points:
@@ -97,7 +106,7 @@ def resolve_methods(names: list[str] | tuple[str, ...] | None) -> list[str]:
     return [n for n in METHODS if n in wanted]
 
 
-# Defaults tuned so that the whole run takes about 1.5 minutes on 2 CPU cores (see BENCHMARKS.md).
+# Defaults tuned so that the whole run takes about 2 minutes on 2 CPU cores (see BENCHMARKS.md).
 DEFAULTS: dict[str, list[str]] = {
     "sft": [
         "optim.lr=1e-3",
@@ -123,7 +132,11 @@ DEFAULTS: dict[str, list[str]] = {
         "algo.rollout_batch_size=64",
         "algo.minibatch_size=32",
         "algo.ppo_epochs=2",
-        "algo.kl_coef=0.05",
+        # 0.2, not 0.05: at 0.05 the rollouts' gold peaked by iteration 30-70 and ended 0.1-0.3 lower on all of
+        # seeds 0-4 (over-optimization of the learned reward, Gao et al. 2023). Chosen on the training prompts
+        # only (benchmarks/ppo_kl_sweep.py): the smallest of 0.05 / 0.1 / 0.2 whose rollout gold ends within
+        # 0.05 of its best 10-iteration window on every seed (0.1 dropped 0.063 on seed 3).
+        "algo.kl_coef=0.2",
         "sampling.max_new_tokens=24",
         "logging.log_every=1",
     ],
@@ -164,6 +177,36 @@ DEFAULTS: dict[str, list[str]] = {
         "algo.beta=0.1",
         "algo.feedback=lab",
         "sampling.max_new_tokens=24",
+        "logging.log_every=5",
+    ],
+    # The reward model's data and training, read by the preference model (prompt + both responses: 24 + 2 x 24
+    # tokens plus two separators fit in 80).
+    "pm": [
+        "optim.lr=1e-3",
+        "optim.batch_size=32",
+        "optim.epochs=3",
+        "data.max_length=80",
+        "data.max_prompt_length=24",
+        "data.eval_fraction=0.1",
+        "logging.log_every=5",
+    ],
+    # DNO-Prct against the preference model: iterative DPO's rounds, prompts, batch and learning rate, 4 samples
+    # per prompt (6 preference-model queries each, no new labels: its label budget is the preference model's
+    # 2,000 pairs), the margin 1/3 of configs/iterative_dpo_dno_tiny.yaml. Set before any run, not tuned.
+    "dno": [
+        "optim.lr=2e-4",
+        "optim.batch_size=32",
+        "optim.epochs=1",
+        "algo.mode=dno",
+        "algo.rounds=3",
+        "algo.prompts_per_round=667",
+        "algo.samples_per_prompt=4",
+        "algo.min_win_rate_margin=0.33",
+        "algo.beta=0.1",
+        "algo.feedback=preference_model",
+        "sampling.max_new_tokens=24",
+        "data.max_length=64",
+        "data.max_prompt_length=24",
         "logging.log_every=5",
     ],
     # 3 rounds x 667 prompts: offline DPO's label budget (2,000 pairs); DPO's batch, epochs and lengths.
@@ -370,9 +413,10 @@ def _summary(policies: dict, label_queries: dict[str, int]) -> dict:
 def _label_queries(out: Path, policies: dict) -> dict[str, int]:
     """Preference labels each policy cost (the label budget; Guo et al. 2024 compare methods at equal budgets).
 
-    SFT learns from demonstrations: 0. A method trained on the lab's offline pairs (DPO, and the reward model
-    behind PPO, RLOO, GRPO and best-of-n) costs every pair the annotators were asked, ties included; an online
-    method costs the queries its feedback source logged (`feedback/queries`, last row of its metrics)."""
+    SFT learns from demonstrations: 0. A method trained on the lab's offline pairs (DPO, and the judge behind
+    PPO, RLOO, GRPO, best-of-n (the reward model) and DNO (the preference model)) costs every pair the
+    annotators were asked, ties included; a method the annotators label online costs the queries its feedback
+    source logged (`feedback/queries`, last row of its metrics)."""
     import json
 
     from rlhflab.core.metrics_log import read_metrics
@@ -408,6 +452,8 @@ def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[st
     wiring["ppo_kl0"] = wiring["rloo"] = wiring["grpo"] = wiring["ppo"]
     wiring["online_dpo"] = [f"model.name_or_path={final['sft']}", f"data.train_path={data['prompts']}"]
     wiring["iterative_dpo"] = wiring["online_dpo"]
+    wiring["pm"] = wiring["rm"]
+    wiring["dno"] = [*wiring["online_dpo"], f"algo.preference_model={final['pm']}"]
     return wiring
 
 
@@ -434,7 +480,7 @@ def _configs(names: list[str], out: Path, seed: int, task: str, user: dict, data
     configs = {}
     for name in names:
         cfg = _stage_config(name, out, seed, wiring[name], user)
-        if name not in ("sft", "rm") and not cfg.logging.snapshot_every:
+        if name != "sft" and name not in JUDGES and not cfg.logging.snapshot_every:
             every = max(1, -(-_total_steps(name, cfg, n_records) // ev["curve_points"]))
             cfg = _stage_config(name, out, seed, wiring[name], user, snapshot_every=every)
         configs[name] = cfg
@@ -495,7 +541,7 @@ def run_pipeline(
         saved = _train(name, configs[name])
         if Path(saved) != out / name / "final":
             raise RuntimeError(f"{name} saved its model to {saved}, expected {out / name / 'final'}")
-    dirs = {n: out / n / "final" for n in trained if n != "rm"}
+    dirs = {n: out / n / "final" for n in trained if n not in JUDGES}
     rm_dir = out / "rm" / "final" if "rm" in trained else None
     print(f"[{steps - 2}/{steps}] gold evaluation")
     policies, reward_models = _evaluate_all(task_obj, dirs, rm_dir, seed, ev, "best_of_n" in names)

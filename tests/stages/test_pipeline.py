@@ -186,3 +186,27 @@ def test_pipeline_runs_the_chosen_methods(tmp_path, tiny_lab_cache):
         assert report["policies"][name]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"] > 0
     with pytest.raises(ConfigError, match="'ppo' is for a method that is not run"):
         run_pipeline(output_dir=str(tmp_path / "x"), overrides=["ppo.optim.lr=1e-4"], methods=["dpo"])
+
+
+def test_pipeline_runs_dno_against_a_preference_model(tmp_path, tiny_lab_cache):
+    """--methods dno: SFT and the general preference model are added; the PM judges DNO's tournaments, and is
+    a judge, not a policy (no gold row, no curve); DNO's label budget is the PM's pairs."""
+    tiny = [o for o in TINY if o.startswith(("data.", "eval.", "sft."))] + [
+        "pm.optim.max_steps=3",
+        "dno.algo.rounds=2",
+        "dno.algo.prompts_per_round=4",
+        "dno.optim.batch_size=2",
+    ]
+    run_pipeline(output_dir=str(tmp_path / "run"), seed=3, overrides=tiny, methods=["dno"])
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["methods"] == ["sft", "pm", "dno"]
+    assert set(report["policies"]) == {"sft", "dno"} and set(report["curves"]) == {"dno"}
+    cfg = load_config("iterative-dpo", out / "dno" / "config.yaml")
+    assert cfg.algo.mode == "dno" and cfg.algo.feedback == "preference_model"
+    assert cfg.algo.preference_model == str(out / "pm" / "final")
+    # Every prompt's tournament asked the PM its 6 pairs (identical texts are ties, not asked).
+    logged = [r for r in read_metrics(out / "dno" / "metrics.jsonl") if "feedback/queries" in r]
+    assert 0 < logged[-1]["feedback/queries"] <= 2 * 4 * 6
+    lab_pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
+    assert report["policies"]["dno"]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"]
