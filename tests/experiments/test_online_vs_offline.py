@@ -57,7 +57,9 @@ def _report(golds: dict[str, tuple[float, float]], kl: float = 1.0) -> dict:
         for m, (g, ci) in golds.items()
     }
     curve = [{"step": 0, "kl/ref": 0.0, "gold/mean": 0.0}, {"step": 1, "kl/ref": 2.0, "gold/mean": 0.4}]
-    return {"policies": policies, "curves": {m: curve for m in golds if m != "sft"}}
+    dpo_curve = [{"step": 0, "kl/ref": 0.0, "gold/mean": 0.0}, {"step": 1, "kl/ref": 1.0, "gold/mean": 0.3}]
+    curves = {m: curve for m in golds if m not in ("sft", "dpo")}
+    return {"policies": policies, "curves": {**curves, "dpo": dpo_curve}}
 
 
 def _rows(per_seed: list[dict[str, tuple[float, float]]]) -> list[dict]:
@@ -71,8 +73,11 @@ def test_seed_rows_and_the_verdict_rule():
     rows = _rows([both_beat, both_beat])
     online = next(r for r in rows if r["method"] == "online_dpo" and r["seed"] == 0)
     assert online["gold_minus_dpo"] == pytest.approx(0.2) and online["beats_dpo"] is True
-    # Matched KL: DPO's KL is 1.0, halfway up the online curve (0 -> 0.4): gold 0.2.
-    assert online["gold_at_dpo_kl"] == pytest.approx(0.2) and online["sft_gold"] == 0.1
+    # Matched KL: DPO's curve ends at KL 1.0, halfway up the online curve (0 -> 0.4 at KL 2): gold 0.2; DPO's
+    # own entry is its curve's end.
+    assert online["curve_gold_at_dpo_kl"] == pytest.approx(0.2) and online["sft_gold"] == 0.1
+    dpo = next(r for r in rows if r["method"] == "dpo" and r["seed"] == 0)
+    assert dpo["curve_gold_at_dpo_kl"] == pytest.approx(0.3)
     summary = next(r for r in rows if r["method"] == "iterative_dpo" and r["seed"] == "mean")
     assert summary["gold"] == pytest.approx(0.55) and summary["beats_dpo"] == "2/2"
     assert E.decide(rows) == "reproduced"

@@ -70,17 +70,17 @@ def gold_at_kl(curve: Sequence[Mapping], kl: float) -> float | None:
 
 
 def seed_rows(seed: int, report: Mapping) -> list[dict]:
-    """One table row per method of one seed's report.json."""
+    """One table row per method of one seed's report.json. `curve_gold_at_dpo_kl` reads every method's
+    held-out curve (one prompt set for all, other draws than the final evaluation's) at the KL where offline
+    DPO's curve ends: methods compared at matched distance from SFT, on the same prompts."""
     policies, curves = report["policies"], report["curves"]
     dpo = policies[OFFLINE]
+    dpo_curve = curves.get(OFFLINE) or [{}]
+    target = dpo_curve[-1].get("kl/ref")
     rows = []
     for method in METHODS:
         p = policies[method]
-        matched = (
-            gold_at_kl(curves.get(method, []), dpo["kl_to_sft"])
-            if method != OFFLINE
-            else p["gold_reward_mean"]
-        )
+        matched = None if target is None else gold_at_kl(curves.get(method, []), target)
         rows.append(
             {
                 "method": method,
@@ -90,7 +90,7 @@ def seed_rows(seed: int, report: Mapping) -> list[dict]:
                 "gold_minus_dpo": p["gold_reward_mean"] - dpo["gold_reward_mean"],
                 "beats_dpo": p["gold_reward_mean"] - p["gold_reward_ci95"]
                 > dpo["gold_reward_mean"] + dpo["gold_reward_ci95"],
-                "gold_at_dpo_kl": matched,
+                "curve_gold_at_dpo_kl": matched,
                 "kl_to_sft": p["kl_to_sft"],
                 "win_rate_vs_sft": p["win_rate_vs_sft"],
                 "label_queries": p["label_queries"],
@@ -233,7 +233,11 @@ def plot_gold_vs_kl(reports: Mapping[int, Mapping]) -> bytes | None:
             )
     ax.set_xlabel("sqrt(KL to SFT)")
     ax.set_ylabel("gold reward (held-out prompts)")
-    ax.set_title("gold vs distance from SFT over training\n(lines: snapshots, one per seed; stars: final)")
+    ax.set_title(
+        "gold vs distance from SFT over training (lines: snapshots on 32 prompts,\n"
+        "one line per seed; stars: the final policies on the larger evaluation set)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     return figure_png(fig)
 
@@ -265,5 +269,5 @@ def plot_gold_by_seed(rows: Sequence[Mapping]) -> bytes | None:
         ax.hlines(sft, k - 0.45, k + 0.45, colors="k", linestyles="dashed", label="sft" if k == 0 else None)
     ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     ax.set_ylabel("gold reward (held-out prompts)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(METHODS) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     return figure_png(fig)

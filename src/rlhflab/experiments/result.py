@@ -97,8 +97,8 @@ def write_result(
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}"
+    if isinstance(value, float):  # counts (label budgets) print whole, rates and rewards to 3 decimals
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.3f}"
     return html.escape(str(value))
 
 
