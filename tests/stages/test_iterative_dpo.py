@@ -123,6 +123,13 @@ def test_rounds_chain_models_and_pick_the_reference(tiny_model_dir, prompts_file
         for r in per_round
     )
     assert all("dpo/loss" in r and "dpo/accuracy" in r for r in per_round)
+    # Each round's row carries its DPO run's last FLOP/s and the round's time split.
+    for rnd, r in enumerate(per_round, 1):
+        dpo_rows = [
+            x for x in read_metrics(run / f"round-{rnd}" / "dpo" / "metrics.jsonl") if "perf/flops_per_s" in x
+        ]
+        assert r["perf/flops_per_s"] == dpo_rows[-1]["perf/flops_per_s"] > 0
+        assert r["perf/time_sample_and_ask"] > 0 and r["perf/time_train"] > 0
 
 
 def test_sdpo_splits_the_pairs_into_stages(tiny_model_dir, tmp_path):

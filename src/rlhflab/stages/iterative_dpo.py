@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,7 @@ def _sample_and_rank(
 
 
 def _dpo_metrics(run_dir: Path, loss: str) -> dict[str, float]:
-    """The DPO run's last logged training loss and implicit-reward accuracy."""
+    """The DPO run's last logged training loss, implicit-reward accuracy and FLOP/s."""
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if f"loss/{loss}" in r]
     if not rows:
         return {}
@@ -236,6 +237,9 @@ def _dpo_metrics(run_dir: Path, loss: str) -> dict[str, float]:
     out = {"dpo/loss": last[f"loss/{loss}"], "dpo/steps": float(last["step"])}
     if "reward/accuracy" in last:
         out["dpo/accuracy"] = last["reward/accuracy"]
+    flops = [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r]
+    if flops:  # the DPO run's training FLOP/s (`rlhflab.models.flops`), its last logged value
+        out["perf/flops_per_s"] = flops[-1]
     return out
 
 
@@ -298,6 +302,7 @@ def train(
             continue
         # 1-2. sample from the round's starting policy and ask, or take the sDPO stage's pairs
         metrics: dict[str, float] = {}
+        t_round = time.time()
         round_queries = 0
         if iterative:
             asked_before = feedback.queries
@@ -312,6 +317,7 @@ def train(
             rows = stages[rnd - 1]
             metrics["feedback/pairs_kept"] = float(len(rows))
         _write_jsonl(round_dir / "pairs.jsonl", rows)
+        t_train = time.time()
         # 3. offline DPO on the round's pairs, from the round's starting model
         reference = model if algo.reference == "round_start" else initial
         if len(rows) < cfg.optim.batch_size:  # too few decided pairs for one step: the policy stays
@@ -320,6 +326,8 @@ def train(
         else:
             dpo.train(dpo_config(cfg, round_dir, model, reference), overwrite=True)
             metrics.update(_dpo_metrics(round_dir / "dpo", algo.loss))
+        metrics["perf/time_sample_and_ask"] = t_train - t_round  # sDPO: reading its stage's pairs
+        metrics["perf/time_train"] = time.time() - t_train
         if iterative and hasattr(feedback, "state_dict"):
             torch.save(feedback.state_dict(), round_dir / "feedback.pt")
         atomic_write_text(round_dir / "round.json", json.dumps({"queries": round_queries, **metrics}) + "\n")
