@@ -26,7 +26,8 @@ algo.feedback=preference_model the source is a general preference model from `rl
 A round is the unit of --resume: a round whose RUN/round-R/dpo/final exists is skipped; an unfinished round
 runs again from its start (its sampling seed and the feedback source's saved state make it the same round).
 Each round logs one row of RUN/metrics.jsonl at step R (feedback/queries: the pairs asked since the run
-began, the label budget; pairs kept, ties, the DPO run's last loss and accuracy), saves RUN/snapshots/step-R
+began, the label budget; pairs kept, ties, the DPO run's last loss, accuracy and FLOP/s, the round's time
+split), saves RUN/snapshots/step-R
 every logging.snapshot_every rounds, and RUN/final is the last round's model.
 """
 
