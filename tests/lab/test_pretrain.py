@@ -1,5 +1,4 @@
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +82,11 @@ def test_tiny_base_model_learned_the_task_shape(sentiment_base_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sentiment", "arith"])
-def test_default_budget_pretrains_within_about_a_minute(name, tmp_path):
-    start = time.perf_counter()
-    path = ensure_base_model(get_task(name), budget="default", cache_dir=tmp_path)
-    # About 20-30 s on 2 idle cores; the bound leaves room for a busy machine.
-    assert time.perf_counter() - start < 180
+def test_default_budget_pretrains_a_base_model_that_learned(name, tmp_path):
+    # How long it takes (about 20-30 s on 2 idle cores, stated in the README) is not asserted: a shared
+    # machine makes any wall-clock bound flaky. What the default budget does is.
+    task = get_task(name)
+    path = ensure_base_model(task, budget="default", cache_dir=tmp_path)
     info = json.loads((path / "lab_info.json").read_text())
+    assert info["budget"] == "default" and info["steps"] == task.pretrain.steps("default")
     assert info["final_loss"] < 0.35 * info["first_loss"]

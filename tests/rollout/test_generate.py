@@ -157,3 +157,29 @@ def test_a_long_prompt_keeps_its_last_tokens(tiny_tokenizer, tiny_model):
     assert len(ids[0]) > 4 and kept[0] == ids[0][-4:]
     assert kept[1] == ids[1][-4:] and len(ids[1]) <= 4
     assert out.prompts == [long_prompt, short_prompt]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rollout_entropy_is_the_sampling_distributions_at_each_response_token(tiny_tokenizer, arch):
+    """Recorded while sampling (no second pass): the entropy of softmax(logits / T) of the model's full
+    distribution at each response token, T = 0.7 and top-k 5 (the truncation is not part of it), 0 past the
+    response; checked against a plain forward pass over the sampled rows."""
+    model = tiny_lm(tiny_tokenizer, arch=arch, seed=2).eval()
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.7, top_k=5)
+    out = generate(model, tiny_tokenizer, PROMPTS * 2, settings, batch_size=3, seed=0)
+    with torch.no_grad():
+        logits = model(
+            input_ids=out.input_ids, attention_mask=out.attention_mask, position_ids=out.position_ids
+        ).logits[:, out.response_start - 1 : -1]
+    logp = torch.log_softmax(logits.float() / 0.7, dim=-1)
+    expected = -(logp.exp() * logp).sum(-1)
+    mask = out.response_mask
+    assert out.entropy.shape == mask.shape and bool((out.entropy[~mask] == 0).all())
+    torch.testing.assert_close(out.entropy[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    assert out.mean_entropy() == pytest.approx(float(expected[mask].mean()), rel=1e-4)
+    # The recorder changes no score: the same seed samples the same tokens as before it existed would, i.e.
+    # as a second identical call does, and selecting rows keeps their entropies.
+    again = generate(model, tiny_tokenizer, PROMPTS * 2, settings, batch_size=3, seed=0)
+    assert torch.equal(again.response_ids, out.response_ids)
+    idx = torch.tensor([3, 0])
+    assert torch.equal(out.select(idx).entropy, out.entropy[idx])

@@ -2,6 +2,7 @@
 each round writes, the label budget, sDPO's stages, resume by rounds, config refusals, and a learning run."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
 from rlhflab.feedback import RewardFeedback
 from rlhflab.lab.launch import record_kind
+from rlhflab.models.loading import load_tokenizer
 from rlhflab.stages import iterative_dpo
 from rlhflab.stages.common import snapshot_dir
 
@@ -130,6 +132,7 @@ def test_rounds_chain_models_and_pick_the_reference(tiny_model_dir, prompts_file
         ]
         assert r["perf/flops_per_s"] == dpo_rows[-1]["perf/flops_per_s"] > 0
         assert r["perf/time_sample_and_ask"] > 0 and r["perf/time_train"] > 0
+        assert 0 < r["loss/entropy_rollout"] <= math.log(load_tokenizer(tiny_model_dir).vocab_size)
 
 
 def test_sdpo_splits_the_pairs_into_stages(tiny_model_dir, tmp_path):

@@ -3,6 +3,7 @@ the pure loss on independently computed log-probs, the feedback budget, and whol
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,12 @@ def test_online_dpo_raises_a_programmatic_reward(tiny_model_dir, prompts_file, t
         sum(r[k] for r in rows for k in parts)
     )
     assert sum(r["perf/time_iteration"] for r in rows) < wall
+    # The rollout entropy (recorded while sampling) is a per-token entropy in (0, log V], and the policy that
+    # learns to repeat "good" samples with less of it.
+    entropies = [r["loss/entropy_rollout"] for r in rows]
+    vocab = load_tokenizer(tiny_model_dir).vocab_size
+    assert all(0 < e <= math.log(vocab) for e in entropies)
+    assert entropies[-1] < entropies[0]
 
 
 def test_resume_is_exact(tiny_model_dir, prompts_file, tmp_path):

@@ -92,6 +92,8 @@ class Rollout:
     ended_with_eos: Tensor
     texts: list[str]
     prompts: list
+    entropy: Tensor | None = None  # [B, R] float32: the sampling distribution's entropy at each response
+    # token (softmax(logits / temperature), before top-k / top-p), 0 where response_mask is False
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -132,7 +134,14 @@ class Rollout:
             ended_with_eos=self.ended_with_eos[idx],
             texts=[self.texts[i] for i in rows],
             prompts=[self.prompts[i] for i in rows],
+            entropy=None if self.entropy is None else self.entropy[idx],
         )
+
+    def mean_entropy(self) -> float | None:
+        """The sampling distribution's entropy per response token, averaged over real tokens (nats)."""
+        if self.entropy is None or not self.response_mask.any():
+            return None
+        return float(self.entropy[self.response_mask].mean())
 
 
 def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
@@ -172,6 +181,22 @@ def _cut_at_eos(new_tokens: Tensor, eos_ids: Tensor, pad_id: int) -> tuple[Tenso
     return new_tokens.masked_fill(after, pad_id), mask, is_eos.any(-1)
 
 
+class _EntropyRecorder:
+    """A logits processor that changes nothing and records, at every generated position, the entropy of
+    softmax(logits / temperature) of each row: what the policy's rollout entropy costs a second forward pass
+    to compute otherwise. transformers runs user processors before its temperature / top-k / top-p warpers,
+    so `scores` here are the model's logits."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.steps.append(-(logp.exp() * logp).nansum(-1).cpu())
+        return scores
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -192,6 +217,8 @@ def generate(
     advances, the global torch RNG). The model is put in eval mode for the call (dropout off) and
     restored after.
     """
+    from transformers import LogitsProcessorList
+
     settings = settings or SamplingSettings()
     if len(prompts) == 0:
         raise ConfigError("generate() needs at least one prompt")
@@ -206,7 +233,7 @@ def generate(
         rows = [r[-max_prompt_tokens:] for r in rows]
     was_training = model.training
     model.eval()
-    chunks = []
+    chunks, entropies = [], []
     try:
         # With a seed, sample from a private copy of the RNG; without one, advance the global RNG so that
         # consecutive calls draw fresh samples.
@@ -221,12 +248,15 @@ def generate(
             for s in range(0, len(rows), batch_size):
                 batch = rows[s : s + batch_size]
                 ids, mask = _left_pad(batch, pad_id, max(len(r) for r in batch))
+                recorder = _EntropyRecorder(settings.temperature if settings.do_sample else 1.0)
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.long().to(device),
                     generation_config=gen_config,
+                    logits_processor=LogitsProcessorList([recorder]),
                 )
                 chunks.append(out[:, ids.shape[1] :].cpu())
+                entropies.append(torch.stack(recorder.steps, dim=1)[:, : chunks[-1].shape[1]])
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -236,6 +266,7 @@ def generate(
     for i, c in enumerate(chunks):
         lo = i * batch_size
         response_mask[lo : lo + c.shape[0], c.shape[1] :] = False
+    entropy = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in entropies])
     prompt_ids, prompt_mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
     return Rollout(
@@ -246,4 +277,5 @@ def generate(
         ended_with_eos=ended.to(device),
         texts=[t.strip() for t in texts],
         prompts=list(prompts),
+        entropy=entropy.masked_fill(~response_mask, 0.0).to(device),
     )

@@ -198,6 +198,8 @@ def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feed
         "feedback/identical": float(identical.sum()),
         "perf/response_length": float(rollout.response_lengths.float().mean()),
     }
+    if rollout.mean_entropy() is not None:  # the round's starting policy's entropy per sampled token
+        metrics["loss/entropy_rollout"] = rollout.mean_entropy()
     if scores is not None:
         both = torch.cat(scores)
         if torch.isfinite(both).any():
@@ -226,6 +228,8 @@ def _sample_and_rank(
             "perf/response_length": float(rollout.response_lengths.float().mean()),
         }
     )
+    if rollout.mean_entropy() is not None:
+        metrics["loss/entropy_rollout"] = rollout.mean_entropy()
     return rows, metrics
 
 

@@ -350,6 +350,8 @@ def _steps_2_to_4(ctx: StepContext, feedback, rollout: Rollout, optimizer, sched
     metrics.update(_feedback_metrics(feedback, labels, identical, scores, len(examples)))
     metrics["perf/response_length"] = float(rollout.response_lengths.float().mean())
     metrics["perf/ended_with_eos"] = float(rollout.ended_with_eos.float().mean())
+    if rollout.mean_entropy() is not None:  # recorded while sampling: the policy's entropy per token
+        metrics["loss/entropy_rollout"] = rollout.mean_entropy()
     return metrics, labels, scores, _pair_kl(kept, labels, seq_kl)
 
 
