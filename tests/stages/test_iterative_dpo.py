@@ -14,11 +14,19 @@ from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
 from rlhflab.feedback import RewardFeedback
 from rlhflab.lab.launch import record_kind
-from rlhflab.models.loading import load_tokenizer
+from rlhflab.models.loading import load_causal_lm, load_tokenizer
+from rlhflab.rollout.generate import SamplingSettings, generate
 from rlhflab.stages import iterative_dpo
 from rlhflab.stages.common import snapshot_dir
 
-from ..helpers import PPO_PROMPTS, assert_same_tensors, causal_lm_state, stage_config, write_jsonl
+from ..helpers import (
+    PPO_PROMPTS,
+    assert_same_tensors,
+    causal_lm_state,
+    perturb_,
+    stage_config,
+    write_jsonl,
+)
 
 
 class WordCount:
@@ -133,6 +141,8 @@ def test_rounds_chain_models_and_pick_the_reference(tiny_model_dir, prompts_file
         assert r["perf/flops_per_s"] == dpo_rows[-1]["perf/flops_per_s"] > 0
         assert r["perf/time_sample_and_ask"] > 0 and r["perf/time_train"] > 0
         assert 0 < r["loss/entropy_rollout"] <= math.log(load_tokenizer(tiny_model_dir).vocab_size)
+    # Round 1 samples the initial model (KL 0); round 2's policy has moved (lr 3e-2).
+    assert per_round[0]["kl/sequence"] == 0.0 and abs(per_round[1]["kl/sequence"]) > 1e-4
 
 
 def test_sdpo_splits_the_pairs_into_stages(tiny_model_dir, tmp_path):
@@ -238,3 +248,32 @@ def test_config_refusals_and_registration(tiny_model_dir, prompts_file, tmp_path
     assert record_kind("iterative-dpo", load_config("iterative-dpo", None, ["algo.mode=sdpo"])) == "pairwise"
     shipped = load_config("iterative-dpo", Path(__file__).parents[2] / "configs" / "iterative_dpo_tiny.yaml")
     assert shipped.algo.rounds == 3 and shipped.logging.snapshot_every == 1
+
+
+def test_sequence_kl_is_the_summed_log_ratio_of_the_sampled_tokens(tiny_model_dir):
+    """The per-round KL against a forward pass done by hand: sum over response tokens of log pi - log ref at
+    the sampling temperature, averaged over responses; 0 against itself."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir).eval()
+    ref = perturb_(load_causal_lm(tiny_model_dir), 0.05, seed=1).eval()
+    rollout = generate(policy, tokenizer, PPO_PROMPTS[:5] * 3, SamplingSettings(max_new_tokens=5), seed=0)
+
+    def logps(model):
+        with torch.no_grad():
+            logits = model(
+                input_ids=rollout.input_ids,
+                attention_mask=rollout.attention_mask,
+                position_ids=rollout.position_ids,
+            ).logits[:, rollout.response_start - 1 : -1]
+        lp = torch.log_softmax(logits.float() / 0.8, dim=-1)
+        return lp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+
+    expected = ((logps(policy) - logps(ref)) * rollout.response_mask).sum(-1).mean()
+    old_batch = iterative_dpo.SAMPLE_BATCH
+    try:
+        iterative_dpo.SAMPLE_BATCH = 4  # several batches, the last one short
+        got = iterative_dpo._sequence_kl(policy, ref, rollout, 0.8)
+    finally:
+        iterative_dpo.SAMPLE_BATCH = old_batch
+    assert got == pytest.approx(float(expected), rel=1e-4, abs=1e-5) and abs(got) > 1e-3
+    assert iterative_dpo._sequence_kl(policy, policy, rollout, 0.8) == pytest.approx(0.0, abs=1e-6)

@@ -26,8 +26,8 @@ algo.feedback=preference_model the source is a general preference model from `rl
 A round is the unit of --resume: a round whose RUN/round-R/dpo/final exists is skipped; an unfinished round
 runs again from its start (its sampling seed and the feedback source's saved state make it the same round).
 Each round logs one row of RUN/metrics.jsonl at step R (feedback/queries: the pairs asked since the run
-began, the label budget; pairs kept, ties, the DPO run's last loss, accuracy and FLOP/s, the round's time
-split), saves RUN/snapshots/step-R
+began, the label budget; pairs kept, ties, the samples' entropy and sequence KL from the initial model, the
+DPO run's last loss, accuracy and FLOP/s, the round's time split), saves RUN/snapshots/step-R
 every logging.snapshot_every rounds, and RUN/final is the last round's model.
 """
 
@@ -48,10 +48,13 @@ from rlhflab.core.metrics_log import read_metrics
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.errors import ConfigError, UserError
 from rlhflab.feedback import FIRST, SECOND, TIE
+from rlhflab.losses.kl import kl_k1
 from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
+from rlhflab.losses.utils import masked_sum
 from rlhflab.models.loading import load_causal_lm, load_tokenizer
 from rlhflab.stages import dpo
 from rlhflab.stages.common import open_run, resolve_device, resolve_model_path, snapshot_dir
+from rlhflab.stages.critic_free import rollout_logps
 from rlhflab.stages.data_source import load_train_records, require_train_path
 from rlhflab.stages.on_policy import (
     default_feedback,
@@ -161,9 +164,9 @@ def _sdpo_stages(cfg: IterativeDPOConfig) -> list[list[dict]]:
     return [rows[bounds[i] : bounds[i + 1]] for i in range(k)]
 
 
-def _sample(cfg: IterativeDPOConfig, model_dir: str, prompts: list, rnd: int, per_prompt: int):
+def _sample(cfg: IterativeDPOConfig, model_dir: str, prompts: list, rnd: int, per_prompt: int, initial: str):
     """Step 1 of round `rnd`: `per_prompt` responses to each of the round's prompts from `model_dir` (rows
-    per_prompt * p .. per_prompt * (p + 1) - 1 answer prompt p)."""
+    per_prompt * p .. per_prompt * (p + 1) - 1 answer prompt p), and their mean sequence KL from `initial`."""
     algo = cfg.algo
     device = resolve_device(cfg.model.device)
     policy = load_causal_lm(model_dir, dtype=cfg.model.dtype, device=str(device)).eval()
@@ -172,7 +175,7 @@ def _sample(cfg: IterativeDPOConfig, model_dir: str, prompts: list, rnd: int, pe
     epoch, position = divmod(rnd - 1, per_epoch)
     order = batch_schedule(len(prompts), algo.prompts_per_round, cfg.seed, epoch)[position]
     repeated = [prompts[i] for i in order for _ in range(per_prompt)]
-    return sample(
+    rollout = sample(
         policy,
         tokenizer,
         repeated,
@@ -183,11 +186,30 @@ def _sample(cfg: IterativeDPOConfig, model_dir: str, prompts: list, rnd: int, pe
         batch_size=min(len(repeated), SAMPLE_BATCH),
         seed=cfg.seed * 100_003 + rnd,  # a function of the round: a resumed round samples the same responses
     )
+    if Path(model_dir) == Path(initial):  # round 1 samples the initial model itself
+        return rollout, 0.0
+    ref = load_causal_lm(initial, dtype=cfg.model.dtype, device=str(device)).eval()
+    return rollout, _sequence_kl(policy, ref, rollout, cfg.sampling.temperature)
 
 
-def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int) -> tuple:
+@torch.no_grad()
+def _sequence_kl(policy, ref, rollout, temperature: float) -> float:
+    """Mean over the rollout's responses of sum_t [log pi(y_t) - log ref(y_t)] (the k1 estimate of
+    KL(pi || ref) per sequence, as PPO logs it), in batches of SAMPLE_BATCH rows."""
+    total = 0.0
+    for lo in range(0, len(rollout), SAMPLE_BATCH):
+        part = rollout.select(torch.arange(lo, min(lo + SAMPLE_BATCH, len(rollout))))
+        pol, _ = rollout_logps(policy, part, temperature)
+        base, _ = rollout_logps(ref, part, temperature)
+        total += float(masked_sum(kl_k1(pol, base), part.response_mask, dim=-1).sum())
+    return total / len(rollout)
+
+
+def _sample_and_ask(
+    cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int, initial: str
+) -> tuple:
     """Steps 1-2 of round `rnd` from `model_dir`: (pair records, per-round feedback metrics)."""
-    rollout = _sample(cfg, model_dir, prompts, rnd, 2)
+    rollout, kl = _sample(cfg, model_dir, prompts, rnd, 2, initial)
     labels, identical, scores = ask_feedback(feedback, rollout, cfg.algo.feedback_timeout)
     rows, empty = labelled_pairs(rollout, labels)
     metrics = {
@@ -197,6 +219,7 @@ def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feed
         "feedback/unanswered": float((labels.isnan() & ~identical).sum()),
         "feedback/identical": float(identical.sum()),
         "perf/response_length": float(rollout.response_lengths.float().mean()),
+        "kl/sequence": kl,
     }
     if rollout.mean_entropy() is not None:  # the round's starting policy's entropy per sampled token
         metrics["loss/entropy_rollout"] = rollout.mean_entropy()
@@ -208,13 +231,13 @@ def _sample_and_ask(cfg: IterativeDPOConfig, model_dir: str, prompts: list, feed
 
 
 def _sample_and_rank(
-    cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int, round_dir: Path
+    cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int, round_dir: Path, initial: str
 ):
     """DNO's steps 1-2 of round `rnd`: K samples per prompt, every pair among them asked, the (best, worst) pair by
     win rate kept when its margin passes; each prompt's tournament written to round_dir/tournament.jsonl.
     Returns (pair records, per-round feedback metrics)."""
     algo, k = cfg.algo, cfg.algo.samples_per_prompt
-    rollout = _sample(cfg, model_dir, prompts, rnd, k)
+    rollout, kl = _sample(cfg, model_dir, prompts, rnd, k, initial)
     labels, identical = ask_tournament(feedback, rollout.prompts, rollout.texts, k, algo.feedback_timeout)
     plain = [_plain(p) for p in rollout.prompts]
     rows, records, metrics = best_worst_rows(plain, rollout.texts, labels, k, algo.min_win_rate_margin)
@@ -226,6 +249,7 @@ def _sample_and_rank(
             "feedback/unanswered": float(labels[asked].isnan().sum()),
             "feedback/identical": float(identical.sum()),
             "perf/response_length": float(rollout.response_lengths.float().mean()),
+            "kl/sequence": kl,
         }
     )
     if rollout.mean_entropy() is not None:
@@ -312,9 +336,9 @@ def train(
         if iterative:
             asked_before = feedback.queries
             if algo.mode == "dno":
-                rows, metrics = _sample_and_rank(cfg, model, prompts, feedback, rnd, round_dir)
+                rows, metrics = _sample_and_rank(cfg, model, prompts, feedback, rnd, round_dir, initial)
             else:
-                rows, metrics = _sample_and_ask(cfg, model, prompts, feedback, rnd)
+                rows, metrics = _sample_and_ask(cfg, model, prompts, feedback, rnd, initial)
             round_queries = feedback.queries - asked_before
             queries += round_queries
             metrics["feedback/queries"] = float(queries)
