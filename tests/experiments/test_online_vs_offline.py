@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -130,8 +131,12 @@ def _args() -> dict:
 def test_experiment_runs_end_to_end_and_resumes(tmp_path, tiny_lab_cache, capsys):
     out = tmp_path / "exp"
     argv = ["experiment", "online-vs-offline", *TINY, "--output-dir", str(out), "--seeds", "5"]
+    t0 = time.time()
     assert main(argv) == 0
+    elapsed = time.time() - t0
     result = json.loads((out / "result.json").read_text())
+    # The experiment's own wall time: part of this call's, most of it (the training runs).
+    assert 0.5 * elapsed < result["runtime_s"] <= elapsed
     assert result["experiment"] == "online-vs-offline" and result["seeds"] == [5]
     assert result["verdict"] in ("reproduced", "partly reproduced", "not reproduced")
     assert result["verdict"] == E.decide(result["table"])
