@@ -424,15 +424,14 @@ def _label_queries(out: Path, policies: dict) -> dict[str, int]:
     pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
     offline = int(pairs["n"] + pairs["ties"])
     result = {}
-    for policy in policies:
-        name = "best_of_n" if policy.startswith("best_of_") and policy not in METHODS else policy
+    for name in policies:  # best_of_N: the reward model's pairs
         if name == "sft":
-            result[policy] = 0
+            result[name] = 0
         elif name in ("online_dpo", "iterative_dpo"):
             rows = [r for r in read_metrics(out / name / "metrics.jsonl") if "feedback/queries" in r]
-            result[policy] = int(rows[-1]["feedback/queries"])
+            result[name] = int(rows[-1]["feedback/queries"])
         else:
-            result[policy] = offline
+            result[name] = offline
     return result
 
 
