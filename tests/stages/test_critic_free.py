@@ -406,3 +406,28 @@ def test_config_defaults_and_refusals():
         load_config("rloo", None, ["algo.scale_rewards=false"])  # GRPO's key
     with pytest.raises(ConfigError, match="unknown key"):
         load_config("rloo", None, ["data.packing=true"])
+
+
+def test_the_schedule_spans_every_optimizer_step_of_the_run(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
+    """A decaying learning rate reaches its end at the run's last update: iterations x ppo_epochs x
+    minibatches per iteration (16 rollouts in minibatches of 8: 2), not fewer, not more."""
+    horizons, build = [], critic_free.build_optimizer
+    monkeypatch.setattr(
+        critic_free,
+        "build_optimizer",
+        lambda model, optim, total: horizons.append(total) or build(model, optim, total),
+    )
+    cfg = _cfg(
+        "grpo",
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        "algo.iterations=2",
+        "algo.ppo_epochs=2",
+        "algo.minibatch_size=8",
+        "optim.scheduler=linear",
+    )
+    critic_free.train(cfg, reward=WordCount())
+    assert horizons == [2 * 2 * 2]
