@@ -197,6 +197,24 @@ class _EntropyRecorder:
         return scores
 
 
+def _generate_batch(model, batch: list[list[int]], pad_id: int, gen_config, settings: SamplingSettings):
+    """One `model.generate` call on left-padded prompt rows: (new token ids [b, n] on CPU, the sampling
+    distribution's entropy at each of them [b, n])."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(batch, pad_id, max(len(r) for r in batch))
+    recorder = _EntropyRecorder(settings.temperature if settings.do_sample else 1.0)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.long().to(device),
+        generation_config=gen_config,
+        logits_processor=LogitsProcessorList([recorder]),
+    )
+    new_ids = out[:, ids.shape[1] :].cpu()
+    return new_ids, torch.stack(recorder.steps, dim=1)[:, : new_ids.shape[1]]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -217,8 +235,6 @@ def generate(
     advances, the global torch RNG). The model is put in eval mode for the call (dropout off) and
     restored after.
     """
-    from transformers import LogitsProcessorList
-
     settings = settings or SamplingSettings()
     if len(prompts) == 0:
         raise ConfigError("generate() needs at least one prompt")
@@ -246,17 +262,11 @@ def generate(
             if seed is not None:
                 torch.manual_seed(seed)
             for s in range(0, len(rows), batch_size):
-                batch = rows[s : s + batch_size]
-                ids, mask = _left_pad(batch, pad_id, max(len(r) for r in batch))
-                recorder = _EntropyRecorder(settings.temperature if settings.do_sample else 1.0)
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.long().to(device),
-                    generation_config=gen_config,
-                    logits_processor=LogitsProcessorList([recorder]),
+                new_ids, entropy = _generate_batch(
+                    model, rows[s : s + batch_size], pad_id, gen_config, settings
                 )
-                chunks.append(out[:, ids.shape[1] :].cpu())
-                entropies.append(torch.stack(recorder.steps, dim=1)[:, : chunks[-1].shape[1]])
+                chunks.append(new_ids)
+                entropies.append(entropy)
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
