@@ -10,7 +10,8 @@ reach the lab's gold reward, and there is no import cycle between packages.
     layer 3  models                  loading, heads, reward model, log-prob kernels
     layer 4  rollout, rewards,       generation; reward sources; feedback sources (pairwise labels the online
              feedback                methods ask for)
-    layer 5  config, eval            typed stage configs (validated against the loss table); metrics, reports
+    layer 5  config, eval, label     typed stage configs (validated against the loss table); metrics, reports;
+                                     the labelling web app, its database and its feedback source (people)
     layer 6  stages                  one training loop per method
     layer 7  lab                     tasks, gold rewards, simulated annotators, gold-judged evaluation
     layer 8  pipeline                the main job
@@ -37,6 +38,7 @@ LAYERS: dict[str, int] = {
     "feedback": 4,
     "config": 5,
     "eval": 5,
+    "label": 5,
     "stages": 6,
     "lab": 7,
     "pipeline": 8,

@@ -15,6 +15,7 @@ import sys
 from rlhflab import __version__
 from rlhflab.errors import TrainingHealthError, UserError
 from rlhflab.lab.cli import register as register_lab
+from rlhflab.label.cli import register as register_label
 from rlhflab.stages import STAGES
 
 # The methods `rlhflab run --methods` knows (`rlhflab.pipeline.METHODS`, not imported here: it imports torch).
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_gguf)
 
     register_lab(sub)
+    register_label(sub)
 
     _add_eval(sub)
 

@@ -772,11 +772,13 @@ class PairFeedbackSection(RewardSourcesSection):
     model or the lab's annotators, with their checks. The reward-source keys name the reward that answers when
     feedback=reward."""
 
-    feedback: Literal["reward", "lab", "preference_model"] = "reward"
+    feedback: Literal["reward", "lab", "preference_model", "human"] = "reward"
     """Who judges the pairs. reward: the reward source(s) of algo.reward_model, by feedback_mode; lab: the
     simulated annotators of the model's lab task (algo.annotators; the command line builds them, in Python
     pass `feedback=` to the stage's `train`); preference_model: the general preference model of
-    algo.preference_model (from `rlhflab pm`), by feedback_mode."""
+    algo.preference_model (from `rlhflab pm`), by feedback_mode; human: people, in the labelling app's project
+    algo.label_project of the database algo.label_db (`rlhflab label serve`), waiting up to
+    algo.feedback_timeout seconds per batch."""
     feedback_mode: Literal["argmax", "bradley_terry"] = "argmax"
     """feedback=reward: argmax prefers the higher score (equal scores are a tie, dropped); bradley_terry
     draws the label with P(first) = sigmoid(score_first - score_second). feedback=preference_model: argmax
@@ -784,6 +786,12 @@ class PairFeedbackSection(RewardSourcesSection):
     label with the model's own P(first)."""
     preference_model: str = ""
     """feedback=preference_model: the general preference model's directory (`rlhflab pm`'s RUN/final, or RUN)."""
+    label_db: str = ""
+    """feedback=human: the labelling app's database URL (sqlite:///labels.db, postgresql://...)."""
+    label_project: str = ""
+    """feedback=human: the project whose annotators label the pairs (`rlhflab label add-project`)."""
+    label_overlap: int = 1
+    """feedback=human: annotators per pair; the label is their majority (a split vote is a tie)."""
     feedback_timeout: float = 60.0
     """Seconds to wait for a source that answers later (human labellers) before its unanswered pairs are
     dropped; sources that answer at once never wait."""
@@ -801,8 +809,23 @@ class PairFeedbackSection(RewardSourcesSection):
             "is not used by online-dpo or iterative-dpo (the feedback compares the two responses' texts); "
             "leave it 0",
         )
+        _require(self.label_overlap >= 1, "algo.label_overlap", f"must be >= 1, got {self.label_overlap}")
+        human = (self.label_db, self.label_project, self.label_overlap) != ("", "", 1)
+        if self.feedback == "human":
+            for key in ("label_db", "label_project"):
+                _require(bool(getattr(self, key)), f"algo.{key}", "is required with algo.feedback=human")
+        else:
+            _require(
+                not human,
+                "algo.label_db",
+                f"and the other label_* keys apply to algo.feedback=human, not {self.feedback}; remove them",
+            )
         if self.feedback != "reward":  # a key acts or is refused: the reward keys judge nothing here
-            who = {"lab": "the lab's simulated annotators", "preference_model": "a general preference model"}
+            who = {
+                "lab": "the lab's simulated annotators",
+                "preference_model": "a general preference model",
+                "human": "people in the labelling app",
+            }
             for f in dataclasses.fields(RewardSourcesSection):
                 _require(
                     getattr(self, f.name) == _field_default(f),
@@ -810,12 +833,12 @@ class PairFeedbackSection(RewardSourcesSection):
                     f"is set but algo.feedback={self.feedback} asks {who[self.feedback]}, not a reward; remove "
                     "it or use algo.feedback=reward",
                 )
-        if self.feedback == "lab":
+        if self.feedback in ("lab", "human"):
             _require(
                 self.feedback_mode == "argmax",
                 "algo.feedback_mode",
                 "applies to algo.feedback=reward or preference_model; the lab's annotators are set in "
-                "algo.annotators",
+                "algo.annotators, and people answer as they do",
             )
         else:
             _require(

@@ -59,17 +59,28 @@ def require_feedback(algo: PairFeedbackSection, feedback: Any = None) -> None:
         from rlhflab.models.preference_model import check_preference_model_dir
 
         check_preference_model_dir(algo.preference_model)
+    elif algo.feedback == "human":
+        from rlhflab.label.store import Store
+
+        store = Store(algo.label_db)  # refuses a database `rlhflab label init` did not make
+        store.counts(algo.label_project)  # and a project it does not hold
+        store.close()
 
 
 def default_feedback(algo: PairFeedbackSection, device: torch.device, seed: int):
     """The feedback source algo.feedback names, when none was passed in: a `RewardFeedback` of algo.reward_model
-    or a `PreferenceModelFeedback` of algo.preference_model (algo.feedback_mode either way, seeded by `seed`)."""
+    or a `PreferenceModelFeedback` of algo.preference_model (algo.feedback_mode either way, seeded by `seed`), or
+    a `HumanFeedback` of the labelling project algo.label_project."""
     from rlhflab.feedback import PreferenceModelFeedback, RewardFeedback
 
     if algo.feedback == "preference_model":
         return PreferenceModelFeedback.from_pretrained(
             algo.preference_model, mode=algo.feedback_mode, seed=seed, device=device
         )
+    if algo.feedback == "human":
+        from rlhflab.label.feedback import HumanFeedback
+
+        return HumanFeedback(algo.label_db, algo.label_project, overlap=algo.label_overlap)
     return RewardFeedback(load_reward(algo, device), mode=algo.feedback_mode, seed=seed)
 
 
