@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,49 @@ def seed(store, *, items: int = 3, kind: str = "pairwise", overlap: int = 1, ann
     k = {"pairwise": 2, "ranking": 3}.get(kind, 1)
     rows = [{"prompt": f"prompt {i}", "responses": [f"r{i}.{j}" for j in range(k)]} for i in range(items)]
     return tokens, store.push("p", kind, rows, overlap=overlap)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(url: str, port: int, log_path=None):
+    """`rlhflab label serve` as a real process on 127.0.0.1:port, once it answers; the caller stops it."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    command = [sys.executable, "-m", "rlhflab.cli", "label", "serve", "--db", url, "--port", str(port)]
+    if log_path:
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(command, stdout=log, stderr=log)
+    else:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            told = Path(log_path).read_text() if log_path else ""
+            raise RuntimeError(f"the server exited with code {proc.returncode}\n{told}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/login", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not answer within 30 s")
+
+
+def stop_server(proc) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except Exception:
+            proc.kill()
+            proc.wait()

@@ -326,6 +326,8 @@ class Store:
                     if item is None:
                         return None
                     slot = s.scalar(select(func.count(Assignment.id)).where(Assignment.item_id == item.id))
+                    if slot >= item.overlap:  # filled since our query's snapshot (PostgreSQL): look again
+                        continue
                     order = list(range(len(item.responses)))
                     rng.shuffle(order)
                     a = Assignment(item_id=item.id, user_id=who.id, slot=slot, shown_order=order)
@@ -339,11 +341,14 @@ class Store:
     def _claimable(self, s, who: Who, project: Project) -> Item | None:
         taken = select(func.count(Assignment.id)).where(Assignment.item_id == Item.id).scalar_subquery()
         mine = select(Assignment.id).where(Assignment.item_id == Item.id, Assignment.user_id == who.id)
+        # PostgreSQL: lock the row, skipping rows other claimers hold, so concurrent annotators spread over the
+        # queue instead of all racing for its head (SQLite ignores this; its writers queue anyway).
         return s.scalar(
             select(Item)
             .where(Item.project_id == project.id, ~Item.withdrawn, taken < Item.overlap, ~mine.exists())
             .order_by(Item.id)
             .limit(1)
+            .with_for_update(skip_locked=True, of=Item)
         )
 
     @staticmethod
