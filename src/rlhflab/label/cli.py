@@ -27,7 +27,7 @@ def _store(args):
 
 def _require_extras() -> None:
     missing = []
-    for module in ("fastapi", "uvicorn", "sqlalchemy", "alembic", "argon2", "multipart"):
+    for module in ("fastapi", "uvicorn", "sqlalchemy", "alembic", "argon2", "python_multipart"):
         try:
             __import__(module)
         except ImportError:
@@ -104,7 +104,7 @@ def cmd_push(args) -> int:
         store.add_project(args.project)
         print(f"created project {args.project}", file=sys.stderr)
     ids = store.push(args.project, kind, items, overlap=args.overlap)
-    note = f" ({skipped} prompts left out: their samples repeated)" if skipped else ""
+    note = f" ({skipped} prompts left out: their samples repeated or were empty)" if skipped else ""
     print(f"queued {len(ids)} {kind} items in project {args.project}, {args.overlap} annotator(s) each{note}")
     return 0
 

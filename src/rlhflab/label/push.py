@@ -1,8 +1,8 @@
 """What `rlhflab label push` queues: K responses per prompt, sampled from a policy or read from a file.
 
-Responses that come out identical carry no preference between them (and no pair can be built from them), so
-the prompts whose K samples repeat one another are sampled again, up to `retries` times, and left out if they
-still repeat.
+Responses that come out identical carry no preference between them, and an empty response (the model ended at
+once) makes no training record, so the prompts whose K samples repeat one another or include an empty one are
+sampled again, up to `retries` times, and left out if they still do.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def sample_items(
         rollout = generate(model, tokenizer, repeated, settings, batch_size=batch_size, seed=seed + attempt)
         for j, i in enumerate(todo):
             responses[i] = rollout.texts[j * k : (j + 1) * k]
-        todo = [i for i in todo if k > 1 and len(set(responses[i])) < k]
+        todo = [i for i in todo if not _usable(responses[i])]
     meta = {"policy": str(policy), "seed": seed, "temperature": settings.temperature}
     items = [
         {"prompt": prompts[i], "responses": responses[i], "meta": meta}
@@ -49,6 +49,10 @@ def sample_items(
         if i not in todo
     ]
     return items, len(todo)
+
+
+def _usable(responses: list[str]) -> bool:
+    return all(r.strip() for r in responses) and len(set(responses)) == len(responses)
 
 
 def read_items(path: str | Path, k: int | None = None) -> list[dict[str, Any]]:
