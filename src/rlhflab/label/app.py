@@ -212,7 +212,7 @@ def create_app(store: Store) -> Any:
             return who
         project = project_arg(request)
         view = await run_in_threadpool(store.next_assignment, who, project)
-        return _label_page(who, project, view, None)
+        return await run_in_threadpool(_label_page, who, project, view, None)
 
     def _label_page(who: Who, project: str, view: dict | None, error: str | None, status: int = 200):
         progress = next((p for p in store.projects_of(who) if p["project"] == project), None)

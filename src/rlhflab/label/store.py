@@ -498,10 +498,6 @@ class Store:
                 out[item_id].append(payload)
         return out
 
-    def check_member(self, who: Who, project: str) -> None:
-        with self.tx() as s:
-            self._require_member(s, who, self._project(s, project))
-
 
 def new_key() -> str:
     """A fresh idempotency key (what a form embeds, so a double submit stores one label)."""
