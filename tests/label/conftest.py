@@ -109,12 +109,17 @@ def start_server(url: str, port: int, log_path=None):
 
     import httpx
 
+    import rlhflab
+
     command = [sys.executable, "-m", "rlhflab.cli", "label", "serve", "--db", url, "--port", str(port)]
+    # The server runs the very code this test imports (a copy of src/ under test included).
+    src = str(Path(rlhflab.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     if log_path:
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(command, stdout=log, stderr=log)
+            proc = subprocess.Popen(command, stdout=log, stderr=log, env=env)
     else:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:

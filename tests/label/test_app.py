@@ -203,3 +203,52 @@ def test_pages_escape_model_output_and_forms_store_labels(store):
     for name in ("label.js", "label.css"):
         assert client.get(f"/static/{name}").status_code == 200
     assert client.get("/static/../db.py").status_code == 404
+
+
+def test_ranking_form_counts_ranks_from_one(store):
+    store.add_project("p")
+    token = store.add_user("ann")
+    store.add_member("p", "ann")
+    store.push("p", "ranking", [{"prompt": "q", "responses": ["r0", "r1", "r2"]}])
+    client = TestClient(create_app(store))
+    client.post("/login", data={"token": token})
+    page = client.get("/label?project=p").text
+    shown = re.findall(
+        r'<div class="response" data-position="([A-C])"[^>]*>\s*<h3>[^<]*<span[^>]*></span></h3>\s*<pre>([^<]*)</pre>',
+        page,
+    )
+    assert sorted(text for _, text in shown) == ["r0", "r1", "r2"]
+    assignment = re.search(r'action="/label/(\d+)"', page).group(1)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    form = {"csrf": csrf, "key": "k", "rank_A": "2", "rank_B": "1", "rank_C": "2"}  # B best, A and C tied
+    assert client.post(f"/label/{assignment}", data=form, follow_redirects=False).status_code == 303
+    ranks = store.labelled("p")[0]["payload"]["ranks"]
+    by_text = {text: ranks[int(text[1])] for _, text in shown}
+    assert by_text == {text: {"A": 1, "B": 0, "C": 1}[pos] for pos, text in shown}
+
+
+def test_body_limit_replays_the_body_once_then_passes_receive_through():
+    import asyncio
+
+    from rlhflab.label.app import BodyLimit
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+        seen.append(await receive())  # what a server says after the body: the client went away
+
+    incoming = [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"c", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        raise AssertionError(f"nothing should be sent, got {message}")
+
+    asyncio.run(BodyLimit(app, limit=10)({"type": "http", "headers": []}, receive, send))
+    assert seen == [{"type": "http.request", "body": b"abc", "more_body": False}, {"type": "http.disconnect"}]
