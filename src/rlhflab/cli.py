@@ -252,6 +252,56 @@ def _add_best_of_n(sub) -> None:
     p.set_defaults(func=cmd_best_of_n)
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rlhflab.data import load_records
+    from rlhflab.eval.judge import judge_agreement
+    from rlhflab.models.judge import LMJudge
+    from rlhflab.models.loading import check_model_dir
+
+    check_model_dir(args.model, what="--model")
+    records = load_records(args.pairs, "pairwise").records[: args.max_pairs or None]
+    prompts = [r.prompt for r in records]
+    chosen, rejected = [r.chosen for r in records], [r.rejected for r in records]
+    gold = {}
+    if args.task:  # lab data: the hidden gold's own choice, beside the file's labels
+        from rlhflab.lab.gold import gold_scores
+        from rlhflab.lab.tasks.base import prompt_text
+
+        texts = [prompt_text(p) for p in prompts]
+        gold = {
+            "gold_chosen": gold_scores(args.task, texts, chosen),
+            "gold_rejected": gold_scores(args.task, texts, rejected),
+        }
+    judge = LMJudge.from_pretrained(args.model, batch_size=args.batch_size)
+    report = judge_agreement(judge, prompts, chosen, rejected, **gold)
+    report.update(pairs_file=str(args.pairs), task=args.task)
+    for key, value in report.items():
+        if key != "per_pair":
+            print(f"{key:>22}: {value}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _add_judge(sub) -> None:
+    p = sub.add_parser(
+        "judge",
+        help="an LM judge on labelled pairs: agreement with the labels (and gold), position bias, pairs/s",
+    )
+    p.add_argument("--model", required=True, help="local HF causal LM directory (an instruct model)")
+    p.add_argument("--pairs", required=True, help="pairwise file (prompt, chosen, rejected)")
+    p.add_argument("--task", default=None, help="lab task the pairs come from: also agreement with its gold")
+    p.add_argument("--max-pairs", type=int, default=0, help="judge only the first N pairs (0: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the report (with every pair's verdict) as JSON")
+    p.set_defaults(func=cmd_judge)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a policy on a lab task with the hidden gold reward")
     p.add_argument("--policy", required=True, help="HF model directory of the policy")
@@ -322,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_label(sub)
 
     _add_eval(sub)
+    _add_judge(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -772,13 +772,14 @@ class PairFeedbackSection(RewardSourcesSection):
     model or the lab's annotators, with their checks. The reward-source keys name the reward that answers when
     feedback=reward."""
 
-    feedback: Literal["reward", "lab", "preference_model", "human"] = "reward"
+    feedback: Literal["reward", "lab", "preference_model", "human", "judge"] = "reward"
     """Who judges the pairs. reward: the reward source(s) of algo.reward_model, by feedback_mode; lab: the
     simulated annotators of the model's lab task (algo.annotators; the command line builds them, in Python
     pass `feedback=` to the stage's `train`); preference_model: the general preference model of
     algo.preference_model (from `rlhflab pm`), by feedback_mode; human: people, in the labelling app's project
     algo.label_project of the database algo.label_db (`rlhflab label serve`), waiting up to
-    algo.feedback_timeout seconds per batch."""
+    algo.feedback_timeout seconds per batch; judge: the causal LM of algo.judge_model asked which response is
+    better, in both orders (`rlhflab judge`), by feedback_mode (RLAIF)."""
     feedback_mode: Literal["argmax", "bradley_terry"] = "argmax"
     """feedback=reward: argmax prefers the higher score (equal scores are a tie, dropped); bradley_terry
     draws the label with P(first) = sigmoid(score_first - score_second). feedback=preference_model: argmax
@@ -786,6 +787,8 @@ class PairFeedbackSection(RewardSourcesSection):
     label with the model's own P(first)."""
     preference_model: str = ""
     """feedback=preference_model: the general preference model's directory (`rlhflab pm`'s RUN/final, or RUN)."""
+    judge_model: str = ""
+    """feedback=judge: a local HF causal LM directory (an instruct model reads the question best)."""
     label_db: str = ""
     """feedback=human: the labelling app's database URL (sqlite:///labels.db, postgresql://...)."""
     label_project: str = ""
@@ -825,6 +828,7 @@ class PairFeedbackSection(RewardSourcesSection):
                 "lab": "the lab's simulated annotators",
                 "preference_model": "a general preference model",
                 "human": "people in the labelling app",
+                "judge": "an LM judge",
             }
             for f in dataclasses.fields(RewardSourcesSection):
                 _require(
@@ -846,6 +850,13 @@ class PairFeedbackSection(RewardSourcesSection):
                 "algo.annotators",
                 "applies to algo.feedback=lab only; set algo.feedback=lab or leave the annotators' defaults",
             )
+        _require(
+            (self.feedback == "judge") == bool(self.judge_model),
+            "algo.judge_model",
+            "is required with algo.feedback=judge"
+            if self.feedback == "judge"
+            else f"is set but algo.feedback={self.feedback} asks no judge; set algo.feedback=judge or remove it",
+        )
         _require(
             self.feedback == "preference_model" or not self.preference_model,
             "algo.preference_model",

@@ -59,6 +59,10 @@ def require_feedback(algo: PairFeedbackSection, feedback: Any = None) -> None:
         from rlhflab.models.preference_model import check_preference_model_dir
 
         check_preference_model_dir(algo.preference_model)
+    elif algo.feedback == "judge":
+        from rlhflab.models.loading import check_model_dir
+
+        check_model_dir(algo.judge_model, what="algo.judge_model")
     elif algo.feedback == "human":
         from rlhflab.label.store import Store
 
@@ -69,14 +73,19 @@ def require_feedback(algo: PairFeedbackSection, feedback: Any = None) -> None:
 
 def default_feedback(algo: PairFeedbackSection, device: torch.device, seed: int):
     """The feedback source algo.feedback names, when none was passed in: a `RewardFeedback` of algo.reward_model
-    or a `PreferenceModelFeedback` of algo.preference_model (algo.feedback_mode either way, seeded by `seed`), or
-    a `HumanFeedback` of the labelling project algo.label_project."""
+    or a `PreferenceModelFeedback` of algo.preference_model or of the LM judge algo.judge_model (algo.feedback_mode
+    either way, seeded by `seed`), or a `HumanFeedback` of the labelling project algo.label_project."""
     from rlhflab.feedback import PreferenceModelFeedback, RewardFeedback
 
     if algo.feedback == "preference_model":
         return PreferenceModelFeedback.from_pretrained(
             algo.preference_model, mode=algo.feedback_mode, seed=seed, device=device
         )
+    if algo.feedback == "judge":
+        from rlhflab.models.judge import LMJudge
+
+        judge = LMJudge.from_pretrained(algo.judge_model, device=device)
+        return PreferenceModelFeedback(judge, mode=algo.feedback_mode, seed=seed)
     if algo.feedback == "human":
         from rlhflab.label.feedback import HumanFeedback
 

@@ -1,0 +1,78 @@
+"""How far a judge can be trusted: `rlhflab judge` asks it about labelled pairs and compares.
+
+For each pair (prompt, chosen, rejected) the judge gives P(chosen better), asked in both orders
+(`rlhflab.models.judge`). Reported:
+
+    agreement            share of pairs where the judge prefers the labelled choice (P = 1/2 counts half),
+                         with a 95% interval over pairs
+    gold_agreement       the same against the gold reward's choice, when gold scores are given (lab data);
+                         beside it `label_gold_agreement`, how often the file's own labels match gold
+    position_bias_rate   share of pairs where the judge picks the same POSITION in both orders (the order
+                         decided; Zheng et al. 2023's inconsistency), and `p_answer_a`, its mean P("A")
+    pairs_per_s          judged pairs per second (two forward rows each), on this machine
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rlhflab.eval.metrics import mean_ci95
+
+
+def _agree(p_first: np.ndarray, first_better: np.ndarray) -> np.ndarray:
+    """Per pair 1 if the judge's P(first better) sides with `first_better`, 0 if against, 1/2 at P = 1/2."""
+    picked = np.where(p_first > 0.5, 1.0, np.where(p_first < 0.5, 0.0, 0.5))
+    return np.where(picked == 0.5, 0.5, (picked == first_better).astype(float))
+
+
+def judge_agreement(
+    judge,
+    prompts: Sequence,
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    gold_chosen: Sequence[float] | None = None,
+    gold_rejected: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The judge's verdicts on labelled pairs and the statistics above (a JSON-ready dict); `per_pair` holds
+    each pair's P(chosen better) and both orders' P("A")."""
+    started = time.perf_counter()
+    verdict = judge.compare(prompts, chosen, rejected)
+    seconds = time.perf_counter() - started
+    p = verdict.p_first.double().numpy()
+    agree = _agree(p, np.ones_like(p))
+    mean, lo, hi = mean_ci95(agree)
+    consistent = verdict.consistent.numpy()
+    p_a = np.concatenate([verdict.p_a.double().numpy(), verdict.p_a_swapped.double().numpy()])
+    out: dict[str, Any] = {
+        "judge": getattr(judge, "name", type(judge).__name__),
+        "n_pairs": len(p),
+        "agreement": round(float(mean), 4),
+        "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
+        "position_bias_rate": round(float(1.0 - consistent.mean()), 4),
+        "p_answer_a": round(float(p_a.mean()), 4),
+        "seconds": round(seconds, 2),
+        "pairs_per_s": round(len(p) / seconds, 3) if seconds > 0 else None,
+    }
+    if gold_chosen is not None and gold_rejected is not None:
+        g_c, g_r = np.asarray(gold_chosen, dtype=float), np.asarray(gold_rejected, dtype=float)
+        decided = g_c != g_r  # gold ties say nothing about either side
+        gold_first = (g_c > g_r).astype(float)
+        g_mean, g_lo, g_hi = (
+            mean_ci95(_agree(p[decided], gold_first[decided])) if decided.any() else (np.nan,) * 3
+        )
+        out.update(
+            gold_pairs=int(decided.sum()),
+            gold_agreement=round(float(g_mean), 4),
+            gold_agreement_ci95=[round(float(g_lo), 4), round(float(g_hi), 4)],
+            label_gold_agreement=round(float(gold_first[decided].mean()), 4) if decided.any() else None,
+        )
+    out["per_pair"] = [
+        {"p_chosen": float(a), "p_a": float(b), "p_a_swapped": float(c)}  # unrounded: the summary's inputs
+        for a, b, c in zip(p, verdict.p_a.tolist(), verdict.p_a_swapped.tolist())
+    ]
+    return out
