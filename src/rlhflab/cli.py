@@ -258,13 +258,16 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
     from rlhflab.data import load_records
     from rlhflab.eval.judge import judge_agreement
-    from rlhflab.models.judge import LMJudge
+    from rlhflab.models.judge import LMJudge, response_text
     from rlhflab.models.loading import check_model_dir
 
     check_model_dir(args.model, what="--model")
     records = load_records(args.pairs, "pairwise").records[: args.max_pairs or None]
     prompts = [r.prompt for r in records]
-    chosen, rejected = [r.chosen for r in records], [r.rejected for r in records]
+    chosen, rejected = (
+        [response_text(r.chosen) for r in records],
+        [response_text(r.rejected) for r in records],
+    )
     gold = {}
     if args.task:  # lab data: the hidden gold's own choice, beside the file's labels
         from rlhflab.lab.gold import gold_scores

@@ -17,6 +17,7 @@ The pure functions below hold the arithmetic; `LMJudge` batches the forward pass
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,9 +114,17 @@ def _answer_ids(tokenizer, answer: str) -> list[int]:
 
 
 def _text(prompt: Any) -> str:
+    """A prompt as the question quotes it: text as is, a chat as 'role: content' lines."""
     if isinstance(prompt, str):
         return prompt
     return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)
+
+
+def response_text(response: Any) -> str:
+    """A response as text: a string as is, a list of (assistant) messages as their contents."""
+    if isinstance(response, str):
+        return response
+    return "\n".join(str(m.get("content", "")) for m in response)
 
 
 class LMJudge:
@@ -149,6 +158,10 @@ class LMJudge:
         self.scale_ids = [_answer_ids(tokenizer, str(s)) for s in self.scale]
         self.batch_size, self.max_length, self.name = batch_size, max_length, name
         self.forwards = 0  # questions asked (one forward row each): the judge's cost
+        # Only the last position's logits are read: HF models that can skip the LM head elsewhere are asked to
+        # (about a fifth of a 135M model's forward is its 49k-word head).
+        accepts = inspect.signature(model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: Any = "cpu", dtype: str = "float32", **kw) -> LMJudge:
@@ -182,7 +195,9 @@ class LMJudge:
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, **self._last_only
+            ).logits
             out.append(logits[:, -1].float().cpu())
             self.forwards += len(rows)
         return torch.cat(out) if out else torch.empty(0, 0)
@@ -190,6 +205,7 @@ class LMJudge:
     def compare(self, prompts: Sequence, first: Sequence[str], second: Sequence[str]) -> Comparison:
         """Both orders of every pair: the debiased P(first better) and each order's P("A")."""
         b = len(prompts)
+        first, second = [response_text(r) for r in first], [response_text(r) for r in second]
         shown = [
             self.template.format(prompt=_text(p), first=x, second=y)
             for p, x, y in [*zip(prompts, first, second), *zip(prompts, second, first)]
@@ -204,7 +220,8 @@ class LMJudge:
     def rate(self, prompts: Sequence, responses: Sequence[str]) -> Tensor:
         """[B] the expected rating of each response on the judge's scale (pointwise mode)."""
         questions = [
-            self.rate_template.format(prompt=_text(p), response=r) for p, r in zip(prompts, responses)
+            self.rate_template.format(prompt=_text(p), response=response_text(r))
+            for p, r in zip(prompts, responses)
         ]
         return expected_rating(self.next_token_logits(questions), self.scale_ids, self.scale)
 
@@ -218,4 +235,5 @@ __all__ = [
     "debiased_preference",
     "expected_rating",
     "position_consistency",
+    "response_text",
 ]
