@@ -96,10 +96,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     import importlib
+    import inspect
 
     from rlhflab.experiments import EXPERIMENTS
 
     module = importlib.import_module(EXPERIMENTS[args.name][0])
+    extra = {}
+    if args.judge:
+        if "judge" not in inspect.signature(module.run).parameters:
+            raise UserError(f"--judge applies to experiments that ask an LM judge, not to {args.name}")
+        extra["judge"] = args.judge
     module.run(
         seeds=args.seeds,
         output_dir=args.output_dir or f"runs/{args.name}",
@@ -107,6 +113,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         overwrite=args.overwrite,
         resume=args.resume,
+        **extra,
     )
     return 0
 
@@ -124,6 +131,7 @@ def _add_experiment(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each a full run")
     p.add_argument("--output-dir", default=None, help="where the runs and result.json go (runs/NAME)")
     p.add_argument("--task", default="sentiment", help="built-in lab task")
+    p.add_argument("--judge", default=None, metavar="DIR", help="the LM judge (rlaif): a local HF causal LM")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment directory")
     p.add_argument("--resume", action="store_true", help="keep the seeds already finished, run the others")
     p.add_argument(

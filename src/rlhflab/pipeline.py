@@ -23,6 +23,7 @@ of them can be re-run alone with `rlhflab STAGE --config OUTPUT_DIR/METHOD/confi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -509,8 +510,13 @@ def run_pipeline(
     overrides: list[str] | None = None,
     overwrite: bool = False,
     methods: list[str] | None = None,
+    relabel: Callable[[Path], dict] | None = None,
 ) -> Path:
-    """Run the whole pipeline with `methods` (default `DEFAULT_METHODS`); returns the path of report.html."""
+    """Run the whole pipeline with `methods` (default `DEFAULT_METHODS`); returns the path of report.html.
+
+    `relabel(pairs_path) -> stats`: another labeller for the lab's candidate pairs (an LM judge, for RLAIF),
+    called once the annotators' pairs.jsonl is written; it rewrites the file in place, and its stats go to
+    DATA/relabel.json and the report's meta."""
     from rlhflab.lab.make_data import make_task_data
     from rlhflab.lab.tasks import get_task
 
@@ -535,6 +541,14 @@ def run_pipeline(
     print(f"[0/{steps}] data: simulated annotators label the '{task}' task")
     paths = make_task_data(task_obj, out / "data", seed=seed, **_section(user, "data"))
     assert all(paths[name] == path for name, path in data.items()), paths
+    relabelled = None
+    if relabel is not None:
+        import json
+
+        from rlhflab.core.io import atomic_write_text
+
+        relabelled = relabel(paths["pairs"])
+        atomic_write_text(out / "data" / "relabel.json", json.dumps(relabelled, indent=2) + "\n")
     for i, name in enumerate(trained, 1):
         print(f"[{i}/{steps}] {name}: {METHODS[name].title}")
         saved = _train(name, configs[name])
@@ -561,7 +575,13 @@ def run_pipeline(
         reward_models=reward_models,
         curves=curves,
         rollout_curves=rollout_curves,
-        meta={"seed": seed, "runtime_s": runtime, "methods": names, "summary": summary},
+        meta={
+            "seed": seed,
+            "runtime_s": runtime,
+            "methods": names,
+            "summary": summary,
+            "relabel": relabelled,
+        },
     )
     _patch_report_json(paths_out["json"], task, seed, runtime, reward_models, summary)
     _print_table(summary, paths_out["html"])

@@ -13,4 +13,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "rlhflab.experiments.online_vs_offline",
         "offline DPO vs online DPO vs iterative DPO at the same label budget (Guo et al. 2024; Xu et al. 2023)",
     ),
+    "rlaif": (
+        "rlhflab.experiments.rlaif",
+        "an LM judge's labels vs simulated human labels for the reward model, PPO and DPO (Lee et al. 2023); "
+        "needs --judge DIR",
+    ),
 }
