@@ -541,14 +541,7 @@ def run_pipeline(
     print(f"[0/{steps}] data: simulated annotators label the '{task}' task")
     paths = make_task_data(task_obj, out / "data", seed=seed, **_section(user, "data"))
     assert all(paths[name] == path for name, path in data.items()), paths
-    relabelled = None
-    if relabel is not None:
-        import json
-
-        from rlhflab.core.io import atomic_write_text
-
-        relabelled = relabel(paths["pairs"])
-        atomic_write_text(out / "data" / "relabel.json", json.dumps(relabelled, indent=2) + "\n")
+    relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
     for i, name in enumerate(trained, 1):
         print(f"[{i}/{steps}] {name}: {METHODS[name].title}")
         saved = _train(name, configs[name])
@@ -586,6 +579,17 @@ def run_pipeline(
     _patch_report_json(paths_out["json"], task, seed, runtime, reward_models, summary)
     _print_table(summary, paths_out["html"])
     return paths_out["html"]
+
+
+def _relabel_pairs(relabel: Callable[[Path], dict], pairs: Path) -> dict:
+    """Another labeller's pass over the candidate pairs (rewriting pairs.jsonl); its stats in DATA/relabel.json."""
+    import json
+
+    from rlhflab.core.io import atomic_write_text
+
+    stats = relabel(pairs)
+    atomic_write_text(pairs.parent / "relabel.json", json.dumps(stats, indent=2) + "\n")
+    return stats
 
 
 def _patch_report_json(

@@ -126,53 +126,72 @@ def create_app(store: Store) -> Any:
     async def _invalid(request: Request, exc: payloads.LabelInvalid):
         return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
 
-    async def caller(request: Request, *, write: bool = False) -> Who:
-        """The signed-in user (401 if none); a cookie-authenticated write must carry the CSRF token."""
-        header = request.headers.get("authorization", "")
-        if header:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise HTTPProblem(401, "Authorization must be 'Bearer TOKEN'")
-            token = token.strip()
-            who = await run_in_threadpool(store.user_by_session, token)
-            who = who or await run_in_threadpool(store.user_by_token, token)
-            if who is None:
-                raise HTTPProblem(401, "invalid or expired token")
-            return who
-        cookie = request.cookies.get(COOKIE)
-        who = await run_in_threadpool(store.user_by_session, cookie) if cookie else None
+    _pages(app, store, render)
+    _api(app, store)
+    _admin_api(app, store)
+    return BodyLimit(app)
+
+
+async def caller(store: Store, request: Request, *, write: bool = False) -> Who:
+    """The signed-in user (401 if none); a cookie-authenticated write must carry the CSRF token."""
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPProblem(401, "Authorization must be 'Bearer TOKEN'")
+        token = token.strip()
+        who = await run_in_threadpool(store.user_by_session, token)
+        who = who or await run_in_threadpool(store.user_by_token, token)
         if who is None:
-            raise HTTPProblem(401, "sign in first: POST /api/login with your token, or send a bearer token")
-        if write:
-            sent = request.headers.get("x-csrf-token")
-            if sent is None and "form" in request.headers.get("content-type", ""):
-                sent = (await request.form()).get("csrf")
-            if sent != who.csrf:
-                raise HTTPProblem(403, "missing or wrong CSRF token")
+            raise HTTPProblem(401, "invalid or expired token")
         return who
+    cookie = request.cookies.get(COOKIE)
+    who = await run_in_threadpool(store.user_by_session, cookie) if cookie else None
+    if who is None:
+        raise HTTPProblem(401, "sign in first: POST /api/login with your token, or send a bearer token")
+    if write:
+        sent = request.headers.get("x-csrf-token")
+        if sent is None and "form" in request.headers.get("content-type", ""):
+            sent = (await request.form()).get("csrf")
+        if sent != who.csrf:
+            raise HTTPProblem(403, "missing or wrong CSRF token")
+    return who
 
-    def admin(who: Who) -> Who:
-        if not who.is_admin:
-            raise Forbidden(f"{who.name} is not an admin")
-        return who
 
-    async def json_body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPProblem(400, f"the body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise HTTPProblem(400, f"expected a JSON object, got {type(body).__name__}")
-        return body
+def admin(who: Who) -> Who:
+    if not who.is_admin:
+        raise Forbidden(f"{who.name} is not an admin")
+    return who
 
-    def project_arg(request: Request) -> str:
-        project = request.query_params.get("project")
-        if not project:
-            raise HTTPProblem(400, "name the project: ?project=NAME")
-        return project
 
-    # ---- pages -------------------------------------------------------------------------------------------
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPProblem(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def project_arg(request: Request) -> str:
+    project = request.query_params.get("project")
+    if not project:
+        raise HTTPProblem(400, "name the project: ?project=NAME")
+    return project
+
+
+async def page_caller(store: Store, request: Request) -> Who | Response:
+    """The signed-in user, or a redirect to the sign-in page (what a page answers anonymous visitors)."""
+    try:
+        return await caller(store, request)
+    except HTTPProblem:
+        return RedirectResponse("/login", status_code=303)
+
+
+def _pages(app: FastAPI, store: Store, render) -> None:
+    """The pages people use: sign-in, their projects, the labelling page and its form, the static assets."""
 
     @app.get("/login", response_class=HTMLResponse)
     async def login_page(request: Request):
@@ -191,7 +210,7 @@ def create_app(store: Store) -> Any:
 
     @app.post("/logout")
     async def logout(request: Request):
-        await caller(request, write=True)
+        await caller(store, request, write=True)
         await run_in_threadpool(store.close_session, request.cookies.get(COOKIE, ""))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
@@ -199,7 +218,7 @@ def create_app(store: Store) -> Any:
 
     @app.get("/", response_class=HTMLResponse)
     async def home(request: Request):
-        who = await _page_caller(request)
+        who = await page_caller(store, request)
         if isinstance(who, Response):
             return who
         projects = await run_in_threadpool(store.projects_of, who)
@@ -207,7 +226,7 @@ def create_app(store: Store) -> Any:
 
     @app.get("/label", response_class=HTMLResponse)
     async def label_page(request: Request):
-        who = await _page_caller(request)
+        who = await page_caller(store, request)
         if isinstance(who, Response):
             return who
         project = project_arg(request)
@@ -230,7 +249,7 @@ def create_app(store: Store) -> Any:
 
     @app.post("/label/{assignment_id}")
     async def label_form(assignment_id: int, request: Request):
-        who = await caller(request, write=True)
+        who = await caller(store, request, write=True)
         form = await request.form()
         view = await run_in_threadpool(store.assignment_view, who, assignment_id)
         try:
@@ -241,12 +260,6 @@ def create_app(store: Store) -> Any:
             return page
         return RedirectResponse(f"/label?project={quote(view['project'])}", status_code=303)
 
-    async def _page_caller(request: Request) -> Who | Response:
-        try:
-            return await caller(request)
-        except HTTPProblem:
-            return RedirectResponse("/login", status_code=303)
-
     @app.get("/static/{name}")
     async def static(name: str):
         files = {"label.js": "text/javascript", "label.css": "text/css"}
@@ -254,7 +267,9 @@ def create_app(store: Store) -> Any:
             raise HTTPProblem(404, f"no static file {name!r}")
         return Response((HERE / "static" / name).read_bytes(), media_type=files[name])
 
-    # ---- JSON API ----------------------------------------------------------------------------------------
+
+def _api(app: FastAPI, store: Store) -> None:
+    """The JSON API of annotators (and programs labelling for them), and the admins' read-outs."""
 
     @app.post("/api/login")
     async def api_login(request: Request):
@@ -269,24 +284,24 @@ def create_app(store: Store) -> Any:
 
     @app.get("/api/me")
     async def api_me(request: Request):
-        who = await caller(request)
+        who = await caller(store, request)
         projects = await run_in_threadpool(store.projects_of, who)
         return {"user": who.name, "admin": who.is_admin, "projects": projects}
 
     @app.get("/api/next")
     async def api_next(request: Request):
-        who = await caller(request)
+        who = await caller(store, request)
         view = await run_in_threadpool(store.next_assignment, who, project_arg(request))
         return {"item": view}
 
     @app.get("/api/assignments/{assignment_id}")
     async def api_assignment(assignment_id: int, request: Request):
-        who = await caller(request)
+        who = await caller(store, request)
         return await run_in_threadpool(store.assignment_view, who, assignment_id)
 
     @app.post("/api/labels")
     async def api_labels(request: Request):
-        who = await caller(request, write=True)
+        who = await caller(store, request, write=True)
         body = await json_body(request)
         label, created = await run_in_threadpool(
             store.submit_label, who, body.get("assignment"), body.get("label"), body.get("key")
@@ -297,14 +312,14 @@ def create_app(store: Store) -> Any:
     async def api_stats(request: Request):
         from rlhflab.label.stats import project_stats
 
-        admin(await caller(request))
+        admin(await caller(store, request))
         return await run_in_threadpool(project_stats, store, project_arg(request))
 
     @app.get("/api/export")
     async def api_export(request: Request):
         from rlhflab.label.export import FORMATS, export_records
 
-        admin(await caller(request))
+        admin(await caller(store, request))
         fmt = request.query_params.get("format", "pairs")
         if fmt not in FORMATS:
             raise HTTPProblem(400, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -312,9 +327,13 @@ def create_app(store: Store) -> Any:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         return Response(lines, media_type="application/x-ndjson")
 
+
+def _admin_api(app: FastAPI, store: Store) -> None:
+    """The admins' JSON API: users, projects, members, items."""
+
     @app.post("/api/users")
     async def api_users(request: Request):
-        admin(await caller(request, write=True))
+        admin(await caller(store, request, write=True))
         body = await json_body(request)
         name = body.get("name")
         if not isinstance(name, str):
@@ -324,7 +343,7 @@ def create_app(store: Store) -> Any:
 
     @app.post("/api/projects")
     async def api_projects(request: Request):
-        admin(await caller(request, write=True))
+        admin(await caller(store, request, write=True))
         body = await json_body(request)
         name, aspects = body.get("name"), body.get("aspects", list(payloads.DEFAULT_ASPECTS))
         if not isinstance(name, str) or not isinstance(aspects, list):
@@ -334,7 +353,7 @@ def create_app(store: Store) -> Any:
 
     @app.post("/api/projects/{project}/members")
     async def api_members(project: str, request: Request):
-        admin(await caller(request, write=True))
+        admin(await caller(store, request, write=True))
         user = (await json_body(request)).get("user")
         if not isinstance(user, str):
             raise HTTPProblem(400, "give the member's 'user' name")
@@ -343,15 +362,13 @@ def create_app(store: Store) -> Any:
 
     @app.post("/api/items")
     async def api_items(request: Request):
-        admin(await caller(request, write=True))
+        admin(await caller(store, request, write=True))
         body = await json_body(request)
         project, kind, items = body.get("project"), body.get("kind"), body.get("items")
         if not isinstance(project, str) or not isinstance(items, list):
             raise HTTPProblem(400, "give 'project', 'kind' and 'items' (a list of {prompt, responses})")
         ids = await run_in_threadpool(store.push, project, kind, items, overlap=body.get("overlap", 1))
         return JSONResponse({"items": ids}, status_code=201)
-
-    return BodyLimit(app)
 
 
 def _set_cookie(response: Response, session: str) -> None:

@@ -14,6 +14,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    _people()
+    _work()
+    _answers()
+
+
+def _people() -> None:
     op.create_table(
         "users",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -33,6 +39,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(), nullable=False),
     )
     op.create_index("ix_sessions_user_id", "sessions", ["user_id"])
+
+
+def _work() -> None:
     op.create_table(
         "projects",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -65,6 +74,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_items_project_id", "items", ["project_id"])
     op.create_index("ix_items_batch", "items", ["batch"])
+
+
+def _answers() -> None:
     op.create_table(
         "assignments",
         sa.Column("id", sa.Integer(), primary_key=True),
