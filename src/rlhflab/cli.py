@@ -265,7 +265,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rlhflab.data import load_records
-    from rlhflab.eval.judge import judge_agreement
+    from rlhflab.eval.judge import judge_agreement, judge_pointwise
     from rlhflab.models.judge import LMJudge, response_text
     from rlhflab.models.loading import check_model_dir
 
@@ -287,7 +287,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
             "gold_rejected": gold_scores(args.task, texts, rejected),
         }
     judge = LMJudge.from_pretrained(args.model, batch_size=args.batch_size)
-    report = judge_agreement(judge, prompts, chosen, rejected, **gold)
+    measure = judge_pointwise if args.pointwise else judge_agreement
+    report = measure(judge, prompts, chosen, rejected, **gold)
     report.update(pairs_file=str(args.pairs), task=args.task)
     for key, value in report.items():
         if key != "per_pair":
@@ -309,6 +310,11 @@ def _add_judge(sub) -> None:
     p.add_argument("--task", default=None, help="lab task the pairs come from: also agreement with its gold")
     p.add_argument("--max-pairs", type=int, default=0, help="judge only the first N pairs (0: all)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--pointwise",
+        action="store_true",
+        help="rate each response alone (expected 1-5 rating), not the pair",
+    )
     p.add_argument("--out", default=None, help="write the report (with every pair's verdict) as JSON")
     p.set_defaults(func=cmd_judge)
 

@@ -183,6 +183,16 @@ def test_rlhflab_judge_reports_agreement_bias_and_gold(tmp_path, capsys):
     assert report["gold_agreement"] == pytest.approx(agree, abs=1e-4)
     assert "position_bias_rate" in capsys.readouterr().out
     assert main(["judge", "--model", str(tmp_path / "nope"), "--pairs", str(pairs)]) == 2
+    point = tmp_path / "pointwise.json"
+    assert (
+        main(["judge", "--model", str(model_dir), "--pairs", str(pairs), "--pointwise", "--out", str(point)])
+        == 0
+    )
+    report = json.loads(point.read_text())
+    ratings = [(r["rating_chosen"], r["rating_rejected"]) for r in report["per_pair"]]
+    assert report["mode"] == "pointwise" and all(1 <= x <= 5 for pair in ratings for x in pair)
+    agree = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in ratings) / 3
+    assert report["agreement"] == pytest.approx(agree, abs=1e-4)
 
 
 def test_online_dpo_asks_the_judge_named_in_the_config(tmp_path, tiny_model_dir):
@@ -227,3 +237,51 @@ def test_online_dpo_asks_the_judge_named_in_the_config(tmp_path, tiny_model_dir)
     # argmax mode: the stage's labels are the judge's own verdicts on the logged pairs.
     want = [1.0 if x > 0.5 + 1e-6 else 0.0 if x < 0.5 - 1e-6 else 0.5 for x in p_first.tolist()]
     assert [p["label"] for p in asked] == want
+
+
+class CountingRater(torch.nn.Module):
+    """A stand-in LM for the pointwise mode: at the last position the logit of digit k is k x (number of "good"
+    in the question), so the expected rating is 3 with no "good" and rises with each one."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.vocab = len(tokenizer)
+        self.digits = [tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+        self.good = tokenizer.convert_tokens_to_ids("good")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for i, row in enumerate(input_ids.tolist()):
+            for k, token in enumerate(self.digits, start=1):
+                logits[i, -1, token] = k * row.count(self.good)
+        return SimpleNamespace(logits=logits)
+
+
+def _expected(goods: int) -> float:
+    w = [math.exp(k * goods) for k in range(1, 6)]
+    return sum(k * x for k, x in zip(range(1, 6), w)) / sum(w)
+
+
+def test_pointwise_ratings_known_by_construction(tokenizer):
+    from rlhflab.eval.judge import judge_pointwise
+
+    judge = LMJudge(
+        CountingRater(tokenizer), tokenizer, template=TEMPLATE, rate_template="{prompt} {response} ?"
+    )
+    ratings = judge.rate(["the film", "the film", "a good film"], ["bad", "good good", "fine"])
+    # 0, 2 and 1 "good" in the three questions: 3.0, then the softmax-weighted means of 1..5.
+    torch.testing.assert_close(ratings, torch.tensor([3.0, _expected(2), _expected(1)]))
+    report = judge_pointwise(
+        judge,
+        ["a", "b", "c"],
+        ["good", "fine", "bad"],
+        ["bad", "fine", "good good"],
+        gold_chosen=[1.0, 0.0, 1.0],
+        gold_rejected=[0.0, 0.0, 0.0],
+    )
+    # Pair 0: chosen rated higher (agrees); pair 1: equal ratings (half); pair 2: rejected higher (disagrees).
+    assert report["agreement"] == pytest.approx(0.5) and report["n_pairs"] == 3
+    # Gold decides pairs 0 and 2 (chosen better), pair 1 is a gold tie: agreement (1 + 0) / 2.
+    assert report["gold_pairs"] == 2 and report["gold_agreement"] == pytest.approx(0.5)
+    assert report["per_pair"][0]["rating_chosen"] == pytest.approx(_expected(1))

@@ -10,6 +10,9 @@ For each pair (prompt, chosen, rejected) the judge gives P(chosen better), asked
     position_bias_rate   share of pairs where the judge picks the same POSITION in both orders (the order
                          decided; Zheng et al. 2023's inconsistency), and `p_answer_a`, its mean P("A")
     pairs_per_s          judged pairs per second (two forward rows each), on this machine
+
+`judge_pointwise` does the same with the judge's pointwise mode: each response scored alone by its expected
+rating (`LMJudge.rate`), the pair decided by the higher score (no position to be biased toward).
 """
 
 from __future__ import annotations
@@ -74,5 +77,50 @@ def judge_agreement(
     out["per_pair"] = [
         {"p_chosen": float(a), "p_a": float(b), "p_a_swapped": float(c)}  # unrounded: the summary's inputs
         for a, b, c in zip(p, verdict.p_a.tolist(), verdict.p_a_swapped.tolist())
+    ]
+    return out
+
+
+def judge_pointwise(
+    judge,
+    prompts: Sequence,
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    gold_chosen: Sequence[float] | None = None,
+    gold_rejected: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Agreement of the judge's pointwise ratings with the labels (and gold): a pair goes to the response with
+    the higher expected rating (equal ratings count half). A JSON-ready dict; `per_pair` holds both ratings."""
+    started = time.perf_counter()
+    r_chosen = judge.rate(prompts, chosen).double().numpy()
+    r_rejected = judge.rate(prompts, rejected).double().numpy()
+    seconds = time.perf_counter() - started
+    # The pairwise helper reads P(first better); a rating difference d maps to the same side through 1/2 + d.
+    p = 0.5 + np.sign(r_chosen - r_rejected) / 4
+    mean, lo, hi = mean_ci95(_agree(p, np.ones_like(p)))
+    out: dict[str, Any] = {
+        "judge": getattr(judge, "name", type(judge).__name__),
+        "mode": "pointwise",
+        "n_pairs": len(p),
+        "agreement": round(float(mean), 4),
+        "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
+        "mean_rating_chosen": round(float(r_chosen.mean()), 4),
+        "mean_rating_rejected": round(float(r_rejected.mean()), 4),
+        "seconds": round(seconds, 2),
+        "pairs_per_s": round(len(p) / seconds, 3) if seconds > 0 else None,
+    }
+    if gold_chosen is not None and gold_rejected is not None:
+        g_c, g_r = np.asarray(gold_chosen, dtype=float), np.asarray(gold_rejected, dtype=float)
+        decided = g_c != g_r
+        agree = _agree(p[decided], (g_c > g_r).astype(float)[decided]) if decided.any() else np.array([])
+        g_mean, g_lo, g_hi = mean_ci95(agree)
+        out.update(
+            gold_pairs=int(decided.sum()),
+            gold_agreement=round(float(g_mean), 4),
+            gold_agreement_ci95=[round(float(g_lo), 4), round(float(g_hi), 4)],
+        )
+    out["per_pair"] = [
+        {"rating_chosen": float(a), "rating_rejected": float(b)} for a, b in zip(r_chosen, r_rejected)
     ]
     return out
