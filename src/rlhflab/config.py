@@ -290,10 +290,11 @@ class HeadSpec:
 
 @dataclass
 class RewardAlgo:
-    loss: Literal["bradley_terry", "plackett_luce", "all_pairs"] = "bradley_terry"
+    loss: Literal["bradley_terry", "plackett_luce", "all_pairs", "binary"] = "bradley_terry"
     """Pairwise Bradley-Terry on pairwise data (with optional margins); or, on K-wise rankings, Plackett-Luce
     or InstructGPT's mean over all K-choose-2 pairs. Tied responses: all_pairs skips tied pairs; Plackett-Luce
-    sums the likelihood over every order of the tied responses."""
+    sums the likelihood over every order of the tied responses. binary: a classifier of single responses on
+    unpaired data (prompt, completion, label), e.g. Sparrow's rule-violation models, one head per rule."""
     margin: Literal["none", "data", "small", "large"] = "none"
     """Llama 2 margin m in -log sigmoid(r_c - r_r - m): none; the record's numeric `margin` (0 where absent);
     or the small/large table (Table 27) applied to the record's `rating`. bradley_terry only."""
@@ -328,6 +329,11 @@ class RewardAlgo:
             "algo.margin",
             f"'{self.margin}' needs algo.loss=bradley_terry (K-wise losses have no margin), got "
             f"algo.loss={self.loss}; set algo.margin=none",
+        )
+        _require(
+            self.label_smoothing == 0 or self.loss != "binary",
+            "algo.label_smoothing",
+            "is for preference losses; algo.loss=binary reads each label as given: set it to 0",
         )
         _require(
             self.label_smoothing == 0 or self.loss != "plackett_luce",

@@ -6,6 +6,8 @@ Reference values: -log sigma(z) = log(1 + e^-z): z = 0 -> 0.693147, 0.5 -> 0.474
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -200,3 +202,32 @@ def test_reward_centering_by_hand():
         t([[2.0, 1.0, 0.0], [1.0, -1.0, 9.0]]), torch.tensor([[True] * 3, [True, True, False]])
     )
     torch.testing.assert_close(out, t([4.0, 0.0]))
+
+
+def test_binary_classifier_by_hand():
+    from rlhflab.losses import binary_classifier
+
+    # r = 0: -log(1/2) = log 2 whatever the label. r = ln 3: sigma = 3/4, so y = 1 costs -log(3/4) = 0.2877 and
+    # y = 0 costs -log(1/4) = 1.3863. r = -ln 3 with y = 0 is the mirror image: 0.2877.
+    r = torch.tensor([0.0, math.log(3), math.log(3), -math.log(3)], dtype=torch.float64)
+    y = torch.tensor([True, True, False, False])
+    out = binary_classifier(r, y)
+    torch.testing.assert_close(
+        out.loss,
+        torch.tensor([math.log(2), -math.log(0.75), -math.log(0.25), -math.log(0.75)], dtype=torch.float64),
+    )
+    assert out.metrics["reward/accuracy"].tolist() == [0.0, 1.0, 0.0, 1.0]  # r = 0 is not > 0: counted wrong
+    assert out.metrics["reward/positive"][:2].tolist() == [0.0, math.log(3)]
+    assert out.metrics["reward/negative"][2:].tolist() == [math.log(3), -math.log(3)]
+    assert math.isnan(out.metrics["reward/positive"][3]) and math.isnan(out.metrics["reward/negative"][0])
+    # Centering adds c (2r)^2: at r = ln 3, 0.5 * 4 * ln(3)^2.
+    centered = binary_classifier(r, y, center_coef=0.5)
+    torch.testing.assert_close(centered.loss - out.loss, 0.5 * (2 * r) ** 2)
+    # The gradient is sigma(r) - y, as for any logistic regression.
+    r64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    binary_classifier(r64, labels).loss.sum().backward()
+    torch.testing.assert_close(r64.grad, torch.sigmoid(r64.detach()) - labels)
+    assert torch.autograd.gradcheck(
+        lambda x: binary_classifier(x, labels).loss, (r64.detach().requires_grad_(),)
+    )

@@ -448,3 +448,75 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_separate_rows(tiny
         n_responses = [2] * len(pairs) if kind == "pairwise" else [3, 2]
         saved = sum(len(e["prompt_input_ids"]) * (k - 1) for e, k in zip(examples, n_responses))
         assert rows_tokens - shared_tokens == saved > 0, kind
+
+
+def _labelled(n=96, word="good", seed=0):
+    """Single responses, half of them containing `word` (labelled True): a rule a classifier can learn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        subjects = [x for x in SUBJECTS if (word in x.split()) == positive] or SUBJECTS
+        words = [
+            x
+            for x in ("good", "bad", "great", "sad")
+            if (x == word) == positive or word in " ".join(subjects)
+        ]
+        completion = f"{rng.choice(subjects)} is very {rng.choice(words)} ."
+        rows.append(
+            {
+                "prompt": f"what is {rng.choice(SUBJECTS)} ?",
+                "completion": completion,
+                "label": word in completion.split(),
+            }
+        )
+    return rows
+
+
+def test_binary_rm_learns_a_classifier_and_each_rule_head_its_own_rule(tiny_model_dir, tmp_path):
+    from rlhflab.eval.reward_accuracy import binary_auc
+    from rlhflab.losses import binary_classifier
+
+    rule_a = write_jsonl(tmp_path / "a.jsonl", _labelled(word="good"))
+    rule_b = write_jsonl(tmp_path / "b.jsonl", _labelled(word="cat", seed=1))
+    out = tmp_path / "run"
+    cfg = _cfg(
+        tiny_model_dir,
+        out,
+        "algo.loss=binary",
+        f"algo.heads=good={rule_a},cat={rule_b}",
+        "optim.max_steps=40",
+        "data.eval_fraction=0.25",
+        "logging.eval_every=20",
+    )
+    final = reward.train(cfg)
+    evals = _eval_rows(out)
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
+    for head in ("good", "cat"):
+        assert evals[-1][f"eval/{head}/accuracy"] > 0.85 and evals[-1][f"eval/{head}/auc"] > 0.9
+        assert evals[-1][f"eval/{head}/loss"] < evals[0][f"eval/{head}/loss"]
+    # Wiring: the stage's loss on a batch is the loss library's classifier on the rewards of the heads the rows
+    # train, and the rewards read back from the saved model separate each rule.
+    model = RewardModel.from_pretrained(final)
+    examples, _ = reward_data.load_examples(cfg, "unpaired", _tokenizer(tiny_model_dir), out)
+    batch = collate_reward_batch(examples[:8], "unpaired", pad_id=0)
+    assert batch["label"].tolist() == [e["label"] for e in examples[:8]]
+    heads = batch["row_head"]
+    assert heads.tolist() == [e["head"] for e in examples[:8]]
+    scores = batch_rewards(model, batch, "cpu").gather(1, heads[:, None]).squeeze(1)
+    got = reward._batch_loss(model, batch, "unpaired", cfg, torch.device("cpu"))
+    torch.testing.assert_close(got.loss, binary_classifier(scores, batch["label"]).loss)
+    for head, word, seed in (("good", "good", 5), ("cat", "cat", 6)):
+        rows = _labelled(n=60, word=word, seed=seed)
+        s = LearnedReward.from_pretrained(final, head=head).score(
+            [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        )
+        assert binary_auc(s, torch.tensor([r["label"] for r in rows])) > 0.9, head
+    with pytest.raises(ConfigError, match="algo.loss=binary reads each label"):
+        load_config("rm", None, ["algo.loss=binary", "algo.label_smoothing=0.1"])
+
+
+def _tokenizer(model_dir):
+    from rlhflab.models.loading import load_tokenizer
+
+    return load_tokenizer(model_dir)

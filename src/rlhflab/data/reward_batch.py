@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rlhflab.data.collate import collate_pairs, collate_ranked, pad
+from rlhflab.data.collate import collate_pairs, collate_ranked, collate_unpaired, pad
 from rlhflab.data.packing import collate_shared_prompt
 
 
@@ -19,13 +19,18 @@ def collate_reward_batch(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """A batch of responses in a flat order (pairwise: B chosen, then B rejected; rankings: example 0's
-    responses best first, then example 1's, ...) with, per response, the head it trains (`row_head`).
+    responses best first, then example 1's, ...; unpaired: one response per example, with `label` [B] bool)
+    with, per response, the head it trains (`row_head`).
 
     shared: one row per example (prompt once, then its responses, `collate_shared_prompt`) when every
     example allows it, with `read_rows`/`read_positions` in that flat order; else one row per response.
     Ranked batches carry `num_responses` [B] and `ranks` [B, K_max] (-1 = no response).
     """
     heads = torch.tensor([e["head"] for e in examples])
+    if kind == "unpaired":  # one response per example, nothing to share
+        batch = collate_unpaired(examples, pad_token_id=pad_id)
+        batch["row_head"] = heads
+        return batch
     batch = collate_shared_prompt(examples, pad_token_id=pad_id, dtype=dtype) if shared else None
     if kind == "pairwise":
         if batch is None:

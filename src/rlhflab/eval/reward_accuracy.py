@@ -62,3 +62,14 @@ def ranking_metrics(scores: torch.Tensor, ex: dict) -> tuple[float, float, float
     tau = (concordant - discordant) / max(concordant + discordant, 1.0)
     top1 = float(ex["ranks"][int(scores.argmax())] == 0)
     return concordant / len(ex["pairs"]), tau, top1
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of scores [N] for boolean labels [N]: the probability that a random positive
+    scores above a random negative, ties counting 1/2 (the Mann-Whitney U statistic / (n_pos n_neg); Hanley and
+    McNeil 1982). NaN without both classes."""
+    pos, neg = scores[labels.bool()].double(), scores[~labels.bool()].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())

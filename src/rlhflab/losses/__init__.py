@@ -73,6 +73,7 @@ from rlhflab.losses.preference import (
 from rlhflab.losses.reward import (
     LLAMA2_MARGINS,
     all_pairs_with_ties,
+    binary_classifier,
     bradley_terry,
     llama2_margins,
     pairwise_all_pairs,
@@ -117,6 +118,7 @@ __all__ = [
     "antisymmetric_logits",
     "bco",
     "best_worst_pairs",
+    "binary_classifier",
     "bradley_terry",
     "cdpo",
     "cpl",

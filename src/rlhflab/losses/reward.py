@@ -270,6 +270,32 @@ def trex(
     return LossOutput(-F.logsigmoid(ret_c - ret_r), pair_metrics(ret_c, ret_r))
 
 
+def binary_classifier(scores: Tensor, labels: Tensor, *, center_coef: float = 0.0) -> LossOutput:
+    """A reward head trained as a classifier of single responses: L = -[y log sigma(r) + (1 - y) log sigma(-r)].
+
+    Sparrow's rule models (Glaese et al. 2022, Sec. 2.3 and App. D) are classifiers of this kind: one binary
+    label per (dialogue, rule), "the response breaks the rule" or not, and their probability sigma(r) re-ranks
+    samples (`rlhflab.losses.combine`). With y = 1 for a desirable response the head is also a reward whose
+    sign says desirable (the labels KTO and BCO train on, Ethayarajh et al. 2024).
+
+    scores: [N] logits r; labels: [N] bool or float in {0, 1}. Returns loss [N] (+ center_coef * (2r)^2, the
+    single-response form of `reward_centering`); metrics reward/accuracy (sign of r agrees with y),
+    reward/positive and reward/negative (r where y is 1, resp. 0; NaN on the other rows).
+    """
+    check_same_shape(scores=scores, labels=labels)
+    y = labels.to(scores.dtype)
+    loss = F.binary_cross_entropy_with_logits(scores, y, reduction="none")
+    metrics = {
+        "reward/accuracy": ((scores > 0) == (y > 0.5)).to(scores.dtype),
+        "reward/positive": scores.masked_fill(y < 0.5, float("nan")),
+        "reward/negative": scores.masked_fill(y > 0.5, float("nan")),
+    }
+    if center_coef:
+        center = (2 * scores) ** 2
+        loss, metrics["loss/center"] = loss + center_coef * center, center
+    return LossOutput(loss, detach_metrics(metrics))
+
+
 def stacked_bradley_terry(
     rewards: Tensor, margin: Tensor | None, *, label_smoothing: float = 0.0, center_coef: float = 0.0
 ) -> LossOutput:

@@ -8,6 +8,9 @@ from the SFT model, as in Ouyang et al. 2022). It learns from
   - K-wise rankings: Plackett-Luce, or InstructGPT's mean over all K-choose-2 pairs; tied responses
     are skipped by all_pairs and marginalized (every order of the tie) by Plackett-Luce.
 
+  - single labelled responses (algo.loss=binary): a classifier, -[y log sigma(r) + (1 - y) log sigma(-r)],
+    Sparrow's rule-violation models (Glaese et al. 2022), one head per rule with its own file.
+
 Several heads can share the backbone (algo.heads, one data file per head, e.g. helpfulness and safety);
 a record trains only the head of its file, and all heads train in the same batches. Held-out accuracy is
 reported overall and per Llama 2 rating (Table 28 layout, also written to RUN/eval_accuracy.md). After
@@ -39,7 +42,7 @@ from rlhflab.eval.reward_accuracy import format_accuracy_table
 from rlhflab.losses import (
     LossOutput,
 )
-from rlhflab.losses.reward import ranked_loss, stacked_bradley_terry
+from rlhflab.losses.reward import binary_classifier, ranked_loss, stacked_bradley_terry
 from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, supports_shared_prompt
 from rlhflab.models.flops import matmul_params, reward_model_train_flops
 from rlhflab.models.loading import (
@@ -72,6 +75,10 @@ from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization
 # --------------------------------------------------------------------------------------------------------
 
 
+# What each loss trains on: pairs, single labelled responses, or (every other loss) K-wise rankings.
+DATA_KIND = {"bradley_terry": "pairwise", "binary": "unpaired"}
+
+
 def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
     """Each response's reward from the head it trains: [N] float32."""
     return batch_rewards(model, batch, device).gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
@@ -85,6 +92,8 @@ def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, d
         return stacked_bradley_terry(
             scores, margin, label_smoothing=algo.label_smoothing, center_coef=algo.center_rewards_coef
         )
+    if kind == "unpaired":
+        return binary_classifier(scores, batch["label"].to(device), center_coef=algo.center_rewards_coef)
     return ranked_loss(
         scores,
         batch["num_responses"],
@@ -145,6 +154,16 @@ def _reward_gradients(
     return sums, tokens
 
 
+def _work(batch: list[dict], kind: str) -> dict[str, int]:
+    """What a batch costs: comparisons it trains on (`pairs`; a labelled response counts one) and responses
+    read (`reads`)."""
+    if kind == "pairwise":
+        return {"pairs": len(batch), "reads": 2 * len(batch)}
+    if kind == "unpaired":
+        return {"pairs": len(batch), "reads": len(batch)}
+    return {"pairs": sum(len(e["pairs"]) for e in batch), "reads": sum(len(e["input_ids"]) for e in batch)}
+
+
 def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: bool) -> None:
     metrics, tables = evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)
     run.logger.log(step, metrics)
@@ -167,7 +186,10 @@ def _perf(counts: dict[str, float], seconds: float, model: RewardModel) -> dict[
 
 
 def _shared_prompt(cfg: RewardConfig, model: RewardModel) -> bool:
-    """Whether batches run each prompt once for all its responses (algo.share_prompt, where the model can)."""
+    """Whether batches run each prompt once for all its responses (algo.share_prompt, where the model can;
+    never for single responses, which have no prompt to share)."""
+    if DATA_KIND.get(cfg.algo.loss) == "unpaired":
+        return False
     shared = cfg.algo.share_prompt and supports_shared_prompt(model)
     if cfg.algo.share_prompt and not shared:
         print(
@@ -203,7 +225,7 @@ def _announce(model, kind: str, examples: list, eval_examples: list, total_steps
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a reward model; returns the directory of the final model (RUN/final, a *ForSequenceClassification)."""
     # 1. Setup: seeds, run directory, model, data.
-    kind = "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
+    kind = DATA_KIND.get(cfg.algo.loss, "ranked")
     if any(not h.data for h in cfg.algo.head_specs()):
         require_train_path(cfg.data, kind)
     seed_everything(cfg.seed)
@@ -239,11 +261,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
-        loop.count(
-            tokens=n_tokens,
-            pairs=len(batch) if kind == "pairwise" else sum(len(e["pairs"]) for e in batch),
-            reads=2 * len(batch) if kind == "pairwise" else sum(len(e["input_ids"]) for e in batch),
-        )
+        loop.count(tokens=n_tokens, **_work(batch, kind))
 
         # 3. Log, evaluate, checkpoint.
         loop.end_step(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rlhflab.config import RewardConfig
-from rlhflab.data import LLAMA2_RATINGS, tokenize_pair, tokenize_ranked
+from rlhflab.data import LLAMA2_RATINGS, tokenize_pair, tokenize_ranked, tokenize_unpaired
 from rlhflab.errors import ConfigError, DataError
 from rlhflab.losses import llama2_margins
 from rlhflab.losses import tie_orders as losses_tie_orders
@@ -61,6 +61,8 @@ def tokenize_for_head(
         ex = tokenize_pair(record, tokenizer, **kw)
         ex["margin"] = margin_of(record, cfg.algo.margin, where)
         ex["rating"] = record.rating
+    elif kind == "unpaired":
+        ex = tokenize_unpaired(record, tokenizer, **kw)
     else:
         ex = tokenize_ranked(record, tokenizer, **kw)
         ranks = ex["ranks"]

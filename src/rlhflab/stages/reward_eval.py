@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from rlhflab.data.reward_batch import collate_reward_batch
-from rlhflab.eval.reward_accuracy import accuracy_by_rating, ranking_metrics
-from rlhflab.losses import bradley_terry
+from rlhflab.eval.reward_accuracy import accuracy_by_rating, binary_auc, ranking_metrics
+from rlhflab.losses import binary_classifier, bradley_terry
 from rlhflab.models.reward_model import RewardModel, batch_rewards
 
 
@@ -35,6 +35,8 @@ def score_examples(
         if kind == "pairwise":
             b = len(chunk)
             out += [torch.stack([rewards[i], rewards[b + i]]) for i in range(b)]
+        elif kind == "unpaired":
+            out += list(rewards.split(1))
         else:
             out += list(rewards.split(batch["num_responses"].tolist()))
     model.train(was_training)
@@ -67,6 +69,15 @@ def evaluate_with_tables(
             metrics.update(
                 {f"{prefix}accuracy/{b}": v["accuracy"] for b, v in table.items() if b != "avg" and v["n"]}
             )
+        elif kind == "unpaired":
+            r = torch.stack([s[0] for _, s in mine])
+            y = torch.tensor([ex["label"] for ex, _ in mine])
+            out = binary_classifier(r, y)
+            metrics[f"{prefix}loss"] = float(out.loss.mean())
+            metrics[f"{prefix}accuracy"] = float(out.metrics["reward/accuracy"].mean())
+            # Accuracy at sign 0 depends on the offset; the ranking of good above bad does not (AUC).
+            metrics[f"{prefix}auc"] = binary_auc(r, y)
+            pooled.append((metrics[f"{prefix}accuracy"], len(mine)))
         else:
             acc, tau, top1 = (sum(x) / len(mine) for x in zip(*(ranking_metrics(s, ex) for ex, s in mine)))
             metrics.update(
@@ -96,7 +107,7 @@ def fit_normalization(
         if n_rows >= n_samples:
             break
         picked.append(examples[i])
-        n_rows += 2 if kind == "pairwise" else len(examples[i]["input_ids"])
+        n_rows += {"pairwise": 2, "unpaired": 1}.get(kind) or len(examples[i]["input_ids"])
     rewards = torch.cat(score_examples(model, picked, kind, device, pad_id, shared=shared))[:n_samples]
     mean, std = model.fit_normalization(rewards)
     return {
