@@ -327,7 +327,7 @@ class RewardAlgo:
         _require(
             self.margin == "none" or self.loss == "bradley_terry",
             "algo.margin",
-            f"'{self.margin}' needs algo.loss=bradley_terry (K-wise losses have no margin), got "
+            f"'{self.margin}' needs algo.loss=bradley_terry (K-wise and binary losses have no margin), got "
             f"algo.loss={self.loss}; set algo.margin=none",
         )
         _require(
