@@ -146,6 +146,10 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if (args.rerank == "sparrow") != bool(args.rules):
+        raise UserError(
+            "--rerank sparrow needs --rules DIR (rule classifiers from `rlhflab rm algo.loss=binary`), and --rules needs --rerank sparrow"
+        )
     settings = SamplingSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
     )
@@ -168,6 +172,7 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
         device=args.device,
         max_prompts=args.max_prompts,
         all_samples=args.all_samples,
+        rules=args.rules or "",
     )
     return 0
 
@@ -250,6 +255,15 @@ def _add_best_of_n(sub) -> None:
         help="prompt records (JSONL/JSON/CSV/Parquet); default for a lab model: the lab's prompts",
     )
     p.add_argument("--n", type=int, default=16, help="samples per prompt (default 16)")
+    p.add_argument(
+        "--rerank",
+        choices=("none", "sparrow"),
+        default="none",
+        help="sparrow: pick by the reward and the rule classifiers' probabilities (Glaese et al. 2022)",
+    )
+    p.add_argument(
+        "--rules", default=None, help="rule classifiers for --rerank sparrow: an `rm algo.loss=binary` model"
+    )
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)

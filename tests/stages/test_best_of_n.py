@@ -157,3 +157,70 @@ def test_best_of_n_command_writes_sft_records(tiny_model_dir, tmp_path, capsys):
         assert main(args + bad) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_sparrow_rerank_by_hand():
+    from rlhflab.stages.best_of_n import sparrow_scores
+
+    # One prompt, three samples with preference scores 2, 1, 0 (mean 1) and one rule. Sample 0 very likely
+    # breaks it (violation logit +5: followed with 1 - sigma(5) = 0.006693), samples 1 and 2 very likely not
+    # (followed with 0.993307). Re-rank = sigma(r - 1) * P(followed):
+    #   0.731059 * 0.006693 = 0.004893,  0.5 * 0.993307 = 0.496654,  0.268941 * 0.993307 = 0.267141.
+    pref = torch.tensor([[2.0, 1.0, 0.0]])
+    logits = torch.tensor([[[5.0], [-5.0], [-5.0]]])
+    torch.testing.assert_close(
+        sparrow_scores(pref, logits), torch.tensor([[0.004893, 0.496654, 0.267141]]), atol=1e-6, rtol=0
+    )
+    plain, sparrow = (
+        BestOfN.from_scores([["a", "b", "c"]], pref),
+        BestOfN.from_scores([["a", "b", "c"]], pref, logits),
+    )
+    assert (plain.texts, sparrow.texts) == (["a"], ["b"])
+    assert sparrow.scores.tolist() == [1.0]  # the reported score stays the preference score of the pick
+    # Best-of-2 from the first two samples re-ranks among them (mean 1.5): sample 1 still wins.
+    assert sparrow.best_of(2).texts == ["b"] and sparrow.best_of(2).rule_logits.shape == (1, 2, 1)
+
+
+def test_best_of_n_command_reranks_with_rule_classifiers(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    import json
+
+    from rlhflab.cli import main
+    from rlhflab.rewards.learned import LearnedReward
+    from rlhflab.stages.best_of_n import sparrow_scores
+
+    from ..helpers import tiny_reward_model
+
+    rules = tiny_reward_model("llama", 4, len(tiny_tokenizer)).save_pretrained(
+        tmp_path / "rules", tiny_tokenizer
+    )
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "the dog", "i say"])
+    )
+    out = tmp_path / "best.jsonl"
+    args = ["best-of-n", "--policy", str(tiny_model_dir), "--reward", "rule:length:coef=1:target=8"]
+    args += [
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--all-samples",
+    ]
+    assert main([*args, "--rerank", "sparrow"]) == 2 and "needs --rules" in capsys.readouterr().err
+    assert main([*args, "--rerank", "sparrow", "--rules", str(rules)]) == 0
+    scorer = LearnedReward.from_pretrained(rules)
+    for row in (json.loads(line) for line in out.read_text().splitlines()):
+        # Recomputed from the logged samples: the rule heads' logits, the re-rank, its argmax.
+        logits = scorer.score_all_heads([row["prompt"]] * 4, row["samples"])
+        rerank = sparrow_scores(torch.tensor([row["sample_scores"]]), logits[None])[0]
+        j = int(rerank.argmax())
+        assert row["completion"] == row["samples"][j] and row["score"] == row["sample_scores"][j]
+        assert row["rerank_score"] == pytest.approx(float(rerank[j]), abs=1e-6)
+        assert list(row["rule_violation"]) == scorer.model.head_names
+        assert list(row["rule_violation"].values()) == pytest.approx(
+            torch.sigmoid(logits[j]).tolist(), abs=1e-6
+        )

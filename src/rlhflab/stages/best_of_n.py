@@ -39,21 +39,29 @@ class BestOfN:
     all_texts: list[list[str]]
     all_scores: Tensor
     best_index: Tensor
+    rule_logits: Tensor | None = None  # [P, n, R] rule classifiers' violation logits (Sparrow re-ranking)
+    rerank_scores: Tensor | None = None  # [P, n] the re-rank score the best was chosen by
 
     @property
     def n(self) -> int:
         return self.all_scores.shape[1]
 
     @classmethod
-    def from_scores(cls, all_texts: list[list[str]], all_scores: Tensor) -> BestOfN:
-        """Pick the argmax of each row of all_scores [P, n] (ties: the first)."""
-        best = all_scores.argmax(dim=1)
+    def from_scores(
+        cls, all_texts: list[list[str]], all_scores: Tensor, rule_logits: Tensor | None = None
+    ) -> BestOfN:
+        """Pick the argmax of each row of all_scores [P, n] (ties: the first); with rule_logits [P, n, R], the
+        argmax of Sparrow's re-rank score instead (`sparrow_scores`)."""
+        rerank = None if rule_logits is None else sparrow_scores(all_scores, rule_logits)
+        best = (all_scores if rerank is None else rerank).argmax(dim=1)
         return cls(
             texts=[row[int(j)] for row, j in zip(all_texts, best)],
             scores=all_scores.gather(1, best[:, None]).squeeze(1),
             all_texts=all_texts,
             all_scores=all_scores,
             best_index=best,
+            rule_logits=rule_logits,
+            rerank_scores=rerank,
         )
 
     def best_of(self, k: int) -> BestOfN:
@@ -61,7 +69,20 @@ class BestOfN:
         sampling pass. best_of(1) is plain sampling from the policy."""
         if not 1 <= k <= self.n:
             raise ConfigError(f"best_of(k) needs 1 <= k <= n = {self.n}, got {k}")
-        return BestOfN.from_scores([row[:k] for row in self.all_texts], self.all_scores[:, :k])
+        rules = None if self.rule_logits is None else self.rule_logits[:, :k]
+        return BestOfN.from_scores([row[:k] for row in self.all_texts], self.all_scores[:, :k], rules)
+
+
+def sparrow_scores(preference_scores: Tensor, rule_logits: Tensor) -> Tensor:
+    """Sparrow's re-rank score [P, n] of n candidates per prompt: `rlhflab.losses.combine.sparrow_rerank` of the
+    preference scores [P, n] and each rule's probability of being followed, 1 - sigmoid(violation logit) for
+    rule_logits [P, n, R] (rule classifiers trained with label true = the response breaks the rule; Glaese et
+    al. 2022). A candidate that likely breaks any rule loses however much the preference model likes it."""
+    from rlhflab.losses.combine import sparrow_rerank
+
+    return sparrow_rerank(
+        preference_scores.double(), 1.0 - torch.sigmoid(rule_logits.double())
+    ).rewards.float()
 
 
 def best_of_n_kl(n: int) -> float:
@@ -112,6 +133,7 @@ def best_of_n(
     batch_size: int = 64,
     score_batch_size: int = 256,
     seed: int | None = None,
+    rules=None,
 ) -> BestOfN:
     """Sample n responses to each prompt, score them all, keep the best per prompt.
 
@@ -123,9 +145,13 @@ def best_of_n(
         settings: sampling settings (default: temperature 1, no top-k/top-p: the policy itself).
         batch_size: sequences per `generate` call; score_batch_size: responses per `reward.score` call.
         seed: makes the samples reproducible without touching the global RNG.
+        rules: rule classifiers, anything with `score_all_heads(prompts, responses) -> Tensor [B, R]` of
+            violation logits (a `LearnedReward` of an `rlhflab rm algo.loss=binary` model): the best is then
+            Sparrow's re-rank of the reward and the rules (`sparrow_scores`), not the reward alone.
 
     Returns:
-        BestOfN with texts [P], scores [P], all_texts [P][n], all_scores [P, n], best_index [P].
+        BestOfN with texts [P], scores [P], all_texts [P][n], all_scores [P, n], best_index [P] (and with rules
+        rule_logits [P, n, R], rerank_scores [P, n]).
     """
     if n < 1:
         raise ConfigError(f"best-of-n needs n >= 1, got {n}")
@@ -142,7 +168,15 @@ def best_of_n(
     rollout = generate(model, tokenizer, repeated, settings, batch_size=batch_size, seed=seed)
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
     all_texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-    return BestOfN.from_scores(all_texts, scores.view(len(prompts), n))
+    rule_logits = None
+    if rules is not None:
+        logits = torch.as_tensor(rules.score_all_heads(repeated, rollout.texts)).float().cpu()
+        if logits.dim() != 2 or logits.shape[0] != len(repeated) or not torch.isfinite(logits).all():
+            raise UserError(
+                f"the rule classifiers returned {tuple(logits.shape)} scores (or non-finite ones) for {len(repeated)} responses"
+            )
+        rule_logits = logits.view(len(prompts), n, -1)
+    return BestOfN.from_scores(all_texts, scores.view(len(prompts), n), rule_logits)
 
 
 def sample_to_file(
@@ -157,13 +191,17 @@ def sample_to_file(
     device: str = "auto",
     max_prompts: int = 0,
     all_samples: bool = False,
+    rules: str = "",
     log=print,
 ) -> dict[str, float]:
     """`rlhflab best-of-n`: the best of n samples of `policy` per prompt, scored by `reward` (a reward spec,
     `rlhflab.rewards.load_rewards`), written to `out_path` as JSONL rows {"prompt", "completion", "score",
     "mean_score"} (+ "samples", "sample_scores" with all_samples). The rows are SFT demonstrations, so
     `rlhflab sft data.train_path=OUT` fine-tunes on them: rejection-sampling fine-tuning (one round of expert
-    iteration). Prompts come from `prompts_path` (prompt records).
+    iteration). Prompts come from `prompts_path` (prompt records). `rules`: a rule-classifier model directory
+    (`rlhflab rm algo.loss=binary`, one head per rule, label true = breaks the rule): the best sample is then
+    Sparrow's re-rank, and each row adds "rule_violation" {rule: probability} of the chosen sample and its
+    "rerank_score".
 
     Returns {"best_score": mean best score, "sample_score": mean score of all samples, "kl_bound": nats}.
     """
@@ -183,20 +221,14 @@ def sample_to_file(
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     prompts = prompts[:max_prompts] if max_prompts else prompts
     source = load_rewards(reward, device=dev)
+    rule_model = _rule_classifiers(rules, dev) if rules else None
     model = load_causal_lm(path, device=str(dev))
-    log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}")
-    result = best_of_n(model, load_tokenizer(path), prompts, source, n=n, settings=settings, seed=seed)
-    rows = []
-    for i, prompt in enumerate(prompts):
-        row = {
-            "prompt": prompt,
-            "completion": result.texts[i],
-            "score": float(result.scores[i]),
-            "mean_score": float(result.all_scores[i].mean()),
-        }
-        if all_samples:
-            row.update(samples=result.all_texts[i], sample_scores=result.all_scores[i].tolist())
-        rows.append(row)
+    how = f", re-ranked with the rules of {rules} (Sparrow)" if rules else ""
+    log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}{how}")
+    result = best_of_n(
+        model, load_tokenizer(path), prompts, source, n=n, settings=settings, seed=seed, rules=rule_model
+    )
+    rows = [_row(result, i, prompt, all_samples, rule_model) for i, prompt in enumerate(prompts)]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(rows, out)  # atomic: never a half-written file at `out`
     summary = {
@@ -209,3 +241,28 @@ def sample_to_file(
         f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}"
     )
     return summary
+
+
+def _rule_classifiers(path: str, device):
+    """Every head of a rule-classifier model as one scorer (`score_all_heads`), raw logits."""
+    from rlhflab.rewards.learned import LearnedReward, check_reward_dir
+
+    return LearnedReward.from_pretrained(check_reward_dir(path), device=device)
+
+
+def _row(result: BestOfN, i: int, prompt, all_samples: bool, rules) -> dict:
+    """The output record of prompt i: the chosen sample and its scores (and every sample with all_samples)."""
+    j = int(result.best_index[i])
+    row = {
+        "prompt": prompt,
+        "completion": result.texts[i],
+        "score": float(result.scores[i]),
+        "mean_score": float(result.all_scores[i].mean()),
+    }
+    if rules is not None:
+        probs = torch.sigmoid(result.rule_logits[i, j]).tolist()
+        row["rule_violation"] = dict(zip(rules.model.head_names, probs))
+        row["rerank_score"] = float(result.rerank_scores[i, j])
+    if all_samples:
+        row.update(samples=result.all_texts[i], sample_scores=result.all_scores[i].tolist())
+    return row
