@@ -167,3 +167,40 @@ def test_bad_urls_are_refused():
             normalize_url(url)
     with pytest.raises(UserError, match="does not exist"):
         init_db("sqlite:////no/such/dir/labels.db")
+
+
+def test_a_lease_frees_an_abandoned_slot(db_url):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from rlhflab.label.db import Assignment
+
+    store = Store(db_url, lease_minutes=30)
+    tokens, _ = seed(store, items=1, overlap=2, annotators=("ann", "bob", "cy"))
+    ann, bob, cy = (store.user_by_token(tokens[n]) for n in ("ann", "bob", "cy"))
+    a_ann = store.next_assignment(ann, "p")["assignment"]
+    a_bob = store.next_assignment(bob, "p")["assignment"]
+    assert store.next_assignment(cy, "p") is None  # both slots taken
+    store.submit_label(bob, a_bob, {"choice": "tie"}, "bob-1")
+    with store.tx() as s:  # ann took her item 31 minutes ago and went away; bob's was labelled, so it stays
+        old = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(minutes=31)
+        s.execute(update(Assignment).values(created_at=old))
+    view = store.next_assignment(cy, "p")
+    assert view is not None and view["assignment"] not in (a_ann, a_bob)  # ann's slot, taken again
+    with store.tx() as s:
+        slots = sorted(s.scalars(select(Assignment.slot)).all())
+    assert slots == [0, 1]
+    with pytest.raises(NotFound):  # ann's late answer finds no assignment
+        store.submit_label(ann, a_ann, {"choice": "tie"}, "ann-1")
+    store.submit_label(cy, view["assignment"], {"choice": "tie"}, "cy-1")
+    assert store.counts("p")["labels"] == 2
+    # Without a lease nothing expires: an old unlabelled assignment keeps its slot.
+    plain = Store(db_url)
+    dan = plain.user_by_token(plain.add_user("dan"))
+    plain.add_member("p", "dan")
+    plain.push("p", "pairwise", [{"prompt": "late", "responses": ["x", "y"]}])
+    held = plain.next_assignment(dan, "p")["assignment"]
+    with plain.tx() as s:
+        s.execute(update(Assignment).where(Assignment.id == held).values(created_at=old))
+    assert plain.next_assignment(dan, "p")["assignment"] == held

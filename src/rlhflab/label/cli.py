@@ -116,7 +116,9 @@ def cmd_serve(args) -> int:
     from rlhflab.label.app import create_app
     from rlhflab.label.store import Store
 
-    app = create_app(Store(_db(args)))
+    if args.lease_minutes < 0:
+        raise UserError(f"--lease-minutes must be >= 0 (0: never), got {args.lease_minutes}")
+    app = create_app(Store(_db(args), lease_minutes=args.lease_minutes))
     print(f"labelling app on http://{args.host}:{args.port} (database {_db(args)})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -181,6 +183,12 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
     p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--lease-minutes",
+        type=float,
+        default=60.0,
+        help="hand an item to someone else when its annotator has not labelled it for this long (0: never)",
+    )
     p = add("stats", cmd_stats, "counts, throughput, agreement, position bias, gold agreement")
     p.add_argument("--project", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -8,6 +8,8 @@ labelled (a reload shows the same item), else claims the oldest item of the proj
 slot (fewer than `overlap` assignments) and that they have not seen. The slot number is part of a unique key,
 so two annotators racing for the last slot cannot both win: the loser's insert fails and it tries the next
 item. The responses get a fresh random order per assignment, recorded, so position bias can be measured.
+With a lease (`lease_minutes`, `rlhflab label serve --lease-minutes`), an assignment left unlabelled that long
+is dropped and its slot handed to the next annotator who asks.
 
 Submitting (`submit_label`) is idempotent under the client's key: the same (user, key) returns the label
 stored the first time, whatever the body; a second, different label for one assignment is a conflict.
@@ -26,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -95,8 +97,8 @@ class Who:
 class Store:
     """The database behind one URL. Thread-safe: each call opens its own session."""
 
-    def __init__(self, url: str, *, check: bool = True):
-        self.url = url
+    def __init__(self, url: str, *, check: bool = True, lease_minutes: float = 0):
+        self.url, self.lease_minutes = url, lease_minutes
         self.engine = make_engine(url)
         if check:
             check_schema(self.engine, url)
@@ -319,15 +321,18 @@ class Store:
                 with self.tx() as s:
                     p = self._project(s, project)
                     self._require_member(s, who, p)
+                    self._expire(s, p)
                     mine = self._open_assignments(s, who, p)
                     if mine:
                         return self._view(s.get(Item, mine[0].item_id), mine[0], p)
                     item = self._claimable(s, who, p)
                     if item is None:
                         return None
-                    slot = s.scalar(select(func.count(Assignment.id)).where(Assignment.item_id == item.id))
-                    if slot >= item.overlap:  # filled since our query's snapshot (PostgreSQL): look again
+                    used = set(s.scalars(select(Assignment.slot).where(Assignment.item_id == item.id)))
+                    free = [k for k in range(item.overlap) if k not in used]
+                    if not free:  # filled since our query's snapshot (PostgreSQL): look again
                         continue
+                    slot = free[0]  # a slot an expired assignment left is taken again
                     order = list(range(len(item.responses)))
                     rng.shuffle(order)
                     a = Assignment(item_id=item.id, user_id=who.id, slot=slot, shown_order=order)
@@ -337,6 +342,22 @@ class Store:
             except IntegrityError:
                 continue  # another annotator took that slot at the same moment: try again
         raise Conflict("too many annotators are claiming items at once; retry")
+
+    def _expire(self, s, project: Project) -> int:
+        """Free the slots of assignments left unlabelled for longer than the lease (an annotator who took an
+        item and went away must not hold it forever); their annotator's late submission then gets 404."""
+        if not self.lease_minutes:
+            return 0
+        cutoff = utcnow() - dt.timedelta(minutes=self.lease_minutes)
+        labelled = select(Label.id).where(Label.assignment_id == Assignment.id)
+        stale = s.scalars(
+            select(Assignment.id)
+            .join(Item, Item.id == Assignment.item_id)
+            .where(Item.project_id == project.id, Assignment.created_at < cutoff, ~labelled.exists())
+        ).all()
+        if stale:
+            s.execute(delete(Assignment).where(Assignment.id.in_(stale)))
+        return len(stale)
 
     def _claimable(self, s, who: Who, project: Project) -> Item | None:
         taken = select(func.count(Assignment.id)).where(Assignment.item_id == Item.id).scalar_subquery()
