@@ -285,3 +285,26 @@ def test_pointwise_ratings_known_by_construction(tokenizer):
     # Gold decides pairs 0 and 2 (chosen better), pair 1 is a gold tie: agreement (1 + 0) / 2.
     assert report["gold_pairs"] == 2 and report["gold_agreement"] == pytest.approx(0.5)
     assert report["per_pair"][0]["rating_chosen"] == pytest.approx(_expected(1))
+
+
+def test_judge_reports_time_the_call_itself(tokenizer):
+    import time
+
+    from rlhflab.eval.judge import judge_agreement, judge_pointwise
+
+    judge = LMJudge(
+        CountingRater(tokenizer),
+        tokenizer,
+        template="{prompt} A {first} B {second} ?",
+        rate_template="{prompt} {response} ?",
+    )
+    for measure, model in (
+        (judge_agreement, CountingJudge(tokenizer)),
+        (judge_pointwise, CountingRater(tokenizer)),
+    ):
+        judge.model = model
+        started = time.perf_counter()
+        report = measure(judge, ["a", "b"], ["good", "fine"], ["bad", "good"])
+        elapsed = time.perf_counter() - started
+        assert 0 < report["seconds"] <= elapsed + 0.01
+        assert report["pairs_per_s"] == pytest.approx(2 / report["seconds"], rel=0.1)  # seconds are rounded

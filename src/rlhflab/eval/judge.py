@@ -58,7 +58,7 @@ def judge_agreement(
         "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
         "position_bias_rate": round(float(1.0 - consistent.mean()), 4),
         "p_answer_a": round(float(p_a.mean()), 4),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 4),
         "pairs_per_s": round(len(p) / seconds, 3) if seconds > 0 else None,
     }
     if gold_chosen is not None and gold_rejected is not None:
@@ -107,7 +107,7 @@ def judge_pointwise(
         "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
         "mean_rating_chosen": round(float(r_chosen.mean()), 4),
         "mean_rating_rejected": round(float(r_rejected.mean()), 4),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 4),
         "pairs_per_s": round(len(p) / seconds, 3) if seconds > 0 else None,
     }
     if gold_chosen is not None and gold_rejected is not None:
