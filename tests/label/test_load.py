@@ -1,6 +1,6 @@
 """Load against the real server process: 50 concurrent clients submit 1,000 labels; every acknowledged label is
 stored exactly once, retries by idempotency key store nothing new, and a kill -9 of the server in the middle
-loses no acknowledged label and leaves nothing half-written."""
+loses no acknowledged label and leaves nothing half-written. Each on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -126,11 +126,11 @@ def test_fifty_clients_thousand_labels(db_url, tmp_path):
     print(f"{LABELS} labels from {CLIENTS} clients in {seconds:.1f} s")
 
 
-def test_kill_9_in_the_middle_loses_no_acknowledged_label(sqlite_url, tmp_path):
-    tokens = _setup(sqlite_url)
+def test_kill_9_in_the_middle_loses_no_acknowledged_label(db_url, tmp_path):
+    tokens = _setup(db_url)
     port = free_port()
     log = tmp_path / "server.log"
-    server = start_server(sqlite_url, port, log)
+    server = start_server(db_url, port, log)
     try:
         clients = _run_clients(f"http://127.0.0.1:{port}", tokens)
         while sum(len(c.acked) for c in clients) < LABELS // 3:
@@ -139,7 +139,7 @@ def test_kill_9_in_the_middle_loses_no_acknowledged_label(sqlite_url, tmp_path):
         server.wait()
         at_kill = sum(len(c.acked) for c in clients)
         time.sleep(1.0)  # clients meet a dead server and keep retrying
-        server = start_server(sqlite_url, port, log)
+        server = start_server(db_url, port, log)
         for c in clients:
             c.join(180)
     finally:
@@ -147,4 +147,4 @@ def test_kill_9_in_the_middle_loses_no_acknowledged_label(sqlite_url, tmp_path):
     errors = [c.error for c in clients if c.error is not None]
     assert not errors, errors[0]
     assert LABELS // 3 <= at_kill < LABELS
-    _check_db(sqlite_url, clients)
+    _check_db(db_url, clients)
