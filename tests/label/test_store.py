@@ -74,6 +74,7 @@ def test_shown_order_is_random_per_assignment_and_labels_mean_response_indices(s
         store.submit_label(ann, view["assignment"], {"choice": "A", "strength": "better"}, f"k{i}")
     assert 5 < sum(orders) < 35  # both orders occur
     rows = store.labelled("p")
+    assert {row["annotator"] for row in rows} == {"ann"}  # each label with its own annotator
     for row, swapped in zip(rows, orders):  # choice A = the response shown first
         assert row["payload"]["preferred"] == (1 if swapped else 0) == row["shown_order"][0]
 

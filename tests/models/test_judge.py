@@ -285,6 +285,16 @@ def test_pointwise_ratings_known_by_construction(tokenizer):
     # Gold decides pairs 0 and 2 (chosen better), pair 1 is a gold tie: agreement (1 + 0) / 2.
     assert report["gold_pairs"] == 2 and report["gold_agreement"] == pytest.approx(0.5)
     assert report["per_pair"][0]["rating_chosen"] == pytest.approx(_expected(1))
+    # Gold deciding pair 0 alone (chosen better), where the ratings agree: full agreement.
+    only = judge_pointwise(
+        judge,
+        ["a", "b", "c"],
+        ["good", "fine", "bad"],
+        ["bad", "fine", "good good"],
+        gold_chosen=[1.0, 0.0, 0.0],
+        gold_rejected=[0.0, 0.0, 0.0],
+    )
+    assert (only["gold_pairs"], only["gold_agreement"]) == (1, 1.0)
 
 
 def test_judge_reports_time_the_call_itself(tokenizer):

@@ -110,6 +110,27 @@ def test_bad_reward_sources_get_clear_errors(tiny_model, tiny_tokenizer):
         best_of_n(tiny_model, tiny_tokenizer, WordCount(), PROMPTS)
 
 
+def _best_of_4_args(policy, prompts_file, out, *extra: str) -> list[str]:
+    """`rlhflab best-of-n` on the tiny policy: 4 samples of 6 tokens per prompt under -|words - 8|, all logged."""
+    return [
+        "best-of-n",
+        "--policy",
+        str(policy),
+        "--reward",
+        "rule:length:coef=1:target=8",
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--all-samples",
+        *extra,
+    ]
+
+
 def test_best_of_n_command_writes_sft_records(tiny_model_dir, tmp_path, capsys):
     # A rule reward that prefers responses near 8 words: -|words - 8| (rule:length with target 8).
     import json
@@ -122,24 +143,7 @@ def test_best_of_n_command_writes_sft_records(tiny_model_dir, tmp_path, capsys):
         "".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "the dog", "i say"] * 3)
     )
     out = tmp_path / "bo" / "best.jsonl"
-    args = [
-        "best-of-n",
-        "--policy",
-        str(tiny_model_dir),
-        "--reward",
-        "rule:length:coef=1:target=8",
-        "--prompts",
-        str(prompts_file),
-        "--out",
-        str(out),
-        "--n",
-        "4",
-        "--max-prompts",
-        "6",
-        "--max-new-tokens",
-        "6",
-        "--all-samples",
-    ]
+    args = _best_of_4_args(tiny_model_dir, prompts_file, out, "--max-prompts", "6")
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6
@@ -198,18 +202,7 @@ def test_best_of_n_command_reranks_with_rule_classifiers(tiny_model_dir, tiny_to
         "".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "the dog", "i say"])
     )
     out = tmp_path / "best.jsonl"
-    args = ["best-of-n", "--policy", str(tiny_model_dir), "--reward", "rule:length:coef=1:target=8"]
-    args += [
-        "--prompts",
-        str(prompts_file),
-        "--out",
-        str(out),
-        "--n",
-        "4",
-        "--max-new-tokens",
-        "6",
-        "--all-samples",
-    ]
+    args = _best_of_4_args(tiny_model_dir, prompts_file, out)
     assert main([*args, "--rerank", "sparrow"]) == 2 and "needs --rules" in capsys.readouterr().err
     assert main([*args, "--rerank", "sparrow", "--rules", str(rules)]) == 0
     scorer = LearnedReward.from_pretrained(rules)

@@ -32,6 +32,40 @@ def _agree(p_first: np.ndarray, first_better: np.ndarray) -> np.ndarray:
     return np.where(picked == 0.5, 0.5, (picked == first_better).astype(float))
 
 
+def _agreement(judge, p: np.ndarray) -> dict[str, Any]:
+    """Who judged, how many pairs, and the agreement with the labels (chosen is first) with its interval."""
+    mean, lo, hi = mean_ci95(_agree(p, np.ones_like(p)))
+    return {
+        "judge": getattr(judge, "name", type(judge).__name__),
+        "n_pairs": len(p),
+        "agreement": round(float(mean), 4),
+        "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
+    }
+
+
+def _timing(n_pairs: int, seconds: float) -> dict[str, Any]:
+    return {"seconds": round(seconds, 4), "pairs_per_s": round(n_pairs / seconds, 3) if seconds > 0 else None}
+
+
+def _gold(p: np.ndarray, gold_chosen, gold_rejected) -> dict[str, Any]:
+    """Agreement with gold's own choice on the pairs gold decides (gold ties say nothing about either side),
+    and how often the labels themselves agree with gold there; empty without gold scores."""
+    if gold_chosen is None or gold_rejected is None:
+        return {}
+    g_c, g_r = np.asarray(gold_chosen, dtype=float), np.asarray(gold_rejected, dtype=float)
+    decided = g_c != g_r
+    gold_first = (g_c > g_r).astype(float)
+    g_mean, g_lo, g_hi = (
+        mean_ci95(_agree(p[decided], gold_first[decided])) if decided.any() else (np.nan,) * 3
+    )
+    return {
+        "gold_pairs": int(decided.sum()),
+        "gold_agreement": round(float(g_mean), 4),
+        "gold_agreement_ci95": [round(float(g_lo), 4), round(float(g_hi), 4)],
+        "label_gold_agreement": round(float(gold_first[decided].mean()), 4) if decided.any() else None,
+    }
+
+
 def judge_agreement(
     judge,
     prompts: Sequence,
@@ -47,33 +81,14 @@ def judge_agreement(
     verdict = judge.compare(prompts, chosen, rejected)
     seconds = time.perf_counter() - started
     p = verdict.p_first.double().numpy()
-    agree = _agree(p, np.ones_like(p))
-    mean, lo, hi = mean_ci95(agree)
-    consistent = verdict.consistent.numpy()
     p_a = np.concatenate([verdict.p_a.double().numpy(), verdict.p_a_swapped.double().numpy()])
-    out: dict[str, Any] = {
-        "judge": getattr(judge, "name", type(judge).__name__),
-        "n_pairs": len(p),
-        "agreement": round(float(mean), 4),
-        "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
-        "position_bias_rate": round(float(1.0 - consistent.mean()), 4),
+    out = {
+        **_agreement(judge, p),
+        "position_bias_rate": round(float(1.0 - verdict.consistent.numpy().mean()), 4),
         "p_answer_a": round(float(p_a.mean()), 4),
-        "seconds": round(seconds, 4),
-        "pairs_per_s": round(len(p) / seconds, 3) if seconds > 0 else None,
+        **_timing(len(p), seconds),
+        **_gold(p, gold_chosen, gold_rejected),
     }
-    if gold_chosen is not None and gold_rejected is not None:
-        g_c, g_r = np.asarray(gold_chosen, dtype=float), np.asarray(gold_rejected, dtype=float)
-        decided = g_c != g_r  # gold ties say nothing about either side
-        gold_first = (g_c > g_r).astype(float)
-        g_mean, g_lo, g_hi = (
-            mean_ci95(_agree(p[decided], gold_first[decided])) if decided.any() else (np.nan,) * 3
-        )
-        out.update(
-            gold_pairs=int(decided.sum()),
-            gold_agreement=round(float(g_mean), 4),
-            gold_agreement_ci95=[round(float(g_lo), 4), round(float(g_hi), 4)],
-            label_gold_agreement=round(float(gold_first[decided].mean()), 4) if decided.any() else None,
-        )
     out["per_pair"] = [
         {"p_chosen": float(a), "p_a": float(b), "p_a_swapped": float(c)}  # unrounded: the summary's inputs
         for a, b, c in zip(p, verdict.p_a.tolist(), verdict.p_a_swapped.tolist())
@@ -96,30 +111,16 @@ def judge_pointwise(
     r_chosen = judge.rate(prompts, chosen).double().numpy()
     r_rejected = judge.rate(prompts, rejected).double().numpy()
     seconds = time.perf_counter() - started
-    # The pairwise helper reads P(first better); a rating difference d maps to the same side through 1/2 + d.
+    # The pairwise helpers read P(first better); a rating difference d maps to the same side through 1/2 + d.
     p = 0.5 + np.sign(r_chosen - r_rejected) / 4
-    mean, lo, hi = mean_ci95(_agree(p, np.ones_like(p)))
-    out: dict[str, Any] = {
-        "judge": getattr(judge, "name", type(judge).__name__),
+    out = {
         "mode": "pointwise",
-        "n_pairs": len(p),
-        "agreement": round(float(mean), 4),
-        "agreement_ci95": [round(float(lo), 4), round(float(hi), 4)],
+        **_agreement(judge, p),
         "mean_rating_chosen": round(float(r_chosen.mean()), 4),
         "mean_rating_rejected": round(float(r_rejected.mean()), 4),
-        "seconds": round(seconds, 4),
-        "pairs_per_s": round(len(p) / seconds, 3) if seconds > 0 else None,
+        **_timing(len(p), seconds),
+        **_gold(p, gold_chosen, gold_rejected),
     }
-    if gold_chosen is not None and gold_rejected is not None:
-        g_c, g_r = np.asarray(gold_chosen, dtype=float), np.asarray(gold_rejected, dtype=float)
-        decided = g_c != g_r
-        agree = _agree(p[decided], (g_c > g_r).astype(float)[decided]) if decided.any() else np.array([])
-        g_mean, g_lo, g_hi = mean_ci95(agree)
-        out.update(
-            gold_pairs=int(decided.sum()),
-            gold_agreement=round(float(g_mean), 4),
-            gold_agreement_ci95=[round(float(g_lo), 4), round(float(g_hi), 4)],
-        )
     out["per_pair"] = [
         {"rating_chosen": float(a), "rating_rejected": float(b)} for a, b in zip(r_chosen, r_rejected)
     ]
