@@ -77,7 +77,16 @@ TRAINED = tuple(name for name, m in METHODS.items() if m.stage != "best_of_n")
 # Non-stage sections of the pipeline config: how much lab data to make and how to evaluate. curve_points:
 # snapshots per trained method (each evaluated on curve_prompts held-out prompts x curve_samples samples).
 PIPELINE_SECTIONS = {
-    "data": {"n_sft": 2000, "n_pairs": 2000, "n_prompts": 1000, "n_heldout": 256},
+    "data": {
+        "n_sft": 2000,
+        "n_pairs": 2000,
+        "n_prompts": 1000,
+        "n_heldout": 256,
+        # Tasks with rules (harm) only; 0 = not written (see `rlhflab.lab.make_data`).
+        "n_helpful_pairs": 0,
+        "n_safety_pairs": 0,
+        "n_rule_labels": 0,
+    },
     "eval": {
         "prompts": 64,
         "samples": 4,
@@ -264,8 +273,10 @@ def _user_sections(config_file: str | None, overrides: list[str]) -> dict[str, A
                     f"{where}: unknown key '{name}.{key}'; known: "
                     + ", ".join(f"{name}.{k}" for k in defaults)
                 )
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}: '{name}.{key}' must be a positive integer, got {value!r}")
+            low = 0 if defaults[key] == 0 else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "an integer >= 0" if low == 0 else "a positive integer"
+                raise ConfigError(f"{where}: '{name}.{key}' must be {what}, got {value!r}")
     return user
 
 
@@ -366,7 +377,7 @@ def _evaluate_best_of_n(
 ) -> dict:
     """Best-of-n is a sampling procedure, not a model: evaluate its picks directly by gold."""
     from rlhflab.eval import metrics as M
-    from rlhflab.lab.evaluate import sample_metrics, score_responses
+    from rlhflab.lab.evaluate import gold_term_metrics, sample_metrics, score_responses
     from rlhflab.lab.tasks import chat_prompt
     from rlhflab.stages.best_of_n import best_of_n
 
@@ -377,12 +388,10 @@ def _evaluate_best_of_n(
     samples = score_responses(
         task, list(prompts), [[picks[j][i] for j in range(n_samples)] for i in range(len(prompts))]
     )
-    mean, lo, hi = M.mean_ci95(samples.gold.mean(axis=1))
     win = M.win_rate_all_pairs(samples.gold, sft_samples.gold)
     wmean, wlo, whi = M.mean_ci95(win)
     return {
-        "gold/mean": mean,
-        "gold/ci95": [lo, hi],
+        **gold_term_metrics(samples),
         "gold/win_rate": wmean,
         "gold/win_rate_ci95": [wlo, whi],
         # The KL of best-of-n to its base policy is at most log n - (n - 1) / n (Stiennon et al. 2020).
@@ -408,7 +417,21 @@ def _summary(policies: dict, label_queries: dict[str, int]) -> dict:
             "mean_length": m["sample/len_mean"],
             "label_queries": label_queries[name],
         }
+        # Tasks with a harmlessness part (harm): both golds, and each where it matters.
+        for key, metric in HARM_SUMMARY.items():
+            if metric in m:
+                out[name][key] = m[metric]
     return out
+
+
+# Summary key -> evaluation metric, for tasks whose gold has helpfulness and harmlessness parts.
+HARM_SUMMARY = {
+    "helpfulness_gold": "gold/helpfulness",
+    "harmlessness_gold": "gold/harmlessness",
+    "helpfulness_benign": "gold/helpfulness/benign",
+    "harm_rate_risky": "gold/harm/risky",
+    "false_refusal_benign": "gold/refused/benign",
+}
 
 
 def _label_queries(out: Path, policies: dict) -> dict[str, int]:
@@ -619,12 +642,24 @@ def _print_table(summary: dict, html: Path) -> None:
     from rich.table import Table
 
     table = Table(title="gold-reward evaluation (held-out prompts)")
-    for col in ("policy", "gold reward", "win rate vs SFT", "KL to SFT", "mean length", "labels"):
+    harm = all("harm_rate_risky" in row for row in summary.values())
+    extra = ("helpful (benign)", "harm rate (risky)", "harmless") if harm else ()
+    for col in ("policy", "gold reward", *extra, "win rate vs SFT", "KL to SFT", "mean length", "labels"):
         table.add_column(col, justify="right" if col != "policy" else "left")
     for name, row in summary.items():
+        cells = (
+            [
+                f"{row['helpfulness_benign']:.3f}",
+                f"{row['harm_rate_risky']:.3f}",
+                f"{row['harmlessness_gold']:.3f}",
+            ]
+            if harm
+            else []
+        )
         table.add_row(
             name,
             f"{row['gold_reward_mean']:.3f} ± {row['gold_reward_ci95']:.3f}",
+            *cells,
             f"{row['win_rate_vs_sft']:.2f}",
             f"{row['kl_to_sft']:.2f}",
             f"{row['mean_length']:.1f}",

@@ -16,6 +16,7 @@ def test_lab_list(capsys):
     assert _run(["lab", "list"]) == 0
     out = capsys.readouterr().out
     assert "sentiment (default)" in out and "arith" in out
+    assert "harm: an assistant asked for household tips" in out
 
 
 def test_lab_data(tmp_path, capsys):

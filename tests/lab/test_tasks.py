@@ -7,7 +7,7 @@ from rlhflab.lab.tasks.sentiment import SUBJECTS, prompt_subject
 
 
 def test_registry_and_unknown_task():
-    assert set(TASKS) >= {"sentiment", "arith"}
+    assert set(TASKS) >= {"sentiment", "arith", "harm"}
     assert get_task("sentiment").name == "sentiment"
     task = get_task("arith")
     assert get_task(task) is task
@@ -15,7 +15,7 @@ def test_registry_and_unknown_task():
         get_task("chess")
 
 
-@pytest.mark.parametrize("name", ["sentiment", "arith"])
+@pytest.mark.parametrize("name", ["sentiment", "arith", "harm"])
 def test_prompts_are_seeded_and_heldout_is_disjoint(name):
     task = get_task(name)
     train = task.train_prompts(3000, seed=0)
@@ -27,7 +27,7 @@ def test_prompts_are_seeded_and_heldout_is_disjoint(name):
     assert len(set(heldout)) > 5
 
 
-@pytest.mark.parametrize("name", ["sentiment", "arith"])
+@pytest.mark.parametrize("name", ["sentiment", "arith", "harm"])
 def test_vocabulary_covers_everything_the_task_writes(name):
     task = get_task(name)
     tok = task.build_tokenizer()

@@ -210,3 +210,16 @@ def test_pipeline_runs_dno_against_a_preference_model(tmp_path, tiny_lab_cache):
     assert 0 < logged[-1]["feedback/queries"] <= 2 * 4 * 6
     lab_pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
     assert report["policies"]["dno"]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"]
+
+
+def test_rule_data_counts_may_be_zero_but_not_negative():
+    from rlhflab.pipeline import _user_sections
+
+    assert (
+        _user_sections(None, ["data.n_rule_labels=0", "data.n_safety_pairs=30"])["data"]["n_safety_pairs"]
+        == 30
+    )
+    with pytest.raises(ConfigError, match="'data.n_rule_labels' must be an integer >= 0"):
+        _user_sections(None, ["data.n_rule_labels=-1"])
+    with pytest.raises(ConfigError, match="'data.n_pairs' must be a positive integer"):
+        _user_sections(None, ["data.n_pairs=0"])

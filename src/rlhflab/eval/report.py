@@ -444,15 +444,25 @@ def _cell(name: str, key: str, value: Any) -> str:
     return f"<td>{_fmt(value)}</td>"
 
 
+# Shown after the gold column when a policy has them: tasks whose gold has a harmlessness part (harm).
+HARM_COLUMNS = (
+    ("gold/helpfulness/benign", "helpfulness (benign)"),
+    ("gold/harm/risky", "harm rate (risky)"),
+    ("gold/refused/benign", "false refusals (benign)"),
+)
+
+
 def _policy_table(policies: Mapping[str, Mapping]) -> str:
     # Only metric dicts are policies: other entries (e.g. a "summary" of dicts) get their own tables.
     policies = _policies(policies)
-    head = "".join(f"<th>{h}</th>" for _, h in POLICY_COLUMNS)
+    harm = [c for c in HARM_COLUMNS if any(c[0] in m for m in policies.values())]
+    columns = (*POLICY_COLUMNS[:2], *harm, *POLICY_COLUMNS[2:])
+    head = "".join(f"<th>{h}</th>" for _, h in columns)
     rows = "".join(
-        f"<tr><td>{html.escape(n)}</td>" + "".join(_cell(n, k, m.get(k)) for k, _ in POLICY_COLUMNS) + "</tr>"
+        f"<tr><td>{html.escape(n)}</td>" + "".join(_cell(n, k, m.get(k)) for k, _ in columns) + "</tr>"
         for n, m in policies.items()
     )
-    note = _bound_note(policies, [k for k, _ in POLICY_COLUMNS])
+    note = _bound_note(policies, [k for k, _ in columns])
     return f"<table><tr><th>policy</th>{head}</tr>{rows}</table>{note}"
 
 

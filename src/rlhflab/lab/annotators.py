@@ -21,6 +21,11 @@ The model of one annotator k judging response y to prompt x:
     unpaired:  P(good) = sigmoid((perceived - threshold) / temperature), randomized with probability
                2*noise; threshold = `good_threshold`, else the median perceived score of the batch.
 
+    aspect:    what the annotators judge: "gold" (everything, the default), or one named term of the task's gold,
+               e.g. "helpfulness" on the harm task (Llama 2's helpfulness annotation, blind to safety).
+    rules:     per-rule violation labels (Sparrow's rule ratings), each flipped with probability `noise`;
+               Llama 2's safety label of a pair (both safe, one, neither) from those per-response labels.
+
 Each item is judged by one annotator drawn uniformly from the pool, so disagreement comes from the
 temperature, the noise and the annotators' different biases. Everything is seeded (numpy Generator).
 """
@@ -34,7 +39,7 @@ import numpy as np
 
 from rlhflab.data.records import LLAMA2_RATINGS
 from rlhflab.errors import ConfigError
-from rlhflab.lab.gold import gold_scores, step_labels
+from rlhflab.lab.gold import RULE_VIOLATIONS, gold_components, gold_scores, step_labels
 from rlhflab.lab.tasks import LabTask, get_task, prompt_text
 from rlhflab.losses.reward import LLAMA2_MARGINS
 from rlhflab.models.tiny import split_words
@@ -135,9 +140,24 @@ class PairLabel:
 class AnnotatorPool:
     """A seeded pool of simulated annotators over one task's gold reward."""
 
-    def __init__(self, task: str | LabTask, settings: AnnotatorSettings | None = None, seed: int = 0):
+    def __init__(
+        self,
+        task: str | LabTask,
+        settings: AnnotatorSettings | None = None,
+        seed: int = 0,
+        aspect: str = "gold",
+    ):
         self.task = get_task(task)
         self.settings = settings or AnnotatorSettings()
+        self.aspect = aspect
+        if aspect != "gold":
+            probe = self.task.train_prompts(1)[0]
+            known = gold_components(self.task, probe, self.task.demonstrations([probe])[0])
+            if aspect not in known:
+                raise ConfigError(
+                    f"annotator aspect {aspect!r} is not a term of the {self.task.name!r} task's gold; "
+                    f"known: {', '.join(known)}"
+                )
         self.rng = np.random.default_rng(seed)
         s = self.settings
         self.biases = (
@@ -147,7 +167,13 @@ class AnnotatorPool:
         )
 
     def _gold(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
-        return gold_scores(self.task, [prompt_text(p) for p in prompts], responses)
+        texts = [prompt_text(p) for p in prompts]
+        if self.aspect == "gold":
+            return gold_scores(self.task, texts, responses)
+        return np.array(
+            [gold_components(self.task, p, r)[self.aspect] for p, r in zip(texts, responses)],
+            dtype=np.float64,
+        )
 
     def _perceive(self, gold: np.ndarray, responses: Sequence[str], annotators: np.ndarray) -> np.ndarray:
         lengths = np.array([len(split_words(r)) for r in responses], dtype=np.float64)
@@ -228,3 +254,24 @@ class AnnotatorPool:
             return None
         flips = self.rng.random(len(labels)) < self.settings.noise
         return [bool(lab) != bool(f) for lab, f in zip(labels, flips)]
+
+    def label_rules(self, prompts: Sequence, responses: Sequence[str]) -> list[dict[str, bool]]:
+        """Per-rule violation labels {rule: True = broken} of each response (Sparrow's rule ratings), each
+        flipped with probability `noise`. Raises ConfigError for a task without rules."""
+        fn = RULE_VIOLATIONS.get(self.task.name)
+        if fn is None:
+            raise ConfigError(f"task {self.task.name!r} has no rules to label (tasks with rules: harm)")
+        out = []
+        for p, r in zip(prompts, responses):
+            truth = fn(prompt_text(p), r)
+            flips = self.rng.random(len(truth)) < self.settings.noise
+            out.append({rule: bool(v) != bool(f) for (rule, v), f in zip(truth.items(), flips)})
+        return out
+
+    def safety_labels(self, prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str]) -> list[str]:
+        """Llama 2's safety label of each pair (Touvron et al. 2023, Sec. 4.2.1): "both_safe", "chosen_safe"
+        (only the chosen one), "rejected_safe" or "neither_safe", from this pool's (noisy) rule labels."""
+        safe_c = [not any(v.values()) for v in self.label_rules(prompts, chosen)]
+        safe_r = [not any(v.values()) for v in self.label_rules(prompts, rejected)]
+        names = {(True, True): "both_safe", (True, False): "chosen_safe", (False, True): "rejected_safe"}
+        return [names.get((c, r), "neither_safe") for c, r in zip(safe_c, safe_r)]

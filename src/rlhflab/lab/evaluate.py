@@ -5,6 +5,9 @@ evaluate_policy -> dict of metrics (namespaced keys):
                                      t-interval over per-prompt means (see `rlhflab.eval.metrics`)
     gold/<term>                      mean of each gold term (sentiment, fluency, repetition, ... / outcome,
                                      process): which part of gold moved
+    gold/<term>/risky, /benign       tasks whose gold flags risky prompts (harm): helpfulness, harm and
+                                     refusals on each kind of prompt (harm rate on risky prompts, false
+                                     refusals and helpfulness on benign ones), each with ..._ci95
     gold/win_rate, gold/win_rate_ci95  vs reference samples on the same prompts, by gold, ties = 1/2
     kl/ref, kl/ref_ci95              sampled sequence KL(policy || ref): mean over samples of
                                      sum over response tokens of (log pi(y_t) - log ref(y_t)); unbiased
@@ -117,6 +120,29 @@ def _interval(values: np.ndarray) -> tuple[float, list[float]]:
     return mean, [lo, hi]
 
 
+SPLIT_TERMS = ("helpfulness", "harm", "refused")
+
+
+def gold_term_metrics(samples: PolicySamples) -> dict:
+    """gold/mean with its interval, gold/std, each term's mean, and for tasks that flag risky prompts the
+    split terms on risky and benign prompts with t-intervals over prompts."""
+    out: dict = {}
+    out["gold/mean"], out["gold/ci95"] = _interval(samples.gold.mean(axis=1))
+    out["gold/std"] = float(samples.gold.std())
+    for name, values in samples.components.items():
+        out[f"gold/{name}"] = float(values.mean())
+    risky = samples.components.get("risky_prompt")
+    if risky is None:
+        return out
+    risky_rows = risky[:, 0] > 0.5
+    for kind, rows in (("risky", risky_rows), ("benign", ~risky_rows)):
+        for name in SPLIT_TERMS:
+            if rows.any() and name in samples.components:
+                key = f"gold/{name}/{kind}"
+                out[key], out[f"{key}_ci95"] = _interval(samples.components[name][rows].mean(axis=1))
+    return out
+
+
 def sample_metrics(samples: PolicySamples) -> dict:
     r = samples.rollout
     out: dict = {}
@@ -179,10 +205,7 @@ def evaluate_policy(
         batch_size=batch_size,
     )
     out: dict = {"eval/n_prompts": len(prompts), "eval/n_samples": n_samples}
-    out["gold/mean"], out["gold/ci95"] = _interval(samples.gold.mean(axis=1))
-    out["gold/std"] = float(samples.gold.std())
-    for name, values in samples.components.items():
-        out[f"gold/{name}"] = float(values.mean())
+    out.update(gold_term_metrics(samples))
     out.update(sample_metrics(samples))
     policy_logps, entropy = response_logps(model, samples.rollout, batch_size)
     mask = samples.rollout.response_mask.cpu()

@@ -9,6 +9,11 @@ Files written to `out_dir` (JSON Lines in the formats of `rlhflab.data`, written
     rankings.jsonl         {"prompt", "responses": [best..worst], "ranks"?}  (n_rankings > 0)
     unpaired.jsonl         {"prompt", "completion", "label"}              (n_unpaired > 0)
     steps.jsonl            {"prompt", "completion", "step_labels"}        (n_steps > 0, arith only)
+    helpful_pairs.jsonl    pairs as above, judged on helpfulness alone    (n_helpful_pairs > 0, harm only)
+    safety_pairs.jsonl     pairs on risky prompts judged by gold (safety first), with Llama 2's "safety" label
+                           both_safe / chosen_safe / rejected_safe / neither_safe   (n_safety_pairs > 0)
+    rules_<rule>.jsonl     {"prompt", "completion", "label"}: label true = the response breaks the rule, one
+                           file per rule (Sparrow's rule ratings)            (n_rule_labels > 0, harm only)
     lab_data.json          the manifest: task, seed, settings, counts, annotator statistics and the gold
                            of the SFT data vs the best achievable (for people; stages never read it)
 
@@ -121,10 +126,17 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 def _pair_rows(
-    task: LabTask, pool: AnnotatorPool, source: ResponseSource, n_pairs: int, seed: int, fmt: Fmt
+    task: LabTask,
+    pool: AnnotatorPool,
+    source: ResponseSource,
+    n_pairs: int,
+    seed: int,
+    fmt: Fmt,
+    prompts: list[str] | None = None,
+    draw: int = 0,
 ) -> tuple[list[dict], dict[str, Any]]:
-    prompts = task.train_prompts(n_pairs, seed=_stream(seed, 2))
-    cands = source.sample(prompts, 4, draw=0)
+    prompts = prompts if prompts is not None else task.train_prompts(n_pairs, seed=_stream(seed, 2))
+    cands = source.sample(prompts, 4, draw=draw)
     kept = [(p, pair) for p, c in zip(prompts, cands) if (pair := _distinct(c, 2))]
     labels = pool.compare([p for p, _ in kept], [pr[0] for _, pr in kept], [pr[1] for _, pr in kept])
     rows, agree, gaps, ratings = [], [], [], {}
@@ -199,6 +211,59 @@ def _step_rows(
     return rows
 
 
+def _rule_task(task: LabTask, what: str) -> None:
+    from rlhflab.lab.gold import RULE_VIOLATIONS
+
+    if task.name not in RULE_VIOLATIONS:
+        raise ConfigError(f"{what} needs a task with rules (harm); task {task.name!r} has none")
+
+
+def _helpful_rows(
+    task: LabTask, settings: AnnotatorSettings, source: ResponseSource, n: int, seed: int, fmt: Fmt
+) -> list[dict]:
+    _rule_task(task, "n_helpful_pairs")
+    pool = AnnotatorPool(task, settings, seed=_stream(seed, 9), aspect="helpfulness")
+    prompts = task.train_prompts(n, seed=_stream(seed, 8))
+    return _pair_rows(task, pool, source, n, seed, fmt, prompts=prompts, draw=4)[0]
+
+
+def risky_train_prompts(task: LabTask, n: int, seed: int) -> list[str]:
+    """`n` training prompts that invite breaking a rule (Llama 2's adversarial prompts), in draw order."""
+    from rlhflab.lab.tasks.harm import prompt_rule
+
+    out: list[str] = []
+    for draw in range(100):
+        out += [p for p in task.train_prompts(4 * n, seed=_stream(seed, 200 + draw)) if prompt_rule(p)]
+        if len(out) >= n:
+            return out[:n]
+    raise ConfigError(f"task {task.name!r} has too few risky prompts to draw {n}")
+
+
+def _safety_rows(
+    task: LabTask, pool: AnnotatorPool, source: ResponseSource, n: int, seed: int, fmt: Fmt
+) -> list[dict]:
+    _rule_task(task, "n_safety_pairs")
+    rows = _pair_rows(task, pool, source, n, seed, fmt, prompts=risky_train_prompts(task, n, seed), draw=5)[0]
+    labels = pool.safety_labels(
+        [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+    )
+    return [{**row, "safety": label} for row, label in zip(rows, labels)]
+
+
+def _rule_rows(
+    task: LabTask, pool: AnnotatorPool, source: ResponseSource, n: int, seed: int, fmt: Fmt
+) -> dict[str, list[dict]]:
+    _rule_task(task, "n_rule_labels")
+    prompts = task.train_prompts(n, seed=_stream(seed, 10))
+    kept = [(p, c[0]) for p, c in zip(prompts, source.sample(prompts, 1, draw=6)) if c[0].strip()]
+    labels = pool.label_rules([p for p, _ in kept], [r for _, r in kept])
+    by_rule: dict[str, list[dict]] = {rule: [] for rule in (labels[0] if labels else {})}
+    for (p, r), lab in zip(kept, labels):
+        for rule, broken in lab.items():
+            by_rule[rule].append({"prompt": fmt(p), "completion": r, "label": broken})
+    return by_rule
+
+
 def _check_counts(k: int, **counts: int) -> None:
     for name, value in counts.items():
         if value < 0:
@@ -231,6 +296,9 @@ def make_task_data(
     k: int = 4,
     n_unpaired: int = 0,
     n_steps: int = 0,
+    n_helpful_pairs: int = 0,
+    n_safety_pairs: int = 0,
+    n_rule_labels: int = 0,
     annotator_settings: AnnotatorSettings | None = None,
     pair_source: str = "demonstrator",
     seed: int = 0,
@@ -239,7 +307,8 @@ def make_task_data(
     cache_dir: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write a task's datasets to `out_dir` (see the module docstring). Returns {kind: path}, kinds
-    "sft", "pairs", "prompts", "heldout", "manifest" and, when asked for, "rankings", "unpaired", "steps"."""
+    "sft", "pairs", "prompts", "heldout", "manifest" and, when asked for, "rankings", "unpaired", "steps",
+    "helpful_pairs", "safety_pairs" and "rules_<rule>" (one per rule)."""
     task = get_task(task)
     _check_counts(
         k,
@@ -250,6 +319,9 @@ def make_task_data(
         n_rankings=n_rankings,
         n_unpaired=n_unpaired,
         n_steps=n_steps,
+        n_helpful_pairs=n_helpful_pairs,
+        n_safety_pairs=n_safety_pairs,
+        n_rule_labels=n_rule_labels,
     )
     settings = annotator_settings or AnnotatorSettings()
     out = Path(out_dir)
@@ -279,12 +351,22 @@ def make_task_data(
         "rankings": (n_rankings, lambda: _ranking_rows(task, pool, source, n_rankings, k, seed, fmt)),
         "unpaired": (n_unpaired, lambda: _unpaired_rows(task, pool, source, n_unpaired, seed, fmt)),
         "steps": (n_steps, lambda: _step_rows(task, pool, source, n_steps, seed, fmt)),
+        "helpful_pairs": (
+            n_helpful_pairs,
+            lambda: _helpful_rows(task, settings, source, n_helpful_pairs, seed, fmt),
+        ),
+        "safety_pairs": (n_safety_pairs, lambda: _safety_rows(task, pool, source, n_safety_pairs, seed, fmt)),
     }
     for kind, (n, make_rows) in extra.items():
         if n > 0:
             rows = make_rows()
             write_jsonl(rows, out / f"{kind}.jsonl")
             paths[kind], counts[kind] = out / f"{kind}.jsonl", len(rows)
+
+    if n_rule_labels > 0:
+        for rule, rows in _rule_rows(task, pool, source, n_rule_labels, seed, fmt).items():
+            write_jsonl(rows, out / f"rules_{rule}.jsonl")
+            paths[f"rules_{rule}"], counts[f"rules_{rule}"] = out / f"rules_{rule}.jsonl", len(rows)
 
     gold = _gold_summary(task, sft_prompts, demos, heldout, seed)
     manifest = {
