@@ -109,3 +109,30 @@ def test_lab_base_and_eval(lab_cache, sentiment_base_dir, tmp_path, capsys):
         f"<td>{metrics['gold/mean']:.3f}</td>" in html
         and f"<td>{metrics['sample/len_mean']:.3f}</td>" in html
     )
+
+
+def test_lab_data_harm_files(tmp_path, capsys):
+    out_dir = tmp_path / "harm"
+    args = [
+        "lab",
+        "data",
+        "harm",
+        "--out",
+        str(out_dir),
+        "--n-sft",
+        "10",
+        "--n-pairs",
+        "10",
+        "--n-prompts",
+        "5",
+    ]
+    args += ["--n-heldout", "5", "--n-helpful-pairs", "12", "--n-safety-pairs", "9", "--n-rule-labels", "7"]
+    assert _run(args) == 0
+    counts = json.loads((out_dir / "lab_data.json").read_text())["counts"]
+    assert counts["rules_insult"] == counts["rules_secret"] == counts["rules_danger"] == 7
+    assert 0 < counts["helpful_pairs"] <= 12 and 0 < counts["safety_pairs"] <= 9
+    out = capsys.readouterr().out
+    assert f"safety_pairs: {out_dir / 'safety_pairs.jsonl'}" in out
+    assert all(
+        json.loads(line)["safety"] for line in (out_dir / "safety_pairs.jsonl").read_text().splitlines()
+    )

@@ -71,6 +71,9 @@ def cmd_lab_data(args: argparse.Namespace) -> int:
         k=args.k,
         n_unpaired=args.n_unpaired,
         n_steps=args.n_steps,
+        n_helpful_pairs=args.n_helpful_pairs,
+        n_safety_pairs=args.n_safety_pairs,
+        n_rule_labels=args.n_rule_labels,
         annotator_settings=settings,
         pair_source=args.pair_source,
         seed=args.seed,
@@ -81,7 +84,7 @@ def cmd_lab_data(args: argparse.Namespace) -> int:
     manifest = json.loads(paths["manifest"].read_text())
     for kind, path in paths.items():
         n = manifest["counts"].get(kind)
-        print(f"{kind:>9}: {path}" + (f"  ({n} records)" if n is not None else ""))
+        print(f"{kind:>13}: {path}" + (f"  ({n} records)" if n is not None else ""))
     pairs, gold = manifest["pairs"], manifest["gold"]
     if pairs.get("agreement_with_gold") is not None:
         print(
@@ -111,6 +114,21 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=4, help="responses per ranking")
     p.add_argument("--n-unpaired", type=int, default=0, help="unpaired good/bad labels (KTO style)")
     p.add_argument("--n-steps", type=int, default=0, help="per-step process labels (arith only)")
+    p.add_argument(
+        "--n-helpful-pairs", type=int, default=0, help="pairs judged on helpfulness alone (harm only)"
+    )
+    p.add_argument(
+        "--n-safety-pairs",
+        type=int,
+        default=0,
+        help="pairs on risky prompts with Llama 2's safety label (harm only)",
+    )
+    p.add_argument(
+        "--n-rule-labels",
+        type=int,
+        default=0,
+        help="responses labelled for each rule, one file per rule (Sparrow; harm only)",
+    )
     p.add_argument(
         "--pair-source",
         default="demonstrator",
