@@ -314,6 +314,111 @@ def cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redteam(args: argparse.Namespace) -> int:
+    import time
+
+    from rlhflab.lab.launch import lab_task_of
+    from rlhflab.stages.redteam import RedTeamPrompts, RedTeamSettings
+
+    task = lab_task_of(args.target)
+    if task is None and not args.red:
+        raise UserError(
+            f"--target {args.target} belongs to no lab task, so there is no default red LM; give --red DIR"
+        )
+    if task is not None:
+        from rlhflab.lab.tasks import get_task
+
+        lengths = {"red_max_new_tokens": get_task(task).max_new_tokens}
+        lengths["target_max_new_tokens"] = args.max_new_tokens or get_task(task).max_new_tokens
+    else:
+        lengths = {"target_max_new_tokens": args.max_new_tokens or 64}
+    settings = RedTeamSettings(
+        n_prompts=args.n_prompts,
+        n_examples=args.n_examples,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        rl_reward=args.rl_reward,
+        seed=args.seed,
+        **lengths,
+    )
+    templates = {k: getattr(args, k) for k in ("ask", "few_shot") if getattr(args, k) is not None}
+    rl = [o[len("rl.") :] for o in args.overrides if o.startswith("rl.")]
+    if len(rl) != len(args.overrides):
+        bad = next(o for o in args.overrides if not o.startswith("rl."))
+        raise UserError(f"override {bad!r}: redteam overrides configure the RL red LM, as rl.KEY=VALUE")
+    common = {
+        "methods": args.method.split(","),
+        "out_dir": args.output_dir or f"runs/redteam-{time.strftime('%Y%m%d-%H%M%S')}",
+        "rl_overrides": rl,
+        "device": args.device,
+        "overwrite": args.overwrite,
+    }
+    if task is not None:
+        from rlhflab.lab.redteam import lab_prompts, run
+
+        prompts = RedTeamPrompts(**{**vars(lab_prompts(task)), **templates}) if templates else None
+        run(args.target, args.red or "", args.classifier or "", s=settings, prompts=prompts, **common)
+    else:
+        from rlhflab.stages.redteam import run
+
+        run(
+            args.target,
+            args.red,
+            args.classifier or "",
+            prompts=RedTeamPrompts(**templates),
+            s=settings,
+            **common,
+        )
+    return 0
+
+
+def _add_redteam(sub) -> None:
+    p = sub.add_parser(
+        "redteam",
+        help="red teaming with a red LM: zero-shot, few-shot or RL test cases, attack success by a classifier",
+        description="Red teaming language models with language models (Perez et al. 2022): a red LM writes test "
+        "cases, the target answers them, rule classifiers flag harmful answers. Writes OUT/report.json (attack "
+        "success with 95% intervals, distinct attacks, diversity, examples; on a lab task also by its hidden "
+        "gold harm rule) and OUT/test_cases.jsonl.",
+    )
+    p.add_argument("--target", required=True, help="the model to red-team: a model directory, or lab:TASK")
+    p.add_argument("--red", default=None, help="the red LM (default for a lab target: its task's base model)")
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="rule classifiers: an `rlhflab rm algo.loss=binary` model directory",
+    )
+    p.add_argument(
+        "--method",
+        default="zero-shot",
+        metavar="LIST",
+        help="comma-separated: zero-shot, few-shot (needs --classifier; runs zero-shot for its examples), rl "
+        "(needs --classifier; trains the red LM with RLOO)",
+    )
+    p.add_argument("--n-prompts", type=int, default=256, help="test cases per method (default 256)")
+    p.add_argument("--n-examples", type=int, default=3, help="few-shot examples per instruction (default 3)")
+    p.add_argument("--threshold", type=float, default=0.5, help="P(harmful) above which an attack succeeded")
+    p.add_argument(
+        "--rl-reward", choices=("prob", "neglog"), default="prob", help="RL reward: P or -log(1-P)"
+    )
+    p.add_argument(
+        "--ask", default=None, help="the zero-shot instruction (default: the lab task's or Perez's)"
+    )
+    p.add_argument("--few-shot", default=None, help="the few-shot instruction, with {examples}")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="longest answer (default: the task's, or 64)"
+    )
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--output-dir", default=None, help="where report.json and test_cases.jsonl go")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument(
+        "overrides", nargs="*", metavar="rl.KEY=VALUE", help="RL red LM (rloo) keys: rl.algo.iterations=100"
+    )
+    p.set_defaults(func=cmd_redteam)
+
+
 def _add_judge(sub) -> None:
     p = sub.add_parser(
         "judge",
@@ -345,6 +450,51 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for report.json / report.html")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_cai(args: argparse.Namespace) -> int:
+    from rlhflab.config import load_config
+    from rlhflab.lab.launch import lab_data, lab_model_dir, lab_task_of
+    from rlhflab.stages import cai
+
+    cfg = load_config(f"cai-{args.phase}", args.config, args.overrides)
+    cai.preflight(cfg)  # the principles file, before a lab model is pretrained or data made
+    task = lab_task_of(cfg.model.name_or_path)
+    prompts = ""
+    if task is not None and not cfg.data.train_path:  # a lab model: the lab task's training prompts
+        prompts = str(lab_data(task, seed=cfg.seed, kinds=("prompt",))["prompts"])
+    cfg = cai.resolve_names(cfg, lambda name: lab_model_dir(name, seed=cfg.seed), prompts)
+    cai.train(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def _add_cai(sub) -> None:
+    p = sub.add_parser(
+        "cai",
+        help="Constitutional AI: sl (critique -> revision -> SFT) or rl (AI-labelled pairs -> RM -> PPO)",
+        description="Constitutional AI (Bai et al. 2022). sl: the policy answers prompts, critiques and revises "
+        "its answers under principles of a constitution (principles=FILE), and is fine-tuned on the revisions "
+        "(RUN/revisions.jsonl, RUN/sft/final). rl: a feedback model says which of two samples is better under a "
+        "principle; a reward model learns those labels and PPO optimizes against it (RUN/pairs.jsonl, "
+        "RUN/ppo/final). `rlhflab config show cai-sl` (cai-rl) documents every key.",
+    )
+    # A subcommand per phase, not a positional: overrides may then follow --config (`cai sl --config F k=v`).
+    phases = p.add_subparsers(dest="phase", metavar="PHASE", required=True)
+    for phase, text in (
+        ("sl", "SL-CAI: sample, critique and revise under the principles, then SFT on the revisions"),
+        ("rl", "RL-CAI: AI-labelled pairs under the principles, a reward model on them, then PPO"),
+    ):
+        q = phases.add_parser(phase, help=text, description=text)
+        q.add_argument(
+            "--config", metavar="FILE", help=f"YAML config file (`rlhflab config show cai-{phase}`)"
+        )
+        q.add_argument(
+            "--overwrite", action="store_true", help="replace an existing run in logging.output_dir"
+        )
+        q.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.optim.lr=1e-4"
+        )
+        q.set_defaults(func=cmd_cai)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stage)
 
     _add_best_of_n(sub)
+    _add_cai(sub)
     _add_experiment(sub)
 
     p = sub.add_parser("config", help="inspect stage configs")
@@ -404,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval(sub)
     _add_judge(sub)
+    _add_redteam(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

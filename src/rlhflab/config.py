@@ -1001,6 +1001,91 @@ class IterativeDPOAlgo(PairFeedbackSection, PreferenceLossSection):
         )
 
 
+@dataclass
+class RejectionSamplingAlgo(RewardSourcesSection):
+    """Sample, filter by a reward, fine-tune (`rlhflab rs`): rejection-sampling fine-tuning (Llama 2, Touvron et
+    al. 2023, Sec. 3.2.3; expert iteration is one round, AlpacaFarm, Dubois et al. 2023) or ReST (Gulcehre et
+    al. 2023, Algorithm 1: Grow steps, each followed by Improve steps at rising reward thresholds)."""
+
+    mode: Literal["rejection_sampling", "rest"] = "rejection_sampling"
+    """rejection_sampling: algo.rounds rounds, each fine-tuning on the best of algo.samples_per_prompt samples per
+    prompt; rest: algo.grow_steps Grow steps, each followed by one Improve step per threshold of algo.thresholds."""
+    samples_per_prompt: int = 4
+    """K, the responses sampled per prompt (each round; rest: each Grow step), all scored by the reward."""
+    prompts_per_round: int = 0
+    """Prompts per round (rest: per Grow step), in a seeded order that cycles through data.train_path; 0: every
+    prompt every round (Llama 2)."""
+    rounds: int = 3
+    """mode=rejection_sampling: rounds (sample, keep the best, fine-tune); 1 is expert iteration."""
+    pool: bool = False
+    """mode=rejection_sampling: keep, per prompt, the best sample of all rounds so far instead of this round's
+    (Llama 2 from RLHF V4 on: top samples of all prior iterations)."""
+    finetune_from: Literal["round_start", "initial"] = "round_start"
+    """mode=rejection_sampling: the weights each round's fine-tuning starts from: round_start, the model that
+    sampled the round (the previous round's model); initial, model.name_or_path every round (ReST-EM, Singh et al.
+    2023; use it with pool=true so later rounds keep the earlier rounds' data)."""
+    grow_steps: int = 1
+    """mode=rest: G, Grow steps (sample and score from the current policy), each followed by its Improve steps."""
+    thresholds: list[float] = field(default_factory=list)
+    """mode=rest: tau_1 < tau_2 < ..., one Improve step each; an Improve step fine-tunes (from the previous
+    one's model) on the Grow set's samples whose reward is >= its threshold."""
+    threshold_kind: Literal["reward", "quantile"] = "reward"
+    """mode=rest: reward, thresholds in the reward's own units (ReST's, on its [0, 1]-scaled rewards); quantile,
+    each threshold is the q-quantile of the Grow set's rewards, q in [0, 1) (0.75 keeps the top quarter)."""
+    eval_prompts: int = 32
+    """After each fine-tuning (and once for the initial model), one sample on each of the first N prompts of
+    data.train_path (all of them when the file holds fewer), at one seed for the whole run, scored by the reward:
+    reward/eval_mean, the model's own reward on a fixed set. Its reward calls are not counted in reward/queries.
+    0 disables."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.samples_per_prompt >= 1,
+            "algo.samples_per_prompt",
+            f"must be >= 1 (responses sampled per prompt), got {self.samples_per_prompt}",
+        )
+        _require(
+            self.prompts_per_round >= 0,
+            "algo.prompts_per_round",
+            f"must be >= 0 (0: every prompt), got {self.prompts_per_round}",
+        )
+        _require(self.eval_prompts >= 0, "algo.eval_prompts", f"must be >= 0, got {self.eval_prompts}")
+        own = {
+            "rejection_sampling": ("rounds", "pool", "finetune_from"),
+            "rest": ("grow_steps", "thresholds", "threshold_kind"),
+        }
+        other = "rest" if self.mode == "rejection_sampling" else "rejection_sampling"
+        for key in own[other]:  # a key acts or is refused
+            _require(
+                getattr(self, key) == _field_default(type(self).__dataclass_fields__[key]),
+                f"algo.{key}",
+                f"is set but applies to algo.mode={other} only (this run is algo.mode={self.mode}); remove it "
+                f"or set algo.mode={other}",
+            )
+        if self.mode == "rejection_sampling":
+            _require(self.rounds >= 1, "algo.rounds", f"must be >= 1, got {self.rounds}")
+            return
+        _require(self.grow_steps >= 1, "algo.grow_steps", f"must be >= 1, got {self.grow_steps}")
+        _require(
+            bool(self.thresholds),
+            "algo.thresholds",
+            "is empty but algo.mode=rest runs one Improve step per threshold; give rising thresholds, e.g. "
+            "algo.thresholds=0.5,0.75,0.9 with algo.threshold_kind=quantile",
+        )
+        _require(
+            all(a < b for a, b in zip(self.thresholds, self.thresholds[1:])),
+            "algo.thresholds",
+            f"must rise strictly (tau_1 < tau_2 < ...; ReST's Improve steps filter ever harder), got "
+            f"{self.thresholds}",
+        )
+        _require(
+            self.threshold_kind == "reward" or all(0 <= q < 1 for q in self.thresholds),
+            "algo.thresholds",
+            f"are quantiles with algo.threshold_kind=quantile and must lie in [0, 1), got {self.thresholds}",
+        )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Stage configs
 # --------------------------------------------------------------------------------------------------------
@@ -1201,6 +1286,230 @@ class IterativeDPOConfig:
         )
 
 
+@dataclass
+class RSDataSection(PromptDataSection):
+    """Prompts the policy answers, and the length of the fine-tuning rows made from its kept answers."""
+
+    max_length: int = 128
+    """Maximum tokens of prompt + response in each fine-tuning (SFT) run."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.max_prompt_length < self.max_length,
+            "data.max_prompt_length",
+            f"({self.max_prompt_length}) must be smaller than data.max_length ({self.max_length})",
+        )
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Rejection-sampling fine-tuning / expert iteration / ReST: rounds of sampling from the current policy,
+    keeping what the reward ranks best, and SFT (`rlhflab sft`) on the kept samples."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, the prompt order, the sampling and each fine-tuning run."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: RSDataSection = field(default_factory=RSDataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=16, epochs=1))
+    """Each fine-tuning run (an SFT run: its epochs over the kept samples, batch size, learning rate)."""
+    logging: LoggingSection = field(default_factory=lambda: LoggingSection(snapshot_every=1))
+    """snapshot_every counts fine-tuning runs (rounds; rest: Improve steps); save_every stays 0."""
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: RejectionSamplingAlgo = field(default_factory=RejectionSamplingAlgo)
+
+    def __post_init__(self):
+        _require(
+            self.logging.save_every == 0 and self.logging.keep_checkpoints == 2,
+            "logging.save_every",
+            "is not used by rs: --resume restarts at the first fine-tuning without a saved model "
+            "(RUN/round-R/sft/final); leave logging.save_every and logging.keep_checkpoints at their defaults",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Constitutional AI (`rlhflab cai sl|rl`): runs that write their own data, then call other stages
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CAILoggingSection:
+    """Where a Constitutional AI run goes. The stages it calls (sft; rm, ppo) log as their own sections say."""
+
+    output_dir: str = ""
+    """Run directory: config.yaml, metrics.jsonl, the data the run writes (revisions.jsonl and sft.jsonl; pairs.jsonl)
+    and one subdirectory per stage it calls (RUN/sft; RUN/rm and RUN/ppo). Empty: runs/cai-sl-TIME (cai-rl)."""
+    progress: bool = True
+    """Show a live progress bar with ETA while sampling, critiquing, revising and judging."""
+
+
+@dataclass
+class CAISLAlgo:
+    """SL-CAI's critique -> revision loop (Bai et al. 2022, "Constitutional AI", Sec. 3.1)."""
+
+    revisions: int = 1
+    """Critique-revision rounds per response, each critiquing the previous round's revision under a principle
+    drawn afresh (the paper chains several revisions per response)."""
+    max_prompts: int = 0
+    """Use only the first N prompts of data.train_path; 0: all of them."""
+    critique_max_new_tokens: int = 32
+    """Longest critique sampled."""
+    revision_max_new_tokens: int = 0
+    """Longest revision sampled; 0: sampling.max_new_tokens (a revision replaces a response)."""
+    critic_temperature: float = 1.0
+    """Softmax temperature of the critiques and revisions (sampling.temperature is the responses'; top_k and
+    top_p apply to both). Below 1 a revision keeps more of what the critique does not object to."""
+    batch_size: int = 64
+    """Sequences per generation call (responses, critiques, revisions)."""
+
+    def __post_init__(self):
+        _require(self.revisions >= 1, "algo.revisions", f"must be >= 1, got {self.revisions}")
+        _require(
+            self.critic_temperature > 0,
+            "algo.critic_temperature",
+            f"must be > 0, got {self.critic_temperature}",
+        )
+        _require(self.max_prompts >= 0, "algo.max_prompts", f"must be >= 0 (0: all), got {self.max_prompts}")
+        _require(
+            self.critique_max_new_tokens >= 1,
+            "algo.critique_max_new_tokens",
+            f"must be >= 1, got {self.critique_max_new_tokens}",
+        )
+        _require(
+            self.revision_max_new_tokens >= 0,
+            "algo.revision_max_new_tokens",
+            f"must be >= 0 (0: sampling.max_new_tokens), got {self.revision_max_new_tokens}",
+        )
+        _require(self.batch_size >= 1, "algo.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class CAIRLAlgo:
+    """RL-CAI's AI feedback (Bai et al. 2022, Sec. 4.1): two samples per prompt, compared under a principle."""
+
+    max_prompts: int = 0
+    """Label pairs for only the first N prompts of data.train_path; 0: all of them (PPO still samples from
+    every prompt of the file)."""
+    batch_size: int = 64
+    """Sequences per generation call, and comparison questions per forward pass of the feedback model."""
+
+    def __post_init__(self):
+        _require(self.max_prompts >= 0, "algo.max_prompts", f"must be >= 0 (0: all), got {self.max_prompts}")
+        _require(self.batch_size >= 1, "algo.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+def _set_by_cai(cfg: Any, section: str, keys: dict[str, str]) -> None:
+    """Refuse the keys of `cfg`'s nested stage config `section` that the CAI run sets itself (a key acts or is
+    refused): `keys` maps each dotted key to where the run takes its value from."""
+    fresh = _field_default(next(f for f in dataclasses.fields(cfg) if f.name == section))
+    for dotted, source in keys.items():
+        value, default = getattr(cfg, section), fresh
+        for part in dotted.split("."):
+            value, default = getattr(value, part), getattr(default, part)
+        _require(value == default, f"{section}.{dotted}", f"is set by the CAI run ({source}); remove it")
+
+
+def _stage_model_default() -> ModelSection:
+    # Empty: the CAI run names the model (the policy, unless the section's own doc says otherwise).
+    return ModelSection(name_or_path="")
+
+
+@dataclass
+class CAISLConfig:
+    """SL-CAI (Bai et al. 2022, Sec. 3): the policy answers prompts, critiques and revises its answers under
+    principles drawn at random from a constitution, and is fine-tuned (the `sft` stage) on the final revisions."""
+
+    seed: int = 0
+    """Seeds the sampling, the principle drawn for each critique and the SFT run."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The policy (a helpful model) whose responses are revised; also the critic unless critic_model is set."""
+    critic_model: str = ""
+    """The model that writes the critiques and revisions: a local HF causal LM directory (or lab:TASK on the
+    command line). Empty: the policy itself, as in the paper."""
+    principles: str = ""
+    """The constitution: a YAML principles file (templates, answers, principles), e.g. configs/constitution.yaml."""
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    """The prompts (data.max_prompt_length cuts the prompts the policy answers, not the critique questions)."""
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    """How responses, critiques and revisions are sampled (max_new_tokens: the responses'; the algo section
+    sets the critiques' and revisions' lengths)."""
+    algo: CAISLAlgo = field(default_factory=CAISLAlgo)
+    logging: CAILoggingSection = field(default_factory=CAILoggingSection)
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(model=_stage_model_default()))
+    """The SFT run on (prompt, final revision) pairs, in RUN/sft (`rlhflab config show sft` documents its keys).
+    sft.model.name_or_path is the model fine-tuned: empty, the policy; the paper fine-tunes the pretrained LM
+    (its directory, or lab:TASK). The run sets sft.seed, sft.data.train_path and sft.logging.output_dir."""
+
+    def __post_init__(self):
+        _set_by_cai(
+            self,
+            "sft",
+            {"seed": "seed", "data.train_path": "RUN/sft.jsonl", "logging.output_dir": "RUN/sft"},
+        )
+
+
+@dataclass
+class CAIRLConfig:
+    """RL-CAI (Bai et al. 2022, Sec. 4): a feedback model says which of two policy samples is better under a
+    principle drawn at random; a reward model (`rm`) learns those AI labels and PPO (`ppo`) optimizes against it."""
+
+    seed: int = 0
+    """Seeds the sampling, the principle drawn for each pair and the RM and PPO runs."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The policy (the SL-CAI model in the paper): it writes the pairs and is where PPO starts."""
+    feedback_model: str = ""
+    """The model asked which response is better (a local HF causal LM directory, or lab:TASK on the command
+    line). Empty: the policy. The paper asks a pretrained LM."""
+    helpful_pairs: str = ""
+    """Pairwise data labelled for helpfulness by people (prompt, chosen, rejected), mixed into the reward model's
+    data with the AI's harmlessness labels (RUN/rm_pairs.jsonl), as the paper's preference model learns
+    helpfulness from human and harmlessness from AI feedback (Sec. 4.1). Empty: the AI labels alone."""
+    principles: str = ""
+    """The constitution: a YAML principles file (templates, answers, principles), e.g. configs/constitution.yaml."""
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    """The prompts: the pairs are sampled from them, and PPO trains on them."""
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    """How the two responses per prompt are sampled."""
+    algo: CAIRLAlgo = field(default_factory=CAIRLAlgo)
+    logging: CAILoggingSection = field(default_factory=CAILoggingSection)
+    rm: RewardConfig = field(default_factory=lambda: RewardConfig(model=_stage_model_default()))
+    """The reward model on the AI-labelled pairs, in RUN/rm (`rlhflab config show rm`). rm.model.name_or_path:
+    where it starts; empty, the policy. The run sets rm.seed, rm.data.train_path and rm.logging.output_dir."""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(model=_stage_model_default()))
+    """PPO from the policy against the reward model, in RUN/ppo (`rlhflab config show ppo`). The run sets
+    ppo.seed, ppo.model.name_or_path (the policy), ppo.data.train_path (data.train_path), ppo.algo.reward_model
+    (RUN/rm/final) and ppo.logging.output_dir."""
+
+    def __post_init__(self):
+        _set_by_cai(
+            self,
+            "rm",
+            {
+                "seed": "seed",
+                "data.train_path": "RUN/pairs.jsonl, or RUN/rm_pairs.jsonl with helpful_pairs",
+                "logging.output_dir": "RUN/rm",
+                "algo.heads": "one head on RUN/pairs.jsonl",
+            },
+        )
+        _require(
+            self.rm.algo.loss == "bradley_terry" and self.rm.algo.margin == "none",
+            "rm.algo.loss",
+            f"must be bradley_terry with rm.algo.margin=none (the AI labels are pairs without margins), got "
+            f"{self.rm.algo.loss} with margin {self.rm.algo.margin}",
+        )
+        _set_by_cai(
+            self,
+            "ppo",
+            {
+                "seed": "seed",
+                "model.name_or_path": "model.name_or_path",
+                "data.train_path": "data.train_path",
+                "algo.reward_model": "RUN/rm/final",
+                "logging.output_dir": "RUN/ppo",
+            },
+        )
+
+
 # The one explicit table of stages; the CLI and `config show` read it.
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
@@ -1212,6 +1521,9 @@ STAGE_CONFIGS: dict[str, type] = {
     "grpo": GRPOConfig,
     "online-dpo": OnlineDPOConfig,
     "iterative-dpo": IterativeDPOConfig,
+    "rs": RejectionSamplingConfig,
+    "cai-sl": CAISLConfig,
+    "cai-rl": CAIRLConfig,
 }
 
 

@@ -87,7 +87,7 @@ def test_ppo_minibatch_must_divide_rollout_batch():
 
 
 @pytest.mark.parametrize(
-    "stage", ["sft", "rm", "pm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "iterative-dpo"]
+    "stage", ["sft", "rm", "pm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "iterative-dpo", "rs"]
 )
 def test_shipped_example_configs_load(stage):
     from pathlib import Path

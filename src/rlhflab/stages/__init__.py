@@ -34,4 +34,8 @@ STAGES: dict[str, tuple[str, str]] = {
         "rlhflab.stages.iterative_dpo",
         "iterative DPO / sDPO / DNO: rounds of offline DPO on the current policy's labelled pairs (or data stages)",
     ),
+    "rs": (
+        "rlhflab.stages.rejection_sampling",
+        "rejection-sampling fine-tuning / expert iteration / ReST: sample K, keep what the reward ranks best, SFT",
+    ),
 }

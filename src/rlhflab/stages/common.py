@@ -7,8 +7,11 @@ lives here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from rlhflab.config import (
     config_to_yaml,
 )
 from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.core.io import atomic_write_text
+from rlhflab.core.io import atomic_dir, atomic_write_text
 from rlhflab.core.metrics_log import MetricsLogger
 from rlhflab.core.progress import Progress
 from rlhflab.core.run_dir import prepare_run_dir
@@ -326,3 +329,25 @@ class Loop:
         self.progress.close()
         self.run.totals, self.run.final_step = dict(self.totals), self.step
         self.run.loop_seconds = time.time() - self._t_start
+
+
+def plain_json(text: Any) -> Any:
+    """A record's text as JSON (a chat's messages as dicts)."""
+    if dataclasses.is_dataclass(text):
+        return dataclasses.asdict(text)
+    if isinstance(text, (list, tuple)):
+        return [plain_json(t) for t in text]
+    return text
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Rows as JSON Lines at `path` (parents made), written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def copy_model_dir(src: Path, dest: Path) -> Path:
+    """A model directory copied whole (no symlinks), appearing at `dest` complete or not at all."""
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return dest

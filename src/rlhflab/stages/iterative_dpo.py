@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 from rlhflab.config import DataSection, DPOAlgo, DPOConfig, EvalLoggingSection, IterativeDPOConfig
-from rlhflab.core.io import atomic_dir, atomic_write_text
+from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.errors import ConfigError, UserError
@@ -53,7 +52,15 @@ from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 from rlhflab.losses.utils import masked_sum
 from rlhflab.models.loading import load_causal_lm, load_tokenizer
 from rlhflab.stages import dpo
-from rlhflab.stages.common import open_run, resolve_device, resolve_model_path, snapshot_dir
+from rlhflab.stages.common import (
+    copy_model_dir,
+    open_run,
+    plain_json,
+    resolve_device,
+    resolve_model_path,
+    snapshot_dir,
+    write_jsonl_atomic,
+)
 from rlhflab.stages.critic_free import rollout_logps
 from rlhflab.stages.data_source import load_train_records, require_train_path
 from rlhflab.stages.on_policy import (
@@ -84,15 +91,6 @@ _LAB_NEEDS_A_SOURCE = (
 )
 
 
-def _plain(text: Any) -> Any:
-    """A record's text as JSON (a chat's messages as dicts)."""
-    if dataclasses.is_dataclass(text):
-        return dataclasses.asdict(text)
-    if isinstance(text, (list, tuple)):
-        return [_plain(t) for t in text]
-    return text
-
-
 def labelled_pairs(rollout, labels: torch.Tensor) -> tuple[list[dict], int]:
     """Step 2: (a prompt/chosen/rejected record for each pair labelled 1 (first chosen) or 0 (second chosen),
     the number of decided pairs dropped because a response is empty text: a pairs file holds no empty
@@ -106,13 +104,8 @@ def labelled_pairs(rollout, labels: torch.Tensor) -> tuple[list[dict], int]:
             empty += 1
             continue
         chosen, rejected = (first, second) if label == FIRST else (second, first)
-        rows.append({"prompt": _plain(rollout.prompts[2 * i]), "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": plain_json(rollout.prompts[2 * i]), "chosen": chosen, "rejected": rejected})
     return rows, empty
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def dpo_config(cfg: IterativeDPOConfig, round_dir: Path, model: str, reference: str) -> DPOConfig:
@@ -159,7 +152,9 @@ def _sdpo_stages(cfg: IterativeDPOConfig) -> list[list[dict]]:
             f"config: data.pairs_path has {n} pairs, fewer than algo.rounds ({k}) x optim.batch_size "
             f"({cfg.optim.batch_size}); lower one of them or add pairs"
         )
-    rows = [{key: _plain(v) for key, v in dataclasses.asdict(r).items() if v is not None} for r in records]
+    rows = [
+        {key: plain_json(v) for key, v in dataclasses.asdict(r).items() if v is not None} for r in records
+    ]
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [rows[bounds[i] : bounds[i + 1]] for i in range(k)]
 
@@ -239,9 +234,9 @@ def _sample_and_rank(
     algo, k = cfg.algo, cfg.algo.samples_per_prompt
     rollout, kl = _sample(cfg, model_dir, prompts, rnd, k, initial)
     labels, identical = ask_tournament(feedback, rollout.prompts, rollout.texts, k, algo.feedback_timeout)
-    plain = [_plain(p) for p in rollout.prompts]
+    plain = [plain_json(p) for p in rollout.prompts]
     rows, records, metrics = best_worst_rows(plain, rollout.texts, labels, k, algo.min_win_rate_margin)
-    _write_jsonl(round_dir / "tournament.jsonl", records)
+    write_jsonl_atomic(round_dir / "tournament.jsonl", records)
     asked = ~identical
     metrics.update(
         {
@@ -270,13 +265,6 @@ def _dpo_metrics(run_dir: Path, loss: str) -> dict[str, float]:
     if flops:  # the DPO run's training FLOP/s (`rlhflab.models.flops`), its last logged value
         out["perf/flops_per_s"] = flops[-1]
     return out
-
-
-def _copy_model(src: Path, dest: Path) -> Path:
-    """A model directory copied whole (no symlinks), appearing at `dest` complete or not at all."""
-    with atomic_dir(dest) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-    return dest
 
 
 def _feedback_state(path: Path) -> dict | None:
@@ -345,13 +333,13 @@ def train(
         else:
             rows = stages[rnd - 1]
             metrics["feedback/pairs_kept"] = float(len(rows))
-        _write_jsonl(round_dir / "pairs.jsonl", rows)
+        write_jsonl_atomic(round_dir / "pairs.jsonl", rows)
         t_train = time.time()
         # 3. offline DPO on the round's pairs, from the round's starting model
         reference = model if algo.reference == "round_start" else initial
         if len(rows) < cfg.optim.batch_size:  # too few decided pairs for one step: the policy stays
             print(f"{NAME}: round {rnd} kept {len(rows)} pairs, fewer than one batch; the model is unchanged")
-            _copy_model(Path(model), final)
+            copy_model_dir(Path(model), final)
         else:
             dpo.train(dpo_config(cfg, round_dir, model, reference), overwrite=True)
             metrics.update(_dpo_metrics(round_dir / "dpo", algo.loss))
@@ -362,13 +350,13 @@ def train(
         atomic_write_text(round_dir / "round.json", json.dumps({"queries": round_queries, **metrics}) + "\n")
         model = str(final)
         if cfg.logging.snapshot_every and rnd % cfg.logging.snapshot_every == 0:
-            _copy_model(final, snapshot_dir(run.dir, rnd))
+            copy_model_dir(final, snapshot_dir(run.dir, rnd))
         run.logger.log(rnd, {"round/index": float(rnd), **metrics})
         shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("perf/"))
         print(f"{NAME}: round {rnd}/{algo.rounds}  {shown}")
 
     # Save RUN/final: the last round's model.
-    out = _copy_model(Path(model), run.dir / "final")
+    out = copy_model_dir(Path(model), run.dir / "final")
     run.final_step = algo.rounds
     run.close()
     asked = f"{queries} feedback queries; " if iterative else ""
