@@ -284,6 +284,18 @@ def _gold_summary(
     }
 
 
+def _write_extras(out: Path, extra: dict, paths: dict[str, Path], counts: dict[str, int]) -> None:
+    """Write each asked-for extra file (count > 0): rows to KIND.jsonl, or {name: rows} to KIND_NAME.jsonl."""
+    for kind, (n, make_rows) in extra.items():
+        if n <= 0:
+            continue
+        made = make_rows()
+        for name, rows in made.items() if isinstance(made, dict) else [("", made)]:
+            key = f"{kind}_{name}" if name else kind
+            write_jsonl(rows, out / f"{key}.jsonl")
+            paths[key], counts[key] = out / f"{key}.jsonl", len(rows)
+
+
 def make_task_data(
     task: str | LabTask,
     out_dir: str | Path,
@@ -310,19 +322,8 @@ def make_task_data(
     "sft", "pairs", "prompts", "heldout", "manifest" and, when asked for, "rankings", "unpaired", "steps",
     "helpful_pairs", "safety_pairs" and "rules_<rule>" (one per rule)."""
     task = get_task(task)
-    _check_counts(
-        k,
-        n_sft=n_sft,
-        n_pairs=n_pairs,
-        n_prompts=n_prompts,
-        n_heldout=n_heldout,
-        n_rankings=n_rankings,
-        n_unpaired=n_unpaired,
-        n_steps=n_steps,
-        n_helpful_pairs=n_helpful_pairs,
-        n_safety_pairs=n_safety_pairs,
-        n_rule_labels=n_rule_labels,
-    )
+    # Every count argument (n_sft, n_pairs, ...) must be >= 0: read them from the arguments themselves.
+    _check_counts(k, **{name: value for name, value in locals().items() if name.startswith("n_")})
     settings = annotator_settings or AnnotatorSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,17 +357,9 @@ def make_task_data(
             lambda: _helpful_rows(task, settings, source, n_helpful_pairs, seed, fmt),
         ),
         "safety_pairs": (n_safety_pairs, lambda: _safety_rows(task, pool, source, n_safety_pairs, seed, fmt)),
+        "rules": (n_rule_labels, lambda: _rule_rows(task, pool, source, n_rule_labels, seed, fmt)),
     }
-    for kind, (n, make_rows) in extra.items():
-        if n > 0:
-            rows = make_rows()
-            write_jsonl(rows, out / f"{kind}.jsonl")
-            paths[kind], counts[kind] = out / f"{kind}.jsonl", len(rows)
-
-    if n_rule_labels > 0:
-        for rule, rows in _rule_rows(task, pool, source, n_rule_labels, seed, fmt).items():
-            write_jsonl(rows, out / f"rules_{rule}.jsonl")
-            paths[f"rules_{rule}"], counts[f"rules_{rule}"] = out / f"rules_{rule}.jsonl", len(rows)
+    _write_extras(out, extra, paths, counts)
 
     gold = _gold_summary(task, sft_prompts, demos, heldout, seed)
     manifest = {
