@@ -106,10 +106,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if "judge" not in inspect.signature(module.run).parameters:
             raise UserError(f"--judge applies to experiments that ask an LM judge, not to {args.name}")
         extra["judge"] = args.judge
+    if args.task:  # else each experiment's own default task (sentiment, or harm for those that need rules)
+        extra["task"] = args.task
     module.run(
         seeds=args.seeds,
         output_dir=args.output_dir or f"runs/{args.name}",
-        task=args.task,
         overrides=args.overrides,
         overwrite=args.overwrite,
         resume=args.resume,
@@ -130,7 +131,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each a full run")
     p.add_argument("--output-dir", default=None, help="where the runs and result.json go (runs/NAME)")
-    p.add_argument("--task", default="sentiment", help="built-in lab task")
+    p.add_argument(
+        "--task", default=None, help="built-in lab task (default: the experiment's own, sentiment or harm)"
+    )
     p.add_argument("--judge", default=None, metavar="DIR", help="the LM judge (rlaif): a local HF causal LM")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment directory")
     p.add_argument("--resume", action="store_true", help="keep the seeds already finished, run the others")

@@ -18,4 +18,14 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "an LM judge's labels vs simulated human labels for the reward model, PPO and DPO (Lee et al. 2023); "
         "needs --judge DIR",
     ),
+    "sparrow": (
+        "rlhflab.experiments.sparrow",
+        "best-of-N re-ranked by rule classifiers vs by the preference RM alone, on the harm task "
+        "(Glaese et al. 2022)",
+    ),
+    "llama2-safety": (
+        "rlhflab.experiments.llama2_safety",
+        "a safety reward head with Llama 2's gate vs one reward model on the same labels, PPO on the harm "
+        "task (Touvron et al. 2023)",
+    ),
 }
