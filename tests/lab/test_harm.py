@@ -249,3 +249,15 @@ def test_critiques_revisions_and_comparisons_of_the_corpus():
     assert abs(np.mean(right) - (1 - H.CORPUS_NOISE)) < 0.06
     kinds = [u.split(" ")[0] for u, _ in docs]
     assert {"ask", "revise", "which", "is", "does"} <= set(kinds)
+
+
+def test_styles_stay_on_topic_as_often_as_they_say():
+    # Each step's thing belongs to the asked object with probability p_on_topic (else another object's).
+    rng = random.Random(7)
+    for style in (H.BASE_STYLE, H.DEMO_STYLE):
+        own = []
+        for _ in range(600):
+            words = H._steps("bike", H.OBJECTS, style, rng)
+            things = [w for w in words if H.WORD_CLASS.get(w) == "N"]
+            own += [t in (*H.OBJECTS["bike"], "bike") for t in things]
+        assert abs(np.mean(own) - style.p_on_topic) < 0.04

@@ -200,6 +200,19 @@ def test_cli_refuses_bad_principles_with_exit_2_and_no_run_dir(tmp_path, capsys,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.critic_temperature=0", r"algo.critic_temperature must be > 0, got 0"),
+        ("algo.revisions=0", r"algo.revisions must be >= 1, got 0"),
+    ],
+)
+def test_impossible_cai_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("cai-sl", overrides=[override])
+    assert load_config("cai-sl", overrides=["algo.critic_temperature=0.01"]).algo.critic_temperature == 0.01
+
+
 def test_the_harm_configs_load():
     sl = load_config("cai-sl", CONFIGS / "cai_sl_harm.yaml")
     rl = load_config("cai-rl", CONFIGS / "cai_rl_harm.yaml")
