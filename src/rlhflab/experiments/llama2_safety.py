@@ -57,7 +57,7 @@ from typing import Any
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import write_result
+from rlhflab.experiments.result import publish
 from rlhflab.lab.tasks import harm
 
 NAME = "llama2-safety"
@@ -433,7 +433,7 @@ def run(
     rows = [row for seed in seeds for row in seed_rows(seed, reports[seed])]
     verdict, lines = decide(rows), findings(rows)
     command = f"rlhflab experiment {NAME} --task {task} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    paths = write_result(
+    return publish(
         out,
         experiment=NAME,
         claim=CLAIM,
@@ -447,11 +447,6 @@ def run(
         seeds=seeds,
         command=command + "".join(f" {o}" for o in overrides),
     )
-    print(f"{NAME}: {verdict}")
-    for line in lines:
-        print(f"  {line}")
-    print(f"report: {paths['html']}")
-    return paths["html"]
 
 
 def plot_harm_and_helpfulness(rows: Sequence[Mapping]) -> bytes | None:

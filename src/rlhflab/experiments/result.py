@@ -94,6 +94,16 @@ def write_result(
     return {"json": out / "result.json", "html": out / "report.html"}
 
 
+def publish(out_dir: str | Path, *, experiment: str, findings: Sequence[str], **result: Any) -> Path:
+    """`write_result`, then the verdict and its findings on the terminal; returns the path of report.html."""
+    paths = write_result(out_dir, experiment=experiment, findings=findings, **result)
+    print(f"{experiment}: {result['verdict']}")
+    for line in findings:
+        print(f"  {line}")
+    print(f"report: {paths['html']}")
+    return paths["html"]
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import write_result
+from rlhflab.experiments.result import publish
 from rlhflab.pipeline import run_pipeline
 
 NAME = "rlaif"
@@ -224,7 +224,7 @@ def run(
     relabels = {seed: reports[seed]["ai"]["meta"]["relabel"] for seed in seeds}
     command = f"rlhflab experiment {NAME} --judge {judge} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
     verdict, lines = decide(rows), findings(rows, relabels)
-    paths = write_result(
+    return publish(
         out,
         experiment=NAME,
         claim=CLAIM,
@@ -238,11 +238,6 @@ def run(
         seeds=seeds,
         command=command + "".join(f" {o}" for o in overrides),
     )
-    print(f"{NAME}: {verdict}")
-    for line in lines:
-        print(f"  {line}")
-    print(f"report: {paths['html']}")
-    return paths["html"]
 
 
 def plot_gold_by_arm(rows: Sequence[Mapping]) -> bytes | None:

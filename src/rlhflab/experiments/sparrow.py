@@ -50,7 +50,7 @@ import torch
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import write_result
+from rlhflab.experiments.result import publish
 
 NAME = "sparrow"
 CLAIM = (
@@ -597,7 +597,7 @@ def run(
     rows = [row for seed in seeds for row in seed_rows(seed, results[seed])]
     verdict, lines = decide(rows), findings(rows, RULES)
     command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    paths = write_result(
+    return publish(
         out,
         experiment=NAME,
         claim=CLAIM,
@@ -611,11 +611,6 @@ def run(
         seeds=seeds,
         command=command + "".join(f" {o}" for o in overrides),
     )
-    print(f"{NAME}: {verdict}")
-    for line in lines:
-        print(f"  {line}")
-    print(f"report: {paths['html']}")
-    return paths["html"]
 
 
 def plot_arms(rows: Sequence[Mapping]) -> bytes | None:
