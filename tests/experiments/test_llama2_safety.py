@@ -175,3 +175,15 @@ def test_tiny_run_writes_the_result_and_gates_the_ppo_reward(tmp_path, tiny_lab_
     single = yaml.safe_load((seed / "single" / "ppo" / "config.yaml").read_text())["algo"]
     assert single["reward_combine"] == "weighted_sum"
     assert single["reward_model"] == [f"{seed / 'single' / 'rm' / 'final'}:normalize=true"]
+
+
+def test_the_safety_head_gets_llama2s_90_10_mix(tmp_path):
+    # 999 safety pairs + helpfulness pairs making 10% of the mix: 999 x 0.1 / 0.9 = 111 of the 1,000.
+    paths = {"helpful_pairs": tmp_path / "h.jsonl", "safety_pairs": tmp_path / "s.jsonl"}
+    paths["helpful_pairs"].write_text("".join(f'{{"h": {i}}}\n' for i in range(1000)))
+    paths["safety_pairs"].write_text("".join(f'{{"s": {i}}}\n' for i in range(999)))
+    files = {"both": tmp_path / "both.jsonl", "safety_mix": tmp_path / "mix.jsonl"}
+    E.write_pair_mixes(paths, files, seed=0)
+    mix = files["safety_mix"].read_text().splitlines()
+    assert len(mix) == 999 + 111 and sum('"h"' in line for line in mix) == 111
+    assert len(files["both"].read_text().splitlines()) == 1999

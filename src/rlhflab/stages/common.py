@@ -22,6 +22,7 @@ import torch
 
 from rlhflab.config import (
     AdamWSection,
+    EvalLoggingSection,
     LoggingSection,
     LoraSection,
     ModelSection,
@@ -351,3 +352,16 @@ def copy_model_dir(src: Path, dest: Path) -> Path:
     with atomic_dir(dest) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     return dest
+
+
+def inner_run_logging(log: LoggingSection, output_dir: Path) -> EvalLoggingSection:
+    """The logging section of a stage run inside a round-based run (a round's DPO or SFT): the outer run's
+    reporting settings, its own output directory."""
+    return EvalLoggingSection(
+        output_dir=str(output_dir),
+        log_every=log.log_every,
+        tensorboard=log.tensorboard,
+        wandb=log.wandb,
+        wandb_project=log.wandb_project,
+        progress=log.progress,
+    )

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from rlhflab.config import DataSection, DPOAlgo, DPOConfig, EvalLoggingSection, IterativeDPOConfig
+from rlhflab.config import DataSection, DPOAlgo, DPOConfig, IterativeDPOConfig
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.core.seeding import batch_schedule, seed_everything
@@ -54,6 +54,7 @@ from rlhflab.models.loading import load_causal_lm, load_tokenizer
 from rlhflab.stages import dpo
 from rlhflab.stages.common import (
     copy_model_dir,
+    inner_run_logging,
     open_run,
     plain_json,
     resolve_device,
@@ -113,7 +114,6 @@ def dpo_config(cfg: IterativeDPOConfig, round_dir: Path, model: str, reference: 
     `model` as the policy and `reference` as ref_model (empty for a reference-free loss)."""
     loss_keys = {f.name for f in dataclasses.fields(DPOAlgo)} - {"precompute_ref_logps"}
     uses_ref = PREFERENCE_LOSS_TABLE[cfg.algo.loss].reference
-    log = cfg.logging
     return DPOConfig(
         seed=cfg.seed,
         model=dataclasses.replace(cfg.model, name_or_path=model),
@@ -124,14 +124,7 @@ def dpo_config(cfg: IterativeDPOConfig, round_dir: Path, model: str, reference: 
             max_prompt_length=cfg.data.max_prompt_length,
         ),
         optim=cfg.optim,
-        logging=EvalLoggingSection(
-            output_dir=str(round_dir / "dpo"),
-            log_every=log.log_every,
-            tensorboard=log.tensorboard,
-            wandb=log.wandb,
-            wandb_project=log.wandb_project,
-            progress=log.progress,
-        ),
+        logging=inner_run_logging(cfg.logging, round_dir / "dpo"),
         algo=DPOAlgo(**{k: getattr(cfg.algo, k) for k in loss_keys}),
     )
 

@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from rlhflab.config import EvalLoggingSection, RejectionSamplingConfig, SFTConfig, SFTDataSection
+from rlhflab.config import RejectionSamplingConfig, SFTConfig, SFTDataSection
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.core.progress import Progress
@@ -83,6 +83,7 @@ from rlhflab.stages.best_of_n import BestOfN, score_in_batches
 from rlhflab.stages.common import (
     Run,
     copy_model_dir,
+    inner_run_logging,
     open_run,
     plain_json,
     resolve_device,
@@ -240,7 +241,6 @@ def sample_candidates(
 def sft_config(cfg: RejectionSamplingConfig, step_dir: Path, start: str) -> SFTConfig:
     """The fine-tuning of one round (rest: Improve step): an SFT run on step_dir/sft.jsonl into step_dir/sft,
     from the weights `start`, with the optim section and the data lengths of `cfg`."""
-    log = cfg.logging
     return SFTConfig(
         seed=cfg.seed,
         model=dataclasses.replace(cfg.model, name_or_path=start),
@@ -250,14 +250,7 @@ def sft_config(cfg: RejectionSamplingConfig, step_dir: Path, start: str) -> SFTC
             max_prompt_length=cfg.data.max_prompt_length,
         ),
         optim=cfg.optim,
-        logging=EvalLoggingSection(
-            output_dir=str(step_dir / "sft"),
-            log_every=log.log_every,
-            tensorboard=log.tensorboard,
-            wandb=log.wandb,
-            wandb_project=log.wandb_project,
-            progress=log.progress,
-        ),
+        logging=inner_run_logging(cfg.logging, step_dir / "sft"),
     )
 
 
