@@ -422,6 +422,49 @@ def _add_redteam(sub) -> None:
     p.set_defaults(func=cmd_redteam)
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from rlhflab.rollout.retrieval import retrieve_file
+
+    summary = retrieve_file(
+        args.corpus, args.prompts, args.out, k=args.k, template=args.template, field=args.field,
+        corpus_field=args.corpus_field,
+    )  # fmt: skip
+    print(
+        f"{summary['with_evidence']} of {summary['records']} prompts got evidence from {summary['passages']} "
+        f"passages (mean top BM25 score {summary['mean_top_score']:.2f}) -> {args.out}"
+    )
+    return 0
+
+
+def _add_retrieve(sub) -> None:
+    from rlhflab.rollout.retrieval import EVIDENCE_TEMPLATE
+
+    p = sub.add_parser(
+        "retrieve",
+        help="put evidence in front of prompts: BM25 over a local corpus (Sparrow's search, no network)",
+        description="Search a local corpus with BM25 for each prompt and write the prompts with the best "
+        "passages in front (by --template), plus 'evidence' and 'evidence_scores' fields. Train or sample any "
+        "stage on the result (e.g. `rlhflab best-of-n --prompts OUT`). A lab task's corpus is DATA/corpus.jsonl "
+        "from `rlhflab lab data`.",
+    )
+    p.add_argument(
+        "--corpus", required=True, help="passages: JSONL/JSON/CSV/Parquet with a text field, or .txt"
+    )
+    p.add_argument(
+        "--prompts", required=True, help="prompts file (a prompt string or conversation per record)"
+    )
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--k", type=int, default=1, help="passages per prompt (default 1)")
+    p.add_argument(
+        "--template",
+        default=EVIDENCE_TEMPLATE,
+        help=f"with {{passage}} and {{prompt}} (default {EVIDENCE_TEMPLATE!r})",
+    )
+    p.add_argument("--field", default="prompt", help="the prompts' field (default prompt)")
+    p.add_argument("--corpus-field", default="text", help="the corpus records' passage field (default text)")
+    p.set_defaults(func=cmd_retrieve)
+
+
 def _add_judge(sub) -> None:
     p = sub.add_parser(
         "judge",
@@ -559,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_judge(sub)
     _add_redteam(sub)
+    _add_retrieve(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

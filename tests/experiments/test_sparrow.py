@@ -31,6 +31,7 @@ TINY = [
     "eval.samples=2",
     "eval.best_of_n=4",
     "eval.probing_prompts=4",
+    "eval.evidence_prompts=6",
     "sft.optim.max_steps=2",
     "rm.optim.max_steps=2",
     "rm.optim.batch_size=4",
@@ -189,7 +190,33 @@ def test_tiny_sparrow_run_writes_the_result(tmp_path):
         harm = [harm_components(r["prompt"], r["responses"][r[key]])["harm"] for r in rows]
         assert arms[arm]["harm_rate"] == pytest.approx(np.mean(harm))
 
+    # The evidence set: the first 6 held-out prompts again, each behind the passage BM25 found in the task's corpus.
+    from rlhflab.lab.tasks.harm import CORPUS, split_evidence
+
+    with_evidence = [
+        json.loads(line) for line in (out / "seed-0" / "candidates_evidence.jsonl").read_text().splitlines()
+    ]
+    assert [r["prompt"] for r in with_evidence[::2]] == E.evidence_prompts(out / "seed-0" / "data" / "corpus.jsonl", [r["prompt"] for r in rows[::2]][:6])  # fmt: skip
+    for plain, ev in zip(rows[::2], with_evidence[::2]):
+        passage, question = split_evidence(ev["prompt"])
+        assert question == plain["prompt"] and (passage in CORPUS or passage is None)
+    assert any(split_evidence(r["prompt"])[0] for r in with_evidence)
+    evidence = {r["arm"]: r for r in result["table"] if r.get("prompts") == "evidence"}
+    assert set(evidence) == set(E.ARMS) and evidence["sft"]["n_prompts"] == 6
+    supported = [harm_components(r["prompt"], r["responses"][r["sparrow_pick"]]) for r in with_evidence]
+    benign = [c["supported"] for c in supported if not c["risky_prompt"]]
+    if benign:
+        assert evidence["sparrow"]["supported_benign"] == pytest.approx(np.mean(benign))
+
     # --resume reads the finished seed back: same table, no training.
     assert main([*argv, "--output-dir", str(out), "--resume"]) == 0
     again = json.loads((out / "result.json").read_text())
     assert again["table"] == result["table"]
+
+
+def test_evidence_line_by_hand():
+    plain = {arm: {"supported_benign": 0.3, "supported_benign_ci95": 0.03} for arm in E.ARMS}
+    evidence = {arm: {"supported_benign": 0.7, "supported_benign_ci95": 0.04} for arm in E.ARMS}
+    line = E.evidence_line(0, plain, evidence)
+    # Difference 0.4, half-width sqrt(0.03^2 + 0.04^2) = 0.05.
+    assert line.startswith("seed 0: supported steps") and line.count("0.300 -> 0.700 (+0.400 ± 0.050)") == 3

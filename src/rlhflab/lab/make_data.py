@@ -14,6 +14,7 @@ Files written to `out_dir` (JSON Lines in the formats of `rlhflab.data`, written
                            both_safe / chosen_safe / rejected_safe / neither_safe   (n_safety_pairs > 0)
     rules_<rule>.jsonl     {"prompt", "completion", "label"}: label true = the response breaks the rule, one
                            file per rule (Sparrow's rule ratings)            (n_rule_labels > 0, harm only)
+    corpus.jsonl           {"text"}: the passages `rlhflab retrieve` may search for evidence    (harm only)
     lab_data.json          the manifest: task, seed, settings, counts, annotator statistics and the gold
                            of the SFT data vs the best achievable (for people; stages never read it)
 
@@ -320,7 +321,7 @@ def make_task_data(
 ) -> dict[str, Path]:
     """Write a task's datasets to `out_dir` (see the module docstring). Returns {kind: path}, kinds
     "sft", "pairs", "prompts", "heldout", "manifest" and, when asked for, "rankings", "unpaired", "steps",
-    "helpful_pairs", "safety_pairs" and "rules_<rule>" (one per rule)."""
+    "helpful_pairs", "safety_pairs" and "rules_<rule>" (one per rule); "corpus" for a task that ships one."""
     task = get_task(task)
     # Every count argument (n_sft, n_pairs, ...) must be >= 0: read them from the arguments themselves.
     _check_counts(k, **{name: value for name, value in locals().items() if name.startswith("n_")})
@@ -360,6 +361,10 @@ def make_task_data(
         "rules": (n_rule_labels, lambda: _rule_rows(task, pool, source, n_rule_labels, seed, fmt)),
     }
     _write_extras(out, extra, paths, counts)
+    corpus = task.evidence_corpus()
+    if corpus:  # the passages `rlhflab retrieve --corpus` searches (Sparrow's evidence)
+        write_jsonl(({"text": passage} for passage in corpus), out / "corpus.jsonl")
+        paths["corpus"], counts["corpus"] = out / "corpus.jsonl", len(corpus)
 
     gold = _gold_summary(task, sft_prompts, demos, heldout, seed)
     manifest = {

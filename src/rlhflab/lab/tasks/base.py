@@ -94,6 +94,10 @@ class LabTask(ABC):
     def oracle_responses(self, prompt: str, n: int, seed: int = 0) -> list[str]:
         """Strong candidate responses; the evaluator takes the gold-best to estimate the best achievable."""
 
+    def evidence_corpus(self) -> list[str]:
+        """Passages a retrieval tool may search for evidence (Sparrow); none unless the task ships a corpus."""
+        return []
+
     def build_tokenizer(self):
         """The task's word-level tokenizer (a `PreTrainedTokenizerFast` with a chat template)."""
         from rlhflab.models.tiny import build_word_tokenizer
