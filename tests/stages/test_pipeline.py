@@ -223,3 +223,60 @@ def test_rule_data_counts_may_be_zero_but_not_negative():
         _user_sections(None, ["data.n_rule_labels=-1"])
     with pytest.raises(ConfigError, match="'data.n_pairs' must be a positive integer"):
         _user_sections(None, ["data.n_pairs=0"])
+
+
+def test_the_filtering_methods_get_ppos_sampling_budget(tmp_path):
+    """expert_iteration, rejection_sampling and rest are `rlhflab rs` runs from the SFT model against the RM, each
+    sampling PPO's 6,400 responses (100 iterations x 64 rollouts), built before any work."""
+    from rlhflab.pipeline import _configs, _section
+
+    out = tmp_path / "run"
+    data = {name: out / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}
+    names = ["sft", "rm", "ppo", "expert_iteration", "rejection_sampling", "rest"]
+    configs = _configs(names, out, 0, "sentiment", {}, data, _section({}, "eval"))
+    ppo = configs["ppo"].algo
+    for name in ("expert_iteration", "rejection_sampling", "rest"):
+        cfg = configs[name]
+        assert METHODS[name].stage == "rs" and cfg.model.name_or_path == str(out / "sft" / "final")
+        assert cfg.algo.reward_model == [str(out / "rm" / "final")]
+        assert cfg.data.train_path == str(data["prompts"])
+        a = cfg.algo
+        runs = a.rounds if a.mode == "rejection_sampling" else a.grow_steps
+        assert (
+            abs(runs * a.samples_per_prompt * a.prompts_per_round - ppo.iterations * ppo.rollout_batch_size)
+            <= 4
+        )
+    assert (
+        configs["expert_iteration"].algo.rounds == 1
+        and configs["expert_iteration"].algo.samples_per_prompt == 16
+    )
+    assert configs["rejection_sampling"].algo.pool
+    assert configs["rest"].algo.mode == "rest" and configs["rest"].algo.thresholds == [0.5, 0.75, 0.9]
+    # Snapshots: rs's own default, one per fine-tuning run (rest: 2 Grow x 3 Improve steps = 6), is kept.
+    assert configs["rejection_sampling"].logging.snapshot_every == 1
+    assert configs["rest"].logging.snapshot_every == 1
+
+
+def test_pipeline_runs_rejection_sampling(tmp_path, tiny_lab_cache):
+    """--methods rejection_sampling,rest: SFT and the RM are added, both rs runs are trained, evaluated by gold and
+    curved over their fine-tuning runs, and cost the RM's label budget."""
+    tiny = [o for o in TINY if o.startswith(("data.", "eval.", "sft.", "rm."))]
+    for name in ("rejection_sampling", "rest"):
+        tiny += [
+            f"{name}.algo.prompts_per_round=4",
+            f"{name}.algo.samples_per_prompt=2",
+            f"{name}.algo.eval_prompts=2",
+        ]
+    tiny += ["rejection_sampling.algo.rounds=2", "rest.algo.grow_steps=1", "rest.algo.thresholds=[0.5]"]
+    run_pipeline(
+        output_dir=str(tmp_path / "run"), seed=3, overrides=tiny, methods=["rejection_sampling", "rest"]
+    )
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["meta"]["methods"] == ["sft", "rm", "rejection_sampling", "rest"]
+    assert set(report["policies"]) == {"sft", "rejection_sampling", "rest"}
+    assert [p["step"] for p in report["curves"]["rejection_sampling"]] == [0, 1, 2]
+    assert [p["step"] for p in report["curves"]["rest"]] == [0, 1]
+    lab_pairs = json.loads((tmp_path / "run" / "data" / "lab_data.json").read_text())["pairs"]
+    assert report["policies"]["rest"]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"] > 0
+    cfg = load_config("rs", tmp_path / "run" / "rejection_sampling" / "config.yaml")
+    assert cfg.algo.rounds == 2 and cfg.algo.pool
