@@ -105,6 +105,17 @@ PIPELINE_SECTIONS = {
         "curve_samples": 2,
     },
 }
+# The simulated annotators who label the pairs (and, with the same settings, the online methods' samples): the
+# fields of `rlhflab.lab.annotators.AnnotatorSettings` a user may set, with their defaults. AlpacaFarm (Dubois et
+# al. 2023) saw over-optimization with noisy annotators (25% flips) and not with noiseless ones.
+ANNOTATOR_KEYS = {
+    "temperature": 0.1,
+    "noise": 0.0,
+    "n_annotators": 1,
+    "bias_spread": 0.0,
+    "tie_margin": 0.0,
+    "keep_ties": False,
+}
 
 
 def resolve_methods(names: list[str] | tuple[str, ...] | None) -> list[str]:
@@ -298,7 +309,7 @@ def _user_sections(config_file: str | None, overrides: list[str]) -> dict[str, A
     user = read_yaml(config_file) if config_file else {}
     user = deep_merge(user, parse_overrides(overrides))
     where = config_file or "command line"
-    sections = (*TRAINED, *PIPELINE_SECTIONS)
+    sections = (*TRAINED, *PIPELINE_SECTIONS, "annotators")
     for key, value in user.items():
         if key not in sections:
             raise ConfigError(
@@ -320,7 +331,33 @@ def _user_sections(config_file: str | None, overrides: list[str]) -> dict[str, A
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 what = "an integer >= 0" if low == 0 else "a positive integer"
                 raise ConfigError(f"{where}: '{name}.{key}' must be {what}, got {value!r}")
+    _annotator_settings(user, where)
     return user
+
+
+def _annotator_settings(user: dict[str, Any], where: str = "command line"):
+    """The `annotators` section as `AnnotatorSettings` (validated: unknown keys and bad values refused)."""
+    from rlhflab.lab.annotators import AnnotatorSettings
+
+    section = user.get("annotators", {})
+    for key, value in section.items():
+        if key not in ANNOTATOR_KEYS:
+            known = ", ".join(f"annotators.{k}" for k in ANNOTATOR_KEYS)
+            raise ConfigError(f"{where}: unknown key 'annotators.{key}'; known: {known}")
+        kind = type(ANNOTATOR_KEYS[key])
+        ok = (
+            isinstance(value, bool)
+            if kind is bool
+            else not isinstance(value, bool) and isinstance(value, (int, float))
+        )
+        if not ok or (kind is int and not isinstance(value, int)):
+            raise ConfigError(
+                f"{where}: 'annotators.{key}' must be a{'n integer' if kind is int else ' ' + kind.__name__}, got {value!r}"
+            )
+    try:
+        return AnnotatorSettings(**{**ANNOTATOR_KEYS, **section})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: annotators: {e}") from None
 
 
 def _section(user: dict[str, Any], name: str) -> dict[str, int]:
@@ -545,6 +582,11 @@ def _configs(names: list[str], out: Path, seed: int, task: str, user: dict, data
     method's section fails in a second, not after ten minutes. Trained policies snapshot curve_points times."""
     final = {name: out / name / "final" for name in names}
     wiring = _wiring(task, data, final)
+    # The annotators who labelled the pairs also label the online methods' samples (a stage section's own
+    # algo.annotators keys still win: the user's section is merged last).
+    same_annotators = [f"algo.annotators.{k}={v}" for k, v in user.get("annotators", {}).items()]
+    for name in ("online_dpo", "iterative_dpo"):
+        wiring[name] = [*wiring[name], *same_annotators]
     n_records = _section(user, "data")
     configs = {}
     for name in names:
@@ -608,7 +650,13 @@ def run_pipeline(
 
     steps = len(trained) + 3
     print(f"[0/{steps}] data: simulated annotators label the '{task}' task")
-    paths = make_task_data(task_obj, out / "data", seed=seed, **_section(user, "data"))
+    paths = make_task_data(
+        task_obj,
+        out / "data",
+        seed=seed,
+        annotator_settings=_annotator_settings(user),
+        **_section(user, "data"),
+    )
     assert all(paths[name] == path for name, path in data.items()), paths
     relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
     for i, name in enumerate(trained, 1):

@@ -268,6 +268,7 @@ def test_pipeline_runs_rejection_sampling(tmp_path, tiny_lab_cache):
             f"{name}.algo.eval_prompts=2",
         ]
     tiny += ["rejection_sampling.algo.rounds=2", "rest.algo.grow_steps=1", "rest.algo.thresholds=[0.5]"]
+    tiny += ["annotators.noise=0.25", "annotators.n_annotators=3"]  # they label the pairs
     run_pipeline(
         output_dir=str(tmp_path / "run"), seed=3, overrides=tiny, methods=["rejection_sampling", "rest"]
     )
@@ -280,3 +281,32 @@ def test_pipeline_runs_rejection_sampling(tmp_path, tiny_lab_cache):
     assert report["policies"]["rest"]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"] > 0
     cfg = load_config("rs", tmp_path / "run" / "rejection_sampling" / "config.yaml")
     assert cfg.algo.rounds == 2 and cfg.algo.pool
+    annotators = json.loads((tmp_path / "run" / "data" / "lab_data.json").read_text())["annotators"]
+    assert (
+        annotators["noise"] == 0.25 and annotators["n_annotators"] == 3 and annotators["temperature"] == 0.1
+    )
+
+
+def test_annotator_settings_reach_the_data_and_the_online_methods(tmp_path):
+    from rlhflab.pipeline import _annotator_settings, _configs, _section
+
+    user = _user_sections(None, ["annotators.noise=0.25", "annotators.keep_ties=true"])
+    settings = _annotator_settings(user)
+    assert settings.noise == 0.25 and settings.keep_ties and settings.temperature == 0.1
+    out = tmp_path / "run"
+    data = {name: out / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}
+    user = _user_sections(None, ["annotators.noise=0.25", "iterative_dpo.algo.annotators.noise=0.1"])
+    configs = _configs(
+        ["sft", "online_dpo", "iterative_dpo"], out, 0, "sentiment", user, data, _section(user, "eval")
+    )
+    assert configs["online_dpo"].algo.annotators.noise == 0.25
+    assert configs["iterative_dpo"].algo.annotators.noise == 0.1  # the method's own section wins
+    for bad, message in [
+        ("annotators.noise=0.7", r"annotators: annotator noise must be in \[0, 0.5\]"),
+        ("annotators.loudness=1", "unknown key 'annotators.loudness'; known: annotators.temperature"),
+        ("annotators.n_annotators=1.5", "'annotators.n_annotators' must be an integer"),
+        ("annotators.keep_ties=1", "'annotators.keep_ties' must be a bool"),
+        ("annotators.temperature=hot", "'annotators.temperature' must be a float"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            _user_sections(None, [bad])
