@@ -1328,6 +1328,161 @@ class RejectionSamplingConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Quark and reward conditioning (`rlhflab quark`): a reward-sorted pool, one control token per quantile
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuarkAlgo(RewardSourcesSection):
+    """Quark (Lu et al. 2022, "Quark: Controllable Text Generation with Reinforced Unlearning"): each iteration
+    adds samples of the current policy, conditioned on the best reward token, to a pool scored by the reward;
+    sorts the whole pool into n_quantiles reward quantiles, each with its own control token in front of the
+    prompt; and trains on (token + prompt, response) with the NLL + kl_coef KL(policy || initial model) -
+    entropy_coef entropy. n_quantiles=2, iterations=1, kl_coef=0, entropy_coef=0 is AlpacaFarm's binary reward
+    conditioning (Dubois et al. 2023): a good / bad token split at the median of the initial model's samples."""
+
+    n_quantiles: int = 5
+    """K, the reward quantiles (and new control tokens); the top one is the token to sample with. 5 is the
+    Quark code's default; 2 is AlpacaFarm's good / bad reward conditioning."""
+    iterations: int = 4
+    """Iterations of sample -> quantize -> train. The first samples the initial model without a token (or reads
+    algo.init_data_path); later ones sample the policy conditioned on the best token."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt each iteration, all scored by the reward and added to the pool."""
+    prompts_per_iteration: int = 0
+    """Prompts sampled per iteration, in a seeded order that cycles through data.train_path; 0: every prompt every
+    iteration."""
+    pool_init: Literal["samples", "data"] = "samples"
+    """What starts the pool: samples, the initial model's responses to the first iteration's prompts (Quark);
+    data, the demonstrations of algo.init_data_path, scored by the reward."""
+    init_data_path: str = ""
+    """pool_init=data: an SFT data file (prompt + completion records, any format of `rlhflab.data`) whose
+    completions, scored by the reward, are the first pool."""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL(policy || initial model) over the initial model's vocabulary, the
+    initial model seeing the prompt without a token (0: no reference model is loaded). Quark code's default."""
+    entropy_coef: float = 0.06
+    """alpha: weight of the policy's per-token entropy, subtracted from the loss. Quark code's default."""
+    eval_prompts: int = 32
+    """After each iteration (and once for the initial model), one sample on each of the first N prompts of
+    data.train_path, conditioned on the best token, at one seed for the whole run, scored by the reward:
+    reward/eval_mean. Its reward calls are not counted in reward/queries. 0 disables."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.n_quantiles >= 2,
+            "algo.n_quantiles",
+            f"must be >= 2 (one token per reward quantile; a single one conditions on nothing, that is "
+            f"`rlhflab sft`), got {self.n_quantiles}",
+        )
+        _require(self.iterations >= 1, "algo.iterations", f"must be >= 1, got {self.iterations}")
+        _require(
+            self.samples_per_prompt >= 1,
+            "algo.samples_per_prompt",
+            f"must be >= 1 (responses sampled per prompt), got {self.samples_per_prompt}",
+        )
+        _require(
+            self.prompts_per_iteration >= 0,
+            "algo.prompts_per_iteration",
+            f"must be >= 0 (0: every prompt), got {self.prompts_per_iteration}",
+        )
+        _require(self.kl_coef >= 0, "algo.kl_coef", f"must be >= 0 (0 turns the KL off), got {self.kl_coef}")
+        _require(
+            self.entropy_coef >= 0,
+            "algo.entropy_coef",
+            f"must be >= 0 (0 turns the entropy bonus off), got {self.entropy_coef}",
+        )
+        _require(self.eval_prompts >= 0, "algo.eval_prompts", f"must be >= 0, got {self.eval_prompts}")
+        _require(
+            self.pool_init == "samples" or bool(self.init_data_path),
+            "algo.init_data_path",
+            "is empty but algo.pool_init=data starts the pool from it; give an SFT data file (prompt, "
+            "completion) or set algo.pool_init=samples",
+        )
+        _require(
+            self.pool_init == "data" or not self.init_data_path,
+            "algo.init_data_path",
+            "is set but algo.pool_init=samples starts the pool from the initial model's samples; set "
+            "algo.pool_init=data or remove it",
+        )
+
+
+@dataclass
+class QuarkOptimSection(AdamWSection):
+    """AdamW over the whole run (one optimizer and schedule across iterations), and the steps of each
+    iteration."""
+
+    batch_size: int = 16
+    """Pool examples per optimizer step (across gradient accumulation)."""
+    micro_batch_size: int = 0
+    """Examples per forward/backward pass; 0 means the whole batch. Must divide batch_size."""
+    steps_per_iteration: int = 0
+    """Optimizer steps each iteration trains, on batches of the whole pool in a seeded order that reshuffles at
+    each pass over it; 0: optim.epochs passes over the pool as it stands (it grows, so later iterations train
+    longer)."""
+    epochs: int = 1
+    """steps_per_iteration=0: passes over the pool in each iteration."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(
+            self.micro_batch_size >= 0, "optim.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}"
+        )
+        if self.micro_batch_size:
+            _require(
+                self.batch_size % self.micro_batch_size == 0,
+                "optim.micro_batch_size",
+                f"({self.micro_batch_size}) must divide optim.batch_size ({self.batch_size}); "
+                f"try {_divisor_hint(self.batch_size, self.micro_batch_size)}",
+            )
+        _require(
+            self.steps_per_iteration >= 0,
+            "optim.steps_per_iteration",
+            f"must be >= 0 (0: optim.epochs passes over the pool), got {self.steps_per_iteration}",
+        )
+        _require(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
+        _require(
+            self.steps_per_iteration == 0 or self.epochs == 1,
+            "optim.epochs",
+            f"is set but optim.steps_per_iteration={self.steps_per_iteration} fixes the steps of each "
+            "iteration; remove optim.epochs or set optim.steps_per_iteration=0",
+        )
+
+
+@dataclass
+class QuarkConfig:
+    """Quark / reward conditioning: a growing pool of scored samples, sorted into reward quantiles that become
+    control tokens in front of the prompt, and a conditional LM loss with KL and entropy terms."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch, the new token embeddings, the prompt and batch orders and the sampling."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: RSDataSection = field(default_factory=RSDataSection)
+    """data.max_prompt_length counts the control token: a prompt keeps its last max_prompt_length - 1 tokens."""
+    optim: QuarkOptimSection = field(default_factory=lambda: QuarkOptimSection(lr=1e-4))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """snapshot_every counts iterations (RUN/snapshots/step-N, N the optimizer step); save_every counts
+    optimizer steps, and every iteration ends with a checkpoint whatever it says."""
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algo: QuarkAlgo = field(default_factory=QuarkAlgo)
+
+    def __post_init__(self):
+        _require(
+            not self.model.lora.enabled,
+            "model.lora.enabled",
+            "is not supported by quark: the new control tokens' embeddings must train and LoRA freezes the "
+            "embeddings; set model.lora.enabled=false",
+        )
+        _require(
+            self.data.max_prompt_length >= 2,
+            "data.max_prompt_length",
+            f"must be >= 2 for quark (the control token takes one position), got {self.data.max_prompt_length}",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
 # Constitutional AI (`rlhflab cai sl|rl`): runs that write their own data, then call other stages
 # --------------------------------------------------------------------------------------------------------
 
@@ -1522,6 +1677,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "online-dpo": OnlineDPOConfig,
     "iterative-dpo": IterativeDPOConfig,
     "rs": RejectionSamplingConfig,
+    "quark": QuarkConfig,
     "cai-sl": CAISLConfig,
     "cai-rl": CAIRLConfig,
 }

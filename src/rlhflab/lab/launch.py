@@ -93,7 +93,7 @@ def record_kind(stage: str, cfg: Any) -> str:
         return "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
     if stage == "pm":
         return "pairwise"
-    if stage in ("ppo", "rloo", "grpo", "online-dpo", "rs"):
+    if stage in ("ppo", "rloo", "grpo", "online-dpo", "rs", "quark"):
         return "prompt"
     if stage == "iterative-dpo":  # sDPO trains on a pairs file, the iterative and DNO rounds on prompts
         return "pairwise" if cfg.algo.mode == "sdpo" else "prompt"

@@ -17,6 +17,7 @@ One module per family; see docs/losses.md for every function, its formula and it
 - advantages: gae, discounted_returns, whiten, reinforce / rloo / group-normalized / ReMax advantages,
   finite_groups and dynamic_sampling_mask (DAPO) keep-masks
 - ppo: ppo_policy_loss, ppo_value_loss, entropy_bonus, reinforce_loss
+- quark: quark_loss (conditional NLL + KL + entropy, Lu et al. 2022), reward_quantiles (its control tokens)
 
 Mask polarity everywhere: True = the token counts.
 """
@@ -70,6 +71,7 @@ from rlhflab.losses.preference import (
     robust_dpo,
     simpo,
 )
+from rlhflab.losses.quark import quark_loss, reward_quantiles
 from rlhflab.losses.reward import (
     LLAMA2_MARGINS,
     all_pairs_with_ties,
@@ -155,12 +157,14 @@ __all__ = [
     "plackett_luce_with_ties",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "quark_loss",
     "reduce_token_losses",
     "regression",
     "reinforce_advantages",
     "reinforce_loss",
     "remax_advantages",
     "reward_centering",
+    "reward_quantiles",
     "rloo_advantages",
     "robust_dpo",
     "sequence_logps",

@@ -38,4 +38,8 @@ STAGES: dict[str, tuple[str, str]] = {
         "rlhflab.stages.rejection_sampling",
         "rejection-sampling fine-tuning / expert iteration / ReST: sample K, keep what the reward ranks best, SFT",
     ),
+    "quark": (
+        "rlhflab.stages.quark",
+        "Quark / reward conditioning: a growing scored pool, one control token per reward quantile, conditional NLL",
+    ),
 }
