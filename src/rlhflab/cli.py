@@ -21,7 +21,7 @@ from rlhflab.stages import STAGES
 # The methods `rlhflab run --methods` knows (`rlhflab.pipeline.METHODS`, not imported here: it imports torch).
 RUN_METHODS = (
     "sft, rm, ppo, ppo_kl0, dpo, rloo, grpo, online_dpo, iterative_dpo, pm, dno, best_of_n, expert_iteration, "
-    "rejection_sampling, rest"
+    "rejection_sampling, rest, feedme"
 )
 
 EPILOG = """\

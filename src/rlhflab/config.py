@@ -100,6 +100,10 @@ class DataSection:
     """Skip malformed records (their count is reported) instead of stopping at the first one."""
     eval_fraction: float = 0.0
     """When no eval_path is given, hold out this fraction of the training records for evaluation."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Our field -> your column, for data whose columns have other names: data.columns.prompt=question. It also
+    picks a column of another kind of record: `rlhflab sft data.columns.completion=chosen` on a pairs file
+    fine-tunes on the preferred responses (Binary FeedME, Dubois et al. 2023)."""
 
     def __post_init__(self):
         _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
@@ -1760,6 +1764,12 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"config: '{dotted}' must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(a, v, f"{dotted}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"config: '{dotted}' must be a mapping (e.g. {dotted}.KEY=VALUE), got {value!r}"
+            )
+        return {_coerce(args[0], k, dotted): _coerce(args[1], v, f"{dotted}.{k}") for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):  # the command line's short form: ITEM,ITEM (parsed here, once)
             items = [s.strip() for s in value.split(",") if s.strip()]

@@ -78,6 +78,7 @@ METHODS: dict[str, Method] = {
     "rest": Method(
         "rs", ("sft", "rm"), "ReST: 2 Grow steps, each with Improve steps at rising RM thresholds"
     ),
+    "feedme": Method("sft", ("sft",), "Binary FeedME: SFT on the preferred response of each pair"),
 }
 # Trained models that are judges, not policies: not evaluated by gold, no snapshots.
 JUDGES = ("rm", "pm")
@@ -149,6 +150,16 @@ _RS_COMMON = [
 # Defaults tuned so that the whole run takes about 2 minutes on 2 CPU cores (see BENCHMARKS.md).
 DEFAULTS: dict[str, list[str]] = {
     "sft": [
+        "optim.lr=1e-3",
+        "optim.batch_size=32",
+        "optim.epochs=1",
+        "data.max_length=64",
+        "data.max_prompt_length=24",
+        "logging.log_every=5",
+    ],
+    # Binary FeedME (Dubois et al. 2023): the SFT run's settings, continued from the SFT model on the pairs' chosen
+    # responses (its wiring maps the completion to the `chosen` column).
+    "feedme": [
         "optim.lr=1e-3",
         "optim.batch_size=32",
         "optim.epochs=1",
@@ -557,6 +568,7 @@ def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[st
     wiring["online_dpo"] = [f"model.name_or_path={final['sft']}", f"data.train_path={data['prompts']}"]
     wiring["iterative_dpo"] = wiring["online_dpo"]
     wiring["pm"] = wiring["rm"]
+    wiring["feedme"] = [*wiring["rm"], "data.columns.completion=chosen"]
     wiring["dno"] = [*wiring["online_dpo"], f"algo.preference_model={final['pm']}"]
     return wiring
 
@@ -572,7 +584,7 @@ def _total_steps(name: str, cfg, n_records: dict[str, int]) -> int:
         return algo.iterations
     if cfg.optim.max_steps:
         return cfg.optim.max_steps
-    n = n_records["n_pairs" if name in ("rm", "dpo") else "n_sft"]
+    n = n_records["n_pairs" if name in ("rm", "dpo", "feedme") else "n_sft"]
     n_train = n - int(n * getattr(cfg.data, "eval_fraction", 0.0))
     return max(1, n_train // cfg.optim.batch_size) * cfg.optim.epochs
 

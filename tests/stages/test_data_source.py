@@ -31,3 +31,23 @@ def test_eval_fraction_holds_out_a_seeded_share(tmp_path):
 def test_stages_do_not_resolve_lab_names():
     with pytest.raises(UserError, match="resolved by the rlhflab command line"):
         resolve_model_path("lab:sentiment")
+
+
+def test_columns_map_our_fields_to_the_files_columns(tmp_path):
+    """data.columns: our field -> the file's column; an SFT run may read a pairs file's chosen responses."""
+    import json as _json
+
+    from rlhflab.config import DataSection
+    from rlhflab.errors import ConfigError as _ConfigError
+    from rlhflab.stages.data_source import load_stage_records as _load
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(_json.dumps({"question": "q ?", "chosen": "good .", "rejected": "bad ."}) + "\n")
+    records, _ = _load(
+        DataSection(train_path=str(path), columns={"prompt": "question", "completion": "chosen"}),
+        "sft",
+        seed=0,
+    )
+    assert (records[0].prompt, records[0].completion) == ("q ?", "good .")
+    with pytest.raises(_ConfigError, match="column_map key 'answer' is not a field of 'sft' records"):
+        _load(DataSection(train_path=str(path), columns={"answer": "chosen"}), "sft", seed=0)

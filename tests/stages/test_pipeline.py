@@ -310,3 +310,24 @@ def test_annotator_settings_reach_the_data_and_the_online_methods(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             _user_sections(None, [bad])
+
+
+def test_pipeline_runs_binary_feedme_on_the_chosen_responses(tmp_path, tiny_lab_cache):
+    """--methods feedme: SFT continued from the SFT model on the pairs file, its completion read from `chosen`."""
+    from rlhflab.stages.data_source import load_stage_records
+
+    tiny = [o for o in TINY if o.startswith(("data.", "eval.", "sft."))] + ["feedme.optim.max_steps=2"]
+    run_pipeline(output_dir=str(tmp_path / "run"), seed=3, overrides=tiny, methods=["feedme"])
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["methods"] == ["sft", "feedme"] and set(report["policies"]) == {"sft", "feedme"}
+    cfg = load_config("sft", out / "feedme" / "config.yaml")
+    assert cfg.model.name_or_path == str(out / "sft" / "final") and cfg.data.columns == {
+        "completion": "chosen"
+    }
+    records, _ = load_stage_records(cfg.data, "sft", seed=cfg.seed)
+    pairs = [json.loads(line) for line in (out / "data" / "pairs.jsonl").read_text().splitlines()]
+    # A chat prompt's completion is its assistant turn.
+    assert [r.completion[0]["content"] for r in records] == [p["chosen"] for p in pairs]
+    lab_pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
+    assert report["policies"]["feedme"]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"]

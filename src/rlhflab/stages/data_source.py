@@ -43,7 +43,10 @@ def load_stage_records(data: DataSection, kind: str, *, seed: int, log=print) ->
 
 
 def _load(source: str, kind: str, data: DataSection | PromptDataSection, log) -> list[Any]:
-    result = load_records(source, kind, split=data.split or None, skip_bad=data.skip_bad_records)
+    columns = getattr(data, "columns", None) or None  # prompt sections have none
+    result = load_records(
+        source, kind, split=data.split or None, skip_bad=data.skip_bad_records, column_map=columns
+    )
     if result.n_skipped:
         log(f"data: skipped {result.n_skipped} malformed records of {source} (data.skip_bad_records=true)")
     return list(result.records)
