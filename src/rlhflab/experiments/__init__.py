@@ -28,6 +28,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "a safety reward head with Llama 2's gate vs one reward model on the same labels, PPO on the harm "
         "task (Touvron et al. 2023)",
     ),
+    "alpacafarm": (
+        "rlhflab.experiments.alpacafarm",
+        "AlpacaFarm's table: SFT, Binary FeedME, reward conditioning, Quark, expert iteration, best-of-n, PPO, "
+        "DPO and more, by win rate against a fixed reference (Dubois et al. 2023)",
+    ),
     "annotator-noise": (
         "rlhflab.experiments.annotator_noise",
         "PPO against RMs from noiseless and 25%-noisy annotators: does only the noisy one over-optimize "
