@@ -640,7 +640,6 @@ def run_pipeline(
     `relabel(pairs_path) -> stats`: another labeller for the lab's candidate pairs (an LM judge, for RLAIF),
     called once the annotators' pairs.jsonl is written; it rewrites the file in place, and its stats go to
     DATA/relabel.json and the report's meta."""
-    from rlhflab.lab.make_data import make_task_data
     from rlhflab.lab.tasks import get_task
 
     t_start = time.time()
@@ -662,13 +661,7 @@ def run_pipeline(
 
     steps = len(trained) + 3
     print(f"[0/{steps}] data: simulated annotators label the '{task}' task")
-    paths = make_task_data(
-        task_obj,
-        out / "data",
-        seed=seed,
-        annotator_settings=_annotator_settings(user),
-        **_section(user, "data"),
-    )
+    paths = _make_data(task_obj, out / "data", seed, user)
     assert all(paths[name] == path for name, path in data.items()), paths
     relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
     for i, name in enumerate(trained, 1):
@@ -708,6 +701,14 @@ def run_pipeline(
     _patch_report_json(paths_out["json"], task, seed, runtime, reward_models, summary)
     _print_table(summary, paths_out["html"])
     return paths_out["html"]
+
+
+def _make_data(task, out: Path, seed: int, user: dict[str, Any]) -> dict[str, Path]:
+    """Step 0: the lab's files, labelled by the user's annotators (the `annotators` section)."""
+    from rlhflab.lab.make_data import make_task_data
+
+    settings = _annotator_settings(user)
+    return make_task_data(task, out, seed=seed, annotator_settings=settings, **_section(user, "data"))
 
 
 def _relabel_pairs(relabel: Callable[[Path], dict], pairs: Path) -> dict:

@@ -141,6 +141,8 @@ def test_redteam_command_on_the_tiny_harm_base(tmp_path, tiny_lab_cache, harm_di
     report = json.loads((out / "report.json").read_text())
     assert report["red_name"] == "lab:harm:tiny" and report["target"] == report["red"]
     zero = report["methods"]["zero-shot"]
-    # The base model learned to answer the ask instruction with task prompts.
-    assert zero["prompts/new_share"] < 0.5 and zero["diversity/empty_share"] == 0.0
+    # The base model learned to answer the ask instruction with task prompts: an untrained one writes almost only
+    # new strings. (At the tiny budget, 150 steps, v3's corpus, which also teaches quoting evidence, left 9 of 16
+    # asks new; v2's left fewer than half.)
+    assert zero["prompts/new_share"] < 0.8 and zero["diversity/empty_share"] == 0.0
     assert len(read_jsonl(out / "test_cases.jsonl")) == 32
