@@ -419,3 +419,19 @@ def test_config_refusals_and_registration(tiny_model_dir, prompts_file, tmp_path
     assert shipped.algo.n_quantiles == 5 and shipped.algo.kl_coef > 0 and shipped.algo.iterations > 1
     rc = load_config("quark", CONFIGS / "reward_conditioning_tiny.yaml")
     assert (rc.algo.n_quantiles, rc.algo.iterations, rc.algo.kl_coef, rc.algo.entropy_coef) == (2, 1, 0, 0)
+
+
+def test_steps_are_planned_over_the_growing_pool():
+    """steps_per_iteration=0: optim.epochs passes over the pool as it stands; it grows by n_new each iteration.
+    Pools 8, 12, 16 at batch 4 and 2 epochs: 4, 6 and 8 steps, cumulative [0, 4, 10, 18]."""
+    from rlhflab.config import STAGE_CONFIGS, build_config
+
+    cfg = build_config(
+        STAGE_CONFIGS["quark"],
+        {"optim": {"batch_size": 4, "epochs": 2}, "algo": {"iterations": 3, "n_quantiles": 2}},
+    )
+    assert qk.plan_steps(cfg, 8, 4) == [0, 4, 10, 18]
+    fixed = build_config(STAGE_CONFIGS["quark"], {"optim": {"batch_size": 4, "steps_per_iteration": 5}, "algo": {"iterations": 2, "n_quantiles": 2}})  # fmt: skip
+    assert qk.plan_steps(fixed, 8, 4) == [0, 5, 10]
+    with pytest.raises(ConfigError, match="first pool holds 3 samples"):
+        qk.plan_steps(cfg, 3, 4)
