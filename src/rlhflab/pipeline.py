@@ -22,6 +22,7 @@ of them can be re-run alone with `rlhflab STAGE --config OUTPUT_DIR/METHOD/confi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from rlhflab.config import STAGE_CONFIGS, build_config, deep_merge, parse_overrides, read_yaml
+from rlhflab.config import (
+    STAGE_CONFIGS,
+    LabAnnotatorsSection,
+    build_config,
+    deep_merge,
+    parse_overrides,
+    read_yaml,
+)
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.core.seeding import seed_everything
 from rlhflab.errors import ConfigError
@@ -107,16 +115,9 @@ PIPELINE_SECTIONS = {
     },
 }
 # The simulated annotators who label the pairs (and, with the same settings, the online methods' samples): the
-# fields of `rlhflab.lab.annotators.AnnotatorSettings` a user may set, with their defaults. AlpacaFarm (Dubois et
-# al. 2023) saw over-optimization with noisy annotators (25% flips) and not with noiseless ones.
-ANNOTATOR_KEYS = {
-    "temperature": 0.1,
-    "noise": 0.0,
-    "n_annotators": 1,
-    "bias_spread": 0.0,
-    "tie_margin": 0.0,
-    "keep_ties": False,
-}
+# keys and defaults of the online stages' `algo.annotators` section, so the two cannot drift apart. AlpacaFarm
+# (Dubois et al. 2023) saw over-optimization with noisy annotators (25% flips) and not with noiseless ones.
+ANNOTATOR_KEYS = {f.name: f.default for f in dataclasses.fields(LabAnnotatorsSection)}
 
 
 def resolve_methods(names: list[str] | tuple[str, ...] | None) -> list[str]:

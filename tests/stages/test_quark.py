@@ -390,6 +390,7 @@ def test_config_refusals_and_registration(tiny_model_dir, prompts_file, tmp_path
         "model.lora.enabled is not supported by quark": ["model.lora.enabled=true"],
         "data.max_prompt_length must be >= 2 for quark": ["data.max_prompt_length=1"],
         "algo.kl_coef must be >= 0": ["algo.kl_coef=-0.1"],
+        "algo.entropy_coef must be >= 0": ["algo.entropy_coef=-0.1"],
         "optim.micro_batch_size \\(3\\) must divide": ["optim.micro_batch_size=3"],
         "unknown key 'algo.rounds'": ["algo.rounds=3"],
     }

@@ -382,16 +382,18 @@ def run(
 ) -> Path:
     """Run the experiment; returns the path of report.html. With `resume`, seeds whose seed.json exists are
     read back, not run again."""
+    from rlhflab.config import parse_overrides
     from rlhflab.lab.tasks import get_task
     from rlhflab.pipeline import _configs, _section, _user_sections
 
     t0 = time.time()
     task_obj = get_task(task or TASK)
-    from rlhflab.config import parse_overrides
-
     pipeline, ev = user_sections(overrides)
-    quark_user = parse_overrides([o for o in pipeline if o.startswith(tuple(f"{n}." for n in QUARK_RUNS))])
-    pipeline = [o for o in pipeline if not o.startswith(tuple(f"{n}." for n in QUARK_RUNS))]
+    is_quark = [
+        o.startswith(tuple(f"{n}." for n in QUARK_RUNS)) for o in pipeline
+    ]  # quark./reward_conditioning.
+    quark_user = parse_overrides([o for o, q in zip(pipeline, is_quark) if q])
+    pipeline = [o for o, q in zip(pipeline, is_quark) if not q]
     user = _user_sections(None, [*PIPELINE_EVAL, *pipeline])
     unused = [k for k in user if k not in (*PIPELINE_METHODS, "data", "eval", "annotators")]
     if unused:
