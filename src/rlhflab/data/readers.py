@@ -93,11 +93,12 @@ def open_source(source: Any, split: str | None = None) -> Source:
 
 
 def read_rows(source: Any, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(record_number, row)` from `source`; raise DataError on the first unreadable row.
+    """Yield `(record_number, row)` from `source` (anything `open_source` takes, or a `Source` it opened); raise
+    DataError on the first unreadable row.
 
     An empty source (no rows at all) is an error too, raised once the source is exhausted.
     """
-    src = open_source(source, split)
+    src = source if isinstance(source, Source) else open_source(source, split)
     n_rows = 0
     for number, row in src.rows:
         if isinstance(row, DataError):

@@ -148,9 +148,9 @@ def _rows(path: Path):
     """(number, row, unit) of each record of a data file ("line 3" for JSONL, "index 2" for JSON lists, ...)."""
     from rlhflab.data.readers import open_source, read_rows
 
-    unit = open_source(path).unit
-    for number, row in read_rows(path):
-        yield number, row, unit
+    src = open_source(path)
+    for number, row in read_rows(src):
+        yield number, row, src.unit
 
 
 def add_evidence(
