@@ -44,6 +44,11 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt (a YAML list; on the command line NAME,NAME), or [all-linear] for every linear
     layer but the output head."""
+    merge: bool = False
+    """Write the final model and snapshots as the full model with the adapters folded in (a plain HF directory)
+    instead of the adapter alone (PEFT format: adapter_config.json + adapter_model.safetensors, a few MB, whose
+    base_model_name_or_path is model.name_or_path; `rlhflab` commands and peft's PeftModel.from_pretrained load
+    it). `--merge` on the command line."""
 
     def __post_init__(self):
         _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
@@ -54,6 +59,11 @@ class LoraSection:
             f"must be module names or [all-linear] alone, got {self.target_modules}",
         )
         _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(
+            self.enabled or not self.merge,
+            "model.lora.merge",
+            "folds LoRA adapters into the model, but model.lora.enabled is false; drop it or enable LoRA",
+        )
 
 
 @dataclass
@@ -1140,6 +1150,14 @@ class PMConfig:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=16, epochs=1))
     logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
     algo: PMAlgo = field(default_factory=PMAlgo)
+
+    def __post_init__(self):
+        _require(
+            not self.model.lora.enabled or self.model.lora.merge,
+            "model.lora.merge",
+            "must be true with LoRA for a preference model: its settings live in the merged model's config.json; "
+            "set model.lora.merge=true",
+        )
 
 
 @dataclass

@@ -24,8 +24,11 @@ def snapshot_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(run_dir) / "snapshots"
     if not root.is_dir():
         return []
+    saved = ("config.json", "adapter_config.json")  # a full model, or a LoRA run's adapter
     found = [
-        (int(p.name.removeprefix("step-")), p) for p in root.glob("step-*") if (p / "config.json").is_file()
+        (int(p.name.removeprefix("step-")), p)
+        for p in root.glob("step-*")
+        if any((p / name).is_file() for name in saved)
     ]
     return sorted(found)
 

@@ -29,8 +29,10 @@ from rlhflab.models.backbone import (
     position_ids_from_mask,
 )
 from rlhflab.models.loading import (
+    REWARD_HEAD_FILE,
     atomic_output_dir,
     check_model_dir,
+    is_adapter_dir,
     load_backbone,
     load_causal_lm,
     write_pretrained,
@@ -197,7 +199,7 @@ class Critic(nn.Module):
         the value function from the reward model). A causal-LM directory gives its backbone and a
         fresh head.
         """
-        p = check_model_dir(path, what="critic")
+        p = Path(path).expanduser() if is_adapter_dir(path) else check_model_dir(path, what="critic")
         backbone = load_backbone(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         hidden, dev = hidden_size_of(backbone), device_of(backbone)
         if (p / VALUE_HEAD_FILE).is_file():
@@ -218,7 +220,11 @@ class Critic(nn.Module):
 
 
 def _reward_head_weight(directory: Path) -> torch.Tensor | None:
-    """The `score.weight` [H, D] of a saved `*ForSequenceClassification` directory, else None."""
+    """The `score.weight` [H, D] of a saved reward model (a `*ForSequenceClassification` directory, or heads in
+    reward_head.safetensors beside a backbone or its LoRA adapter), else None."""
+    if (directory / REWARD_HEAD_FILE).is_file():
+        with safe_open(str(directory / REWARD_HEAD_FILE), framework="pt") as f:
+            return f.get_tensor("weight").float()
     config = json.loads((directory / "config.json").read_text())
     if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         return None

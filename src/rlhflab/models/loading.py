@@ -25,6 +25,9 @@ from rlhflab.errors import ConfigError, UserError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A reward model's head beside its backbone: for architectures without a *ForSequenceClassification class, and
+# in a reward model saved as a LoRA adapter (whose adapter then sits on the backbone, not on a causal LM).
+REWARD_HEAD_FILE = "reward_head.safetensors"
 
 
 @dataclass
@@ -100,7 +103,8 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> Path:
         raise UserError(f"{what} path '{p}' is a file; expected a Hugging Face model directory.{hint}")
     if not (p / "config.json").is_file():
         extra = (
-            " It has adapter_config.json: this is a LoRA adapter directory; load it with load_causal_lm."
+            " It has adapter_config.json: this is a LoRA adapter directory; give the merged model (a stage run "
+            "with model.lora.merge=true) or load it with load_causal_lm."
             if (p / "adapter_config.json").is_file()
             else ""
         )
@@ -109,6 +113,42 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> Path:
             f"Expected the output of save_pretrained (config.json + *.safetensors).{extra}"
         )
     return p
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a saved PEFT adapter directory (adapter_config.json and no config.json of its own)."""
+    p = Path(path).expanduser()
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> Path:
+    """The base model directory a saved adapter names (`base_model_name_or_path`), checked to exist."""
+    import json
+
+    p = Path(path).expanduser()
+    try:
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read '{p / 'adapter_config.json'}': {err}") from None
+    if not base or not Path(base).expanduser().is_dir():
+        raise UserError(
+            f"LoRA adapter directory '{p}' names base model {base!r}, which is not a local directory; "
+            "set base_model_name_or_path in its adapter_config.json to the base model's directory, or use a "
+            "merged model (model.lora.merge=true)."
+        )
+    return Path(base).expanduser()
+
+
+def model_dir_config(path: str | os.PathLike, *, what: str = "model") -> Path:
+    """The config.json that describes a model directory: its own, or for a LoRA adapter directory that of
+    the plain model at the end of its chain of bases (an adapter may be trained on top of another)."""
+    p, seen = Path(path).expanduser(), set()
+    while is_adapter_dir(p):
+        if p.resolve() in seen:
+            raise UserError(f"LoRA adapter directory '{path}' names itself as its base (through '{p}')")
+        seen.add(p.resolve())
+        p = adapter_base(p)
+    return check_model_dir(p, what=what) / "config.json"
 
 
 def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "right", trust_remote_code: bool = False):
@@ -171,10 +211,12 @@ def load_causal_lm(
 
     Args:
         path: directory with config.json + weights, or with adapter_config.json (a saved PEFT adapter;
-            its base is read from `base_model_name_or_path`, and the adapter stays trainable).
+            its base is read from `base_model_name_or_path`, itself possibly an adapter directory, which is
+            folded in; without `lora` the adapter stays trainable).
         dtype: "float32" | "bfloat16" | "float16" | "auto" (the dtype recorded in config.json).
         device: "cpu" | "cuda" | "cuda:N" | "mps" | "auto".
-        lora: wrap the model in fresh LoRA adapters; only the adapters are trainable.
+        lora: wrap the model in fresh LoRA adapters (on top of a saved adapter folded in); only the adapters
+            are trainable, and their saved `base_model_name_or_path` is the absolute `path`.
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: allow custom modelling code shipped in the directory.
 
@@ -184,27 +226,32 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     p = Path(path).expanduser()
-    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
-        return _load_adapter_dir(
-            p,
-            dtype=dtype,
-            device=device,
-            gradient_checkpointing=gradient_checkpointing,
-            trust_remote_code=trust_remote_code,
-        )
-    p = check_model_dir(p)
-    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load a causal LM from '{p}': {err}") from err
-    model.to(dev)
+    kwargs = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
+    if is_adapter_dir(p):
+        if lora is None:
+            return _load_adapter_dir(p, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        # Fresh adapters go on top of the saved one folded in: the new adapter is a delta from this directory's
+        # model, which is also what a reference model loaded from it computes.
+        model = _load_adapter_dir(p, trainable=False, **kwargs).merge_and_unload()
+    else:
+        p = check_model_dir(p)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(p),
+                dtype=resolve_dtype(dtype),
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError) as err:
+            raise UserError(f"could not load a causal LM from '{p}': {err}") from err
+        model.to(resolve_device(device))
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None:
         model = apply_lora(model, lora)
+        # The adapter is saved as a delta from this directory: record it absolutely, so the adapter loads from
+        # any working directory (PEFT would record the config's _name_or_path, the base of a chain).
+        model.peft_config["default"].base_model_name_or_path = str(p.resolve())
     return model
 
 
@@ -218,10 +265,15 @@ def load_backbone(
     """The base transformer of a local HF model directory (`AutoModel`: no LM or classification head).
 
     Works on a causal-LM, a sequence-classification or a bare-backbone directory: HF drops the
-    head weights and strips the base-model prefix ("model.", "transformer.") from the keys.
+    head weights and strips the base-model prefix ("model.", "transformer.") from the keys. From a LoRA
+    adapter directory: the transformer of the model with the adapter folded in.
     """
     from transformers import AutoModel
 
+    if is_adapter_dir(path):
+        return _adapter_backbone(
+            Path(path).expanduser(), dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
     p = check_model_dir(path)
     try:
         model = AutoModel.from_pretrained(
@@ -232,25 +284,41 @@ def load_backbone(
     return model.to(resolve_device(device))
 
 
-def _load_adapter_dir(p: Path, *, dtype, device, gradient_checkpointing: bool, trust_remote_code: bool):
-    import json
-
+def _load_adapter_dir(
+    p: Path,
+    *,
+    dtype,
+    device,
+    trust_remote_code: bool,
+    gradient_checkpointing: bool = False,
+    trainable: bool = True,
+):
+    """A saved adapter on its base; a base that is itself an adapter directory is loaded and folded in first."""
     from peft import PeftModel
 
-    base_path = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base_path or not Path(base_path).is_dir():
-        raise UserError(
-            f"LoRA adapter directory '{p}' names base model {base_path!r}, which is not a local "
-            "directory; save the merged model instead (save_model(..., merge_lora=True))."
-        )
+    model_dir_config(p)  # a missing base or a cycle in the chain: a clear error before anything loads
     base = load_causal_lm(
-        base_path,
+        adapter_base(p),
         dtype=dtype,
         device=device,
         gradient_checkpointing=gradient_checkpointing,
         trust_remote_code=trust_remote_code,
     )
-    return PeftModel.from_pretrained(base, str(p), is_trainable=True)
+    if is_peft_model(base):
+        base = base.merge_and_unload()
+    return PeftModel.from_pretrained(base, str(p), is_trainable=trainable)
+
+
+def _adapter_backbone(p: Path, *, dtype, device, trust_remote_code: bool):
+    """The transformer of an adapter directory, the adapter folded in: a reward model's adapter (saved from its
+    backbone, the head file beside it) goes on the base's backbone, a policy's on the base causal LM."""
+    from peft import PeftModel
+
+    kwargs = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
+    if (p / REWARD_HEAD_FILE).is_file():
+        return PeftModel.from_pretrained(load_backbone(adapter_base(p), **kwargs), str(p)).merge_and_unload()
+    causal = load_causal_lm(p, **kwargs).merge_and_unload()
+    return getattr(causal, causal.base_model_prefix)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -355,7 +423,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = True) -> 
                 f"output directory '{out}' already exists and is not empty; "
                 "choose a new directory or remove it first"
             )
-        if occupied and not (out / "config.json").exists():
+        if occupied and not ((out / "config.json").exists() or (out / "adapter_config.json").exists()):
             raise UserError(
                 f"output directory '{out}' is not empty and does not hold a saved model; "
                 "refusing to replace it. Choose a new or empty directory."

@@ -33,10 +33,13 @@ from rlhflab.models.backbone import (
 )
 from rlhflab.models.final_layer import final_layer_only_at
 from rlhflab.models.loading import (
+    REWARD_HEAD_FILE,
     LoraSettings,
+    adapter_base,
     apply_lora,
     atomic_output_dir,
     check_model_dir,
+    is_adapter_dir,
     is_peft_model,
     load_backbone,
     plain_state_dict,
@@ -45,7 +48,6 @@ from rlhflab.models.loading import (
     write_pretrained,
 )
 
-REWARD_HEAD_FILE = "reward_head.safetensors"  # only for architectures without a *ForSequenceClassification
 MEAN_KEY, STD_KEY = "rlhflab_reward_mean", "rlhflab_reward_std"
 # In config.json of a general preference model (`rlhflab.models.preference_model`): its settings. The weights are
 # a one-head reward model's, so the key is what tells the two apart.
@@ -225,23 +227,35 @@ class RewardModel(nn.Module):
             )
         if lora is not None:
             backbone = apply_lora(backbone, lora)
+            if not isinstance(path_or_model, nn.Module):  # saved as a delta from this directory's backbone
+                base = str(Path(path_or_model).expanduser().resolve())
+                backbone.peft_config["default"].base_model_name_or_path = base
         return cls(backbone, num_heads, head_names)
 
     def save_pretrained(
-        self, out_dir: str | os.PathLike, tokenizer=None, *, extra_config: dict | None = None
+        self,
+        out_dir: str | os.PathLike,
+        tokenizer=None,
+        *,
+        extra_config: dict | None = None,
+        merge_lora: bool = True,
     ) -> Path:
         """Write a `*ForSequenceClassification` directory (LoRA merged) that plain transformers loads.
-        `extra_config`: keys added to its config.json (written in the same atomic step)."""
+        `extra_config`: keys added to its config.json (written in the same atomic step). With LoRA and not
+        `merge_lora`: the backbone's adapter alone (PEFT format; its base is the causal LM the reward model
+        started from) and the heads in reward_head.safetensors."""
         base = self.backbone.get_base_model() if is_peft_model(self.backbone) else self.backbone
         seq_cls = _sequence_classification_class(base.config)
+        adapter = is_peft_model(self.backbone) and not merge_lora
+        if adapter and extra_config:
+            raise ValueError("extra_config needs a config.json: save with merge_lora=True")
         with atomic_output_dir(out_dir) as tmp:
-            if seq_cls is None:
+            if adapter:
+                self.backbone.save_pretrained(str(tmp))
+                self._save_head(tmp)
+            elif seq_cls is None:
                 write_pretrained(self.backbone, tmp, merge_lora=True)
-                save_file(
-                    {"weight": self.score.weight.detach().contiguous().cpu()},
-                    str(tmp / REWARD_HEAD_FILE),
-                    metadata={"format": "pt", "rlhflab": json.dumps(self._head_meta())},
-                )
+                self._save_head(tmp)
             else:
                 config = copy.deepcopy(base.config)
                 config.architectures = [seq_cls.__name__]
@@ -268,6 +282,13 @@ class RewardModel(nn.Module):
                 )
         return Path(out_dir)
 
+    def _save_head(self, directory: Path) -> None:
+        save_file(
+            {"weight": self.score.weight.detach().contiguous().cpu()},
+            str(directory / REWARD_HEAD_FILE),
+            metadata={"format": "pt", "rlhflab": json.dumps(self._head_meta())},
+        )
+
     def _head_meta(self) -> dict:
         return {
             "head_names": self.head_names,
@@ -280,6 +301,8 @@ class RewardModel(nn.Module):
         cls, path: str | os.PathLike, *, dtype="float32", device="cpu", trust_remote_code: bool = False
     ) -> RewardModel:
         """Reload a reward model written by `save_pretrained` (or any HF `*ForSequenceClassification`)."""
+        if is_adapter_dir(path):  # a LoRA reward model saved as its adapter
+            return cls.load_weights(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         p = check_model_dir(path, what="reward model")
         if PREFERENCE_MODEL_KEY in json.loads((p / "config.json").read_text()):
             raise UserError(
@@ -295,6 +318,17 @@ class RewardModel(nn.Module):
     ) -> RewardModel:
         """The backbone and heads of a directory `save_pretrained` wrote, whatever the model is used as (a
         general preference model is one such directory); `from_pretrained` is the checked entry point."""
+        if is_adapter_dir(path):
+            p = Path(path).expanduser()
+            if not (p / REWARD_HEAD_FILE).is_file():
+                raise UserError(
+                    f"'{p}' is a LoRA adapter of a causal LM, not a reward model: it has no {REWARD_HEAD_FILE}; "
+                    "give the directory `rlhflab rm` wrote"
+                )
+            adapter_base(p)  # a clear error when the base is gone
+            return cls._with_head(
+                p, load_backbone(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            )
         p = check_model_dir(path, what="reward model")
         config = json.loads((p / "config.json").read_text())
         if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
@@ -302,19 +336,26 @@ class RewardModel(nn.Module):
                 p, dtype=dtype, device=device, trust_remote_code=trust_remote_code
             )
         if (p / REWARD_HEAD_FILE).is_file():
-            backbone = load_backbone(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-            with safe_open(str(p / REWARD_HEAD_FILE), framework="pt") as f:
-                meta, weight = json.loads(f.metadata()["rlhflab"]), f.get_tensor("weight")
-            score = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-            with torch.no_grad():
-                score.weight.copy_(weight)
-            model = cls(backbone, weight.shape[0], meta["head_names"], score=score)
-            model.set_normalization(meta[MEAN_KEY], meta[STD_KEY])
-            return model
+            return cls._with_head(
+                p, load_backbone(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            )
         raise UserError(
             f"'{p}' is not a reward model directory (architectures={config.get('architectures')}); "
             "to start a reward model from a causal LM use RewardModel.from_causal_lm"
         )
+
+    @classmethod
+    def _with_head(cls, p: Path, backbone: nn.Module) -> RewardModel:
+        """`backbone` with the heads of `p`'s reward_head.safetensors."""
+        with safe_open(str(p / REWARD_HEAD_FILE), framework="pt") as f:
+            meta, weight = json.loads(f.metadata()["rlhflab"]), f.get_tensor("weight")
+        score = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            score.weight.copy_(weight)
+        score.to(next(backbone.parameters()).device)
+        model = cls(backbone, weight.shape[0], meta["head_names"], score=score)
+        model.set_normalization(meta[MEAN_KEY], meta[STD_KEY])
+        return model
 
     @classmethod
     def _from_sequence_classification(cls, p: Path, *, dtype, device, trust_remote_code: bool) -> RewardModel:

@@ -30,7 +30,11 @@ SETTINGS_FILE = "rlhflab_reward.json"
 def resolve_reward_dir(path: str | Path) -> Path:
     """A reward-model directory; a run directory (RUN/final holds the model) is accepted too."""
     p = Path(path).expanduser()
-    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+
+    def saved(d: Path) -> bool:  # a merged model, or a LoRA reward model's adapter
+        return (d / "config.json").is_file() or (d / "adapter_config.json").is_file()
+
+    if not saved(p) and saved(p / "final"):
         return p / "final"
     return p
 

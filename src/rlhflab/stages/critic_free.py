@@ -335,7 +335,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         f"{name}: {len(prompts)} prompts, {algo.iterations} iterations x {algo.prompts_per_iteration} prompts x "
         f"{algo.num_generations} samples, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
     )
-    snapshot = functools.partial(save_model, policy, tokenizer)
+    snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(
         run,
         name,
@@ -380,7 +380,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
     final = run.dir / "final"
-    save_model(policy, tokenizer, final)
+    save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
     run.close()
     print(f"{name}: saved the policy to {final}")
     return final

@@ -211,7 +211,10 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
-    extra = {"state": state, "snapshot": functools.partial(save_model, model, tokenizer)}
+    extra = {
+        "state": state,
+        "snapshot": functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge),
+    }
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, **extra)
     if shift is not None and "reward_shift" in loop.resumed_state:
         shift.load_state_dict(loop.resumed_state["reward_shift"])
@@ -260,7 +263,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     if eval_examples:
         metrics = run.logger.log(loop.step, evaluate(ctx, eval_examples, eval_kl))
         print("dpo: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    final = save_model(model, tokenizer, run.dir / "final")
+    final = save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
     run.close()
     print(f"dpo: saved the model to {final}")
     return final

@@ -391,7 +391,7 @@ def train(
     )
     stateful = hasattr(feedback, "state_dict")
     state = (lambda: {"feedback": feedback.state_dict()}) if stateful else None
-    snapshot = functools.partial(save_model, policy, tokenizer)
+    snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     extra = {"state": state, "snapshot": snapshot}
     loop = Loop(run, NAME, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume, **extra)
     if stateful and "feedback" in loop.resumed_state:
@@ -424,7 +424,7 @@ def train(
     loop.close()
 
     # 5. Save the final model (HF format).
-    final = save_model(policy, tokenizer, run.dir / "final")
+    final = save_model(policy, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
     run.close()
     print(f"{NAME}: {feedback.queries} feedback queries; saved the policy to {final}")
     return final

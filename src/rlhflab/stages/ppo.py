@@ -129,9 +129,8 @@ def _critic_init(cfg: PPOConfig) -> str:
 
     if cfg.algo.reward_model:
         source, _ = parse_spec(cfg.algo.reward_model[0])
-        if (
-            not source.startswith(("rule:", "lab:"))
-            and (resolve_reward_dir(source) / "config.json").is_file()
+        if not source.startswith(("rule:", "lab:")) and any(
+            (resolve_reward_dir(source) / f).is_file() for f in ("config.json", "adapter_config.json")
         ):
             return str(resolve_reward_dir(source))
     return resolve_model_path(cfg.model.name_or_path)
@@ -338,15 +337,16 @@ def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) ->
     append_rollouts(path, iteration, rollout, exp["scores"], exp["seq_kl"])
 
 
-def _save_final(run_dir: Path, policy, value_model, tokenizer) -> Path:
-    """The policy as a plain HF causal LM (+ value head file) in RUN/final; a separate critic in RUN/critic."""
+def _save_final(run_dir: Path, policy, value_model, tokenizer, merge_lora: bool) -> Path:
+    """The policy as a plain HF causal LM or its LoRA adapter (+ value head file) in RUN/final; a separate critic
+    in RUN/critic."""
     from rlhflab.models.heads import PolicyWithValueHead
 
     final = run_dir / "final"
     if isinstance(value_model, ValueHead):
-        PolicyWithValueHead(policy, value_model).save_pretrained(final, tokenizer)
+        PolicyWithValueHead(policy, value_model).save_pretrained(final, tokenizer, merge_lora=merge_lora)
     else:
-        save_model(policy, tokenizer, final)
+        save_model(policy, tokenizer, final, merge_lora=merge_lora)
         value_model.save_pretrained(run_dir / "critic", tokenizer)
     return final
 
@@ -390,7 +390,10 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     )
     # The KL controller is checkpointed with the weights, so a resumed run adapts beta exactly as before.
     kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731
-    extra = {"state": kl_state, "snapshot": functools.partial(save_model, policy, tokenizer)}
+    extra = {
+        "state": kl_state,
+        "snapshot": functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge),
+    }
     loop = Loop(
         run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume, **extra
     )
@@ -440,7 +443,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
 
-    final = _save_final(run.dir, policy, value_model, tokenizer)
+    final = _save_final(run.dir, policy, value_model, tokenizer, cfg.model.lora.merge)
     run.close()
     print(f"ppo: saved the policy to {final}")
     return final

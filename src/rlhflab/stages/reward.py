@@ -118,6 +118,8 @@ def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[R
         enable_gradient_checkpointing(backbone)
     if cfg.model.lora.enabled:
         backbone = apply_lora(backbone, lora_settings(cfg.model.lora))
+        # Saved (without model.lora.merge) as a delta from this directory's backbone.
+        backbone.peft_config["default"].base_model_name_or_path = str(Path(path).resolve())
     return RewardModel(backbone, len(head_names), head_names), device
 
 
@@ -200,9 +202,9 @@ def _shared_prompt(cfg: RewardConfig, model: RewardModel) -> bool:
 
 
 def _save(cfg: RewardConfig, model: RewardModel, tokenizer, out: Path) -> Path:
-    """The model in HF *ForSequenceClassification format, and how training tokenized beside it, so
-    `rlhflab.rewards.LearnedReward` scores new responses alike."""
-    final = model.save_pretrained(out, tokenizer)
+    """The model in HF *ForSequenceClassification format (with LoRA and not model.lora.merge: the adapter and the
+    heads), and how training tokenized beside it, so `rlhflab.rewards.LearnedReward` scores new responses alike."""
+    final = model.save_pretrained(out, tokenizer, merge_lora=cfg.model.lora.merge)
     settings = {
         "max_length": cfg.data.max_length,
         "max_prompt_length": cfg.data.max_prompt_length,

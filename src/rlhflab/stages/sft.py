@@ -102,7 +102,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}"
     )
 
-    snapshot = functools.partial(save_model, model, tokenizer)
+    snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(
         run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot
     )
@@ -154,7 +154,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     if eval_examples:
         metrics = run.logger.log(loop.step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
         print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    final = save_model(model, tokenizer, run.dir / "final")
+    final = save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
     run.close()
     print(f"sft: saved the model to {final}")
     return final
