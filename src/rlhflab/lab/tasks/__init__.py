@@ -10,12 +10,14 @@ from rlhflab.errors import UserError
 from rlhflab.lab.tasks.arith import ArithTask
 from rlhflab.lab.tasks.base import LabTask, PretrainSpec, chat_prompt, prompt_text
 from rlhflab.lab.tasks.harm import HarmTask
+from rlhflab.lab.tasks.review import ReviewTask
 from rlhflab.lab.tasks.sentiment import SentimentTask
 
 TASKS: dict[str, type[LabTask]] = {
     "sentiment": SentimentTask,
     "arith": ArithTask,
     "harm": HarmTask,
+    "review": ReviewTask,
 }
 DEFAULT_TASK = "sentiment"
 
