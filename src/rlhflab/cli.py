@@ -37,6 +37,12 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file (see `rlhflab config show STAGE`)")
     p.add_argument("--resume", action="store_true", help="continue the run in logging.output_dir exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in logging.output_dir")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="with LoRA: write the full model with the adapters folded in, not the adapter alone "
+        "(model.lora.merge=true)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5")
 
 
@@ -60,7 +66,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     module_name, _ = STAGES[args.command]
     from rlhflab.lab.launch import lab_feedback, resolve_lab
 
-    cfg = load_config(args.command, args.config, args.overrides)
+    overrides = [*args.overrides, *(["model.lora.merge=true"] if args.merge else [])]
+    cfg = load_config(args.command, args.config, overrides)
     module = importlib.import_module(module_name)
     if hasattr(
         module, "preflight"
@@ -93,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         overwrite=args.overwrite,
         methods=args.methods.split(",") if args.methods else None,
+        model=args.model,
+        resume=args.resume,
+        merge=args.merge,
     )
     return 0
 
@@ -558,13 +568,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="the main job: lab data -> SFT -> reward model -> policies -> gold evaluation"
     )
-    p.add_argument("--task", default="sentiment", help="built-in lab task (see `rlhflab lab list`)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="built-in lab task (see `rlhflab lab list`; default sentiment, or review with --model)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="start from this local HF causal LM (e.g. SmolLM2-135M-Instruct from `rlhflab import-gguf`) "
+        "instead of the task's tiny base model: LoRA and budgets for a real model (about 30 min on 2 cores)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for data, training and evaluation")
     p.add_argument("--output-dir", default="runs/demo", help="where the stages and the report go")
     p.add_argument(
         "--config", metavar="FILE", help="YAML with per-stage overrides: {sft: {...}, rm: {...}, ...}"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir (same arguments): finished stages kept, the interrupted one "
+        "resumed from its last checkpoint",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="LoRA methods write full merged models, not adapters alone"
+    )
     p.add_argument(
         "--methods",
         metavar="LIST",

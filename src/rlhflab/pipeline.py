@@ -39,6 +39,7 @@ from rlhflab.config import (
     parse_overrides,
     read_yaml,
 )
+from rlhflab.core.progress import JobClock
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.core.seeding import seed_everything
 from rlhflab.errors import ConfigError
@@ -93,7 +94,8 @@ JUDGES = ("rm", "pm")
 DEFAULT_METHODS = ("sft", "rm", "ppo", "ppo_kl0", "dpo", "best_of_n")
 TRAINED = tuple(name for name, m in METHODS.items() if m.stage != "best_of_n")
 # Non-stage sections of the pipeline config: how much lab data to make and how to evaluate. curve_points:
-# snapshots per trained method (each evaluated on curve_prompts held-out prompts x curve_samples samples).
+# snapshots per trained method (each evaluated on curve_prompts held-out prompts x curve_samples samples); rm_pairs:
+# fresh held-out pairs the reward model's accuracy is measured on.
 PIPELINE_SECTIONS = {
     "data": {
         "n_sft": 2000,
@@ -112,6 +114,7 @@ PIPELINE_SECTIONS = {
         "curve_points": 5,
         "curve_prompts": 32,
         "curve_samples": 2,
+        "rm_pairs": 512,
     },
 }
 # The simulated annotators who label the pairs (and, with the same settings, the online methods' samples): the
@@ -302,12 +305,98 @@ DEFAULTS: dict[str, list[str]] = {
 }
 
 
+# `rlhflab run --model DIR`: a real pretrained causal LM (e.g. SmolLM2-135M-Instruct from `rlhflab import-gguf`)
+# instead of the lab's tiny base model, on the open-text task by default. Every method trains LoRA adapters (Hu et
+# al. 2021) on top of the pipeline's settings above, with budgets sized so the default methods take at most 30
+# minutes on 2 CPU cores (BENCHMARKS.md); checkpoints every few steps make a killed run resumable. Set before any
+# run on the held-out prompts, not tuned on them.
+MODEL_TASK = "review"
+MODEL_COMMON = ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"]
+# The real model's chat template adds a system prompt (about 30 tokens) before the task prompt.
+_TEXT = ["data.max_length=128", "data.max_prompt_length=64", "logging.save_every=10"]
+_SAMPLED = ["data.max_prompt_length=64", "sampling.max_new_tokens=48", "logging.save_every=5"]
+# Round-based methods resume at the first round without a saved model (no save_every).
+_SAMPLED_TEXT = ["data.max_length=128", "data.max_prompt_length=64", "sampling.max_new_tokens=48"]
+MODEL_DEFAULTS: dict[str, list[str]] = {
+    "sft": [*_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "optim.epochs=1"],
+    "feedme": [*_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "optim.epochs=1"],
+    # The reward statistics (for whitening) from 128 responses, not 1,024: a forward pass costs ~0.15 s here.
+    "rm": [*_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "optim.epochs=1", "algo.normalization_samples=128"],
+    # The preference model reads both responses, and keeps its settings in config.json: always written merged.
+    "pm": [
+        "data.max_length=192",
+        "data.max_prompt_length=64",
+        "optim.lr=3e-4",
+        "optim.batch_size=8",
+        "optim.epochs=1",
+        "model.lora.merge=true",
+        "logging.save_every=10",
+    ],
+    "dpo": [*_TEXT, "optim.lr=1e-4", "optim.batch_size=8", "optim.epochs=1"],
+    "ppo": [
+        *_SAMPLED,
+        "optim.lr=2e-4",
+        "algo.iterations=16",
+        "algo.rollout_batch_size=16",
+        "algo.minibatch_size=8",
+        "algo.ppo_epochs=1",
+    ],
+    # As on the lab task, the other methods get PPO's sampling budget (16 x 16 = 256 responses) or, for the
+    # online DPO family, offline DPO's label budget (320 pairs), and PPO's / DPO's / SFT's learning rate.
+    "rloo": [*_SAMPLED, "optim.lr=2e-4", "algo.iterations=16", "algo.prompts_per_iteration=4"],
+    "grpo": [*_SAMPLED, "optim.lr=2e-4", "algo.iterations=16", "algo.prompts_per_iteration=4"],
+    "online_dpo": [*_SAMPLED, "optim.lr=1e-4", "algo.iterations=40", "algo.prompts_per_step=8"],
+    "iterative_dpo": [*_SAMPLED_TEXT, "optim.lr=1e-4", "optim.batch_size=8", "algo.prompts_per_round=107"],
+    "dno": [*_SAMPLED_TEXT, "optim.lr=1e-4", "optim.batch_size=8", "algo.prompts_per_round=107"],
+    "expert_iteration": [*_SAMPLED_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "algo.prompts_per_round=16"],
+    "rejection_sampling": [
+        *_SAMPLED_TEXT,
+        "optim.lr=3e-4",
+        "optim.batch_size=8",
+        "algo.prompts_per_round=21",
+    ],
+    "rest": [*_SAMPLED_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "algo.prompts_per_round=32"],
+}
+MODEL_SECTIONS = {
+    "data": {"n_sft": 320, "n_pairs": 320, "n_prompts": 256, "n_heldout": 64},
+    "eval": {
+        "prompts": 32,
+        "samples": 2,
+        "best_of_n": 4,
+        "curve_points": 2,
+        "curve_prompts": 8,
+        "curve_samples": 1,
+        # 512 pairs are 1,024 reward-model passes, ~3 minutes on this model.
+        "rm_pairs": 128,
+    },
+}
+
+
+# Seconds each part of a run took on 2 CPU cores (the lab default's and --model SmolLM2-135M's runs in
+# BENCHMARKS.md): the job's ETA scales them by the speed of the parts already finished.
+EXPECTED_SECONDS = {
+    "lab": {"data": 5, "sft": 10, "rm": 15, "ppo": 30, "ppo_kl0": 30, "dpo": 10, "eval": 25},
+    "model": {"data": 2, "sft": 140, "rm": 240, "ppo": 380, "ppo_kl0": 380, "dpo": 240, "eval": 300},
+}
+
+
 def _stage_config(
-    name: str, out: Path, seed: int, base: list[str], user: dict[str, Any], snapshot_every: int = 0
+    name: str,
+    out: Path,
+    seed: int,
+    base: list[str],
+    user: dict[str, Any],
+    snapshot_every: int = 0,
+    *,
+    real_model: bool = False,
 ):
-    """Stage config = stage defaults <- pipeline defaults <- wiring (`base`) <- the user's section."""
+    """Stage config = stage defaults <- pipeline defaults (<- the real-model layer) <- wiring (`base`) <- the
+    user's section."""
     data: dict[str, Any] = {}
-    for layer in (DEFAULTS["ppo"] if name == "ppo_kl0" else [], DEFAULTS[name], base):
+    layers = [DEFAULTS["ppo"] if name == "ppo_kl0" else [], DEFAULTS[name]]
+    if real_model:
+        layers += [MODEL_COMMON, MODEL_DEFAULTS["ppo" if name == "ppo_kl0" else name]]
+    for layer in (*layers, base):
         data = deep_merge(data, parse_overrides(layer))
     if snapshot_every:
         data = deep_merge(data, {"logging": {"snapshot_every": snapshot_every}})
@@ -372,8 +461,10 @@ def _annotator_settings(user: dict[str, Any], where: str = "command line"):
         raise ConfigError(f"{where}: annotators: {e}") from None
 
 
-def _section(user: dict[str, Any], name: str) -> dict[str, int]:
-    return {**PIPELINE_SECTIONS[name], **user.get(name, {})}
+def _section(user: dict[str, Any], name: str, *, real_model: bool = False) -> dict[str, int]:
+    """The `data` or `eval` section: the defaults (a real model's smaller budgets) <- the user's keys."""
+    defaults = {**PIPELINE_SECTIONS[name], **(MODEL_SECTIONS[name] if real_model else {})}
+    return {**defaults, **user.get(name, {})}
 
 
 def _gold_curve(task, run_dir: Path) -> list[dict[str, float]]:
@@ -414,16 +505,16 @@ def _evaluate_all(
     """Gold evaluation of every policy against SFT samples on the same held-out prompts (and of the reward
     model and best-of-n when they were run)."""
     from rlhflab.lab.evaluate import evaluate_policy, evaluate_reward_model, sample_policy
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
     from rlhflab.rewards import LearnedReward
 
     prompts = task.heldout_prompts(ev["prompts"], seed=seed)
     tokenizer = load_tokenizer(dirs["sft"])
-    sft = load_causal_lm(dirs["sft"])
+    sft = load_inference_lm(dirs["sft"])
     sft_samples = sample_policy(sft, tokenizer, task, prompts, n_samples=ev["samples"], seed=seed + 1)
     results = {}
     for name, directory in dirs.items():
-        model = sft if name == "sft" else load_causal_lm(directory)
+        model = sft if name == "sft" else load_inference_lm(directory)
         results[name] = evaluate_policy(
             model,
             tokenizer,
@@ -441,7 +532,7 @@ def _evaluate_all(
         results[f"best_of_{ev['best_of_n']}"] = _evaluate_best_of_n(
             task, sft, tokenizer, reward, prompts, sft_samples, seed, ev["samples"], ev["best_of_n"]
         )
-    rm_metrics = evaluate_reward_model(reward.score, task, seed=seed)
+    rm_metrics = evaluate_reward_model(reward.score, task, n_pairs=ev["rm_pairs"], seed=seed)
     return results, {"rm": rm_metrics}
 
 
@@ -450,10 +541,10 @@ def _heldout_curves(task, dirs: dict[str, Path], out: Path, seed: int, ev: dict[
     (other seeds than the final evaluation's draws); step 0 is the SFT model for every method."""
     from rlhflab.lab.curves import gold_curve
     from rlhflab.lab.evaluate import evaluate_policy, sample_policy
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
 
     prompts = task.heldout_prompts(ev["curve_prompts"], seed=seed + 7)
-    tokenizer, sft = load_tokenizer(dirs["sft"]), load_causal_lm(dirs["sft"])
+    tokenizer, sft = load_tokenizer(dirs["sft"]), load_inference_lm(dirs["sft"])
     ref_samples = sample_policy(sft, tokenizer, task, prompts, n_samples=ev["curve_samples"], seed=seed + 8)
     kw = {"prompts": prompts, "n_samples": ev["curve_samples"], "ref_samples": ref_samples, "seed": seed + 9}
     start = evaluate_policy(sft, tokenizer, task, ref_model=sft, **kw)
@@ -551,11 +642,14 @@ def _label_queries(out: Path, policies: dict) -> dict[str, int]:
     return result
 
 
-def _wiring(task: str, data: dict[str, Path], final: dict[str, Path]) -> dict[str, list[str]]:
-    """Each stage's model and data: the lab's base model and files, then each stage from the SFT model."""
+def _wiring(
+    task: str, data: dict[str, Path], final: dict[str, Path], base_model: str | None = None
+) -> dict[str, list[str]]:
+    """Each stage's model and data: the lab's base model (or `base_model`, a directory) and files, then each stage
+    from the SFT model."""
     final = {name: final.get(name, Path("unused")) for name in METHODS}
     wiring = {
-        "sft": [f"model.name_or_path=lab:{task}", f"data.train_path={data['sft']}"],
+        "sft": [f"model.name_or_path={base_model or 'lab:' + task}", f"data.train_path={data['sft']}"],
         "rm": [f"model.name_or_path={final['sft']}", f"data.train_path={data['pairs']}"],
         "ppo": [
             f"model.name_or_path={final['sft']}",
@@ -590,29 +684,42 @@ def _total_steps(name: str, cfg, n_records: dict[str, int]) -> int:
     return max(1, n_train // cfg.optim.batch_size) * cfg.optim.epochs
 
 
-def _configs(names: list[str], out: Path, seed: int, task: str, user: dict, data: dict, ev: dict) -> dict:
+def _configs(
+    names: list[str],
+    out: Path,
+    seed: int,
+    task: str,
+    user: dict,
+    data: dict,
+    ev: dict,
+    *,
+    base_model: str | None = None,
+) -> dict:
     """Every method's stage config, built (and so validated) before any work starts: a typo in the last
-    method's section fails in a second, not after ten minutes. Trained policies snapshot curve_points times."""
+    method's section fails in a second, not after ten minutes. Trained policies snapshot curve_points times.
+    `base_model`: a model directory instead of the lab's base model (the real-model budgets and LoRA)."""
     final = {name: out / name / "final" for name in names}
-    wiring = _wiring(task, data, final)
+    wiring = _wiring(task, data, final, base_model)
+    real = base_model is not None
     # The annotators who labelled the pairs also label the online methods' samples (a stage section's own
     # algo.annotators keys still win: the user's section is merged last).
     same_annotators = [f"algo.annotators.{k}={v}" for k, v in user.get("annotators", {}).items()]
     for name in ("online_dpo", "iterative_dpo"):
         wiring[name] = [*wiring[name], *same_annotators]
-    n_records = _section(user, "data")
+    n_records = _section(user, "data", real_model=real)
     configs = {}
     for name in names:
-        cfg = _stage_config(name, out, seed, wiring[name], user)
+        cfg = _stage_config(name, out, seed, wiring[name], user, real_model=real)
         if name != "sft" and name not in JUDGES and not cfg.logging.snapshot_every:
             every = max(1, -(-_total_steps(name, cfg, n_records) // ev["curve_points"]))
-            cfg = _stage_config(name, out, seed, wiring[name], user, snapshot_every=every)
+            cfg = _stage_config(name, out, seed, wiring[name], user, snapshot_every=every, real_model=real)
         configs[name] = cfg
     return configs
 
 
-def _train(name: str, cfg) -> Path:
-    """Run one method's stage as the command line would: lab names resolved, lab feedback built."""
+def _train(name: str, cfg, *, task: str | None = None, resume: bool = False) -> Path:
+    """Run one method's stage as the command line would: lab names resolved, lab feedback built (from `task`'s
+    annotators when given, else from the model's lab task); `resume` continues its run directory."""
     import importlib
 
     from rlhflab.lab.launch import lab_feedback, resolve_lab
@@ -620,14 +727,16 @@ def _train(name: str, cfg) -> Path:
 
     stage = METHODS[name].stage
     module = importlib.import_module(STAGES[stage][0])
-    feedback = lab_feedback(cfg, stage)
+    feedback = lab_feedback(cfg, stage, task=task)
     extra = {"feedback": feedback} if feedback is not None else {}
+    if resume:
+        extra["resume"] = True
     return module.train(resolve_lab(cfg, stage), **extra)
 
 
 def run_pipeline(
     *,
-    task: str = "sentiment",
+    task: str | None = None,
     seed: int = 0,
     output_dir: str = "runs/demo",
     config_file: str | None = None,
@@ -635,55 +744,67 @@ def run_pipeline(
     overwrite: bool = False,
     methods: list[str] | None = None,
     relabel: Callable[[Path], dict] | None = None,
+    model: str | None = None,
+    resume: bool = False,
+    merge: bool = False,
 ) -> Path:
     """Run the whole pipeline with `methods` (default `DEFAULT_METHODS`); returns the path of report.html.
 
+    `task`: the lab task (default "sentiment", or "review" with `model`). `model`: a local HF causal LM directory
+    to start from instead of the task's tiny base model; every method then trains LoRA adapters with the
+    real-model budgets (`MODEL_DEFAULTS`). `merge`: LoRA methods write merged models (model.lora.merge). `resume`: continue the run in `output_dir` (finished stages kept, an
+    interrupted one resumed from its last checkpoint); it must be launched with the same arguments.
     `relabel(pairs_path) -> stats`: another labeller for the lab's candidate pairs (an LM judge, for RLAIF),
     called once the annotators' pairs.jsonl is written; it rewrites the file in place, and its stats go to
     DATA/relabel.json and the report's meta."""
     from rlhflab.lab.tasks import get_task
 
     t_start = time.time()
+    if model is not None:
+        model = _check_base_model(model)
+    task = task or (MODEL_TASK if model else "sentiment")
     task_obj = get_task(task)
     names = resolve_methods(methods)
     trained = [n for n in names if n in TRAINED]
-    user = _user_sections(config_file, overrides or [])
+    merged = [f"{n}.model.lora.merge=true" for n in trained if n != "pm"] if merge else []
+    user = _user_sections(config_file, [*(overrides or []), *merged])
     unused = [k for k in user if k in TRAINED and k not in trained]
     if unused:
         raise ConfigError(
             f"pipeline section '{unused[0]}' is for a method that is not run; add it to --methods or drop it"
         )
-    ev = _section(user, "eval")
+    real = model is not None
+    ev = _section(user, "eval", real_model=real)
     out = Path(output_dir)
     data = {name: out / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}
-    configs = _configs(trained, out, seed, task, user, data, ev)
-    out = prepare_run_dir(output_dir, "run", resume=False, overwrite=overwrite)
+    configs = _configs(trained, out, seed, task, user, data, ev, base_model=model)
+    out = prepare_run_dir(output_dir, "run", resume=resume, overwrite=overwrite)
+    _record_invocation(
+        out, {"task": task, "seed": seed, "model": model, "methods": names, "user": user}, resume=resume
+    )
     seed_everything(seed)
 
-    steps = len(trained) + 3
-    print(f"[0/{steps}] data: simulated annotators label the '{task}' task")
-    paths = _make_data(task_obj, out / "data", seed, user)
-    assert all(paths[name] == path for name, path in data.items()), paths
-    relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
-    for i, name in enumerate(trained, 1):
-        print(f"[{i}/{steps}] {name}: {METHODS[name].title}")
-        saved = _train(name, configs[name])
-        if Path(saved) != out / name / "final":
-            raise RuntimeError(f"{name} saved its model to {saved}, expected {out / name / 'final'}")
+    clock = JobClock(["data", *trained, "eval"], EXPECTED_SECONDS["model" if real else "lab"])
+    relabelled = _train_all(
+        task_obj, out, seed, user, configs, clock, relabel=relabel, resume=resume, real=real
+    )
     dirs = {n: out / n / "final" for n in trained if n not in JUDGES}
     rm_dir = out / "rm" / "final" if "rm" in trained else None
-    print(f"[{steps - 2}/{steps}] gold evaluation")
+    clock.start("eval", "gold evaluation of every policy on the held-out prompts")
     policies, reward_models = _evaluate_all(task_obj, dirs, rm_dir, seed, ev, "best_of_n" in names)
     curves = _heldout_curves(task_obj, dirs, out, seed, ev)
     # The on-policy runs also logged every sample: their proxy score, gold (scored here) and KL per iteration.
     rollout_curves = {
         n: _gold_curve(task_obj, out / n) for n in trained if METHODS[n].stage in ("ppo", "rloo", "grpo")
     }
-    print(f"[{steps - 1}/{steps}] report")
+    clock.finish()
     from rlhflab.eval.report import write_report
 
     runtime = time.time() - t_start
     summary = _summary(policies, _label_queries(out, policies))
+    meta = {"seed": seed, "runtime_s": runtime, "methods": names, "summary": summary, "relabel": relabelled}
+    if model:
+        meta["base_model"] = model
     paths_out = write_report(
         out,
         task=task,
@@ -691,25 +812,83 @@ def run_pipeline(
         reward_models=reward_models,
         curves=curves,
         rollout_curves=rollout_curves,
-        meta={
-            "seed": seed,
-            "runtime_s": runtime,
-            "methods": names,
-            "summary": summary,
-            "relabel": relabelled,
-        },
+        meta=meta,
     )
     _patch_report_json(paths_out["json"], task, seed, runtime, reward_models, summary)
     _print_table(summary, paths_out["html"])
     return paths_out["html"]
 
 
-def _make_data(task, out: Path, seed: int, user: dict[str, Any]) -> dict[str, Path]:
+def _check_base_model(model: str) -> str:
+    """--model: an existing local HF causal LM directory (or a LoRA adapter directory), as an absolute path."""
+    from rlhflab.models.loading import check_model_dir, is_adapter_dir, model_dir_config
+
+    if is_adapter_dir(model):
+        model_dir_config(model, what="--model")
+    else:
+        check_model_dir(model, what="--model")
+    return str(Path(model).expanduser().resolve())
+
+
+def _record_invocation(out: Path, invocation: dict, *, resume: bool) -> None:
+    """Write what the run was launched with (OUT/pipeline.json); on resume, refuse a different launch: the
+    finished stages would not be what the new arguments ask for."""
+    import json
+
+    from rlhflab.core.io import atomic_write_text
+    from rlhflab.errors import UserError
+
+    path = out / "pipeline.json"
+    current = json.loads(json.dumps(invocation, default=str))
+    if resume and path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in current if before.get(k) != current[k]]
+        if changed:
+            raise UserError(
+                f"--resume: {out} was launched with other settings ({', '.join(changed)}: {before.get(changed[0])!r}, "
+                f"now {current[changed[0]]!r}); resume with the same arguments, or start anew with --overwrite"
+            )
+    atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+
+
+def _train_all(
+    task_obj, out: Path, seed: int, user, configs: dict, clock, *, relabel, resume: bool, real: bool
+):
+    """Step 0 (the lab's data) and each method's stage in order. On resume, what is finished is kept: the data
+    when its manifest exists, a stage when its final model exists; a stage with a run directory continues from its
+    last checkpoint. Returns the relabeller's stats (None without one)."""
+    import json
+
+    clock.start("data", f"simulated annotators label the '{task_obj.name}' task")
+    relabel_file = out / "data" / "relabel.json"
+    if resume and (out / "data" / "lab_data.json").is_file() and (relabel is None or relabel_file.is_file()):
+        print("data: kept (resumed run)")
+        relabelled = json.loads(relabel_file.read_text()) if relabel is not None else None
+    else:
+        paths = _make_data(task_obj, out / "data", seed, user, real_model=real)
+        relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
+    for name, cfg in configs.items():
+        clock.start(name, METHODS[name].title)
+        final, run_dir = out / name / "final", out / name
+        if resume and final.is_dir():
+            print(f"{name}: kept its final model (resumed run)")
+            continue
+        continues = resume and run_dir.is_dir() and any(run_dir.iterdir())
+        saved = _train(name, cfg, task=task_obj.name, resume=continues)
+        if Path(saved) != final:
+            raise RuntimeError(f"{name} saved its model to {saved}, expected {final}")
+    return relabelled
+
+
+def _make_data(
+    task, out: Path, seed: int, user: dict[str, Any], *, real_model: bool = False
+) -> dict[str, Path]:
     """Step 0: the lab's files, labelled by the user's annotators (the `annotators` section)."""
     from rlhflab.lab.make_data import make_task_data
 
     settings = _annotator_settings(user)
-    return make_task_data(task, out, seed=seed, annotator_settings=settings, **_section(user, "data"))
+    sizes = _section(user, "data", real_model=real_model)
+    return make_task_data(task, out, seed=seed, annotator_settings=settings, **sizes)
 
 
 def _relabel_pairs(relabel: Callable[[Path], dict], pairs: Path) -> dict:

@@ -14,7 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
-from rlhflab.models.loading import is_adapter_dir, load_causal_lm, load_tokenizer
+from rlhflab.models.loading import (
+    is_adapter_dir,
+    is_peft_model,
+    load_causal_lm,
+    load_inference_lm,
+    load_tokenizer,
+)
 from rlhflab.models.reward_model import RewardModel
 from rlhflab.rewards.learned import LearnedReward
 from rlhflab.stages import dpo, ppo, reward, sft
@@ -51,9 +57,14 @@ def test_sft_with_lora_writes_the_adapter_that_peft_loads(lora_sft, tiny_model_d
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_sft).eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids, mask = _ids(load_tokenizer(lora_sft))
+    folded = load_inference_lm(lora_sft)  # for sampling and scoring: a plain model, the adapter folded in
+    assert not is_peft_model(folded) and not any(p.requires_grad for p in folded.parameters())
     with torch.no_grad():
         trained = ours(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits, trained)
+        torch.testing.assert_close(
+            folded(input_ids=ids, attention_mask=mask).logits, trained, atol=1e-5, rtol=0
+        )
         assert (trained - plain(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # it trained
 
     merged = sft.train(

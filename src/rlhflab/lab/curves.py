@@ -50,11 +50,11 @@ def gold_curve(
     ref_model: the model the KL is measured to (the SFT model); ref_samples: its samples on `prompts`, for
     the win rate. start: the step-0 point (the reference's own metrics), prepended when given.
     """
-    from rlhflab.models.loading import load_causal_lm
+    from rlhflab.models.loading import load_inference_lm
 
     curve = [{"step": 0, **{k: float(start[k]) for k in CURVE_KEYS if k in start}}] if start else []
     for step, directory in snapshot_steps(run_dir):
-        model = load_causal_lm(directory)
+        model = load_inference_lm(directory)
         metrics = evaluate_policy(
             model,
             tokenizer,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhflab.core.io import atomic_dir
-from rlhflab.errors import ConfigError
+from rlhflab.errors import ConfigError, UserError
 from rlhflab.lab.pretrain import LAB_TASK_KEY, cache_root, ensure_base_model
 from rlhflab.lab.tasks import get_task
 
@@ -42,10 +42,12 @@ def lab_task_of(model_name: str) -> str | None:
     from a lab base model -> that task; anything else -> None."""
     if model_name.startswith("lab:"):
         return model_name[len("lab:") :].partition(":")[0]
-    config = Path(model_name) / "config.json"
-    try:
-        task = json.loads(config.read_text()).get(LAB_TASK_KEY) if config.is_file() else None
-    except (OSError, ValueError):
+    from rlhflab.models.loading import model_dir_config
+
+    try:  # a LoRA adapter directory: the config of the model at the end of its chain of bases
+        config = model_dir_config(model_name)
+        task = json.loads(config.read_text()).get(LAB_TASK_KEY)
+    except (OSError, ValueError, UserError):
         return None
     return task if isinstance(task, str) and task else None
 
@@ -104,9 +106,10 @@ def record_kind(stage: str, cfg: Any) -> str:
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def lab_feedback(cfg: Any, stage: str, *, log=print):
-    """The feedback source a stage's algo.feedback=lab asks: the simulated annotators (algo.annotators) of the
-    lab task of model.name_or_path, seeded by the run's seed; None when the stage asks no lab feedback.
+def lab_feedback(cfg: Any, stage: str, *, task: str | None = None, log=print):
+    """The feedback source a stage's algo.feedback=lab asks: the simulated annotators (algo.annotators) of `task`
+    or else the lab task of model.name_or_path, seeded by the run's seed; None when the stage asks no lab
+    feedback.
 
     Raises:
         ConfigError: the model belongs to no lab task.
@@ -117,7 +120,7 @@ def lab_feedback(cfg: Any, stage: str, *, log=print):
     from rlhflab.lab.annotators import AnnotatorSettings
     from rlhflab.lab.feedback import AnnotatorFeedback
 
-    task = lab_task_of(cfg.model.name_or_path)
+    task = task or lab_task_of(cfg.model.name_or_path)
     if task is None:
         raise ConfigError(
             f"config: algo.feedback=lab asks the simulated annotators of the model's lab task, but "

@@ -255,6 +255,15 @@ def load_causal_lm(
     return model
 
 
+def load_inference_lm(path: str | os.PathLike, **kwargs):
+    """`load_causal_lm(path, **kwargs)` for sampling and scoring only: a LoRA adapter directory comes back with its
+    adapter folded in (a plain model: no adapter overhead in each forward), in eval mode, without gradients."""
+    model = load_causal_lm(path, **kwargs)
+    if is_peft_model(model):
+        model = model.merge_and_unload()
+    return model.eval().requires_grad_(False)
+
+
 def load_backbone(
     path: str | os.PathLike,
     *,

@@ -207,7 +207,7 @@ def sample_to_file(
     """
     from rlhflab.config import PromptDataSection
     from rlhflab.data import PromptRecord, write_jsonl
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
     from rlhflab.rewards import load_rewards
     from rlhflab.stages.common import resolve_device, resolve_model_path
     from rlhflab.stages.data_source import load_train_records
@@ -222,7 +222,7 @@ def sample_to_file(
     prompts = prompts[:max_prompts] if max_prompts else prompts
     source = load_rewards(reward, device=dev)
     rule_model = _rule_classifiers(rules, dev) if rules else None
-    model = load_causal_lm(path, device=str(dev))
+    model = load_inference_lm(path, device=str(dev))
     how = f", re-ranked with the rules of {rules} (Sparrow)" if rules else ""
     log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}{how}")
     result = best_of_n(

@@ -52,7 +52,7 @@ from rlhflab.losses import (
 from rlhflab.losses.kl import KL_ESTIMATORS
 from rlhflab.models.backbone import backbone_and_head, hidden_to_logits
 from rlhflab.models.flops import critic_free_iteration_flops, matmul_params
-from rlhflab.models.loading import count_parameters, load_causal_lm, save_model
+from rlhflab.models.loading import count_parameters, load_inference_lm, save_model
 from rlhflab.models.logprobs import token_logps
 from rlhflab.rollout.generate import Rollout
 from rlhflab.stages.common import (
@@ -139,8 +139,7 @@ def _setup(cfg: Config):
     ref = None
     if cfg.algo.kl_coef > 0:
         ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
-        ref = load_causal_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
-        ref.eval().requires_grad_(False)
+        ref = load_inference_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
     return policy, ref, tokenizer, device
 
 

@@ -49,7 +49,7 @@ from rlhflab.losses import (
 from rlhflab.models.backbone import backbone_and_head, hidden_size_of, hidden_to_logits
 from rlhflab.models.flops import MatmulParams, matmul_params, ppo_iteration_flops
 from rlhflab.models.heads import Critic, ValueHead
-from rlhflab.models.loading import count_parameters, load_causal_lm, save_model
+from rlhflab.models.loading import count_parameters, load_inference_lm, save_model
 from rlhflab.models.logprobs import token_logps
 from rlhflab.rollout.generate import Rollout
 from rlhflab.stages.common import (
@@ -141,8 +141,7 @@ def _setup_models(cfg: PPOConfig):
     policy, tokenizer, device = load_policy(cfg.model)
     # Generation pads on the left; training collators pad on the right (rollout tensors carry their own).
     ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
-    ref = load_causal_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
-    ref.eval().requires_grad_(False)
+    ref = load_inference_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
     if cfg.algo.separate_critic:
         value_model: nn.Module = Critic.from_pretrained(_critic_init(cfg), device=str(device))
     else:
