@@ -556,15 +556,7 @@ def _add_cai(sub) -> None:
         q.set_defaults(func=cmd_cai)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlhflab",
-        description="RLHF and its alternatives, end to end, with honest measurement.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_run(sub) -> None:
     p = sub.add_parser(
         "run", help="the main job: lab data -> SFT -> reward model -> policies -> gold evaluation"
     )
@@ -603,6 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="STAGE.KEY=VALUE", help="e.g. sft.optim.lr=1e-4")
     p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhflab",
+        description="RLHF and its alternatives, end to end, with honest measurement.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_run(sub)
 
     for name, (_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -752,8 +752,9 @@ def run_pipeline(
 
     `task`: the lab task (default "sentiment", or "review" with `model`). `model`: a local HF causal LM directory
     to start from instead of the task's tiny base model; every method then trains LoRA adapters with the
-    real-model budgets (`MODEL_DEFAULTS`). `merge`: LoRA methods write merged models (model.lora.merge). `resume`: continue the run in `output_dir` (finished stages kept, an
-    interrupted one resumed from its last checkpoint); it must be launched with the same arguments.
+    real-model budgets (`MODEL_DEFAULTS`). `merge`: LoRA methods write merged models (model.lora.merge).
+    `resume`: continue the run in `output_dir` (finished stages kept, an interrupted one resumed from its last
+    checkpoint); it must be launched with the same arguments.
     `relabel(pairs_path) -> stats`: another labeller for the lab's candidate pairs (an LM judge, for RLAIF),
     called once the annotators' pairs.jsonl is written; it rewrites the file in place, and its stats go to
     DATA/relabel.json and the report's meta."""
@@ -798,13 +799,17 @@ def run_pipeline(
         n: _gold_curve(task_obj, out / n) for n in trained if METHODS[n].stage in ("ppo", "rloo", "grpo")
     }
     clock.finish()
-    from rlhflab.eval.report import write_report
-
-    runtime = time.time() - t_start
-    summary = _summary(policies, _label_queries(out, policies))
-    meta = {"seed": seed, "runtime_s": runtime, "methods": names, "summary": summary, "relabel": relabelled}
+    meta = {"seed": seed, "runtime_s": time.time() - t_start, "methods": names, "relabel": relabelled}
     if model:
         meta["base_model"] = model
+    return _report(out, task, meta, policies, reward_models, curves, rollout_curves)
+
+
+def _report(out: Path, task: str, meta: dict, policies, reward_models, curves, rollout_curves) -> Path:
+    """Step 5: report.json (with the summary table), the plots and report.html; prints the table."""
+    from rlhflab.eval.report import write_report
+
+    summary = _summary(policies, _label_queries(out, policies))
     paths_out = write_report(
         out,
         task=task,
@@ -812,9 +817,9 @@ def run_pipeline(
         reward_models=reward_models,
         curves=curves,
         rollout_curves=rollout_curves,
-        meta=meta,
+        meta={**meta, "summary": summary},
     )
-    _patch_report_json(paths_out["json"], task, seed, runtime, reward_models, summary)
+    _patch_report_json(paths_out["json"], task, meta["seed"], meta["runtime_s"], reward_models, summary)
     _print_table(summary, paths_out["html"])
     return paths_out["html"]
 

@@ -211,11 +211,9 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
-    extra = {
-        "state": state,
-        "snapshot": functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge),
-    }
-    loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, **extra)
+    snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
+    loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, state=state,
+                snapshot=snapshot)  # fmt: skip
     if shift is not None and "reward_shift" in loop.resumed_state:
         shift.load_state_dict(loop.resumed_state["reward_shift"])
     if ref_perf:

@@ -389,13 +389,9 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     )
     # The KL controller is checkpointed with the weights, so a resumed run adapts beta exactly as before.
     kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731
-    extra = {
-        "state": kl_state,
-        "snapshot": functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge),
-    }
-    loop = Loop(
-        run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume, **extra
-    )
+    snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
+    loop = Loop(run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume,
+                state=kl_state, snapshot=snapshot)  # fmt: skip
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
 
