@@ -155,3 +155,27 @@ def test_gold_orders_oracle_demonstrator_and_base(task):
     assert base.mean() + 0.2 < demo.mean() < oracle.mean() - 0.2
     assert oracle.mean() > 0.8
     assert demo.std() > 0.3  # spread enough for annotated pairs to teach something
+
+
+def test_the_base_style_repeats_words_and_the_demonstrator_does_not():
+    """BASE may reuse an aspect within a review (besides its repeated sentences and stutters); the demonstrator
+    draws its content words without replacement."""
+    import dataclasses
+    import random
+
+    from rlhflab.lab.tasks.review import BASE_STYLE, DEMO_STYLE, sample_review
+
+    plain_base = dataclasses.replace(BASE_STYLE, p_repeat_sentence=0.0, p_stutter=0.0, p_on_topic=1.0)
+
+    def repeats(style) -> int:
+        rng, n = random.Random(0), 0
+        for _ in range(300):
+            words = [w for w in review_words(sample_review("hotel", style, rng)) if w in SUBJECTS["hotel"]]
+            n += len(words) != len(set(words))
+        return n
+
+    # Drawn without replacement, an aspect comes back only when a review names more aspects than exist or names
+    # one in another form (a few in 300): 136 against 8 here.
+    without = repeats(dataclasses.replace(plain_base, allow_repeats=False))
+    assert repeats(plain_base) > 5 * max(without, 1)
+    assert repeats(dataclasses.replace(DEMO_STYLE, p_on_topic=1.0)) <= without
