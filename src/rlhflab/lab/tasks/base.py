@@ -9,6 +9,7 @@ task lives in `rlhflab.lab.gold` and is reached only through the simulated annot
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -106,3 +107,49 @@ class LabTask(ABC):
 
     def __repr__(self) -> str:
         return f"<lab task {self.name!r} v{self.version}>"
+
+
+class SubjectReviewTask(LabTask):
+    """A task of reviews of named subjects (sentiment, review): prompts from (template, subject) combos, one
+    response per prompt drawn from the task's writer in a style. Subclasses set the tables below and
+    `prompt_subject` / `sample_review` (as staticmethods); the draws are seeded by the task's name."""
+
+    prompt_templates: tuple[str, ...]
+    subject_names: tuple[str, ...]
+    train_combos: tuple[tuple[int, int], ...]
+    heldout_combos: tuple[tuple[int, int], ...]
+    base_style: Any
+    demo_style: Any
+    oracle_style: Any
+    prompt_subject: Any  # staticmethod: prompt -> subject or None
+    sample_review: Any  # staticmethod: (subject, style, rng) -> one review
+
+    def _prompts(self, combos: tuple[tuple[int, int], ...], n: int, rng) -> list[str]:
+        chosen = [combos[rng.randrange(len(combos))] for _ in range(n)]
+        return [self.prompt_templates[t].format(s=self.subject_names[s]) for t, s in chosen]
+
+    def train_prompts(self, n: int, seed: int = 0) -> list[str]:
+        return self._prompts(self.train_combos, n, random.Random(f"{self.name}-train-{seed}"))
+
+    def heldout_prompts(self, n: int, seed: int = 0) -> list[str]:
+        return self._prompts(self.heldout_combos, n, random.Random(f"{self.name}-heldout-{seed}"))
+
+    def _respond(self, prompts: list[str], style, rng) -> list[str]:
+        out = []
+        for p in prompts:
+            subject = self.prompt_subject(p) or rng.choice(self.subject_names)
+            out.append(self.sample_review(subject, style, rng))
+        return out
+
+    def demonstrations(self, prompts: list[str], seed: int = 0) -> list[str]:
+        return self._respond(prompts, self.demo_style, random.Random(f"{self.name}-demo-{seed}"))
+
+    def pretraining_pairs(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
+        rng = random.Random(f"{self.name}-pretrain-{seed}")
+        prompts = self._prompts(self.train_combos, n, rng)
+        return list(zip(prompts, self._respond(prompts, self.base_style, rng)))
+
+    def oracle_responses(self, prompt: str, n: int, seed: int = 0) -> list[str]:
+        """Candidate best responses (for the evaluator's best-achievable estimate only)."""
+        rng = random.Random(f"{self.name}-oracle-{seed}-{prompt}")
+        return self._respond([prompt] * n, self.oracle_style, rng)

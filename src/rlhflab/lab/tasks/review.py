@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from rlhflab.lab.tasks.base import LabTask, PretrainSpec
+from rlhflab.lab.tasks.base import PretrainSpec, SubjectReviewTask
 from rlhflab.models.tiny import split_words
 
 # Each subject owns six aspects. The sets are disjoint, and the words were picked to be specific to their
@@ -408,7 +408,7 @@ def _template_words(templates) -> list[str]:
     return words
 
 
-class ReviewTask(LabTask):
+class ReviewTask(SubjectReviewTask):
     """Short English reviews; gold = sentiment - off topic - repetition - length (see `rlhflab.lab.gold`)."""
 
     name = "review"
@@ -423,6 +423,10 @@ class ReviewTask(LabTask):
     # sentences (at 64 the base model's on-topic share fell to 0.59 against the corpus's 0.70, at 96 0.66).
     # 800 steps take about 1.6 minutes on 2 idle CPU cores (64: about 1.1).
     pretrain = PretrainSpec(hidden_size=96, num_layers=2, num_heads=4, default_steps=800, tiny_steps=150)
+    prompt_templates, subject_names = PROMPT_TEMPLATES, SUBJECT_NAMES
+    train_combos, heldout_combos = TRAIN_COMBOS, HELDOUT_COMBOS
+    base_style, demo_style, oracle_style = BASE_STYLE, DEMO_STYLE, ORACLE_STYLE
+    prompt_subject, sample_review = staticmethod(prompt_subject), staticmethod(sample_review)
 
     def vocabulary(self) -> list[str]:
         words = _template_words(PROMPT_TEMPLATES)
@@ -435,32 +439,3 @@ class ReviewTask(LabTask):
         words += _template_words(SOFTENERS) + _template_words(ACTIONS.values())
         words += ["a", "an", "was", "were", "it", "them", "!"]
         return list(dict.fromkeys(words))
-
-    def _prompts(self, combos: tuple[tuple[int, int], ...], n: int, rng: random.Random) -> list[str]:
-        chosen = [combos[rng.randrange(len(combos))] for _ in range(n)]
-        return [PROMPT_TEMPLATES[t].format(s=SUBJECT_NAMES[s]) for t, s in chosen]
-
-    def train_prompts(self, n: int, seed: int = 0) -> list[str]:
-        return self._prompts(TRAIN_COMBOS, n, random.Random(f"review-train-{seed}"))
-
-    def heldout_prompts(self, n: int, seed: int = 0) -> list[str]:
-        return self._prompts(HELDOUT_COMBOS, n, random.Random(f"review-heldout-{seed}"))
-
-    def _respond(self, prompts: list[str], style: ReviewStyle, rng: random.Random) -> list[str]:
-        out = []
-        for p in prompts:
-            subject = prompt_subject(p) or rng.choice(SUBJECT_NAMES)
-            out.append(sample_review(subject, style, rng))
-        return out
-
-    def demonstrations(self, prompts: list[str], seed: int = 0) -> list[str]:
-        return self._respond(prompts, DEMO_STYLE, random.Random(f"review-demo-{seed}"))
-
-    def pretraining_pairs(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
-        rng = random.Random(f"review-pretrain-{seed}")
-        prompts = self._prompts(TRAIN_COMBOS, n, rng)
-        return list(zip(prompts, self._respond(prompts, BASE_STYLE, rng)))
-
-    def oracle_responses(self, prompt: str, n: int, seed: int = 0) -> list[str]:
-        """Candidate best responses (for the evaluator's best-achievable estimate only)."""
-        return self._respond([prompt] * n, ORACLE_STYLE, random.Random(f"review-oracle-{seed}-{prompt}"))

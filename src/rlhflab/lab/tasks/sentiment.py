@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rlhflab.lab.tasks.base import LabTask, PretrainSpec
+from rlhflab.lab.tasks.base import PretrainSpec, SubjectReviewTask
 
 # Each subject owns four aspects; the sets are disjoint so "on topic" is well defined.
 SUBJECTS: dict[str, tuple[str, ...]] = {
@@ -246,7 +246,7 @@ def sample_review(subject: str, style: ReviewStyle, rng: random.Random) -> str:
     return " ".join(words)
 
 
-class SentimentTask(LabTask):
+class SentimentTask(SubjectReviewTask):
     """Short reviews; gold = sentiment + fluency + on-topic - repetition (see `rlhflab.lab.gold`)."""
 
     name = "sentiment"
@@ -257,6 +257,10 @@ class SentimentTask(LabTask):
     version = "1"
     max_new_tokens = 20
     pretrain = PretrainSpec(hidden_size=64, num_layers=2, num_heads=4)
+    prompt_templates, subject_names = PROMPT_TEMPLATES, SUBJECT_NAMES
+    train_combos, heldout_combos = TRAIN_COMBOS, HELDOUT_COMBOS
+    base_style, demo_style, oracle_style = BASE_STYLE, DEMO_STYLE, ORACLE_STYLE
+    prompt_subject, sample_review = staticmethod(prompt_subject), staticmethod(sample_review)
 
     def vocabulary(self) -> list[str]:
         words: list[str] = []
@@ -265,32 +269,3 @@ class SentimentTask(LabTask):
         words += list(SUBJECTS) + [a for aspects in SUBJECTS.values() for a in aspects]
         words += list(WORD_CLASS)
         return list(dict.fromkeys(words))
-
-    def _prompts(self, combos: tuple[tuple[int, int], ...], n: int, rng: random.Random) -> list[str]:
-        chosen = [combos[rng.randrange(len(combos))] for _ in range(n)]
-        return [PROMPT_TEMPLATES[t].format(s=SUBJECT_NAMES[s]) for t, s in chosen]
-
-    def train_prompts(self, n: int, seed: int = 0) -> list[str]:
-        return self._prompts(TRAIN_COMBOS, n, random.Random(f"sentiment-train-{seed}"))
-
-    def heldout_prompts(self, n: int, seed: int = 0) -> list[str]:
-        return self._prompts(HELDOUT_COMBOS, n, random.Random(f"sentiment-heldout-{seed}"))
-
-    def _respond(self, prompts: list[str], style: ReviewStyle, rng: random.Random) -> list[str]:
-        out = []
-        for p in prompts:
-            subject = prompt_subject(p) or rng.choice(SUBJECT_NAMES)
-            out.append(sample_review(subject, style, rng))
-        return out
-
-    def demonstrations(self, prompts: list[str], seed: int = 0) -> list[str]:
-        return self._respond(prompts, DEMO_STYLE, random.Random(f"sentiment-demo-{seed}"))
-
-    def pretraining_pairs(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
-        rng = random.Random(f"sentiment-pretrain-{seed}")
-        prompts = self._prompts(TRAIN_COMBOS, n, rng)
-        return list(zip(prompts, self._respond(prompts, BASE_STYLE, rng)))
-
-    def oracle_responses(self, prompt: str, n: int, seed: int = 0) -> list[str]:
-        """Candidate best responses (for the evaluator's best-achievable estimate only)."""
-        return self._respond([prompt] * n, ORACLE_STYLE, random.Random(f"sentiment-oracle-{seed}-{prompt}"))
