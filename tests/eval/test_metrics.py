@@ -44,6 +44,24 @@ def test_win_rates_count_ties_as_half():
         M.win_rate([1, 2], [1])
 
 
+def test_paired_gain_removes_prompt_difficulty():
+    # Prompt 0 is easy (scores near 10), prompt 1 hard (near 0): per-prompt means 2.0 - 1.0 and 0.5 - (-0.5).
+    gain = M.paired_gain(np.array([[1.0, 3.0], [0.0, 1.0]]), np.array([[1.0], [-0.5]]))
+    assert gain.tolist() == [1.0, 1.0]
+    easy_hard = np.array([[10.0, 10.2], [0.0, 0.2]])
+    gain = M.paired_gain(easy_hard + 1.0, easy_hard)
+    mean, lo, hi = M.mean_ci95(gain)
+    assert (mean, lo, hi) == pytest.approx((1.0, 1.0, 1.0))  # the same gain on every prompt: no spread
+    # Unpaired, the two policies' intervals over prompt means overlap completely.
+    _, plo, phi = M.mean_ci95((easy_hard + 1.0).mean(axis=1))
+    _, rlo, rhi = M.mean_ci95(easy_hard.mean(axis=1))
+    assert plo < rhi and rlo < phi
+    with pytest.raises(ValueError):
+        M.paired_gain(np.zeros((2, 1)), np.zeros((3, 1)))
+    with pytest.raises(ValueError):
+        M.paired_gain(np.zeros(2), np.zeros(2))
+
+
 def test_distinct_n_and_entropy():
     seqs = [["a", "b", "a", "b"]]
     assert M.distinct_n(seqs, 1) == 0.5

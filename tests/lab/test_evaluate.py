@@ -62,6 +62,11 @@ def test_kl_and_win_rate_against_a_reference(base):
     far = evaluate_policy(model, tokenizer, task, n_prompts=16, n_samples=4, ref_model=other)
     assert far["kl/ref_ci95"][0] > 5.0  # the pretrained model is far from a random one
     assert far["gold/win_rate"] > 0.7 and far["gold/ref_mean"] < far["gold/mean"]
+    # Every prompt has 4 samples on both sides: the mean paired gain is the difference of the overall means.
+    assert far["gold/gain"] == pytest.approx(far["gold/mean"] - far["gold/ref_mean"])
+    assert far["gold/gain_ci95"][0] > 0.0
+    lo, hi = same["gold/gain_ci95"]
+    assert lo < same["gold/gain"] < hi
 
 
 def test_kl_estimate_matches_exact_kl_for_one_token():

@@ -68,10 +68,13 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cach
             "kl_to_sft",
             "mean_length",
             "label_queries",
+            "gold_gain_vs_sft",
+            "gold_gain_vs_sft_ci95",
         }
         # The summary row is the policy's gold evaluation, field by field.
         m = report["policy_metrics"][name]
         lo, hi = m["gold/ci95"]
+        assert row.pop("gold_gain_vs_sft_ci95") == pytest.approx(m["gold/gain_ci95"]), name
         assert row == pytest.approx(
             {
                 "gold_reward_mean": m["gold/mean"],
@@ -80,8 +83,16 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cach
                 "kl_to_sft": m["kl/ref"],
                 "mean_length": m["sample/len_mean"],
                 "label_queries": 0 if name == "sft" else offline_labels,
+                "gold_gain_vs_sft": m["gold/gain"],
             }
         ), name
+        # Every row is judged against the same SFT samples (as many per prompt as the row's own): the paired
+        # gain is the difference of the means, and SFT's own samples score gold/ref_mean.
+        sft_gold = report["policy_metrics"]["sft"]["gold/ref_mean"]
+        assert row["gold_gain_vs_sft"] == pytest.approx(row["gold_reward_mean"] - sft_gold), name
+        glo, ghi = m["gold/gain_ci95"]
+        assert glo < row["gold_gain_vs_sft"] < ghi, name
+        assert m["eval/seconds"] > 0.0, name
         # The examples' gold is the gold reward of their text.
         assert len(m["examples"]) == 4, name
         for ex in m["examples"]:

@@ -89,6 +89,21 @@ def win_rate_all_pairs(scores: np.ndarray, ref_scores: np.ndarray) -> np.ndarray
     return ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
 
 
+def paired_gain(scores: np.ndarray, ref_scores: np.ndarray) -> np.ndarray:
+    """Per-prompt gain over a reference on the same prompts: [P, N] vs [P, M] -> [P], each prompt's mean score
+    minus the reference's mean score on that prompt.
+
+    A t-interval over these differences (`mean_ci95`) is the paired comparison of two policies: the prompts'
+    own difficulty, which dominates the spread of either policy's scores, cancels out (the paired t-test; e.g.
+    Dror et al. 2018, "The Hitchhiker's Guide to Testing Statistical Significance in NLP", section 3). Two
+    unpaired intervals that overlap can still hide a gain the paired interval shows.
+    """
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(ref_scores, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"paired_gain needs [P, N] and [P, M] scores, got shapes {a.shape} and {b.shape}")
+    return a.mean(axis=1) - b.mean(axis=1)
+
+
 def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
     """Distinct-n: unique n-grams / all n-grams over all sequences (0 when there is no n-gram).
 

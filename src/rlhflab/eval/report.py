@@ -404,6 +404,8 @@ POLICY_COLUMNS = (
     ("gold/mean", "gold"),
     ("gold/ci95", "gold 95% CI"),
     ("gold/win_rate", "win rate vs ref"),
+    ("gold/gain", "gold gain vs ref"),
+    ("gold/gain_ci95", "gain 95% CI (paired)"),
     ("kl/ref", "KL to ref"),
     ("sample/len_mean", "length"),
     ("sample/distinct_2", "distinct-2"),

@@ -9,6 +9,8 @@ evaluate_policy -> dict of metrics (namespaced keys):
                                      refusals on each kind of prompt (harm rate on risky prompts, false
                                      refusals and helpfulness on benign ones), each with ..._ci95
     gold/win_rate, gold/win_rate_ci95  vs reference samples on the same prompts, by gold, ties = 1/2
+    gold/gain, gold/gain_ci95        gold minus the reference samples' gold, paired by prompt (the interval
+                                     of the differences: prompt difficulty cancels out)
     kl/ref, kl/ref_ci95              sampled sequence KL(policy || ref): mean over samples of
                                      sum over response tokens of (log pi(y_t) - log ref(y_t)); unbiased
                                      when sampling at temperature 1 without top-k/top-p (the default)
@@ -215,7 +217,10 @@ def evaluate_policy(
             raise ConfigError(
                 "ref_model and the policy have different vocabularies; the KL needs one tokenizer"
             )
-        ref_logps, _ = response_logps(ref_model, samples.rollout, batch_size)
+        # The reference scoring its own samples: the KL is 0 without a second pass over them.
+        ref_logps = (
+            policy_logps if ref_model is model else response_logps(ref_model, samples.rollout, batch_size)[0]
+        )
         seq_kl = (policy_logps - ref_logps).sum(-1).numpy().reshape(len(prompts), n_samples)
         out["kl/ref"], out["kl/ref_ci95"] = _interval(seq_kl.mean(axis=1))
         if ref_samples is None:
@@ -236,6 +241,7 @@ def evaluate_policy(
             )
         per_prompt = M.win_rate_all_pairs(samples.gold, ref_samples.gold)
         out["gold/win_rate"], out["gold/win_rate_ci95"] = _interval(per_prompt)
+        out["gold/gain"], out["gold/gain_ci95"] = _interval(M.paired_gain(samples.gold, ref_samples.gold))
         out["gold/ref_mean"] = float(ref_samples.gold.mean())
     out["examples"] = [
         {"prompt": prompts[i], "response": samples.responses[i][0], "gold": float(samples.gold[i, 0])}
