@@ -364,7 +364,8 @@ MODEL_SECTIONS = {
         "prompts": 32,
         "samples": 2,
         "best_of_n": 4,
-        "curve_points": 2,
+        # One snapshot per method on the held-out curve (~15 s each); PPO's rollouts give its curve every iteration.
+        "curve_points": 1,
         "curve_prompts": 8,
         "curve_samples": 1,
         # 512 pairs are 1,024 reward-model passes, ~3 minutes on this model.
@@ -377,7 +378,7 @@ MODEL_SECTIONS = {
 # BENCHMARKS.md): the job's ETA scales them by the speed of the parts already finished.
 EXPECTED_SECONDS = {
     "lab": {"data": 5, "sft": 10, "rm": 15, "ppo": 30, "ppo_kl0": 30, "dpo": 10, "eval": 25},
-    "model": {"data": 2, "sft": 140, "rm": 240, "ppo": 380, "ppo_kl0": 380, "dpo": 240, "eval": 300},
+    "model": {"data": 2, "sft": 140, "rm": 160, "ppo": 300, "ppo_kl0": 330, "dpo": 400, "eval": 470},
 }
 
 
