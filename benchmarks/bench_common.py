@@ -104,6 +104,53 @@ def param_counts(dims: ModelDims) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------------
+# LoRA: one setting for both sides (`compare_trl.py --lora R`)
+# --------------------------------------------------------------------------------------------------------
+
+# The modules rlhflab's default `model.lora.target_modules=[all-linear]` adapts on a Llama (PEFT's
+# "all-linear": every nn.Linear but the output head), spelled out for TRL's peft.LoraConfig.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_settings(r: int) -> dict[str, Any]:
+    """The LoRA setting of rank `r` both sides train: alpha 2r, dropout 0, no bias, LORA_TARGETS."""
+    return {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": list(LORA_TARGETS)}
+
+
+def lora_adapter_weights(dims: ModelDims, r: int, modules: Sequence[str] = LORA_TARGETS) -> int:
+    """Adapter weights (A: r x in, B: out x r) that rank-`r` LoRA adds to `modules` of ONE decoder layer."""
+    h, kv, i = dims.hidden, dims.hidden * dims.kv_heads // dims.heads, dims.intermediate
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+    return sum(r * (shapes[m][0] + shapes[m][1]) for m in modules)
+
+
+def trainable_summary(model) -> dict[str, Any]:
+    """What trains in `model` (a torch module, duck-typed: this module imports no torch): the trainable
+    parameter count (shared tensors once), and the LoRA-adapted modules (PEFT LoraLayer: has `lora_A`) by
+    their last name component, with how many there are."""
+    seen: set[int] = set()
+    trainable = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            trainable += p.numel()
+    adapted = [name for name, m in model.named_modules() if hasattr(m, "lora_A") and name]
+    return {
+        "trainable_params": trainable,
+        "lora_modules": sorted({n.rsplit(".", 1)[-1] for n in adapted}),
+        "lora_module_count": len(adapted),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
 # Timing, memory, the matmul probe
 # --------------------------------------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench_common import ModelDims, json_line, memory_above_baseline, steady_stats
-from bench_grpo import summarize_grpo
+from bench_common import ModelDims, lora_adapter_weights, memory_above_baseline, steady_stats
+from bench_grpo import _Rows, summarize_grpo
 
 from rlhflab.models import flops
 from rlhflab.models.logprobs import SAVED_PROBS_BYTES
@@ -63,14 +63,26 @@ TRL_VARIANTS = {
 # --------------------------------------------------------------------------------------------------------
 
 
-def _matmul_params(dims: ModelDims, head_outputs: int) -> flops.MatmulParams:
-    return flops.decoder_matmul_params(
+def _matmul_params(
+    dims: ModelDims, head_outputs: int, lora_r: int = 0, head_trained: bool = False
+) -> flops.MatmulParams:
+    """The decoder's matmul weights with a head of `head_outputs` outputs; with `lora_r`, the base weights are
+    frozen (`frozen_body`, and `frozen_head` unless `head_trained`: a reward model's score head trains in full)
+    and the rank-`lora_r` adapters of every layer's seven projections are trainable body weights."""
+    base = flops.decoder_matmul_params(
         hidden=dims.hidden,
         layers=dims.layers,
         heads=dims.heads,
         kv_heads=dims.kv_heads,
         intermediate=dims.intermediate,
         head_outputs=head_outputs,
+    )
+    if not lora_r:
+        return base
+    return base._replace(
+        body=base.body + dims.layers * lora_adapter_weights(dims, lora_r),
+        frozen_body=base.body,
+        frozen_head=0 if head_trained else base.head,
     )
 
 
@@ -98,7 +110,21 @@ def _padded(p: dict) -> tuple[int, int]:
     return p["rows"] * p["cols"], p["rows"] * p["cols"] * p["cols"]
 
 
-def trl_dpo_pass_flops(dims: ModelDims, p: dict, live_reference: bool) -> float:
+# How the per-pass functions below count a training step (`flops.causal_lm_train_flops` and
+# `flops.reward_model_train_flops` with the frozen weights of `_matmul_params`), as the report states it.
+ACCOUNTING = {
+    "full": "full fine-tuning: a training step costs 6 FLOPs per matmul weight per token it runs at (forward 2, "
+    "backward 2 for the input gradient + 2 for the weight gradient), ~6 N T",
+    "lora": "LoRA: the frozen base weights (the body, and the LM head where it runs) get no weight gradient, so "
+    "a training step costs 4 FLOPs per frozen weight per token (forward 2 + input gradient 2), ~4 N T instead "
+    "of 6 N T, plus 6 per adapter weight (r x (in + out) per adapted projection) and per weight of a head that "
+    "trains in full (the reward model's score head); TRL's fused LM head: forward + tile recompute + input "
+    "gradient = 6 per head weight per position instead of 8; reference passes run the base model without "
+    "adapters",
+}
+
+
+def trl_dpo_pass_flops(dims: ModelDims, p: dict, live_reference: bool, lora_r: int = 0) -> float:
     """FLOPs that TRL 1.16's DPOTrainer executes on CPU for one recorded batch (chosen and rejected stacked:
     rows x cols padded tokens).
 
@@ -106,25 +132,39 @@ def trl_dpo_pass_flops(dims: ModelDims, p: dict, live_reference: bool) -> float:
     - Its fused LM head (`trl.kernels.chunked_logprob`) scores every position but the last of each row,
       prompt and padding included: the compact path (valid positions only) runs only with Triton on CUDA
       or XPU. Forward: one head matmul per position. Training: in the backward the tile is recomputed and
-      then the two gradient matmuls run, so 8 x head weights per position in all.
-    - A training step with a live reference (no precompute) also runs a reference forward of the batch.
+      then the two gradient matmuls run, so 8 x head weights per position in all; with LoRA the head is
+      frozen and its weight gradient is skipped (6 x).
+    - A training step with a live reference (no precompute) also runs a reference forward of the batch
+      (with LoRA: the base model, adapters disabled).
+    - With `lora_r`: the frozen body costs 4 per weight per token in training (no weight gradient), the
+      adapters 6 (`ACCOUNTING["lora"]`).
     """
-    lm = _matmul_params(dims, dims.vocab)
+    lm = _matmul_params(dims, dims.vocab, lora_r)
     tokens, pairs = _padded(p)
     head = p["rows"] * (p["cols"] - 1)
     forward = flops.causal_lm_forward_flops(lm, tokens, head, pairs)
     if p["kind"] == "forward":
         return forward
-    train = flops.causal_lm_train_flops(lm, tokens, 0, pairs) + 8.0 * lm.head * head
-    return train + (forward if live_reference else 0.0)
+    head_train = (6.0 if lora_r else 8.0) * lm.head * head
+    train = flops.causal_lm_train_flops(lm, tokens, 0, pairs) + head_train
+    reference = flops.causal_lm_forward_flops(_matmul_params(dims, dims.vocab), tokens, head, pairs)
+    return train + (reference if live_reference else 0.0)
 
 
-def rlhflab_dpo_pass_flops(dims: ModelDims, p: dict) -> float:
-    """FLOPs that rlhflab's DPO stage executes for one recorded batch: the body at every padded token,
-    attention over the padded square, the LM head only at the response positions (`head_rows`). Training:
-    the head keeps its softmax for the backward when it fits `SAVED_PROBS_BYTES` (6 x head weights per
-    position: forward + two gradient matmuls), else recomputes the logits (8 x)."""
-    lm = _matmul_params(dims, dims.vocab)
+def trl_sft_pass_flops(dims: ModelDims, p: dict, lora_r: int = 0) -> float:
+    """FLOPs that TRL 1.16's SFTTrainer executes on CPU for one recorded batch: as DPO's policy pass
+    (`trl_dpo_pass_flops` without a reference): SFT's loss goes through the same fused LM head
+    (`add_fused_lm_head`), which on CPU scores every position but the last of each row."""
+    return trl_dpo_pass_flops(dims, p, False, lora_r)
+
+
+def rlhflab_dpo_pass_flops(dims: ModelDims, p: dict, lora_r: int = 0) -> float:
+    """FLOPs that rlhflab's DPO (or SFT) stage executes for one recorded batch: the body at every padded
+    token, attention over the padded square, the LM head only at the response positions (`head_rows`).
+    Training: the head keeps its softmax for the backward when it fits `SAVED_PROBS_BYTES` (6 x head weights
+    per position: forward + two gradient matmuls), else recomputes the logits (8 x); with `lora_r` the frozen
+    body and head get no weight gradient (4 per weight per token, `ACCOUNTING["lora"]`), the adapters 6."""
+    lm = _matmul_params(dims, dims.vocab, lora_r)
     tokens, pairs = _padded(p)
     head = p["head_rows"]
     if p["kind"] == "forward":
@@ -133,26 +173,34 @@ def rlhflab_dpo_pass_flops(dims: ModelDims, p: dict) -> float:
     return flops.causal_lm_train_flops(lm, tokens, head, pairs) + recompute
 
 
-def trl_rm_pass_flops(dims: ModelDims, p: dict) -> float:
+def trl_rm_pass_flops(dims: ModelDims, p: dict, lora_r: int = 0) -> float:
     """FLOPs that TRL's RewardTrainer executes for one recorded batch (one row per response): the
     *ForSequenceClassification model runs the body and its 1-output score head at every padded token (it
-    pools the last real token afterwards), attention over the padded square."""
-    score = _matmul_params(dims, 1)
+    pools the last real token afterwards), attention over the padded square. With `lora_r`: the body is
+    frozen (4 per weight per token in training), the adapters and the score head train (6)."""
+    score = _matmul_params(dims, 1, lora_r, head_trained=True)
     tokens, pairs = _padded(p)
     if p["kind"] == "forward":
         return flops.causal_lm_forward_flops(score, tokens, tokens, pairs)
     return flops.causal_lm_train_flops(score, tokens, tokens, pairs)
 
 
-def rlhflab_rm_pass_flops(dims: ModelDims, p: dict) -> float:
+def rlhflab_rm_pass_flops(dims: ModelDims, p: dict, lora_r: int = 0) -> float:
     """FLOPs that rlhflab's reward stage executes for one recorded batch (shared-prompt rows: prompt,
     chosen, rejected in one row; `reads` positions read): the body at every padded token, except the last
     layer's query, attention output and MLP, which run only at the reads (the final-layer fast path), as
     does the score head; attention over the padded square at every layer but the last, where only the
-    reads query (against every key)."""
-    base = _matmul_params(dims, 1)
+    reads query (against every key). With `lora_r`: the body is frozen (4 per weight per token in
+    training), the adapters (those of the last layer's q, o, gate, up, down at the reads only) and the
+    score head train (6)."""
+    base = _matmul_params(dims, 1, lora_r, head_trained=True)
     final = 2 * dims.hidden * dims.hidden + 3 * dims.hidden * dims.intermediate  # q, o, gate, up, down
     params = base._replace(final_at_reads=final)
+    if lora_r:
+        at_reads = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        params = params._replace(
+            final_at_reads=final + lora_adapter_weights(dims, lora_r, at_reads), frozen_final_at_reads=final
+        )
     tokens, square = _padded(p)
     reads = p["reads"]
     attention = 4.0 * base.attn_dim * ((dims.layers - 1) * square + reads * p["cols"])
@@ -161,23 +209,33 @@ def rlhflab_rm_pass_flops(dims: ModelDims, p: dict) -> float:
     return flops.reward_model_train_flops(params, tokens, reads) + 3.0 * attention
 
 
-def pass_flops(side: str, comparison: str, dims: ModelDims, p: dict, live_reference: bool = False) -> float:
-    """Executed FLOPs of one recorded batch of `side` ("rlhflab" or "trl") in `comparison` ("dpo", "rm")."""
+def pass_flops(
+    side: str, comparison: str, dims: ModelDims, p: dict, live_reference: bool = False, lora_r: int = 0
+) -> float:
+    """Executed FLOPs of one recorded batch of `side` ("rlhflab" or "trl") in `comparison` ("sft", "dpo",
+    "rm"), with rank-`lora_r` adapters (0: full fine-tuning)."""
     if comparison == "dpo":
         if side == "trl":
-            return trl_dpo_pass_flops(dims, p, live_reference)
-        return rlhflab_dpo_pass_flops(dims, p)
-    return trl_rm_pass_flops(dims, p) if side == "trl" else rlhflab_rm_pass_flops(dims, p)
+            return trl_dpo_pass_flops(dims, p, live_reference, lora_r)
+        return rlhflab_dpo_pass_flops(dims, p, lora_r)
+    if comparison == "sft":
+        return (
+            trl_sft_pass_flops(dims, p, lora_r) if side == "trl" else rlhflab_dpo_pass_flops(dims, p, lora_r)
+        )
+    return trl_rm_pass_flops(dims, p, lora_r) if side == "trl" else rlhflab_rm_pass_flops(dims, p, lora_r)
 
 
-def executed_flops(run: dict, side: str, comparison: str, dims: ModelDims, warmup: int) -> dict[str, float]:
+def executed_flops(
+    run: dict, side: str, comparison: str, dims: ModelDims, warmup: int, lora_r: int = 0
+) -> dict[str, float]:
     """Executed FLOPs of a timed run, from its recorded batches: `steady` (the training steps after the
     warm-up, what the steady-state GFLOP/s divides), `train` (every training step), and each other
-    phase's forward passes (`reference`, `eval`, `normalization`), `total` (all of them)."""
+    phase's forward passes (`reference`, `eval`, `normalization`), `total` (all of them). With `lora_r`, a
+    reference precompute runs the base model (adapters off) and is counted without them."""
     live = bool(run.get("live_reference", False))
     out = {"steady": 0.0, "train": 0.0, "total": 0.0}
     for p in run["passes"]:
-        f = pass_flops(side, comparison, dims, p, live)
+        f = pass_flops(side, comparison, dims, p, live, 0 if p["phase"] == "reference" else lora_r)
         out["total"] += f
         if p["kind"] == "train":
             out["train"] += f
@@ -267,38 +325,40 @@ def _rounds(label: str, mine: list[float], peer: list[float]) -> str:
     )
 
 
+# The trained comparisons of `summarize_shape`: table name, and what one training example is.
+TRAINED = {"sft": ("SFT", "sample"), "dpo": ("DPO", "pair"), "rm": ("Reward-model", "pair")}
+SFT_LABELS = {
+    "tuned": "TRL tuned: fp32, no grad ckpt, completion_only_loss, fused AdamW / wd 0 / constant lr set explicitly",
+    "defaults": "TRL as it comes on CPU: bf16 autocast, gradient checkpointing, completion_only_loss",
+}
+
+
+def variant_label(comparison: str, variant: str) -> str:
+    """How the tables name TRL setting `variant` of `comparison`."""
+    if comparison == "sft":
+        return SFT_LABELS[variant]
+    label = TRL_VARIANTS[variant]
+    if comparison == "rm":
+        label = label.replace(", live reference", "").replace(" (its default)", "")
+        label = label.replace(
+            "precompute_ref_log_probs + precompute_ref_batch_size 32, padding_free requested, ", ""
+        )
+    return label
+
+
 def summarize_shape(
     shape: str, runs: dict[str, dict], probe: dict, meta: dict, dims: ModelDims
 ) -> tuple[list[str], list[tuple[str, ...]], dict[str, dict]]:
     """(JSON lines, table rows, time splits by run name) of every comparison of one shape in `runs`:
-    "dpo_rlhflab", "dpo_trl_<variant>", "rm_rlhflab", "rm_trl_<variant>", "loss_rlhflab"/"loss_trl"."""
+    "sft_rlhflab", "sft_trl_<variant>", "dpo_rlhflab", "dpo_trl_<variant>", "rm_rlhflab", "rm_trl_<variant>",
+    "loss_rlhflab"/"loss_trl", and what each side trains (grpo_* too)."""
     w, b, n = meta["warmup"], meta["batch_size"], meta["n_pairs"]
-    peak = probe["peak_gflops"]
-    lines: list[str] = []
-    rows: list[tuple[str, ...]] = []
-    figs = {k: run_figures(v, w, b, n) for k, v in runs.items() if k.startswith(("dpo_", "rm_"))}
+    out = _Rows(shape)
+    figs = {k: run_figures(v, w, b, n) for k, v in runs.items() if k.startswith(RUN_PREFIXES)}
     splits = {k: f["split"] for k, f in figs.items()}
-
-    def add(comparison, metric, unit, ours, theirs, note, better="higher", fmt="{:.2f}", **extra):
-        lines.append(
-            json_line(
-                comparison, metric, unit, ours, theirs, better=better, shape=shape, trl_variant=note, **extra
-            )
-        )
-        ratio = ours / theirs if theirs else float("nan")
-        rows.append(
-            (
-                f"{shape} {comparison}: {metric} ({unit})",
-                fmt.format(ours),
-                fmt.format(theirs),
-                f"{ratio:.2f}x",
-                note,
-            )
-        )
-
     if "loss_rlhflab" in runs and "loss_trl" in runs:
         check = first_batch_check(runs["loss_rlhflab"], runs["loss_trl"])
-        add(
+        out.add(
             "dpo",
             "first_batch_loss",
             "nats",
@@ -309,79 +369,150 @@ def summarize_shape(
             fmt="{:.6f}",
             **check,
         )
+    for comparison in TRAINED:
+        if f"{comparison}_rlhflab" in figs:
+            comparison_rows(out, comparison, runs, figs, probe["peak_gflops"], meta, dims)
+    trainable_rows(out, runs, meta.get("lora", 0))
+    return out.lines, out.rows, splits
 
-    for comparison in ("dpo", "rm"):
-        ours_name = f"{comparison}_rlhflab"
-        if ours_name not in figs:
+
+RUN_PREFIXES = tuple(f"{c}_" for c in TRAINED)
+
+
+def comparison_rows(
+    out: _Rows, comparison: str, runs: dict, figs: dict, peak: float, meta: dict, dims: ModelDims
+) -> None:
+    """Rows of one trained comparison: rlhflab against each TRL setting that ran (throughput steady and
+    end to end, SFT's tokens/s, memory; executed GFLOP/s against the tuned setting)."""
+    w, b = meta["warmup"], meta["batch_size"]
+    item = TRAINED[comparison][1]
+    r = figs[f"{comparison}_rlhflab"]
+    for variant in TRL_VARIANTS:
+        name = f"{comparison}_trl_{variant}"
+        if name not in figs:
             continue
-        r = figs[ours_name]
-        ours_flops = executed_flops(runs[ours_name], "rlhflab", comparison, dims, w)
-        for variant in TRL_VARIANTS:
-            name = f"{comparison}_trl_{variant}"
-            if name not in figs:
-                continue
-            t = figs[name]
-            label = TRL_VARIANTS[variant]
-            if comparison == "rm":
-                label = label.replace(", live reference", "").replace(" (its default)", "")
-                label = label.replace(
-                    "precompute_ref_log_probs + precompute_ref_batch_size 32, padding_free requested, ", ""
-                )
-            full_epoch = not (runs[name].get("variant") or {}).get("max_steps")
-            add(
+        t, label = figs[name], variant_label(comparison, variant)
+        full_epoch = not (runs[name].get("variant") or {}).get("max_steps")
+        out.add(
+            comparison,
+            f"{item}s_per_s_steady",
+            f"{item}s/s",
+            r["steps_pairs_per_s"],
+            t["steps_pairs_per_s"],
+            f"{label} ({t['steps']} steady steps)" + _rounds("median", r["repeats"], t["repeats"]),
+            rlhflab_repeats=r["repeats"],
+            trl_repeats=t["repeats"],
+        )
+        e2e_note = (
+            f"{label}; process spawn to exit ({r['process_seconds']:.0f} s vs {t['process_seconds']:.0f} s)"
+        )
+        if full_epoch:
+            out.add(
                 comparison,
-                "pairs_per_s_steady",
-                "pairs/s",
-                r["steps_pairs_per_s"],
-                t["steps_pairs_per_s"],
-                f"{label} ({t['steps']} steady steps)" + _rounds("median", r["repeats"], t["repeats"]),
-                rlhflab_repeats=r["repeats"],
-                trl_repeats=t["repeats"],
+                f"{item}s_per_s_end_to_end",
+                f"{item}s/s",
+                r["e2e_pairs_per_s"],
+                t["e2e_pairs_per_s"],
+                e2e_note
+                + _rounds("run with the median steady rate; rounds", r["repeats_e2e"], t["repeats_e2e"]),
+                rlhflab_repeats=r["repeats_e2e"],
+                trl_repeats=t["repeats_e2e"],
             )
-            if full_epoch:
-                add(
-                    comparison,
-                    "pairs_per_s_end_to_end",
-                    "pairs/s",
-                    r["e2e_pairs_per_s"],
-                    t["e2e_pairs_per_s"],
-                    f"{label}; process spawn to exit ({r['process_seconds']:.0f} s vs {t['process_seconds']:.0f} s)"
-                    + _rounds("run with the median steady rate; rounds", r["repeats_e2e"], t["repeats_e2e"]),
-                    rlhflab_repeats=r["repeats_e2e"],
-                    trl_repeats=t["repeats_e2e"],
-                )
-            add(
+        if comparison == "sft":
+            token_rows(
+                out, runs[f"{comparison}_rlhflab"], runs[name], r, t, label, e2e_note if full_epoch else ""
+            )
+        out.add(
+            comparison,
+            "rss_above_baseline",
+            "MiB",
+            r["rss_above_baseline_mb"],
+            t["rss_above_baseline_mb"],
+            f"{label}; peak RSS minus RSS after imports (peaks {r['peak_rss_mb']:.0f} vs "
+            f"{t['peak_rss_mb']:.0f} MiB, baselines {r['baseline_rss_mb']:.0f} vs {t['baseline_rss_mb']:.0f})",
+            better="lower",
+            fmt="{:.0f}",
+        )
+        if variant == "tuned":
+            lora = meta.get("lora", 0)
+            ours = executed_flops(runs[f"{comparison}_rlhflab"], "rlhflab", comparison, dims, w, lora)
+            theirs = executed_flops(runs[name], "trl", comparison, dims, w, lora)
+            per = [x["steady"] / (f["steps"] * b) / 1e9 for x, f in ((ours, r), (theirs, t))]
+            ours_g, theirs_g = (
+                ours["steady"] / r["steady_seconds"] / 1e9,
+                theirs["steady"] / t["steady_seconds"] / 1e9,
+            )
+            out.add(
                 comparison,
-                "rss_above_baseline",
-                "MiB",
-                r["rss_above_baseline_mb"],
-                t["rss_above_baseline_mb"],
-                f"{label}; peak RSS minus RSS after imports (peaks {r['peak_rss_mb']:.0f} vs "
-                f"{t['peak_rss_mb']:.0f} MiB, baselines {r['baseline_rss_mb']:.0f} vs {t['baseline_rss_mb']:.0f})",
-                better="lower",
-                fmt="{:.0f}",
+                "executed_gflops",
+                "GFLOP/s",
+                ours_g,
+                theirs_g,
+                f"{label}; each side's own executed FLOPs (padded batches, its LM head / score head where it runs "
+                f"it; {'LoRA' if lora else 'full fine-tuning'} accounting) over its steady steps; per {item} "
+                f"rlhflab {per[0]:.1f} GFLOP, TRL {per[1]:.1f} GFLOP",
+                matmul_peak_gflops=round(peak, 2),
+                rlhflab_fraction_of_peak=round(ours_g / peak, 4),
+                trl_fraction_of_peak=round(theirs_g / peak, 4),
+                flop_accounting="lora" if lora else "full",
+                **{f"rlhflab_gflop_per_{item}": round(per[0], 3), f"trl_gflop_per_{item}": round(per[1], 3)},
             )
-            if variant == "tuned":
-                theirs_flops = executed_flops(runs[name], "trl", comparison, dims, w)
-                ours_g = ours_flops["steady"] / r["steady_seconds"] / 1e9
-                theirs_g = theirs_flops["steady"] / t["steady_seconds"] / 1e9
-                add(
-                    comparison,
-                    "executed_gflops",
-                    "GFLOP/s",
-                    ours_g,
-                    theirs_g,
-                    f"{label}; each side's own executed FLOPs (padded batches, its LM head / score head "
-                    f"where it runs it) over its steady steps; per pair rlhflab "
-                    f"{ours_flops['steady'] / (r['steps'] * b) / 1e9:.1f} GFLOP, TRL "
-                    f"{theirs_flops['steady'] / (t['steps'] * b) / 1e9:.1f} GFLOP",
-                    matmul_peak_gflops=round(peak, 2),
-                    rlhflab_fraction_of_peak=round(ours_g / peak, 4),
-                    trl_fraction_of_peak=round(theirs_g / peak, 4),
-                    rlhflab_gflop_per_pair=round(ours_flops["steady"] / (r["steps"] * b) / 1e9, 3),
-                    trl_gflop_per_pair=round(theirs_flops["steady"] / (t["steps"] * b) / 1e9, 3),
-                )
-    return lines, rows, splits
+
+
+def token_rows(out: _Rows, ours: dict, theirs: dict, r: dict, t: dict, label: str, e2e_note: str) -> None:
+    """SFT's tokens/s (each side's own real tokens, prompt included: attention mask 1), over its steady steps
+    and, for a whole epoch (`e2e_note` set), over the process spawn to exit."""
+    out.add(
+        "sft",
+        "tokens_per_s_steady",
+        "tokens/s",
+        r["steady_tokens"] / r["steady_seconds"],
+        t["steady_tokens"] / t["steady_seconds"],
+        f"{label}; real tokens (prompt + completion) of the steady steps: rlhflab {r['steady_tokens']:.0f}, "
+        f"TRL {t['steady_tokens']:.0f}",
+        fmt="{:.0f}",
+    )
+    if e2e_note:
+        mine, peer = sum(ours["step_tokens"]), sum(theirs["step_tokens"])
+        out.add(
+            "sft",
+            "tokens_per_s_end_to_end",
+            "tokens/s",
+            mine / r["process_seconds"],
+            peer / t["process_seconds"],
+            f"{e2e_note}; trained tokens: rlhflab {mine:.0f}, TRL {peer:.0f}",
+            fmt="{:.0f}",
+        )
+
+
+def trainable_rows(out: _Rows, runs: dict[str, dict], lora: int) -> None:
+    """What each side's optimizer trains, per comparison (rlhflab against TRL's tuned setting, or GRPO's)."""
+    for comparison in ("sft", "dpo", "rm", "grpo"):
+        ours = runs.get(f"{comparison}_rlhflab", {}).get("trainable")
+        peer = next((runs[k] for k in (f"{comparison}_trl_tuned", f"{comparison}_trl") if k in runs), {})
+        theirs = peer.get("trainable")
+        if not ours or not theirs:
+            continue
+        modules = "; adapted modules: rlhflab {} ({}), TRL {} ({})".format(
+            "/".join(ours["lora_modules"]) or "none",
+            ours["lora_module_count"],
+            "/".join(theirs["lora_modules"]) or "none",
+            theirs["lora_module_count"],
+        )
+        setting = f"LoRA r={lora}" if lora else "full fine-tuning"
+        head = "; both include the 1 x hidden score head" if comparison == "rm" else ""
+        out.add(
+            comparison,
+            "trainable_params",
+            "parameters",
+            float(ours["trainable_params"]),
+            float(theirs["trainable_params"]),
+            f"{setting}: parameters the optimizer trains (shared tensors once){head}{modules}",
+            better="equal",
+            fmt="{:.0f}",
+            rlhflab_lora_modules=ours["lora_modules"],
+            trl_lora_modules=theirs["lora_modules"],
+        )
 
 
 def summarize(
@@ -404,13 +535,14 @@ def summarize(
         rows += r + grpo_rows
         splits[shape] = s
         extra += grpo_md
-    notes = efficiency(lines) + option_notes(shape_runs)
-    ppo = next((runs["ppo_rlhflab"] for runs in shape_runs.values() if "ppo_rlhflab" in runs), None)
-    if ppo is not None:
-        split = ppo_split(ppo)
+    notes = efficiency(lines) + option_notes(shape_runs) + accounting_notes(lines, meta)
+    ppo = {shape: runs["ppo_rlhflab"] for shape, runs in shape_runs.items() if "ppo_rlhflab" in runs}
+    for shape, run in ppo.items():
+        split = ppo_split(run)
         if split["logged_gflops"] is not None:
             split["logged_fraction_of_peak"] = round(split["logged_gflops"] / probe["peak_gflops"], 4)
-        lines.append(json.dumps({"kind": "ppo_split", **split}))
+        lora = meta["shapes"][shape].get("lora", 0)
+        lines.append(json.dumps({"kind": "ppo_split", "shape": shape, "lora": lora, **split}))
     for shape, by_run in splits.items():
         if by_run:  # none when only the GRPO / sampler comparisons ran (bench_grpo has its own split)
             lines.append(json.dumps({"kind": "time_split", "shape": shape, "seconds": by_run}))
@@ -445,13 +577,25 @@ def efficiency(lines: list[str]) -> list[str]:
     for row in map(json.loads, lines):
         if row.get("metric") != "executed_gflops":
             continue
-        name = {"dpo": "DPO", "rm": "Reward-model"}[row["comparison"]]
+        name, item = TRAINED[row["comparison"]]
         out.append(
             f"{row['shape']}: {name} training executed {row['rlhflab']:.1f} GFLOP/s = "
             f"{100 * row['rlhflab_fraction_of_peak']:.1f}% of the measured matmul peak "
-            f"({row['matmul_peak_gflops']:.1f} GFLOP/s) at {row['rlhflab_gflop_per_pair']:.1f} GFLOP per pair; "
-            f"TRL (tuned) {row['trl']:.1f} GFLOP/s = {100 * row['trl_fraction_of_peak']:.1f}% at "
-            f"{row['trl_gflop_per_pair']:.1f} GFLOP per pair (each side's own executed FLOPs)."
+            f"({row['matmul_peak_gflops']:.1f} GFLOP/s) at {row[f'rlhflab_gflop_per_{item}']:.1f} GFLOP per "
+            f"{item}; TRL (tuned) {row['trl']:.1f} GFLOP/s = {100 * row['trl_fraction_of_peak']:.1f}% at "
+            f"{row[f'trl_gflop_per_{item}']:.1f} GFLOP per {item} (each side's own executed FLOPs)."
+        )
+    return out
+
+
+def accounting_notes(lines: list[str], meta: dict) -> list[str]:
+    """Which FLOP accounting the executed GFLOP/s rows used (full fine-tuning or LoRA), and the PPO note."""
+    used = {row.get("flop_accounting") for row in map(json.loads, lines)} - {None}
+    out = [f"FLOP accounting ({kind}): {ACCOUNTING[kind]}." for kind in sorted(used)]
+    if any("ppo" in m.get("compares", ()) for m in meta["shapes"].values()):
+        out.append(
+            "PPO: rlhflab alone; TRL 1.16 has no PPO trainer (neither trl nor trl.experimental), so there is "
+            "no TRL figure to put beside it."
         )
     return out
 
@@ -461,7 +605,7 @@ def round_table(shape_runs: dict[str, dict[str, dict]], meta: dict) -> list[str]
     out = ["| shape | run | steady pairs/s per round | end-to-end pairs/s per round |", "|---|---|---|---|"]
     for shape, runs in shape_runs.items():
         for name, run in runs.items():
-            if not name.startswith(("dpo_", "rm_")):
+            if not name.startswith(RUN_PREFIXES):
                 continue
             steady = "/".join(f"{x:.2f}" for x in run.get("repeat_pairs_per_s", []))
             e2e = "/".join(f"{x:.2f}" for x in run.get("repeat_e2e_pairs_per_s", []))
@@ -493,20 +637,27 @@ def markdown(
     splits: dict[str, dict[str, dict]],
     shape_runs: dict[str, dict[str, dict]],
     notes: list[str] = (),
-    ppo: dict | None = None,
+    ppo: dict[str, dict] | None = None,
     extra: list[str] = (),
 ) -> str:
+    """The table.md text: each shape's setting, the comparison table, the probe, notes, per-round figures,
+    time splits, GRPO's tables (`extra`) and each shape's PPO split (`ppo`: {shape: run})."""
     out = []
     for shape, m in meta["shapes"].items():
         pc = m.get("params") or {}
         share = f", embedding / LM head {100 * pc['head_share']:.0f}% of them" if pc else ""
         line = f"- {shape}: {m['description']}, {m['n_params'] / 1e6:.2f}M parameters{share}"
-        if {"dpo", "rm"} & set(m.get("compares", ("dpo", "rm"))):
+        if {"sft", "dpo", "rm"} & set(m.get("compares", ("dpo", "rm"))):
             line += (
                 f"; batch {m['batch_size']}, {m['n_pairs']} training pairs (one epoch = {m['warmup']} warm-up + "
                 f"{m['steps']} measured steps), {m['n_eval']} held-out pairs"
             )
         out.append(line + ".")
+        if "sft" in m.get("compares", ()):
+            out.append(
+                "  SFT: the same pairs' prompts with their chosen responses as prompt + completion "
+                "demonstrations, the prompt masked out of the loss on both sides; the same epoch and batch."
+            )
         if "grpo" in m:
             g = m["grpo"]
             out.append(
@@ -547,24 +698,43 @@ def markdown(
         if by_run:
             out += ["", *split_table(shape, by_run)]
     out += list(extra)
-    if ppo is not None:
-        split = ppo_split(ppo)
+    for shape, run in (ppo or {}).items():
+        out += ppo_table(shape, run, meta["shapes"][shape], probe)
+    return "\n".join(out) + "\n"
+
+
+def ppo_table(shape: str, run: dict, m: dict, probe: dict) -> list[str]:
+    """Markdown: one shape's PPO run (rlhflab alone): throughput and where an iteration's time goes."""
+    split = ppo_split(run)
+    p = m.get("ppo") or {}
+    setting = f"LoRA r={m['lora']}" if m.get("lora") else "full fine-tuning"
+    out = [
+        "",
+        f"PPO iteration split (rlhflab, {shape} shape, {setting}; TRL 1.16 has no PPO trainer; "
+        f"{p.get('rollout_batch_size', '?')} rollouts of at most {p.get('max_new_tokens', '?')} new tokens per "
+        f"iteration, {p.get('ppo_epochs', '?')} PPO epochs of minibatch {p.get('minibatch_size', '?')}; mean of "
+        f"{split['iterations_measured']} iterations after one warm-up, {split['seconds_per_iteration']:.2f} s per "
+        "iteration):",
+        "",
+        "| part | seconds | share |",
+        "|---|---|---|",
+    ]
+    out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
+    if split["rollouts_per_s"] is not None:
         out += [
             "",
-            f"PPO iteration split (rlhflab, tiny shape, mean of {split['iterations_measured']} iterations after "
-            f"one warm-up, {split['seconds_per_iteration']:.2f} s per iteration):",
-            "",
-            "| part | seconds | share |",
-            "|---|---|---|",
+            f"PPO throughput ({shape}): {split['rollouts_per_s']:.2f} rollouts/s, "
+            f"{split['response_tokens_per_s']:.1f} response tokens/s (mean response "
+            f"{split['response_length']:.1f} tokens); trainable parameters (policy + value head) "
+            f"{split['trainable_params']}.",
         ]
-        out += [f"| {k} | {v:.3f} | {100 * split['share'][k]:.1f}% |" for k, v in split["seconds"].items()]
-        if split["logged_gflops"] is not None:
-            out += [
-                "",
-                f"PPO perf/flops_per_s (stage log): {split['logged_gflops']:.2f} GFLOP/s = "
-                f"{100 * split['logged_gflops'] / probe['peak_gflops']:.1f}% of the matmul peak.",
-            ]
-    return "\n".join(out) + "\n"
+    if split["logged_gflops"] is not None:
+        out += [
+            "",
+            f"PPO perf/flops_per_s (stage log): {split['logged_gflops']:.2f} GFLOP/s = "
+            f"{100 * split['logged_gflops'] / probe['peak_gflops']:.1f}% of the matmul peak.",
+        ]
+    return out
 
 
 def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
@@ -583,9 +753,16 @@ def ppo_split(run: dict, skip: int = 1) -> dict[str, Any]:
     )
     total = sum(parts.values())
     flops_per_s = [x["perf/flops_per_s"] for x in iters if "perf/flops_per_s" in x]
+    rollouts = run.get("rollout_batch_size")
+    length = sum(x.get("perf/response_length", 0.0) for x in iters) / len(iters)
     return {
         "iterations_measured": len(iters),
         "seconds_per_iteration": total,
+        # Rollouts (prompts answered) and sampled response tokens per second of a whole iteration.
+        "rollouts_per_s": rollouts / total if rollouts else None,
+        "response_tokens_per_s": rollouts * length / total if rollouts else None,
+        "response_length": length,
+        "trainable_params": (run.get("trainable") or {}).get("trainable_params"),
         # The stage's own perf/flops_per_s (rlhflab.models.flops), mean over the measured iterations.
         "logged_gflops": round(sum(flops_per_s) / len(flops_per_s) / 1e9, 3) if flops_per_s else None,
         "seconds": {k: round(v, 4) for k, v in parts.items()},

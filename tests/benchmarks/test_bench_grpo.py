@@ -129,12 +129,14 @@ def test_both_sides_run_the_same_grpo_setting():
 
 
 def test_only_selects_comparisons():
-    assert ct.parse_args([]).compare == {"dpo", "rm", "grpo", "generate"}
+    every = {"sft", "dpo", "rm", "grpo", "ppo", "generate"}
+    assert ct.parse_args([]).compare == every
     assert ct.parse_args(["--only", "grpo"]).compare == {"grpo"}
     assert ct.parse_args(["--only", "grpo, generate"]).compare == {"grpo", "generate"}
-    assert ct.parse_args(["--only", "dpo,all"]).compare == {"dpo", "rm", "grpo", "generate"}
+    assert ct.parse_args(["--only", "dpo,all"]).compare == every
     with pytest.raises(SystemExit, match="unknown --only"):
-        ct.parse_args(["--only", "ppo"])
+        ct.parse_args(["--only", "kto"])
+    assert ct.parse_args(["--lora", "16"]).lora == 16 and ct.parse_args([]).lora == 0
 
 
 def test_grpo_plan_defaults_and_flags():
