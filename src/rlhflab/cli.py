@@ -21,7 +21,7 @@ from rlhflab.stages import STAGES
 # The methods `rlhflab run --methods` knows (`rlhflab.pipeline.METHODS`, not imported here: it imports torch).
 RUN_METHODS = (
     "sft, rm, ppo, ppo_kl0, dpo, rloo, grpo, online_dpo, iterative_dpo, pm, dno, best_of_n, expert_iteration, "
-    "rejection_sampling, rest, feedme"
+    "rejection_sampling, rest, feedme, quark, reward_conditioning"
 )
 
 EPILOG = """\
@@ -194,28 +194,33 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
 
 
 def _load_lm(path: str, what: str):
+    """(model, tokenizer) of a model directory or a LoRA adapter directory (its adapter folded in), for sampling."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from rlhflab.models.loading import is_adapter_dir, load_inference_lm, load_tokenizer
 
     p = Path(path)
-    if not (p / "config.json").is_file():
+    if not (p / "config.json").is_file() and not is_adapter_dir(p):
         raise UserError(
-            f"{what} '{path}' is not a Hugging Face model directory (no config.json); give the "
-            "output of a stage (e.g. runs/demo/sft/final) or `rlhflab lab base TASK`"
+            f"{what} '{path}' is not a Hugging Face model directory (no config.json) nor a LoRA adapter "
+            "directory (no adapter_config.json); give the output of a stage (e.g. runs/demo/sft/final) or "
+            "`rlhflab lab base TASK`"
         )
-    return AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p)
+    return load_inference_lm(p), load_tokenizer(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rlhflab.eval.report import write_report
-    from rlhflab.lab.evaluate import evaluate_policy
+    from rlhflab.lab.evaluate import conditioning_of, evaluate_policy
     from rlhflab.lab.tasks import get_task
     from rlhflab.rollout.generate import SamplingSettings
 
     task = get_task(args.task)
+    conditioning = conditioning_of(args.policy)  # a Quark model: sampled behind its best token
+    if conditioning is not None:
+        print(f"eval: a quark model, sampled behind its best token (id {conditioning.token_id})")
     model, tokenizer = _load_lm(args.policy, "--policy")
     ref_model = _load_lm(args.ref, "--ref")[0] if args.ref else None
     settings = SamplingSettings(
@@ -230,6 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ref_model=ref_model,
         settings=settings,
         seed=args.seed,
+        conditioning=conditioning,
     )
     for key, value in metrics.items():
         if key != "examples":

@@ -88,7 +88,18 @@ METHODS: dict[str, Method] = {
         "rs", ("sft", "rm"), "ReST: 2 Grow steps, each with Improve steps at rising RM thresholds"
     ),
     "feedme": Method("sft", ("sft",), "Binary FeedME: SFT on the preferred response of each pair"),
+    "quark": Method(
+        "quark", ("sft", "rm"), "Quark: reward-quantile tokens, conditional NLL + KL + entropy, the top token"
+    ),
+    "reward_conditioning": Method(
+        "quark",
+        ("sft", "rm"),
+        "binary reward conditioning: good / bad token at the median RM score, then SFT",
+    ),
 }
+# Methods --merge leaves alone: the preference model (always written merged: its settings live in config.json) and
+# the control-token methods (no LoRA: their new tokens' embeddings must train).
+NO_MERGE = ("pm", "quark", "reward_conditioning")
 # Trained models that are judges, not policies: not evaluated by gold, no snapshots.
 JUDGES = ("rm", "pm")
 DEFAULT_METHODS = ("sft", "rm", "ppo", "ppo_kl0", "dpo", "best_of_n")
@@ -123,6 +134,11 @@ PIPELINE_SECTIONS = {
 ANNOTATOR_KEYS = {f.name: f.default for f in dataclasses.fields(LabAnnotatorsSection)}
 
 
+def merge_overrides(trained: list[str]) -> list[str]:
+    """`--merge`: the overrides that make each trained LoRA method write its full model."""
+    return [f"{n}.model.lora.merge=true" for n in trained if n not in NO_MERGE]
+
+
 def resolve_methods(names: list[str] | tuple[str, ...] | None) -> list[str]:
     """The methods to run, in METHODS order, with what they need added (ppo needs rm and sft); "all": every
     method. Unknown names are refused with the known ones."""
@@ -141,6 +157,10 @@ def resolve_methods(names: list[str] | tuple[str, ...] | None) -> list[str]:
     return [n for n in METHODS if n in wanted]
 
 
+_QUARK_COMMON = [
+    "data.max_length=64", "data.max_prompt_length=24", "optim.lr=1e-3", "optim.batch_size=16",
+    "sampling.max_new_tokens=24", "algo.eval_prompts=32", "logging.log_every=1",
+]  # fmt: skip
 _RS_COMMON = [
     "optim.lr=2e-4",
     "optim.batch_size=16",
@@ -288,6 +308,28 @@ DEFAULTS: dict[str, list[str]] = {
         "algo.thresholds=[0.5,0.75,0.9]",
         "algo.threshold_kind=quantile",
     ],
+    # Quark (Lu et al. 2022) and AlpacaFarm's binary reward conditioning are `rlhflab quark` runs with the shipped
+    # tiny configs' settings (2,048 and 1,024 responses scored by the RM); the alpacafarm experiment runs these.
+    "quark": [
+        *_QUARK_COMMON,
+        "optim.steps_per_iteration=64",
+        "algo.n_quantiles=5",
+        "algo.iterations=4",
+        "algo.samples_per_prompt=2",
+        "algo.prompts_per_iteration=256",
+        "algo.kl_coef=0.05",
+        "algo.entropy_coef=0.06",
+    ],
+    "reward_conditioning": [
+        *_QUARK_COMMON,
+        "optim.epochs=2",
+        "algo.n_quantiles=2",
+        "algo.iterations=1",
+        "algo.samples_per_prompt=4",
+        "algo.prompts_per_iteration=256",
+        "algo.kl_coef=0",
+        "algo.entropy_coef=0",
+    ],
     # 3 rounds x 667 prompts: offline DPO's label budget (2,000 pairs); DPO's batch, epochs and lengths.
     "iterative_dpo": [
         "optim.lr=2e-4",
@@ -318,6 +360,10 @@ _TEXT = ["data.max_length=128", "data.max_prompt_length=64", "logging.save_every
 _SAMPLED = ["data.max_prompt_length=64", "sampling.max_new_tokens=48", "logging.save_every=5"]
 # Round-based methods resume at the first round without a saved model (no save_every).
 _SAMPLED_TEXT = ["data.max_length=128", "data.max_prompt_length=64", "sampling.max_new_tokens=48"]
+_QUARK_MODEL = [
+    *_SAMPLED_TEXT, "model.lora.enabled=false", "optim.lr=1e-5", "optim.batch_size=8",
+    "algo.prompts_per_iteration=48", "algo.eval_prompts=8",
+]  # fmt: skip
 MODEL_DEFAULTS: dict[str, list[str]] = {
     "sft": [*_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "optim.epochs=1"],
     "feedme": [*_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "optim.epochs=1"],
@@ -357,6 +403,20 @@ MODEL_DEFAULTS: dict[str, list[str]] = {
         "algo.prompts_per_round=16",
     ],
     "rest": [*_SAMPLED_TEXT, "optim.lr=3e-4", "optim.batch_size=8", "algo.prompts_per_round=24"],
+    # Quark trains the whole model (its new tokens' embeddings must learn; LoRA freezes them), at a full
+    # fine-tuning learning rate; PPO's sampling budget (192 responses), a few held-out reward checks.
+    "quark": [
+        *_QUARK_MODEL,
+        "algo.iterations=2",
+        "algo.samples_per_prompt=2",
+        "optim.steps_per_iteration=12",
+    ],
+    "reward_conditioning": [
+        *_QUARK_MODEL,
+        "algo.iterations=1",
+        "algo.samples_per_prompt=4",
+        "optim.epochs=1",
+    ],
 }
 MODEL_SECTIONS = {
     "data": {"n_sft": 320, "n_pairs": 256, "n_prompts": 256, "n_heldout": 64},
@@ -506,7 +566,7 @@ def _evaluate_all(
 ) -> tuple[dict, dict]:
     """Gold evaluation of every policy against SFT samples on the same held-out prompts (and of the reward
     model and best-of-n when they were run)."""
-    from rlhflab.lab.evaluate import evaluate_policy, evaluate_reward_model, sample_policy
+    from rlhflab.lab.evaluate import conditioning_of, evaluate_policy, evaluate_reward_model, sample_policy
     from rlhflab.models.loading import load_inference_lm, load_tokenizer
     from rlhflab.rewards import LearnedReward
 
@@ -518,10 +578,13 @@ def _evaluate_all(
     for name, directory in dirs.items():
         t0 = time.time()
         model = sft if name == "sft" else load_inference_lm(directory)
+        # A control-token policy (Quark) samples behind its best token, with its own tokenizer (which has it).
+        conditioning = conditioning_of(directory)
         results[name] = evaluate_policy(
             model,
-            tokenizer,
+            load_tokenizer(directory) if conditioning else tokenizer,
             task,
+            conditioning=conditioning,
             prompts=prompts,
             n_samples=ev["samples"],
             ref_model=sft,
@@ -675,6 +738,7 @@ def _wiring(
     }
     wiring["ppo_kl0"] = wiring["rloo"] = wiring["grpo"] = wiring["ppo"]
     wiring["expert_iteration"] = wiring["rejection_sampling"] = wiring["rest"] = wiring["ppo"]
+    wiring["quark"] = wiring["reward_conditioning"] = wiring["ppo"]
     wiring["online_dpo"] = [f"model.name_or_path={final['sft']}", f"data.train_path={data['prompts']}"]
     wiring["iterative_dpo"] = wiring["online_dpo"]
     wiring["pm"] = wiring["rm"]
@@ -766,8 +830,8 @@ def run_pipeline(
     """Run the whole pipeline with `methods` (default `DEFAULT_METHODS`); returns the path of report.html.
 
     `task`: the lab task (default "sentiment", or "review" with `model`). `model`: a local HF causal LM directory
-    to start from instead of the task's tiny base model; every method then trains LoRA adapters with the
-    real-model budgets (`MODEL_DEFAULTS`). `merge`: LoRA methods write merged models (model.lora.merge).
+    to start from instead of the task's tiny base model; every method then trains LoRA adapters (Quark and
+    reward conditioning the whole model) with the real-model budgets (`MODEL_DEFAULTS`). `merge`: LoRA methods write merged models (model.lora.merge).
     `resume`: continue the run in `output_dir` (finished stages kept, an interrupted one resumed from its last
     checkpoint); it must be launched with the same arguments.
     `relabel(pairs_path) -> stats`: another labeller for the lab's candidate pairs (an LM judge, for RLAIF),
@@ -782,7 +846,7 @@ def run_pipeline(
     task_obj = get_task(task)
     names = resolve_methods(methods)
     trained = [n for n in names if n in TRAINED]
-    merged = [f"{n}.model.lora.merge=true" for n in trained if n != "pm"] if merge else []
+    merged = merge_overrides(trained) if merge else []
     user = _user_sections(config_file, [*(overrides or []), *merged])
     unused = [k for k in user if k in TRAINED and k not in trained]
     if unused:

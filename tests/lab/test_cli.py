@@ -136,3 +136,17 @@ def test_lab_data_harm_files(tmp_path, capsys):
     assert all(
         json.loads(line)["safety"] for line in (out_dir / "safety_pairs.jsonl").read_text().splitlines()
     )
+
+
+def test_eval_samples_a_quark_model_behind_its_token(sentiment_base_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhflab.stages import quark as qk
+
+    model = AutoModelForCausalLM.from_pretrained(sentiment_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(sentiment_base_dir)
+    tokens = qk.add_control_tokens(model, tokenizer, 2, seed=0)
+    saved = qk.save_quark_model(model, tokenizer, tokens, tmp_path / "quark")
+    argv = ["eval", "--policy", str(saved), "--ref", str(sentiment_base_dir), "--task", "sentiment"]
+    assert _run([*argv, "--n-prompts", "4", "--n-samples", "1"]) == 0  # its larger vocabulary is no error
+    assert f"sampled behind its best token (id {tokens.best_id})" in capsys.readouterr().out

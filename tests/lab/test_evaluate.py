@@ -192,3 +192,57 @@ def test_a_learned_reward_scores_reward_model_evaluation(base):
     )
     b = score([[{"role": "user", "content": "review the film ."}]], ["the plot was good ."])
     assert a.shape == (2,) and a[0] == pytest.approx(b[0], abs=1e-5)  # padding does not change a score
+
+
+def test_a_control_token_policy_is_sampled_behind_its_token_and_its_kl_read_without_it(base, tmp_path):
+    """A Quark model (new control tokens; here fresh ones, untrained): sampled behind its best token with every
+    control token blocked; the reference, which has no such tokens, scores the same responses behind the plain
+    prompts, and the KL is the difference of the two log-probs, worked out here by hand."""
+    import copy
+
+    from rlhflab.lab.evaluate import Conditioning, conditioning_of
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
+    from rlhflab.rollout.generate import encode_prompts
+    from rlhflab.stages import quark as qk
+
+    task = get_task("sentiment")
+    ref, ref_tokenizer = base
+    model, tokenizer = copy.deepcopy(ref), copy.deepcopy(ref_tokenizer)
+    tokens = qk.add_control_tokens(model, tokenizer, 3, seed=0)
+    with torch.no_grad():  # the policy moved from the reference (noise on every weight), so the KL is not ~0
+        g = torch.Generator().manual_seed(0)
+        for w in model.parameters():
+            w.add_(0.3 * w.std() * torch.randn(w.shape, generator=g) if w.numel() > 1 else 0.0)
+    saved = qk.save_quark_model(model, tokenizer, tokens, tmp_path / "quark")
+    assert conditioning_of(tmp_path / "nothing-here") is None
+    cond = conditioning_of(saved)
+    assert cond == Conditioning(tokens.best_id, tuple(tokens.ids))
+    policy, policy_tokenizer = load_inference_lm(saved), load_tokenizer(saved)
+    prompts = task.heldout_prompts(6, seed=0)
+    m = evaluate_policy(policy, policy_tokenizer, task, prompts=prompts, n_samples=2, ref_model=ref,
+                        conditioning=cond, return_samples=True, seed=3)  # fmt: skip
+    rollout = m["samples_obj"].rollout
+    assert all(cond.token_id in rollout.prompt_ids[i].tolist() for i in range(len(rollout)))
+    assert not torch.isin(rollout.response_ids[rollout.response_mask], torch.tensor(tokens.ids)).any()
+    # By hand, one row at a time without padding: the policy reads its prompt (token included) with the control
+    # tokens banned, the reference reads the plain chat prompt; the KL is the mean of the summed differences.
+    seq_kl = []
+    for i in range(len(rollout)):
+        response = rollout.response_ids[i][rollout.response_mask[i]].tolist()
+        conditioned = rollout.prompt_ids[i][rollout.prompt_mask[i]].tolist()
+        plain = encode_prompts(ref_tokenizer, [[{"role": "user", "content": prompts[i // 2]}]])[0]
+        assert conditioned == [*plain[:1], cond.token_id, *plain[1:]] or conditioned == [
+            cond.token_id,
+            *plain,
+        ]
+        with torch.no_grad():
+            p_logits = policy(torch.tensor([conditioned + response])).logits[0, len(conditioned) - 1 : -1]
+            p_logits[:, list(tokens.ids)] = float("-inf")
+            r_logits = ref(torch.tensor([plain + response])).logits[0, len(plain) - 1 : -1]
+        picked = torch.tensor(response)[:, None]
+        p_lp = p_logits.log_softmax(-1).gather(1, picked).sum()
+        seq_kl.append(float(p_lp - r_logits.log_softmax(-1).gather(1, picked).sum()))
+    assert m["kl/ref"] == pytest.approx(sum(seq_kl) / len(seq_kl), abs=1e-4) and abs(m["kl/ref"]) > 0.01
+    # Without its conditioning the policy's larger vocabulary is refused for a KL to the reference.
+    with pytest.raises(ConfigError, match="vocabularies"):
+        evaluate_policy(policy, policy_tokenizer, task, prompts=prompts, n_samples=1, ref_model=ref)

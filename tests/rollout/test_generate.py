@@ -183,3 +183,37 @@ def test_rollout_entropy_is_the_sampling_distributions_at_each_response_token(ti
     assert torch.equal(again.response_ids, out.response_ids)
     idx = torch.tensor([3, 0])
     assert torch.equal(out.select(idx).entropy, out.entropy[idx])
+
+
+def test_suppressed_tokens_are_never_sampled(tiny_tokenizer, tiny_model):
+    settings = SamplingSettings(max_new_tokens=6, do_sample=False)
+    greedy = generate(tiny_model, tiny_tokenizer, PROMPTS, settings)
+    first = sorted({int(t) for t in greedy.response_ids[:, 0]})  # every row's greedy first token
+    blocked = generate(
+        tiny_model,
+        tiny_tokenizer,
+        PROMPTS,
+        SamplingSettings(6, do_sample=False, suppress_token_ids=tuple(first)),
+    )
+    assert not torch.isin(blocked.response_ids[blocked.response_mask], torch.tensor(first)).any()
+    sampled = generate(
+        tiny_model, tiny_tokenizer, PROMPTS * 8, SamplingSettings(6, suppress_token_ids=tuple(first)), seed=0
+    )
+    assert not torch.isin(sampled.response_ids[sampled.response_mask], torch.tensor(first)).any()
+    with pytest.raises(ConfigError, match="suppress_token_ids"):
+        SamplingSettings(suppress_token_ids=(-1,))
+
+
+def test_with_prompts_keeps_the_responses_behind_other_prompts(tiny_tokenizer, tiny_model):
+    out = generate(tiny_model, tiny_tokenizer, PROMPTS, SamplingSettings(max_new_tokens=4), seed=0)
+    rows = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    moved = out.with_prompts(rows, tiny_tokenizer.pad_token_id)
+    assert moved.response_start == 10 and torch.equal(moved.response_ids, out.response_ids)
+    assert torch.equal(moved.response_mask, out.response_mask) and moved.texts == out.texts
+    for i, r in enumerate(rows):
+        assert moved.prompt_ids[i][moved.prompt_mask[i]].tolist() == r
+        assert not moved.prompt_mask[i, : 10 - len(r)].any()  # left-padded
+    # The model reads the same response tokens at the new positions: each row's positions start at its prompt.
+    assert moved.position_ids[1, 9].item() == 0 and moved.position_ids[1, 10].item() == 1
+    with pytest.raises(ConfigError, match="one prompt per row"):
+        out.with_prompts(rows[:2], tiny_tokenizer.pad_token_id)

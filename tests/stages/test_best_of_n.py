@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.rollout.generate import SamplingSettings
+from rlhflab.rollout.generate import SamplingSettings, generate
 from rlhflab.stages.best_of_n import BestOfN, best_of_n, best_of_n_kl
 
 PROMPTS = [
@@ -217,3 +217,47 @@ def test_best_of_n_command_reranks_with_rule_classifiers(tiny_model_dir, tiny_to
         assert list(row["rule_violation"].values()) == pytest.approx(
             torch.sigmoid(logits[j]).tolist(), abs=1e-6
         )
+
+
+def test_a_quark_model_is_sampled_behind_its_best_token(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    """`rlhflab best-of-n` on a model saved by `rlhflab quark`: every sample drawn behind the best reward token
+    (the same samples as `best_of_n(..., sample_prompts=best_token_prompts(...))` at the same seed, not those of
+    the plain prompts), no control token in a response, the reward reading the plain prompts."""
+    import copy
+    import json
+
+    from rlhflab.cli import main
+    from rlhflab.stages import quark as qk
+
+    model, tokenizer = copy.deepcopy(tiny_model), copy.deepcopy(tiny_tokenizer)
+    tokens = qk.add_control_tokens(model, tokenizer, 2, seed=0)
+    # Give each control token the output row of the token the model writes most: each is then as likely as that
+    # token, so a sampler that did not block them would write them often.
+    first = generate(model, tokenizer, PROMPTS * 4, SamplingSettings(6), seed=0)
+    counts = torch.bincount(first.response_ids[first.response_mask])
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tokens.ids] = head[int(counts[: tokens.vocab_before].argmax())].clone()
+    saved = qk.save_quark_model(model, tokenizer, tokens, tmp_path / "quark")
+    prompts = ["the cat", "the dog", "i say"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "best.jsonl"
+    assert main(_best_of_4_args(saved, tmp_path / "prompts.jsonl", out)) == 0
+    assert "sampling behind its best token" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    settings = SamplingSettings(max_new_tokens=6, suppress_token_ids=tuple(tokens.ids))
+    ids = qk.best_token_prompts(saved, prompts, tokenizer=tokenizer)
+    kw = {"n": 4, "seed": 0}
+    by_hand = best_of_n(model, tokenizer, prompts, WordCount(), settings=settings, sample_prompts=ids, **kw)
+    plain = best_of_n(model, tokenizer, prompts, WordCount(), settings=settings, **kw)
+    # Unblocked, the (boosted) control tokens are sampled; decoding drops them, so the texts differ.
+    unblocked = best_of_n(
+        model, tokenizer, prompts, WordCount(), settings=SamplingSettings(6), sample_prompts=ids, **kw
+    )
+    samples = [r["samples"] for r in rows]
+    assert samples == by_hand.all_texts and samples != plain.all_texts and samples != unblocked.all_texts
+    written = generate(model, tokenizer, [x for x in ids for _ in range(4)], SamplingSettings(6), seed=0)
+    assert torch.isin(written.response_ids[written.response_mask], torch.tensor(tokens.ids)).any()
+    with pytest.raises(ConfigError, match="sample_prompts"):
+        best_of_n(model, tokenizer, prompts, WordCount(), n=2, sample_prompts=ids[:1])

@@ -89,6 +89,21 @@ def test_sft_with_lora_writes_the_adapter_that_peft_loads(lora_sft, tiny_model_d
         )
 
 
+def test_eval_command_reads_an_adapter_directory(lora_sft, tiny_model_dir, capsys):
+    from rlhflab.cli import build_parser
+
+    # `rlhflab eval` on the adapter against its own base: a policy that moved from the base has a positive KL.
+    argv = ["eval", "--policy", str(lora_sft), "--ref", str(tiny_model_dir), "--task", "sentiment"]
+    args = build_parser().parse_args([*argv, "--n-prompts", "4", "--n-samples", "2", "--max-new-tokens", "6"])
+    assert args.func(args) == 0
+    printed = dict(
+        line.split(":", 1)
+        for line in capsys.readouterr().out.splitlines()
+        if line.strip().startswith("kl/ref")
+    )
+    assert float(printed["kl/ref".rjust(24)]) > 0.0
+
+
 def test_rm_ppo_dpo_start_from_an_adapter_and_write_adapters(lora_sft, tmp_path):
     pairs = write_jsonl(
         tmp_path / "pairs.jsonl",

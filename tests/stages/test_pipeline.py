@@ -342,3 +342,38 @@ def test_pipeline_runs_binary_feedme_on_the_chosen_responses(tmp_path, tiny_lab_
     assert [r.completion[0]["content"] for r in records] == [p["chosen"] for p in pairs]
     lab_pairs = json.loads((out / "data" / "lab_data.json").read_text())["pairs"]
     assert report["policies"]["feedme"]["label_queries"] == lab_pairs["n"] + lab_pairs["ties"]
+
+
+def test_pipeline_runs_quark_and_reward_conditioning_and_judges_them_behind_their_token(
+    tmp_path, tiny_lab_cache
+):
+    """--methods quark,reward_conditioning: `rlhflab quark` runs from the SFT model against the RM; the evaluation
+    samples each behind its best token (its own tokenizer), measures its KL to SFT on the plain prompts, and its
+    curve's snapshots likewise."""
+    tiny = [o for o in TINY if o.startswith(("data.", "eval.", "sft.", "rm."))]
+    for name in ("quark", "reward_conditioning"):  # a first pool of 8 (or 16) samples fills a batch of 8
+        tiny += [
+            f"{name}.algo.prompts_per_iteration=4",
+            f"{name}.algo.eval_prompts=2",
+            f"{name}.optim.batch_size=8",
+        ]
+    tiny += [
+        "quark.algo.iterations=2",
+        "quark.optim.steps_per_iteration=2",
+        "reward_conditioning.optim.epochs=1",
+    ]
+    run_pipeline(
+        output_dir=str(tmp_path / "run"), seed=3, overrides=tiny, methods=["quark", "reward_conditioning"]
+    )
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["methods"] == ["sft", "rm", "quark", "reward_conditioning"]
+    assert set(report["policies"]) == {"sft", "quark", "reward_conditioning"}
+    for name, k in (("quark", 5), ("reward_conditioning", 2)):
+        cfg = load_config("quark", out / name / "config.yaml")
+        assert cfg.algo.n_quantiles == k and cfg.algo.reward_model == [str(out / "rm" / "final")]
+        assert cfg.model.name_or_path == str(out / "sft" / "final")
+        # Measured behind the token against SFT on the plain prompts (not NaN, not the policy against itself).
+        kl = report["policy_metrics"][name]["kl/ref"]
+        assert math.isfinite(kl) and kl != 0.0, name
+        assert [p["step"] for p in report["curves"][name]][0] == 0 and len(report["curves"][name]) >= 2

@@ -362,7 +362,7 @@ def test_reward_conditioning_config_runs_from_the_command_line(
         "data.max_prompt_length=12",
         "optim.batch_size=8",
     ]
-    monkeypatch.setattr(qk, "load_causal_lm", lambda *a, **k: pytest.fail("kl_coef=0 loads no reference"))
+    monkeypatch.setattr(qk, "load_inference_lm", lambda *a, **k: pytest.fail("kl_coef=0 loads no reference"))
     assert main(args) == 0
     saved = json.loads((run / "final" / "quark.json").read_text())
     assert saved["tokens"] == ["<|reward_0|>", "<|reward_1|>"] and saved["best_token"] == "<|reward_1|>"

@@ -39,6 +39,7 @@ import numpy as np
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
 from rlhflab.experiments.result import publish
+from rlhflab.pipeline import DEFAULTS
 
 NAME = "alpacafarm"
 CLAIM = (
@@ -70,22 +71,9 @@ PUBLISHED = {
     "reward_conditioning": 32.4,
 }
 PIPELINE_METHODS = ("sft", "rm", "feedme", "expert_iteration", "ppo", "dpo", "rloo", "grpo", "online_dpo")
-# Quark and reward conditioning are `rlhflab quark` runs with the shipped tiny configs' settings (written here so an
-# installed package needs no configs/ directory), wired to the pipeline's SFT model, prompts and reward model.
-_QUARK_COMMON = [
-    "data.max_length=64", "data.max_prompt_length=24", "optim.lr=1e-3", "optim.batch_size=16",
-    "sampling.max_new_tokens=24", "algo.eval_prompts=32", "logging.log_every=1",
-]  # fmt: skip
-QUARK_RUNS = {
-    "quark": [
-        *_QUARK_COMMON, "optim.steps_per_iteration=64", "algo.n_quantiles=5", "algo.iterations=4",
-        "algo.samples_per_prompt=2", "algo.prompts_per_iteration=256", "algo.kl_coef=0.05", "algo.entropy_coef=0.06",
-    ],
-    "reward_conditioning": [
-        *_QUARK_COMMON, "optim.epochs=2", "algo.n_quantiles=2", "algo.iterations=1", "algo.samples_per_prompt=4",
-        "algo.prompts_per_iteration=256", "algo.kl_coef=0", "algo.entropy_coef=0",
-    ],
-}  # fmt: skip
+# Quark and reward conditioning: `rlhflab quark` runs with the pipeline's settings for them (`rlhflab run --methods
+# quark,reward_conditioning` runs the same), wired to the pipeline's SFT model, prompts and reward model.
+QUARK_RUNS = {name: DEFAULTS[name] for name in ("quark", "reward_conditioning")}
 BEST_OF = (16, 64)
 TITLES = {
     "sft": "SFT",
@@ -206,11 +194,13 @@ def quark_samples(task, model_dir: Path, prompts: Sequence[str], n: int, seed: i
     from rlhflab.lab.tasks import chat_prompt
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.rollout.generate import SamplingSettings, generate
-    from rlhflab.stages.quark import best_token_prompts
+    from rlhflab.stages.quark import best_token_prompts, read_control_tokens
 
     tokenizer = load_tokenizer(model_dir)
     ids = best_token_prompts(model_dir, [chat_prompt(p) for p in prompts], tokenizer=tokenizer)
-    settings = SamplingSettings(max_new_tokens=task.max_new_tokens)
+    # A control token belongs in front of a prompt, never in a response.
+    blocked = tuple(read_control_tokens(model_dir).ids)
+    settings = SamplingSettings(max_new_tokens=task.max_new_tokens, suppress_token_ids=blocked)
     rollout = generate(
         load_causal_lm(model_dir), tokenizer, [x for x in ids for _ in range(n)], settings,
         batch_size=EVAL_BATCH, seed=seed,

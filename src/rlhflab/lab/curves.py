@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhflab.lab.evaluate import PolicySamples, evaluate_policy
+from rlhflab.lab.evaluate import PolicySamples, conditioning_of, evaluate_policy
 from rlhflab.lab.tasks import LabTask
 
 CURVE_KEYS = ("gold/mean", "gold/win_rate", "kl/ref", "sample/len_mean")
@@ -50,15 +50,17 @@ def gold_curve(
     ref_model: the model the KL is measured to (the SFT model); ref_samples: its samples on `prompts`, for
     the win rate. start: the step-0 point (the reference's own metrics), prepended when given.
     """
-    from rlhflab.models.loading import load_inference_lm
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
 
     curve = [{"step": 0, **{k: float(start[k]) for k in CURVE_KEYS if k in start}}] if start else []
     for step, directory in snapshot_steps(run_dir):
         model = load_inference_lm(directory)
+        conditioning = conditioning_of(directory)  # a Quark snapshot: its best token, its own tokenizer
         metrics = evaluate_policy(
             model,
-            tokenizer,
+            load_tokenizer(directory) if conditioning else tokenizer,
             task,
+            conditioning=conditioning,
             prompts=prompts,
             n_samples=n_samples,
             ref_model=ref_model,

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,9 +45,30 @@ from rlhflab.lab.annotators import AnnotatorPool
 from rlhflab.lab.gold import gold_components
 from rlhflab.lab.tasks import LabTask, chat_prompt, get_task, prompt_text
 from rlhflab.losses.logprobs import entropy_from_logits, gather_logprobs
-from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
+from rlhflab.rollout.generate import Rollout, SamplingSettings, encode_prompts, generate
 
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How a policy trained behind control tokens is sampled (Quark, Lu et al. 2022; AlpacaFarm's reward
+    conditioning): `token_id` first in every prompt (after a BOS), `blocked_ids` (every control token) never
+    sampled in a response. A reference model, which has no such tokens, scores the responses behind the plain
+    prompt, so the KL is KL(policy(. | token, x) || ref(. | x)): what the policy moved from the reference."""
+
+    token_id: int
+    blocked_ids: tuple[int, ...]
+
+
+def conditioning_of(model_dir: str | Path) -> Conditioning | None:
+    """The `Conditioning` of a model saved by `rlhflab quark` (its best reward token), None for any other."""
+    from rlhflab.stages.quark import TOKENS_FILE, read_control_tokens
+
+    if not (Path(model_dir) / TOKENS_FILE).is_file():
+        return None
+    tokens = read_control_tokens(model_dir)
+    return Conditioning(tokens.best_id, tuple(tokens.ids))
 
 
 @dataclass
@@ -71,13 +93,21 @@ def sample_policy(
     settings: SamplingSettings | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    conditioning: Conditioning | None = None,
 ) -> PolicySamples:
-    """Sample `n_samples` responses per task prompt (chat-formatted, as lab data is); score them by gold."""
+    """Sample `n_samples` responses per task prompt (chat-formatted, as lab data is); score them by gold.
+    `conditioning`: a control-token policy's prompts carry its token (the responses are scored against the plain
+    prompts: the gold never sees the token)."""
     task = get_task(task)
     if n_samples < 1 or not prompts:
         raise ConfigError("sample_policy needs at least one prompt and n_samples >= 1")
     settings = settings or SamplingSettings(max_new_tokens=task.max_new_tokens)
     chats = [chat_prompt(p) for p in prompts for _ in range(n_samples)]
+    if conditioning is not None:
+        from rlhflab.stages.quark import conditioned_prompt_ids
+
+        chats = [conditioned_prompt_ids(tokenizer, c, conditioning.token_id) for c in chats]
+        settings = replace(settings, suppress_token_ids=conditioning.blocked_ids)
     rollout = generate(model, tokenizer, chats, settings, batch_size=batch_size, seed=seed)
     return score_responses(
         task,
@@ -99,9 +129,12 @@ def score_responses(
 
 
 @torch.no_grad()
-def response_logps(model, rollout: Rollout, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(
+    model, rollout: Rollout, batch_size: int = 64, blocked_ids: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, R] of the sampled response tokens under `model` (0 where masked), and the
-    model's predictive entropy [B, R] at those positions."""
+    model's predictive entropy [B, R] at those positions. `blocked_ids`: tokens the sampler never draws
+    (`SamplingSettings.suppress_token_ids`): the distribution scored is the one sampled, renormalized without them."""
     device = next(model.parameters()).device
     start = rollout.response_start
     logps, ents = [], []
@@ -110,6 +143,8 @@ def response_logps(model, rollout: Rollout, batch_size: int = 64) -> tuple[torch
         mask = rollout.attention_mask[s : s + batch_size].to(device)
         pos = rollout.position_ids[s : s + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, start - 1 : -1].float()
+        if blocked_ids:  # the lowest float, not -inf: softmax gives them 0 and the entropy stays finite
+            logits[..., list(blocked_ids)] = torch.finfo(logits.dtype).min
         labels = ids[:, start:]
         real = rollout.response_mask[s : s + batch_size].to(device)
         logps.append(gather_logprobs(logits, labels).masked_fill(~real, 0.0).cpu())
@@ -169,6 +204,42 @@ def sample_metrics(samples: PolicySamples) -> dict:
     return out
 
 
+def _reference_view(
+    rollout: Rollout, tokenizer, conditioning: Conditioning | None, prompts: list[str], n_samples: int
+) -> Rollout:
+    """The rollout (`n_samples` rows per task prompt) as the reference reads it: a conditioned policy's responses
+    behind the plain chat prompts."""
+    if conditioning is None:
+        return rollout
+    plain = encode_prompts(tokenizer, [chat_prompt(p) for p in prompts for _ in range(n_samples)])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return rollout.with_prompts(plain, pad)
+
+
+def _check_reference_vocab(ref_model, model, ref_rollout: Rollout, conditioning: Conditioning | None) -> None:
+    n_ref = ref_model.get_input_embeddings().num_embeddings
+    if conditioning is None and n_ref != model.get_input_embeddings().num_embeddings:
+        raise ConfigError("ref_model and the policy have different vocabularies; the KL needs one tokenizer")
+    used = ref_rollout.input_ids[ref_rollout.attention_mask.bool()]
+    if used.numel() and int(used.max()) >= n_ref:
+        raise ConfigError(
+            f"the reference model has {n_ref} token embeddings but the samples it must score hold token id "
+            f"{int(used.max())}; measure the KL to a model with the policy's tokenizer (before its control tokens)"
+        )
+
+
+def _versus_reference(samples: PolicySamples, ref_samples: PolicySamples, prompts: list[str]) -> dict:
+    """Win rate and paired gold gain against reference samples on the same prompts, and their mean gold."""
+    if ref_samples.prompts != prompts:
+        raise ConfigError("ref_samples were drawn on other prompts; sample the reference on the same ones")
+    out = {}
+    per_prompt = M.win_rate_all_pairs(samples.gold, ref_samples.gold)
+    out["gold/win_rate"], out["gold/win_rate_ci95"] = _interval(per_prompt)
+    out["gold/gain"], out["gold/gain_ci95"] = _interval(M.paired_gain(samples.gold, ref_samples.gold))
+    out["gold/ref_mean"] = float(ref_samples.gold.mean())
+    return out
+
+
 def evaluate_policy(
     model,
     tokenizer,
@@ -184,6 +255,7 @@ def evaluate_policy(
     batch_size: int = 64,
     n_examples: int = 6,
     return_samples: bool = False,
+    conditioning: Conditioning | None = None,
 ) -> dict:
     """Gold-judged metrics of a policy on the task's held-out prompts (see the module docstring).
 
@@ -193,6 +265,8 @@ def evaluate_policy(
     ref_samples: reference samples on the same prompts (e.g. `sample_policy` of the SFT model, reused
         across policies), for the win rate.
     return_samples: also return the `PolicySamples` under key "samples_obj" (not JSON-serializable).
+    conditioning: sample a control-token policy (`conditioning_of(model_dir)`; `tokenizer` must be the policy's,
+        which has the tokens); the reference scores its responses behind the plain prompts.
     """
     task = get_task(task)
     prompts = list(prompts) if prompts is not None else task.heldout_prompts(n_prompts, seed=seed)
@@ -205,21 +279,21 @@ def evaluate_policy(
         settings=settings,
         seed=seed,
         batch_size=batch_size,
+        conditioning=conditioning,
     )
     out: dict = {"eval/n_prompts": len(prompts), "eval/n_samples": n_samples}
     out.update(gold_term_metrics(samples))
     out.update(sample_metrics(samples))
-    policy_logps, entropy = response_logps(model, samples.rollout, batch_size)
+    blocked = conditioning.blocked_ids if conditioning is not None else ()
+    policy_logps, entropy = response_logps(model, samples.rollout, batch_size, blocked)
     mask = samples.rollout.response_mask.cpu()
     out["sample/policy_entropy"] = float(entropy[mask].mean()) if mask.any() else math.nan
     if ref_model is not None:
-        if ref_model.get_input_embeddings().num_embeddings != model.get_input_embeddings().num_embeddings:
-            raise ConfigError(
-                "ref_model and the policy have different vocabularies; the KL needs one tokenizer"
-            )
+        ref_rollout = _reference_view(samples.rollout, tokenizer, conditioning, prompts, n_samples)
+        _check_reference_vocab(ref_model, model, ref_rollout, conditioning)
         # The reference scoring its own samples: the KL is 0 without a second pass over them.
         ref_logps = (
-            policy_logps if ref_model is model else response_logps(ref_model, samples.rollout, batch_size)[0]
+            policy_logps if ref_model is model else response_logps(ref_model, ref_rollout, batch_size)[0]
         )
         seq_kl = (policy_logps - ref_logps).sum(-1).numpy().reshape(len(prompts), n_samples)
         out["kl/ref"], out["kl/ref_ci95"] = _interval(seq_kl.mean(axis=1))
@@ -235,14 +309,7 @@ def evaluate_policy(
                 batch_size=batch_size,
             )
     if ref_samples is not None:
-        if ref_samples.prompts != prompts:
-            raise ConfigError(
-                "ref_samples were drawn on other prompts; sample the reference on the same ones"
-            )
-        per_prompt = M.win_rate_all_pairs(samples.gold, ref_samples.gold)
-        out["gold/win_rate"], out["gold/win_rate_ci95"] = _interval(per_prompt)
-        out["gold/gain"], out["gold/gain_ci95"] = _interval(M.paired_gain(samples.gold, ref_samples.gold))
-        out["gold/ref_mean"] = float(ref_samples.gold.mean())
+        out.update(_versus_reference(samples, ref_samples, prompts))
     out["examples"] = [
         {"prompt": prompts[i], "response": samples.responses[i][0], "gold": float(samples.gold[i, 0])}
         for i in range(min(n_examples, len(prompts)))

@@ -12,6 +12,7 @@ by default in transformers) would otherwise silently change the distribution PPO
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ class SamplingSettings:
     top_k: keep the k most likely tokens; 0 = off.
     top_p: nucleus sampling mass in (0, 1]; 1.0 = off.
     do_sample: False = greedy decoding (temperature, top_k, top_p are then unused).
+    suppress_token_ids: ids never sampled (their logits set to -inf): e.g. a Quark model's control tokens, which
+        belong in front of a prompt, never in a response.
     """
 
     max_new_tokens: int = 20
@@ -37,6 +40,7 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     do_sample: bool = True
+    suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -49,6 +53,10 @@ class SamplingSettings:
             raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if any(int(i) < 0 for i in self.suppress_token_ids):
+            raise ConfigError(
+                f"suppress_token_ids must be token ids >= 0, got {list(self.suppress_token_ids)}"
+            )
 
     def generation_config(self, pad_token_id: int, eos_token_id: int | list[int]):
         """A complete `transformers.GenerationConfig` for these settings."""
@@ -71,6 +79,7 @@ class SamplingSettings:
             use_cache=True,
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
+            suppress_tokens=[int(i) for i in self.suppress_token_ids] or None,
             **sampling,
         )
 
@@ -136,6 +145,15 @@ class Rollout:
             prompts=[self.prompts[i] for i in rows],
             entropy=None if self.entropy is None else self.entropy[idx],
         )
+
+    def with_prompts(self, rows: list[list[int]], pad_id: int) -> Rollout:
+        """The same responses behind other prompt ids (one list per row, left-padded here): e.g. a reference
+        model scoring a conditioned policy's samples without the policy's control token."""
+        if len(rows) != len(self):
+            raise ConfigError(f"with_prompts needs one prompt per row ({len(self)}), got {len(rows)}")
+        ids, mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
+        device = self.prompt_ids.device
+        return dataclasses.replace(self, prompt_ids=ids.to(device), prompt_mask=mask.to(device))
 
     def mean_entropy(self) -> float | None:
         """The sampling distribution's entropy per response token, averaged over real tokens (nats)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -134,6 +134,7 @@ def best_of_n(
     score_batch_size: int = 256,
     seed: int | None = None,
     rules=None,
+    sample_prompts: Sequence | None = None,
 ) -> BestOfN:
     """Sample n responses to each prompt, score them all, keep the best per prompt.
 
@@ -148,6 +149,8 @@ def best_of_n(
         rules: rule classifiers, anything with `score_all_heads(prompts, responses) -> Tensor [B, R]` of
             violation logits (a `LearnedReward` of an `rlhflab rm algo.loss=binary` model): the best is then
             Sparrow's re-rank of the reward and the rules (`sparrow_scores`), not the reward alone.
+        sample_prompts: what the policy samples from, one per prompt, when it is not `prompts` (a Quark model's
+            prompts behind its best token, `quark.best_token_prompts`); the reward always reads `prompts`.
 
     Returns:
         BestOfN with texts [P], scores [P], all_texts [P][n], all_scores [P, n], best_index [P] (and with rules
@@ -163,9 +166,12 @@ def best_of_n(
     prompts = list(prompts)
     if not prompts:
         raise ConfigError("best-of-n needs at least one prompt")
+    if sample_prompts is not None and len(sample_prompts) != len(prompts):
+        raise ConfigError(f"best-of-n: {len(sample_prompts)} sample_prompts for {len(prompts)} prompts")
     # Prompt-major: the n samples of prompt i are rows i*n .. i*n + n-1.
     repeated = [p for p in prompts for _ in range(n)]
-    rollout = generate(model, tokenizer, repeated, settings, batch_size=batch_size, seed=seed)
+    sampled = repeated if sample_prompts is None else [p for p in sample_prompts for _ in range(n)]
+    rollout = generate(model, tokenizer, sampled, settings, batch_size=batch_size, seed=seed)
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
     all_texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
     rule_logits = None
@@ -222,12 +228,14 @@ def sample_to_file(
     prompts = prompts[:max_prompts] if max_prompts else prompts
     source = load_rewards(reward, device=dev)
     rule_model = _rule_classifiers(rules, dev) if rules else None
-    model = load_inference_lm(path, device=str(dev))
+    model, tokenizer = load_inference_lm(path, device=str(dev)), load_tokenizer(path)
     how = f", re-ranked with the rules of {rules} (Sparrow)" if rules else ""
     log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}{how}")
+    sample_prompts, settings = _control_token_prompts(path, tokenizer, prompts, settings, log)
     result = best_of_n(
-        model, load_tokenizer(path), prompts, source, n=n, settings=settings, seed=seed, rules=rule_model
-    )
+        model, tokenizer, prompts, source, n=n, settings=settings, seed=seed, rules=rule_model,
+        sample_prompts=sample_prompts,
+    )  # fmt: skip
     rows = [_row(result, i, prompt, all_samples, rule_model) for i, prompt in enumerate(prompts)]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(rows, out)  # atomic: never a half-written file at `out`
@@ -241,6 +249,19 @@ def sample_to_file(
         f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}"
     )
     return summary
+
+
+def _control_token_prompts(path, tokenizer, prompts: list, settings: SamplingSettings | None, log):
+    """(prompts to sample from, settings): a Quark model (`rlhflab quark`, its quark.json) samples behind its best
+    reward token and never writes a control token in a response; any other model: (None, settings)."""
+    from rlhflab.stages.control_tokens import TOKENS_FILE, best_token_prompts, read_control_tokens
+
+    if not (Path(path) / TOKENS_FILE).is_file():
+        return None, settings
+    tokens = read_control_tokens(path)
+    log(f"best-of-n: a quark model: sampling behind its best token {tokens.tokens[-1]}")
+    settings = replace(settings or SamplingSettings(), suppress_token_ids=tuple(tokens.ids))
+    return best_token_prompts(path, prompts, tokenizer=tokenizer), settings
 
 
 def _rule_classifiers(path: str, device):

@@ -59,7 +59,12 @@ from rlhflab.data.tokenize import encode_prompt, encode_response, fit_lengths
 from rlhflab.errors import ConfigError, UserError
 from rlhflab.losses.quark import quark_loss, reward_quantiles
 from rlhflab.models.backbone import backbone_and_head, hidden_to_logits, position_ids_from_mask
-from rlhflab.models.loading import atomic_output_dir, load_causal_lm, load_tokenizer, write_pretrained
+from rlhflab.models.loading import (
+    atomic_output_dir,
+    is_peft_model,
+    load_inference_lm,
+    write_pretrained,
+)
 from rlhflab.stages.best_of_n import score_in_batches
 from rlhflab.stages.common import (
     Loop,
@@ -77,102 +82,21 @@ from rlhflab.stages.common import (
     snapshot_dir,
     write_jsonl_atomic,
 )
+
+# The control tokens live in `control_tokens` (best-of-n and the evaluation sample behind them too); re-exported.
+from rlhflab.stages.control_tokens import TOKEN_FORMAT as TOKEN_FORMAT
+from rlhflab.stages.control_tokens import TOKENS_FILE as TOKENS_FILE
+from rlhflab.stages.control_tokens import ControlTokens as ControlTokens
+from rlhflab.stages.control_tokens import add_control_tokens as add_control_tokens
+from rlhflab.stages.control_tokens import best_token_prompts as best_token_prompts
+from rlhflab.stages.control_tokens import conditioned_prompt_ids as conditioned_prompt_ids
+from rlhflab.stages.control_tokens import read_control_tokens as read_control_tokens
+from rlhflab.stages.control_tokens import with_token as with_token
 from rlhflab.stages.data_source import require_train_path
 from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
 from rlhflab.stages.rejection_sampling import EVAL_SEED, SAMPLE_BATCH, round_prompt_ids
 
 NAME = "quark"
-TOKENS_FILE = "quark.json"
-TOKEN_FORMAT = "<|reward_{}|>"
-
-
-# ---- control tokens: one new special token per reward quantile -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class ControlTokens:
-    """The reward tokens of a quark model: tokens[k] (id ids[k]) marks quantile k, 0 the worst, the last the
-    best; vocab_before: the tokenizer's size before they were added, the reference's vocabulary."""
-
-    tokens: list[str]
-    ids: list[int]
-    vocab_before: int
-
-    @property
-    def best_id(self) -> int:
-        return self.ids[-1]
-
-    def to_json(self) -> dict:
-        how = "best_token_id first in a prompt's ids, after a BOS: rlhflab.stages.quark.best_token_prompts"
-        best = {"best_token": self.tokens[-1], "best_token_id": self.best_id}
-        return {"method": NAME, **dataclasses.asdict(self), **best, "usage": how}
-
-
-def add_control_tokens(model, tokenizer, n_quantiles: int, seed: int = 0) -> ControlTokens:
-    """Add one special token per quantile to `tokenizer` (tokens already there are reused) and grow `model`'s
-    embeddings to hold them. Works with any HF causal LM and with the lab's word-level tokenizer (added tokens are
-    matched before its pre-tokenizer would split them at punctuation).
-
-    `add_tokens(special_tokens=True)`, not `add_special_tokens`: that would replace the tokenizer's own additional
-    special tokens (a chat template's role markers). A new input embedding is drawn, as Quark's code draws it,
-    from a normal with each dimension's mean and standard deviation over the old rows, seeded by `seed`: distinct
-    tokens from the first step, where transformers' mean resizing (kept for an untied LM head's rows) gives
-    near-identical ones. The old tokens keep their relative probabilities; on the lab's SFT model a new token
-    starts near 1e-6, so the policy seldom writes one in a response (quark/control_token_rate counts them)."""
-    before = len(tokenizer)
-    tokens = [TOKEN_FORMAT.format(k) for k in range(n_quantiles)]
-    tokenizer.add_tokens(tokens, special_tokens=True)
-    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
-    for tok, i in zip(tokens, ids):  # a user who writes the token in text must get the same single id
-        if list(tokenizer(tok, add_special_tokens=False)["input_ids"]) != [i]:
-            raise UserError(f"the tokenizer does not encode the new token {tok!r} as one id, as quark needs")
-    if max(ids) >= model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    new = [i for i in ids if i >= before]
-    if new:
-        weight = model.get_input_embeddings().weight
-        old = weight[:before].detach().float().cpu()
-        draw = torch.randn(len(new), old.shape[1], generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            weight[new] = (old.mean(0) + old.std(0) * draw).to(weight.dtype).to(weight.device)
-    return ControlTokens(tokens, ids, min(before, min(ids)))
-
-
-def read_control_tokens(model_dir: str | Path) -> ControlTokens:
-    """The control tokens of a model saved by `rlhflab quark` (its quark.json)."""
-    path = Path(model_dir) / TOKENS_FILE
-    if not path.is_file():
-        raise UserError(f"'{model_dir}' has no {TOKENS_FILE}: it is not a model saved by `rlhflab quark`")
-    saved = json.loads(path.read_text())
-    return ControlTokens(list(saved["tokens"]), [int(i) for i in saved["ids"]], int(saved["vocab_before"]))
-
-
-def with_token(ids: list[int], token_id: int | None, bos_id: int | None) -> list[int]:
-    """`ids` with the control token first, after a leading BOS (the model never saw anything before its BOS);
-    `ids` as they are when token_id is None."""
-    if token_id is None:
-        return ids
-    at = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
-    return [*ids[:at], token_id, *ids[at:]]
-
-
-def conditioned_prompt_ids(tokenizer, prompt, token_id: int | None, max_prompt_length: int | None = None):
-    """A prompt's ids as quark samples and trains on them: encoded as the data layer encodes prompts, cut to its
-    last max_prompt_length - 1 tokens (a leading BOS kept), then `token_id` put first (None: no token)."""
-    ids = encode_prompt(prompt, tokenizer)
-    if max_prompt_length:
-        ids, _ = fit_lengths(ids, [], tokenizer, None, max_prompt_length - 1)
-    return with_token(ids, token_id, tokenizer.bos_token_id)
-
-
-def best_token_prompts(model_dir: str | Path, prompts: list, *, tokenizer=None, max_prompt_length=None):
-    """The prompts (text or chat messages) as token-id lists with the best reward token of the quark model in
-    `model_dir` in front: pass them to `rlhflab.rollout.generate(model, tokenizer, ids, ...)` in place of the
-    prompts (a quark model sampled without its token mixes every reward level) and score the responses against
-    the original prompts (a reward never sees the token). Best-of-n: n samples of each, scored the same way."""
-    tokens = read_control_tokens(model_dir)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
-    return [conditioned_prompt_ids(tokenizer, p, tokens.best_id, max_prompt_length) for p in prompts]
 
 
 def save_quark_model(model, tokenizer, tokens: ControlTokens, out: Path) -> Path:
@@ -463,6 +387,8 @@ def setup(cfg: QuarkConfig, resume: bool, overwrite: bool, reward: Any) -> Drive
     seed_everything(cfg.seed)
     prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_iteration or 1)
     policy, tokenizer, device = load_policy(cfg.model)
+    if is_peft_model(policy):  # started from a LoRA adapter directory (e.g. a LoRA SFT run): train all of it
+        policy = policy.merge_and_unload().requires_grad_(True)
     reward = load_reward(cfg.algo, device) if reward is None else reward
     run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
     ids = [conditioned_prompt_ids(tokenizer, p, None, cfg.data.max_prompt_length) for p in prompts]
@@ -486,8 +412,7 @@ def train(cfg: QuarkConfig, *, resume: bool = False, overwrite: bool = False, re
     pool, metrics = d.pool_of(1, [])
     d.tokens = add_control_tokens(d.policy, d.tokenizer, algo.n_quantiles, seed=cfg.seed)
     if algo.kl_coef > 0:  # the reference: the initial model, frozen, seeing prompts without a token
-        d.ref = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(d.device)).eval()
-        d.ref.requires_grad_(False)
+        d.ref = load_inference_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, device=str(d.device))
     n_new = (algo.prompts_per_iteration or len(d.prompts)) * algo.samples_per_prompt
     cum = plan_steps(cfg, len(pool), n_new)
     optimizer, scheduler = build_optimizer(d.policy, cfg.optim, cum[-1])
