@@ -45,6 +45,7 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tmp_path, tiny_lab_cach
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "sentiment" and report["seed"] == 3
     assert report["runtime_s"] == report["meta"]["runtime_s"]
+    assert 0 < report["meta"]["curves_eval_s"] < report["runtime_s"]  # the held-out curves' own seconds
     # The held-out RM accuracy is the saved RM's on the lab's held-out pairs for seed 3, recomputed here by hand.
     rm = report["reward_models"]["rm"]
     accuracy = report["reward_model"]["heldout_accuracy"]
