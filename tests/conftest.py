@@ -54,3 +54,24 @@ def tiny_lab_cache(lab_cache, monkeypatch):
     """RLHFLAB_CACHE at the session's lab cache, so the tiny base model is pretrained once per session."""
     monkeypatch.setenv("RLHFLAB_CACHE", str(lab_cache))
     return lab_cache
+
+
+@pytest.fixture()
+def quark_model_dir(tmp_path, tiny_model, tiny_tokenizer):
+    """A model saved as `rlhflab quark` saves one (two control tokens, quark.json) whose control tokens each have
+    the output row of the token the model writes most: a sampler that did not block them would write them often.
+    Returns (directory, the model, its tokenizer, its ControlTokens)."""
+    import copy
+
+    from rlhflab.models.control_tokens import add_control_tokens
+    from rlhflab.rollout.generate import SamplingSettings, generate
+    from rlhflab.stages.quark import save_quark_model
+
+    model, tokenizer = copy.deepcopy(tiny_model), copy.deepcopy(tiny_tokenizer)
+    tokens = add_control_tokens(model, tokenizer, 2, seed=0)
+    first = generate(model, tokenizer, ["the cat", "i say", "the dog"] * 4, SamplingSettings(6), seed=0)
+    counts = torch.bincount(first.response_ids[first.response_mask])
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tokens.ids] = head[int(counts[: tokens.vocab_before].argmax())].clone()
+    return save_quark_model(model, tokenizer, tokens, tmp_path / "quark"), model, tokenizer, tokens

@@ -119,7 +119,9 @@ def test_tiny_alpacafarm_run_writes_the_result(tmp_path, tiny_lab_cache):
         assert {"win_rate", "win_rate_ci95", "gold_reward_mean", "kl_to_sft", "label_queries"} <= set(row)
         assert 0 <= row["win_rate"] <= 1
     assert rows["best_of_64"]["kl_to_sft"] == pytest.approx(math.log(64) - 63 / 64)
-    assert rows["quark"]["kl_to_sft"] is None  # not measured (null in JSON)
+    # Quark's KL is measured (read on the plain prompt), and it cost the reward model's pairs.
+    assert math.isfinite(rows["quark"]["kl_to_sft"]) and rows["quark"]["kl_to_sft"] != 0
+    assert rows["quark"]["label_queries"] == rows["ppo"]["label_queries"] > 0
     assert rows["sft"]["label_queries"] == 0 and rows["dpo"]["label_queries"] > 0
     assert rows["ppo"]["alpacafarm_win_rate"] == pytest.approx(0.468)
     chain = next(r for r in result["table"] if r.get("check") == "chain")
@@ -128,8 +130,7 @@ def test_tiny_alpacafarm_run_writes_the_result(tmp_path, tiny_lab_cache):
     # Quark was sampled behind its best token: its quark.json names it, and the stage's config is the wiring's.
     from rlhflab.config import load_config
 
-    cfg = load_config("quark", out / "seed-0" / "reward_conditioning" / "config.yaml")
-    assert cfg.algo.n_quantiles == 2 and cfg.algo.reward_model == [
-        str(out / "seed-0" / "run" / "rm" / "final")
-    ]
-    assert (out / "seed-0" / "quark" / "final" / "quark.json").is_file() and (out / "win_rates.png").exists()
+    run = out / "seed-0" / "run"
+    cfg = load_config("quark", run / "reward_conditioning" / "config.yaml")
+    assert cfg.algo.n_quantiles == 2 and cfg.algo.reward_model == [str(run / "rm" / "final")]
+    assert (run / "quark" / "final" / "quark.json").is_file() and (out / "win_rates.png").exists()

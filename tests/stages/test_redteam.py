@@ -252,3 +252,23 @@ def test_redteam_command_on_models_outside_the_lab(tiny_model_dir, tiny_tokenize
     assert main([*args, "--method", "zero-shot"]) == 2 and "already holds a run" in capsys.readouterr().err
     assert main([*args, "--method", "zero-shot", "--overwrite", "x=1"]) == 2
     assert "rl.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_quark_target_is_sampled_behind_its_best_token(quark_model_dir, tiny_model_dir):
+    """A quark model as the red LM or the target answers behind its best reward token, never writing a control
+    token; any other model: the plain prompts."""
+    from rlhflab.models.control_tokens import Conditioning, condition_prompts
+    from rlhflab.rollout.generate import SamplingSettings, generate
+    from rlhflab.stages.redteam import LMSampler, as_prompt
+
+    path, model, tokenizer, tokens = quark_model_dir
+    sampler = LMSampler.from_pretrained(str(path), 6, 1.0, "cpu")
+    assert sampler.conditioning == Conditioning(tokens.ids[-1], tuple(tokens.ids))
+    texts = ["the cat", "i say", "the dog"] * 4
+    chats = [as_prompt(tokenizer, t) for t in texts]
+    ids, settings = condition_prompts(sampler.conditioning, tokenizer, chats, SamplingSettings(6))
+    assert sampler(texts, seed=1) == generate(model, tokenizer, ids, settings, seed=1).texts
+    unblocked = generate(model, tokenizer, ids, SamplingSettings(6), seed=1)
+    assert torch.isin(unblocked.response_ids[unblocked.response_mask], torch.tensor(tokens.ids)).any()
+    assert unblocked.texts != sampler(texts, seed=1)  # so the blocking is what made them equal
+    assert LMSampler.from_pretrained(str(tiny_model_dir), 6, 1.0, "cpu").conditioning is None

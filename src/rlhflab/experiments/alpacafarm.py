@@ -11,10 +11,9 @@ Here, per seed, on the default lab task (`rlhflab run`'s pipeline with these met
 annotators):
 
     1. pipeline  lab data (demonstrations and annotated pairs), SFT, the reward model, then every method from
-                 the SFT model: Binary FeedME, expert iteration, PPO, DPO, and RLOO, GRPO and online DPO (no
-                 AlpacaFarm row); then `rlhflab quark` from the same SFT model against the same reward model:
-                 Quark and binary reward conditioning (the settings of configs/quark_tiny.yaml and
-                 configs/reward_conditioning_tiny.yaml), each sampled with its best reward token
+                 the SFT model: Binary FeedME, expert iteration, Quark and binary reward conditioning (each
+                 sampled behind its best reward token), PPO, DPO, and RLOO, GRPO and online DPO (no AlpacaFarm
+                 row)
     2. judge     on held-out prompts, samples of every policy and best-of-16 / best-of-64 picks among SFT samples
                  by the reward model, each against the reference's samples on the same prompts by the hidden
                  gold reward: the win rate (ties count half) over all sample pairs of a prompt, averaged over
@@ -39,7 +38,6 @@ import numpy as np
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
 from rlhflab.experiments.result import publish
-from rlhflab.pipeline import DEFAULTS
 
 NAME = "alpacafarm"
 CLAIM = (
@@ -70,10 +68,10 @@ PUBLISHED = {
     "quark": 35.6,
     "reward_conditioning": 32.4,
 }
-PIPELINE_METHODS = ("sft", "rm", "feedme", "expert_iteration", "ppo", "dpo", "rloo", "grpo", "online_dpo")
-# Quark and reward conditioning: `rlhflab quark` runs with the pipeline's settings for them (`rlhflab run --methods
-# quark,reward_conditioning` runs the same), wired to the pipeline's SFT model, prompts and reward model.
-QUARK_RUNS = {name: DEFAULTS[name] for name in ("quark", "reward_conditioning")}
+PIPELINE_METHODS = (
+    "sft", "rm", "feedme", "expert_iteration", "quark", "reward_conditioning", "ppo", "dpo", "rloo", "grpo",
+    "online_dpo",
+)  # fmt: skip
 BEST_OF = (16, 64)
 TITLES = {
     "sft": "SFT",
@@ -168,50 +166,9 @@ def best_of_samples(task, sft, tokenizer, reward, prompts: Sequence[str], n: int
     return score_responses(task, list(prompts), [[p[i] for p in picks] for i in range(len(prompts))])
 
 
-def quark_configs(seed_dir: Path, seed: int, user: Mapping[str, Any]) -> dict[str, Any]:
-    """The quark and reward-conditioning stage configs: their settings <- wiring to the pipeline's run <- the
-    user's `quark.` / `reward_conditioning.` sections."""
-    from rlhflab.config import STAGE_CONFIGS, build_config, deep_merge, parse_overrides
-
-    run = seed_dir / "run"
-    wiring = [
-        f"model.name_or_path={run / 'sft' / 'final'}",
-        f"data.train_path={run / 'data' / 'prompts.jsonl'}",
-        f"algo.reward_model={run / 'rm' / 'final'}",
-    ]
-    out = {}
-    for name, settings in QUARK_RUNS.items():
-        data = deep_merge(parse_overrides([*settings, *wiring]), user.get(name, {}))
-        data = deep_merge(data, {"seed": seed, "logging": {"output_dir": str(seed_dir / name)}})
-        out[name] = build_config(STAGE_CONFIGS["quark"], data)
-    return out
-
-
-def quark_samples(task, model_dir: Path, prompts: Sequence[str], n: int, seed: int):
-    """`n` samples per prompt of a quark model, each prompt behind the model's best reward token (a quark model
-    sampled without one mixes every reward level), scored against the plain prompts by gold."""
-    from rlhflab.lab.evaluate import score_responses
-    from rlhflab.lab.tasks import chat_prompt
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer
-    from rlhflab.rollout.generate import SamplingSettings, generate
-    from rlhflab.stages.quark import best_token_prompts, read_control_tokens
-
-    tokenizer = load_tokenizer(model_dir)
-    ids = best_token_prompts(model_dir, [chat_prompt(p) for p in prompts], tokenizer=tokenizer)
-    # A control token belongs in front of a prompt, never in a response.
-    blocked = tuple(read_control_tokens(model_dir).ids)
-    settings = SamplingSettings(max_new_tokens=task.max_new_tokens, suppress_token_ids=blocked)
-    rollout = generate(
-        load_causal_lm(model_dir), tokenizer, [x for x in ids for _ in range(n)], settings,
-        batch_size=EVAL_BATCH, seed=seed,
-    )  # fmt: skip
-    texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-    return score_responses(task, list(prompts), texts)
-
-
 def judge_seed(task, seed_dir: Path, seed: int, ev: Mapping[str, int]) -> dict[str, dict[str, float]]:
     """Step 2: every trained policy and both best-of-n against the reference on the same held-out prompts."""
-    from rlhflab.lab.evaluate import sample_policy
+    from rlhflab.lab.evaluate import conditioning_of, sample_policy
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.rewards import LearnedReward
 
@@ -221,19 +178,14 @@ def judge_seed(task, seed_dir: Path, seed: int, ev: Mapping[str, int]) -> dict[s
     tokenizer = load_tokenizer(run_dir / "sft" / "final")
     report = json.loads((run_dir / "report.json").read_text())["policies"]
     rows: dict[str, dict[str, float]] = {}
-    for name in QUARK_RUNS:
-        samples = quark_samples(task, seed_dir / name / "final", prompts, ev["samples"], seed + 2)
-        # KL to SFT is not measured: the policy reads a token the SFT model has no embedding for.
-        rows[name] = {
-            **win_row(samples, reference),
-            "kl_to_sft": float("nan"),
-            "label_queries": report["ppo"]["label_queries"],  # the reward model's pairs
-        }
     for name in (m for m in PIPELINE_METHODS if m != "rm"):
-        model = load_causal_lm(run_dir / name / "final")
+        model_dir = run_dir / name / "final"
+        # A Quark model is sampled behind its best reward token, with its own tokenizer (which has the tokens);
+        # its KL to SFT in report.json is read on the plain prompt, as every other policy's.
         samples = sample_policy(
-            model, tokenizer, task, prompts, n_samples=ev["samples"], seed=seed + 2, batch_size=EVAL_BATCH
-        )
+            load_causal_lm(model_dir), load_tokenizer(model_dir), task, prompts, n_samples=ev["samples"],
+            seed=seed + 2, batch_size=EVAL_BATCH, conditioning=conditioning_of(model_dir),
+        )  # fmt: skip
         rows[name] = {
             **win_row(samples, reference),
             "kl_to_sft": report[name]["kl_to_sft"],
@@ -336,13 +288,10 @@ def findings(table: Sequence[Mapping], per_seed: Mapping[int, Mapping], spearman
 # --------------------------------------------------------------------------------------------------------
 
 
-def run_seed(
-    task, seed: int, seed_dir: Path, pipeline: Sequence[str], ev: Mapping[str, int], quark_user
-) -> dict:
-    """One seed: the pipeline and the quark runs (step 1), the judging (step 2); writes SEED_DIR/seed.json."""
+def run_seed(task, seed: int, seed_dir: Path, pipeline: Sequence[str], ev: Mapping[str, int]) -> dict:
+    """One seed: the pipeline (step 1), the judging (step 2); writes SEED_DIR/seed.json."""
     from rlhflab.core.io import atomic_write_text
     from rlhflab.pipeline import run_pipeline
-    from rlhflab.stages.quark import train as train_quark
 
     run_pipeline(
         task=task.name,
@@ -352,9 +301,6 @@ def run_seed(
         overwrite=True,
         methods=list(PIPELINE_METHODS),
     )
-    for name, cfg in quark_configs(seed_dir, seed, quark_user).items():
-        print(f"== {NAME}: {TITLES[name]} (rlhflab quark)")
-        train_quark(cfg, overwrite=True)
     print(f"== {NAME}: judging every policy against the reference on {ev['prompts']} held-out prompts")
     rows = judge_seed(task, seed_dir, seed, ev)
     atomic_write_text(seed_dir / "seed.json", json.dumps(rows, indent=2) + "\n")
@@ -372,18 +318,12 @@ def run(
 ) -> Path:
     """Run the experiment; returns the path of report.html. With `resume`, seeds whose seed.json exists are
     read back, not run again."""
-    from rlhflab.config import parse_overrides
     from rlhflab.lab.tasks import get_task
     from rlhflab.pipeline import _configs, _section, _user_sections
 
     t0 = time.time()
     task_obj = get_task(task or TASK)
     pipeline, ev = user_sections(overrides)
-    is_quark = [
-        o.startswith(tuple(f"{n}." for n in QUARK_RUNS)) for o in pipeline
-    ]  # quark./reward_conditioning.
-    quark_user = parse_overrides([o for o, q in zip(pipeline, is_quark) if q])
-    pipeline = [o for o, q in zip(pipeline, is_quark) if not q]
     user = _user_sections(None, [*PIPELINE_EVAL, *pipeline])
     unused = [k for k in user if k not in (*PIPELINE_METHODS, "data", "eval", "annotators")]
     if unused:
@@ -394,7 +334,6 @@ def run(
         _configs(
             list(PIPELINE_METHODS), seed_dir / "run", seed, task_obj.name, user, data, _section(user, "eval")
         )
-        quark_configs(seed_dir, seed, quark_user)
     out = prepare_run_dir(output_dir, "experiment", resume=resume, overwrite=overwrite)
     results: dict[int, dict] = {}
     for i, seed in enumerate(seeds, 1):
@@ -403,7 +342,7 @@ def run(
             results[seed] = json.loads((seed_dir / "seed.json").read_text())
             continue
         print(f"== {NAME}: seed {seed} ({i}/{len(seeds)})")
-        results[seed] = run_seed(task_obj, seed, seed_dir, pipeline, ev, quark_user)
+        results[seed] = run_seed(task_obj, seed, seed_dir, pipeline, ev)
     table = [row for seed in seeds for row in seed_rows(seed, results[seed])]
     per_seed = {
         seed: {

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,30 +44,11 @@ from rlhflab.lab.annotators import AnnotatorPool
 from rlhflab.lab.gold import gold_components
 from rlhflab.lab.tasks import LabTask, chat_prompt, get_task, prompt_text
 from rlhflab.losses.logprobs import entropy_from_logits, gather_logprobs
+from rlhflab.models.control_tokens import Conditioning, condition_prompts
+from rlhflab.models.control_tokens import conditioning_of as conditioning_of
 from rlhflab.rollout.generate import Rollout, SamplingSettings, encode_prompts, generate
 
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """How a policy trained behind control tokens is sampled (Quark, Lu et al. 2022; AlpacaFarm's reward
-    conditioning): `token_id` first in every prompt (after a BOS), `blocked_ids` (every control token) never
-    sampled in a response. A reference model, which has no such tokens, scores the responses behind the plain
-    prompt, so the KL is KL(policy(. | token, x) || ref(. | x)): what the policy moved from the reference."""
-
-    token_id: int
-    blocked_ids: tuple[int, ...]
-
-
-def conditioning_of(model_dir: str | Path) -> Conditioning | None:
-    """The `Conditioning` of a model saved by `rlhflab quark` (its best reward token), None for any other."""
-    from rlhflab.stages.quark import TOKENS_FILE, read_control_tokens
-
-    if not (Path(model_dir) / TOKENS_FILE).is_file():
-        return None
-    tokens = read_control_tokens(model_dir)
-    return Conditioning(tokens.best_id, tuple(tokens.ids))
 
 
 @dataclass
@@ -103,11 +83,7 @@ def sample_policy(
         raise ConfigError("sample_policy needs at least one prompt and n_samples >= 1")
     settings = settings or SamplingSettings(max_new_tokens=task.max_new_tokens)
     chats = [chat_prompt(p) for p in prompts for _ in range(n_samples)]
-    if conditioning is not None:
-        from rlhflab.stages.quark import conditioned_prompt_ids
-
-        chats = [conditioned_prompt_ids(tokenizer, c, conditioning.token_id) for c in chats]
-        settings = replace(settings, suppress_token_ids=conditioning.blocked_ids)
+    chats, settings = condition_prompts(conditioning, tokenizer, chats, settings)
     rollout = generate(model, tokenizer, chats, settings, batch_size=batch_size, seed=seed)
     return score_responses(
         task,

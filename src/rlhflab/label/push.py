@@ -26,23 +26,30 @@ def sample_items(
     retries: int = 3,
     batch_size: int = 64,
 ) -> tuple[list[dict[str, Any]], int]:
-    """(items {"prompt", "responses" [k], "meta"}, prompts left out) sampled from the policy in `policy`."""
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+    """(items {"prompt", "responses" [k], "meta"}, prompts left out) sampled from the policy in `policy` (a model
+    or LoRA adapter directory; a quark model samples behind its best reward token, as evaluation does)."""
+    from rlhflab.models.control_tokens import condition_prompts, conditioning_of
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
     from rlhflab.rollout.generate import generate
 
-    model = load_causal_lm(policy)
+    model = load_inference_lm(policy)
     tokenizer = load_tokenizer(policy)
+    conditioning = conditioning_of(policy)
     responses: dict[int, list[str]] = {}
     todo = list(range(len(prompts)))
     for attempt in range(retries + 1):
         if not todo:
             break
-        repeated = [prompts[i] for i in todo for _ in range(k)]
-        rollout = generate(model, tokenizer, repeated, settings, batch_size=batch_size, seed=seed + attempt)
+        repeated, sampling = condition_prompts(
+            conditioning, tokenizer, [prompts[i] for i in todo for _ in range(k)], settings
+        )
+        rollout = generate(model, tokenizer, repeated, sampling, batch_size=batch_size, seed=seed + attempt)
         for j, i in enumerate(todo):
             responses[i] = rollout.texts[j * k : (j + 1) * k]
         todo = [i for i in todo if not _usable(responses[i])]
     meta = {"policy": str(policy), "seed": seed, "temperature": settings.temperature}
+    if conditioning is not None:
+        meta["control_token"] = tokenizer.decode([conditioning.token_id])
     items = [
         {"prompt": prompts[i], "responses": responses[i], "meta": meta}
         for i in range(len(prompts))

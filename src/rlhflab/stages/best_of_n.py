@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -254,14 +254,13 @@ def sample_to_file(
 def _control_token_prompts(path, tokenizer, prompts: list, settings: SamplingSettings | None, log):
     """(prompts to sample from, settings): a Quark model (`rlhflab quark`, its quark.json) samples behind its best
     reward token and never writes a control token in a response; any other model: (None, settings)."""
-    from rlhflab.stages.control_tokens import TOKENS_FILE, best_token_prompts, read_control_tokens
+    from rlhflab.models.control_tokens import condition_prompts, conditioning_of
 
-    if not (Path(path) / TOKENS_FILE).is_file():
+    conditioning = conditioning_of(path)
+    if conditioning is None:
         return None, settings
-    tokens = read_control_tokens(path)
-    log(f"best-of-n: a quark model: sampling behind its best token {tokens.tokens[-1]}")
-    settings = replace(settings or SamplingSettings(), suppress_token_ids=tuple(tokens.ids))
-    return best_token_prompts(path, prompts, tokenizer=tokenizer), settings
+    log(f"best-of-n: a quark model: sampling behind its best token {tokenizer.decode([conditioning.token_id])}")
+    return condition_prompts(conditioning, tokenizer, prompts, settings or SamplingSettings())
 
 
 def _rule_classifiers(path: str, device):

@@ -59,6 +59,16 @@ from rlhflab.data.tokenize import encode_prompt, encode_response, fit_lengths
 from rlhflab.errors import ConfigError, UserError
 from rlhflab.losses.quark import quark_loss, reward_quantiles
 from rlhflab.models.backbone import backbone_and_head, hidden_to_logits, position_ids_from_mask
+
+# The control tokens live in `control_tokens` (best-of-n and the evaluation sample behind them too); re-exported.
+from rlhflab.models.control_tokens import TOKEN_FORMAT as TOKEN_FORMAT
+from rlhflab.models.control_tokens import TOKENS_FILE as TOKENS_FILE
+from rlhflab.models.control_tokens import ControlTokens as ControlTokens
+from rlhflab.models.control_tokens import add_control_tokens as add_control_tokens
+from rlhflab.models.control_tokens import best_token_prompts as best_token_prompts
+from rlhflab.models.control_tokens import conditioned_prompt_ids as conditioned_prompt_ids
+from rlhflab.models.control_tokens import read_control_tokens as read_control_tokens
+from rlhflab.models.control_tokens import with_token as with_token
 from rlhflab.models.loading import (
     atomic_output_dir,
     is_peft_model,
@@ -82,16 +92,6 @@ from rlhflab.stages.common import (
     snapshot_dir,
     write_jsonl_atomic,
 )
-
-# The control tokens live in `control_tokens` (best-of-n and the evaluation sample behind them too); re-exported.
-from rlhflab.stages.control_tokens import TOKEN_FORMAT as TOKEN_FORMAT
-from rlhflab.stages.control_tokens import TOKENS_FILE as TOKENS_FILE
-from rlhflab.stages.control_tokens import ControlTokens as ControlTokens
-from rlhflab.stages.control_tokens import add_control_tokens as add_control_tokens
-from rlhflab.stages.control_tokens import best_token_prompts as best_token_prompts
-from rlhflab.stages.control_tokens import conditioned_prompt_ids as conditioned_prompt_ids
-from rlhflab.stages.control_tokens import read_control_tokens as read_control_tokens
-from rlhflab.stages.control_tokens import with_token as with_token
 from rlhflab.stages.data_source import require_train_path
 from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
 from rlhflab.stages.rejection_sampling import EVAL_SEED, SAMPLE_BATCH, round_prompt_ids

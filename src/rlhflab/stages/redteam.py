@@ -38,6 +38,7 @@ import torch
 
 from rlhflab.errors import ConfigError, UserError
 from rlhflab.eval import metrics as M
+from rlhflab.models.control_tokens import condition_prompts
 from rlhflab.rollout.generate import SamplingSettings, generate
 
 METHODS = ("zero-shot", "few-shot", "rl")
@@ -140,23 +141,30 @@ class LMSampler:
     """`sampler(texts, seed) -> one sampled continuation per text`, from an HF causal LM; each text is sent as
     `as_prompt` renders it. The red LM and the target are both samplers; tests pass any such callable."""
 
-    def __init__(self, model, tokenizer, settings: SamplingSettings, *, batch_size: int = 64):
+    def __init__(
+        self, model, tokenizer, settings: SamplingSettings, *, batch_size: int = 64, conditioning=None
+    ):
         self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
+        self.conditioning = conditioning  # a quark model's `Conditioning`: sampled behind its best token
 
     @classmethod
     def from_pretrained(
         cls, path: str, max_new_tokens: int, temperature: float, device, batch_size: int = 64
     ):
-        from rlhflab.models.loading import load_causal_lm, load_tokenizer
+        from rlhflab.models.control_tokens import conditioning_of
+        from rlhflab.models.loading import load_inference_lm, load_tokenizer
 
         settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
-        model = load_causal_lm(path, device=str(device)).eval().requires_grad_(False)
-        return cls(model, load_tokenizer(path), settings, batch_size=batch_size)
+        model = load_inference_lm(path, device=str(device))
+        tokenizer = load_tokenizer(path)
+        return cls(model, tokenizer, settings, batch_size=batch_size, conditioning=conditioning_of(path))
 
     def __call__(self, texts: Sequence[str], seed: int) -> list[str]:
-        prompts = [as_prompt(self.tokenizer, t) for t in texts]
+        prompts, settings = condition_prompts(
+            self.conditioning, self.tokenizer, [as_prompt(self.tokenizer, t) for t in texts], self.settings
+        )
         return generate(
-            self.model, self.tokenizer, prompts, self.settings, batch_size=self.batch_size, seed=seed
+            self.model, self.tokenizer, prompts, settings, batch_size=self.batch_size, seed=seed
         ).texts
 
 

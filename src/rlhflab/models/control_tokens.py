@@ -1,12 +1,13 @@
 """Control tokens: one new special token per reward level in front of a prompt (Quark, Lu et al. 2022; binary
 reward conditioning, Dubois et al. 2023; control codes, Keskar et al. 2019). `rlhflab quark` adds and trains them;
-sampling a model behind its best token (`best_token_prompts`) is what evaluation and best-of-n do with it."""
+everything that samples a model (evaluation, best-of-n, `label push`, red teaming) asks `conditioning_of(dir)` and
+samples a quark model behind its best token (`condition_prompts`), with every control token blocked in responses."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,3 +108,37 @@ def best_token_prompts(model_dir: str | Path, prompts: list, *, tokenizer=None, 
     tokens = read_control_tokens(model_dir)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     return [conditioned_prompt_ids(tokenizer, p, tokens.best_id, max_prompt_length) for p in prompts]
+
+
+# ---- sampling a quark model ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How a policy trained behind control tokens is sampled: `token_id` first in every prompt (after a BOS),
+    `blocked_ids` (every control token) never sampled in a response. A reference model, which has no such tokens,
+    scores the responses behind the plain prompt, so a KL is KL(policy(. | token, x) || ref(. | x)): what the
+    policy moved from the reference."""
+
+    token_id: int
+    blocked_ids: tuple[int, ...]
+
+
+def conditioning_of(model_dir: str | Path) -> Conditioning | None:
+    """The `Conditioning` of a model saved by `rlhflab quark` (its best reward token), None for any other (a LoRA
+    adapter directory, a Hub name: no quark.json)."""
+    if not (Path(model_dir) / TOKENS_FILE).is_file():
+        return None
+    tokens = read_control_tokens(model_dir)
+    return Conditioning(tokens.best_id, tuple(tokens.ids))
+
+
+def condition_prompts(conditioning: Conditioning | None, tokenizer, prompts: list, settings):
+    """(prompts, sampling settings) to pass to `rlhflab.rollout.generate`: with a conditioning, each prompt (text
+    or chat messages) as token ids behind the token and the settings with every control token suppressed (a
+    control token belongs in front of a prompt, never in a response); without one, both as they are. Score the
+    responses against the original prompts: a reward never sees the token."""
+    if conditioning is None:
+        return list(prompts), settings
+    ids = [conditioned_prompt_ids(tokenizer, p, conditioning.token_id) for p in prompts]
+    return ids, replace(settings, suppress_token_ids=conditioning.blocked_ids)
