@@ -113,6 +113,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     from rlhflab.experiments import EXPERIMENTS
 
+    if args.name == "list":
+        for name, (path, _) in EXPERIMENTS.items():
+            module = importlib.import_module(path)
+            print(f"{name}\n  claim:  {module.CLAIM}\n  source: {module.SOURCE}")
+        return 0
     module = importlib.import_module(EXPERIMENTS[args.name][0])
     extra = {}
     if args.judge:
@@ -141,7 +146,11 @@ def _add_experiment(sub) -> None:
         description="Experiments: "
         + "; ".join(f"{name}: {help_text}" for name, (_, help_text) in EXPERIMENTS.items()),
     )
-    p.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
+    p.add_argument(
+        "name",
+        choices=["list", *EXPERIMENTS],
+        help="which experiment; list: every experiment's claim and source",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each a full run")
     p.add_argument("--output-dir", default=None, help="where the runs and result.json go (runs/NAME)")
     p.add_argument(

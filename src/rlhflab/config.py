@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -304,11 +305,14 @@ class HeadSpec:
 
 @dataclass
 class RewardAlgo:
-    loss: Literal["bradley_terry", "plackett_luce", "all_pairs", "binary"] = "bradley_terry"
+    loss: Literal["bradley_terry", "plackett_luce", "all_pairs", "binary", "step"] = "bradley_terry"
     """Pairwise Bradley-Terry on pairwise data (with optional margins); or, on K-wise rankings, Plackett-Luce
     or InstructGPT's mean over all K-choose-2 pairs. Tied responses: all_pairs skips tied pairs; Plackett-Luce
     sums the likelihood over every order of the tied responses. binary: a classifier of single responses on
-    unpaired data (prompt, completion, label), e.g. Sparrow's rule-violation models, one head per rule."""
+    unpaired data (prompt, completion, label), e.g. Sparrow's rule-violation models, one head per rule, or an
+    outcome reward model (label = the final answer is right). step: a process reward model (Lightman et al.
+    2023), a classifier of each step read at the step's last token, on stepwise data (prompt, completions = the
+    steps, labels = one bool per step; TRL's stepwise-supervision format); see data.step_separator."""
     margin: Literal["none", "data", "small", "large"] = "none"
     """Llama 2 margin m in -log sigmoid(r_c - r_r - m): none; the record's numeric `margin` (0 where absent);
     or the small/large table (Table 27) applied to the record's `rating`. bradley_terry only."""
@@ -324,7 +328,8 @@ class RewardAlgo:
     rewards centred near 0 (Eisenstein et al. 2023; the same scale as TRL's center_rewards_coefficient)."""
     normalization_samples: int = 1024
     """After training, score up to this many training responses and store their per-head mean/std in the
-    model, so reward sources can whiten rewards (Llama 2); 0 skips it."""
+    model, so reward sources can whiten rewards (Llama 2); 0 skips it. With algo.loss=step: the mean/std of each
+    solution-level score (the product and the minimum of its step probabilities), stored beside the model."""
     share_prompt: bool = True
     """Run each example's prompt once for all its responses: one row prompt, response 1, ..., response K,
     where each response attends only to the prompt and itself (same rewards up to float rounding, fewer
@@ -348,6 +353,16 @@ class RewardAlgo:
             self.label_smoothing == 0 or self.loss != "binary",
             "algo.label_smoothing",
             "is for preference losses; algo.loss=binary reads each label as given: set it to 0",
+        )
+        _require(
+            self.label_smoothing == 0 or self.loss != "step",
+            "algo.label_smoothing",
+            "is for preference losses; algo.loss=step reads each step's label as given: set it to 0",
+        )
+        _require(
+            self.center_rewards_coef == 0 or self.loss != "step",
+            "algo.center_rewards_coef",
+            "centres a response's reward; algo.loss=step scores every step and has no such term: set it to 0",
         )
         _require(
             self.label_smoothing == 0 or self.loss != "plackett_luce",
@@ -548,6 +563,10 @@ class SamplingSection:
         _require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
 
 
+# algo.uwo_coef's default, so a value set with another reward_combine than ensemble_uwo is refused.
+_UWO_COEF_DEFAULT = 0.5
+
+
 @dataclass
 class RewardSourcesSection:
     """The reward source(s) an on-policy method optimizes (PPO, RLOO, GRPO): shared fields and checks."""
@@ -558,10 +577,18 @@ class RewardSourcesSection:
     reward_combine. On the command line: SPEC,SPEC (a spec holding ',' needs the YAML list form)."""
     reward_weights: list[float] = field(default_factory=list)
     """weighted_sum: one weight per reward source; empty means all 1."""
-    reward_combine: Literal["weighted_sum", "llama2_gate"] = "weighted_sum"
+    reward_combine: Literal[
+        "weighted_sum", "llama2_gate", "ensemble_mean", "ensemble_min", "ensemble_uwo"
+    ] = "weighted_sum"
     """How several reward sources combine: weighted_sum (reward_weights); or llama2_gate, exactly two sources
     (helpfulness, safety; e.g. 'RM:head=helpfulness,RM:head=safety'): R = WHITEN(LOGIT(R_s if the prompt is
-    flagged or sigmoid(R_s) < safety_threshold else R_h)), Llama 2 Sec. 3.2.3."""
+    flagged or sigmoid(R_s) < safety_threshold else R_h)), Llama 2 Sec. 3.2.3; or an ensemble of two or more
+    reward models (Coste et al. 2024): ensemble_mean, their mean; ensemble_min, the worst case (WCO);
+    ensemble_uwo, the mean minus uwo_coef x their variance (UWO). Give ensemble members on one scale, e.g.
+    'RM1:normalize=true,RM2:normalize=true' (a Bradley-Terry reward's offset is arbitrary)."""
+    uwo_coef: float = _UWO_COEF_DEFAULT
+    """ensemble_uwo: lambda, the weight of the variance over the members subtracted from their mean (>= 0; 0 is
+    ensemble_mean)."""
     safety_threshold: float = 0.15
     """llama2_gate: below this sigmoid(safety score), the safety reward scores the response (Llama 2: 0.15)."""
     unsafe_prompt_pattern: str = ""
@@ -592,6 +619,24 @@ class RewardSourcesSection:
             "algo.reward_model",
             f"must name exactly two sources (helpfulness, safety) for algo.reward_combine=llama2_gate, got "
             f"{len(self.reward_model)}",
+        )
+        ensemble = self.reward_combine.startswith("ensemble_")
+        _require(
+            not ensemble or len(self.reward_model) != 1,
+            "algo.reward_model",
+            f"names one source, but algo.reward_combine={self.reward_combine} aggregates an ensemble; name two or "
+            "more reward models (SPEC,SPEC,...) or use reward_combine=weighted_sum",
+        )
+        _require(
+            math.isfinite(self.uwo_coef) and self.uwo_coef >= 0,
+            "algo.uwo_coef",
+            f"must be a finite number >= 0, got {self.uwo_coef}",
+        )
+        _require(
+            self.reward_combine == "ensemble_uwo" or self.uwo_coef == _UWO_COEF_DEFAULT,
+            "algo.uwo_coef",
+            f"applies to algo.reward_combine=ensemble_uwo only, not {self.reward_combine}; set that or leave "
+            "uwo_coef out",
         )
         _require(
             self.reward_combine == "llama2_gate" or not self.unsafe_prompt_pattern,
@@ -1119,13 +1164,21 @@ class SFTConfig:
 
 
 @dataclass
+class RewardDataSection(DataSection):
+    step_separator: str = "\n"
+    """algo.loss=step only: the text after each step (TRL's step_separator). Training reads each step's verdict at
+    the last token of step + separator; scoring a new response splits it at this text into its steps, so it
+    must be how the policy separates steps (e.g. ' , ' for the lab's arith task)."""
+
+
+@dataclass
 class RewardConfig:
-    """Reward model training from pairwise comparisons or K-wise rankings."""
+    """Reward model training from pairwise comparisons, K-wise rankings, labelled responses or labelled steps."""
 
     seed: int = 0
     """Seeds Python, NumPy and torch, and the data order."""
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: RewardDataSection = field(default_factory=RewardDataSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=16, epochs=1))
     logging: EvalLoggingSection = field(default_factory=EvalLoggingSection)
     algo: RewardAlgo = field(default_factory=RewardAlgo)
@@ -1136,6 +1189,17 @@ class RewardConfig:
             "data.train_path",
             "is set but every head in algo.heads names its own data file, so it would be ignored; leave it "
             "empty or drop a head's file",
+        )
+        _require(
+            self.data.step_separator == "\n" or self.algo.loss == "step",
+            "data.step_separator",
+            f"is read only by algo.loss=step (a process reward model), got algo.loss={self.algo.loss}; drop it",
+        )
+        _require(
+            bool(self.data.step_separator) or self.algo.loss != "step",
+            "data.step_separator",
+            "is empty: scoring splits a response into its steps at this text, so it needs some; use e.g. '\\n' "
+            "or ' , '",
         )
 
 

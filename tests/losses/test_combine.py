@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from rlhflab.errors import ConfigError
-from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
+from rlhflab.losses.combine import (
+    ENSEMBLE_AGGREGATIONS,
+    ensemble_mean,
+    ensemble_min,
+    ensemble_uwo,
+    llama2_safety_gate,
+    sparrow_rerank,
+    weighted_sum,
+)
 
 F64 = torch.float64
 
@@ -61,3 +69,68 @@ def test_sparrow_rerank_by_hand():
     torch.testing.assert_close(out.rewards, t([[0.438635, 0.134471, 0.0]]), atol=1e-6, rtol=0)
     expected = math.exp(1) / (math.exp(1) + math.exp(0)) * math.sqrt(0.9 * 0.4)
     assert out.rewards[0, 0].item() == pytest.approx(expected)
+
+
+# ---- reward-model ensembles (Coste et al. 2024) ----------------------------------------------------------
+
+# K = 3 members (rows) scoring B = 3 responses (columns).
+MEMBERS = [[1.0, 4.0, 0.0], [3.0, 2.0, 0.0], [2.0, 0.0, 0.0]]
+
+
+def test_ensemble_aggregations_by_hand():
+    """Columns (1, 3, 2), (4, 2, 0), (0, 0, 0).
+
+    mean: 6/3 = 2, 6/3 = 2, 0.  min (WCO): 1, 0, 0.
+    variance (1/K): column 0 deviations (-1, 1, 0) -> (1 + 1 + 0) / 3 = 2/3; column 1 (2, 0, -2) -> 8/3; column 2 0.
+    UWO, lambda = 0.5: 2 - 1/3 = 5/3, 2 - 4/3 = 2/3, 0. The first two responses have the same mean; WCO and UWO
+    both prefer the one the members agree on (column 0).
+    """
+    r = t(MEMBERS)
+    torch.testing.assert_close(ensemble_mean(r), t([2.0, 2.0, 0.0]))
+    torch.testing.assert_close(ensemble_min(r), t([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(ensemble_uwo(r, 0.5), t([5.0 / 3.0, 2.0 / 3.0, 0.0]))
+    torch.testing.assert_close(ensemble_uwo(r, 1.5), t([2.0 - 1.0, 2.0 - 4.0, 0.0]))  # 1.5 * 2/3, 1.5 * 8/3
+    assert {"mean": ensemble_mean, "min": ensemble_min, "uwo": ensemble_uwo} == ENSEMBLE_AGGREGATIONS
+
+
+def test_ensemble_invariants():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 7, generator=g, dtype=F64)
+    # One member: every aggregation is that member.
+    one = r[:1]
+    for aggregate in (ensemble_mean, ensemble_min, lambda x: ensemble_uwo(x, 3.0)):
+        torch.testing.assert_close(aggregate(one), r[0])
+    torch.testing.assert_close(ensemble_uwo(r, 0.0), ensemble_mean(r))  # lambda = 0: the mean
+    assert (ensemble_min(r) <= ensemble_mean(r)).all()  # the worst case never exceeds the mean
+    assert (ensemble_uwo(r, 0.7) <= ensemble_mean(r)).all()  # a variance is >= 0
+    # Members that agree exactly: WCO = UWO = mean.
+    same = r[:1].expand(4, -1)
+    torch.testing.assert_close(ensemble_min(same), ensemble_mean(same))
+    torch.testing.assert_close(ensemble_uwo(same, 2.0), ensemble_mean(same))
+    # A shift of every member shifts each aggregation by the same amount (the variance does not move).
+    for aggregate in (ensemble_mean, ensemble_min, lambda x: ensemble_uwo(x, 0.5)):
+        torch.testing.assert_close(aggregate(r + 3.0), aggregate(r) + 3.0)
+    # UWO's variance is the population one (1/K), as in the paper, not torch.var's unbiased 1/(K-1).
+    torch.testing.assert_close(ensemble_mean(r) - ensemble_uwo(r, 1.0), r.var(dim=0, unbiased=False))
+
+
+def test_ensemble_gradients():
+    r = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(ensemble_mean, (r,))
+    assert torch.autograd.gradcheck(lambda x: ensemble_uwo(x, 0.5), (r,))
+    assert torch.autograd.gradcheck(ensemble_min, (r,))  # distinct members: the minimum is differentiable
+    # WCO's gradient flows to the lowest member only.
+    x = t([[1.0, 4.0, 0.0], [3.0, 2.0, -1.0], [2.0, 0.0, 5.0]]).requires_grad_(True)
+    ensemble_min(x).sum().backward()  # minima: row 0 of column 0, row 2 of column 1, row 1 of column 2
+    assert x.grad.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+
+
+def test_ensemble_bad_input():
+    with pytest.raises(ValueError, match=r"\[K, B\]"):
+        ensemble_mean(t([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"\[K, B\]"):
+        ensemble_min(torch.zeros(0, 3, dtype=F64))
+    with pytest.raises(ValueError, match="lambda must be a finite number >= 0"):
+        ensemble_uwo(t(MEMBERS), -0.1)
+    with pytest.raises(ValueError, match="lambda must be a finite number >= 0"):
+        ensemble_uwo(t(MEMBERS), float("nan"))

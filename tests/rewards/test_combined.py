@@ -89,3 +89,47 @@ def test_component_names_stay_unique():
     combined = CombinedReward.weighted_sum([a, b], name="length")
     assert list(combined.components(["p"], ["x y"])) == ["length_source", "length_1", "length"]
     assert combined.describe()["weights"] == [1.0, 1.0]
+
+
+def test_ensemble_modes_by_hand():
+    """Three members score two responses: x -> (1, 3, 2), y -> (4, 2, 0) (the columns of
+    tests/losses/test_combine.py). mean [2, 2]; min (WCO) [1, 0]; variance (1/K) [2/3, 8/3], so UWO with
+    lambda 0.5 is [2 - 1/3, 2 - 4/3] = [5/3, 2/3]. Each mode is the pure function of the stacked member scores."""
+    from rlhflab.losses.combine import ensemble_mean, ensemble_min, ensemble_uwo
+
+    members = [
+        Fixed({"x": 1.0, "y": 4.0}, "rm"),
+        Fixed({"x": 3.0, "y": 2.0}, "rm"),
+        Fixed({"x": 2.0, "y": 0.0}, "rm"),
+    ]
+    stacked = torch.tensor([[1.0, 4.0], [3.0, 2.0], [2.0, 0.0]])
+    prompts, responses = ["p", "q"], ["x", "y"]
+    mean = CombinedReward.ensemble(members, "mean")
+    parts = mean.components(prompts, responses)
+    assert list(parts) == ["rm", "rm_1", "rm_2", "ensemble_mean"]  # every member's own scores, for logging
+    torch.testing.assert_close(parts["ensemble_mean"], torch.tensor([2.0, 2.0]))
+    wco = CombinedReward.ensemble(members, "min").score(prompts, responses)
+    torch.testing.assert_close(wco, torch.tensor([1.0, 0.0]))
+    uwo = CombinedReward(members, "ensemble_uwo", uwo_coef=0.5)
+    torch.testing.assert_close(uwo.score(prompts, responses), torch.tensor([5.0 / 3.0, 2.0 / 3.0]))
+    torch.testing.assert_close(wco, ensemble_min(stacked))
+    torch.testing.assert_close(mean.score(prompts, responses), ensemble_mean(stacked))
+    torch.testing.assert_close(uwo.score(prompts, responses), ensemble_uwo(stacked, 0.5))
+    assert uwo.describe()["uwo_coef"] == 0.5 and uwo.describe()["mode"] == "ensemble_uwo"
+
+
+def test_ensemble_modes_refuse_what_they_cannot_use():
+    one = [Fixed({"x": 1.0}, "rm")]
+    two = [*one, Fixed({"x": 2.0}, "rm")]
+    with pytest.raises(ConfigError, match="needs at least two members"):
+        CombinedReward.ensemble(one, "min")
+    with pytest.raises(ConfigError, match="needs uwo_coef"):
+        CombinedReward(two, "ensemble_uwo")
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        CombinedReward(two, "ensemble_uwo", uwo_coef=-1.0)
+    with pytest.raises(ConfigError, match="uwo_coef applies to mode 'ensemble_uwo' only"):
+        CombinedReward(two, "ensemble_mean", uwo_coef=0.5)
+    with pytest.raises(ConfigError, match="weights apply to mode 'weighted_sum' only"):
+        CombinedReward(two, "ensemble_mean", weights=[1.0, 1.0])
+    with pytest.raises(ConfigError, match="unknown reward combination 'ensemble_max'"):
+        CombinedReward.ensemble(two, "max")

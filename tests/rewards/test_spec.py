@@ -165,3 +165,98 @@ def test_ppo_config_checks_the_reward_combination():
         load_config("ppo", None, ["algo.reward_combine=llama2_gate", "algo.unsafe_prompt_pattern=(unclosed"])
     with pytest.raises(ConfigError, match="algo.safety_threshold must be in"):
         load_config("ppo", None, ["algo.safety_threshold=1.5"])
+
+
+# Three rule "members": -0.5, -1 and -2 per word. "a b" (2 words) -> (-1, -2, -4); "a b c d" -> (-2, -4, -8).
+MEMBER_SPECS = "rule:length:coef=0.5,rule:length:coef=1,rule:length:coef=2"
+
+
+def _members_by_hand():
+    return torch.tensor([[-1.0, -2.0], [-2.0, -4.0], [-4.0, -8.0]])
+
+
+def test_ensemble_from_specs_by_hand():
+    """mean [-7/3, -14/3]; min (WCO) [-4, -8]; variance (1/K): "a b" deviations (4/3, 1/3, -5/3) -> 42/27 = 14/9,
+    "a b c d" four times that, 56/9; UWO with lambda 0.5: [-7/3 - 7/9, -14/3 - 28/9] = [-28/9, -70/9]."""
+    from rlhflab.losses.combine import ensemble_mean, ensemble_min, ensemble_uwo
+
+    prompts, responses = ["p", "p"], ["a b", "a b c d"]
+    expected = {
+        "ensemble_mean": torch.tensor([-7.0 / 3.0, -14.0 / 3.0]),
+        "ensemble_min": torch.tensor([-4.0, -8.0]),
+        "ensemble_uwo": torch.tensor([-28.0 / 9.0, -70.0 / 9.0]),
+    }
+    pure = {
+        "ensemble_mean": ensemble_mean(_members_by_hand()),
+        "ensemble_min": ensemble_min(_members_by_hand()),
+        "ensemble_uwo": ensemble_uwo(_members_by_hand(), 0.5),
+    }
+    for mode, value in expected.items():
+        reward = load_rewards(MEMBER_SPECS, combine=mode, uwo_coef=0.5 if mode == "ensemble_uwo" else None)
+        assert isinstance(reward, CombinedReward) and reward.mode == mode
+        torch.testing.assert_close(reward.score(prompts, responses), value)
+        torch.testing.assert_close(reward.score(prompts, responses), pure[mode])
+    with pytest.raises(UserError, match="needs at least two members"):
+        load_rewards("rule:length", combine="ensemble_min")
+    with pytest.raises(UserError, match="needs uwo_coef"):
+        load_rewards(MEMBER_SPECS, combine="ensemble_uwo")
+    with pytest.raises(UserError, match="reward weights apply to weighted_sum"):
+        load_rewards(MEMBER_SPECS, combine="ensemble_mean", weights="1,1,1")
+    with pytest.raises(UserError, match="uwo_coef applies to combine='ensemble_uwo' only"):
+        load_rewards(MEMBER_SPECS, combine="llama2_gate", uwo_coef=0.5)
+
+
+def test_ensemble_of_learned_members(run_dir):
+    """Reward models as members, whitened with their stored statistics: the ensemble's score is the pure
+    function of the members' own scores."""
+    from rlhflab.losses.combine import ensemble_min
+
+    specs = [f"{run_dir}:head=helpful:normalize=true", f"{run_dir}:head=safe:normalize=true"]
+    reward = load_rewards(specs, combine="ensemble_min")
+    prompts, responses = ["the cat", "the dog"], ["is good", "sat on the mat"]
+    members = torch.stack([load_reward(s).score(prompts, responses) for s in specs])
+    torch.testing.assert_close(reward.score(prompts, responses), ensemble_min(members))
+
+
+@pytest.mark.parametrize("stage", ["ppo", "rloo", "quark"])
+def test_stage_config_builds_the_ensemble(stage):
+    """The reward a stage builds from algo.reward_model + algo.reward_combine (+ algo.uwo_coef) is the pure
+    function's output on a batch."""
+    from rlhflab.config import load_config
+    from rlhflab.losses.combine import ensemble_min, ensemble_uwo
+    from rlhflab.stages.on_policy import load_reward as stage_reward
+
+    prompts, responses = ["p", "p"], ["a b", "a b c d"]
+    common = [f"algo.reward_model={MEMBER_SPECS}"]
+    cfg = load_config(stage, None, [*common, "algo.reward_combine=ensemble_uwo", "algo.uwo_coef=2"])
+    got = stage_reward(cfg.algo, torch.device("cpu")).score(prompts, responses)
+    torch.testing.assert_close(got, ensemble_uwo(_members_by_hand(), 2.0))
+    cfg = load_config(stage, None, [*common, "algo.reward_combine=ensemble_min"])
+    got = stage_reward(cfg.algo, torch.device("cpu")).score(prompts, responses)
+    torch.testing.assert_close(got, ensemble_min(_members_by_hand()))
+
+
+def test_config_checks_the_ensemble_keys():
+    from rlhflab.config import load_config
+    from rlhflab.errors import ConfigError
+
+    assert load_config("ppo", None, ["algo.reward_combine=ensemble_uwo"]).algo.uwo_coef == 0.5
+    with pytest.raises(ConfigError, match="algo.uwo_coef applies to algo.reward_combine=ensemble_uwo only"):
+        load_config("ppo", None, ["algo.reward_model=a,b", "algo.uwo_coef=1.0"])
+    with pytest.raises(ConfigError, match="algo.uwo_coef applies to algo.reward_combine=ensemble_uwo only"):
+        load_config("ppo", None, ["algo.reward_combine=ensemble_min", "algo.uwo_coef=1.0"])
+    with pytest.raises(ConfigError, match="algo.uwo_coef must be a finite number >= 0"):
+        load_config("ppo", None, ["algo.reward_combine=ensemble_uwo", "algo.uwo_coef=-0.5"])
+    with pytest.raises(ConfigError, match="aggregates an ensemble; name two or more"):
+        load_config("ppo", None, ["algo.reward_combine=ensemble_mean", "algo.reward_model=a"])
+    with pytest.raises(
+        ConfigError, match="algo.reward_weights apply to algo.reward_combine=weighted_sum only"
+    ):
+        load_config(
+            "ppo",
+            None,
+            ["algo.reward_combine=ensemble_min", "algo.reward_model=a,b", "algo.reward_weights=1,1"],
+        )
+    # online DPO asks the lab's annotators: an ensemble key judges nothing there.
+    with pytest.raises(ConfigError, match="algo.reward_combine is set but algo.feedback=lab"):
+        load_config("online-dpo", None, ["algo.feedback=lab", "algo.reward_combine=ensemble_mean"])

@@ -5,8 +5,9 @@
 
 Field names follow TRL: `prompt`/`completion` or `messages` (SFT); `prompt`/`chosen`/`rejected` with an
 optional `margin` or `rating` (pairwise); `prompt`/`responses` (best first) with optional `ranks` for ties
-(ranked); `prompt`/`completion`/`label` (unpaired); `prompt` (prompts). Other column names are mapped
-with `column_map={"prompt": "question"}` (our field -> your column).
+(ranked); `prompt`/`completion`/`label` (unpaired); `prompt`/`completions`/`labels` (stepwise: the steps of
+one solution and a bool per step, TRL's stepwise-supervision format); `prompt` (prompts). Other column names are
+mapped with `column_map={"prompt": "question"}` (our field -> your column).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rlhflab.data.records import (
     Record,
     RecordError,
     SFTRecord,
+    StepwiseRecord,
     UnpairedRecord,
     check_rating,
     check_text,
@@ -44,6 +46,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "ranked": ("prompt", "responses", "ranks"),
     "unpaired": ("prompt", "completion", "label"),
     "prompt": ("prompt",),
+    "stepwise": ("prompt", "completions", "labels"),
 }
 KINDS = tuple(FIELDS)
 # Column names other datasets use for our fields, offered as "did you mean" before spelling matches.
@@ -55,6 +58,8 @@ _SYNONYMS = {
     "responses": ("completions", "candidates", "ranking", "ranked_responses"),
     "messages": ("conversation", "conversations", "dialogue", "chat"),
     "label": ("desirable", "kto_label", "feedback", "thumbs_up"),
+    "completions": ("steps", "solution_steps"),
+    "labels": ("step_labels", "step_correct"),
 }
 _MAX_KEPT_ERRORS = 10
 
@@ -211,12 +216,19 @@ def _parse_prompt(r: _Row, margins: Mapping[str, float] | None) -> PromptRecord:
     return PromptRecord(r.text("prompt"))
 
 
+def _parse_stepwise(r: _Row, margins: Mapping[str, float] | None) -> StepwiseRecord:
+    steps = r.json_list("completions", r.required("completions", "(a list of step texts, in order)"))
+    labels = r.json_list("labels", r.required("labels", "(a list of true/false, one per step)"))
+    return StepwiseRecord(r.text("prompt"), steps, labels)
+
+
 _PARSERS: dict[str, Callable[[_Row, Mapping[str, float] | None], Record]] = {
     "sft": _parse_sft,
     "pairwise": _parse_pairwise,
     "ranked": _parse_ranked,
     "unpaired": _parse_unpaired,
     "prompt": _parse_prompt,
+    "stepwise": _parse_stepwise,
 }
 
 
@@ -265,7 +277,7 @@ def load_records(
     Args:
         source: a path (.jsonl, .json, .csv, .tsv, .parquet, or a `save_to_disk` directory), a
             `datasets.Dataset`/`DatasetDict`, or a list of dicts.
-        kind: "sft", "pairwise", "ranked", "unpaired" or "prompt".
+        kind: "sft", "pairwise", "ranked", "unpaired", "prompt" or "stepwise".
         split: the split of a DatasetDict (needed only when it has several).
         skip_bad: skip malformed records instead of raising on the first; they are counted in
             `n_skipped` and logged. Zero usable records is an error either way.

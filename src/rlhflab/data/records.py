@@ -303,7 +303,40 @@ class PromptRecord:
         object.__setattr__(self, "prompt", _check_prompt(self.prompt, allow_empty=False))
 
 
-Record = SFTRecord | PairwiseRecord | RankedRecord | UnpairedRecord | PromptRecord
+@dataclass(frozen=True)
+class StepwiseRecord:
+    """A solution in steps with a correctness label per step (process supervision, Lightman et al. 2023): TRL's
+    stepwise-supervision format, `prompt`, `completions` (the step texts, in order) and `labels` (one bool per
+    step, True = the step is correct)."""
+
+    prompt: Text
+    completions: list[str]
+    labels: list[bool]
+
+    def __post_init__(self):
+        prompt = _check_prompt(self.prompt)
+        steps = self.completions
+        if not isinstance(steps, (list, tuple)) or not steps or not all(isinstance(s, str) for s in steps):
+            raise RecordError(
+                f"expected a non-empty list of step texts (strings), got {_describe(steps)}",
+                field="completions",
+            )
+        empty = [i for i, s in enumerate(steps) if not s.strip()]
+        if empty:
+            raise RecordError(f"step {empty[0]} is empty; every step needs text", field="completions")
+        labels = self.labels
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(y, bool) for y in labels):
+            raise RecordError(
+                f"expected a list of true/false, one per step, got {_describe(labels)}", field="labels"
+            )
+        if len(labels) != len(steps):
+            raise RecordError(f"has {len(labels)} labels but there are {len(steps)} steps", field="labels")
+        object.__setattr__(self, "prompt", prompt)
+        object.__setattr__(self, "completions", list(steps))
+        object.__setattr__(self, "labels", list(labels))
+
+
+Record = SFTRecord | PairwiseRecord | RankedRecord | UnpairedRecord | PromptRecord | StepwiseRecord
 
 RECORD_TYPES: dict[str, type] = {
     "sft": SFTRecord,
@@ -311,6 +344,7 @@ RECORD_TYPES: dict[str, type] = {
     "ranked": RankedRecord,
     "unpaired": UnpairedRecord,
     "prompt": PromptRecord,
+    "stepwise": StepwiseRecord,
 }
 
 
@@ -335,4 +369,6 @@ def record_to_dict(record: Record) -> dict[str, Any]:
         return {"prompt": record.prompt, "completion": record.completion, "label": record.label}
     if isinstance(record, PromptRecord):
         return {"prompt": record.prompt}
+    if isinstance(record, StepwiseRecord):
+        return {"prompt": record.prompt, "completions": record.completions, "labels": record.labels}
     raise TypeError(f"not an rlhflab record: {type(record).__name__}")

@@ -10,6 +10,23 @@ from rlhflab.data.collate import collate_pairs, collate_ranked, collate_unpaired
 from rlhflab.data.packing import collate_shared_prompt
 
 
+def collate_stepwise(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` [B, T] long and `step_mask`, `step_labels` [B, T] bool of
+    `tokenize_stepwise` examples."""
+    ids = pad([e["input_ids"] for e in examples], pad_id)
+    step_mask = torch.zeros(ids.shape, dtype=torch.bool)
+    step_labels = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        step_mask[i, e["step_positions"]] = True
+        step_labels[i, e["step_positions"]] = torch.tensor(e["step_labels"], dtype=torch.bool)
+    return {
+        "input_ids": ids,
+        "attention_mask": pad([e["attention_mask"] for e in examples], 0),
+        "step_mask": step_mask,
+        "step_labels": step_labels,
+    }
+
+
 def collate_reward_batch(
     examples: Sequence[dict],
     kind: str,
@@ -25,8 +42,14 @@ def collate_reward_batch(
     shared: one row per example (prompt once, then its responses, `collate_shared_prompt`) when every
     example allows it, with `read_rows`/`read_positions` in that flat order; else one row per response.
     Ranked batches carry `num_responses` [B] and `ranks` [B, K_max] (-1 = no response).
+    stepwise: one solution per row (nothing shared), with `step_mask` [B, T] bool (True at each labelled step's
+    last token) and `step_labels` [B, T] bool (the step's label there, False elsewhere).
     """
     heads = torch.tensor([e["head"] for e in examples])
+    if kind == "stepwise":
+        batch = collate_stepwise(examples, pad_id)
+        batch["row_head"] = heads
+        return batch
     if kind == "unpaired":  # one response per example, nothing to share
         batch = collate_unpaired(examples, pad_token_id=pad_id)
         batch["row_head"] = heads

@@ -21,6 +21,7 @@ from rlhflab.data.records import (
     RankedRecord,
     Record,
     SFTRecord,
+    StepwiseRecord,
     Text,
     UnpairedRecord,
 )
@@ -281,6 +282,64 @@ def tokenize_unpaired(
     response = encode_response(record.prompt, record.completion, tokenizer, add_eos=add_eos)
     prompt_ids, (response,) = fit_lengths(prompt_ids, [response], tokenizer, max_length, max_prompt_length)
     return {**_example(prompt_ids, response), "label": record.label}
+
+
+def encode_steps(
+    prompt: Text,
+    steps: Sequence[str],
+    tokenizer: Any,
+    *,
+    separator: str,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and a solution in steps, each step followed by `separator` (TRL's PRM layout), and
+    the position of each step's last token (its separator's last one, where a process reward model reads its
+    verdict on the step). Every step is tokenized alone, so a step never shares a token with the next one.
+    Truncation as `fit_lengths`; a step cut by max_length is dropped with every later one (fewer positions
+    than steps). A step that tokenizes to nothing (with an empty separator) gets no position of its own, so it
+    is refused."""
+    prompt_ids = encode_prompt(prompt, tokenizer)
+    sep = _encode(tokenizer, separator)
+    pieces = [_encode(tokenizer, step) + sep for step in steps]
+    empty = [i for i, piece in enumerate(pieces) if not piece]
+    if empty:
+        raise ConfigError(f"step {empty[0]} ({steps[empty[0]]!r}) tokenizes to no tokens")
+    response = [t for piece in pieces for t in piece]
+    prompt_ids, (response,) = fit_lengths(prompt_ids, [response], tokenizer, max_length, max_prompt_length)
+    ends, end, total = [], len(prompt_ids) - 1, len(prompt_ids) + len(response)
+    for piece in pieces:
+        end += len(piece)
+        if end >= total:
+            break
+        ends.append(end)
+    return prompt_ids + response, ends
+
+
+def tokenize_stepwise(
+    record: StepwiseRecord,
+    tokenizer: Any,
+    *,
+    separator: str = "\n",
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> dict[str, Any]:
+    """`input_ids`, `attention_mask`, `step_positions` (each step's last token, `encode_steps`) and `step_labels`
+    (the labels of the steps that survived truncation, in order)."""
+    ids, ends = encode_steps(
+        record.prompt,
+        record.completions,
+        tokenizer,
+        separator=separator,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "step_positions": ends,
+        "step_labels": list(record.labels[: len(ends)]),
+    }
 
 
 def tokenize_prompt(

@@ -38,4 +38,33 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "PPO against RMs from noiseless and 25%-noisy annotators: does only the noisy one over-optimize "
         "(Dubois et al. 2023)",
     ),
+    "best-of-n-kl": (
+        "rlhflab.experiments.best_of_n_kl",
+        "the KL of best-of-n to its base policy, measured, against the formula log n - (n-1)/n (Stiennon et al. "
+        "2020; Beirami et al. 2024)",
+    ),
+    "overoptimization-laws": (
+        "rlhflab.experiments.overoptimization_laws",
+        "gold and proxy reward against sqrt(KL) for best-of-n and PPO, with reward models of three sizes, and "
+        "the fitted functional forms (Gao et al. 2022)",
+    ),
+    "margin": (
+        "rlhflab.experiments.margin",
+        "reward models with no, small and large Llama 2 margins: accuracy by rating bucket (Touvron et al. 2023)",
+    ),
+    "rm-init": (
+        "rlhflab.experiments.rm_init",
+        "a reward model initialized from the SFT model vs from the base model vs from scratch (Ouyang et al. "
+        "2022; Touvron et al. 2023)",
+    ),
+    "rm-ensembles": (
+        "rlhflab.experiments.rm_ensembles",
+        "reward-model ensembles (mean, worst case, uncertainty-weighted) against over-optimization with 25% "
+        "label noise (Coste et al. 2024)",
+    ),
+    "prm-vs-orm": (
+        "rlhflab.experiments.prm_vs_orm",
+        "process vs outcome reward models vs majority voting for selecting arithmetic solutions (Lightman et al. "
+        "2023; Uesato et al. 2022)",
+    ),
 }

@@ -6,8 +6,10 @@ One module per family; see docs/losses.md for every function, its formula and it
 - logprobs: gather_logprobs, sequence_logps, entropy_from_logits
 - sft: sft_nll
 - reward: bradley_terry (+ margins, label smoothing), plackett_luce, pairwise_all_pairs, the same two with
-  ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex
-- combine: llama2_safety_gate, weighted_sum, sparrow_rerank
+  ties (plackett_luce_with_ties, all_pairs_with_ties), reward_centering, regression, trex, binary_classifier,
+  process_reward_loss (a classifier per step) with prm_product / prm_min (PRM_AGGREGATES)
+- combine: llama2_safety_gate, weighted_sum, sparrow_rerank, ensemble_mean / ensemble_min (WCO) / ensemble_uwo
+  (UWO), ENSEMBLE_AGGREGATIONS
 - general_preference: general_preference (a pairwise preference model's loss, antisymmetric logits)
 - tournament: tournament_pairs / tournament_matrix / tournament_win_rates, best_worst_pairs (DNO's round)
 - preference: dpo, cdpo, robust_dpo, ipo, hinge, kto, bco (+ BCORewardShift), orpo, simpo, cpl,
@@ -33,7 +35,15 @@ from rlhflab.losses.advantages import (
     rloo_advantages,
     whiten,
 )
-from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
+from rlhflab.losses.combine import (
+    ENSEMBLE_AGGREGATIONS,
+    ensemble_mean,
+    ensemble_min,
+    ensemble_uwo,
+    llama2_safety_gate,
+    sparrow_rerank,
+    weighted_sum,
+)
 from rlhflab.losses.general_preference import antisymmetric_logits, general_preference
 from rlhflab.losses.kl import (
     KL_ESTIMATORS,
@@ -74,6 +84,7 @@ from rlhflab.losses.preference import (
 from rlhflab.losses.quark import quark_loss, reward_quantiles
 from rlhflab.losses.reward import (
     LLAMA2_MARGINS,
+    PRM_AGGREGATES,
     all_pairs_with_ties,
     binary_classifier,
     bradley_terry,
@@ -81,6 +92,9 @@ from rlhflab.losses.reward import (
     pairwise_all_pairs,
     plackett_luce,
     plackett_luce_with_ties,
+    prm_min,
+    prm_product,
+    process_reward_loss,
     regression,
     reward_centering,
     tie_orders,
@@ -105,10 +119,12 @@ from rlhflab.losses.utils import (
 )
 
 __all__ = [
+    "ENSEMBLE_AGGREGATIONS",
     "KL_ESTIMATORS",
     "KL_GRADIENT_UNBIASED",
     "LLAMA2_MARGINS",
     "PREFERENCE_LOSS_TABLE",
+    "PRM_AGGREGATES",
     "REDUCTIONS",
     "AdaptiveKLController",
     "BCORewardShift",
@@ -127,6 +143,9 @@ __all__ = [
     "discounted_returns",
     "dpo",
     "dynamic_sampling_mask",
+    "ensemble_mean",
+    "ensemble_min",
+    "ensemble_uwo",
     "entropy_bonus",
     "entropy_from_logits",
     "finite_groups",
@@ -157,6 +176,9 @@ __all__ = [
     "plackett_luce_with_ties",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "prm_min",
+    "prm_product",
+    "process_reward_loss",
     "quark_loss",
     "reduce_token_losses",
     "regression",

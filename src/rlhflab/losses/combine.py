@@ -1,4 +1,5 @@
-"""Reward combinations: Llama 2's safety/helpfulness gate, weighted sums (HHH), Sparrow's re-rank score.
+"""Reward combinations: Llama 2's safety/helpfulness gate, weighted sums (HHH), Sparrow's re-rank score, and the
+aggregations of a reward-model ensemble (mean, worst case, uncertainty-weighted; Coste et al. 2024).
 
 These turn several reward-model scores into the one scalar an optimizer sees. They are pure maths on
 tensors; the reward sources themselves live in `rlhflab.rewards`.
@@ -6,6 +7,7 @@ tensors; the reward sources themselves live in `rlhflab.rewards`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -114,3 +116,55 @@ def sparrow_rerank(
     rule_term = torch.log(rules.clamp(min=eps)).mean(-1).exp() if rules.shape[-1] else torch.ones_like(r_pr)
     reranked = torch.where(mask, pref_term * rule_term, zero)
     return RewardOutput(reranked, detach_metrics({"reward/rule_geomean": torch.where(mask, rule_term, zero)}))
+
+
+def _check_members(member_scores: Tensor) -> None:
+    if member_scores.dim() != 2 or member_scores.shape[0] < 1:
+        raise ValueError(
+            f"member_scores must be [K, B] with K >= 1 ensemble members, got shape {tuple(member_scores.shape)}"
+        )
+
+
+def ensemble_mean(member_scores: Tensor) -> Tensor:
+    """Mean optimization: R_mean(q, a) = (1/K) sum_i R_i(q, a)  (Coste et al. 2024, "Reward Model Ensembles
+    Help Mitigate Overoptimization", the mean objective).
+
+    member_scores: [K, B], the scores of K reward models for B responses. Returns [B]. Not conservative: one
+    member that over-rates a response still lifts the mean.
+    """
+    _check_members(member_scores)
+    return member_scores.mean(dim=0)
+
+
+def ensemble_min(member_scores: Tensor) -> Tensor:
+    """Worst-case optimization (WCO): R_WCO(q, a) = min_i R_i(q, a)  (Coste et al. 2024, the WCO objective).
+
+    member_scores: [K, B]. Returns [B]. No hyperparameter; a response scores high only if every member agrees.
+    The members must share one scale (e.g. each whitened by its own training-response statistics): a
+    Bradley-Terry reward is defined only up to a constant, and without that the minimum is mostly the member
+    with the lowest offset.
+    """
+    _check_members(member_scores)
+    return member_scores.min(dim=0).values
+
+
+def ensemble_uwo(member_scores: Tensor, coef: float) -> Tensor:
+    """Uncertainty-weighted optimization (UWO): the mean minus coef times the variance over the members,
+
+        R_UWO(q, a) = (1/K) sum_i R_i(q, a) - lambda (1/K) sum_i (R_i(q, a) - (1/K) sum_j R_j(q, a))^2
+
+    (Coste et al. 2024, the UWO objective; lambda = coef >= 0; the population variance, 1/K, as there).
+    member_scores: [K, B]. Returns [B]. coef = 0 is the mean; one member has variance 0, so K = 1 is that
+    member. As for WCO, the members must share one scale.
+    """
+    _check_members(member_scores)
+    if not (coef >= 0 and math.isfinite(coef)):
+        raise ValueError(f"the UWO coefficient lambda must be a finite number >= 0, got {coef}")
+    mean = member_scores.mean(dim=0)
+    variance = (member_scores - mean).pow(2).mean(dim=0)
+    return mean - coef * variance
+
+
+# The ensemble aggregations by name (`CombinedReward`'s ensemble_* modes): [K, B] member scores -> [B]; UWO also
+# takes its coefficient.
+ENSEMBLE_AGGREGATIONS = {"mean": ensemble_mean, "min": ensemble_min, "uwo": ensemble_uwo}

@@ -1,4 +1,6 @@
-"""Reward-model losses: pairwise (Bradley-Terry), K-wise (Plackett-Luce, InstructGPT), regression, T-REX.
+"""Reward-model losses: pairwise (Bradley-Terry), K-wise (Plackett-Luce, InstructGPT), regression, T-REX, binary
+classifiers of single responses, and process supervision (a classifier per step, with the product / minimum that
+turn step probabilities into a solution's score).
 
 Scores are the reward model's scalar outputs r(x, y) (logits, not probabilities). K-wise rewards come in
 ranked order: column 0 is the best response, column K-1 the worst.
@@ -294,6 +296,72 @@ def binary_classifier(scores: Tensor, labels: Tensor, *, center_coef: float = 0.
         center = (2 * scores) ** 2
         loss, metrics["loss/center"] = loss + center_coef * center, center
     return LossOutput(loss, detach_metrics(metrics))
+
+
+def process_reward_loss(token_scores: Tensor, step_labels: Tensor, step_mask: Tensor) -> LossOutput:
+    """Process supervision: a binary classifier of each step, read at the step's last token.
+
+    L_b = -1/S_b * sum_{t: m_bt} [ y_bt log sigma(r_bt) + (1 - y_bt) log sigma(-r_bt) ],  S_b = sum_t m_bt
+
+    Lightman et al. 2023 ("Let's Verify Step by Step", Sec. 2.6) train the PRM to predict the correctness of
+    each step after the last token of the step, maximizing the log-likelihood of the label there; with two
+    labels (correct / not, Uesato et al. 2022's step labels) that is this cross-entropy, and TRL's stepwise
+    supervision puts the label on the same token (each step's separator). Each solution weighs the same,
+    whatever its number of steps.
+
+    token_scores: [B, T] logits r at every position; step_labels: [B, T] bool or float in {0, 1}, read only
+    where step_mask is True; step_mask: [B, T] bool, True at the last token of each labelled step. Returns
+    loss [B] (0 for a row without steps) and metrics reward/accuracy (share of the row's steps whose sign of r
+    agrees with the label; 0 without steps) and reward/steps (the row's labelled steps).
+    """
+    check_same_shape(token_scores=token_scores, step_labels=step_labels, step_mask=step_mask)
+    mask = as_bool_mask(step_mask)
+    token_scores = fill_masked(token_scores, mask)  # padding and unlabelled tokens never enter the arithmetic
+    y = fill_masked(step_labels.to(token_scores.dtype), mask)
+    bce = F.binary_cross_entropy_with_logits(token_scores, y, reduction="none")
+    n_steps = mask.sum(-1).to(token_scores.dtype)
+    per_step = n_steps.clamp(min=1)
+    loss = masked_sum(bce, mask, dim=-1) / per_step
+    right = ((token_scores > 0) == (y > 0.5)).to(token_scores.dtype)
+    metrics = {"reward/accuracy": masked_sum(right, mask, dim=-1) / per_step, "reward/steps": n_steps}
+    return LossOutput(loss, detach_metrics(metrics))
+
+
+def _step_logits(step_logits: Tensor, step_mask: Tensor) -> tuple[Tensor, Tensor]:
+    if step_logits.dim() != 2:
+        raise ValueError(f"step_logits must be [B, S], got {tuple(step_logits.shape)}")
+    check_same_shape(step_logits=step_logits, step_mask=step_mask)
+    return step_logits, as_bool_mask(step_mask)
+
+
+def prm_product(step_logits: Tensor, step_mask: Tensor) -> Tensor:
+    """A solution's process-reward score: the probability that every step is correct, prod_s sigma(r_s).
+
+    Lightman et al. 2023, Sec. 2.6: "the PRM score for a solution [is] the probability that every step is
+    correct under the PRM ... the product of the correctness probabilities for each step". Computed as
+    exp(sum_s log sigma(r_s)), which stays exact where the probabilities are tiny.
+
+    step_logits: [B, S] the PRM's logit at each step's last token; step_mask: [B, S] bool, True = a step.
+    Returns [B] in [0, 1]; a row without steps scores 0 (nothing was shown to be correct).
+    """
+    r, mask = _step_logits(step_logits, step_mask)
+    score = masked_sum(F.logsigmoid(r), mask, dim=-1).exp()
+    return torch.where(mask.any(-1), score, torch.zeros_like(score))
+
+
+def prm_min(step_logits: Tensor, step_mask: Tensor) -> Tensor:
+    """A solution's process-reward score from its weakest step: min_s sigma(r_s), the aggregation of Wang et al.
+    2024 ("Math-Shepherd: Verify and Reinforce LLMs Step-by-step"); Lightman et al. 2023 (Sec. 2.6) use the product, `prm_product`.
+
+    step_logits: [B, S]; step_mask: [B, S] bool. Returns [B] in [0, 1]; a row without steps scores 0.
+    """
+    r, mask = _step_logits(step_logits, step_mask)
+    worst = fill_masked(r, mask, float("inf")).min(-1).values
+    return torch.where(mask.any(-1), torch.sigmoid(worst), torch.zeros_like(worst))
+
+
+# How a solution's step probabilities become one score (`rlhflab.rewards.ProcessReward`'s `aggregate`).
+PRM_AGGREGATES = {"product": prm_product, "min": prm_min}
 
 
 def stacked_bradley_terry(

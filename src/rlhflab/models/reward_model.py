@@ -130,6 +130,17 @@ class RewardModel(nn.Module):
             rewards = (rewards - self.reward_mean) / self.reward_std
         return rewards
 
+    def token_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every head's score at every position: [B, T, num_heads] float32 (any padding side; padded positions
+        hold scores that mean nothing). A process reward model reads its verdict on each step there."""
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return self.score(hidden).float()
+
     def rewards_at(
         self,
         input_ids: torch.Tensor,

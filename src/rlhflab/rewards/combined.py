@@ -4,6 +4,7 @@
     CombinedReward.weighted_sum([helpful, harmless, LengthPenalty()], [1.0, 1.0, 1.0])
     CombinedReward.llama2_gate(helpfulness, safety, unsafe_prompt=is_risky)   # Llama 2 Sec. 3.2.3
     CombinedReward.sparrow(preference, [RegexRule(...), rule_model])           # Sparrow re-rank score
+    CombinedReward.ensemble([rm_1, rm_2, rm_3], "uwo", uwo_coef=0.5)           # Coste et al. 2024: mean, min, uwo
 
 `components(prompts, responses)` also returns every source's own scores, for logging.
 """
@@ -11,16 +12,19 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from rlhflab.errors import ConfigError
-from rlhflab.losses.combine import llama2_safety_gate, sparrow_rerank, weighted_sum
+from rlhflab.losses.combine import ENSEMBLE_AGGREGATIONS, llama2_safety_gate, sparrow_rerank, weighted_sum
 from rlhflab.rewards.base import Prompt, Reward, RewardSource, check_batch
 
-MODES = ("weighted_sum", "llama2_gate", "sparrow")
+# ensemble_<aggregation>: the members of a reward-model ensemble, aggregated by `ENSEMBLE_AGGREGATIONS`.
+ENSEMBLE_MODES = tuple(f"ensemble_{name}" for name in ENSEMBLE_AGGREGATIONS)
+MODES = ("weighted_sum", "llama2_gate", "sparrow", *ENSEMBLE_MODES)
 
 
 def _unique_names(sources: Sequence[RewardSource]) -> list[str]:
@@ -54,16 +58,21 @@ def group_by_prompt(prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tens
 
 
 class CombinedReward(Reward):
-    """A combination of reward sources: a weighted sum, Llama 2's safety gate, or Sparrow's re-rank score.
+    """A combination of reward sources: a weighted sum, Llama 2's safety gate, Sparrow's re-rank score, or an
+    aggregation of a reward-model ensemble.
 
     Args:
-        sources: weighted_sum: any number; llama2_gate: (helpfulness, safety); sparrow: (preference, *rules).
-        mode: "weighted_sum", "llama2_gate" or "sparrow".
+        sources: weighted_sum: any number; llama2_gate: (helpfulness, safety); sparrow: (preference, *rules);
+            ensemble_*: the ensemble's members, two or more, on one scale (reward models whitened with their
+            stored statistics, `:normalize=true`: a Bradley-Terry reward's offset is arbitrary).
+        mode: "weighted_sum", "llama2_gate", "sparrow", or "ensemble_mean", "ensemble_min" (worst case, WCO),
+            "ensemble_uwo" (mean - uwo_coef x variance over the members, UWO), Coste et al. 2024.
         weights: weighted_sum only, one per source (default all 1).
         unsafe_prompt: llama2_gate only: prompts -> [B] bools, True where the prompt is flagged as risky
             (Llama 2's IS_SAFETY); None flags nothing, so only the safety threshold gates.
         threshold: llama2_gate: use the safety score where sigmoid(safety) < threshold (0.15 in Llama 2).
         whiten: llama2_gate: whiten the combined scores over the batch (Llama 2); skipped for one response.
+        uwo_coef: ensemble_uwo only: lambda, the weight of the variance over the members (>= 0).
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class CombinedReward(Reward):
         unsafe_prompt: Callable[[list[Prompt]], Any] | None = None,
         threshold: float = 0.15,
         whiten: bool = True,
+        uwo_coef: float | None = None,
         name: str | None = None,
     ):
         sources = list(sources)
@@ -97,6 +107,8 @@ class CombinedReward(Reward):
             )
         if mode != "llama2_gate" and unsafe_prompt is not None:
             raise ConfigError("unsafe_prompt applies to mode 'llama2_gate' only")
+        self._check_ensemble(mode, len(sources), uwo_coef)
+        self.uwo_coef = float(uwo_coef) if uwo_coef is not None else None
         self.sources, self.mode, self.weights = sources, mode, weights
         self.unsafe_prompt, self.threshold, self.whiten = unsafe_prompt, threshold, whiten
         self.name = name or mode
@@ -121,6 +133,36 @@ class CombinedReward(Reward):
         same prompt in the batch (Sparrow's re-rank score, for best-of-n)."""
         return cls([preference, *rules], "sparrow", **kw)
 
+    @classmethod
+    def ensemble(
+        cls,
+        members: Sequence[RewardSource],
+        aggregation: str = "mean",
+        *,
+        uwo_coef: float | None = None,
+        **kw: Any,
+    ) -> CombinedReward:
+        """An ensemble of reward models aggregated by `aggregation`: "mean", "min" (WCO) or "uwo" (mean - uwo_coef x
+        variance over the members), Coste et al. 2024. The members should share one scale (`normalize=True`)."""
+        return cls(members, f"ensemble_{aggregation}", uwo_coef=uwo_coef, **kw)
+
+    @staticmethod
+    def _check_ensemble(mode: str, n_sources: int, uwo_coef: float | None) -> None:
+        """An ensemble mode needs two or more members; uwo_coef is ensemble_uwo's, and that mode needs it."""
+        if mode in ENSEMBLE_MODES and n_sources < 2:
+            raise ConfigError(
+                f"mode {mode!r} aggregates an ensemble of reward models and needs at least two members, got "
+                f"{n_sources}; give more reward sources, or use one source alone"
+            )
+        if mode == "ensemble_uwo":
+            if uwo_coef is None or not (uwo_coef >= 0 and math.isfinite(uwo_coef)):
+                raise ConfigError(
+                    f"mode 'ensemble_uwo' needs uwo_coef, the weight of the members' variance: a finite number "
+                    f">= 0, got {uwo_coef}"
+                )
+        elif uwo_coef is not None:
+            raise ConfigError(f"uwo_coef applies to mode 'ensemble_uwo' only, not {mode!r}")
+
     def components(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> dict[str, torch.Tensor]:
         """{source name: its scores [B], ..., self.name: the combined scores [B]}; Sparrow's rule sources
         report P(followed)."""
@@ -137,6 +179,12 @@ class CombinedReward(Reward):
     def _combine(self, parts: list[torch.Tensor], prompts: list[Prompt]) -> torch.Tensor:
         if self.mode == "weighted_sum":
             return weighted_sum(parts, self.weights)
+        if self.mode in ENSEMBLE_MODES:
+            aggregation = self.mode[len("ensemble_") :]
+            members = torch.stack(parts)  # [K, B]
+            if aggregation == "uwo":
+                return ENSEMBLE_AGGREGATIONS["uwo"](members, self.uwo_coef)
+            return ENSEMBLE_AGGREGATIONS[aggregation](members)
         if self.mode == "llama2_gate":
             flags = [False] * len(prompts) if self.unsafe_prompt is None else self.unsafe_prompt(prompts)
             unsafe = torch.as_tensor(flags, dtype=torch.bool).reshape(-1)
@@ -164,7 +212,9 @@ class CombinedReward(Reward):
             info["weights"] = self.weights
         if self.mode == "llama2_gate":
             info.update(threshold=self.threshold, whiten=self.whiten)
+        if self.mode == "ensemble_uwo":
+            info["uwo_coef"] = self.uwo_coef
         return info
 
 
-__all__ = ["MODES", "CombinedReward", "group_by_prompt", "rule_probability"]
+__all__ = ["ENSEMBLE_MODES", "MODES", "CombinedReward", "group_by_prompt", "rule_probability"]

@@ -3,6 +3,8 @@
     LengthPenalty(coef=0.01)                    -0.01 per word (or per word away from a target length)
     RegexRule(r"\\bsorry\\b", mode="must_not")    -1 when the response matches, else 0
     MissingEOSPenalty(penalty=1.0)              -1 when the response does not end with an EOS marker
+    ArithmeticVerifier()                        1 when the response's final answer is the value of the prompt's
+                                                sum, else 0 (a verifiable reward)
 
 A rule that is followed or broken (`RuleReward`) scores 0 or -penalty, and also reports the probability
 that it is followed (1 or 0), which is what Sparrow's re-rank score multiplies (`CombinedReward.sparrow`).
@@ -128,4 +130,59 @@ class MissingEOSPenalty(RuleReward):
         return {**super().describe(), "penalty": self.penalty, "eos_texts": list(self.eos_texts)}
 
 
-__all__ = ["DEFAULT_EOS_TEXTS", "LengthPenalty", "MissingEOSPenalty", "RegexRule", "RuleReward"]
+class ArithmeticVerifier(Reward):
+    """A verifiable reward: 1 when the number after the response's last `answer` word is the value of the first
+    sum the prompt's text asks for ("add 3 + 5 + 2 ." -> 10; integers with + and -), else 0 (also when the
+    prompt holds no sum). Reinforcement learning with verifiable rewards (Lambert et al. 2024, "Tulu 3", Sec. 6)
+    and DeepSeek-R1's rule-based accuracy reward (DeepSeek-AI 2025, Sec. 2.2.2) check the final answer this way
+    instead of asking a learned reward model. Digits a word-level tokenizer decodes apart ("1 0") are read as one
+    number; a chat prompt is read from its last user message.
+    """
+
+    _SUM = re.compile(r"-?\d+(?:\s*[+-]\s*\d+)+")
+
+    def __init__(self, answer: str = "answer", *, name: str = "arithmetic"):
+        if not isinstance(answer, str) or not answer.strip() or any(c.isspace() for c in answer.strip()):
+            raise ConfigError(f"arithmetic verifier: answer must be one word, got {answer!r}")
+        self.answer, self.name = answer.strip(), name
+        self._answer = re.compile(rf"\b{re.escape(self.answer)}\s*:?\s*(-?\d+)")
+
+    @staticmethod
+    def _glued(text: str) -> str:
+        return re.sub(r"(?<=\d) (?=\d)", "", " ".join(text.split()))
+
+    def target(self, prompt: Prompt) -> int | None:
+        """The value of the first sum in the prompt's text, or None when it has none."""
+        if not isinstance(prompt, str):
+            users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+            prompt = users[-1] if users else ""
+        found = self._SUM.search(self._glued(prompt))
+        if found is None:
+            return None
+        terms = re.findall(r"([+-]?)\s*(\d+)", found.group(0))
+        return sum(-int(n) if sign == "-" else int(n) for sign, n in terms)
+
+    def final_answer(self, response: str) -> int | None:
+        found = self._answer.findall(self._glued(response))
+        return int(found[-1]) if found else None
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
+        prompts, responses = check_batch(prompts, responses)
+        right = []
+        for p, r in zip(prompts, responses):
+            want, got = self.target(p), self.final_answer(r)
+            right.append(want is not None and got == want)
+        return torch.tensor(right, dtype=torch.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "answer": self.answer}
+
+
+__all__ = [
+    "DEFAULT_EOS_TEXTS",
+    "ArithmeticVerifier",
+    "LengthPenalty",
+    "MissingEOSPenalty",
+    "RegexRule",
+    "RuleReward",
+]

@@ -3,9 +3,11 @@
     runs/rm/final                         a reward model (head 0); a run directory RUN works too
     runs/rm/final:head=safety             one head, by name or index
     runs/rm/final:normalize=true          whitened with the training mean/std stored in the model
+    runs/prm/final:aggregate=min          a process reward model's weakest step (default: product of steps)
     rule:length                           -0.01 per word      (options: coef, target, unit=words|chars)
     rule:regex:pattern=\\bsorry\\b:mode=must_not              (options: pattern, mode=must|must_not, penalty)
     rule:eos:penalty=2                    response must end with an EOS marker (options: penalty, eos)
+    rule:arithmetic                       1 when the final answer is the prompt's sum, else 0 (option: answer)
 
 Options follow the source as `:key=value`. A ':' not followed by a known-looking `key=` stays part of the
 path or of the previous value (so regular expressions may contain ':'). `load_rewards` takes several specs
@@ -20,11 +22,11 @@ from typing import Any
 
 import torch
 
-from rlhflab.errors import UserError
+from rlhflab.errors import ConfigError, UserError
 from rlhflab.rewards.base import RewardSource
-from rlhflab.rewards.combined import CombinedReward
+from rlhflab.rewards.combined import ENSEMBLE_MODES, CombinedReward
 from rlhflab.rewards.learned import LearnedReward, check_reward_dir
-from rlhflab.rewards.rules import LengthPenalty, MissingEOSPenalty, RegexRule
+from rlhflab.rewards.rules import ArithmeticVerifier, LengthPenalty, MissingEOSPenalty, RegexRule
 
 _OPTION = re.compile(r"^([A-Za-z_]+)=(.*)$", re.DOTALL)
 
@@ -46,6 +48,7 @@ RULES: dict[str, tuple[Callable[..., RewardSource], dict[str, Callable[[str], An
     "length": (LengthPenalty, {"coef": float, "target": float, "unit": str}),
     "regex": (RegexRule, {"pattern": str, "mode": str, "penalty": float}),
     "eos": (MissingEOSPenalty, {"penalty": float, "eos": str}),
+    "arithmetic": (ArithmeticVerifier, {"answer": str}),
 }
 LEARNED_OPTIONS: dict[str, Callable[[str], Any]] = {
     "head": _head,
@@ -53,6 +56,7 @@ LEARNED_OPTIONS: dict[str, Callable[[str], Any]] = {
     "batch_size": int,
     "max_length": int,
     "max_prompt_length": int,
+    "aggregate": str,  # a process reward model's product / min of step probabilities
 }
 
 
@@ -140,19 +144,24 @@ def load_rewards(
     combine: str = "weighted_sum",
     safety_threshold: float = 0.15,
     unsafe_prompt_pattern: str = "",
+    uwo_coef: float | None = None,
 ) -> RewardSource:
     """One reward source from one or several specs (comma-separated, or a list).
 
     combine: "weighted_sum" sums them with `weights` (comma-separated or a list, one per spec; empty means
     all 1); "llama2_gate" takes exactly (helpfulness, safety) and gates them as Llama 2 does
     (`CombinedReward.llama2_gate`), prompts matching `unsafe_prompt_pattern` (a regular expression,
-    case-insensitive, over the prompt's text) being flagged as risky.
+    case-insensitive, over the prompt's text) being flagged as risky; "ensemble_mean", "ensemble_min" (WCO)
+    and "ensemble_uwo" (the mean minus `uwo_coef` x the variance, UWO) aggregate two or more reward models as
+    an ensemble (`CombinedReward.ensemble`, Coste et al. 2024; give them on one scale, e.g. `:normalize=true`).
     """
     items = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
     if not items:
         raise UserError(
             "no reward source given; name a reward model directory or a rule such as 'rule:length'"
         )
+    if uwo_coef is not None and combine != "ensemble_uwo":
+        raise UserError(f"uwo_coef applies to combine='ensemble_uwo' only, not {combine!r}")
     if combine == "llama2_gate":
         if len(items) != 2 or weights:
             raise UserError(
@@ -162,8 +171,13 @@ def load_rewards(
         helpfulness, safety = (load_reward(s, device=device, dtype=dtype) for s in items)
         flag = _unsafe_flags(unsafe_prompt_pattern) if unsafe_prompt_pattern else None
         return CombinedReward.llama2_gate(helpfulness, safety, unsafe_prompt=flag, threshold=safety_threshold)
+    if combine in ENSEMBLE_MODES:
+        return _ensemble(items, combine, weights, uwo_coef, device=device, dtype=dtype)
     if combine != "weighted_sum":
-        raise UserError(f"unknown reward combination {combine!r}; use weighted_sum or llama2_gate")
+        raise UserError(
+            f"unknown reward combination {combine!r}; use weighted_sum, llama2_gate or one of "
+            f"{', '.join(ENSEMBLE_MODES)}"
+        )
     if isinstance(weights, str):
         try:
             weights = [float(w) for w in weights.split(",") if w.strip()]
@@ -181,6 +195,22 @@ def load_rewards(
     if len(sources) == 1 and weights in (None, [1.0]):
         return sources[0]
     return CombinedReward.weighted_sum(sources, weights)
+
+
+def _ensemble(
+    items: list[str], combine: str, weights, uwo_coef: float | None, *, device, dtype: str
+) -> CombinedReward:
+    """The reward models of `items` as one ensemble, aggregated as `combine` (an ensemble_* mode) says; the
+    source count and the coefficient are checked before any model loads."""
+    if weights:
+        raise UserError(f"reward weights apply to weighted_sum, not to the ensemble combination {combine}")
+    try:
+        CombinedReward._check_ensemble(combine, len(items), uwo_coef)
+    except ConfigError as e:
+        raise UserError(f"reward sources {', '.join(items)}: {e}") from None
+    return CombinedReward(
+        [load_reward(s, device=device, dtype=dtype) for s in items], combine, uwo_coef=uwo_coef
+    )
 
 
 def _unsafe_flags(pattern: str) -> Callable[[list[Any]], list[bool]]:

@@ -259,7 +259,9 @@ def _control_token_prompts(path, tokenizer, prompts: list, settings: SamplingSet
     conditioning = conditioning_of(path)
     if conditioning is None:
         return None, settings
-    log(f"best-of-n: a quark model: sampling behind its best token {tokenizer.decode([conditioning.token_id])}")
+    log(
+        f"best-of-n: a quark model: sampling behind its best token {tokenizer.decode([conditioning.token_id])}"
+    )
     return condition_prompts(conditioning, tokenizer, prompts, settings or SamplingSettings())
 
 

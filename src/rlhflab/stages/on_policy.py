@@ -44,6 +44,7 @@ def load_reward(algo: RewardSourcesSection, device: torch.device):
         combine=algo.reward_combine,
         safety_threshold=algo.safety_threshold,
         unsafe_prompt_pattern=algo.unsafe_prompt_pattern,
+        uwo_coef=algo.uwo_coef if algo.reward_combine == "ensemble_uwo" else None,
     )
 
 

@@ -9,7 +9,10 @@ from the SFT model, as in Ouyang et al. 2022). It learns from
     are skipped by all_pairs and marginalized (every order of the tie) by Plackett-Luce.
 
   - single labelled responses (algo.loss=binary): a classifier, -[y log sigma(r) + (1 - y) log sigma(-r)],
-    Sparrow's rule-violation models (Glaese et al. 2022), one head per rule with its own file.
+    Sparrow's rule-violation models (Glaese et al. 2022), one head per rule with its own file, or an outcome
+    reward model (label = the final answer is right; Lightman et al. 2023, Sec. 2.5);
+  - solutions with a label per step (algo.loss=step): a process reward model, the same classifier read at the
+    last token of each step + data.step_separator (Lightman et al. 2023, Sec. 2.6; TRL's stepwise format).
 
 Several heads can share the backbone (algo.heads, one data file per head, e.g. helpfulness and safety);
 a record trains only the head of its file, and all heads train in the same batches. Held-out accuracy is
@@ -42,7 +45,7 @@ from rlhflab.eval.reward_accuracy import format_accuracy_table
 from rlhflab.losses import (
     LossOutput,
 )
-from rlhflab.losses.reward import binary_classifier, ranked_loss, stacked_bradley_terry
+from rlhflab.losses.reward import binary_classifier, process_reward_loss, ranked_loss, stacked_bradley_terry
 from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, supports_shared_prompt
 from rlhflab.models.flops import matmul_params, reward_model_train_flops
 from rlhflab.models.loading import (
@@ -68,15 +71,16 @@ from rlhflab.stages.common import (
 )
 from rlhflab.stages.data_source import require_train_path
 from rlhflab.stages.reward_data import MAX_TIE_ORDERS, load_examples
-from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization
+from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization, fit_step_normalization
 
 # --------------------------------------------------------------------------------------------------------
 # Forward and losses (the maths is rlhflab.losses; here only which rows meet which)
 # --------------------------------------------------------------------------------------------------------
 
 
-# What each loss trains on: pairs, single labelled responses, or (every other loss) K-wise rankings.
-DATA_KIND = {"bradley_terry": "pairwise", "binary": "unpaired"}
+# What each loss trains on: pairs, single labelled responses, solutions labelled step by step, or (every other
+# loss) K-wise rankings.
+DATA_KIND = {"bradley_terry": "pairwise", "binary": "unpaired", "step": "stepwise"}
 
 
 def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
@@ -84,7 +88,17 @@ def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch
     return batch_rewards(model, batch, device).gather(1, batch["row_head"].to(device)[:, None]).squeeze(1)
 
 
+def _step_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Each row's score at every position from the head it trains: [B, T] float32."""
+    scores = model.token_rewards(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    heads = batch["row_head"].to(device)[:, None, None].expand(-1, scores.shape[1], 1)
+    return scores.gather(2, heads).squeeze(2)
+
+
 def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, device) -> LossOutput:
+    if kind == "stepwise":
+        scores = _step_rewards(model, batch, device)
+        return process_reward_loss(scores, batch["step_labels"].to(device), batch["step_mask"].to(device))
     scores = _row_rewards(model, batch, device)
     algo = cfg.algo
     if kind == "pairwise":
@@ -163,6 +177,9 @@ def _work(batch: list[dict], kind: str) -> dict[str, int]:
         return {"pairs": len(batch), "reads": 2 * len(batch)}
     if kind == "unpaired":
         return {"pairs": len(batch), "reads": len(batch)}
+    if kind == "stepwise":  # every labelled step is a label; the final layer and head run at every token
+        steps = sum(len(e["step_positions"]) for e in batch)
+        return {"pairs": steps, "reads": sum(len(e["input_ids"]) for e in batch)}
     return {"pairs": sum(len(e["pairs"]) for e in batch), "reads": sum(len(e["input_ids"]) for e in batch)}
 
 
@@ -189,8 +206,8 @@ def _perf(counts: dict[str, float], seconds: float, model: RewardModel) -> dict[
 
 def _shared_prompt(cfg: RewardConfig, model: RewardModel) -> bool:
     """Whether batches run each prompt once for all its responses (algo.share_prompt, where the model can;
-    never for single responses, which have no prompt to share)."""
-    if DATA_KIND.get(cfg.algo.loss) == "unpaired":
+    never for single responses or solutions, which have no prompt to share)."""
+    if DATA_KIND.get(cfg.algo.loss) in ("unpaired", "stepwise"):
         return False
     shared = cfg.algo.share_prompt and supports_shared_prompt(model)
     if cfg.algo.share_prompt and not shared:
@@ -201,9 +218,12 @@ def _shared_prompt(cfg: RewardConfig, model: RewardModel) -> bool:
     return shared
 
 
-def _save(cfg: RewardConfig, model: RewardModel, tokenizer, out: Path) -> Path:
+def _save(
+    cfg: RewardConfig, model: RewardModel, tokenizer, out: Path, step_stats: dict | None = None
+) -> Path:
     """The model in HF *ForSequenceClassification format (with LoRA and not model.lora.merge: the adapter and the
-    heads), and how training tokenized beside it, so `rlhflab.rewards.LearnedReward` scores new responses alike."""
+    heads), and how training tokenized beside it, so `rlhflab.rewards.LearnedReward` scores new responses alike
+    (a process reward model: its step separator, and the statistics of its solution scores for whitening)."""
     final = model.save_pretrained(out, tokenizer, merge_lora=cfg.model.lora.merge)
     settings = {
         "max_length": cfg.data.max_length,
@@ -211,8 +231,27 @@ def _save(cfg: RewardConfig, model: RewardModel, tokenizer, out: Path) -> Path:
         "head_names": model.head_names,
         "loss": cfg.algo.loss,
     }
+    if cfg.algo.loss == "step":
+        settings["step_separator"] = cfg.data.step_separator
+        settings["score_stats"] = step_stats or {}
     atomic_write_text(final / SETTINGS_FILE, json.dumps(settings, indent=2))
     return final
+
+
+def _normalize(
+    run, step: int, cfg: RewardConfig, model, examples, kind: str, device, pad_id, shared
+) -> dict | None:
+    """Reward statistics for whitening, logged: per head in the model, or (a process reward model) per head and
+    solution-score aggregate, returned for the settings file. None when algo.normalization_samples is 0."""
+    n = cfg.algo.normalization_samples
+    if not n:
+        return None
+    if kind == "stepwise":
+        stats, logged = fit_step_normalization(model, examples, device, pad_id, n, cfg.seed)
+        run.logger.log(step, logged)
+        return stats
+    run.logger.log(step, fit_normalization(model, examples, kind, device, pad_id, n, cfg.seed, shared=shared))
+    return None
 
 
 def _announce(model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path) -> None:
@@ -286,14 +325,8 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
     if eval_examples:
         _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared)
-    if cfg.algo.normalization_samples:
-        run.logger.log(
-            loop.step,
-            fit_normalization(
-                model, examples, kind, device, pad_id, cfg.algo.normalization_samples, cfg.seed, shared=shared
-            ),
-        )
-    final = _save(cfg, model, tokenizer, run.dir / "final")
+    step_stats = _normalize(run, loop.step, cfg, model, examples, kind, device, pad_id, shared)
+    final = _save(cfg, model, tokenizer, run.dir / "final", step_stats)
     run.close()
     print(f"rm: saved the reward model to {final}")
     return final

@@ -1,5 +1,5 @@
 """The reward stage's examples: one tokenized example per record, tagged with the head it trains, with its
-Llama 2 margin (pairs) or its strictly ordered pairs (rankings)."""
+Llama 2 margin (pairs), its strictly ordered pairs (rankings) or where each labelled step ends (stepwise)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rlhflab.config import RewardConfig
-from rlhflab.data import LLAMA2_RATINGS, tokenize_pair, tokenize_ranked, tokenize_unpaired
+from rlhflab.data import LLAMA2_RATINGS, tokenize_pair, tokenize_ranked, tokenize_stepwise, tokenize_unpaired
 from rlhflab.errors import ConfigError, DataError
 from rlhflab.losses import llama2_margins
 from rlhflab.losses import tie_orders as losses_tie_orders
@@ -29,12 +29,11 @@ def margin_of(record, mode: str, where: str) -> float | None:
     if mode == "data":
         return record.margin
     if record.rating not in LLAMA2_RATINGS:
-        prompt = record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]
         raise DataError(
             f"algo.margin={mode} needs a Llama 2 rating ({', '.join(LLAMA2_RATINGS)}), got "
             f"{record.rating!r}; add ratings, or use algo.margin=data / none",
             path=where,
-            record=f"with prompt {prompt[:40]!r}",
+            record=_record_name(record),
             field="rating",
         )
     strength = torch.tensor([LLAMA2_RATINGS.index(record.rating)])
@@ -53,6 +52,42 @@ def tie_orders(ranks: Sequence[int]) -> list[list[int]]:
         ) from None
 
 
+def _record_name(record) -> str:
+    prompt = record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]
+    return f"with prompt {prompt[:40]!r}"
+
+
+def stepwise_example(record, tokenizer, cfg: RewardConfig, where: str) -> dict[str, Any]:
+    """A stepwise record tokenized with data.step_separator after each step. Refused: a step that contains the
+    separator (scoring splits responses there, so it would be read as several steps) and a record whose every
+    step is cut by data.max_length (nothing left to learn)."""
+    sep = cfg.data.step_separator
+    inside = [i for i, step in enumerate(record.completions) if sep in step]
+    if inside:
+        raise DataError(
+            f"step {inside[0]} contains data.step_separator {sep!r}, so a scored response would be split there "
+            "into more steps than were labelled; split it into two steps or choose another separator",
+            path=where,
+            record=_record_name(record),
+            field="completions",
+        )
+    ex = tokenize_stepwise(
+        record,
+        tokenizer,
+        separator=sep,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
+    if not ex["step_positions"]:
+        raise DataError(
+            f"no step fits in data.max_length={cfg.data.max_length} after the prompt; raise data.max_length",
+            path=where,
+            record=_record_name(record),
+            field="completions",
+        )
+    return ex
+
+
 def tokenize_for_head(
     record, kind: str, head: int, tokenizer, cfg: RewardConfig, where: str
 ) -> dict[str, Any]:
@@ -63,6 +98,8 @@ def tokenize_for_head(
         ex["rating"] = record.rating
     elif kind == "unpaired":
         ex = tokenize_unpaired(record, tokenizer, **kw)
+    elif kind == "stepwise":
+        ex = stepwise_example(record, tokenizer, cfg, where)
     else:
         ex = tokenize_ranked(record, tokenizer, **kw)
         ranks = ex["ranks"]
