@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rlhflab.cli import main
@@ -88,3 +89,20 @@ def test_a_model_trained_from_a_lab_model_keeps_its_task(lab_cache, monkeypatch,
 def test_a_missing_model_is_a_one_line_error(capsys):
     assert main(["sft", "model.name_or_path=/no/such/model", "data.train_path=/no/such.jsonl"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_reward_model_reads_the_lab_file_of_its_loss():
+    """Each rm loss trains on its own lab file: pairs, rankings, or unpaired good/bad labels; the step loss has
+    no lab file in its format and says so before any work."""
+    from rlhflab.config import load_config
+    from rlhflab.errors import ConfigError
+    from rlhflab.lab.launch import record_kind
+
+    def kind(loss):
+        return record_kind("rm", load_config("rm", None, [f"algo.loss={loss}"]))
+
+    assert [kind(x) for x in ("bradley_terry", "plackett_luce", "all_pairs", "binary")] == [
+        "pairwise", "ranked", "ranked", "unpaired"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="data.train_path"):
+        kind("step")

@@ -92,7 +92,12 @@ def record_kind(stage: str, cfg: Any) -> str:
     if stage == "sft":
         return "sft"
     if stage == "rm":
-        return "pairwise" if cfg.algo.loss == "bradley_terry" else "ranked"
+        if cfg.algo.loss == "step":  # the lab's steps file holds one solution string with step labels
+            raise ConfigError(
+                "the lab writes no stepwise data ({prompt, completions, labels}) for algo.loss=step; give "
+                "data.train_path (see `rlhflab experiment prm-vs-orm` for how to make it)"
+            )
+        return {"bradley_terry": "pairwise", "binary": "unpaired"}.get(cfg.algo.loss, "ranked")
     if stage == "pm":
         return "pairwise"
     if stage in ("ppo", "rloo", "grpo", "online-dpo", "rs", "quark"):
