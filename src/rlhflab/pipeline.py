@@ -633,7 +633,7 @@ def _evaluate_best_of_n(
     from rlhflab.eval import metrics as M
     from rlhflab.lab.evaluate import gold_term_metrics, sample_metrics, score_responses
     from rlhflab.lab.tasks import chat_prompt
-    from rlhflab.stages.best_of_n import best_of_n
+    from rlhflab.stages.best_of_n import best_of_n, best_of_n_kl
 
     picks = []
     for j in range(n_samples):
@@ -652,7 +652,7 @@ def _evaluate_best_of_n(
         "gold/gain": gain,
         "gold/gain_ci95": [glo, ghi],
         # The KL of best-of-n to its base policy is at most log n - (n - 1) / n (Stiennon et al. 2020).
-        "kl/ref": float(np.log(n) - (n - 1) / n),
+        "kl/ref": best_of_n_kl(n),
         **sample_metrics(samples),
         "examples": [
             {"prompt": p, "response": rs[0], "gold": float(g[0])}

@@ -423,9 +423,11 @@ BOUND_NOTE = (
 
 def _best_of_n_bound(name: str) -> float | None:
     """log n - (n - 1) / n for a policy named best_of_N / best-of-N (how the pipeline names it), else None."""
+    from rlhflab.eval.best_of_n import best_of_n_kl_formula
+
     m = re.fullmatch(r"best[_-]of[_-](\d+)", str(name))
     n = int(m.group(1)) if m else 0
-    return math.log(n) - (n - 1) / n if n >= 1 else None
+    return best_of_n_kl_formula(n) if n >= 1 else None
 
 
 def _is_kl_bound(name: str, key: str, value: Any) -> bool:

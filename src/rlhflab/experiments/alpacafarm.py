@@ -171,6 +171,7 @@ def judge_seed(task, seed_dir: Path, seed: int, ev: Mapping[str, int]) -> dict[s
     from rlhflab.lab.evaluate import conditioning_of, sample_policy
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.rewards import LearnedReward
+    from rlhflab.stages.best_of_n import best_of_n_kl
 
     run_dir = seed_dir / "run"
     prompts = task.heldout_prompts(ev["prompts"], seed=seed)
@@ -198,7 +199,7 @@ def judge_seed(task, seed_dir: Path, seed: int, ev: Mapping[str, int]) -> dict[s
         rows[f"best_of_{n}"] = {
             **win_row(samples, reference),
             # The KL of best-of-n to its base policy is at most log n - (n - 1) / n (Stiennon et al. 2020).
-            "kl_to_sft": float(np.log(n) - (n - 1) / n),
+            "kl_to_sft": best_of_n_kl(n),
             "label_queries": report["ppo"]["label_queries"],  # the reward model's pairs, as PPO's
         }
     return rows

@@ -136,13 +136,13 @@ def bon_curve(selector: np.ndarray, gold: np.ndarray, ns: Sequence[int]) -> dict
     """Best-of-n by `selector` [P, N] for each n of `ns`: per-prompt expected gold [P, len(ns)], its mean and
     95% half-width over prompts, and the expected selector score of the pick (the proxy)."""
     from rlhflab.eval import metrics as M
-    from rlhflab.eval.best_of_n import best_of_n_expectation
+    from rlhflab.eval.best_of_n import best_of_n_expectation, best_of_n_kl_formula
 
     per_prompt = np.stack([best_of_n_expectation(selector, gold, n) for n in ns], axis=1)
     stats = [M.mean_ci95(per_prompt[:, j]) for j in range(len(ns))]
     return {
         "n": list(ns),
-        "kl_bound": [math.log(n) - (n - 1) / n for n in ns],
+        "kl_bound": [best_of_n_kl_formula(n) for n in ns],
         "gold": [s[0] for s in stats],
         "gold_ci95": [(s[2] - s[1]) / 2 for s in stats],
         "proxy": [float(best_of_n_expectation(selector, selector, n).mean()) for n in ns],

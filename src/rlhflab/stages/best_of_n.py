@@ -13,7 +13,6 @@ points sit on the same KL axis as PPO and DPO policies.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +89,9 @@ def best_of_n_kl(n: int) -> float:
     bound otherwise; Stiennon et al. 2020, App. G.3; Beirami et al. 2024 on when it is loose)."""
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
-    return math.log(n) - (n - 1) / n
+    from rlhflab.eval.best_of_n import best_of_n_kl_formula
+
+    return best_of_n_kl_formula(n)
 
 
 def score_in_batches(reward, prompts: Sequence, responses: Sequence[str], batch_size: int = 256) -> Tensor:
