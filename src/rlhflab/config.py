@@ -806,8 +806,12 @@ class LabAnnotatorsSection:
     in [0, 0.5], 0.5 is a coin flip."""
     n_annotators: int = 1
     """Size of the pool; each pair is judged by one annotator drawn at random."""
+    length_bias: float = 0.0
+    """The pool's shared length bias, in gold units per 10 words added to the gold they perceive: > 0 prefers
+    longer answers whatever their gold (verbosity bias)."""
     bias_spread: float = 0.0
-    """Std of each annotator's own length bias, in gold units per 10 words (disagreement between them)."""
+    """Std of each annotator's own length bias around length_bias, in gold units per 10 words (disagreement
+    between them)."""
     tie_margin: float = 0.0
     """Perceived gold gaps below this are ties (label 0.5: the pair is dropped, unless keep_ties)."""
     keep_ties: bool = False
@@ -824,6 +828,11 @@ class LabAnnotatorsSection:
         )
         _require(
             self.n_annotators >= 1, "algo.annotators.n_annotators", f"must be >= 1, got {self.n_annotators}"
+        )
+        _require(
+            math.isfinite(self.length_bias),
+            "algo.annotators.length_bias",
+            f"must be a finite number, got {self.length_bias}",
         )
         _require(
             self.bias_spread >= 0, "algo.annotators.bias_spread", f"must be >= 0, got {self.bias_spread}"

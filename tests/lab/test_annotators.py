@@ -126,6 +126,25 @@ def test_annotators_have_their_own_biases_and_disagree(pairs):
     assert _agreement(same.compare(prompts[:2000], a[:2000], b[:2000]))[0] == 1.0
 
 
+def test_a_shared_length_bias_prefers_the_longer_answer_by_its_word_count():
+    # perceived = gold + length_bias * n_words / 10: with T = 0, a 10-word answer of gold 0 beats a 2-word
+    # answer of gold 0.5 exactly when length_bias * (10 - 2) / 10 > 0.5, i.e. length_bias > 0.625.
+    short, long = "the plot was lovely .", "the film was okay . the plot was okay ."
+    prompt = "review the film ."
+    gold_short, gold_long = gold_scores(get_task("sentiment"), [prompt, prompt], [short, long])
+    assert gold_short > gold_long
+    words = (len(long.split()) - len(short.split())) / 10
+    threshold = (gold_short - gold_long) / words
+    for bias, long_wins in ((threshold * 0.9, False), (threshold * 1.1, True)):
+        pool = AnnotatorPool("sentiment", AnnotatorSettings(temperature=0.0, length_bias=bias), seed=0)
+        assert np.allclose(pool.biases, bias)
+        (lab,) = pool.compare([prompt], [long], [short])
+        assert lab.a_preferred is long_wins
+        assert lab.gap == pytest.approx((gold_long - gold_short) + bias * words)
+    with pytest.raises(ConfigError, match="length_bias"):
+        AnnotatorSettings(length_bias=float("nan"))
+
+
 def test_plackett_luce_rankings_match_their_probabilities():
     task = get_task("sentiment")
     prompt = "review the film ."

@@ -67,4 +67,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "process vs outcome reward models vs majority voting for selecting arithmetic solutions (Lightman et al. "
         "2023; Uesato et al. 2022)",
     ),
+    "length": (
+        "rlhflab.experiments.length",
+        "how much of PPO's, DPO's and best-of-n's gold gain is length, with annotators who prefer longer answers "
+        "and without (Singhal et al. 2023; Dubois et al. 2024)",
+    ),
 }

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
-from rlhflab.errors import ConfigError
 from rlhflab.experiments.result import publish
 
 NAME = "alpacafarm"
@@ -98,26 +97,14 @@ EVAL_BATCH = 256
 
 def user_sections(overrides: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """(pipeline overrides, the judging section) from the user's overrides: `eval.prompts` and `eval.samples`
-    set the judging; every other key goes to the pipeline (stage sections and `data.*`)."""
-    from rlhflab.config import parse_overrides
+    set the judging; the sections of the stages it runs, `data.*` and `annotators.*` go to the pipeline;
+    anything else is refused."""
+    from rlhflab.experiments.common import split_overrides
 
-    pipeline, judging = [], dict(EVAL)
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key.startswith("eval."):
-            name = key[len("eval.") :]
-            if name not in EVAL:
-                raise ConfigError(
-                    f"{NAME}: unknown key '{key}'; the experiment's judging keys are "
-                    + ", ".join(f"eval.{k}" for k in EVAL)
-                )
-            value = parse_overrides([item])["eval"][name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{NAME}: '{key}' must be a positive integer, got {value!r}")
-            judging[name] = value
-        else:
-            pipeline.append(item)
-    return pipeline, judging
+    pipeline, own = split_overrides(
+        NAME, overrides, own={"eval": EVAL}, pipeline=(*PIPELINE_METHODS, "data", "annotators")
+    )
+    return pipeline, own["eval"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -326,9 +313,6 @@ def run(
     task_obj = get_task(task or TASK)
     pipeline, ev = user_sections(overrides)
     user = _user_sections(None, [*PIPELINE_EVAL, *pipeline])
-    unused = [k for k in user if k not in (*PIPELINE_METHODS, "data", "eval", "annotators")]
-    if unused:
-        raise ConfigError(f"{NAME}: section '{unused[0]}' is for a method this experiment does not run")
     for seed in seeds:  # every seed's stage configs built (and so validated) before any work
         seed_dir = Path(output_dir) / f"seed-{seed}"
         data = {name: seed_dir / "run" / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}

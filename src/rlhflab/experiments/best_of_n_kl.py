@@ -156,28 +156,12 @@ def run_seed(
 def user_sections(overrides: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """(pipeline overrides, the pool) from the user's overrides: `pool.prompts` and `pool.samples` set the pool
     (samples at least max(NS)); every other key goes to the pipeline, whose stages are sft and rm."""
-    from rlhflab.config import parse_overrides
+    from rlhflab.experiments.common import split_overrides
 
-    pipeline, pool = [], dict(POOL)
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key.startswith("pool."):
-            name = key[len("pool.") :]
-            value = parse_overrides([item])["pool"][name]
-            if name not in POOL:
-                raise ConfigError(
-                    f"{NAME}: unknown key '{key}'; the pool's keys are pool.prompts, pool.samples"
-                )
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{NAME}: '{key}' must be a positive integer, got {value!r}")
-            pool[name] = value
-        elif key.split(".", 1)[0] not in ("sft", "rm", "data", "annotators", "eval"):
-            raise ConfigError(
-                f"{NAME}: '{key}' is for a stage this experiment does not run; it runs sft and rm (and "
-                "takes data., annotators., pool.prompts, pool.samples)"
-            )
-        else:
-            pipeline.append(item)
+    pipeline, own = split_overrides(
+        NAME, overrides, own={"pool": POOL}, pipeline=("sft", "rm", "data", "annotators", "eval")
+    )
+    pool = own["pool"]
     if pool["samples"] < max(NS):
         raise ConfigError(
             f"{NAME}: pool.samples must be at least {max(NS)} (the largest n), got {pool['samples']}"

@@ -2,8 +2,9 @@
 
 The model of one annotator k judging response y to prompt x:
 
-    perceived_k(x, y) = gold(x, y) + b_k * n_words(y) / 10       # b_k ~ N(0, bias_spread^2): a length
-                                                                  # (verbosity) bias of their own
+    perceived_k(x, y) = gold(x, y) + b_k * n_words(y) / 10       # b_k ~ N(length_bias, bias_spread^2): a
+                                                                  # length (verbosity) bias: the pool's
+                                                                  # shared one plus one of their own
     pairwise:  P(k prefers a over b) = sigmoid((perceived_k(a) - perceived_k(b)) / temperature)
                (Bradley-Terry; temperature 0 = always the higher perceived score)
     noise:     with probability 2 * noise the annotator ignores both and answers uniformly at random, so
@@ -32,6 +33,7 @@ temperature, the noise and the annotators' different biases. Everything is seede
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +58,10 @@ class AnnotatorSettings:
         at the default 0.1 a gold gap of 0.1 is a 73/27 call and a gap of 0.3 a 95/5 one.
     noise: probability that a pairwise label is flipped (answers at random with probability 2*noise).
     n_annotators: size of the pool; each item is judged by one of them at random.
-    bias_spread: std of each annotator's length bias, in gold units per 10 words.
+    length_bias: the mean of the annotators' length bias, in gold units per 10 words: > 0 is a pool that
+        prefers longer answers whatever their gold (the verbosity bias Singhal et al. 2023 found in
+        preference data).
+    bias_spread: std of each annotator's length bias around `length_bias`, in gold units per 10 words.
     tie_margin: perceived gaps below this are ties.
     keep_ties: write ties as "negligibly_better" pairs (random order) instead of dropping them.
     rating_thresholds: perceived |gap| at which a preference is slightly_better / better /
@@ -68,6 +73,7 @@ class AnnotatorSettings:
     temperature: float = 0.1
     noise: float = 0.0
     n_annotators: int = 1
+    length_bias: float = 0.0
     bias_spread: float = 0.0
     tie_margin: float = 0.0
     keep_ties: bool = False
@@ -82,6 +88,8 @@ class AnnotatorSettings:
             raise ConfigError(f"annotator noise must be in [0, 0.5] (0.5 = coin flip), got {self.noise}")
         if self.n_annotators < 1:
             raise ConfigError(f"n_annotators must be >= 1, got {self.n_annotators}")
+        if not math.isfinite(self.length_bias):
+            raise ConfigError(f"length_bias must be a finite number, got {self.length_bias}")
         if not self.bias_spread >= 0 or not self.tie_margin >= 0:
             raise ConfigError("bias_spread and tie_margin must be >= 0")
         t = tuple(float(x) for x in self.rating_thresholds)
@@ -160,7 +168,7 @@ class AnnotatorPool:
                 )
         self.rng = np.random.default_rng(seed)
         s = self.settings
-        self.biases = (
+        self.biases = s.length_bias + (
             self.rng.normal(0.0, s.bias_spread, s.n_annotators)
             if s.bias_spread > 0
             else np.zeros(s.n_annotators)

@@ -54,6 +54,7 @@ def cmd_lab_data(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         noise=args.noise,
         n_annotators=args.n_annotators,
+        length_bias=args.length_bias,
         bias_spread=args.bias_spread,
         tie_margin=args.tie_margin,
         keep_ties=args.keep_ties,
@@ -141,7 +142,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", type=float, default=0.0, help="label flip probability in [0, 0.5]")
     g.add_argument("--n-annotators", type=int, default=1)
     g.add_argument(
-        "--bias-spread", type=float, default=0.0, help="std of annotators' length bias (gold per 10 words)"
+        "--length-bias",
+        type=float,
+        default=0.0,
+        help="the annotators' shared length bias (gold per 10 words; > 0 prefers longer answers)",
+    )
+    g.add_argument(
+        "--bias-spread", type=float, default=0.0, help="std of annotators' own length bias (gold per 10 words)"
     )
     g.add_argument("--tie-margin", type=float, default=0.0, help="perceived gold gaps below this are ties")
     g.add_argument("--keep-ties", action="store_true", help="write ties as negligibly_better pairs")

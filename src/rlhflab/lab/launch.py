@@ -137,13 +137,14 @@ def lab_feedback(cfg: Any, stage: str, *, task: str | None = None, log=print):
         temperature=a.temperature,
         noise=a.noise,
         n_annotators=a.n_annotators,
+        length_bias=a.length_bias,
         bias_spread=a.bias_spread,
         tie_margin=a.tie_margin,
         keep_ties=a.keep_ties,
     )
     log(
         f"{stage}: feedback from the lab task '{task}' simulated annotators (temperature {a.temperature}, noise "
-        f"{a.noise}, {a.n_annotators} annotator(s), bias spread {a.bias_spread}, tie margin {a.tie_margin})"
+        f"{a.noise}, {a.n_annotators} annotator(s), length bias {a.length_bias}, bias spread {a.bias_spread}, tie margin {a.tie_margin})"
     )
     return AnnotatorFeedback(task, settings, seed=cfg.seed)
 
