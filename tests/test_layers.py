@@ -17,6 +17,7 @@ reach the lab's gold reward, and there is no import cycle between packages.
     layer 8  pipeline                the main job
     layer 9  experiments             one module per claim: trains what it compares through the pipeline
     layer 10 cli                     `rlhflab <command>`
+    layer 11 __main__                `python -m rlhflab` (what `accelerate launch -m` and `torchrun -m` start)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 8,
     "experiments": 9,
     "cli": 10,
+    "__main__": 11,
 }
 SRC = Path(rlhflab.__file__).parent
 

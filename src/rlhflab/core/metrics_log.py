@@ -76,6 +76,17 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class SilentLogger:
+    """The logger of a data-parallel process other than the main one: it writes nothing (the main one writes
+    the run's metrics), and returns the row as `MetricsLogger.log` does."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        return {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a metrics.jsonl file."""
     with open(path) as f:

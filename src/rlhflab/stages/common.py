@@ -32,7 +32,7 @@ from rlhflab.config import (
 )
 from rlhflab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.core.io import atomic_dir, atomic_write_text
-from rlhflab.core.metrics_log import MetricsLogger
+from rlhflab.core.metrics_log import MetricsLogger, SilentLogger
 from rlhflab.core.progress import Progress
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError, UserError
@@ -81,12 +81,13 @@ def lora_settings(lora: LoraSection):
     return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=modules)
 
 
-def load_policy(model_cfg: ModelSection):
-    """(model, tokenizer, device) from a model section, ready to train."""
+def load_policy(model_cfg: ModelSection, device: torch.device | None = None):
+    """(model, tokenizer, device) from a model section, ready to train; `device` overrides model.device (the
+    device a data-parallel launcher gave this process)."""
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
 
     path = resolve_model_path(model_cfg.name_or_path)
-    device = resolve_device(model_cfg.device)
+    device = device if device is not None else resolve_device(model_cfg.device)
     lora = None
     if model_cfg.lora.enabled:
         lora = lora_settings(model_cfg.lora)
@@ -157,7 +158,7 @@ class Run:
     (loading, a reference pass, evaluation, normalization, saving) count in the first, not the second."""
 
     dir: Path
-    logger: MetricsLogger
+    logger: MetricsLogger | SilentLogger
     name: str = "run"
     started: float = field(default_factory=time.time)
     totals: dict[str, float] = field(default_factory=dict)
@@ -165,6 +166,8 @@ class Run:
     final_step: int = 0
 
     def close(self) -> None:
+        if isinstance(self.logger, SilentLogger):  # not the main process: the main one reports
+            return
         wall = max(time.time() - self.started, 1e-9)
         units = [u for u in END_TO_END_UNITS if self.totals.get(u)]
         if units:
@@ -182,7 +185,24 @@ class Run:
         self.logger.close()
 
 
-def open_run(cfg: Any, stage: str, logging_cfg: LoggingSection, *, resume: bool, overwrite: bool) -> Run:
+def open_run(
+    cfg: Any, stage: str, logging_cfg: LoggingSection, *, resume: bool, overwrite: bool, parallel=None
+) -> Run:
+    """The run directory with its logger. With several data-parallel processes (`parallel`, a
+    `stages.parallel.DataParallel`), the main one prepares the directory and writes; the others wait for it and
+    get a silent logger."""
+    if parallel is not None and parallel.world > 1:
+        if not logging_cfg.output_dir:
+            raise ConfigError(
+                f"config: logging.output_dir is empty, and each of the {parallel.world} processes would name its "
+                "own timestamped run directory; set logging.output_dir"
+            )
+        if not parallel.is_main:
+            parallel.wait()  # the main process has prepared (or cleared) the directory
+            return Run(dir=Path(logging_cfg.output_dir), logger=SilentLogger(), name=stage)
+        run = open_run(cfg, stage, logging_cfg, resume=resume, overwrite=overwrite)
+        parallel.wait()
+        return run
     run_dir = prepare_run_dir(logging_cfg.output_dir, stage, resume=resume, overwrite=overwrite)
     # The resolved config goes to disk before any work, so a crashed run still says how it was launched.
     atomic_write_text(run_dir / "config.yaml", f"stage: {stage}\n" + config_to_yaml(cfg, comments=False))
@@ -252,6 +272,8 @@ class Loop:
     `state`: extra stage state to checkpoint (e.g. PPO's KL controller); on resume `resumed_state` holds it.
     `snapshot(path)`: saves the trained model to `path` (as the stage's final save does), every
     logging.snapshot_every steps, into RUN/snapshots/step-NNNNNN.
+    `writes=False` (a data-parallel process other than the main one): the same steps, resumed from the same
+    checkpoint, but no evaluation, snapshot, checkpoint or progress bar.
     """
 
     def __init__(
@@ -267,6 +289,7 @@ class Loop:
         resume: bool,
         state: Callable[[], dict] | None = None,
         snapshot: Callable[[Path], Any] | None = None,
+        writes: bool = True,
     ):
         if logging_cfg.snapshot_every and snapshot is None:
             raise ConfigError(f"config: logging.snapshot_every is not supported by {name}; leave it 0")
@@ -279,7 +302,9 @@ class Loop:
             self.step, self.last_ckpt = loaded.pop("step"), ckpt
             self.resumed_state = loaded
             print(f"{name}: resumed from {ckpt} at step {self.step}")
-        self.progress = Progress(total, name, enabled=logging_cfg.progress, completed=self.step)
+        # writes=False: a data-parallel process other than the main one (same steps, no files, no bar).
+        self.writes = writes
+        self.progress = Progress(total, name, enabled=logging_cfg.progress and writes, completed=self.step)
         self.counts: dict[str, float] = {}
         self.totals: dict[
             str, float
@@ -309,6 +334,8 @@ class Loop:
             row = self.run.logger.log(self.step, {**metrics, **(perf(self.counts, seconds) if perf else {})})
             self.counts, self._t_last = {}, time.time()
             self.progress.update(0, {label: row[key] for label, key in (show or {}).items()})
+        if not self.writes:
+            return
         every = getattr(self.cfg, "eval_every", 0)
         if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
             self.run.logger.log(self.step, evaluate())

@@ -34,6 +34,7 @@ from rlhflab.stages.common import (
     optimizer_step,
 )
 from rlhflab.stages.data_source import load_stage_records, require_train_path
+from rlhflab.stages.parallel import DataParallel
 
 
 def _micro_batches(examples: list[dict], indices: list[int], cfg: SFTConfig, pad_id: int):
@@ -88,8 +89,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     # 1. Setup: seeds, run directory, model, data.
     require_train_path(cfg.data, "sft")
     seed_everything(cfg.seed)
-    run = open_run(cfg, "sft", cfg.logging, resume=resume, overwrite=overwrite)
-    model, tokenizer, device = load_policy(cfg.model)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.optim.batch_size)
+    run = open_run(cfg, "sft", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    model, tokenizer, device = load_policy(cfg.model, device=par.device)
     train_records, eval_records = load_stage_records(cfg.data, "sft", seed=cfg.seed)
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     examples = [tokenize_sft(r, tokenizer, **kw) for r in train_records]
@@ -97,15 +100,18 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     n_params = count_parameters(model)
-    print(
-        f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
-        f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}"
-    )
+    if par.is_main:
+        print(
+            f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
+            f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}"
+            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        )
 
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(
-        run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot
-    )
+        run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot,
+        writes=par.is_main,
+    )  # fmt: skip
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
@@ -115,18 +121,22 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
         n_tokens = sum(sum(examples[i]["loss_mask"][1:]) for i in indices)
         step_loss, trained = 0.0, 0
-        for batch in _micro_batches(examples, indices, cfg, tokenizer.pad_token_id):
+        # Each process takes its share of the step's batch; the loss stays normalized by the whole batch's
+        # count, so the gradients summed across processes are the whole batch's.
+        for batch in _micro_batches(examples, par.shard(indices), cfg, tokenizer.pad_token_id):
             with amp():
                 loss, n = _loss(model, batch, device, cfg.algo.loss_reduction, max(n_tokens, 1), len(indices))
             check_finite({"loss/sft": loss}, step=loop.step + 1, last_good=loop.last_ckpt)
             loss.backward()
             step_loss += float(loss.detach())
             trained += n
+        par.sum_gradients(model)
+        step_loss = par.sum(step_loss)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
         # The body runs at every real token, the LM head only at the trained (response) tokens.
-        loop.count(tokens=trained, real=sum(len(examples[i]["input_ids"]) for i in indices))
+        loop.count(tokens=par.sum(trained), real=sum(len(examples[i]["input_ids"]) for i in indices))
 
         # 3. Log, evaluate, checkpoint.
         loop.end_step(
@@ -150,11 +160,15 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         )
     loop.close()
 
-    # 4. Save the final model (HF format) and the final evaluation.
+    # 4. Save the final model (HF format) and the final evaluation: the main process writes.
+    if not par.is_main:
+        par.wait()  # until the main process has saved the final model
+        return run.dir / "final"
     if eval_examples:
         metrics = run.logger.log(loop.step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
         print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     final = save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
     run.close()
     print(f"sft: saved the model to {final}")
+    par.wait()
     return final

@@ -1,0 +1,87 @@
+"""Data parallelism across the processes that `accelerate launch` or `torchrun` start.
+
+    accelerate launch --multi_gpu --num_processes 2 -m rlhflab sft --config configs/sft_tiny.yaml
+    torchrun --nproc_per_node 2 -m rlhflab sft --config configs/sft_tiny.yaml
+
+Every process builds the same model from the same seed and walks the same batch schedule (a function of the
+seed and the epoch); each takes its share of every step's batch (`shard`: rank r takes examples r, r + W,
+...), computes its part of the step's loss normalized by the WHOLE batch's count, and the gradients are
+summed across processes before the optimizer step (`sum_gradients`). The sum of the parts is the full batch's
+gradient, so W processes take the same steps as one process with the same `optim.batch_size`, up to the order
+of floating-point additions: the global batch does not change with the number of processes. Only the main
+process writes (metrics, checkpoints, the final model).
+
+The processes talk through accelerate's collectives (gloo on CPU, NCCL on GPUs); nothing here launches
+processes. The gradient sum is an explicit all-reduce rather than a `DistributedDataParallel` wrapper because
+the stages call the model's body and LM head separately (the head only where log-probs are needed), which a
+DDP wrapper's forward would not see. Accelerate only picks the CPU backend when asked (`cpu=True`), so that
+is what a machine without CUDA gets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+class DataParallel:
+    """This process's place among the data-parallel processes (one process: rank 0 of 1, no collectives)."""
+
+    def __init__(self) -> None:
+        self.accelerator: Any = None
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device accelerate assigned this process (None with one process: the config's device)."""
+        return None if self.accelerator is None else self.accelerator.device
+
+    def shard(self, items: list) -> list:
+        """This process's share of one step's items: every W-th, starting at its rank."""
+        return list(items)[self.rank :: self.world]
+
+    def check_batch(self, batch_size: int, what: str = "optim.batch_size") -> None:
+        """Every process needs at least one example of every step."""
+        from rlhflab.errors import ConfigError
+
+        if batch_size < self.world:
+            raise ConfigError(
+                f"config: {what}={batch_size} is smaller than the {self.world} processes; each process needs at "
+                f"least one example per step: raise {what} or launch fewer processes"
+            )
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """Sum every trainable parameter's gradient across processes, in one flat all-reduce."""
+        if self.world == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def sum(self, value: float) -> float:
+        """A number summed over the processes (e.g. a loss each computed on its share)."""
+        if self.world == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(x, reduction="sum"))
+
+    def wait(self) -> None:
+        """Every process reaches this point before any goes on (e.g. the main one has made the run directory)."""
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()

@@ -1,0 +1,85 @@
+"""Data parallelism (stages/parallel.py): W processes started by `accelerate launch` or `torchrun` take the same
+steps as one process with the same global batch, and only the main process writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhflab.core.metrics_log import read_metrics
+from rlhflab.errors import ConfigError
+from rlhflab.stages import sft
+from rlhflab.stages.parallel import DataParallel
+
+from ..helpers import QUIET, SHORT_TEXT, stage_config
+
+
+def test_one_process_is_rank_0_of_1_and_changes_nothing(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    par = DataParallel()
+    assert (par.rank, par.world, par.is_main, par.device) == (0, 1, True, None)
+    assert par.shard([5, 6, 7]) == [5, 6, 7] and par.sum(2.5) == 2.5
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    par.sum_gradients(model)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+def test_shards_cover_the_batch_once():
+    par = DataParallel.__new__(DataParallel)
+    shards = []
+    for rank in range(3):
+        par.rank, par.world = rank, 3
+        shards.append(par.shard(list(range(8))))
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    with pytest.raises(ConfigError, match="optim.batch_size=2 is smaller than the 3 processes"):
+        par.check_batch(2)
+
+
+def _launch(launcher: list[str], args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [*launcher, "-m", "rlhflab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+LAUNCHERS = {
+    # accelerate's --cpu flag starts ONE process; its multi-process launcher (torchrun underneath) with a
+    # CPU-only machine gets gloo from stages.parallel, which asks accelerate for the CPU backend.
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_sft_on_two_processes_takes_the_steps_of_one(launcher, tiny_model_dir, sft_file, tmp_path):
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={sft_file}", *QUIET, *SHORT_TEXT,
+        "optim.max_steps=6", "data.eval_fraction=0.25",
+    ]  # fmt: skip
+    one = sft.train(stage_config("sft", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS[launcher], ["sft", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout
+    assert out.stdout.count("sft: saved the model") == 1  # the main process saves, once
+    a, b = load_file(one / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    assert any((a[k] - start[k]).abs().max() > 1e-3 for k in a)  # it trained: equal weights are not the start
+    one_rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/sft" in r]
+    two_rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/sft" in r]
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == list(range(1, 7))  # written once
+    for r1, r2 in zip(one_rows, two_rows):  # the logged loss is the whole batch's, summed over the processes
+        assert r2["loss/sft"] == pytest.approx(r1["loss/sft"], abs=1e-5)
