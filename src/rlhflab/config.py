@@ -305,14 +305,19 @@ class HeadSpec:
 
 @dataclass
 class RewardAlgo:
-    loss: Literal["bradley_terry", "plackett_luce", "all_pairs", "binary", "step"] = "bradley_terry"
+    loss: Literal["bradley_terry", "plackett_luce", "all_pairs", "binary", "step", "distributional"] = (
+        "bradley_terry"
+    )
     """Pairwise Bradley-Terry on pairwise data (with optional margins); or, on K-wise rankings, Plackett-Luce
     or InstructGPT's mean over all K-choose-2 pairs. Tied responses: all_pairs skips tied pairs; Plackett-Luce
     sums the likelihood over every order of the tied responses. binary: a classifier of single responses on
     unpaired data (prompt, completion, label), e.g. Sparrow's rule-violation models, one head per rule, or an
     outcome reward model (label = the final answer is right). step: a process reward model (Lightman et al.
     2023), a classifier of each step read at the step's last token, on stepwise data (prompt, completions = the
-    steps, labels = one bool per step; TRL's stepwise-supervision format); see data.step_separator."""
+    steps, labels = one bool per step; TRL's stepwise-supervision format); see data.step_separator.
+    distributional: on pairwise data, a mean and a log-variance per response (two heads, 'mean' and 'log_var'),
+    P(chosen preferred) = Phi((mu_c - mu_r) / sqrt(sigma_c^2 + sigma_r^2)) (Siththaranjan et al. 2023's
+    mean-and-variance DPL): the variance is where annotators disagree; scoring gives the mean, or mean - k std."""
     margin: Literal["none", "data", "small", "large"] = "none"
     """Llama 2 margin m in -log sigmoid(r_c - r_r - m): none; the record's numeric `margin` (0 where absent);
     or the small/large table (Table 27) applied to the record's `rating`. bradley_terry only."""
@@ -363,6 +368,16 @@ class RewardAlgo:
             self.center_rewards_coef == 0 or self.loss != "step",
             "algo.center_rewards_coef",
             "centres a response's reward; algo.loss=step scores every step and has no such term: set it to 0",
+        )
+        _require(
+            self.label_smoothing == 0 or self.loss != "distributional",
+            "algo.label_smoothing",
+            "is not defined for algo.loss=distributional (its variance already models split labels); set it to 0",
+        )
+        _require(
+            not self.heads or self.loss != "distributional",
+            "algo.heads",
+            "is set but algo.loss=distributional has its own two heads (mean, log_var) on data.train_path; drop it",
         )
         _require(
             self.label_smoothing == 0 or self.loss != "plackett_luce",

@@ -101,8 +101,8 @@ def test_the_reward_model_reads_the_lab_file_of_its_loss():
     def kind(loss):
         return record_kind("rm", load_config("rm", None, [f"algo.loss={loss}"]))
 
-    assert [kind(x) for x in ("bradley_terry", "plackett_luce", "all_pairs", "binary")] == [
-        "pairwise", "ranked", "ranked", "unpaired"
+    assert [kind(x) for x in ("bradley_terry", "plackett_luce", "all_pairs", "binary", "distributional")] == [
+        "pairwise", "ranked", "ranked", "unpaired", "pairwise"
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="data.train_path"):
         kind("step")

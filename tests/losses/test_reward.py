@@ -15,12 +15,14 @@ from rlhflab.errors import ConfigError
 from rlhflab.losses.reward import (
     all_pairs_with_ties,
     bradley_terry,
+    distributional_preference,
     llama2_margins,
     pairwise_all_pairs,
     plackett_luce,
     plackett_luce_with_ties,
     regression,
     reward_centering,
+    stacked_distributional,
     tie_orders,
     trex,
 )
@@ -231,3 +233,50 @@ def test_binary_classifier_by_hand():
     assert torch.autograd.gradcheck(
         lambda x: binary_classifier(x, labels).loss, (r64.detach().requires_grad_(),)
     )
+
+
+def test_distributional_preference_by_hand():
+    """Phi(z) = (1 + erf(z / sqrt 2)) / 2. Pair 1: mu 1 vs 0, sigma^2 1 and 1: z = 1 / sqrt 2 = 0.707107, Phi =
+    0.760250, loss 0.274108. Pair 2: mu 0.5 vs 1.5, sigma^2 3 and 1: z = -1 / 2, Phi = 0.308538, loss 1.175912.
+    Pair 3: equal means: z = 0, loss log 2 = 0.693147, whatever the variances."""
+    out = distributional_preference(
+        t([1.0, 0.5, 2.0]), t([0.0, math.log(3.0), 1.0]), t([0.0, 1.5, 2.0]), t([0.0, 0.0, -2.0])
+    )
+    torch.testing.assert_close(out.loss, t([0.274108, 1.175912, 0.693147]), atol=1e-6, rtol=0)
+    assert out.metrics["reward/accuracy"].tolist() == [1.0, 0.0, 0.0]
+    torch.testing.assert_close(out.metrics["reward/std"][:2], t([math.sqrt(2.0), 2.0]))
+    assert not out.metrics["reward/std"].requires_grad
+
+
+def test_distributional_preference_with_equal_variances_is_probit_bradley_terry():
+    """sigma_c = sigma_r = s: L = -log Phi(gap / (sqrt 2 s)), a probit Bradley-Terry model in the scaled gap; so
+    doubling s halves the effective gap, and the two orders of a pair have probabilities summing to 1."""
+    gap = t([-2.0, -0.3, 0.0, 0.4, 3.0])
+    for s in (0.5, 1.0, 2.0):
+        log_var = torch.full_like(gap, 2 * math.log(s))
+        out = distributional_preference(gap, log_var, torch.zeros_like(gap), log_var)
+        z = gap / (math.sqrt(2.0) * s)
+        torch.testing.assert_close(out.loss, -torch.log(0.5 * (1 + torch.erf(z / math.sqrt(2.0)))))
+        flipped = distributional_preference(torch.zeros_like(gap), log_var, gap, log_var)
+        torch.testing.assert_close(torch.exp(-out.loss) + torch.exp(-flipped.loss), torch.ones_like(gap))
+    # Far in the tail the loss stays finite and linear-quadratic (log_ndtr), not inf.
+    far = distributional_preference(t([-40.0]), t([0.0]), t([0.0]), t([0.0]))
+    assert math.isfinite(far.loss.item()) and far.loss.item() > 400
+
+
+def test_distributional_preference_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    args = tuple(torch.randn(4, generator=g, dtype=F64, requires_grad=True) for _ in range(4))
+    assert torch.autograd.gradcheck(lambda *a: distributional_preference(*a).loss, args)
+    stacked = torch.randn(6, 2, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: stacked_distributional(x, center_coef=0.3).loss, (stacked,))
+
+
+def test_stacked_distributional_splits_rows_and_centres_the_means():
+    """Rows: chosen (mu 1, log var 0), rejected (mu 0, log var 0): the loss of pair 1 above, 0.274108; centering
+    0.5 x (1 + 0)^2 = 0.5."""
+    out = stacked_distributional(t([[1.0, 0.0], [0.0, 0.0]]), center_coef=0.5)
+    torch.testing.assert_close(out.loss, t([0.274108 + 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.metrics["loss/center"], t([1.0]))
+    with pytest.raises(ValueError, match="2B, 2"):
+        stacked_distributional(t([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0]]))

@@ -72,4 +72,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "how much of PPO's, DPO's and best-of-n's gold gain is length, with annotators who prefer longer answers "
         "and without (Singhal et al. 2023; Dubois et al. 2024)",
     ),
+    "pluralism": (
+        "rlhflab.experiments.pluralism",
+        "two annotator groups with different gold: one Bradley-Terry RM vs a distributional RM vs a group-"
+        "conditioned RM; each group's gold under best-of-n (Siththaranjan et al. 2023; Chakraborty et al. 2024)",
+    ),
 }

@@ -97,7 +97,8 @@ def record_kind(stage: str, cfg: Any) -> str:
                 "the lab writes no stepwise data ({prompt, completions, labels}) for algo.loss=step; give "
                 "data.train_path (see `rlhflab experiment prm-vs-orm` for how to make it)"
             )
-        return {"bradley_terry": "pairwise", "binary": "unpaired"}.get(cfg.algo.loss, "ranked")
+        pairwise = {"bradley_terry": "pairwise", "distributional": "pairwise", "binary": "unpaired"}
+        return pairwise.get(cfg.algo.loss, "ranked")
     if stage == "pm":
         return "pairwise"
     if stage in ("ppo", "rloo", "grpo", "online-dpo", "rs", "quark"):

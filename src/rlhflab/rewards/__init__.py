@@ -4,7 +4,8 @@ PPO, best-of-n and rejection sampling call them; they never see the lab's gold r
 
 - base: `RewardSource` (the protocol), `Reward` (a base class), `check_batch`
 - learned: `LearnedReward` (a trained `RewardModel` directory + its tokenizer, one head, optional whitening);
-  `ProcessReward` (a process reward model: step probabilities, aggregated by product or minimum)
+  `ProcessReward` (a process reward model: step probabilities, aggregated by product or minimum);
+  `DistributionalReward` (a mean-and-variance model: the mean, or mean - k std)
 - rules: `LengthPenalty`, `RegexRule`, `MissingEOSPenalty` (`RuleReward`: 0 when followed, -penalty when not),
   `ArithmeticVerifier` (1 when the final answer is the prompt's sum: a verifiable reward)
 - combined: `CombinedReward` (weighted sum, Llama 2 safety gate, Sparrow re-rank, reward-model ensembles: mean,
@@ -14,7 +15,7 @@ PPO, best-of-n and rejection sampling call them; they never see the lab's gold r
 
 from rlhflab.rewards.base import Prompt, Reward, RewardSource, check_batch
 from rlhflab.rewards.combined import CombinedReward
-from rlhflab.rewards.learned import SETTINGS_FILE, LearnedReward, ProcessReward
+from rlhflab.rewards.learned import SETTINGS_FILE, DistributionalReward, LearnedReward, ProcessReward
 from rlhflab.rewards.rules import ArithmeticVerifier, LengthPenalty, MissingEOSPenalty, RegexRule, RuleReward
 from rlhflab.rewards.spec import load_reward, load_rewards, parse_spec
 
@@ -22,6 +23,7 @@ __all__ = [
     "SETTINGS_FILE",
     "ArithmeticVerifier",
     "CombinedReward",
+    "DistributionalReward",
     "LearnedReward",
     "LengthPenalty",
     "MissingEOSPenalty",

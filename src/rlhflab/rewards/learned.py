@@ -89,12 +89,15 @@ class LearnedReward(Reward):
         max_prompt_length: int | None = None,
         name: str | None = None,
         aggregate: str | None = None,
+        risk_aversion: float = 0.0,
     ) -> LearnedReward:
         """Load a reward model saved by `rlhflab rm` (or any HF *ForSequenceClassification directory); a process
         reward model (trained with algo.loss=step) comes back as a `ProcessReward` scoring by `aggregate`
         ("product", the default, or "min"), which other reward models refuse.
 
-        max_length / max_prompt_length default to the training values stored beside the model.
+        max_length / max_prompt_length default to the training values stored beside the model. A distributional
+        reward model (algo.loss=distributional) comes back as a `DistributionalReward` scoring mean -
+        risk_aversion * std; other models refuse a risk_aversion other than 0.
         """
         from rlhflab.models.loading import load_tokenizer
 
@@ -105,6 +108,12 @@ class LearnedReward(Reward):
             raise ConfigError(
                 f"aggregate={aggregate!r} combines a process reward model's step scores, but '{p}' was trained "
                 f"with algo.loss={settings.get('loss', 'bradley_terry')} and gives one score per response; drop it"
+            )
+        distributional = settings.get("loss") == "distributional"
+        if risk_aversion and not distributional:
+            raise ConfigError(
+                f"risk_aversion={risk_aversion} subtracts a multiple of a distributional reward model's std, but "
+                f"'{p}' was trained with algo.loss={settings.get('loss', 'bradley_terry')} and has none; drop it"
             )
         model = RewardModel.from_pretrained(p, dtype=dtype, device=str(device))
         model.requires_grad_(False).eval()
@@ -127,6 +136,8 @@ class LearnedReward(Reward):
                 score_stats=settings.get("score_stats") or None,
                 **kwargs,
             )
+        if distributional:
+            return DistributionalReward(model, load_tokenizer(p), risk_aversion=risk_aversion, **kwargs)
         return cls(model, load_tokenizer(p), **kwargs)
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
@@ -278,6 +289,53 @@ class ProcessReward(LearnedReward):
         return {**super().describe(), "aggregate": self.aggregate, "step_separator": self.step_separator}
 
 
+class DistributionalReward(LearnedReward):
+    """A distributional reward model's score (`rlhflab rm algo.loss=distributional`): heads 'mean' and 'log_var',
+    the mean mu and log sigma^2 of a response's utility over the annotators (Siththaranjan et al. 2023).
+
+    `score` is mu - risk_aversion * sigma: 0 (the default) optimizes the average annotator; > 0 is risk-averse,
+    preferring responses fewer annotators would reject. `normalize` whitens with the mean head's stored statistics:
+    (mu - m) / s and sigma / s, one affine map, so mu - k sigma keeps its meaning. `mean_std` gives both.
+    """
+
+    def __init__(self, model: RewardModel, tokenizer: Any, *, risk_aversion: float = 0.0, **kwargs: Any):
+        if model.head_names != ["mean", "log_var"]:
+            raise ConfigError(
+                f"a distributional reward model has heads ['mean', 'log_var'], this one {model.head_names}"
+            )
+        if not risk_aversion >= 0:
+            raise ConfigError(f"risk_aversion must be >= 0 (0 = the mean), got {risk_aversion}")
+        if kwargs.get("head", 0) not in (0, "mean"):
+            raise ConfigError(
+                f"head={kwargs['head']!r}: a distributional reward model scores by its mean (and std, through "
+                "risk_aversion); drop head"
+            )
+        normalize = kwargs.pop("normalize", False)
+        super().__init__(model, tokenizer, **{**kwargs, "head": "mean"})
+        # Whitening is applied here, to mu and sigma together, not per head (a whitened log-variance means nothing).
+        self.whiten, self.risk_aversion = normalize, float(risk_aversion)
+        if kwargs.get("name") is None:
+            self.name = "distributional" + (f"_k{risk_aversion:g}" if risk_aversion else "")
+
+    def mean_std(
+        self, prompts: Sequence[Prompt], responses: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu [B], sigma [B]) float32 on the CPU, whitened with `normalize`."""
+        both = self.score_all_heads(prompts, responses)
+        mean, std = both[:, 0], torch.exp(0.5 * both[:, 1])
+        if self.whiten:
+            m, s = float(self.model.reward_mean[0]), float(self.model.reward_std[0])
+            mean, std = (mean - m) / s, std / s
+        return mean, std
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
+        mean, std = self.mean_std(prompts, responses)
+        return mean - self.risk_aversion * std
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "normalize": self.whiten, "risk_aversion": self.risk_aversion}
+
+
 def check_reward_dir(path: str | Path) -> Path:
     """The reward-model directory of `path`, or a UserError that says what was expected."""
     p = resolve_reward_dir(path)
@@ -289,4 +347,11 @@ def check_reward_dir(path: str | Path) -> Path:
     return p
 
 
-__all__ = ["SETTINGS_FILE", "LearnedReward", "ProcessReward", "check_reward_dir", "resolve_reward_dir"]
+__all__ = [
+    "SETTINGS_FILE",
+    "DistributionalReward",
+    "LearnedReward",
+    "ProcessReward",
+    "check_reward_dir",
+    "resolve_reward_dir",
+]

@@ -4,6 +4,7 @@
     runs/rm/final:head=safety             one head, by name or index
     runs/rm/final:normalize=true          whitened with the training mean/std stored in the model
     runs/prm/final:aggregate=min          a process reward model's weakest step (default: product of steps)
+    runs/dpl/final:risk_aversion=1        a distributional reward model's mean - 1 x std (default: the mean)
     rule:length                           -0.01 per word      (options: coef, target, unit=words|chars)
     rule:regex:pattern=\\bsorry\\b:mode=must_not              (options: pattern, mode=must|must_not, penalty)
     rule:eos:penalty=2                    response must end with an EOS marker (options: penalty, eos)
@@ -57,6 +58,7 @@ LEARNED_OPTIONS: dict[str, Callable[[str], Any]] = {
     "max_length": int,
     "max_prompt_length": int,
     "aggregate": str,  # a process reward model's product / min of step probabilities
+    "risk_aversion": float,  # a distributional reward model's mean - k * std
 }
 
 

@@ -5,6 +5,9 @@ from the SFT model, as in Ouyang et al. 2022). It learns from
 
   - pairwise data: -log sigma(r_c - r_r - m), Bradley-Terry with Llama 2's margin m taken from the record's
     numeric `margin` or from its `rating` through the small/large table (Touvron et al. 2023, Table 27);
+  - pairwise data with algo.loss=distributional: a mean and a log-variance per response (heads 'mean' and
+    'log_var'), -log Phi((mu_c - mu_r) / sqrt(sigma_c^2 + sigma_r^2)) (Siththaranjan et al. 2023's
+    mean-and-variance DPL); held-out accuracy and eval loss are those of the means (eval/mean/*);
   - K-wise rankings: Plackett-Luce, or InstructGPT's mean over all K-choose-2 pairs; tied responses
     are skipped by all_pairs and marginalized (every order of the tie) by Plackett-Luce.
 
@@ -45,7 +48,13 @@ from rlhflab.eval.reward_accuracy import format_accuracy_table
 from rlhflab.losses import (
     LossOutput,
 )
-from rlhflab.losses.reward import binary_classifier, process_reward_loss, ranked_loss, stacked_bradley_terry
+from rlhflab.losses.reward import (
+    binary_classifier,
+    process_reward_loss,
+    ranked_loss,
+    stacked_bradley_terry,
+    stacked_distributional,
+)
 from rlhflab.models.final_layer import SHARED_PROMPT_MODEL_TYPES, supports_shared_prompt
 from rlhflab.models.flops import matmul_params, reward_model_train_flops
 from rlhflab.models.loading import (
@@ -80,7 +89,14 @@ from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization, 
 
 # What each loss trains on: pairs, single labelled responses, solutions labelled step by step, or (every other
 # loss) K-wise rankings.
-DATA_KIND = {"bradley_terry": "pairwise", "binary": "unpaired", "step": "stepwise"}
+DATA_KIND = {
+    "bradley_terry": "pairwise",
+    "binary": "unpaired",
+    "step": "stepwise",
+    "distributional": "pairwise",
+}
+# Losses whose model has heads of its own (not algo.heads): distributional DPL reads a mean and a log-variance.
+OUTPUT_HEADS = {"distributional": ["mean", "log_var"]}
 
 
 def _row_rewards(model: RewardModel, batch: dict, device: torch.device) -> torch.Tensor:
@@ -95,17 +111,36 @@ def _step_rewards(model: RewardModel, batch: dict, device: torch.device) -> torc
     return scores.gather(2, heads).squeeze(2)
 
 
+def _bradley_terry_pairs(model: RewardModel, batch: dict, cfg: RewardConfig, device) -> LossOutput:
+    algo = cfg.algo
+    margin = batch["margin"].to(device) if algo.margin != "none" else None
+    return stacked_bradley_terry(
+        _row_rewards(model, batch, device),
+        margin,
+        label_smoothing=algo.label_smoothing,
+        center_coef=algo.center_rewards_coef,
+    )
+
+
+def _distributional_pairs(model: RewardModel, batch: dict, cfg: RewardConfig, device) -> LossOutput:
+    # Both heads of every row: column 0 the mean, column 1 the log-variance (OUTPUT_HEADS).
+    return stacked_distributional(
+        batch_rewards(model, batch, device), center_coef=cfg.algo.center_rewards_coef
+    )
+
+
+# algo.loss -> the loss of a pairwise batch.
+PAIRWISE_LOSSES = {"bradley_terry": _bradley_terry_pairs, "distributional": _distributional_pairs}
+
+
 def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, device) -> LossOutput:
+    if kind == "pairwise":
+        return PAIRWISE_LOSSES[cfg.algo.loss](model, batch, cfg, device)
     if kind == "stepwise":
         scores = _step_rewards(model, batch, device)
         return process_reward_loss(scores, batch["step_labels"].to(device), batch["step_mask"].to(device))
     scores = _row_rewards(model, batch, device)
     algo = cfg.algo
-    if kind == "pairwise":
-        margin = batch["margin"].to(device) if algo.margin != "none" else None
-        return stacked_bradley_terry(
-            scores, margin, label_smoothing=algo.label_smoothing, center_coef=algo.center_rewards_coef
-        )
     if kind == "unpaired":
         return binary_classifier(scores, batch["label"].to(device), center_coef=algo.center_rewards_coef)
     return ranked_loss(
@@ -273,7 +308,8 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
-    model, device = _build_model(cfg, path, [h.name for h in cfg.algo.head_specs()])
+    heads = OUTPUT_HEADS.get(cfg.algo.loss) or [h.name for h in cfg.algo.head_specs()]
+    model, device = _build_model(cfg, path, heads)
     examples, eval_examples = load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
     shared = _shared_prompt(cfg, model)
