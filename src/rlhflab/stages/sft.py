@@ -67,6 +67,17 @@ def _loss(model, batch: dict, device, reduction: str, n_batch_tokens: int, n_bat
     return total, int(target.sum())
 
 
+def _announce(examples: list[dict], total_steps: int, model, run_dir: Path, par: DataParallel) -> None:
+    if not par.is_main:
+        return
+    n_params = count_parameters(model)
+    print(
+        f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
+        f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run_dir}"
+        + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+    )
+
+
 def evaluate(model, examples: list[dict], device, pad_id: int, batch_size: int = 32) -> dict[str, float]:
     """Token-mean NLL and perplexity on held-out demonstrations."""
     model.eval()
@@ -99,19 +110,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     eval_examples = [tokenize_sft(r, tokenizer, **kw) for r in eval_records]
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    n_params = count_parameters(model)
-    if par.is_main:
-        print(
-            f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
-            f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run.dir}"
-            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
-        )
-
+    _announce(examples, total_steps, model, run.dir, par)
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
-    loop = Loop(
-        run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot,
-        writes=par.is_main,
-    )  # fmt: skip
+    loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
+                snapshot=snapshot, writes=par.is_main)  # fmt: skip
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
@@ -161,14 +163,14 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     loop.close()
 
     # 4. Save the final model (HF format) and the final evaluation: the main process writes.
-    if not par.is_main:
-        par.wait()  # until the main process has saved the final model
-        return run.dir / "final"
-    if eval_examples:
-        metrics = run.logger.log(loop.step, evaluate(model, eval_examples, device, tokenizer.pad_token_id))
-        print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    final = save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-    run.close()
-    print(f"sft: saved the model to {final}")
-    par.wait()
-    return final
+    if par.is_main:
+        if eval_examples:
+            metrics = run.logger.log(
+                loop.step, evaluate(model, eval_examples, device, tokenizer.pad_token_id)
+            )
+            print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
+        run.close()
+        print(f"sft: saved the model to {run.dir / 'final'}")
+    par.wait()  # the other processes return once the main one has saved the model
+    return run.dir / "final"
