@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
-from rlhflab.stages import sft
+from rlhflab.stages import reward, sft
 from rlhflab.stages.parallel import DataParallel
 
-from ..helpers import QUIET, SHORT_TEXT, stage_config
+from ..helpers import QUIET, SHORT_TEXT, stage_config, write_jsonl
 
 
 def test_one_process_is_rank_0_of_1_and_changes_nothing(monkeypatch):
@@ -72,14 +72,46 @@ def test_sft_on_two_processes_takes_the_steps_of_one(launcher, tiny_model_dir, s
     assert out.returncode == 0, out.stderr[-3000:]
     assert "data parallel over 2 processes" in out.stdout
     assert out.stdout.count("sft: saved the model") == 1  # the main process saves, once
-    a, b = load_file(one / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
-    start = load_file(tiny_model_dir / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
-    assert any((a[k] - start[k]).abs().max() > 1e-3 for k in a)  # it trained: equal weights are not the start
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
     one_rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/sft" in r]
     two_rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/sft" in r]
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == list(range(1, 7))  # written once
     for r1, r2 in zip(one_rows, two_rows):  # the logged loss is the whole batch's, summed over the processes
         assert r2["loss/sft"] == pytest.approx(r1["loss/sft"], abs=1e-5)
+
+
+def _assert_same_weights(one, two, start) -> None:
+    a, b, s = (load_file(d / "model.safetensors") for d in (one, two, start))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    moved = [k for k in a if k in s and (a[k] - s[k]).abs().max() > 1e-3]
+    assert moved, "it trained: equal weights are not the start"
+
+
+@pytest.mark.slow
+def test_rm_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
+    rows = [
+        {"prompt": f"what is {s} ?", "chosen": f"{s} is very good .", "rejected": f"{s} is very bad ."}
+        for s in ("the cat", "the dog", "the film", "the day", "this movie", "it")
+    ] * 6
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET, *SHORT_TEXT,
+        "optim.max_steps=4", "data.eval_fraction=0.25", "algo.normalization_samples=8",
+    ]  # fmt: skip
+    one = reward.train(stage_config("rm", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], ["rm", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        "data parallel over 2 processes" in out.stdout and out.stdout.count("rm: saved the reward model") == 1
+    )
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    one_rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/rm" in r]
+    two_rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/rm" in r]
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == [1, 2, 3, 4]
+    for r1, r2 in zip(one_rows, two_rows):  # the step's loss and accuracy, summed over the processes
+        assert r2["loss/rm"] == pytest.approx(r1["loss/rm"], abs=1e-5)
+        assert r2["reward/accuracy"] == pytest.approx(r1["reward/accuracy"], abs=1e-6)

@@ -81,6 +81,15 @@ class DataParallel:
         x = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(x, reduction="sum"))
 
+    def sum_all(self, values: dict[str, float]) -> dict[str, float]:
+        """Each number of a dict summed over the processes, in one all-reduce (the keys are the same on every
+        process: the same step's metrics)."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        x = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.accelerator.reduce(x, reduction="sum").tolist()))
+
     def wait(self) -> None:
         """Every process reaches this point before any goes on (e.g. the main one has made the run directory)."""
         if self.world > 1:

@@ -79,6 +79,7 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import require_train_path
+from rlhflab.stages.parallel import DataParallel
 from rlhflab.stages.reward_data import MAX_TIE_ORDERS, load_examples
 from rlhflab.stages.reward_eval import evaluate_with_tables, fit_normalization, fit_step_normalization
 
@@ -159,9 +160,12 @@ def _batch_loss(model: RewardModel, batch: dict, kind: str, cfg: RewardConfig, d
 # --------------------------------------------------------------------------------------------------------
 
 
-def _build_model(cfg: RewardConfig, path: str, head_names: list[str]) -> tuple[RewardModel, torch.device]:
-    """The SFT model's backbone (its LM head never loaded) with fresh reward heads."""
-    device = resolve_device(cfg.model.device)
+def _build_model(
+    cfg: RewardConfig, path: str, head_names: list[str], device: torch.device | None = None
+) -> tuple[RewardModel, torch.device]:
+    """The SFT model's backbone (its LM head never loaded) with fresh reward heads; `device` overrides
+    model.device (the device a data-parallel launcher gave this process)."""
+    device = device if device is not None else resolve_device(cfg.model.device)
     backbone = load_backbone(path, dtype=cfg.model.dtype, device=str(device))
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
@@ -182,8 +186,12 @@ def _reward_gradients(
     step: int,
     last_ckpt,
     shared: bool = False,
+    n_batch: int | None = None,
 ) -> tuple[dict[str, float], int]:
-    """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen)."""
+    """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen).
+    `n_batch`: the whole step's example count when `examples` is this process's share of it (data parallel):
+    losses and metrics are normalized by it, so their sums over the processes are the step's."""
+    n_batch = n_batch or len(examples)
     size = cfg.optim.micro_batch_size or len(examples)
     amp = mixed_precision(cfg.model, device)
     sums: dict[str, float] = {}
@@ -195,13 +203,13 @@ def _reward_gradients(
         with amp():
             out = _batch_loss(model, batch, kind, cfg, device)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
-        loss = out.loss.sum() / len(examples)
+        loss = out.loss.sum() / n_batch
         check_finite({"loss/rm": loss}, step=step, last_good=last_ckpt)
         loss.backward()
         tokens += int(batch["attention_mask"].sum())
         sums["loss/rm"] = sums.get("loss/rm", 0.0) + float(loss.detach())
         for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v.sum()) / len(examples)
+            sums[k] = sums.get(k, 0.0) + float(v.sum()) / n_batch
     return sums, tokens
 
 
@@ -289,10 +297,13 @@ def _normalize(
     return None
 
 
-def _announce(model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path) -> None:
+def _announce(
+    model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path, world: int = 1
+) -> None:
     print(
         f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
         f"{total_steps} steps, {count_parameters(model) / 1e6:.2f}M parameters, run dir {run_dir}"
+        + (f", data parallel over {world} processes" if world > 1 else "")
     )
     if not eval_examples:
         print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
@@ -305,23 +316,25 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     if any(not h.data for h in cfg.algo.head_specs()):
         require_train_path(cfg.data, kind)
     seed_everything(cfg.seed)
-    run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.optim.batch_size)
+    run = open_run(cfg, "rm", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
     heads = OUTPUT_HEADS.get(cfg.algo.loss) or [h.name for h in cfg.algo.head_specs()]
-    model, device = _build_model(cfg, path, heads)
+    model, device = _build_model(cfg, path, heads, par.device)
     examples, eval_examples = load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
     shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    _announce(model, kind, examples, eval_examples, total_steps, run.dir)
+    if par.is_main:
+        _announce(model, kind, examples, eval_examples, total_steps, run.dir, par.world)
 
     snapshot = functools.partial(_save, cfg, model, tokenizer)
-    loop = Loop(
-        run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot
-    )
-    if loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
+    loop = Loop(run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
+                snapshot=snapshot, writes=par.is_main)  # fmt: skip
+    if par.is_main and loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
         run.logger.log(0, evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0])
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
@@ -332,13 +345,18 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
             examples[i]
             for i in batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
         ]
+        # Each process takes its share of the step's batch, normalized by the whole batch's size, so the
+        # gradients and metrics summed across processes are the whole batch's.
         stats, n_tokens = _reward_gradients(
-            model, batch, kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared
-        )
+            model, par.shard(batch), kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared,
+            n_batch=len(batch),
+        )  # fmt: skip
+        par.sum_gradients(model)
+        stats = par.sum_all(stats)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
-        loop.count(tokens=n_tokens, **_work(batch, kind))
+        loop.count(tokens=par.sum(n_tokens), **_work(batch, kind))
 
         # 3. Log, evaluate, checkpoint.
         loop.end_step(
@@ -358,11 +376,14 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         )
     loop.close()
 
-    # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
-    if eval_examples:
-        _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared)
-    step_stats = _normalize(run, loop.step, cfg, model, examples, kind, device, pad_id, shared)
-    final = _save(cfg, model, tokenizer, run.dir / "final", step_stats)
-    run.close()
-    print(f"rm: saved the reward model to {final}")
-    return final
+    # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format): the
+    # main process does them.
+    if par.is_main:
+        if eval_examples:
+            _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared)
+        step_stats = _normalize(run, loop.step, cfg, model, examples, kind, device, pad_id, shared)
+        _save(cfg, model, tokenizer, run.dir / "final", step_stats)
+        run.close()
+        print(f"rm: saved the reward model to {run.dir / 'final'}")
+    par.wait()  # the other processes return once the main one has saved the model
+    return run.dir / "final"
