@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.errors import ConfigError
-from rlhflab.stages import reward, sft
+from rlhflab.stages import dpo, reward, sft
 from rlhflab.stages.parallel import DataParallel
 
-from ..helpers import QUIET, SHORT_TEXT, stage_config, write_jsonl
+from ..helpers import CAT_PAIRS, CAT_PROMPTS, QUIET, SHORT_TEXT, stage_config, write_jsonl
 
 
 def test_one_process_is_rank_0_of_1_and_changes_nothing(monkeypatch):
@@ -115,3 +115,37 @@ def test_rm_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
     for r1, r2 in zip(one_rows, two_rows):  # the step's loss and accuracy, summed over the processes
         assert r2["loss/rm"] == pytest.approx(r1["loss/rm"], abs=1e-5)
         assert r2["reward/accuracy"] == pytest.approx(r1["reward/accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_dpo_on_two_processes_takes_the_steps_of_one(loss, tiny_model_dir, tmp_path):
+    if loss == "kto":  # unpaired: KTO's reference point is one estimate over each step's whole batch
+        rows = [{"prompt": p, "completion": c, "label": good} for p in CAT_PROMPTS
+                for c, good in (("the cat is very happy .", True), ("the cat is very sad .", False))] * 2  # fmt: skip
+    else:
+        rows = CAT_PAIRS * 4
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET, *SHORT_TEXT,
+        f"algo.loss={loss}", "optim.max_steps=4", "data.eval_fraction=0.25",
+        # Adam turns the last-bit differences of a summation order into whole steps where a gradient is near 0
+        # (its update is about lr x sign); a smaller rate keeps those inside the tolerance.
+        "optim.lr=1e-3",
+    ]  # fmt: skip
+    one = dpo.train(stage_config("dpo", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], ["dpo", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("dpo: saved the model") == 1
+    assert out.stdout.count("reference: reusing") == 1  # the main process filled the cache, the other read it
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    key = f"loss/{loss}"
+    one_rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if key in r]
+    two_rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if key in r]
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == [1, 2, 3, 4]
+    for r1, r2 in zip(one_rows, two_rows):  # the step's loss and metric means, over both processes' shares
+        assert r2 == pytest.approx(
+            r1 | {"time": r2["time"]} | {k: r2[k] for k in r2 if k.startswith("perf/")}, abs=1e-5
+        )

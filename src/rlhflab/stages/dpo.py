@@ -31,7 +31,7 @@ from rlhflab.core.health import check_finite
 from rlhflab.core.seeding import batch_schedule, seed_everything
 from rlhflab.data import UnpairedRecord, tokenize_pair, tokenize_unpaired
 from rlhflab.data.tokenize import mismatched_partners
-from rlhflab.errors import DataError
+from rlhflab.errors import ConfigError, DataError
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
     BCORewardShift,
@@ -52,6 +52,7 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records, require_train_path
+from rlhflab.stages.parallel import DataParallel
 from rlhflab.stages.preference_batch import PreferenceContext, batch_loss, evaluate, kl_reference_point
 from rlhflab.stages.reference import cached_reference_logps, response_tokens
 
@@ -97,14 +98,19 @@ def _preference_gradients(
     micro: int,
     step: int,
     last_ckpt,
+    par: DataParallel,
 ) -> tuple[dict[str, float], int, int]:
-    """Forward/backward of one optimizer step; returns (metrics, trained tokens, forward-only tokens)."""
+    """Forward/backward of one optimizer step; returns (metrics, trained and forward-only tokens). With
+    several processes each takes its share of `indices` (normalized by the whole step's count), and the
+    gradients and metric sums are summed across them."""
+    # KTO's reference point is one estimate over the whole step's batch, on every process alike.
     z0 = kl_reference_point(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
     metric = f"loss/{ctx.algo.loss}"
     sums: dict[str, list[float]] = {}
     total, tokens, rewards = 0.0, 0, []
-    for s in range(0, len(indices), micro):
-        out, n = batch_loss(ctx, "train", examples, indices[s : s + micro], kl_estimate=z0)
+    mine = par.shard(indices)
+    for s in range(0, len(mine), micro):
+        out, n = batch_loss(ctx, "train", examples, mine[s : s + micro], kl_estimate=z0)
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
         loss = out.loss.sum() / len(indices)
         check_finite({metric: loss}, step=step, last_good=last_ckpt)
@@ -117,8 +123,11 @@ def _preference_gradients(
     if ctx.reward_shift is not None:
         # BCO: fold the step's implicit rewards into the running shift, which the next step uses.
         ctx.reward_shift.update(torch.cat(rewards))
-    forward_only = sum(len(kl_examples[i]["input_ids"]) for i in indices) if kl_examples is not None else 0
-    return {metric: total, **metric_means(sums)}, tokens, forward_only
+    par.sum_gradients(ctx.model)
+    flat = par.sum_all({metric: total, **{f"{k}\0{j}": v[j] for k, v in sums.items() for j in (0, 1)}})
+    sums = {k: [flat[f"{k}\0{0}"], flat[f"{k}\0{1}"]] for k in sums}
+    forward_only = sum(len(kl_examples[i]["input_ids"]) for i in mine) if kl_examples is not None else 0
+    return {metric: flat[metric], **metric_means(sums)}, int(par.sum(tokens)), int(par.sum(forward_only))
 
 
 @contextlib.contextmanager
@@ -177,12 +186,40 @@ def _perf(counts: dict[str, int], elapsed: float, params: MatmulParams, what: st
     }
 
 
-def _announce(cfg: DPOConfig, model, what: str, run_dir: Path) -> None:
+def _announce(cfg: DPOConfig, model, what: str, run_dir: Path, par: DataParallel) -> None:
+    if not par.is_main:
+        return
     n, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
     print(
         f"dpo: loss {cfg.algo.loss}, {what}, {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-        f"run dir {run_dir}"
+        f"run dir {run_dir}" + (f", data parallel over {par.world} processes" if par.world > 1 else "")
     )
+
+
+def _data_parallel(cfg: DPOConfig, spec) -> DataParallel:
+    """This process's place among the data-parallel processes, with what cannot run across them refused."""
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.optim.batch_size)
+    if par.world > 1 and spec.inputs == "unpaired_shift":
+        raise ConfigError(
+            "config: algo.loss=bco keeps a running reward shift over each step's whole batch, which does not "
+            "run across processes yet; launch one process"
+        )
+    return par
+
+
+def _finish(
+    cfg: DPOConfig, par: DataParallel, run, step: int, ctx, tokenizer, eval_examples, eval_kl
+) -> None:
+    """The final evaluation and the model (HF format), written by the main process; the others wait for it."""
+    if par.is_main:
+        if eval_examples:
+            metrics = run.logger.log(step, evaluate(ctx, eval_examples, eval_kl))
+            print("dpo: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        save_model(ctx.model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
+        run.close()
+        print(f"dpo: saved the model to {run.dir / 'final'}")
+    par.wait()
 
 
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -191,29 +228,32 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     spec = PREFERENCE_LOSS_TABLE[cfg.algo.loss]
     require_train_path(cfg.data, spec.data)
     seed_everything(cfg.seed)
-    run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite)
-    model, tokenizer, device = load_policy(cfg.model)
+    par = _data_parallel(cfg, spec)
+    run = open_run(cfg, "dpo", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    model, tokenizer, device = load_policy(cfg.model, device=par.device)
     train_records, eval_records = _load_records(cfg, spec.data, run.dir)
     kl_rows = spec.inputs == "unpaired"  # KTO's KL estimate reads mismatched (prompt, completion) rows
     examples, kl_examples = _tokenize_records(train_records, spec.data, tokenizer, cfg, mismatched=kl_rows)
     eval_examples, eval_kl = _tokenize_records(eval_records, spec.data, tokenizer, cfg, mismatched=kl_rows)
     what = "pairs" if spec.data == "pairwise" else "examples"
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=what)
-    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
-    _announce(cfg, model, f"{len(examples)} {what}, {total_steps} steps", run.dir)
+    _announce(cfg, model, f"{len(examples)} {what}, {total_steps} steps", run.dir, par)
 
     # 2. Reference log-probs, once, before the first update (and before a checkpoint replaces the weights).
     kl_sets = {"train_kl": kl_examples, "eval_kl": eval_kl} if kl_examples is not None else {}
     sets = {"train": examples, "eval": eval_examples, **kl_sets}
     amp, pad_id = mixed_precision(cfg.model, device), tokenizer.pad_token_id
-    ref_cache, ref_perf, live = _setup_reference(cfg, model, device, pad_id, run.dir, sets, spec)
+    # With several processes the main one fills the cache (not every process the same), the others read it.
+    ref_cache, ref_perf, live = par.main_first(
+        functools.partial(_setup_reference, cfg, model, device, pad_id, run.dir, sets, spec)
+    )
     shift = BCORewardShift() if spec.inputs == "unpaired_shift" else None
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, state=state,
-                snapshot=snapshot)  # fmt: skip
+                snapshot=snapshot, writes=par.is_main)  # fmt: skip
     if shift is not None and "reward_shift" in loop.resumed_state:
         shift.load_state_dict(loop.resumed_state["reward_shift"])
     if ref_perf:
@@ -225,8 +265,9 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
         epoch, position = divmod(loop.step, steps_per_epoch)
         indices = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
         metrics, tokens, forward_only = _preference_gradients(
-            ctx, examples, kl_examples, indices, micro, loop.step + 1, loop.last_ckpt
-        )
+            ctx, examples, kl_examples, indices, cfg.optim.micro_batch_size or cfg.optim.batch_size, loop.step + 1,
+            loop.last_ckpt, par,
+        )  # fmt: skip
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
@@ -257,11 +298,6 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
         )
     loop.close()
 
-    # 5. Save the final model (HF format) and the final evaluation.
-    if eval_examples:
-        metrics = run.logger.log(loop.step, evaluate(ctx, eval_examples, eval_kl))
-        print("dpo: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    final = save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-    run.close()
-    print(f"dpo: saved the model to {final}")
-    return final
+    # 5. Save the final model (HF format) and the final evaluation: the main process does them.
+    _finish(cfg, par, run, loop.step, ctx, tokenizer, eval_examples, eval_kl)
+    return run.dir / "final"

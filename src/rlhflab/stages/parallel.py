@@ -90,6 +90,16 @@ class DataParallel:
         x = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         return dict(zip(keys, self.accelerator.reduce(x, reduction="sum").tolist()))
 
+    def main_first(self, make):
+        """`make()` on the main process first, then on the others once it is done: for work that leaves a file
+        the others then read instead of redoing it (a cache)."""
+        if self.is_main:
+            out = make()
+            self.wait()
+            return out
+        self.wait()
+        return make()
+
     def wait(self) -> None:
         """Every process reaches this point before any goes on (e.g. the main one has made the run directory)."""
         if self.world > 1:
