@@ -93,3 +93,32 @@ def test_accuracy_by_bucket_table():
     assert table["better"] == {"accuracy": 0.5, "n": 2}
     assert table["slightly_better"] == {"accuracy": 0.75, "n": 2}  # a tie counts 1/2
     assert table["overall"] == {"accuracy": pytest.approx(3.5 / 5), "n": 5}
+
+
+def test_bleu_by_hand():
+    # "a b c d" against "a b c e": p1 = 3/4, p2 = 2/3 (ab, bc), p3 = 1/2 (abc), p4 = no match -> epsilon 0.1 / 1.
+    # Same length: BP = 1. BLEU-4 = (0.75 * 2/3 * 0.5 * 0.1) ** (1/4) = 0.025 ** 0.25 = 0.397635.
+    assert M.bleu("a b c d".split(), ["a b c e".split()]) == pytest.approx(0.025**0.25)
+    # Clipping: "the" counts at most twice, as often as in the reference that has it most -> p1 = 2/4.
+    assert M.bleu("the the the the".split(), ["the cat".split(), "the the".split()], max_n=1) == 0.5
+    # Brevity: c = 2 against the closest reference length r = 4 -> BP = exp(1 - 4/2) = exp(-1).
+    assert M.bleu("a b".split(), ["a b c d".split(), "a b c d e f g".split()], max_n=1) == pytest.approx(
+        math.exp(-1)
+    )
+    # A hypothesis too short for bigrams: only p1 counts (NLTK would put epsilon for p2); r = 1 = c so BP = 1.
+    assert M.bleu(["a"], [["a"]], max_n=2) == 1.0
+    # "a b c" against "a b d": orders 1..3 only, (2/3 * 1/2 * 0.1 / 1) ** (1/3).
+    assert M.bleu("a b c".split(), ["a b d".split()]) == pytest.approx((2 / 3 * 0.5 * 0.1) ** (1 / 3))
+    assert M.bleu([], [["a"]]) == 0.0
+    with pytest.raises(ValueError):
+        M.bleu(["a"], [])
+
+
+def test_self_bleu_by_hand():
+    # Two samples: BLEU("a b c d" | "a b c e") = BLEU("a b c e" | "a b c d") = 0.025 ** 0.25 (the same counts).
+    assert M.self_bleu(["a b c d".split(), "a b c e".split()]) == pytest.approx(0.025**0.25)
+    # Three samples, BLEU-1: "x y" vs {"x y", "x z"} -> 1; "x y" (the other copy) -> 1; "x z" vs {"x y", "x y"} -> 1/2.
+    assert M.self_bleu([["x", "y"], ["x", "y"], ["x", "z"]], max_n=1) == pytest.approx(2.5 / 3)
+    assert M.self_bleu([["same", "text"]] * 3) == pytest.approx(1.0)  # identical samples: no diversity
+    with pytest.raises(ValueError):
+        M.self_bleu([["only", "one"]])

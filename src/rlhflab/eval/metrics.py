@@ -179,3 +179,69 @@ def accuracy_by_bucket(
         out[name] = {"accuracy": pairwise_accuracy(c[m], r[m]), "n": int(m.sum())}
     out["overall"] = {"accuracy": pairwise_accuracy(c, r), "n": int(c.size)}
     return out
+
+
+def _ngrams(tokens: Sequence[Hashable], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(
+    hypothesis: Sequence[Hashable],
+    references: Sequence[Sequence[Hashable]],
+    max_n: int = 4,
+    epsilon: float = 0.1,
+) -> float:
+    """Sentence BLEU-`max_n` of one tokenized hypothesis against tokenized references (Papineni et al. 2002).
+
+    BLEU = BP * exp(sum_{n=1}^{N} (1/N) log p_n), with p_n the clipped n-gram precision (each hypothesis
+    n-gram counts at most as often as it occurs in the reference that has it most; eq. in Sec. 2.1), and the
+    brevity penalty BP = 1 if c > r else exp(1 - r / c) (Sec. 2.2.2), c the hypothesis length and r the
+    reference length closest to c (the shorter on a tie). Smoothing: "method 1" of Chen & Cherry (2014), as
+    NLTK's `SmoothingFunction().method1` that Texygen's self-BLEU uses: a precision with no clipped match is
+    epsilon / (hypothesis n-grams). Orders above the hypothesis length (no n-gram at all) are left out and the
+    geometric mean is over orders 1..min(max_n, c): NLTK would give them epsilon, so that two identical
+    3-token answers scored BLEU-4 0.56 and looked diverse. An empty hypothesis scores 0. Raises ValueError
+    without references or with max_n < 1.
+    """
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
+    if not references:
+        raise ValueError("bleu needs at least one reference")
+    grams = [[_ngrams(s, n) for n in range(1, max_n + 1)] for s in (hypothesis, *references)]
+    return _bleu_of_counts(grams[0], grams[1:], len(hypothesis), [len(r) for r in references], epsilon)
+
+
+def _bleu_of_counts(
+    hyp: list[Counter], refs: list[list[Counter]], c: int, ref_lens: list[int], epsilon: float
+) -> float:
+    """`bleu` from n-gram counts (hyp[n-1]: the hypothesis's n-grams; refs[j][n-1]: reference j's), so that
+    self-BLEU counts each sample's n-grams once, not once per sample it is compared with."""
+    if c == 0:
+        return 0.0
+    log_p, orders = 0.0, min(len(hyp), c)
+    for k in range(orders):
+        most = Counter()
+        for ref in refs:
+            most |= ref[k]  # | keeps each n-gram's largest count over the references
+        matches = sum(min(count, most[g]) for g, count in hyp[k].items())
+        log_p += math.log((matches or epsilon) / sum(hyp[k].values())) / orders
+    r = min(ref_lens, key=lambda length: (abs(length - c), length))
+    brevity = 1.0 if c > r else math.exp(1 - r / c)
+    return brevity * math.exp(log_p)
+
+
+def self_bleu(samples: Sequence[Sequence[Hashable]], max_n: int = 4) -> float:
+    """Self-BLEU (Zhu et al. 2018, "Texygen", Sec. 3.2): the mean over samples of the BLEU of each tokenized
+    sample against all the others as references. Higher = the samples resemble each other more (less
+    diverse); 1 when they are all the same (non-empty) sequence. Raises ValueError with fewer than 2 samples."""
+    if len(samples) < 2:
+        raise ValueError(f"self_bleu needs at least 2 samples, got {len(samples)}")
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
+    grams = [[_ngrams(s, n) for n in range(1, max_n + 1)] for s in samples]
+    lens = [len(s) for s in samples]
+    scores = [
+        _bleu_of_counts(grams[i], grams[:i] + grams[i + 1 :], lens[i], lens[:i] + lens[i + 1 :], 0.1)
+        for i in range(len(samples))
+    ]
+    return float(np.mean(scores))

@@ -72,6 +72,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "how much of PPO's, DPO's and best-of-n's gold gain is length, with annotators who prefer longer answers "
         "and without (Singhal et al. 2023; Dubois et al. 2024)",
     ),
+    "mode-collapse": (
+        "rlhflab.experiments.mode_collapse",
+        "diversity (distinct-n, entropy, self-BLEU) and calibration (ECE of the answer probabilities on arith) "
+        "before and after PPO, DPO, best-of-n and GRPO (Kirk et al. 2024; OpenAI 2023; Kadavath et al. 2022)",
+    ),
     "pluralism": (
         "rlhflab.experiments.pluralism",
         "two annotator groups with different gold: one Bradley-Terry RM vs a distributional RM vs a group-"

@@ -148,7 +148,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         help="the annotators' shared length bias (gold per 10 words; > 0 prefers longer answers)",
     )
     g.add_argument(
-        "--bias-spread", type=float, default=0.0, help="std of annotators' own length bias (gold per 10 words)"
+        "--bias-spread",
+        type=float,
+        default=0.0,
+        help="std of annotators' own length bias (gold per 10 words)",
     )
     g.add_argument("--tie-margin", type=float, default=0.0, help="perceived gold gaps below this are ties")
     g.add_argument("--keep-ties", action="store_true", help="write ties as negligibly_better pairs")
