@@ -98,8 +98,8 @@ def test_overrides_are_checked_before_any_work(tmp_path):
         (["eval.samples=1"], "eval.samples must be >= 2"),
         (["eval.prompt=3"], "unknown key 'eval.prompt'"),
         (["eval.bins=0"], "'eval.bins' must be a positive integer"),
-        (["grpo.algo.reward_model=[x]"], "grpo.algo.reward_model is set by the experiment"),
-        (["rloo.optim.lr=1"], "section 'rloo' is for a method this experiment does not run"),
+        (["grpo.algo.reward_model=[x]"], "'grpo.algo.reward_model' is set by the experiment"),
+        (["rloo.optim.lr=1"], "'rloo.optim.lr' is for something this experiment does not run"),
         (["ppo.optim.lrr=1"], "lrr"),
     ]:
         with pytest.raises(ConfigError, match=pattern):

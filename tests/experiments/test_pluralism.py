@@ -123,13 +123,13 @@ def test_spread_row_by_hand():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("rm.algo.loss=plackett_luce", "rm.algo.loss is set by this experiment"),
-        ("rm.data.train_path=x.jsonl", "rm.data.train_path is set by this experiment"),
-        ("ppo.algo.iterations=3", "section 'ppo' is for a method this experiment does not run"),
+        ("rm.algo.loss=plackett_luce", "'rm.algo.loss' is set by the experiment"),
+        ("rm.data.train_path=x.jsonl", "'rm.data.train_path' is set by the experiment"),
+        ("ppo.algo.iterations=3", "'ppo.algo.iterations' is for something this experiment does not run"),
         ("pluralism.size=3", "unknown key 'pluralism.size'"),
         ("pluralism.pool=0", "must be a positive integer"),
         ("pluralism.n=64", "must be <= pluralism.pool"),
-        ("rm.algo.margin=small", "rm.algo.margin is set by this experiment"),
+        ("rm.algo.margin=small", "'rm.algo.margin' is set by the experiment"),
         ("rm.optim.lr=-1", "optim.lr"),
     ],
 )

@@ -121,26 +121,16 @@ EVAL_BATCH = 512
 def user_sections(overrides: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """(pipeline overrides, the measuring section): `eval.*` keys set the measuring (EVAL); every other key goes
     to the pipeline (its stage sections, `data.*`, `annotators.*`)."""
-    from rlhflab.config import parse_overrides
+    from rlhflab.experiments.common import split_overrides
 
-    pipeline, ev = [], dict(EVAL)
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key.startswith("eval."):
-            name = key[len("eval.") :]
-            if name not in EVAL:
-                known = ", ".join(f"eval.{k}" for k in EVAL)
-                raise ConfigError(f"{NAME}: unknown key '{key}'; the experiment's measuring keys are {known}")
-            value = parse_overrides([item])["eval"][name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{NAME}: '{key}' must be a positive integer, got {value!r}")
-            ev[name] = value
-        elif key.startswith("grpo.algo.reward_model"):
-            raise ConfigError(
-                f"{NAME}: {key} is set by the experiment (GRPO against rule:arithmetic); leave it out"
-            )
-        else:
-            pipeline.append(item)
+    pipeline, own = split_overrides(
+        NAME,
+        overrides,
+        own={"eval": EVAL},
+        pipeline=(*PIPELINE_METHODS, "data", "annotators"),
+        fixed={"grpo.algo.reward_model": "GRPO against rule:arithmetic"},
+    )
+    ev = own["eval"]
     if ev["samples"] < 2:
         raise ConfigError(f"{NAME}: eval.samples must be >= 2 (self-BLEU compares a prompt's samples)")
     return pipeline, ev
@@ -152,9 +142,6 @@ def check_configs(seeds: Sequence[int], output_dir: str, pipeline: Sequence[str]
 
     overrides = [*PIPELINE_EVAL, *PIPELINE_FIXED, *pipeline]
     user = _user_sections(None, overrides)
-    unused = [k for k in user if k not in (*PIPELINE_METHODS, "data", "eval", "annotators")]
-    if unused:
-        raise ConfigError(f"{NAME}: section '{unused[0]}' is for a method this experiment does not run")
     for seed in seeds:
         run_dir = Path(output_dir) / f"seed-{seed}" / "run"
         data = {name: run_dir / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}

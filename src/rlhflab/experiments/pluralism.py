@@ -125,29 +125,13 @@ def groups():
 def user_settings(overrides: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """(the pipeline's overrides, the experiment's settings) from the user's overrides: `pluralism.KEY=VALUE` sets
     SETTINGS; keys the experiment sets itself and sections of methods it does not run are refused."""
-    from rlhflab.config import parse_overrides
+    from rlhflab.experiments.common import split_overrides
 
-    pipeline, settings = [], dict(SETTINGS)
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key.startswith("pluralism."):
-            name = key[len("pluralism.") :]
-            if name not in SETTINGS:
-                known = ", ".join(f"pluralism.{k}" for k in SETTINGS)
-                raise ConfigError(f"{NAME}: unknown key '{key}'; the experiment's own keys are {known}")
-            value = parse_overrides([item])["pluralism"][name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{NAME}: '{key}' must be a positive integer, got {value!r}")
-            settings[name] = value
-        elif key in FIXED_KEYS:
-            raise ConfigError(f"{NAME}: {key} is set by this experiment (what it compares); leave it out")
-        elif key.split(".", 1)[0] not in SECTIONS:
-            raise ConfigError(
-                f"{NAME}: section '{key.split('.', 1)[0]}' is for a method this experiment does not run; its "
-                f"sections are {', '.join((*SECTIONS, 'pluralism'))}"
-            )
-        else:
-            pipeline.append(item)
+    fixed = dict.fromkeys(FIXED_KEYS, "what it compares")
+    pipeline, own = split_overrides(
+        NAME, overrides, own={"pluralism": SETTINGS}, pipeline=SECTIONS, fixed=fixed
+    )
+    settings = own["pluralism"]
     if settings["n"] > settings["pool"]:
         raise ConfigError(
             f"{NAME}: pluralism.n ({settings['n']}) must be <= pluralism.pool ({settings['pool']}): best of n "
