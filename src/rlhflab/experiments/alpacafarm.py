@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "alpacafarm"
 CLAIM = (
@@ -339,20 +339,17 @@ def run(
     summary = summary_rows(table)
     spearman = ranking_correlation({r["method"]: r["win_rate_mean"] for r in summary})
     table += [{"seed": s, "check": "chain", **c} for s, c in per_seed.items()] + summary
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(per_seed, spearman),
-        rule=RULE,
         findings=findings(table, per_seed, spearman),
         table=table,
         images={"win_rates": plot_win_rates(summary, table)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )
 
 

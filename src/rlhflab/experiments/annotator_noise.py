@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "annotator-noise"
 CLAIM = (
@@ -156,20 +156,17 @@ def run(
         for seed in seeds
         for arm in ARMS
     }
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(rows),
-        rule=RULE,
         findings=findings(rows),
         table=rows,
         images={"gold_and_proxy": plot_curves(curves)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "best-of-n-kl"
 CLAIM = "The KL divergence of best-of-n from its base policy is log n - (n - 1) / n."
@@ -194,20 +194,17 @@ def run(
             continue
         print(f"== {NAME}: seed {seed} ({i}/{len(seeds)})")
         rows += run_seed(task_obj, seed, seed_dir, pipeline, pool)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(rows),
-        rule=RULE,
         findings=findings(rows),
         table=rows,
         images={"kl_vs_n": plot_kl(rows)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )
 
 

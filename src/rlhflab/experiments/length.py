@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "length"
 CLAIM = (
@@ -274,20 +274,17 @@ def run(
             arms[arm] = run_arm(task_obj, seed, arm_dir, bias, pipeline, own["eval"])
         rows += seed_rows(seed, arms)
     rows += summary_rows(rows)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(rows),
-        rule=RULE,
         findings=findings(rows),
         table=rows,
         images={"length_and_gain": plot_length(rows)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )
 
 

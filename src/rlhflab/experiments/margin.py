@@ -42,7 +42,7 @@ import numpy as np
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.data.records import LLAMA2_RATINGS
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "margin"
 CLAIM = (
@@ -441,20 +441,18 @@ def run(
         print(f"== {NAME}: seed {seed} ({i}/{len(seeds)})")
         records[seed] = run_seed(task_obj, out / f"seed-{seed}", seed, user, configs[seed], n_pairs, resume)
     rows = table(records)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(rows),
-        rule=RULE,
         findings=findings(rows),
         table=rows,
         images={"accuracy_by_rating": plot_buckets(rows)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + (f" --task {task}" if task else "") + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
+        flags=f"--task {task}" if task else "",
     )
 
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "mode-collapse"
 CLAIM = (
@@ -518,18 +518,15 @@ def run(
         print(f"== {NAME}: seed {seed} ({i}/{len(seeds)})")
         results[seed] = run_seed(task_obj, seed, seed_dir, pipeline_overrides, ev)
     rows = [row for seed in seeds for row in seed_rows(seed, results[seed], ev)]
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(rows),
-        rule=RULE,
         findings=findings(rows),
         table=rows,
         images={"reliability": plot_reliability(results, ev["bins"]), "diversity": plot_diversity(rows)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )

@@ -49,7 +49,7 @@ import numpy as np
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "pluralism"
 CLAIM = (
@@ -630,18 +630,15 @@ def run(
         for row in results[seed][key]
     ]
     table += summary_rows(table)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(table),
-        rule=RULE,
         findings=findings(results),
         table=table,
         images={"group_gold": plot_group_gold(results), "dpl_variance": plot_variance(results)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )

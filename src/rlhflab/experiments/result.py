@@ -104,6 +104,48 @@ def publish(out_dir: str | Path, *, experiment: str, findings: Sequence[str], **
     return paths["html"]
 
 
+def command_line(
+    name: str, seeds: Sequence[int], output_dir: str, overrides: Sequence[str], flags: str = ""
+) -> str:
+    """The command that reruns an experiment: `rlhflab experiment NAME [FLAGS] --seeds ... --output-dir DIR
+    [OVERRIDES]`."""
+    flags = f" {flags}" if flags else ""
+    seeds_text = " ".join(map(str, seeds))
+    return f"rlhflab experiment {name}{flags} --seeds {seeds_text} --output-dir {output_dir}" + "".join(
+        f" {o}" for o in overrides
+    )
+
+
+def publish_run(
+    module: str,
+    out_dir: str | Path,
+    *,
+    started: float,
+    seeds: Sequence[int],
+    output_dir: str,
+    overrides: Sequence[str],
+    flags: str = "",
+    **result: Any,
+) -> Path:
+    """`publish` for the experiment module named `module` (its NAME, CLAIM, SOURCE and RULE), with the runtime
+    since `started` and the command that reruns it; `result`: verdict, findings, table, images."""
+    import sys
+    import time
+
+    m = sys.modules[module]
+    return publish(
+        out_dir,
+        experiment=m.NAME,
+        claim=m.CLAIM,
+        source=m.SOURCE,
+        rule=m.RULE,
+        runtime_s=time.time() - started,
+        seeds=seeds,
+        command=command_line(m.NAME, seeds, output_dir, overrides, flags),
+        **result,
+    )
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"

@@ -48,7 +48,7 @@ from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
 from rlhflab.experiments.annotator_noise import DROP as PPO_DROP
 from rlhflab.experiments.annotator_noise import WINDOW, overoptimization, window_means
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "rm-ensembles"
 CLAIM = (
@@ -580,20 +580,17 @@ def run(
     table = [row for seed in seeds for row in seed_rows(seed, results[seed])]
     drop_rows = [r for r in table if r.get("optimizer") in OPTIMIZERS]
     table += summary_rows(table)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(drop_rows),
-        rule=RULE,
         findings=findings(results),
         table=table,
         images={"best_of_n_gold": plot_best_of_n(results), "ppo_gold": plot_ppo(results)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )
 
 

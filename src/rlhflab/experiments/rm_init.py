@@ -42,7 +42,7 @@ from rlhflab.experiments.margin import (
     stage_configs,
     train_once,
 )
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "rm-init"
 CLAIM = (
@@ -313,20 +313,18 @@ def run(
             task_obj, out / f"seed-{seed}", seed, user, configs[seed], ev, resume
         )
     rows = table(heldout, best)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=decide(rows),
-        rule=RULE,
         findings=findings(rows, ev["best_of_n"]),
         table=rows,
         images={"rm_init": plot_inits(rows, ev["best_of_n"])},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + (f" --task {task}" if task else "") + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
+        flags=f"--task {task}" if task else "",
     )
 
 

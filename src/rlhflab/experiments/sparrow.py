@@ -55,7 +55,7 @@ import torch
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import publish_run
 
 NAME = "sparrow"
 CLAIM = (
@@ -643,20 +643,17 @@ def run(
 
     rows = [row for seed in seeds for row in seed_rows(seed, results[seed])]
     verdict, lines = decide(rows), findings(rows, RULES)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
-    return publish(
+    return publish_run(
+        __name__,
         out,
-        experiment=NAME,
-        claim=CLAIM,
-        source=SOURCE,
         verdict=verdict,
-        rule=RULE,
         findings=lines,
         table=rows,
         images={"violations_and_helpfulness": plot_arms(rows)},
-        runtime_s=time.time() - t0,
+        started=t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        output_dir=output_dir,
+        overrides=overrides,
     )
 
 
