@@ -14,10 +14,20 @@ def test_the_command_reruns_the_experiment():
         command_line("margin", [0, 1], "runs/m", [])
         == "rlhflab experiment margin --seeds 0 1 --output-dir runs/m"
     )
-    assert (
-        command_line("rm-init", [2], "o", ["rm.optim.lr=1e-4", "eval.rm_pairs=8"], flags="--task review")
-        == "rlhflab experiment rm-init --task review --seeds 2 --output-dir o rm.optim.lr=1e-4 eval.rm_pairs=8"
+    command = command_line(
+        "rm-init", [2], "o", ["rm.optim.lr=1e-4", "eval.rm_pairs=8"], flags="--task review"
     )
+    assert (
+        command
+        == "rlhflab experiment rm-init rm.optim.lr=1e-4 eval.rm_pairs=8 --task review --seeds 2 --output-dir o"
+    )
+    # It parses back to the same experiment, overrides and options (`--seeds` would swallow overrides after it).
+    from rlhflab.cli import build_parser
+
+    args = build_parser().parse_args(command.split()[1:])
+    assert (args.name, args.overrides, args.task, args.seeds, args.output_dir) == (
+        "rm-init", ["rm.optim.lr=1e-4", "eval.rm_pairs=8"], "review", [2], "o"
+    )  # fmt: skip
 
 
 def test_publish_run_takes_the_claim_from_the_module(tmp_path, monkeypatch):
@@ -32,6 +42,6 @@ def test_publish_run_takes_the_claim_from_the_module(tmp_path, monkeypatch):
     assert page == tmp_path / "report.html" and page.is_file()
     assert {k: result[k] for k in ("experiment", "claim", "source", "rule", "verdict", "seeds", "command")} == {
         "experiment": "fake", "claim": "a claim", "source": "a paper", "rule": "a rule",
-        "verdict": "partly reproduced", "seeds": [3], "command": "rlhflab experiment fake --seeds 3 --output-dir out a.b=1",
+        "verdict": "partly reproduced", "seeds": [3], "command": "rlhflab experiment fake a.b=1 --seeds 3 --output-dir out",
     }  # fmt: skip
     assert result["runtime_s"] > 1e9  # since `started` (here the epoch)

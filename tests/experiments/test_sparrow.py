@@ -164,7 +164,8 @@ def test_tiny_sparrow_run_writes_the_result(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert set(result) >= {"experiment", "claim", "source", "verdict", "table", "plots", "runtime_s", "seeds"}
     assert result["experiment"] == "sparrow" and result["seeds"] == [0]
-    assert result["command"].startswith("rlhflab experiment sparrow --seeds 0")
+    # The command reruns the experiment.
+    assert result["command"] == " ".join(["rlhflab", *argv, "--output-dir", str(out)])
     assert result["verdict"] == E.decide(result["table"])
     arms = {r["arm"]: r for r in result["table"] if r.get("prompts") == "heldout"}
     models = {r["model"] for r in result["table"] if "model" in r}

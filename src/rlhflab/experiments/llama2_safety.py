@@ -57,7 +57,7 @@ from typing import Any
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import command_line, publish
 from rlhflab.lab.tasks import harm
 
 NAME = "llama2-safety"
@@ -432,7 +432,7 @@ def run(
             reports[seed] = run_seed(seed, seed_dir, task, user)
     rows = [row for seed in seeds for row in seed_rows(seed, reports[seed])]
     verdict, lines = decide(rows), findings(rows)
-    command = f"rlhflab experiment {NAME} --task {task} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
+    command = command_line(NAME, seeds, output_dir, overrides, f"--task {task}")
     return publish(
         out,
         experiment=NAME,
@@ -445,7 +445,7 @@ def run(
         images={"harm_and_helpfulness": plot_harm_and_helpfulness(rows)},
         runtime_s=time.time() - t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        command=command,
     )
 
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rlhflab.core.run_dir import prepare_run_dir
-from rlhflab.experiments.result import write_result
+from rlhflab.experiments.result import command_line, write_result
 from rlhflab.pipeline import run_pipeline
 
 NAME = "online-vs-offline"
@@ -185,7 +185,7 @@ def run(
         reports[seed] = json.loads((seed_dir / "report.json").read_text())
     rows = [row for seed in seeds for row in seed_rows(seed, reports[seed])]
     rows += summary_rows(rows)
-    command = f"rlhflab experiment {NAME} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
+    command = command_line(NAME, seeds, output_dir, overrides)
     paths = write_result(
         out,
         experiment=NAME,
@@ -198,7 +198,7 @@ def run(
         images={"gold_vs_kl": plot_gold_vs_kl(reports), "gold_by_seed": plot_gold_by_seed(rows)},
         runtime_s=time.time() - t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        command=command,
     )
     print(f"{NAME}: {decide(rows)}")
     for line in findings(rows):

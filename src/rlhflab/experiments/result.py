@@ -107,13 +107,11 @@ def publish(out_dir: str | Path, *, experiment: str, findings: Sequence[str], **
 def command_line(
     name: str, seeds: Sequence[int], output_dir: str, overrides: Sequence[str], flags: str = ""
 ) -> str:
-    """The command that reruns an experiment: `rlhflab experiment NAME [FLAGS] --seeds ... --output-dir DIR
-    [OVERRIDES]`."""
-    flags = f" {flags}" if flags else ""
-    seeds_text = " ".join(map(str, seeds))
-    return f"rlhflab experiment {name}{flags} --seeds {seeds_text} --output-dir {output_dir}" + "".join(
-        f" {o}" for o in overrides
-    )
+    """The command that reruns an experiment: `rlhflab experiment NAME [OVERRIDES] [FLAGS] --seeds ... --output-dir
+    DIR`. The overrides come before the options: `--seeds` takes every number after it, so the command line
+    accepts them only there."""
+    words = ["rlhflab", "experiment", name, *overrides, *([flags] if flags else [])]
+    return " ".join([*words, "--seeds", *map(str, seeds), "--output-dir", str(output_dir)])
 
 
 def publish_run(

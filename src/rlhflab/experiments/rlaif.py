@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError
-from rlhflab.experiments.result import publish
+from rlhflab.experiments.result import command_line, publish
 from rlhflab.pipeline import run_pipeline
 
 NAME = "rlaif"
@@ -222,7 +222,7 @@ def run(
             reports[seed][arm] = json.loads((arm_dir / "report.json").read_text())
     rows = [row for seed in seeds for row in seed_rows(seed, reports[seed])]
     relabels = {seed: reports[seed]["ai"]["meta"]["relabel"] for seed in seeds}
-    command = f"rlhflab experiment {NAME} --judge {judge} --seeds {' '.join(map(str, seeds))} --output-dir {output_dir}"
+    command = command_line(NAME, seeds, output_dir, overrides, f"--judge {judge}")
     verdict, lines = decide(rows), findings(rows, relabels)
     return publish(
         out,
@@ -236,7 +236,7 @@ def run(
         images={"gold_by_arm": plot_gold_by_arm(rows)},
         runtime_s=time.time() - t0,
         seeds=seeds,
-        command=command + "".join(f" {o}" for o in overrides),
+        command=command,
     )
 
 
