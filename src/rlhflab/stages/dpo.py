@@ -98,11 +98,12 @@ def _preference_gradients(
     micro: int,
     step: int,
     last_ckpt,
-    par: DataParallel,
+    par: DataParallel | None = None,
 ) -> tuple[dict[str, float], int, int]:
     """Forward/backward of one optimizer step; returns (metrics, trained and forward-only tokens). With
     several processes each takes its share of `indices` (normalized by the whole step's count), and the
     gradients and metric sums are summed across them."""
+    par = par or DataParallel()  # default: this process alone
     # KTO's reference point is one estimate over the whole step's batch, on every process alike.
     z0 = kl_reference_point(ctx, "train", kl_examples, indices, micro) if kl_examples is not None else None
     metric = f"loss/{ctx.algo.loss}"
