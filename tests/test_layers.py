@@ -12,7 +12,7 @@ reach the lab's gold reward, and there is no import cycle between packages.
              feedback                methods ask for)
     layer 5  config, eval, label     typed stage configs (validated against the loss table); metrics, reports;
                                      the labelling web app, its database and its feedback source (people)
-    layer 6  stages                  one training loop per method
+    layer 6  stages, control         one training loop per method; preference learning on control tasks
     layer 7  lab                     tasks, gold rewards, simulated annotators, gold-judged evaluation
     layer 8  pipeline                the main job
     layer 9  experiments             one module per claim: trains what it compares through the pipeline
@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "eval": 5,
     "label": 5,
     "stages": 6,
+    "control": 6,
     "lab": 7,
     "pipeline": 8,
     "experiments": 9,

@@ -82,4 +82,14 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "two annotator groups with different gold: one Bradley-Terry RM vs a distributional RM vs a group-"
         "conditioned RM; each group's gold under best-of-n (Siththaranjan et al. 2023; Chakraborty et al. 2024)",
     ),
+    "trex": (
+        "rlhflab.experiments.trex",
+        "T-REX on Pendulum: a reward from ranked PPO checkpoints' demonstrations, PPO on it vs the best "
+        "demonstration's true return (Brown et al. 2019)",
+    ),
+    "drex": (
+        "rlhflab.experiments.drex",
+        "D-REX on Pendulum: rankings from a behaviour-cloned policy with injected noise, T-REX and PPO on them "
+        "vs the demonstrations' true return (Brown et al. 2019)",
+    ),
 }
