@@ -94,6 +94,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # two pipelines and a resume: about a minute on 2 cores
 def test_tiny_run_writes_the_result(tmp_path, tiny_lab_cache):
     from rlhflab.cli import main
 
