@@ -68,6 +68,10 @@ def test_verdict_rule():
     # The smallest never over-optimizes, but peaks grow with size everywhere: partly.
     assert E.decide(_seed(0, small_over=False)) == "partly reproduced"
     assert E.decide(_seed(0, small_over=False, peaks=(3.0, 2.0, 1.0))) == "not reproduced"
+    # A failed fit (d_peak NaN, null in result.json) moves out nowhere, whichever way the table was read.
+    for failed in (float("nan"), None):
+        rows = [{**r, "d_peak": failed} if r["size"] == "medium" else r for r in _seed(0)]
+        assert E.decide(rows) == "partly reproduced"
 
 
 def test_overrides_split_and_checked():

@@ -134,7 +134,8 @@ def decide(rows: Sequence[Mapping]) -> str:
 
     def halves(seed: int, method: str) -> tuple[bool, bool]:
         by = {r["size"]: r for r in rows if r["seed"] == seed and r["method"] == method}
-        peaks = [by[s]["d_peak"] for s in order if s in by]
+        # A fit that failed has d_peak NaN (null once read back from result.json): it moves out nowhere.
+        peaks = [math.nan if by[s]["d_peak"] is None else by[s]["d_peak"] for s in order if s in by]
         smallest = next(by[s] for s in order if s in by)
         return bool(smallest["overoptimizes"]), all(a <= b for a, b in zip(peaks, peaks[1:]))
 
