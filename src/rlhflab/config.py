@@ -558,6 +558,31 @@ _LOSS_HYPERPARAMETERS = (
 )
 
 
+def _check_engine(engine: str) -> None:
+    """sampling.engine=vllm is refused with the first thing missing: a CUDA GPU, the vllm package, then this
+    version's engine itself (the HF engine is the one that exists)."""
+    if engine != "vllm":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "config: sampling.engine=vllm needs a CUDA GPU (vLLM does not sample on CPU) and none is visible; "
+            "use sampling.engine=hf"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "config: sampling.engine=vllm needs the vllm package: pip install 'rlhflab[vllm]'; or use "
+            "sampling.engine=hf"
+        )
+    raise ConfigError(
+        "config: sampling.engine=vllm is not available in this version of rlhflab (the vLLM rollout engine has "
+        "not been built and checked on a GPU yet); use sampling.engine=hf"
+    )
+
+
 @dataclass
 class SamplingSection:
     max_new_tokens: int = 24
@@ -568,8 +593,13 @@ class SamplingSection:
     """Keep the k most likely tokens; 0 disables."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """The rollout engine: hf, transformers' generate on the training model (KV-cached, batched; every
+    device); vllm, vLLM colocated with training (a CUDA GPU and `pip install 'rlhflab[vllm]'`), not available
+    in this version: the setting is checked and refused with what is missing."""
 
     def __post_init__(self):
+        _check_engine(self.engine)
         _require(
             self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
         )
@@ -703,9 +733,15 @@ class PPOAlgo(RewardSourcesSection):
     """Normalize advantages per batch."""
     separate_critic: bool = False
     """A separate value network instead of a value head on the policy."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (Yao et al. 2025): weight each token's advantage by min(pi_trainer /
+    pi_sampler, tis_cap), the sampler's and the trainer's log-probs of the sampled tokens; 0 = off. It corrects
+    a sampler that is not the trainer (another engine, other precision); with the HF engine in float32 the
+    weights are 1 up to rounding (the log's kl/sampler_mismatch_* say how far they are)."""
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.tis_cap >= 0, "algo.tis_cap", f"must be >= 0 (0 turns it off), got {self.tis_cap}")
         _require(self.rollout_batch_size >= 1, "algo.rollout_batch_size", "must be >= 1")
         _require(self.minibatch_size >= 1, "algo.minibatch_size", "must be >= 1")
         _require(

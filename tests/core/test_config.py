@@ -95,3 +95,34 @@ def test_shipped_example_configs_load(stage):
     path = Path(__file__).parents[2] / "configs" / f"{stage.replace('-', '_')}_tiny.yaml"
     cfg = load_config(stage, path)
     assert cfg.model.name_or_path == "lab:sentiment"
+
+
+def test_the_rollout_engine_setting(monkeypatch):
+    """sampling.engine=hf is the default and loads; vllm is refused with the first thing missing (a CUDA GPU,
+    then the vllm package, then the engine itself), before any model loads; PPO's tis_cap must be >= 0."""
+    import importlib.util
+
+    import torch
+
+    assert load_config("ppo", None, []).sampling.engine == "hf"
+    assert load_config("grpo", None, ["sampling.engine=hf"]).sampling.engine == "hf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="sampling.engine=vllm needs a CUDA GPU"):
+        load_config("ppo", None, ["sampling.engine=vllm"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real_find_spec(n, *a)
+    )
+    with pytest.raises(ConfigError, match=r"needs the vllm package: pip install 'rlhflab\[vllm\]'"):
+        load_config("ppo", None, ["sampling.engine=vllm"])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "vllm" else real_find_spec(n, *a)
+    )
+    with pytest.raises(ConfigError, match="not available in this version"):
+        load_config("ppo", None, ["sampling.engine=vllm"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config("ppo", None, ["sampling.engine=sglang"])
+    assert load_config("ppo", None, ["algo.tis_cap=2"]).algo.tis_cap == 2.0
+    with pytest.raises(ConfigError, match="algo.tis_cap must be >= 0"):
+        load_config("ppo", None, ["algo.tis_cap=-1"])

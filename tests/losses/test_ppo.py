@@ -118,3 +118,34 @@ def test_entropy_bonus_and_reinforce_by_hand():
     assert ent.loss.item() == pytest.approx(-1.5)
     out = reinforce_loss(torch.tensor([[-1.0, -2.0, 5.0]], dtype=F64), torch.tensor([2.0], dtype=F64), mask)
     assert out.loss.item() == pytest.approx(6.0)
+
+
+def test_sampler_mismatch_by_hand():
+    from rlhflab.losses.ppo import sampler_mismatch
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]], dtype=F64)
+    sampler = torch.tensor([[-1.1, -1.5, -9.0]], dtype=F64)  # the masked third token differs by 8.5: ignored
+    mask = torch.tensor([[True, True, False]])
+    m = sampler_mismatch(trainer, sampler, mask)
+    # delta = trainer - sampler = [0.1, -0.5]: mean |delta| 0.3, max 0.5; k1 of KL(sampler || trainer) = mean(-delta)
+    assert float(m["kl/sampler_mismatch_mean"]) == pytest.approx(0.3)
+    assert float(m["kl/sampler_mismatch_max"]) == pytest.approx(0.5)
+    assert float(m["kl/sampler_trainer_k1"]) == pytest.approx(0.2)
+    none = sampler_mismatch(trainer, sampler, torch.zeros_like(mask))
+    assert all(float(v) == 0.0 for v in none.values())
+
+
+def test_truncated_importance_weights_by_hand():
+    from rlhflab.losses.ppo import truncated_importance_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, -1.0, 0.0]], dtype=F64, requires_grad=True)
+    sampler = torch.tensor([[-1.1, -1.5, -1.5, 5.0]], dtype=F64)
+    mask = torch.tensor([[True, True, True, False]])
+    w = truncated_importance_weights(trainer, sampler, mask, cap=1.2)
+    # exp(0.1) = 1.10517, exp(-0.5) = 0.60653, exp(0.5) = 1.6487 truncated to 1.2, masked -> 0
+    torch.testing.assert_close(w, torch.tensor([[math.exp(0.1), math.exp(-0.5), 1.2, 0.0]], dtype=F64))
+    assert not w.requires_grad
+    # Equal log-probs (one engine, float32): every weight 1, the update unchanged.
+    assert torch.equal(truncated_importance_weights(sampler, sampler, mask, cap=2.0), mask.to(F64))
+    with pytest.raises(ConfigError, match="cap"):
+        truncated_importance_weights(trainer, sampler, mask, cap=0.0)

@@ -217,3 +217,61 @@ def test_with_prompts_keeps_the_responses_behind_other_prompts(tiny_tokenizer, t
     assert moved.position_ids[1, 9].item() == 0 and moved.position_ids[1, 10].item() == 1
     with pytest.raises(ConfigError, match="one prompt per row"):
         out.with_prompts(rows[:2], tiny_tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("row_seeded", [False, True])
+def test_sampler_logps_are_the_sampled_tokens_log_probs(tiny_tokenizer, row_seeded):
+    """Recorded while sampling: log softmax(logits / T) of each sampled token, 0 past the response; the same as a
+    plain forward pass over the sampled rows to float32 rounding (the mismatch a trainer measures, ~0 here)."""
+    model = tiny_lm(tiny_tokenizer, arch="llama", seed=3).eval()
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.7, top_k=5)
+    seeds = list(range(8)) if row_seeded else None
+    out = generate(model, tiny_tokenizer, PROMPTS * 2, settings, batch_size=3, seed=0, row_seeds=seeds)
+    with torch.no_grad():
+        logits = model(
+            input_ids=out.input_ids, attention_mask=out.attention_mask, position_ids=out.position_ids
+        ).logits[:, out.response_start - 1 : -1]
+    expected = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, out.response_ids[..., None])[..., 0]
+    mask = out.response_mask
+    assert out.sampler_logps.shape == mask.shape and bool((out.sampler_logps[~mask] == 0).all())
+    torch.testing.assert_close(out.sampler_logps[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    assert float(out.sampler_logps[mask].min()) < -0.05  # real log-probs, not zeros
+    idx = torch.tensor([5, 1])
+    assert torch.equal(out.select(idx).sampler_logps, out.sampler_logps[idx])
+
+
+def test_row_seeded_samples_do_not_depend_on_the_batch(tiny_tokenizer, tiny_model):
+    """A row's response depends on its seed and prompt only: the same rows in another batch split, another
+    order and beside other rows come out the same; another seed gives another sample."""
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.3)
+    prompts = PROMPTS * 2
+    seeds = [100 + i for i in range(len(prompts))]
+    whole = generate(tiny_model, tiny_tokenizer, prompts, settings, batch_size=8, row_seeds=seeds)
+    odd = [1, 3, 5, 7]
+    part = generate(
+        tiny_model, tiny_tokenizer, [prompts[i] for i in odd[::-1]], settings, batch_size=3,
+        row_seeds=[seeds[i] for i in odd[::-1]],
+    )  # fmt: skip
+    assert part.texts == [whole.texts[i] for i in odd[::-1]]
+    # rows 0 and 4 share a prompt but not a seed: different streams
+    assert whole.texts[0] != whole.texts[4]
+    other = generate(tiny_model, tiny_tokenizer, prompts, settings, row_seeds=[s + 1000 for s in seeds])
+    assert other.texts != whole.texts
+    with pytest.raises(ConfigError, match="row seeds"):
+        generate(tiny_model, tiny_tokenizer, prompts, settings, row_seeds=seeds[:3])
+
+
+def test_row_seeded_first_token_frequencies_follow_the_warped_model(tiny_tokenizer, tiny_model):
+    """Gumbel-max with the warpers: frequencies match softmax(logits / T) restricted to the top k."""
+    prompt, n, k = "the cat", 3000, 4
+    settings = SamplingSettings(max_new_tokens=1, temperature=1.5, top_k=k)
+    out = generate(tiny_model, tiny_tokenizer, [prompt] * n, settings, batch_size=1000, row_seeds=range(n))
+    ids = torch.tensor([encode_prompts(tiny_tokenizer, [prompt])[0]])
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits[0, -1] / 1.5
+    top = logits.topk(k).indices
+    probs = torch.zeros_like(logits)
+    probs[top] = torch.softmax(logits[top], -1)
+    freq = torch.bincount(out.response_ids[:, 0], minlength=probs.numel()).float() / n
+    assert set(out.response_ids[:, 0].tolist()) <= set(top.tolist())
+    assert (freq - probs).abs().max() < 4 * (0.25 / n) ** 0.5

@@ -18,6 +18,7 @@ it, step by step, on a recorded rollout:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -28,7 +29,13 @@ from torch.testing import assert_close
 
 from rlhflab.losses.advantages import gae
 from rlhflab.losses.kl import AdaptiveKLController, FixedKLController, kl_shaped_rewards
-from rlhflab.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
+from rlhflab.losses.ppo import (
+    entropy_bonus,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sampler_mismatch,
+    truncated_importance_weights,
+)
 from rlhflab.losses.utils import masked_whiten
 from rlhflab.models.heads import Critic, ValueHead
 from rlhflab.models.reward_model import RewardModel
@@ -180,6 +187,35 @@ def test_experience_matches_the_pure_functions(tiny_model_dir, ref_model_dir, wh
         float(shaped.metrics["reward/total"].mean()), rel=1e-4, abs=1e-5
     )
     assert float(metrics["reward/score"]) == pytest.approx(float(raw.mean()), abs=1e-6)
+
+
+def test_sampler_mismatch_is_logged_and_tis_weights_the_advantages(tiny_model_dir, ref_model_dir):
+    """The HF engine's own log-probs of its tokens equal the trainer's (mismatch ~0 in float32); a sampler that
+    disagrees (here: its log-probs shifted on purpose) shows in kl/sampler_mismatch_*, and with algo.tis_cap the
+    whitened advantages are multiplied by min(exp(old - sampler), cap), token by token."""
+    cfg = _cfg(tiny_model_dir, *EXPERIENCE_OPTIONS, f"ref_model={ref_model_dir}")
+    policy, value_model, ref, tokenizer, rollout, exp, metrics = _experience(cfg)
+    mask = rollout.response_mask
+    assert float(metrics["kl/sampler_mismatch_max"]) < 1e-4
+    assert float(metrics["kl/sampler_mismatch_mean"]) < 1e-5
+
+    shift = torch.linspace(-0.6, 0.6, mask.shape[1]).expand_as(rollout.sampler_logps)
+    off = dataclasses.replace(rollout, sampler_logps=rollout.sampler_logps + shift * mask)
+    tis = _cfg(tiny_model_dir, *EXPERIENCE_OPTIONS, f"ref_model={ref_model_dir}", "algo.tis_cap=1.3")
+    for c, weighted in ((cfg, False), (tis, True)):
+        got, m = ppo._make_experience(
+            policy, value_model, ref, FixedScores(), off, FixedKLController(c.algo.kl_coef), c, 1, None
+        )
+        expected = sampler_mismatch(exp["old_logps"], off.sampler_logps, mask)
+        for k, v in expected.items():
+            assert float(m[k]) == pytest.approx(float(v), rel=1e-4, abs=1e-5), k
+        assert float(m["kl/sampler_mismatch_max"]) > 0.3
+        w = truncated_importance_weights(exp["old_logps"], off.sampler_logps, mask, 1.3)
+        assert float(w[mask].min()) < 0.7 and float(w[mask].max()) == pytest.approx(
+            1.3
+        )  # both sides exercised
+        assert_close(got["advantages"], exp["advantages"] * w if weighted else exp["advantages"], **TOL)
+        assert_close(got["returns"], exp["returns"], **TOL)  # the critic's targets are not weighted
 
 
 # ---- step 6: the PPO update -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ One module per family; see docs/losses.md for every function, its formula and it
   KL_GRADIENT_UNBIASED (which estimator x placement gives the gradient of KL(pi || ref))
 - advantages: gae, discounted_returns, whiten, reinforce / rloo / group-normalized / ReMax advantages,
   finite_groups and dynamic_sampling_mask (DAPO) keep-masks
-- ppo: ppo_policy_loss, ppo_value_loss, entropy_bonus, reinforce_loss
+- ppo: ppo_policy_loss, ppo_value_loss, entropy_bonus, reinforce_loss, sampler_mismatch,
+  truncated_importance_weights (TIS)
 - quark: quark_loss (conditional NLL + KL + entropy, Lu et al. 2022), reward_quantiles (its control tokens)
 
 Mask polarity everywhere: True = the token counts.
@@ -64,7 +65,14 @@ from rlhflab.losses.logprobs import (
     sequence_logps,
     token_mask_from_labels,
 )
-from rlhflab.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss, reinforce_loss
+from rlhflab.losses.ppo import (
+    entropy_bonus,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reinforce_loss,
+    sampler_mismatch,
+    truncated_importance_weights,
+)
 from rlhflab.losses.preference import (
     PREFERENCE_LOSS_TABLE,
     BCORewardShift,
@@ -176,6 +184,8 @@ __all__ = [
     "plackett_luce_with_ties",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "sampler_mismatch",
+    "truncated_importance_weights",
     "prm_min",
     "prm_product",
     "process_reward_loss",

@@ -1,4 +1,5 @@
-"""Policy-gradient losses: PPO clipped surrogate, clipped value loss, entropy bonus, REINFORCE.
+"""Policy-gradient losses: PPO clipped surrogate, clipped value loss, entropy bonus, REINFORCE; the sampler /
+trainer mismatch of log-probs and truncated importance weights that correct for it.
 
 Token-level inputs are [B, T] with a mask (True = a real response token). Every loss returns a per-example
 [B] loss; `reduction` says how tokens become an example (see `reduce_token_losses`):
@@ -154,3 +155,47 @@ def reinforce_loss(
     loss = reduce_token_losses(-adv * fill_masked(policy_logps, mask), mask, reduction, max_tokens)
     metrics = {"reward/advantage": reduce_token_losses(adv, mask, "sequence_mean")}
     return LossOutput(loss, detach_metrics(metrics))
+
+
+def sampler_mismatch(trainer_logps: Tensor, sampler_logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the trainer's log-probs of the sampled tokens are from the sampler's own.
+
+    delta_t = log pi_trainer(y_t | x, y_<t) - log pi_sampler(y_t | x, y_<t) over the real tokens. An RL loop whose
+    rollouts come from another engine (vLLM, bfloat16 kernels) is off-policy by delta even "on-policy"
+    (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"); with the same
+    model and kernels it is float rounding. trainer_logps, sampler_logps, mask: [B, T]. Returns detached
+    kl/sampler_mismatch_mean = mean |delta| and kl/sampler_mismatch_max = max |delta| over the real tokens
+    (0 when there is none), and kl/sampler_trainer_k1 = the mean of -delta, the k1 estimate of
+    KL(sampler || trainer) from the sampler's tokens.
+    """
+    check_same_shape(trainer_logps=trainer_logps, sampler_logps=sampler_logps, mask=mask)
+    delta = (trainer_logps.detach() - sampler_logps.detach())[mask.bool()]
+    if delta.numel() == 0:
+        zero = torch.zeros((), dtype=trainer_logps.dtype, device=trainer_logps.device)
+        return {
+            "kl/sampler_mismatch_mean": zero,
+            "kl/sampler_mismatch_max": zero,
+            "kl/sampler_trainer_k1": zero,
+        }
+    return {
+        "kl/sampler_mismatch_mean": delta.abs().mean(),
+        "kl/sampler_mismatch_max": delta.abs().max(),
+        "kl/sampler_trainer_k1": (-delta).mean(),
+    }
+
+
+def truncated_importance_weights(
+    trainer_logps: Tensor, sampler_logps: Tensor, mask: Tensor, cap: float
+) -> Tensor:
+    """Truncated importance sampling (TIS) weights of the sampled tokens, w_t = min(pi_trainer / pi_sampler, C).
+
+    Yao et al. 2025 (Eq. 3): the rollouts come from pi_sampler, the update assumes pi_trainer (the old policy as
+    the trainer computes it), so each token's policy-gradient term is weighted by their ratio, truncated at C to
+    bound the variance. The weights are constants (no gradient). They multiply the advantage: for w > 0,
+    w * min(r A, clip(r) A) = min(r (w A), clip(r) (w A)), so PPO's clipped surrogate takes w A unchanged.
+    trainer_logps, sampler_logps, mask: [B, T]; cap C > 0. Returns w [B, T], 0 where the mask is False.
+    """
+    check_positive("cap", cap)
+    check_same_shape(trainer_logps=trainer_logps, sampler_logps=sampler_logps, mask=mask)
+    ratio = torch.exp(trainer_logps.detach() - sampler_logps.detach())
+    return fill_masked(ratio.clamp(max=cap), mask)

@@ -7,6 +7,16 @@ the response begins, so `logits[:, response_start - 1 : -1]` score `response_ids
 
 Sampling settings are always passed in full to `generate`: a model's own `generation_config` (top_k=50
 by default in transformers) would otherwise silently change the distribution PPO's ratios assume.
+
+Each rollout also keeps the sampler's own log-probability of every token it sampled (`sampler_logps`), so a
+trainer can measure how far its log-probs of the same tokens are from the sampler's: ~0 with this engine in
+float32, not with a separate inference engine (bfloat16, other kernels), where the gap makes the "on-policy"
+update off-policy (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training").
+
+With `row_seeds`, every row is sampled from its own random stream (Gumbel-max: argmax of the warped log-probs
+plus Gumbel noise drawn from the row's generator, Gumbel 1954; Maddison et al. 2014), so a row's sample depends
+on its seed and prompt only, not on the batch it was generated in: processes that each sample their share of a
+batch get the rows one process would have got.
 """
 
 from __future__ import annotations
@@ -103,6 +113,8 @@ class Rollout:
     prompts: list
     entropy: Tensor | None = None  # [B, R] float32: the sampling distribution's entropy at each response
     # token (softmax(logits / temperature), before top-k / top-p), 0 where response_mask is False
+    sampler_logps: Tensor | None = None  # [B, R] float32: log-prob of each sampled token under
+    # softmax(logits / temperature) as the sampler computed it (before top-k / top-p), 0 where the mask is False
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -144,6 +156,7 @@ class Rollout:
             texts=[self.texts[i] for i in rows],
             prompts=[self.prompts[i] for i in rows],
             entropy=None if self.entropy is None else self.entropy[idx],
+            sampler_logps=None if self.sampler_logps is None else self.sampler_logps[idx],
         )
 
     def with_prompts(self, rows: list[list[int]], pad_id: int) -> Rollout:
@@ -199,38 +212,94 @@ def _cut_at_eos(new_tokens: Tensor, eos_ids: Tensor, pad_id: int) -> tuple[Tenso
     return new_tokens.masked_fill(after, pad_id), mask, is_eos.any(-1)
 
 
-class _EntropyRecorder:
+class _StepRecorder:
     """A logits processor that changes nothing and records, at every generated position, the entropy of
-    softmax(logits / temperature) of each row: what the policy's rollout entropy costs a second forward pass
-    to compute otherwise. transformers runs user processors before its temperature / top-k / top-p warpers,
-    so `scores` here are the model's logits."""
+    softmax(logits / temperature) of each row and the log-prob of the token then sampled: what a second forward
+    pass would cost otherwise. transformers runs user processors before its temperature / top-k / top-p warpers,
+    so `scores` here are the model's logits. The token sampled at step t is only known at step t + 1 (the last
+    column of `input_ids`), so each step's log-probs wait one call (`finish` takes the last step's)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
-        self.steps: list[Tensor] = []
+        self.entropy: list[Tensor] = []
+        self.token_logps: list[Tensor] = []
+        self._last: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.finish(input_ids[:, -1])
         logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self.steps.append(-(logp.exp() * logp).nansum(-1).cpu())
+        self.entropy.append(-(logp.exp() * logp).nansum(-1).cpu())
+        self._last = logp
         return scores
 
+    def finish(self, sampled: Tensor) -> None:
+        """Record the log-probs of the tokens `sampled` [b] at the last step seen."""
+        if self._last is not None:
+            self.token_logps.append(self._last.gather(-1, sampled[:, None].to(self._last.device))[:, 0].cpu())
+            self._last = None
 
-def _generate_batch(model, batch: list[list[int]], pad_id: int, gen_config, settings: SamplingSettings):
+
+class _RowSampler:
+    """A logits processor that makes greedy decoding sample each row from its own generator: the scores are
+    warped as transformers' sampling would (temperature, then top-k, then top-p), normalized, and perturbed by
+    Gumbel(0, 1) noise; their argmax is then a draw from softmax(warped scores) (the Gumbel-max trick)."""
+
+    def __init__(self, settings: SamplingSettings, row_seeds: Sequence[int]):
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.warpers = [TemperatureLogitsWarper(settings.temperature)]
+        if settings.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(settings.top_p))
+        self.generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in row_seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        u = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+        return logp + gumbel.to(logp.device, logp.dtype)
+
+
+def _generate_batch(
+    model, batch: list[list[int]], pad_id: int, gen_config, settings: SamplingSettings, row_seeds=None
+):
     """One `model.generate` call on left-padded prompt rows: (new token ids [b, n] on CPU, the sampling
-    distribution's entropy at each of them [b, n])."""
+    distribution's entropy at each of them [b, n], the log-prob of each of them [b, n]); with `row_seeds` (one
+    per row), each row sampled from its own generator."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     ids, mask = _left_pad(batch, pad_id, max(len(r) for r in batch))
-    recorder = _EntropyRecorder(settings.temperature if settings.do_sample else 1.0)
+    recorder = _StepRecorder(settings.temperature if settings.do_sample else 1.0)
+    processors = [recorder]
+    if row_seeds is not None and settings.do_sample:
+        processors.append(_RowSampler(settings, row_seeds))
+        gen_config = dataclasses.replace(settings, do_sample=False).generation_config(
+            gen_config.pad_token_id, gen_config.eos_token_id
+        )
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.long().to(device),
         generation_config=gen_config,
-        logits_processor=LogitsProcessorList([recorder]),
+        logits_processor=LogitsProcessorList(processors),
     )
     new_ids = out[:, ids.shape[1] :].cpu()
-    return new_ids, torch.stack(recorder.steps, dim=1)[:, : new_ids.shape[1]]
+    recorder.finish(out[:, -1])
+    n = new_ids.shape[1]
+    return (
+        new_ids,
+        torch.stack(recorder.entropy, dim=1)[:, :n],
+        torch.stack(recorder.token_logps, dim=1)[:, :n],
+    )
 
 
 @torch.no_grad()
@@ -243,6 +312,7 @@ def generate(
     batch_size: int = 64,
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for several), `batch_size` prompts per call.
 
@@ -250,12 +320,17 @@ def generate(
     `max_prompt_tokens`, each keeps at most its last that many tokens.
 
     `seed` makes sampling reproducible without touching the global RNG (seed=None draws from, and
-    advances, the global torch RNG). The model is put in eval mode for the call (dropout off) and
+    advances, the global torch RNG). `row_seeds` (one per prompt) samples each row from its own generator
+    instead, so a row's response does not depend on the other rows of its batch (see the module docstring). The model is put in eval mode for the call (dropout off) and
     restored after.
     """
     settings = settings or SamplingSettings()
     if len(prompts) == 0:
         raise ConfigError("generate() needs at least one prompt")
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ConfigError(
+            f"generate() got {len(row_seeds)} row seeds for {len(prompts)} prompts; give one per prompt"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
     eos_list = [eos] if isinstance(eos, int) else list(eos)
@@ -267,7 +342,7 @@ def generate(
         rows = [r[-max_prompt_tokens:] for r in rows]
     was_training = model.training
     model.eval()
-    chunks, entropies = [], []
+    chunks, entropies, token_logps = [], [], []
     try:
         # With a seed, sample from a private copy of the RNG; without one, advance the global RNG so that
         # consecutive calls draw fresh samples.
@@ -280,11 +355,17 @@ def generate(
             if seed is not None:
                 torch.manual_seed(seed)
             for s in range(0, len(rows), batch_size):
-                new_ids, entropy = _generate_batch(
-                    model, rows[s : s + batch_size], pad_id, gen_config, settings
+                new_ids, entropy, logps = _generate_batch(
+                    model,
+                    rows[s : s + batch_size],
+                    pad_id,
+                    gen_config,
+                    settings,
+                    None if row_seeds is None else row_seeds[s : s + batch_size],
                 )
                 chunks.append(new_ids)
                 entropies.append(entropy)
+                token_logps.append(logps)
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -295,6 +376,7 @@ def generate(
         lo = i * batch_size
         response_mask[lo : lo + c.shape[0], c.shape[1] :] = False
     entropy = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in entropies])
+    sampler_logps = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in token_logps])
     prompt_ids, prompt_mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
     return Rollout(
@@ -306,4 +388,5 @@ def generate(
         texts=[t.strip() for t in texts],
         prompts=list(prompts),
         entropy=entropy.masked_fill(~response_mask, 0.0).to(device),
+        sampler_logps=sampler_logps.masked_fill(~response_mask, 0.0).to(device),
     )

@@ -7,7 +7,8 @@ Each iteration (Ouyang et al. 2022; the PPO loop of AlpacaFarm, Dubois et al. 20
     3. old/ref    log-probs of the sampled tokens under the policy (frozen copy: "old") and the reference,
                   and the values, all without gradients
     4. shape      per-token rewards r_t = -beta * KL_t, plus the score at the last real token
-    5. GAE        advantages and returns; advantages whitened
+    5. GAE        advantages and returns; advantages whitened (and weighted by truncated importance sampling
+                  when algo.tis_cap is set); the sampler / trainer log-prob mismatch is logged
     6. optimize   several epochs of minibatches of the clipped surrogate + clipped value loss (+ entropy)
     7. adapt      the KL controller moves beta toward the target KL (when adaptive)
 
@@ -45,6 +46,8 @@ from rlhflab.losses import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    sampler_mismatch,
+    truncated_importance_weights,
 )
 from rlhflab.models.backbone import backbone_and_head, hidden_size_of, hidden_to_logits
 from rlhflab.models.flops import MatmulParams, matmul_params, ppo_iteration_flops
@@ -201,6 +204,13 @@ def _make_experience(
     advantages, returns = gae(shaped.rewards, old_values, mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
     if cfg.algo.whiten_advantages:
         advantages = masked_whiten(advantages, mask, shift_mean=True)
+    # The sampler's log-probs of its tokens against the trainer's old ones: ~0 with one engine in float32; the
+    # truncated importance weights correct the update when they differ (Yao et al. 2025).
+    mismatch = sampler_mismatch(old_logps, rollout.sampler_logps, mask)
+    if cfg.algo.tis_cap > 0:
+        advantages = advantages * truncated_importance_weights(
+            old_logps, rollout.sampler_logps, mask, cfg.algo.tis_cap
+        )
     seq_kl = shaped.metrics["kl/sequence"]
     metrics = {
         "reward/score": raw_scores.mean(),
@@ -213,6 +223,7 @@ def _make_experience(
         "perf/response_length": mask.sum(-1).float().mean(),
         "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
         "loss/value_error_rollout": masked_mean((old_values - returns).abs(), mask),
+        **mismatch,
         **timings,
     }
     exp = {
