@@ -3,6 +3,7 @@ steps as one process with the same global batch, and only the main process write
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,43 @@ def test_dpo_on_two_processes_takes_the_steps_of_one(loss, tiny_model_dir, tmp_p
         assert r2 == pytest.approx(
             r1 | {"time": r2["time"]} | {k: r2[k] for k in r2 if k.startswith("perf/")}, abs=1e-5
         )
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
+    """Each process samples its share of every batch (each row from its own seed: the rows one process gets),
+    scores it and computes its old / reference log-probs and values; the advantages are whitened over the whole
+    batch, each minibatch's loss is split between the processes by the rows they hold, and the rollouts file is
+    the whole batch's, written once."""
+    from rlhflab.stages import ppo
+
+    from ..helpers import PPO_PROMPTS
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
+        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "algo.rollout_batch_size=8",
+        "algo.minibatch_size=4", "algo.ppo_epochs=2", "algo.iterations=3", "optim.lr=1e-3",
+    ]  # fmt: skip
+    one = ppo.train(stage_config("ppo", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], ["ppo", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("ppo: saved the policy") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    read = lambda run: [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]  # noqa: E731
+    one_rows, two_rows = read("one"), read("two")
+    assert len(one_rows) == 24 and [(r["prompt"], r["response"]) for r in two_rows] == [
+        (r["prompt"], r["response"]) for r in one_rows
+    ]
+    for r1, r2 in zip(one_rows, two_rows):
+        assert r2["score"] == pytest.approx(r1["score"], abs=1e-6) and r2["kl"] == pytest.approx(
+            r1["kl"], abs=1e-5
+        )
+    m1 = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/policy" in r]
+    m2 = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/policy" in r]
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3]
+    for r1, r2 in zip(m1, m2):  # the whole batch's means, whichever process held which rows
+        same = {k for k in r1 if not k.startswith("perf/") and k != "time"}
+        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)

@@ -129,9 +129,11 @@ def sample(
     device: torch.device,
     batch_size: int,
     seed: int,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
     """One response per prompt from the current policy (repeat a prompt for several), prompts cut to
-    data.max_prompt_length, under the model's autocast setting."""
+    data.max_prompt_length, under the model's autocast setting; with `row_seeds`, each row from its own seed
+    (`rlhflab.rollout.generate`), else all from `seed`."""
     with mixed_precision(model_cfg, device)():
         return generate(
             policy,
@@ -141,7 +143,13 @@ def sample(
             batch_size=batch_size,
             seed=seed,
             max_prompt_tokens=data.max_prompt_length,
+            row_seeds=row_seeds,
         )
+
+
+def row_seeds(step_seed: int, n: int) -> list[int]:
+    """One sampling seed per row of a step's batch of n: a row keeps its seed whichever process samples it."""
+    return [step_seed * 1_000_003 + i for i in range(n)]
 
 
 def append_rollouts(path: Path, iteration: int, rollout: Rollout, scores, kl) -> None:

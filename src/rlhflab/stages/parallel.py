@@ -104,3 +104,45 @@ class DataParallel:
         """Every process reaches this point before any goes on (e.g. the main one has made the run directory)."""
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+    def max(self, value: float) -> float:
+        """A number's maximum over the processes."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        x = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return float(x)
+
+    def local_rows(self, global_rows: list[int]) -> list[int]:
+        """Where this process holds the rows `global_rows` of a batch it was given by `shard` (global row i is
+        local row i // W of process i % W); the rows other processes hold are left out, in the given order."""
+        return [i // self.world for i in global_rows if i % self.world == self.rank]
+
+    def gather(self, items: list) -> list:
+        """Every process's `shard` of a batch put back together, in the batch's order (on every process)."""
+        if self.world == 1:
+            return list(items)
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, list(items))
+        n = sum(len(p) for p in parts)
+        return [parts[i % self.world][i // self.world] for i in range(n)]
+
+    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """`rlhflab.losses.masked_whiten` with the mean and unbiased variance of the masked positions of EVERY
+        process's `x` (each holds some rows of one batch): what one process whitening the whole batch gets."""
+        from rlhflab.losses.utils import fill_masked, masked_whiten
+
+        if self.world == 1:
+            return masked_whiten(x, mask, shift_mean=shift_mean)
+        x = fill_masked(x, mask)
+        m = mask.to(x.dtype)
+        total = self.sum_all({"n": float(m.sum()), "sum": float((x * m).sum(dtype=torch.float64))})
+        mean = total["sum"] / max(total["n"], 1.0)
+        squares = self.sum(float((((x - mean) * m) ** 2).sum(dtype=torch.float64)))
+        var = squares / (total["n"] - 1) if total["n"] > 1 else 0.0
+        whitened = (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8, dtype=x.dtype))
+        return fill_masked(whitened + (0.0 if shift_mean else mean), mask)

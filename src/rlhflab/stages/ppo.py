@@ -27,6 +27,7 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 from rlhflab.config import PPOConfig
 from rlhflab.core.health import check_finite
 from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.errors import ConfigError
 from rlhflab.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -42,8 +44,6 @@ from rlhflab.losses import (
     entropy_from_logits,
     gae,
     kl_shaped_rewards,
-    masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
     sampler_mismatch,
@@ -71,9 +71,11 @@ from rlhflab.stages.on_policy import (
     load_prompts,
     load_reward,
     require_reward,
+    row_seeds,
     sample,
     sampling_settings,
 )
+from rlhflab.stages.parallel import DataParallel
 
 # Thresholds of the health warnings (not errors: these happen in healthy runs now and then).
 NEGATIVE_KL_WARN = -0.5
@@ -139,9 +141,10 @@ def _critic_init(cfg: PPOConfig) -> str:
     return resolve_model_path(cfg.model.name_or_path)
 
 
-def _setup_models(cfg: PPOConfig):
-    """(policy, value model, reference, tokenizer, device). The reference is frozen and in eval mode."""
-    policy, tokenizer, device = load_policy(cfg.model)
+def _setup_models(cfg: PPOConfig, device: torch.device | None = None):
+    """(policy, value model, reference, tokenizer, device). The reference is frozen and in eval mode. `device`
+    overrides model.device (the one a data-parallel launcher gave this process)."""
+    policy, tokenizer, device = load_policy(cfg.model, device=device)
     # Generation pads on the left; training collators pad on the right (rollout tensors carry their own).
     ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
     ref = load_inference_lm(ref_path, dtype=cfg.model.dtype, device=str(device))
@@ -154,9 +157,12 @@ def _setup_models(cfg: PPOConfig):
 
 @torch.no_grad()
 def _make_experience(
-    policy, value_model, ref, reward, rollout: Rollout, kl_ctl, cfg: PPOConfig, step: int, last_ckpt
+    policy, value_model, ref, reward, rollout: Rollout, kl_ctl, cfg: PPOConfig, step: int, last_ckpt, par=None
 ):
-    """Steps 2-5: scores, old/ref log-probs and values, KL-shaped rewards, GAE. Returns tensors + metrics."""
+    """Steps 2-5: scores, old/ref log-probs and values, KL-shaped rewards, GAE. Returns tensors + metrics.
+    Across processes (`par`), each holds some rows of the batch; the whitening and the metrics are the whole
+    batch's."""
+    par = par or DataParallel()
     timings = {}
     t = time.time()
     # 2. score
@@ -203,7 +209,7 @@ def _make_experience(
     # 5. GAE, then whitening across the whole rollout batch (more samples, steadier statistics)
     advantages, returns = gae(shaped.rewards, old_values, mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
     if cfg.algo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, shift_mean=True)
+        advantages = par.masked_whiten(advantages, mask, shift_mean=True)
     # The sampler's log-probs of its tokens against the trainer's old ones: ~0 with one engine in float32; the
     # truncated importance weights correct the update when they differ (Yao et al. 2025).
     mismatch = sampler_mismatch(old_logps, rollout.sampler_logps, mask)
@@ -213,17 +219,26 @@ def _make_experience(
         )
     seq_kl = shaped.metrics["kl/sequence"]
     metrics = {
-        "reward/score": raw_scores.mean(),
-        "reward/score_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
-        "reward/total": shaped.metrics["reward/total"].mean(),
-        "reward/non_score": shaped.metrics["reward/non_score"].mean(),
-        "kl/sequence": seq_kl.mean(),
+        **_batch_means(
+            par,
+            rows={
+                "reward/score": raw_scores,
+                "reward/total": shaped.metrics["reward/total"],
+                "reward/non_score": shaped.metrics["reward/non_score"],
+                "kl/sequence": seq_kl,
+                "perf/response_length": mask.sum(-1).float(),
+                "perf/ended_with_eos": rollout.ended_with_eos.float(),
+            },
+            tokens={
+                "loss/entropy_rollout": entropy,
+                "loss/value_error_rollout": (old_values - returns).abs(),
+                "kl/sampler_mismatch_mean": (old_logps - rollout.sampler_logps).abs(),
+                "kl/sampler_trainer_k1": rollout.sampler_logps - old_logps,
+            },
+            mask=mask,
+        ),
+        "kl/sampler_mismatch_max": par.max(float(mismatch["kl/sampler_mismatch_max"])),
         "kl/coef": kl_ctl.value,
-        "loss/entropy_rollout": masked_mean(entropy, mask),
-        "perf/response_length": mask.sum(-1).float().mean(),
-        "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
-        "loss/value_error_rollout": masked_mean((old_values - returns).abs(), mask),
-        **mismatch,
         **timings,
     }
     exp = {
@@ -238,6 +253,26 @@ def _make_experience(
     return exp, metrics
 
 
+def _batch_means(par, rows: dict, tokens: dict, mask) -> dict[str, float]:
+    """Means over the whole batch, whichever process holds which rows: `rows` per row [b], `tokens` per real
+    token [b, R]; plus reward/score_std, the unbiased standard deviation of the rows' scores."""
+    scores = rows["reward/score"].double()
+    sums = {
+        "n_rows": float(len(scores)),
+        "n_tokens": float(mask.sum()),
+        "score_sq": float((scores**2).sum()),
+        **{k: float(v.double().sum()) for k, v in rows.items()},
+        **{k: float(v.double()[mask].sum()) for k, v in tokens.items()},
+    }
+    sums = par.sum_all(sums)
+    n, n_tok = sums.pop("n_rows"), max(sums.pop("n_tokens"), 1.0)
+    score_sq = sums.pop("score_sq")
+    out = {k: sums[k] / (n if k in rows else n_tok) for k in sums}
+    var = (score_sq - n * out["reward/score"] ** 2) / (n - 1) if n > 1 else 0.0
+    out["reward/score_std"] = max(var, 0.0) ** 0.5
+    return out
+
+
 def _ppo_epochs(
     policy,
     value_model,
@@ -249,56 +284,87 @@ def _ppo_epochs(
     cfg: PPOConfig,
     step_for_errors: int,
     last_ckpt,
+    par=None,
 ) -> dict[str, float]:
-    """Step 6: several epochs of minibatch updates on one rollout batch. Returns averaged metrics."""
-    n = len(rollout)
+    """Step 6: several epochs of minibatch updates on one rollout batch. Returns averaged metrics.
+
+    The minibatches are drawn from the whole batch's rows; across processes (`par`) each computes the terms of
+    the rows it holds, divided by the whole minibatch's size, and the summed gradients are one process's."""
+    par = par or DataParallel()
+    n = cfg.algo.rollout_batch_size
     sums: dict[str, float] = {}
-    count = 0
+    grad_norms = []
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step_for_errors)
-    amp = mixed_precision(cfg.model, rollout.response_ids.device)
     for _ in range(cfg.algo.ppo_epochs):
         order = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.algo.minibatch_size):
-            idx = order[s : s + cfg.algo.minibatch_size].to(rollout.response_ids.device)
-            mb = rollout.select(idx)
-            mask = mb.response_mask
-            logps, values, entropy = _response_pass(
-                policy,
-                value_model,
-                mb,
-                cfg.sampling.temperature,
-                with_entropy=cfg.algo.entropy_coef > 0,
-                amp=amp,
-            )
-            pg = ppo_policy_loss(
-                logps, exp["old_logps"][idx], exp["advantages"][idx], mask, clip_eps=cfg.algo.clip_eps
-            )
-            vf = ppo_value_loss(
-                values,
-                exp["old_values"][idx],
-                exp["returns"][idx],
-                mask,
-                clip_eps_value=cfg.algo.value_clip_eps or None,
-            )
-            loss = pg.loss.mean() + cfg.algo.value_coef * vf.loss.mean()
-            if entropy is not None:
-                loss = loss + cfg.algo.entropy_coef * entropy_bonus(entropy, mask).loss.mean()
-            check_finite({"loss/ppo": loss}, step=step_for_errors, last_good=last_ckpt)
-            loss.backward()
+            rows = order[s : s + cfg.algo.minibatch_size].tolist()
+            idx = torch.tensor(par.local_rows(rows), dtype=torch.long, device=rollout.response_ids.device)
+            if len(idx):  # a process may hold none of a minibatch's rows: it adds zero gradients
+                terms = _minibatch_terms(policy, value_model, rollout, exp, idx, len(rows), cfg)
+                check_finite({"loss/ppo": terms["loss/total"]}, step=step_for_errors, last_good=last_ckpt)
+                terms["loss/total"].backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            par.sum_gradients(params)
             grad_norm = clip_gradients(params, cfg.optim.max_grad_norm)
             check_finite({"loss/grad_norm": grad_norm}, step=step_for_errors, last_good=last_ckpt)
             optimizer_step(optimizer, scheduler)
-            row = {
-                "loss/policy": pg.loss.mean(),
-                "loss/value": vf.loss.mean(),
-                "loss/total": loss,
-                "loss/grad_norm": grad_norm,
-                **{k: v.mean() for k, v in {**pg.metrics, **vf.metrics}.items()},
-            }
-            for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
-            count += 1
-    return {k: v / count for k, v in sums.items()}
+            grad_norms.append(grad_norm)
+    count = len(grad_norms)
+    sums = par.sum_all({k: sums.get(k, 0.0) for k in _EPOCH_METRICS})
+    return {**{k: v / count for k, v in sums.items()}, "loss/grad_norm": sum(grad_norms) / count}
+
+
+# The metrics of step 6: each minibatch's value is a mean over its rows (`_minibatch_terms`).
+_EPOCH_METRICS = (
+    "loss/policy",
+    "loss/value",
+    "loss/total",
+    "loss/clipfrac",
+    "loss/ratio",
+    "kl/approx",
+    "loss/value_clipfrac",
+    "loss/value_error",
+)
+
+
+def _minibatch_terms(
+    policy, value_model, rollout: Rollout, exp: dict, idx, size: int, cfg: PPOConfig
+) -> dict:
+    """The rows `idx` of one minibatch of `size` rows: their share of the minibatch loss (sum over the rows /
+    size: the clipped surrogate + value_coef x the value loss + entropy_coef x the entropy bonus) and of each
+    metric's minibatch mean."""
+    mb = rollout.select(idx)
+    mask = mb.response_mask
+    logps, values, entropy = _response_pass(
+        policy,
+        value_model,
+        mb,
+        cfg.sampling.temperature,
+        with_entropy=cfg.algo.entropy_coef > 0,
+        amp=mixed_precision(cfg.model, rollout.response_ids.device),
+    )
+    pg = ppo_policy_loss(
+        logps, exp["old_logps"][idx], exp["advantages"][idx], mask, clip_eps=cfg.algo.clip_eps
+    )
+    vf = ppo_value_loss(
+        values,
+        exp["old_values"][idx],
+        exp["returns"][idx],
+        mask,
+        clip_eps_value=cfg.algo.value_clip_eps or None,
+    )
+    loss = pg.loss.sum() / size + cfg.algo.value_coef * vf.loss.sum() / size
+    if entropy is not None:
+        loss = loss + cfg.algo.entropy_coef * entropy_bonus(entropy, mask).loss.sum() / size
+    metrics = {k: v.sum() / size for k, v in {**pg.metrics, **vf.metrics}.items()}
+    return {
+        "loss/policy": pg.loss.sum() / size,
+        "loss/value": vf.loss.sum() / size,
+        "loss/total": loss,
+        **metrics,
+    }
 
 
 def _iteration_perf(
@@ -343,8 +409,22 @@ def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> No
         )
 
 
-def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict) -> None:
-    append_rollouts(path, iteration, rollout, exp["scores"], exp["seq_kl"])
+def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict, par=None) -> None:
+    """The batch's rollouts, gathered from every process in the batch's order, appended by the main one."""
+    par = par or DataParallel()
+    if par.world == 1:
+        append_rollouts(path, iteration, rollout, exp["scores"], exp["seq_kl"])
+        return
+    rows = par.gather(
+        [
+            (p, t, float(s), float(k))
+            for p, t, s, k in zip(rollout.prompts, rollout.texts, exp["scores"], exp["seq_kl"])
+        ]
+    )
+    if par.is_main:
+        prompts, texts, scores, kl = zip(*rows)
+        whole = SimpleNamespace(prompts=list(prompts), texts=list(texts))
+        append_rollouts(path, iteration, whole, torch.tensor(scores), torch.tensor(kl))
 
 
 def _save_final(run_dir: Path, policy, value_model, tokenizer, merge_lora: bool) -> Path:
@@ -370,6 +450,17 @@ def _kl_controller(cfg: PPOConfig):
     )
 
 
+def _check_parallel(cfg: PPOConfig, par: DataParallel) -> None:
+    """What runs across processes: every process needs a row of each batch; the Llama 2 gate whitens the scores
+    over the batch each process scores, which would be its share, not the batch."""
+    par.check_batch(cfg.algo.rollout_batch_size, "algo.rollout_batch_size")
+    if par.world > 1 and cfg.algo.reward_combine == "llama2_gate":
+        raise ConfigError(
+            "config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not yet "
+            "done across processes; run it in one process"
+        )
+
+
 def preflight(cfg: PPOConfig, *, reward: Any = None) -> None:
     """The checks that need no model or data file, run before anything is loaded or made."""
     require_reward(cfg.algo, reward)
@@ -384,9 +475,11 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     # Setup: checks that need no model, seeds, run directory, models, reward, prompts, optimizer, KL controller.
     require_train_path(cfg.data, "prompt")
     preflight(cfg, reward=reward)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    _check_parallel(cfg, par)
     seed_everything(cfg.seed)
-    run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite)
-    policy, value_model, ref, tokenizer, device = _setup_models(cfg)
+    run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    policy, value_model, ref, tokenizer, device = _setup_models(cfg, par.device)
     reward = reward if reward is not None else _load_reward(cfg, device)
     prompts, steps_per_epoch = load_prompts(cfg.data, cfg.algo.rollout_batch_size)
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
@@ -394,15 +487,17 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
     kl_ctl, sampling = _kl_controller(cfg), sampling_settings(cfg.sampling)
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
-    print(
-        f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} rollouts, "
-        f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-    )
+    if par.is_main:
+        print(
+            f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} "
+            f"rollouts, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
+            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        )
     # The KL controller is checkpointed with the weights, so a resumed run adapts beta exactly as before.
     kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume,
-                state=kl_state, snapshot=snapshot)  # fmt: skip
+                state=kl_state, snapshot=snapshot, writes=par.is_main)  # fmt: skip
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
 
@@ -413,29 +508,32 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
             prompts[i]
             for i in batch_schedule(len(prompts), cfg.algo.rollout_batch_size, cfg.seed, epoch)[position]
         ]
-        # 1. generate
+        # 1. generate: each process samples its share of the batch, each row from its own seed, so the rows
+        # are the same whatever the number of processes
         t0 = time.time()
+        step_seed = cfg.seed * 100_003 + loop.step
         rollout = sample(
             policy,
             tokenizer,
-            batch,
+            par.shard(batch),
             sampling,
             model_cfg=cfg.model,
             data=cfg.data,
             device=device,
             batch_size=cfg.algo.rollout_batch_size,
-            seed=cfg.seed * 100_003 + loop.step,
+            seed=step_seed,
+            row_seeds=par.shard(row_seeds(step_seed, len(batch))),
         )
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
         exp, metrics = _make_experience(
-            policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration, loop.last_ckpt
+            policy, value_model, ref, reward, rollout, kl_ctl, cfg, iteration, loop.last_ckpt, par
         )
         # 6. optimize
         t0 = time.time()
         models = (policy, value_model, trainable)
         metrics.update(
-            _ppo_epochs(*models, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt)
+            _ppo_epochs(*models, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt, par)
         )
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
@@ -443,13 +541,19 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         # 7. adapt the KL coefficient
         kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
 
-        _append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp)
-        _health_warnings(metrics, iteration, log=loop.progress.print)
-        loop.count(rollouts=len(rollout), tokens=int(rollout.attention_mask.sum()))
+        _append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp, par)
+        if par.is_main:
+            _health_warnings(metrics, iteration, log=loop.progress.print)
+        loop.count(
+            rollouts=cfg.algo.rollout_batch_size, tokens=int(par.sum(int(rollout.attention_mask.sum())))
+        )
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
 
-    final = _save_final(run.dir, policy, value_model, tokenizer, cfg.model.lora.merge)
-    run.close()
-    print(f"ppo: saved the policy to {final}")
+    final = run.dir / "final"
+    if par.is_main:
+        _save_final(run.dir, policy, value_model, tokenizer, cfg.model.lora.merge)
+        run.close()
+        print(f"ppo: saved the policy to {final}")
+    par.wait()  # the other processes return once the main one has saved the model
     return final
