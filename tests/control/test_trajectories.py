@@ -39,6 +39,7 @@ def test_rollout_records_pendulums_reward_of_each_step():
     again = rollout(env, lambda obs: np.array([0.0], dtype=np.float32), episodes=2, seed=3)
     assert np.array_equal(again[0].observations[0], t.observations[0])
     assert not np.array_equal(again[1].observations[0], t.observations[0])
+    assert np.array_equal(again[1].observations[0], env.reset(seed=4)[0])
 
 
 def test_subtrajectory_starts_by_hand():
