@@ -13,7 +13,7 @@ import os
 import sys
 
 from rlhflab import __version__
-from rlhflab.errors import TrainingHealthError, UserError
+from rlhflab.errors import ConfigError, TrainingHealthError, UserError
 from rlhflab.lab.cli import register as register_lab
 from rlhflab.label.cli import register as register_label
 from rlhflab.stages import STAGES
@@ -661,6 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_processes(command: str) -> None:
+    """Only the data-parallel stages start in several processes: any other command would run once per process,
+    each alone, all writing the same run directory."""
+    from rlhflab.stages import DATA_PARALLEL_STAGES
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and command not in DATA_PARALLEL_STAGES:
+        raise ConfigError(
+            f"rlhflab {command} does not run across processes (WORLD_SIZE={world}): only "
+            f"{', '.join(DATA_PARALLEL_STAGES)} do; launch it as one process"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     # Our own progress bars carry the ETA; HF's per-file "Loading weights" bars would only bury them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -670,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_processes(args.command)
         return int(args.func(args) or 0)
     except UserError as e:
         if not isinstance(e, TrainingHealthError):

@@ -190,3 +190,19 @@ def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
     for r1, r2 in zip(m1, m2):  # the whole batch's means, whichever process held which rows
         same = {k for k in r1 if not k.startswith("perf/") and k != "time"}
         assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+
+
+@pytest.mark.parametrize("command", [["grpo"], ["online-dpo"], ["run"], ["experiment", "trex"]])
+def test_commands_that_are_not_data_parallel_refuse_several_processes(command, monkeypatch, tmp_path, capsys):
+    """Launched in 2 processes, a command without data parallelism would run twice, each process alone, both
+    writing one run directory: it exits 2 with one line before doing anything."""
+    from rlhflab.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and f"rlhflab {command[0]} does not run across processes (WORLD_SIZE=2)" in err
+    )
+    assert "sft, rm, dpo, ppo" in err and not list(tmp_path.iterdir())

@@ -43,3 +43,7 @@ STAGES: dict[str, tuple[str, str]] = {
         "Quark / reward conditioning: a growing scored pool, one control token per reward quantile, conditional NLL",
     ),
 }
+
+# The stages that run data-parallel across the processes `accelerate launch` / `torchrun` start
+# (`rlhflab.stages.parallel`); any other command refuses to start in more than one process.
+DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo")
