@@ -192,7 +192,63 @@ def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
         assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
 
 
-@pytest.mark.parametrize("command", [["grpo"], ["online-dpo"], ["run"], ["experiment", "trex"]])
+CRITIC_FREE = {
+    # GRPO: several updates per batch (an old pass), token-mean loss (divided by the minibatch's tokens, which
+    # no process alone knows), the KL in the loss
+    "grpo": [
+        "algo.loss_aggregation=token_mean",
+        "algo.kl_coef=0.1",
+        "algo.ppo_epochs=2",
+        "algo.minibatch_size=6",
+    ],
+    # RLOO with REINFORCE's batch-mean baseline (over both processes' groups) and the KL in the reward
+    "rloo": ["algo.baseline=batch_mean", "algo.kl_coef=0.1", "algo.minibatch_size=0"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(CRITIC_FREE))
+def test_critic_free_on_two_processes_takes_the_steps_of_one(stage, tiny_model_dir, tmp_path):
+    """Each process samples whole groups (k samples of its prompts); minibatches are drawn from the whole
+    batch's kept rows and each process computes its rows' share: the same weights, rollouts and metrics."""
+    from rlhflab.stages import critic_free
+
+    from ..helpers import PPO_PROMPTS
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
+        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8",
+        "algo.prompts_per_iteration=3", "algo.num_generations=4", "algo.iterations=3", "optim.lr=1e-3",
+        *CRITIC_FREE[stage],
+    ]  # fmt: skip
+    one = critic_free.train(stage_config(stage, tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout
+    assert out.stdout.count(f"{stage}: saved the policy") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    read = lambda run: [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]  # noqa: E731
+    one_rows, two_rows = read("one"), read("two")
+    assert len(one_rows) == 36 and [(r["prompt"], r["response"], r["score"]) for r in two_rows] == [
+        (r["prompt"], r["response"], r["score"]) for r in one_rows
+    ]
+    m1 = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/policy" in r]
+    m2 = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/policy" in r]
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3]
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        same = {
+            k
+            for k in r1
+            if not k.startswith("perf/time") and k not in ("time", "perf/flops_per_s", "perf/tokens_per_s")
+        }
+        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+
+
+@pytest.mark.parametrize("command", [["online-dpo"], ["iterative-dpo"], ["run"], ["experiment", "trex"]])
 def test_commands_that_are_not_data_parallel_refuse_several_processes(command, monkeypatch, tmp_path, capsys):
     """Launched in 2 processes, a command without data parallelism would run twice, each process alone, both
     writing one run directory: it exits 2 with one line before doing anything."""
@@ -205,4 +261,43 @@ def test_commands_that_are_not_data_parallel_refuse_several_processes(command, m
     assert (
         err.count("\n") == 1 and f"rlhflab {command[0]} does not run across processes (WORLD_SIZE=2)" in err
     )
-    assert "sft, rm, dpo, ppo" in err and not list(tmp_path.iterdir())
+    assert "sft, rm, dpo, ppo, rloo, grpo" in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ppo_resumes_in_two_processes_a_run_one_process_began(tiny_model_dir, tmp_path):
+    """--resume across process counts: a one-process PPO run stopped after its step-2 checkpoint, continued by
+    two processes, ends where the uninterrupted one-process run does (to 1e-5: only summation orders differ)."""
+    from rlhflab.stages import ppo
+
+    from ..helpers import PPO_PROMPTS
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
+        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "algo.rollout_batch_size=8",
+        "algo.minibatch_size=4", "algo.iterations=4", "logging.save_every=2", "optim.lr=1e-3",
+    ]  # fmt: skip
+    whole = ppo.train(stage_config("ppo", tiny_model_dir, *overrides, out=tmp_path / "a"))
+    real, calls = ppo.append_rollouts, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while the 3rd iteration's rollouts are written: step 2 is checkpointed
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ppo, "append_rollouts", crash)
+        with pytest.raises(KeyboardInterrupt):
+            ppo.train(stage_config("ppo", tiny_model_dir, *overrides, out=tmp_path / "b"))
+    out = _launch(
+        LAUNCHERS["torchrun"],
+        ["ppo", *overrides, f"logging.output_dir={tmp_path / 'b'}", "--resume"],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout
+    _assert_same_weights(whole, tmp_path / "b" / "final", tiny_model_dir)
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/policy" in r]
+    assert steps == [1, 2, 3, 4]

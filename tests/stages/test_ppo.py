@@ -113,7 +113,7 @@ def test_ppo_resume_is_exact(tiny_model_dir, prompts_file, tmp_path):
 
     # Ctrl-C while the 3rd iteration's rollouts are written: resumed from the step-2 checkpoint.
     assert_resume_matches(
-        run, tmp_path, crash_in=(ppo, "_append_rollouts"), crash_on_call=3, checkpoint_step=2
+        run, tmp_path, crash_in=(ppo, "append_rollouts"), crash_on_call=3, checkpoint_step=2
     )
 
 

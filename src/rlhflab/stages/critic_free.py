@@ -42,7 +42,6 @@ from rlhflab.losses import (
     finite_groups,
     group_normalized_advantages,
     kl_penalty_loss,
-    masked_mean,
     masked_sum,
     ppo_policy_loss,
     reinforce_advantages,
@@ -68,12 +67,15 @@ from rlhflab.stages.common import (
 from rlhflab.stages.data_source import require_train_path
 from rlhflab.stages.on_policy import (
     append_rollouts,
+    check_data_parallel,
     load_prompts,
     load_reward,
     require_reward,
+    row_seeds,
     sample,
     sampling_settings,
 )
+from rlhflab.stages.parallel import DataParallel
 
 Config = RLOOConfig | GRPOConfig
 
@@ -113,8 +115,11 @@ def rollout_logps(
     return logps[:, start - 1 :].float(), ent
 
 
-def advantages_of(cfg: Config, scores: torch.Tensor, greedy_scores: torch.Tensor | None) -> torch.Tensor:
-    """Step 5's advantages [N] from the (KL-adjusted) scores [N] of P groups of k samples."""
+def advantages_of(
+    cfg: Config, scores: torch.Tensor, greedy_scores: torch.Tensor | None, batch_mean: float | None = None
+) -> torch.Tensor:
+    """Step 5's advantages [N] from the (KL-adjusted) scores [N] of P groups of k samples; `batch_mean`: the
+    REINFORCE baseline when these are some processes' share of the batch (default: their own mean)."""
     k = cfg.algo.num_generations
     if isinstance(cfg, GRPOConfig):
         return group_normalized_advantages(scores, k, scale_by_std=cfg.algo.scale_rewards)
@@ -122,7 +127,7 @@ def advantages_of(cfg: Config, scores: torch.Tensor, greedy_scores: torch.Tensor
         return rloo_advantages(scores, k)
     if cfg.algo.baseline == "greedy":
         return remax_advantages(scores, greedy_scores, k)
-    return reinforce_advantages(scores)
+    return reinforce_advantages(scores, batch_mean)
 
 
 def needs_old_pass(cfg: Config, n: int) -> bool:
@@ -133,9 +138,10 @@ def needs_old_pass(cfg: Config, n: int) -> bool:
     return several_updates or (algo.kl_coef > 0 and algo.kl_placement == "reward")
 
 
-def _setup(cfg: Config):
-    """(policy, reference or None, tokenizer, device); no reference is loaded when beta = 0."""
-    policy, tokenizer, device = load_policy(cfg.model)
+def _setup(cfg: Config, device: torch.device | None = None):
+    """(policy, reference or None, tokenizer, device); no reference is loaded when beta = 0. `device` overrides
+    model.device (the one a data-parallel launcher gave this process)."""
+    policy, tokenizer, device = load_policy(cfg.model, device=device)
     ref = None
     if cfg.algo.kl_coef > 0:
         ref_path = resolve_model_path(cfg.ref_model or cfg.model.name_or_path)
@@ -152,9 +158,12 @@ def _score(reward, cfg: Config, rollout: Rollout) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def make_experience(
-    policy, ref, reward, rollout: Rollout, greedy: Rollout | None, cfg: Config, step: int, last
+    policy, ref, reward, rollout: Rollout, greedy: Rollout | None, cfg: Config, step: int, last, par=None
 ):
-    """Steps 2-5 on one batch: returns the tensors the update needs and the iteration's metrics."""
+    """Steps 2-5 on one batch: returns the tensors the update needs and the iteration's metrics. Across
+    processes (`par`) each holds whole groups of the batch; the metrics (and REINFORCE's batch mean) are the
+    whole batch's."""
+    par = par or DataParallel()
     algo, temp = cfg.algo, cfg.sampling.temperature
     amp = mixed_precision(cfg.model, rollout.response_ids.device)
     mask = rollout.response_mask
@@ -162,7 +171,7 @@ def make_experience(
     # 2. score
     scores, raw = _score(reward, cfg, rollout)
     greedy_scores = _score(reward, cfg, greedy)[0] if greedy is not None else None
-    if not torch.isfinite(scores).any():
+    if par.sum(float(torch.isfinite(scores).sum())) == 0:  # every process stops together
         raise TrainingHealthError(
             f"iteration {step}: every score of the batch is NaN/inf; check the reward source "
             f"(last good checkpoint: {last or 'none'})"
@@ -191,96 +200,167 @@ def make_experience(
     if greedy_scores is not None:
         keep &= torch.isfinite(greedy_scores).repeat_interleave(k)
     advantages = torch.zeros_like(adjusted)
+    batch_mean = None
+    if par.world > 1:  # REINFORCE's constant baseline is the mean over the whole batch's kept scores
+        kept = adjusted[keep][torch.isfinite(adjusted[keep])]
+        batch_mean = par.means({"b": (float(kept.sum()), float(kept.numel()))})["b"]
     if keep.any():
         kept_groups = keep.view(-1, k)[:, 0]
         g_scores = greedy_scores[kept_groups] if greedy_scores is not None else None
-        advantages[keep] = advantages_of(cfg, adjusted[keep], g_scores)
-    finite = torch.isfinite(raw)
-    metrics = {
-        "reward/score": raw[finite].mean(),
-        "reward/score_std": raw[finite].std() if int(finite.sum()) > 1 else 0.0,
-        "reward/total": adjusted[finite].mean(),
-        "reward/advantage_abs": advantages[keep].abs().mean() if keep.any() else 0.0,
-        "reward/nan_scores": (~finite).sum(),
-        "kl/coef": algo.kl_coef,
-        "perf/groups_kept": keep.view(-1, k)[:, 0].float().mean(),
-        "perf/response_length": mask.sum(-1).float().mean(),
-        "perf/ended_with_eos": rollout.ended_with_eos.float().mean(),
-        "perf/time_score": t_score,
-        "perf/time_forward": t_forward,
-    }
-    if greedy_scores is not None:
-        metrics["reward/greedy_score"] = greedy_scores[torch.isfinite(greedy_scores)].mean()
+        advantages[keep] = advantages_of(cfg, adjusted[keep], g_scores, batch_mean)
+    metrics = _experience_metrics(par, raw, adjusted, advantages, keep, greedy_scores, rollout, k)
+    metrics.update({"kl/coef": algo.kl_coef, "perf/time_score": t_score, "perf/time_forward": t_forward})
     exp = {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages, "keep": keep}
     exp.update(scores=raw, seq_kl=seq_kl)
     return exp, metrics
 
 
-def minibatch_loss(logps, old_logps, ref_logps, advantages, mask, cfg: Config):
+def _experience_metrics(
+    par, raw, adjusted, advantages, keep, greedy_scores, rollout: Rollout, k: int
+) -> dict:
+    """The iteration's reward and batch metrics, over the whole batch whichever process holds which groups."""
+    finite, mask = torch.isfinite(raw), rollout.response_mask
+    rows, n = float(len(raw)), float(finite.sum())
+    parts = {
+        "reward/score": (float(raw[finite].sum()), n),
+        "score_sq": (float((raw[finite].double() ** 2).sum()), n),
+        "reward/total": (float(adjusted[finite].sum()), n),
+        "reward/advantage_abs": (float(advantages[keep].abs().sum()), float(keep.sum())),
+        "reward/nan_scores": (float((~finite).sum()), 1.0 / par.world),  # a count: the sum over processes
+        "perf/groups_kept": (float(keep.view(-1, k)[:, 0].sum()), rows / k),
+        "perf/response_length": (float(mask.sum()), rows),
+        "perf/ended_with_eos": (float(rollout.ended_with_eos.sum()), rows),
+        "n": (n, 1.0 / par.world),
+    }
+    if greedy_scores is not None:
+        ok = torch.isfinite(greedy_scores)
+        parts["reward/greedy_score"] = (float(greedy_scores[ok].sum()), float(ok.sum()))
+    out = par.means(parts)
+    n, mean_sq = out.pop("n"), out.pop("score_sq")
+    out["reward/score_std"] = (
+        (max(mean_sq - out["reward/score"] ** 2, 0.0) * n / (n - 1)) ** 0.5 if n > 1 else 0.0
+    )
+    return out
+
+
+def minibatch_loss(logps, old_logps, ref_logps, advantages, mask, cfg: Config, size=None, tokens=None):
     """Step 6's loss on one minibatch: PPO's clipped surrogate with the group advantages (+ beta * KL to the
-    reference in the loss), aggregated over tokens as algo.loss_aggregation says. Returns (loss, metrics)."""
+    reference in the loss), aggregated over tokens as algo.loss_aggregation says. Returns (loss, metrics).
+
+    Across processes each holds some rows of a minibatch of `size` rows and `tokens` real response tokens (by
+    default: this call's): its loss and metrics are then its share, and the shares sum to the minibatch's."""
     algo = cfg.algo
     # Dr. GRPO's constant normalizer is the longest response the sampler may write.
     reduce = {"reduction": algo.loss_aggregation}
     if algo.loss_aggregation == "constant":
         reduce["max_tokens"] = cfg.sampling.max_new_tokens
+    # token_mean is the sum over the minibatch's tokens divided by their number: per-sequence sums, divided
+    # by the whole minibatch's token count (which no process alone knows); the others average per sequence.
+    divide = float(len(advantages) if size is None else size)
+    if algo.loss_aggregation == "token_mean":
+        reduce["reduction"] = "sequence_sum"
+        divide = float(mask.sum() if tokens is None else tokens)
     old = logps.detach() if old_logps is None else old_logps
     clip = {"clip_eps": algo.clip_eps, "clip_eps_high": algo.clip_eps_high or None}
     pg = ppo_policy_loss(logps, old, advantages, mask, **clip, **reduce)
-    loss = pg.loss.mean()
-    metrics = {"loss/policy": loss.detach(), **{k: v.mean() for k, v in pg.metrics.items()}}
+    loss = pg.loss.sum() / divide
+    rows = float(len(advantages) if size is None else size)
+    metrics = {"loss/policy": loss.detach(), **{k: v.sum() / rows for k, v in pg.metrics.items()}}
     if algo.kl_placement == "loss" and ref_logps is not None and algo.kl_coef > 0:
         kl = kl_penalty_loss(logps, ref_logps, mask, estimator=algo.kl_estimator, **reduce)
-        loss = loss + algo.kl_coef * kl.loss.mean()
-        metrics["loss/kl"] = kl.loss.mean().detach()
+        loss = loss + algo.kl_coef * kl.loss.sum() / divide
+        metrics["loss/kl"] = (kl.loss.sum() / divide).detach()
     metrics["loss/total"] = loss.detach()
     return loss, metrics
 
 
-def _update(policy, optimizer, scheduler, rollout: Rollout, exp: dict, cfg: Config, step: int, last):
-    """Step 6: ppo_epochs passes over the kept samples in minibatches. Returns averaged metrics."""
-    kept = exp["keep"].nonzero().squeeze(-1)
+def _update(
+    policy, optimizer, scheduler, rollout: Rollout, exp: dict, cfg: Config, step: int, last, par=None
+):
+    """Step 6: ppo_epochs passes over the kept samples in minibatches. Returns averaged metrics.
+
+    The minibatches are drawn from the whole batch's kept rows; across processes (`par`, each holding whole
+    groups) each computes the terms of the rows it holds as its share of the minibatch's loss, and the
+    gradients are summed: one process's step."""
+    par = par or DataParallel()
+    k = cfg.algo.num_generations
+    kept = (
+        torch.tensor(par.gather(exp["keep"].view(-1, k)[:, 0].tolist())).repeat_interleave(k).nonzero()[:, 0]
+    )
     if kept.numel() == 0:
         return {"perf/updates": 0.0, "perf/train_tokens": 0.0, "perf/train_response_tokens": 0.0}
-    size = cfg.algo.minibatch_size or len(rollout)
+    size = cfg.algo.minibatch_size or cfg.algo.rollouts_per_iteration
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    amp = mixed_precision(cfg.model, rollout.response_ids.device)
-    sums: dict[str, float] = {}
-    updates, entropy_row = 0, {}
+    sums: dict[str, float] = dict.fromkeys(_update_keys(cfg), 0.0)
+    grad_norms: list[float] = []
     for epoch in range(cfg.algo.ppo_epochs):
         order = kept[torch.randperm(kept.numel(), generator=g)]
         for s in range(0, order.numel(), size):
-            idx = order[s : s + size]
-            mb = rollout.select(idx)
-            logps, entropy = rollout_logps(
-                policy, mb, cfg.sampling.temperature, amp=amp, entropy=updates == 0
+            rows = order[s : s + size].tolist()
+            idx = torch.tensor(
+                par.local_rows(rows, group=k), dtype=torch.long, device=rollout.response_ids.device
             )
-            old = exp["old_logps"][idx] if exp["old_logps"] is not None else None
-            ref = exp["ref_logps"][idx] if exp["ref_logps"] is not None else None
-            loss, row = minibatch_loss(logps, old, ref, exp["advantages"][idx], mb.response_mask, cfg)
-            if ref is not None and old is None and epoch == 0:  # the KL of the samples the policy wrote
-                kl = KL_ESTIMATORS[cfg.algo.kl_estimator](logps.detach(), ref)
-                exp["seq_kl"][idx] = masked_sum(kl, mb.response_mask, dim=-1)
-            check_finite({"loss/total": loss}, step=step, last_good=last)
-            loss.backward()
+            tokens = par.sum(float(rollout.response_mask[idx].sum()))  # the minibatch's, for token_mean
+            if len(idx):  # a process may hold none of a minibatch's rows: it adds zero gradients
+                first = epoch == 0 and s == 0  # before any update: the rollout policy's entropy
+                row = _minibatch_step(
+                    policy, rollout, exp, idx, (len(rows), tokens), cfg, epoch, first, step, last
+                )
+                for key, v in row.items():
+                    sums[key] += float(v)
+            par.sum_gradients(policy)
             grad_norm = clip_gradients(policy, cfg.optim.max_grad_norm)
             check_finite({"loss/grad_norm": grad_norm}, step=step, last_good=last)
             optimizer_step(optimizer, scheduler)
-            row["loss/grad_norm"] = grad_norm
-            if entropy is not None:  # of the first minibatch, before any update: the rollout policy's
-                entropy_row = {"loss/entropy": float(masked_mean(entropy, mb.response_mask))}
-                entropy_row["perf/entropy_tokens"] = float(mb.response_mask.sum())
-            for key, v in row.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-            updates += 1
-    trained = rollout.select(kept)
+            grad_norms.append(grad_norm)
+    updates = len(grad_norms)
+    sums = par.sum_all(sums)
+    entropy_tokens = sums.pop("perf/entropy_tokens")
+    entropy = sums.pop("entropy_sum") / entropy_tokens if entropy_tokens else None
+    local = rollout.select(torch.tensor(par.local_rows(kept.tolist(), group=k), dtype=torch.long))
+    train = par.sum_all(
+        {"all": float(local.attention_mask.sum()), "response": float(local.response_mask.sum())}
+    )
     return {
-        **{k: v / updates for k, v in sums.items()},
-        **entropy_row,
+        **{key: v / updates for key, v in sums.items()},
+        "loss/grad_norm": sum(grad_norms) / updates,
+        **({"loss/entropy": entropy, "perf/entropy_tokens": entropy_tokens} if entropy is not None else {}),
         "perf/updates": float(updates),
-        "perf/train_tokens": float(cfg.algo.ppo_epochs * trained.attention_mask.sum()),
-        "perf/train_response_tokens": float(cfg.algo.ppo_epochs * trained.response_mask.sum()),
+        "perf/train_tokens": cfg.algo.ppo_epochs * train["all"],
+        "perf/train_response_tokens": cfg.algo.ppo_epochs * train["response"],
     }
+
+
+def _update_keys(cfg: Config) -> list[str]:
+    """The metrics step 6 sums over minibatches (and processes): minibatch_loss's, and the entropy's parts."""
+    keys = ["loss/policy", "loss/clipfrac", "loss/ratio", "kl/approx", "loss/total", "entropy_sum"]
+    keys.append("perf/entropy_tokens")
+    if cfg.algo.kl_placement == "loss" and cfg.algo.kl_coef > 0:
+        keys.append("loss/kl")
+    return keys
+
+
+def _minibatch_step(
+    policy, rollout, exp, idx, whole, cfg: Config, epoch: int, first: bool, step, last
+) -> dict:
+    """This process's rows `idx` of one minibatch (`whole`: its rows and response tokens): the loss's share,
+    back-propagated; returns its metric shares. The `first` minibatch also gives the entropy; with no old
+    pass, epoch 0 measures each sample's KL to the reference."""
+    mb = rollout.select(idx)
+    amp = mixed_precision(cfg.model, rollout.response_ids.device)
+    logps, entropy = rollout_logps(policy, mb, cfg.sampling.temperature, amp=amp, entropy=first)
+    old = exp["old_logps"][idx] if exp["old_logps"] is not None else None
+    ref = exp["ref_logps"][idx] if exp["ref_logps"] is not None else None
+    loss, row = minibatch_loss(logps, old, ref, exp["advantages"][idx], mb.response_mask, cfg, *whole)
+    if ref is not None and old is None and epoch == 0:  # the KL of the samples the policy wrote
+        kl = KL_ESTIMATORS[cfg.algo.kl_estimator](logps.detach(), ref)
+        exp["seq_kl"][idx] = masked_sum(kl, mb.response_mask, dim=-1)
+    check_finite({"loss/total": loss}, step=step, last_good=last)
+    loss.backward()
+    if entropy is not None:
+        row["entropy_sum"] = float(masked_sum(entropy, mb.response_mask))
+        row["perf/entropy_tokens"] = float(mb.response_mask.sum())
+    return row
 
 
 def _perf(metrics: dict[str, float], rollout: Rollout, greedy: Rollout | None, cfg: Config, params) -> dict:
@@ -319,9 +399,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
     name, algo = method_name(cfg), cfg.algo
     require_train_path(cfg.data, "prompt")
     preflight(cfg, reward=reward)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    check_data_parallel(algo, par, "algo.prompts_per_iteration", algo.prompts_per_iteration)
     seed_everything(cfg.seed)
-    run = open_run(cfg, name, cfg.logging, resume=resume, overwrite=overwrite)
-    policy, ref, tokenizer, device = _setup(cfg)
+    run = open_run(cfg, name, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    policy, ref, tokenizer, device = _setup(cfg, par.device)
     reward = reward if reward is not None else load_reward(algo, device)
     prompts, steps_per_epoch = load_prompts(cfg.data, algo.prompts_per_iteration)
     n = algo.rollouts_per_iteration
@@ -330,10 +412,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
     sampling = sampling_settings(cfg.sampling)
     greedy_baseline = isinstance(cfg, RLOOConfig) and algo.baseline == "greedy"
     flop_params = (matmul_params(policy), matmul_params(ref) if ref is not None else None)
-    print(
-        f"{name}: {len(prompts)} prompts, {algo.iterations} iterations x {algo.prompts_per_iteration} prompts x "
-        f"{algo.num_generations} samples, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-    )
+    if par.is_main:
+        print(
+            f"{name}: {len(prompts)} prompts, {algo.iterations} iterations x {algo.prompts_per_iteration} prompts "
+            f"x {algo.num_generations} samples, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
+            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        )
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(
         run,
@@ -345,41 +429,56 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         scheduler,
         resume=resume,
         snapshot=snapshot,
+        writes=par.is_main,
     )
     while loop.step < loop.total:
         iteration = loop.step + 1
         epoch, position = divmod(loop.step, steps_per_epoch)
         order = batch_schedule(len(prompts), algo.prompts_per_iteration, cfg.seed, epoch)[position]
         batch = [prompts[i] for i in order]
-        # 1. generate: k samples per prompt, prompt-major (+ the greedy responses for ReMax)
+        # 1. generate: k samples per prompt, prompt-major (+ the greedy responses for ReMax); each process
+        # samples its share of the prompts, each row from its own seed (the rows one process would sample)
         t0 = time.time()
-        seed = cfg.seed * 100_003 + loop.step
-        repeated = [p for p in batch for _ in range(algo.num_generations)]
+        seed, k = cfg.seed * 100_003 + loop.step, algo.num_generations
+        mine = par.shard(list(range(len(batch))))
+        seeds = row_seeds(seed, n)
+        local = [batch[q] for q in mine]
+        repeated = [p for p in local for _ in range(k)]
         kwargs = {"model_cfg": cfg.model, "data": cfg.data, "device": device, "batch_size": n, "seed": seed}
-        rollout = sample(policy, tokenizer, repeated, sampling, **kwargs)
+        rollout = sample(
+            policy, tokenizer, repeated, sampling, row_seeds=[seeds[q * k + j] for q in mine for j in range(k)],
+            **kwargs,
+        )  # fmt: skip
         greedy = None
         if greedy_baseline:
-            greedy = sample(policy, tokenizer, batch, sampling_settings(cfg.sampling, greedy=True), **kwargs)
+            greedy = sample(policy, tokenizer, local, sampling_settings(cfg.sampling, greedy=True), **kwargs)
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs, KL, baseline
-        exp, metrics = make_experience(policy, ref, reward, rollout, greedy, cfg, iteration, loop.last_ckpt)
+        exp, metrics = make_experience(
+            policy, ref, reward, rollout, greedy, cfg, iteration, loop.last_ckpt, par
+        )
         # 6. optimize
         t0 = time.time()
-        metrics.update(_update(policy, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt))
+        metrics.update(
+            _update(policy, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt, par)
+        )
         known = torch.isfinite(exp["seq_kl"])  # no reference (beta = 0): no KL is measured
-        metrics["kl/sequence"] = exp["seq_kl"][known].mean() if known.any() else 0.0
+        kl = par.means({"kl": (float(exp["seq_kl"][known].sum()), float(known.sum()))})["kl"]
+        metrics["kl/sequence"] = kl
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
         metrics.update(_perf(metrics, rollout, greedy, cfg, flop_params))
 
         # Feedback budget: every scored response is one query to the reward source (ReMax's greedy ones too).
         metrics["feedback/queries"] = float(iteration * (n + (len(batch) if greedy_baseline else 0)))
-        append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp["scores"], exp["seq_kl"])
-        loop.count(rollouts=len(rollout), tokens=int(rollout.attention_mask.sum()))
+        append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp["scores"], exp["seq_kl"], par, k)
+        loop.count(rollouts=n, tokens=int(par.sum(float(rollout.attention_mask.sum()))))
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
     final = run.dir / "final"
-    save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
-    run.close()
-    print(f"{name}: saved the policy to {final}")
+    if par.is_main:
+        save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
+        run.close()
+        print(f"{name}: saved the policy to {final}")
+    par.wait()  # the other processes return once the main one has saved the model
     return final

@@ -152,17 +152,35 @@ def row_seeds(step_seed: int, n: int) -> list[int]:
     return [step_seed * 1_000_003 + i for i in range(n)]
 
 
-def append_rollouts(path: Path, iteration: int, rollout: Rollout, scores, kl) -> None:
+def append_rollouts(
+    path: Path, iteration: int, rollout: Rollout, scores, kl, par=None, group: int = 1
+) -> None:
     """Append one JSON line per response (prompt, response, score, sequence KL) to RUN/rollouts.jsonl, so the
-    proxy reward can be compared afterwards with anything else (the lab's gold reward)."""
+    proxy reward can be compared afterwards with anything else (the lab's gold reward).
+
+    Across processes (`par`, each holding its `shard` of the batch's groups of `group` rows), the main process
+    writes the whole batch, gathered in the batch's order."""
+    rows = [(p, t, float(s), float(k)) for p, t, s, k in zip(rollout.prompts, rollout.texts, scores, kl)]
+    if par is not None and par.world > 1:
+        groups = par.gather([rows[i : i + group] for i in range(0, len(rows), group)])
+        rows = [r for g in groups for r in g]
+        if not par.is_main:
+            return
     with open(path, "a") as f:
-        for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
+        for prompt, text, score, seq_kl in rows:
             row = {"iteration": iteration, "prompt": prompt, "response": text}
             # NaN (a failed score, a KL not measured) is written as null: NaN is not JSON.
-            row.update(
-                {
-                    k: float(v[i]) if math.isfinite(float(v[i])) else None
-                    for k, v in (("score", scores), ("kl", kl))
-                }
-            )
+            row.update({k: v if math.isfinite(v) else None for k, v in (("score", score), ("kl", seq_kl))})
             f.write(json.dumps(row) + "\n")
+
+
+def check_data_parallel(algo: RewardSourcesSection, par, batch_key: str, batch: int) -> None:
+    """What an on-policy stage needs across processes: a share of every batch (`batch` under `batch_key`) for
+    each process, and no reward that whitens over the batch (the Llama 2 gate), which each would do over its
+    share only."""
+    par.check_batch(batch, batch_key)
+    if par.world > 1 and algo.reward_combine == "llama2_gate":
+        raise ConfigError(
+            "config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not yet "
+            "done across processes; run it in one process"
+        )

@@ -90,6 +90,12 @@ class DataParallel:
         x = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         return dict(zip(keys, self.accelerator.reduce(x, reduction="sum").tolist()))
 
+    def means(self, parts: dict[str, tuple[float, float]]) -> dict[str, float]:
+        """{key: (sum, count)} of each process's share -> {key: total sum / total count} (0 with no count), in
+        one all-reduce."""
+        flat = self.sum_all({f"{k}\t{i}": v[i] for k, v in parts.items() for i in (0, 1)})
+        return {k: flat[f"{k}\t0"] / flat[f"{k}\t1"] if flat[f"{k}\t1"] else 0.0 for k in parts}
+
     def main_first(self, make):
         """`make()` on the main process first, then on the others once it is done: for work that leaves a file
         the others then read instead of redoing it (a cache)."""
@@ -115,10 +121,12 @@ class DataParallel:
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return float(x)
 
-    def local_rows(self, global_rows: list[int]) -> list[int]:
-        """Where this process holds the rows `global_rows` of a batch it was given by `shard` (global row i is
-        local row i // W of process i % W); the rows other processes hold are left out, in the given order."""
-        return [i // self.world for i in global_rows if i % self.world == self.rank]
+    def local_rows(self, global_rows: list[int], group: int = 1) -> list[int]:
+        """Where this process holds the rows `global_rows` of a batch whose groups of `group` consecutive rows
+        (e.g. the k samples of one prompt) it was given by `shard` (row i of group p = i // group is row
+        (p // W) * group + i % group of process p % W); the rows other processes hold are left out, in order."""
+        w = self.world
+        return [(i // group // w) * group + i % group for i in global_rows if (i // group) % w == self.rank]
 
     def gather(self, items: list) -> list:
         """Every process's `shard` of a batch put back together, in the batch's order (on every process)."""

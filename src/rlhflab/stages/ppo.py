@@ -27,7 +27,6 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,7 +35,6 @@ from torch import nn
 from rlhflab.config import PPOConfig
 from rlhflab.core.health import check_finite
 from rlhflab.core.seeding import batch_schedule, seed_everything
-from rlhflab.errors import ConfigError
 from rlhflab.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -68,6 +66,7 @@ from rlhflab.stages.common import (
 from rlhflab.stages.data_source import require_train_path
 from rlhflab.stages.on_policy import (
     append_rollouts,
+    check_data_parallel,
     load_prompts,
     load_reward,
     require_reward,
@@ -409,24 +408,6 @@ def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> No
         )
 
 
-def _append_rollouts(path: Path, iteration: int, rollout: Rollout, exp: dict, par=None) -> None:
-    """The batch's rollouts, gathered from every process in the batch's order, appended by the main one."""
-    par = par or DataParallel()
-    if par.world == 1:
-        append_rollouts(path, iteration, rollout, exp["scores"], exp["seq_kl"])
-        return
-    rows = par.gather(
-        [
-            (p, t, float(s), float(k))
-            for p, t, s, k in zip(rollout.prompts, rollout.texts, exp["scores"], exp["seq_kl"])
-        ]
-    )
-    if par.is_main:
-        prompts, texts, scores, kl = zip(*rows)
-        whole = SimpleNamespace(prompts=list(prompts), texts=list(texts))
-        append_rollouts(path, iteration, whole, torch.tensor(scores), torch.tensor(kl))
-
-
 def _save_final(run_dir: Path, policy, value_model, tokenizer, merge_lora: bool) -> Path:
     """The policy as a plain HF causal LM or its LoRA adapter (+ value head file) in RUN/final; a separate critic
     in RUN/critic."""
@@ -450,17 +431,6 @@ def _kl_controller(cfg: PPOConfig):
     )
 
 
-def _check_parallel(cfg: PPOConfig, par: DataParallel) -> None:
-    """What runs across processes: every process needs a row of each batch; the Llama 2 gate whitens the scores
-    over the batch each process scores, which would be its share, not the batch."""
-    par.check_batch(cfg.algo.rollout_batch_size, "algo.rollout_batch_size")
-    if par.world > 1 and cfg.algo.reward_combine == "llama2_gate":
-        raise ConfigError(
-            "config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not yet "
-            "done across processes; run it in one process"
-        )
-
-
 def preflight(cfg: PPOConfig, *, reward: Any = None) -> None:
     """The checks that need no model or data file, run before anything is loaded or made."""
     require_reward(cfg.algo, reward)
@@ -476,7 +446,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     require_train_path(cfg.data, "prompt")
     preflight(cfg, reward=reward)
     par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
-    _check_parallel(cfg, par)
+    check_data_parallel(cfg.algo, par, "algo.rollout_batch_size", cfg.algo.rollout_batch_size)
     seed_everything(cfg.seed)
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg, par.device)
@@ -541,7 +511,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         # 7. adapt the KL coefficient
         kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
 
-        _append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp, par)
+        append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp["scores"], exp["seq_kl"], par)
         if par.is_main:
             _health_warnings(metrics, iteration, log=loop.progress.print)
         loop.count(
