@@ -248,7 +248,48 @@ def test_critic_free_on_two_processes_takes_the_steps_of_one(stage, tiny_model_d
         assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
 
 
-@pytest.mark.parametrize("command", [["online-dpo"], ["iterative-dpo"], ["run"], ["experiment", "trex"]])
+@pytest.mark.slow
+def test_online_dpo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
+    """Each process samples and asks about its share of the step's pairs, the loss is normalized by the pairs
+    of both (ties dropped on either), the gradients summed: the same weights, pairs and metrics as one."""
+    from rlhflab.stages import online_dpo
+
+    from ..helpers import PPO_PROMPTS
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
+        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "algo.prompts_per_step=5",
+        "algo.iterations=4", "algo.micro_batch_size=2", "optim.lr=1e-3",
+    ]  # fmt: skip
+    one = online_dpo.train(stage_config("online-dpo", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], ["online-dpo", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("saved the policy") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    read = lambda run: [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]  # noqa: E731
+    one_rows, two_rows = read("one"), read("two")
+    assert len(one_rows) == 20 and [{k: r[k] for k in r if k[:2] != "kl"} for r in two_rows] == [
+        {k: r[k] for k in r if k[:2] != "kl"} for r in one_rows
+    ]
+    for r1, r2 in zip(one_rows, two_rows):
+        assert (r2["kl_first"], r2["kl_second"]) == pytest.approx((r1["kl_first"], r1["kl_second"]), abs=1e-4)
+    m1 = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "feedback/queries" in r]
+    m2 = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "feedback/queries" in r]
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3, 4]
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        same = {
+            k
+            for k in r1
+            if not k.startswith("perf/time") and k not in ("time", "perf/flops_per_s", "perf/tokens_per_s")
+        }
+        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+
+
+@pytest.mark.parametrize("command", [["iterative-dpo"], ["rs"], ["run"], ["experiment", "trex"]])
 def test_commands_that_are_not_data_parallel_refuse_several_processes(command, monkeypatch, tmp_path, capsys):
     """Launched in 2 processes, a command without data parallelism would run twice, each process alone, both
     writing one run directory: it exits 2 with one line before doing anything."""
@@ -261,7 +302,7 @@ def test_commands_that_are_not_data_parallel_refuse_several_processes(command, m
     assert (
         err.count("\n") == 1 and f"rlhflab {command[0]} does not run across processes (WORLD_SIZE=2)" in err
     )
-    assert "sft, rm, dpo, ppo, rloo, grpo" in err and not list(tmp_path.iterdir())
+    assert "sft, rm, dpo, ppo, rloo, grpo, online-dpo" in err and not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

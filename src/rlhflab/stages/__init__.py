@@ -46,4 +46,4 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # The stages that run data-parallel across the processes `accelerate launch` / `torchrun` start
 # (`rlhflab.stages.parallel`); any other command refuses to start in more than one process.
-DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")
+DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo")

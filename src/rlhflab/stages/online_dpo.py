@@ -59,7 +59,6 @@ from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
     load_policy,
-    metric_means,
     mixed_precision,
     open_run,
     optimizer_step,
@@ -70,9 +69,11 @@ from rlhflab.stages.on_policy import (
     default_feedback,
     load_prompts,
     require_feedback,
+    row_seeds,
     sample,
     sampling_settings,
 )
+from rlhflab.stages.parallel import DataParallel
 
 NAME = "online-dpo"
 
@@ -191,17 +192,29 @@ def pair_loss(ctx: StepContext, examples: list[dict]) -> tuple[Any, Tensor, Tens
 
 
 def update(
-    ctx: StepContext, examples: list[dict], optimizer, scheduler, max_grad_norm: float, step: int, last
+    ctx: StepContext,
+    examples: list[dict],
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    step: int,
+    last,
+    par=None,
+    n: int | None = None,
 ):
     """Step 4 on the step's pairs (micro-batches of algo.micro_batch_size, the loss normalized by all pairs so
     the accumulated gradient is the whole batch's). Returns (metrics, sequence KL [2B] of the chosen rows then
-    the rejected rows under the policy before the step, or None without a reference)."""
-    n, micro = len(examples), ctx.algo.micro_batch_size or len(examples)
+    the rejected rows under the policy before the step, or None without a reference). Across processes
+    (`par`), `examples` are this process's share of the step's `n` pairs: the summed gradients and the metrics
+    are the whole step's."""
+    par = par or DataParallel()
+    n = len(examples) if n is None else n
+    micro = ctx.algo.micro_batch_size or max(len(examples), 1)
     metric = f"loss/{ctx.algo.loss}"
     sums: dict[str, list[float]] = {}
     counts = {"tokens": 0, "head_tokens": 0, "time_reference": 0.0}
     total, chosen_kl, rejected_kl = 0.0, [], []
-    for s in range(0, n, micro):
+    for s in range(0, len(examples), micro):
         out, policy, ref, c = pair_loss(ctx, examples[s : s + micro])
         loss = out.loss.sum() / n
         check_finite({metric: loss}, step=step, last_good=last)
@@ -213,16 +226,21 @@ def update(
             kl = (policy.detach() - ref).float().cpu()
             chosen_kl.append(kl[: kl.numel() // 2])
             rejected_kl.append(kl[kl.numel() // 2 :])
+    par.sum_gradients(ctx.model)
     grad_norm = clip_gradients(ctx.model, max_grad_norm)
     check_finite({"loss/grad_norm": grad_norm}, step=step, last_good=last)
     optimizer_step(optimizer, scheduler)
-    metrics = {metric: total, **metric_means(sums), "loss/grad_norm": grad_norm}
-    metrics["perf/lr"] = scheduler.get_last_lr()[0]
-    metrics["perf/train_tokens"], metrics["perf/train_head_tokens"] = counts["tokens"], counts["head_tokens"]
-    metrics["perf/time_reference"] = counts["time_reference"]
     seq_kl = torch.cat(chosen_kl + rejected_kl) if chosen_kl else None
     if seq_kl is not None:
-        metrics["kl/sequence"] = float(seq_kl.mean())
+        accumulate_metrics(sums, {"kl/sequence": seq_kl})
+    total_tokens = par.sum_all({"loss": total, "tokens": counts["tokens"], "head": counts["head_tokens"]})
+    metrics = {metric: total_tokens["loss"], **par.metric_means(sums), "loss/grad_norm": grad_norm}
+    metrics["perf/lr"] = scheduler.get_last_lr()[0]
+    metrics["perf/train_tokens"], metrics["perf/train_head_tokens"] = (
+        total_tokens["tokens"],
+        total_tokens["head"],
+    )
+    metrics["perf/time_reference"] = counts["time_reference"]
     return metrics, seq_kl
 
 
@@ -250,19 +268,23 @@ def _reference(cfg: OnlineDPOConfig, policy, device) -> tuple[Callable | None, A
     return (lambda: contextlib.nullcontext(ref)), ref
 
 
-def _feedback_metrics(feedback, labels: Tensor, identical: Tensor, scores, kept: int) -> dict[str, float]:
+def _feedback_metrics(
+    feedback, labels: Tensor, identical: Tensor, scores, kept: int, par
+) -> dict[str, float]:
+    """The step's feedback counts (summed over the processes) and mean score."""
     asked = ~identical
-    out = {
-        "feedback/queries": float(feedback.queries),
-        "feedback/pairs_kept": float(kept),
-        "feedback/ties": float((labels == TIE).sum()),
-        "feedback/unanswered": float((labels.isnan() & asked).sum()),
-        "feedback/identical": float(identical.sum()),
-    }
-    if scores is not None:
-        both = torch.cat(scores)
-        if torch.isfinite(both).any():
-            out["reward/score"] = float(both[torch.isfinite(both)].mean())
+    out = par.sum_all(
+        {
+            "feedback/queries": float(feedback.queries),
+            "feedback/pairs_kept": float(kept),
+            "feedback/ties": float((labels == TIE).sum()),
+            "feedback/unanswered": float((labels.isnan() & asked).sum()),
+            "feedback/identical": float(identical.sum()),
+        }
+    )
+    both = torch.cat(scores) if scores is not None else torch.empty(0)
+    ok = torch.isfinite(both)
+    out.update(par.metric_means({"reward/score": [float(both[ok].sum()), float(ok.sum())]}))
     return out
 
 
@@ -284,28 +306,35 @@ def _perf(metrics: dict[str, float], rollout: Rollout, policy_params, ref_params
 
 
 def append_pairs(
-    path: Path, iteration: int, rollout: Rollout, labels: Tensor, scores, kl: dict[int, tuple]
+    path: Path, iteration: int, rollout: Rollout, labels: Tensor, scores, kl: dict[int, tuple], par=None
 ) -> None:
     """Append one JSON line per pair to RUN/rollouts.jsonl: prompt, first, second, label (null: not asked or
     unanswered), score_first / score_second (when the source scores responses), kl_first / kl_second (when the
-    pair was trained against a reference)."""
+    pair was trained against a reference). Across processes the main one writes every process's pairs, in the
+    step's order."""
 
     def num(v) -> float | None:  # NaN is not JSON
         return float(v) if v is not None and math.isfinite(float(v)) else None
 
+    rows = []
+    for i in range(len(labels)):
+        row = {
+            "iteration": iteration,
+            "prompt": rollout.prompts[2 * i],
+            "first": rollout.texts[2 * i],
+            "second": rollout.texts[2 * i + 1],
+            "label": num(labels[i]),
+        }
+        if scores is not None:
+            row.update(score_first=num(scores[0][i]), score_second=num(scores[1][i]))
+        row.update(zip(("kl_first", "kl_second"), map(num, kl.get(i, (None, None)))))
+        rows.append(row)
+    if par is not None and par.world > 1:
+        rows = par.gather(rows)
+        if not par.is_main:
+            return
     with open(path, "a") as f:
-        for i in range(len(labels)):
-            row = {
-                "iteration": iteration,
-                "prompt": rollout.prompts[2 * i],
-                "first": rollout.texts[2 * i],
-                "second": rollout.texts[2 * i + 1],
-                "label": num(labels[i]),
-            }
-            if scores is not None:
-                row.update(score_first=num(scores[0][i]), score_second=num(scores[1][i]))
-            row.update(zip(("kl_first", "kl_second"), map(num, kl.get(i, (None, None)))))
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def _pair_kl(kept: list[int], labels: Tensor, seq_kl: Tensor | None) -> dict[int, tuple[float, float]]:
@@ -335,23 +364,39 @@ _LAB_NEEDS_A_SOURCE = (
 )
 
 
-def _steps_2_to_4(ctx: StepContext, feedback, rollout: Rollout, optimizer, scheduler, cfg, step: int, last):
-    """Ask, build the pairs, one optimizer step: (metrics, labels [P], scores or None, {pair: KLs})."""
+def _steps_2_to_4(
+    ctx: StepContext, feedback, rollout: Rollout, optimizer, scheduler, cfg, step: int, last, par=None
+):
+    """Ask, build the pairs, one optimizer step: (metrics, labels [P], scores or None, {pair: KLs}). Across
+    processes (`par`) each asks about and trains on its share of the step's pairs."""
+    par = par or DataParallel()
     t0 = time.time()
     labels, identical, scores = ask_feedback(feedback, rollout, cfg.algo.feedback_timeout)
     t_feedback = time.time() - t0
     examples, kept = pair_examples(rollout, labels)
+    n = int(par.sum(len(examples)))
     t0 = time.time()
     metrics, seq_kl = {"perf/time_reference": 0.0}, None
-    if examples:  # no optimizer step when every pair was a tie or unanswered
-        metrics, seq_kl = update(ctx, examples, optimizer, scheduler, cfg.optim.max_grad_norm, step, last)
+    if n:  # no optimizer step when every pair was a tie or unanswered
+        metrics, seq_kl = update(
+            ctx, examples, optimizer, scheduler, cfg.optim.max_grad_norm, step, last, par=par, n=n
+        )
     metrics["perf/time_optimize"] = time.time() - t0 - metrics["perf/time_reference"]
     metrics["perf/time_feedback"] = t_feedback
-    metrics.update(_feedback_metrics(feedback, labels, identical, scores, len(examples)))
-    metrics["perf/response_length"] = float(rollout.response_lengths.float().mean())
-    metrics["perf/ended_with_eos"] = float(rollout.ended_with_eos.float().mean())
-    if rollout.mean_entropy() is not None:  # recorded while sampling: the policy's entropy per token
-        metrics["loss/entropy_rollout"] = rollout.mean_entropy()
+    metrics.update(_feedback_metrics(feedback, labels, identical, scores, len(examples), par))
+    mask = rollout.response_mask
+    entropy = rollout.entropy if rollout.entropy is not None else torch.zeros_like(mask, dtype=torch.float32)
+    rows = float(len(rollout))
+    metrics.update(
+        par.means(
+            {
+                "perf/response_length": (float(rollout.response_lengths.sum()), rows),
+                "perf/ended_with_eos": (float(rollout.ended_with_eos.sum()), rows),
+                # recorded while sampling: the policy's entropy per token
+                "loss/entropy_rollout": (float(entropy[mask].sum()), float(mask.sum())),
+            }
+        )
+    )
     return metrics, labels, scores, _pair_kl(kept, labels, seq_kl)
 
 
@@ -370,9 +415,11 @@ def train(
     if feedback is None and algo.feedback == "lab":
         raise ConfigError(_LAB_NEEDS_A_SOURCE)
     # 1. Setup: seeds, run directory, policy, reference, feedback source, prompts.
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(algo.prompts_per_step, "algo.prompts_per_step")
     seed_everything(cfg.seed)
-    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
-    policy, tokenizer, device = load_policy(cfg.model)
+    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    policy, tokenizer, device = load_policy(cfg.model, device=par.device)
     live_ref, ref_model = _reference(cfg, policy, device)
     if feedback is None:
         feedback = default_feedback(algo, device, cfg.seed)
@@ -384,19 +431,26 @@ def train(
     )
     params = (matmul_params(policy), matmul_params(ref_model) if ref_model is not None else None)
     sampling, rollouts = sampling_settings(cfg.sampling), run.dir / "rollouts.jsonl"
-    print(
-        f"{NAME}: loss {algo.loss}, feedback {getattr(feedback, 'name', type(feedback).__name__)}, {len(prompts)} "
-        f"prompts, {algo.iterations} steps x {algo.prompts_per_step} pairs, "
-        f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-    )
+    if par.is_main:
+        print(
+            f"{NAME}: loss {algo.loss}, feedback {getattr(feedback, 'name', type(feedback).__name__)}, "
+            f"{len(prompts)} prompts, {algo.iterations} steps x {algo.prompts_per_step} pairs, "
+            f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
+            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        )
     stateful = hasattr(feedback, "state_dict")
-    state = (lambda: {"feedback": feedback.state_dict()}) if stateful else None
+    states: list = []  # across processes: every process's feedback state, gathered after each step
+    state = None
+    if stateful:
+        state = (
+            (lambda: {"feedback": states}) if par.world > 1 else (lambda: {"feedback": feedback.state_dict()})
+        )
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
-    extra = {"state": state, "snapshot": snapshot}
+    extra = {"state": state, "snapshot": snapshot, "writes": par.is_main}
     loop = Loop(run, NAME, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume, **extra)
     if stateful and "feedback" in loop.resumed_state:
-        feedback.load_state_dict(loop.resumed_state["feedback"])
-    if resume:
+        feedback.load_state_dict(_own_state(loop.resumed_state["feedback"], par))
+    if resume and par.is_main:
         _trim_rollouts(rollouts, loop.step)
 
     policy.train()
@@ -404,27 +458,55 @@ def train(
         iteration = loop.step + 1
         epoch, position = divmod(loop.step, steps_per_epoch)
         order = batch_schedule(len(prompts), algo.prompts_per_step, cfg.seed, epoch)[position]
-        # 1. generate: two samples per prompt, the sampling seed a function of the step (exact resume)
+        # 1. generate: two samples per prompt, each row from its own seed, a function of the step (exact
+        # resume) and of the row (each process samples its share of the prompts: the rows one process would)
         t0 = time.time()
-        pairs = [prompts[i] for i in order for _ in range(2)]
-        kwargs = {"model_cfg": cfg.model, "data": cfg.data, "device": device, "batch_size": len(pairs)}
-        rollout = sample(policy, tokenizer, pairs, sampling, **kwargs, seed=cfg.seed * 100_003 + loop.step)
+        seed = cfg.seed * 100_003 + loop.step
+        mine = par.shard(list(range(len(order))))
+        pairs = [prompts[order[q]] for q in mine for _ in range(2)]
+        seeds = row_seeds(seed, 2 * len(order))
+        kwargs = {"model_cfg": cfg.model, "data": cfg.data, "device": device, "batch_size": 2 * len(order)}
+        rollout = sample(
+            policy, tokenizer, pairs, sampling, **kwargs, seed=seed, row_seeds=[seeds[2 * q + j] for q in mine for j in (0, 1)]
+        )  # fmt: skip
         t_gen = time.time() - t0
         # 2-4. ask the feedback source; pairs (chosen, rejected) by the label, ties and unanswered pairs
         # dropped; reference and policy log-probs, the loss, one optimizer step
         metrics, labels, scores, pair_kl = _steps_2_to_4(
-            ctx, feedback, rollout, optimizer, scheduler, cfg, iteration, loop.last_ckpt
+            ctx, feedback, rollout, optimizer, scheduler, cfg, iteration, loop.last_ckpt, par
         )
         metrics["perf/time_generate"] = t_gen
         metrics.update(_perf(metrics, rollout, *params))
-        append_pairs(rollouts, iteration, rollout, labels, scores, pair_kl)
-        loop.count(pairs=len(rollout) // 2, rollouts=len(rollout), tokens=int(rollout.attention_mask.sum()))
+        append_pairs(rollouts, iteration, rollout, labels, scores, pair_kl, par)
+        if stateful and par.world > 1:
+            states[:] = par.gather([feedback.state_dict()])
+        tokens = int(par.sum(float(rollout.attention_mask.sum())))
+        loop.count(pairs=len(order), rollouts=2 * len(order), tokens=tokens)
         show = {"pairs": "feedback/pairs_kept", "score": "reward/score", "kl": "kl/sequence"}
         loop.end_step(metrics, show={k: v for k, v in show.items() if v in metrics})
     loop.close()
 
     # 5. Save the final model (HF format).
-    final = save_model(policy, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-    run.close()
-    print(f"{NAME}: {feedback.queries} feedback queries; saved the policy to {final}")
+    final = run.dir / "final"
+    queries = int(par.sum(float(feedback.queries)))
+    if par.is_main:
+        save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
+        run.close()
+        print(f"{NAME}: {queries} feedback queries; saved the policy to {final}")
+    par.wait()  # the other processes return once the main one has saved the model
     return final
+
+
+def _own_state(saved, par) -> dict:
+    """This process's feedback state from a checkpoint: one process's dict, or the list of every process's,
+    which only the same number of processes can take up (each its own)."""
+    if isinstance(saved, dict) and par.world == 1:
+        return saved
+    n = len(saved) if isinstance(saved, list) else 1
+    if n != par.world:
+        raise ConfigError(
+            f"config: this online-dpo run was checkpointed by {n} process(es) and is resumed by {par.world}; its "
+            f"feedback sources' states (the queries asked, their random streams) are per process: resume it with "
+            f"{n} process(es)"
+        )
+    return saved[par.rank]

@@ -154,3 +154,12 @@ class DataParallel:
         var = squares / (total["n"] - 1) if total["n"] > 1 else 0.0
         whitened = (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8, dtype=x.dtype))
         return fill_masked(whitened + (0.0 if shift_mean else mean), mask)
+
+    def metric_means(self, sums: dict[str, list[float]]) -> dict[str, float]:
+        """`rlhflab.stages.common.metric_means` of every process's {key: [sum, count]} added up (a process may
+        have seen no value of some key)."""
+        if self.world > 1:
+            keys = sorted({k for part in self.gather([sorted(sums)]) for k in part})
+            flat = self.sum_all({f"{k}\t{i}": (sums[k][i] if k in sums else 0.0) for k in keys for i in (0, 1)})
+            sums = {k: [flat[f"{k}\t0"], flat[f"{k}\t1"]] for k in keys}
+        return {k: total / count for k, (total, count) in sums.items() if count}
