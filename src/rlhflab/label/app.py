@@ -28,7 +28,9 @@ from rlhflab.label.store import Forbidden, Store, StoreError, Who, new_key
 
 HERE = Path(__file__).parent
 COOKIE = "rlhflab_session"
-MAX_BODY = 256 * 1024  # bytes; a label is a few hundred, an edited response a few thousand
+# bytes; a label is a few hundred, an edited response a few thousand. An admin pushing segment items through
+# `POST /api/items` sends their clips inline (a few tens of KB each), so a handful of items per request.
+MAX_BODY = 256 * 1024
 
 # (method, path, who may call it): public, user (any signed-in user), member (of the project named in the
 # request; admins are members of every project), owner (the annotator the assignment belongs to), admin.
@@ -405,6 +407,8 @@ def _answer_from_form(view: dict, form: Any) -> dict[str, Any]:
         return {"ranks": ranks}
     if kind == "thumbs":
         return {"thumb": form.get("thumb")}
+    if kind == "segment":  # the answer button pressed (its name and value) is the answer
+        return {"choice": form.get("choice")}
     ratings = {}
     for aspect in view["aspects"]:
         value = str(form.get(f"rating_{aspect}", ""))

@@ -82,6 +82,10 @@ def cmd_push(args) -> int:
     kind = _kind(args)
     if (args.policy is None) == (args.responses is None):
         raise UserError("give either --policy DIR (with --prompts FILE) or --responses FILE")
+    if kind == "segment" and args.policy is not None:
+        raise UserError(
+            "--kind segment items are clips of an agent: give them with --responses FILE, not --policy"
+        )
     if args.responses:
         from rlhflab.label.push import read_items
 
@@ -174,7 +178,11 @@ def register(sub) -> None:
     p.add_argument("--prompts", metavar="FILE", help="prompts to sample for (with --policy)")
     p.add_argument("--responses", metavar="FILE", help='JSONL of {"prompt", "responses": [...]} instead')
     p.add_argument("--k", type=int, default=2, help="responses per prompt (default 2)")
-    p.add_argument("--kind", choices=("pairwise", "ranking", "thumbs", "ratings"), help="default: from --k")
+    p.add_argument(
+        "--kind",
+        choices=("pairwise", "ranking", "thumbs", "ratings", "segment"),
+        help="default: from --k; segment: --responses holds two image data: URIs (clips) per item",
+    )
     p.add_argument("--overlap", type=int, default=1, help="annotators per item (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -192,7 +200,13 @@ def register(sub) -> None:
     p = add("stats", cmd_stats, "counts, throughput, agreement, position bias, gold agreement")
     p.add_argument("--project", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = add("export", cmd_export, "write a project's labels as pairs / rankings / unpaired / ratings JSONL")
+    p = add(
+        "export",
+        cmd_export,
+        "write a project's labels as pairs / rankings / unpaired / ratings / segments JSONL",
+    )
     p.add_argument("--project", required=True)
-    p.add_argument("--format", choices=("pairs", "rankings", "unpaired", "ratings"), default="pairs")
+    p.add_argument(
+        "--format", choices=("pairs", "rankings", "unpaired", "ratings", "segments"), default="pairs"
+    )
     p.add_argument("--out", required=True, metavar="FILE")

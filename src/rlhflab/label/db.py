@@ -39,7 +39,7 @@ from rlhflab.errors import UserError
 
 DEFAULT_URL = "sqlite:///labels.db"
 MIGRATIONS = Path(__file__).parent / "migrations"
-KINDS = ("pairwise", "ranking", "thumbs", "ratings")
+KINDS = ("pairwise", "ranking", "thumbs", "ratings", "segment")
 
 
 def utcnow() -> dt.datetime:

@@ -6,6 +6,10 @@
     rankings   {prompt, responses (best first), ranks, annotator, ...} from ranking labels
     unpaired   {prompt, completion, label (true = desirable), annotator, ...} from thumbs labels
     ratings    {prompt, completion, ratings {aspect: 1..7}, annotator, ...} from ratings labels
+    segments   {prompt, meta, preferred (0 | 1 | null), verdict, label (1.0 | 0.0 | 0.5 | null), annotator, ...}
+               from segment labels: label is the first clip's preference as a control `Labeller` answers it
+               (null = cannot tell); the clips themselves stay out (they are large, and the item's meta is
+               where the pusher says which segments they show)
 
 Every record keeps the annotator and the label and item ids, so per-annotator (or distributional) reward
 models can use it and a record can be traced back; extra fields are ignored by the loaders.
@@ -17,7 +21,13 @@ from typing import Any
 
 from rlhflab.label.store import Store
 
-FORMATS = {"pairs": "pairwise", "rankings": "ranking", "unpaired": "thumbs", "ratings": "ratings"}
+FORMATS = {
+    "pairs": "pairwise",
+    "rankings": "ranking",
+    "unpaired": "thumbs",
+    "ratings": "ratings",
+    "segments": "segment",
+}
 
 
 def _pairs(row: dict) -> list[dict[str, Any]]:
@@ -70,11 +80,35 @@ def _ratings(row: dict) -> list[dict[str, Any]]:
     ]
 
 
+def _segments(row: dict) -> list[dict[str, Any]]:
+    p = row["payload"]
+    if p["verdict"] == "preferred":
+        label = 1.0 if p["preferred"] == 0 else 0.0
+    else:
+        label = 0.5 if p["verdict"] == "equal" else None
+    return [
+        {
+            "prompt": row["prompt"],
+            "meta": row["meta"],
+            "preferred": p["preferred"],
+            "verdict": p["verdict"],
+            "label": label,
+            **_trace(row),
+        }
+    ]
+
+
 def _trace(row: dict) -> dict[str, Any]:
     return {"annotator": row["annotator"], "label_id": row["label_id"], "item_id": row["item_id"]}
 
 
-_BUILD = {"pairs": _pairs, "rankings": _ranking, "unpaired": _unpaired, "ratings": _ratings}
+_BUILD = {
+    "pairs": _pairs,
+    "rankings": _ranking,
+    "unpaired": _unpaired,
+    "ratings": _ratings,
+    "segments": _segments,
+}
 
 
 def export_records(store: Store, project: str, fmt: str) -> list[dict[str, Any]]:

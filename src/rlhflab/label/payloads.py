@@ -14,10 +14,14 @@ Kinds (answers as the JSON API takes them):
               InstructGPT's K-wise ranking (Ouyang et al. 2022, Sec. 3.4).
     thumbs    {"thumb": "up"|"down"}  one response, desirable or not (KTO, Ethayarajh et al. 2024).
     ratings   {"ratings": {aspect: 1..7, ...}}  every aspect of the project, on a 7-point scale.
+    segment   {"choice": "A"|"B"|"equal"|"cannot_tell"}  two clips of an agent (image data: URIs), compared as
+              Christiano et al. (2017, Sec. 2.2) ask: one better, equally good, or cannot tell (which their
+              learner drops from the comparisons it trains on).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +35,11 @@ SAFETY = ("both", "A", "B", "neither")
 DEFAULT_ASPECTS = ("helpful", "honest", "harmless")
 RATING_SCALE = (1, 7)
 MAX_TEXT = 20_000
+SEGMENT_CHOICES = ("A", "B", "equal", "cannot_tell")
+# A clip is an image inlined as a data: URI, so the page needs no file store and no second request; only base64
+# raster images, which a browser shows and never runs. 1.5 MB fits a 160-pixel GIF of a few seconds many times.
+CLIP = re.compile(r"data:image/(gif|png|webp);base64,[A-Za-z0-9+/]+={0,2}")
+MAX_CLIP = 1_500_000
 
 
 class LabelInvalid(UserError):
@@ -146,6 +155,17 @@ def _ratings(answer: Mapping, shown: list[int], aspects: Sequence[str]) -> dict[
     return {"ratings": out}
 
 
+def _segment(answer: Mapping, shown: list[int]) -> dict[str, Any]:
+    _refuse_unknown(answer, ("choice",), "segment")
+    choice = _one_of(answer, "choice", SEGMENT_CHOICES)
+    decided = choice in ("A", "B")
+    return {
+        "preferred": shown["AB".index(choice)] if decided else None,  # None: equally good, or cannot tell
+        "verdict": "preferred" if decided else choice,  # preferred | equal | cannot_tell
+        "shown_first": shown[0],
+    }
+
+
 def normalize(kind: str, answer: Any, shown: list[int], aspects: Sequence[str] = DEFAULT_ASPECTS) -> dict:
     """The stored form of an annotator's `answer` to an item of `kind` shown in order `shown` (response
     indices, first shown first). Raises LabelInvalid naming the field for anything else."""
@@ -159,17 +179,37 @@ def normalize(kind: str, answer: Any, shown: list[int], aspects: Sequence[str] =
         return _thumbs(answer, shown)
     if kind == "ratings":
         return _ratings(answer, shown, aspects)
+    if kind == "segment":
+        return _segment(answer, shown)
     raise ValueError(f"unknown item kind {kind!r}")
 
 
 def check_item(kind: str, responses: Any, where: str) -> None:
-    """Refuse an item whose responses do not fit its kind (pairwise: 2, ranking: >= 2, thumbs/ratings: 1)."""
+    """Refuse an item whose responses do not fit its kind (pairwise: 2, ranking: >= 2, thumbs/ratings: 1,
+    segment: 2 image data: URIs)."""
     if not isinstance(responses, list) or not responses:
         raise UserError(f"{where}: expected a non-empty list of responses")
-    need = {"pairwise": (2, 2), "ranking": (2, 26), "thumbs": (1, 1), "ratings": (1, 1)}.get(kind)
+    need = {
+        "pairwise": (2, 2),
+        "ranking": (2, 26),
+        "thumbs": (1, 1),
+        "ratings": (1, 1),
+        "segment": (2, 2),
+    }.get(kind)
     if need is None:
-        raise UserError(f"{where}: unknown item kind {kind!r}; expected pairwise, ranking, thumbs or ratings")
+        raise UserError(
+            f"{where}: unknown item kind {kind!r}; expected pairwise, ranking, thumbs, ratings or segment"
+        )
     lo, hi = need
     if not lo <= len(responses) <= hi:
         want = str(lo) if lo == hi else f"{lo} to {hi}"
         raise UserError(f"{where}: a {kind} item needs {want} responses, got {len(responses)}")
+    if kind == "segment":
+        for j, clip in enumerate(responses):
+            if not isinstance(clip, str) or len(clip) > MAX_CLIP or not CLIP.fullmatch(clip):
+                size = f"{len(clip)} characters" if isinstance(clip, str) else type(clip).__name__
+                raise UserError(
+                    f"{where}, response {j}: a segment clip must be an image data: URI "
+                    f"(data:image/gif;base64,...) of at most {MAX_CLIP} characters, got {size}"
+                    + (f" starting {clip[:30]!r}" if isinstance(clip, str) else "")
+                )

@@ -4,7 +4,10 @@ Counts; per annotator their throughput (labels, median seconds from assignment t
 active labelling) and their agreement with the gold items an admin seeded; agreement between annotators on
 the items several of them labelled (Krippendorff's alpha for every kind, Fleiss' and mean pairwise Cohen's
 kappa for the categorical kinds); and the position-bias rate, the share of decided pairwise labels that
-picked the response shown first (1/2 without bias), with its 95% Wilson interval.
+picked the response shown first (1/2 without bias), with its 95% Wilson interval, and the same for segment
+labels (clips shown left and right). A segment label of "cannot tell" is an abstention, not a category: it is
+left out of the agreement between annotators, as Christiano et al. (2017, Sec. 2.2) leave it out of training;
+against a gold answer it counts as a miss (the gold item says the answer can be told).
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ from rlhflab.label.agreement import (
 )
 from rlhflab.label.store import Store
 
+CATEGORICAL = ("pairwise", "thumbs", "segment")
+
 
 def _category(kind: str, payload: dict) -> Any:
-    """The categorical value of a pairwise or thumbs label (what kappa compares)."""
+    """The categorical value of a pairwise, thumbs or segment label (what kappa compares)."""
     if kind == "pairwise":
         return "tie" if payload["preferred"] is None else payload["preferred"]
+    if kind == "segment":
+        return payload["verdict"] if payload["preferred"] is None else payload["preferred"]
     return payload["good"]
 
 
 def _matches_gold(kind: str, payload: dict, gold: dict) -> float:
     """1.0 if the label agrees with the gold answer, else 0.0 (ratings: minus the mean absolute gap)."""
-    if kind in ("pairwise", "thumbs"):
+    if kind in CATEGORICAL:
         return float(_category(kind, payload) == _category(kind, gold))
     if kind == "ranking":  # the same best response(s)
         best = [i for i, r in enumerate(payload["ranks"]) if r == 0]
@@ -67,10 +74,10 @@ def _annotators(rows: list[dict]) -> dict[str, dict]:
 
 def _agreement(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for kind in ("pairwise", "thumbs"):
+    for kind in CATEGORICAL:
         units: dict[int, dict[str, Any]] = defaultdict(dict)
         for r in rows:
-            if r["kind"] == kind:
+            if r["kind"] == kind and _category(kind, r["payload"]) != "cannot_tell":
                 units[r["item_id"]][r["annotator"]] = _category(kind, r["payload"])
         shared = {i: u for i, u in units.items() if len(u) >= 2}
         if shared:
@@ -103,10 +110,8 @@ def _agreement(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _position_bias(rows: list[dict]) -> dict[str, Any] | None:
-    decided = [
-        r["payload"] for r in rows if r["kind"] == "pairwise" and r["payload"]["preferred"] is not None
-    ]
+def _position_bias(rows: list[dict], kind: str = "pairwise") -> dict[str, Any] | None:
+    decided = [r["payload"] for r in rows if r["kind"] == kind and r["payload"]["preferred"] is not None]
     if not decided:
         return None
     first = sum(p["preferred"] == p["shown_first"] for p in decided)
@@ -126,6 +131,7 @@ def project_stats(store: Store, project: str) -> dict[str, Any]:
         "annotators": _annotators(rows),
         "agreement": _agreement(rows),
         "position_bias": _position_bias(rows),
+        "segment_position_bias": _position_bias(rows, "segment"),
     }
 
 
@@ -148,11 +154,12 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"agreement ({kind}): {values}")
     if not stats["agreement"]:
         lines.append("agreement: no item was labelled by two annotators yet")
-    pb = stats["position_bias"]
-    if pb:
-        lo, hi = pb["ci95"]
-        lines.append(
-            f"position bias: {pb['picked_first']}/{pb['decided']} decided pairwise labels picked the response "
-            f"shown first: {pb['rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; 0.5 = no bias)"
-        )
+    for key, what in (("position_bias", "pairwise labels"), ("segment_position_bias", "segment labels")):
+        pb = stats.get(key)
+        if pb:
+            lo, hi = pb["ci95"]
+            lines.append(
+                f"position bias: {pb['picked_first']}/{pb['decided']} decided {what} picked the response "
+                f"shown first: {pb['rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; 0.5 = no bias)"
+            )
     return "\n".join(lines)

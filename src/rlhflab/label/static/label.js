@@ -45,8 +45,24 @@
   const highlight = () => aspects.forEach((f, i) => f.classList.toggle("active", i === active));
   if (aspects.length) highlight();
 
+  // Segments: each answer is its own submit button, so a key presses one; one answer per page, however fast
+  // the keys come.
+  let sent = false;
+  form.addEventListener("submit", (ev) => {
+    if (kind === "segment" && sent) ev.preventDefault();
+    sent = true;
+  });
+
   document.addEventListener("keydown", (ev) => {
     if (typing(document.activeElement) || ev.altKey || ev.metaKey || ev.ctrlKey) return;
+    if (kind === "segment") {
+      const button = form.querySelector(`button[data-key="${CSS.escape(ev.key.toLowerCase())}"]`);
+      if (button) {
+        ev.preventDefault();
+        form.requestSubmit(button);
+      }
+      return;
+    }
     if (ev.key === "Enter") {
       ev.preventDefault();
       form.requestSubmit();
