@@ -165,6 +165,150 @@ def _add_experiment(sub) -> None:
     p.set_defaults(func=cmd_experiment)
 
 
+# `rlhflab control METHOD`: (the experiment that runs the method, or None, help)
+CONTROL_METHODS = {
+    "trex": (
+        "trex",
+        "T-REX: a per-state reward from ranked demonstrations (PPO checkpoints), then PPO on it",
+    ),
+    "drex": (
+        "drex",
+        "D-REX: rankings made by injecting noise into a behaviour-cloned policy, then T-REX and PPO",
+    ),
+    "cpl": ("cpl-control", "CPL: a policy learned from regret-labelled segment pairs by the CPL loss, no RL"),
+    "christiano": (
+        None,
+        "deep RL from preferences: a reward-model ensemble fitted to segment comparisons while PPO trains on it; "
+        "labels from a synthetic labeller or from people in `rlhflab label serve`",
+    ),
+}
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    import importlib
+
+    from rlhflab.control import require_control
+    from rlhflab.control.ppo import check_env_id
+    from rlhflab.experiments import EXPERIMENTS
+
+    experiment = CONTROL_METHODS[args.method][0]
+    output_dir = args.output_dir or f"runs/control-{args.method}"
+    if experiment is not None:  # one seed of the method, as its experiment runs it (and judges it)
+        module = importlib.import_module(EXPERIMENTS[experiment][0])
+        module.run(seeds=[args.seed], output_dir=output_dir, task=args.task, overrides=args.overrides,
+                   overwrite=args.overwrite)  # fmt: skip
+        return 0
+    from rlhflab.control.christiano import ChristianoSettings
+
+    settings = _settings_from(ChristianoSettings, args.overrides, "control christiano")
+    env_id = args.task or "Pendulum-v1"
+    check_env_id(env_id)
+    require_control()
+    labeller = _segment_labeller(args)
+    _christiano(env_id, labeller, settings, args.seed, output_dir, args.overwrite)
+    return 0
+
+
+def _settings_from(cls, overrides, where: str):
+    """A settings dataclass from KEY=VALUE overrides of its fields, each parsed as its default's type."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields:
+            raise ConfigError(
+                f"{where}: '{item}' is not KEY=VALUE of a known setting; known: {', '.join(fields)}"
+            )
+        kind = type(fields[key].default)
+        try:
+            values[key] = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} must be of type {kind.__name__}, got '{raw}'") from None
+    return cls(**values)
+
+
+def _segment_labeller(args: argparse.Namespace):
+    """Who answers the segment comparisons: people through the labelling app, or the synthetic labeller."""
+    if args.labeller == "human":
+        from rlhflab.control.human import HumanSegmentLabeller
+
+        if not args.label_project:
+            raise ConfigError(
+                "control christiano: --labeller human needs --label-project, a project of the labelling app "
+                "(`rlhflab label add-project NAME`)"
+            )
+        return HumanSegmentLabeller(
+            args.label_db, args.label_project, overlap=args.label_overlap, timeout=args.label_timeout
+        )
+    from rlhflab.control.christiano import SyntheticLabeller
+
+    return SyntheticLabeller(temperature=args.temperature, random_prob=args.random_prob, seed=args.seed)
+
+
+def _christiano(env_id: str, labeller, settings, seed: int, output_dir: str, overwrite: bool) -> None:
+    """One run of `learn_from_preferences`: OUT/result.json (settings, the true-return curve, each refit),
+    OUT/policy.zip (stable-baselines3's PPO) and OUT/reward.pt (the ensemble's state)."""
+    import dataclasses
+    import json
+
+    from rlhflab.control.christiano import learn_from_preferences
+    from rlhflab.core.io import atomic_write_text
+    from rlhflab.core.run_dir import prepare_run_dir
+
+    out = prepare_run_dir(output_dir, "control-christiano", resume=False, overwrite=overwrite)
+    print(f"control christiano: {env_id}, {settings.labels} labels ({settings.query} queries, labeller "
+          f"{getattr(labeller, 'name', type(labeller).__name__)}), {settings.rl_steps} PPO steps, run dir {out}")  # fmt: skip
+
+    def progress(entry: dict) -> None:
+        print(f"  round {entry['round']} at {entry['env_steps']} steps: {entry['labels']} labels so far")
+
+    result = learn_from_preferences(env_id, labeller, settings, seed, on_round=progress, save_dir=out)
+    summary = {"env_id": env_id, "seed": seed, "settings": dataclasses.asdict(settings), **result}
+    atomic_write_text(out / "result.json", json.dumps(summary, indent=1))
+    last = result["curve"][-1]
+    print(
+        f"control christiano: true return {last['true_return']:.1f} after {last['env_steps']} steps and "
+        f"{result['labels_used']} labels; {out / 'result.json'}"
+    )
+
+
+def _add_control(sub) -> None:
+    p = sub.add_parser(
+        "control",
+        help="preference learning on gymnasium control tasks: T-REX, D-REX, CPL, Christiano et al.",
+        description="Reward learning from preferences over behaviour, judged by the environment's true reward "
+        "(which the learner never sees). Needs `pip install 'rlhflab[control]'`.",
+    )
+    methods = p.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for method, (experiment, text) in CONTROL_METHODS.items():
+        q = methods.add_parser(method, help=text, description=text)
+        q.add_argument("--task", default=None, help="gymnasium environment id (default Pendulum-v1)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the run")
+        q.add_argument("--output-dir", default=None, help=f"where it writes (runs/control-{method})")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        if experiment is None:
+            q.add_argument("--labeller", choices=["synthetic", "human"], default="synthetic",
+                           help="synthetic: Bradley-Terry on the true segment returns with 10%% random answers; "
+                           "human: people label clips in the labelling app")  # fmt: skip
+            q.add_argument("--temperature", type=float, default=5.0, help="synthetic labeller's temperature")
+            q.add_argument(
+                "--random-prob", type=float, default=0.1, help="synthetic labeller's random answers"
+            )
+            q.add_argument("--label-db", default="sqlite:///labels.db", help="the labelling app's database")
+            q.add_argument("--label-project", default=None, help="the labelling project people work in")
+            q.add_argument("--label-overlap", type=int, default=1, help="annotators per comparison")
+            q.add_argument(
+                "--label-timeout", type=float, default=600.0, help="seconds to wait for each round"
+            )
+            help_text = "settings of the run, e.g. labels=200 query=random rl_steps=40960"
+        else:
+            help_text = f"settings, as `rlhflab experiment {experiment}` takes them (e.g. rl.steps=16384)"
+        q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help_text)
+        q.set_defaults(func=cmd_control)
+
+
 def cmd_best_of_n(args: argparse.Namespace) -> int:
     from rlhflab.rollout.generate import SamplingSettings
     from rlhflab.stages.best_of_n import sample_to_file
@@ -631,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_best_of_n(sub)
     _add_cai(sub)
     _add_experiment(sub)
+    _add_control(sub)
 
     p = sub.add_parser("config", help="inspect stage configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

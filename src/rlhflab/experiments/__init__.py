@@ -87,6 +87,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "T-REX on Pendulum: a reward from ranked PPO checkpoints' demonstrations, PPO on it vs the best "
         "demonstration's true return (Brown et al. 2019)",
     ),
+    "christiano": (
+        "rlhflab.experiments.christiano",
+        "Christiano et al. on Pendulum: PPO on a reward learned from segment preferences while it trains, by label "
+        "budget, disagreement vs random queries, vs PPO on the true reward (Christiano et al. 2017)",
+    ),
     "drex": (
         "rlhflab.experiments.drex",
         "D-REX on Pendulum: rankings from a behaviour-cloned policy with injected noise, T-REX and PPO on them "
