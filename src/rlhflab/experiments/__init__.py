@@ -97,4 +97,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "D-REX on Pendulum: rankings from a behaviour-cloned policy with injected noise, T-REX and PPO on them "
         "vs the demonstrations' true return (Brown et al. 2019)",
     ),
+    "cpl-control": (
+        "rlhflab.experiments.cpl_control",
+        "CPL on Pendulum: a policy from regret-based segment preferences with no reward and no RL vs a reward "
+        "model + PPO on the same labelled pairs (Hejna et al. 2023)",
+    ),
 }
