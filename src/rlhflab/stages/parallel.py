@@ -160,6 +160,8 @@ class DataParallel:
         have seen no value of some key)."""
         if self.world > 1:
             keys = sorted({k for part in self.gather([sorted(sums)]) for k in part})
-            flat = self.sum_all({f"{k}\t{i}": (sums[k][i] if k in sums else 0.0) for k in keys for i in (0, 1)})
+            flat = self.sum_all(
+                {f"{k}\t{i}": (sums[k][i] if k in sums else 0.0) for k in keys for i in (0, 1)}
+            )
             sums = {k: [flat[f"{k}\t0"], flat[f"{k}\t1"]] for k in keys}
         return {k: total / count for k, (total, count) in sums.items() if count}
