@@ -127,7 +127,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.task:  # else each experiment's own default task (sentiment, or harm for those that need rules)
         extra["task"] = args.task
     module.run(
-        seeds=args.seeds,
+        seeds=args.seeds or list(getattr(module, "DEFAULT_SEEDS", (0, 1, 2))),
         output_dir=args.output_dir or f"runs/{args.name}",
         overrides=args.overrides,
         overwrite=args.overwrite,
@@ -151,7 +151,13 @@ def _add_experiment(sub) -> None:
         choices=["list", *EXPERIMENTS],
         help="which experiment; list: every experiment's claim and source",
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each a full run")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds, each a full run (default 0 1 2; 0 for christiano, whose seed takes about 9 minutes)",
+    )
     p.add_argument("--output-dir", default=None, help="where the runs and result.json go (runs/NAME)")
     p.add_argument(
         "--task", default=None, help="built-in lab task (default: the experiment's own, sentiment or harm)"

@@ -25,3 +25,15 @@ def test_experiment_list_prints_each_claim_and_source(capsys):
         block = out.split(f"{name}\n", 1)[1]
         assert block.startswith(f"  claim:  {module.CLAIM}\n  source: {module.SOURCE}\n")
     assert len(EXPERIMENTS) >= 12
+
+
+def test_the_default_seeds_are_the_experiments_own(monkeypatch):
+    """Without --seeds an experiment runs seeds 0 1 2, or its DEFAULT_SEEDS (christiano: one seed, so its default
+    run stays within 20 minutes); --seeds overrides both."""
+    seen = {}
+    for name in ("christiano", "trex"):
+        module = importlib.import_module(EXPERIMENTS[name][0])
+        monkeypatch.setattr(module, "run", lambda seeds, name=name, **kw: seen.__setitem__(name, list(seeds)))
+    assert main(["experiment", "christiano"]) == 0 and main(["experiment", "trex"]) == 0
+    assert seen == {"christiano": [0], "trex": [0, 1, 2]}
+    assert main(["experiment", "christiano", "--seeds", "4", "5"]) == 0 and seen["christiano"] == [4, 5]
