@@ -274,6 +274,11 @@ def _christiano(env_id: str, labeller, settings, seed: int, output_dir: str, ove
     summary = {"env_id": env_id, "seed": seed, "settings": dataclasses.asdict(settings), **result}
     atomic_write_text(out / "result.json", json.dumps(summary, indent=1))
     last = result["curve"][-1]
+    if result["labels_used"] < settings.labels:
+        print(
+            f"control christiano warning: {result['labels_used']} of the {settings.labels} queries were answered "
+            "(the rest timed out or could not be told apart); with none the reward stays untrained"
+        )
     print(
         f"control christiano: true return {last['true_return']:.1f} after {last['env_steps']} steps and "
         f"{result['labels_used']} labels; {out / 'result.json'}"
