@@ -96,3 +96,25 @@ def test_trex_is_its_experiment_on_one_seed(tmp_path):
     assert main(["control", "trex", *tiny, "--seed", "1", "--output-dir", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["experiment"] == "trex" and result["seeds"] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["Reacher-v5", "HalfCheetah-v5"])
+def test_christiano_runs_on_mujoco_tasks(task, tmp_path):
+    """MuJoCo environments through gymnasium[mujoco]: the learned reward scores their observations, the segments
+    and PPO use their action spaces; the true return is the environment's."""
+    out = tmp_path / "run"
+    assert main(["control", "christiano", *TINY, "--task", task, "--output-dir", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["env_id"] == task and result["labels_used"] == 12 and len(result["curve"]) == 2
+
+
+def test_mujoco_tasks_get_the_zoo_settings():
+    from rlhflab.control.ppo import ppo_kwargs
+
+    n_envs, kwargs = ppo_kwargs("HalfCheetah-v5", 100_000)
+    assert n_envs == 1 and kwargs["n_steps"] == 512 and kwargs["learning_rate"] == pytest.approx(2.0633e-05)
+    assert kwargs["policy_kwargs"]["activation_fn"] is torch.nn.ReLU
+    _, again = ppo_kwargs("HalfCheetah-v5", 100_000)  # the table itself is not changed by a call
+    assert again["policy_kwargs"]["activation_fn"] is torch.nn.ReLU
+    assert ppo_kwargs("Reacher-v5", 256)[1]["n_steps"] == 256  # a short run gets shorter rollouts

@@ -7,6 +7,7 @@ behind `LearnedRewardWrapper`. Both use the same hyperparameters, so any gap bet
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,12 +33,57 @@ PPO_SETTINGS: dict[str, dict[str, Any]] = {
         "use_sde": True,
         "sde_sample_freq": 4,
     },
+    # MuJoCo tasks (gymnasium[mujoco]) with the zoo's tuned settings for their v2/v3 versions, less its
+    # observation normalization (VecNormalize would show the reward nets and the recorded segments normalized
+    # observations the wrappers inside it do not see). Both have fixed-length episodes (50 and 1000 steps) and
+    # no termination, like Pendulum. The zoo trains them for 1M steps: the experiments' Pendulum budgets are far
+    # too short for them, and no result on them is reported yet.
+    "Reacher-v5": {
+        "n_envs": 1,
+        "n_steps": 512,
+        "batch_size": 32,
+        "gamma": 0.9,
+        "learning_rate": 1.04019e-4,
+        "ent_coef": 7.52585e-08,
+        "clip_range": 0.3,
+        "n_epochs": 5,
+        "gae_lambda": 1.0,
+        "max_grad_norm": 0.9,
+        "vf_coef": 0.950368,
+    },
+    "HalfCheetah-v5": {
+        "n_envs": 1,
+        "n_steps": 512,
+        "batch_size": 64,
+        "gamma": 0.98,
+        "learning_rate": 2.0633e-05,
+        "ent_coef": 0.000401762,
+        "clip_range": 0.1,
+        "n_epochs": 20,
+        "gae_lambda": 0.92,
+        "max_grad_norm": 0.8,
+        "vf_coef": 0.58096,
+        "policy_kwargs": {
+            "log_std_init": -2.0,
+            "ortho_init": False,
+            "activation_fn": "relu",
+            "net_arch": {"pi": [256, 256], "vf": [256, 256]},
+        },
+    },
 }
 
 
 def check_env_id(env_id: str) -> None:
     if env_id not in PPO_SETTINGS:
         raise ConfigError(f"control task '{env_id}' is not supported; known: {', '.join(PPO_SETTINGS)}")
+    if env_id != "Pendulum-v1":
+        try:
+            import mujoco  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"control task '{env_id}' is a MuJoCo environment and needs the mujoco package: "
+                "pip install 'rlhflab[control]'"
+            ) from None
 
 
 def ppo_kwargs(env_id: str, total_steps: int) -> tuple[int, dict[str, Any]]:
@@ -46,7 +92,11 @@ def ppo_kwargs(env_id: str, total_steps: int) -> tuple[int, dict[str, Any]]:
     A run shorter than one rollout (n_envs x n_steps) gets shorter rollouts, so tiny test runs still update
     the policy; the minibatch never exceeds the rollout."""
     check_env_id(env_id)
-    settings = dict(PPO_SETTINGS[env_id])
+    settings = copy.deepcopy(PPO_SETTINGS[env_id])
+    if settings.get("policy_kwargs", {}).get("activation_fn") == "relu":
+        from torch import nn
+
+        settings["policy_kwargs"]["activation_fn"] = nn.ReLU
     n_envs = settings.pop("n_envs")
     settings["n_steps"] = max(8, min(settings["n_steps"], total_steps // n_envs))
     settings["batch_size"] = min(settings["batch_size"], settings["n_steps"] * n_envs)
