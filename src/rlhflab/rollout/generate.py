@@ -302,6 +302,23 @@ def _generate_batch(
     )
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """With a seed, sample from a private copy of the RNG; without one, advance the global RNG so that
+    consecutive calls draw fresh samples."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _cat_columns(parts: list[Tensor], width: int, value: float = 0) -> Tensor:
+    """Row blocks [b_i, n_i] padded on the right with `value` to `width` columns, stacked: [sum b_i, width]."""
+    return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value) for x in parts])
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -344,16 +361,7 @@ def generate(
     model.eval()
     chunks, entropies, token_logps = [], [], []
     try:
-        # With a seed, sample from a private copy of the RNG; without one, advance the global RNG so that
-        # consecutive calls draw fresh samples.
-        rng = (
-            torch.random.fork_rng(devices=[] if device.type == "cpu" else [device])
-            if seed is not None
-            else contextlib.nullcontext()
-        )
-        with rng:
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed, device):
             for s in range(0, len(rows), batch_size):
                 new_ids, entropy, logps = _generate_batch(
                     model,
@@ -369,14 +377,13 @@ def generate(
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
-    new = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    new = _cat_columns(chunks, width, pad_id)
     response_ids, response_mask, ended = _cut_at_eos(new, torch.tensor(eos_list), pad_id)
     # Padding columns appended above hold pad; mark them as not real even when pad != EOS.
     for i, c in enumerate(chunks):
         lo = i * batch_size
         response_mask[lo : lo + c.shape[0], c.shape[1] :] = False
-    entropy = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in entropies])
-    sampler_logps = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in token_logps])
+    entropy, sampler_logps = _cat_columns(entropies, width), _cat_columns(token_logps, width)
     prompt_ids, prompt_mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
     return Rollout(

@@ -71,8 +71,8 @@ from rlhflab.stages.on_policy import (
     load_prompts,
     load_reward,
     require_reward,
-    row_seeds,
     sample,
+    sample_share,
     sampling_settings,
 )
 from rlhflab.stages.parallel import DataParallel
@@ -440,18 +440,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         # samples its share of the prompts, each row from its own seed (the rows one process would sample)
         t0 = time.time()
         seed, k = cfg.seed * 100_003 + loop.step, algo.num_generations
-        mine = par.shard(list(range(len(batch))))
-        seeds = row_seeds(seed, n)
-        local = [batch[q] for q in mine]
-        repeated = [p for p in local for _ in range(k)]
-        kwargs = {"model_cfg": cfg.model, "data": cfg.data, "device": device, "batch_size": n, "seed": seed}
-        rollout = sample(
-            policy, tokenizer, repeated, sampling, row_seeds=[seeds[q * k + j] for q in mine for j in range(k)],
-            **kwargs,
-        )  # fmt: skip
+        rollout = sample_share(policy, tokenizer, batch, k, sampling, cfg, device, seed, par)
         greedy = None
         if greedy_baseline:
-            greedy = sample(policy, tokenizer, local, sampling_settings(cfg.sampling, greedy=True), **kwargs)
+            greedy = sample(policy, tokenizer, par.shard(batch), sampling_settings(cfg.sampling, greedy=True),
+                            model_cfg=cfg.model, data=cfg.data, device=device, batch_size=n, seed=seed)  # fmt: skip
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs, KL, baseline
         exp, metrics = make_experience(
@@ -463,8 +456,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
             _update(policy, optimizer, scheduler, rollout, exp, cfg, iteration, loop.last_ckpt, par)
         )
         known = torch.isfinite(exp["seq_kl"])  # no reference (beta = 0): no KL is measured
-        kl = par.means({"kl": (float(exp["seq_kl"][known].sum()), float(known.sum()))})["kl"]
-        metrics["kl/sequence"] = kl
+        metrics.update(par.means({"kl/sequence": (float(exp["seq_kl"][known].sum()), float(known.sum()))}))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
         metrics.update(_perf(metrics, rollout, greedy, cfg, flop_params))
@@ -475,10 +467,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         loop.count(rollouts=n, tokens=int(par.sum(float(rollout.attention_mask.sum()))))
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
+    return _save_final(run, policy, tokenizer, cfg, name, par)
+
+
+def _save_final(run, policy, tokenizer, cfg: Config, name: str, par) -> Path:
+    """RUN/final, written by the main process; the others return once it is there."""
     final = run.dir / "final"
     if par.is_main:
         save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
         run.close()
         print(f"{name}: saved the policy to {final}")
-    par.wait()  # the other processes return once the main one has saved the model
+    par.wait()
     return final

@@ -147,6 +147,28 @@ def sample(
         )
 
 
+def sample_share(
+    policy, tokenizer, batch: list, group: int, settings: SamplingSettings, cfg, device, step_seed: int, par
+) -> Rollout:
+    """This process's share (`par.shard`) of a step's prompts, each sampled `group` times (rows prompt-major),
+    each row from its own seed (`row_seeds` of the whole step's rows): the rows one process would sample.
+    `cfg`: the stage config (its model and data sections)."""
+    mine = par.shard(list(range(len(batch))))
+    seeds = row_seeds(step_seed, len(batch) * group)
+    return sample(
+        policy,
+        tokenizer,
+        [batch[q] for q in mine for _ in range(group)],
+        settings,
+        model_cfg=cfg.model,
+        data=cfg.data,
+        device=device,
+        batch_size=len(batch) * group,
+        seed=step_seed,
+        row_seeds=[seeds[q * group + j] for q in mine for j in range(group)],
+    )
+
+
 def row_seeds(step_seed: int, n: int) -> list[int]:
     """One sampling seed per row of a step's batch of n: a row keeps its seed whichever process samples it."""
     return [step_seed * 1_000_003 + i for i in range(n)]

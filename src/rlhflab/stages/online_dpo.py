@@ -69,8 +69,7 @@ from rlhflab.stages.on_policy import (
     default_feedback,
     load_prompts,
     require_feedback,
-    row_seeds,
-    sample,
+    sample_share,
     sampling_settings,
 )
 from rlhflab.stages.parallel import DataParallel
@@ -431,25 +430,13 @@ def train(
     )
     params = (matmul_params(policy), matmul_params(ref_model) if ref_model is not None else None)
     sampling, rollouts = sampling_settings(cfg.sampling), run.dir / "rollouts.jsonl"
-    if par.is_main:
-        print(
-            f"{NAME}: loss {algo.loss}, feedback {getattr(feedback, 'name', type(feedback).__name__)}, "
-            f"{len(prompts)} prompts, {algo.iterations} steps x {algo.prompts_per_step} pairs, "
-            f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
-        )
-    stateful = hasattr(feedback, "state_dict")
-    states: list = []  # across processes: every process's feedback state, gathered after each step
-    state = None
-    if stateful:
-        state = (
-            (lambda: {"feedback": states}) if par.world > 1 else (lambda: {"feedback": feedback.state_dict()})
-        )
+    _announce(cfg, feedback, len(prompts), policy, run.dir, par)
+    feedback_state = FeedbackCheckpoint(feedback, par)
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
-    extra = {"state": state, "snapshot": snapshot, "writes": par.is_main}
-    loop = Loop(run, NAME, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume, **extra)
-    if stateful and "feedback" in loop.resumed_state:
-        feedback.load_state_dict(_own_state(loop.resumed_state["feedback"], par))
+    extra = {"state": feedback_state.state if feedback_state.active else None, "snapshot": snapshot}
+    loop = Loop(run, NAME, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume,
+                writes=par.is_main, **extra)  # fmt: skip
+    feedback_state.resume(loop.resumed_state)
     if resume and par.is_main:
         _trim_rollouts(rollouts, loop.step)
 
@@ -462,13 +449,9 @@ def train(
         # resume) and of the row (each process samples its share of the prompts: the rows one process would)
         t0 = time.time()
         seed = cfg.seed * 100_003 + loop.step
-        mine = par.shard(list(range(len(order))))
-        pairs = [prompts[order[q]] for q in mine for _ in range(2)]
-        seeds = row_seeds(seed, 2 * len(order))
-        kwargs = {"model_cfg": cfg.model, "data": cfg.data, "device": device, "batch_size": 2 * len(order)}
-        rollout = sample(
-            policy, tokenizer, pairs, sampling, **kwargs, seed=seed, row_seeds=[seeds[2 * q + j] for q in mine for j in (0, 1)]
-        )  # fmt: skip
+        rollout = sample_share(
+            policy, tokenizer, [prompts[i] for i in order], 2, sampling, cfg, device, seed, par
+        )
         t_gen = time.time() - t0
         # 2-4. ask the feedback source; pairs (chosen, rejected) by the label, ties and unanswered pairs
         # dropped; reference and policy log-probs, the loss, one optimizer step
@@ -478,8 +461,7 @@ def train(
         metrics["perf/time_generate"] = t_gen
         metrics.update(_perf(metrics, rollout, *params))
         append_pairs(rollouts, iteration, rollout, labels, scores, pair_kl, par)
-        if stateful and par.world > 1:
-            states[:] = par.gather([feedback.state_dict()])
+        feedback_state.after_step()
         tokens = int(par.sum(float(rollout.attention_mask.sum())))
         loop.count(pairs=len(order), rollouts=2 * len(order), tokens=tokens)
         show = {"pairs": "feedback/pairs_kept", "score": "reward/score", "kl": "kl/sequence"}
@@ -495,6 +477,37 @@ def train(
         print(f"{NAME}: {queries} feedback queries; saved the policy to {final}")
     par.wait()  # the other processes return once the main one has saved the model
     return final
+
+
+def _announce(cfg: OnlineDPOConfig, feedback, n_prompts: int, policy, run_dir: Path, par) -> None:
+    if par.is_main:
+        algo = cfg.algo
+        print(
+            f"{NAME}: loss {algo.loss}, feedback {getattr(feedback, 'name', type(feedback).__name__)}, "
+            f"{n_prompts} prompts, {algo.iterations} steps x {algo.prompts_per_step} pairs, "
+            f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run_dir}"
+            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        )
+
+
+class FeedbackCheckpoint:
+    """The feedback source's state in the checkpoints (its queries, its random stream): one process's dict, or
+    across processes every process's, gathered after each step (only the main process writes a checkpoint)."""
+
+    def __init__(self, feedback, par):
+        self.feedback, self.par, self.states = feedback, par, []
+        self.active = hasattr(feedback, "state_dict")
+
+    def state(self) -> dict:
+        return {"feedback": self.states if self.par.world > 1 else self.feedback.state_dict()}
+
+    def after_step(self) -> None:
+        if self.active and self.par.world > 1:
+            self.states = self.par.gather([self.feedback.state_dict()])
+
+    def resume(self, resumed: dict) -> None:
+        if self.active and "feedback" in resumed:
+            self.feedback.load_state_dict(_own_state(resumed["feedback"], self.par))
 
 
 def _own_state(saved, par) -> dict:

@@ -42,6 +42,7 @@ from rlhflab.losses import (
     entropy_from_logits,
     gae,
     kl_shaped_rewards,
+    masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
     sampler_mismatch,
@@ -70,8 +71,7 @@ from rlhflab.stages.on_policy import (
     load_prompts,
     load_reward,
     require_reward,
-    row_seeds,
-    sample,
+    sample_share,
     sampling_settings,
 )
 from rlhflab.stages.parallel import DataParallel
@@ -217,29 +217,9 @@ def _make_experience(
             old_logps, rollout.sampler_logps, mask, cfg.algo.tis_cap
         )
     seq_kl = shaped.metrics["kl/sequence"]
-    metrics = {
-        **_batch_means(
-            par,
-            rows={
-                "reward/score": raw_scores,
-                "reward/total": shaped.metrics["reward/total"],
-                "reward/non_score": shaped.metrics["reward/non_score"],
-                "kl/sequence": seq_kl,
-                "perf/response_length": mask.sum(-1).float(),
-                "perf/ended_with_eos": rollout.ended_with_eos.float(),
-            },
-            tokens={
-                "loss/entropy_rollout": entropy,
-                "loss/value_error_rollout": (old_values - returns).abs(),
-                "kl/sampler_mismatch_mean": (old_logps - rollout.sampler_logps).abs(),
-                "kl/sampler_trainer_k1": rollout.sampler_logps - old_logps,
-            },
-            mask=mask,
-        ),
-        "kl/sampler_mismatch_max": par.max(float(mismatch["kl/sampler_mismatch_max"])),
-        "kl/coef": kl_ctl.value,
-        **timings,
-    }
+    metrics = _experience_metrics(par, raw_scores, shaped.metrics, mask, rollout.ended_with_eos, mismatch,
+                                  {"loss/entropy_rollout": entropy, "loss/value_error_rollout": (old_values - returns).abs()})  # fmt: skip
+    metrics.update({"kl/coef": kl_ctl.value, **timings})
     exp = {
         "old_logps": old_logps,
         "ref_logps": ref_logps,
@@ -252,23 +232,30 @@ def _make_experience(
     return exp, metrics
 
 
-def _batch_means(par, rows: dict, tokens: dict, mask) -> dict[str, float]:
-    """Means over the whole batch, whichever process holds which rows: `rows` per row [b], `tokens` per real
-    token [b, R]; plus reward/score_std, the unbiased standard deviation of the rows' scores."""
-    scores = rows["reward/score"].double()
-    sums = {
-        "n_rows": float(len(scores)),
-        "n_tokens": float(mask.sum()),
-        "score_sq": float((scores**2).sum()),
-        **{k: float(v.double().sum()) for k, v in rows.items()},
-        **{k: float(v.double()[mask].sum()) for k, v in tokens.items()},
+def _experience_metrics(par, scores, shaped: dict, mask, ended, mismatch: dict, token_values: dict) -> dict:
+    """The rollout batch's metrics, over the whole batch whichever process holds which rows: per-row means of
+    the scores and the KL-shaped rewards, per-token means of `token_values` [b, R] and of the sampler mismatch,
+    its max, and reward/score_std (unbiased)."""
+    rows, tokens = float(len(scores)), float(mask.sum())
+    per_row = {
+        "reward/score": scores,
+        "reward/total": shaped["reward/total"],
+        "reward/non_score": shaped["reward/non_score"],
+        "kl/sequence": shaped["kl/sequence"],
+        "perf/response_length": mask.sum(-1).float(),
+        "perf/ended_with_eos": ended.float(),
     }
-    sums = par.sum_all(sums)
-    n, n_tok = sums.pop("n_rows"), max(sums.pop("n_tokens"), 1.0)
-    score_sq = sums.pop("score_sq")
-    out = {k: sums[k] / (n if k in rows else n_tok) for k in sums}
-    var = (score_sq - n * out["reward/score"] ** 2) / (n - 1) if n > 1 else 0.0
-    out["reward/score_std"] = max(var, 0.0) ** 0.5
+    parts = {key: (float(v.double().sum()), rows) for key, v in per_row.items()}
+    parts["score_sq"] = (float((scores.double() ** 2).sum()), rows)
+    parts.update({key: (float(masked_mean(v, mask)) * tokens, tokens) for key, v in token_values.items()})
+    for key in ("kl/sampler_mismatch_mean", "kl/sampler_trainer_k1"):  # means over the real tokens
+        parts[key] = (float(mismatch[key]) * tokens, tokens)
+    out = par.means(parts)
+    n, mean_sq = par.sum(rows), out.pop("score_sq")
+    out["reward/score_std"] = (
+        (max(mean_sq - out["reward/score"] ** 2, 0.0) * n / (n - 1)) ** 0.5 if n > 1 else 0.0
+    )
+    out["kl/sampler_mismatch_max"] = par.max(float(mismatch["kl/sampler_mismatch_max"]))
     return out
 
 
@@ -482,18 +469,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         # are the same whatever the number of processes
         t0 = time.time()
         step_seed = cfg.seed * 100_003 + loop.step
-        rollout = sample(
-            policy,
-            tokenizer,
-            par.shard(batch),
-            sampling,
-            model_cfg=cfg.model,
-            data=cfg.data,
-            device=device,
-            batch_size=cfg.algo.rollout_batch_size,
-            seed=step_seed,
-            row_seeds=par.shard(row_seeds(step_seed, len(batch))),
-        )
+        rollout = sample_share(policy, tokenizer, batch, 1, sampling, cfg, device, step_seed, par)
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
         exp, metrics = _make_experience(
