@@ -49,3 +49,38 @@ def split_overrides(
                 + ", ".join(takes)
             )
     return to_pipeline, sections
+
+
+def control_settings(
+    name: str, overrides: Sequence[str], own: Mapping, check, task: str | None, default_task: str
+):
+    """(environment id, the experiment's own sections) of a control-task experiment, every check done before any
+    work: the overrides (`split_overrides`), the experiment's `check`, the task, the control extra installed."""
+    from rlhflab.control import require_control
+    from rlhflab.control.ppo import check_env_id
+
+    _, sections = split_overrides(name, overrides, own=own, pipeline=())
+    check(sections)
+    env_id = task or default_task
+    check_env_id(env_id)
+    require_control()
+    return env_id, sections
+
+
+def seed_results(name: str, seeds: Sequence[int], out, resume: bool, run_seed, where: str = "") -> list[dict]:
+    """`run_seed(seed)` for each seed, its JSON result kept in OUT/seed-S/seed.json (written atomically); with
+    `resume`, a seed whose file exists is read back, not run again. Returns the results in the seeds' order."""
+    import json
+
+    from rlhflab.core.io import atomic_write_text
+
+    results = []
+    for i, seed in enumerate(seeds, 1):
+        path = out / f"seed-{seed}" / "seed.json"
+        if not (resume and path.is_file()):
+            print(f"== {name}: seed {seed} ({i}/{len(seeds)}){where}", flush=True)
+            result = run_seed(seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(result))
+        results.append(json.loads(path.read_text()))
+    return results

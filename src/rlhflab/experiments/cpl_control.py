@@ -27,7 +27,6 @@ tolerance of MARGIN_SHARE of the gap between the oracle and the dataset's mean r
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -286,28 +285,16 @@ def run(
 ) -> Path:
     """Run the experiment; returns the path of report.html. With `resume`, seeds whose seed.json exists are
     read back, not run again."""
-    from rlhflab.control import require_control
-    from rlhflab.control.ppo import check_env_id
-    from rlhflab.core.io import atomic_write_text
-    from rlhflab.experiments.common import split_overrides
+    from rlhflab.experiments.common import control_settings, seed_results
     from rlhflab.experiments.result import command_line
 
     t0 = time.time()
-    _, own = split_overrides(NAME, overrides, own=OWN, pipeline=())
-    check(own)
-    env_id = task or TASK
-    check_env_id(env_id)
-    require_control()
+    env_id, own = control_settings(NAME, overrides, OWN, check, task, TASK)
     out = prepare_run_dir(output_dir, "experiment", resume=resume, overwrite=overwrite)
-    rows = []
-    for i, seed in enumerate(seeds, 1):
-        path = out / f"seed-{seed}" / "seed.json"
-        if not (resume and path.is_file()):
-            print(f"== {NAME}: seed {seed} ({i}/{len(seeds)}) on {env_id}", flush=True)
-            result = run_seed(env_id, seed, own)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(result))
-        rows += json.loads(path.read_text())["rows"]
+    results = seed_results(
+        NAME, seeds, out, resume, lambda seed: run_seed(env_id, seed, own), f" on {env_id}"
+    )
+    rows = [r for res in results for r in res["rows"]]
     flags = f"--task {task}" if task else ""
     return publish(
         out,

@@ -19,7 +19,6 @@ The verdict compares the policy with the best single demonstration, as Brown et 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -193,28 +192,14 @@ def check(own: Mapping[str, Mapping[str, int]]) -> None:
 def run_experiment(module, seeds, output_dir, task, overrides, overwrite, resume) -> Path:
     """The loop T-REX and D-REX share: check everything before any work, run (or read back) each seed with
     `module.run_seed`, then publish `module`'s verdict, findings and plots."""
-    from rlhflab.control import require_control
-    from rlhflab.control.ppo import check_env_id
-    from rlhflab.core.io import atomic_write_text
-    from rlhflab.experiments.common import split_overrides
+    from rlhflab.experiments.common import control_settings, seed_results
 
     t0 = time.time()
     name = module.NAME
-    _, sections = split_overrides(name, overrides, own=module.OWN, pipeline=())
-    module.check(sections)
-    env_id = task or TASK
-    check_env_id(env_id)
-    require_control()
+    env_id, sections = control_settings(name, overrides, module.OWN, module.check, task, TASK)
     out = prepare_run_dir(output_dir, "experiment", resume=resume, overwrite=overwrite)
-    results = []
-    for i, seed in enumerate(seeds, 1):
-        path = out / f"seed-{seed}" / "seed.json"
-        if not (resume and path.is_file()):
-            print(f"== {name}: seed {seed} ({i}/{len(seeds)}) on {env_id}")
-            result = module.run_seed(env_id, seed, sections)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(result))
-        results.append(json.loads(path.read_text()))
+    work = lambda seed: module.run_seed(env_id, seed, sections)  # noqa: E731
+    results = seed_results(name, seeds, out, resume, work, f" on {env_id}")
     rows = [r["row"] for r in results]
     # The overrides go before the options: argparse takes the positional ones only there.
     command = (
