@@ -152,6 +152,46 @@ def test_dpo_on_two_processes_takes_the_steps_of_one(loss, tiny_model_dir, tmp_p
         )
 
 
+def _on_policy_one_and_two(stage: str, train, settings: list[str], tiny_model_dir, tmp_path):
+    """An on-policy stage on PPO_PROMPTS with a rule reward, in one process (in this one) and in two (torchrun):
+    both must succeed, the main process alone saves, and the final weights agree to 1e-5. Returns the two runs'
+    rollouts and their metric rows (those with `key`), one then two."""
+    from ..helpers import PPO_PROMPTS
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
+        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "optim.lr=1e-3", *settings,
+    ]  # fmt: skip
+    one = train(stage_config(stage, tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("saved the policy") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+
+    def rollouts(run):
+        return [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]
+
+    return (
+        rollouts("one"),
+        rollouts("two"),
+        *(read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two")),
+    )
+
+
+def _assert_same_metrics(m1: list[dict], m2: list[dict], key: str, steps: list[int]) -> None:
+    """The logged rows with `key` at the same steps, every metric but the clock's (times, rates) equal to 1e-4:
+    the whole batch's means and counts, whichever process held which rows."""
+    m1, m2 = [r for r in m1 if key in r], [r for r in m2 if key in r]
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == steps
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        same = {k for k in r1 if k != "time" and not k.startswith("perf/time") and not k.endswith("_per_s")}
+        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
     """Each process samples its share of every batch (each row from its own seed: the rows one process gets),
@@ -160,23 +200,13 @@ def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
     the whole batch's, written once."""
     from rlhflab.stages import ppo
 
-    from ..helpers import PPO_PROMPTS
-
-    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
-    overrides = [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
-        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "algo.rollout_batch_size=8",
-        "algo.minibatch_size=4", "algo.ppo_epochs=2", "algo.iterations=3", "optim.lr=1e-3",
-    ]  # fmt: skip
-    one = ppo.train(stage_config("ppo", tiny_model_dir, *overrides, out=tmp_path / "one"))
-    out = _launch(
-        LAUNCHERS["torchrun"], ["ppo", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("ppo: saved the policy") == 1
-    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
-    read = lambda run: [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]  # noqa: E731
-    one_rows, two_rows = read("one"), read("two")
+    settings = [
+        "algo.rollout_batch_size=8",
+        "algo.minibatch_size=4",
+        "algo.ppo_epochs=2",
+        "algo.iterations=3",
+    ]
+    one_rows, two_rows, m1, m2 = _on_policy_one_and_two("ppo", ppo.train, settings, tiny_model_dir, tmp_path)
     assert len(one_rows) == 24 and [(r["prompt"], r["response"]) for r in two_rows] == [
         (r["prompt"], r["response"]) for r in one_rows
     ]
@@ -184,12 +214,7 @@ def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_path):
         assert r2["score"] == pytest.approx(r1["score"], abs=1e-6) and r2["kl"] == pytest.approx(
             r1["kl"], abs=1e-5
         )
-    m1 = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/policy" in r]
-    m2 = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/policy" in r]
-    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3]
-    for r1, r2 in zip(m1, m2):  # the whole batch's means, whichever process held which rows
-        same = {k for k in r1 if not k.startswith("perf/") and k != "time"}
-        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+    _assert_same_metrics(m1, m2, "loss/policy", [1, 2, 3])
 
 
 CRITIC_FREE = {
@@ -213,39 +238,19 @@ def test_critic_free_on_two_processes_takes_the_steps_of_one(stage, tiny_model_d
     batch's kept rows and each process computes its rows' share: the same weights, rollouts and metrics."""
     from rlhflab.stages import critic_free
 
-    from ..helpers import PPO_PROMPTS
-
-    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
-    overrides = [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
-        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8",
-        "algo.prompts_per_iteration=3", "algo.num_generations=4", "algo.iterations=3", "optim.lr=1e-3",
+    settings = [
+        "algo.prompts_per_iteration=3",
+        "algo.num_generations=4",
+        "algo.iterations=3",
         *CRITIC_FREE[stage],
-    ]  # fmt: skip
-    one = critic_free.train(stage_config(stage, tiny_model_dir, *overrides, out=tmp_path / "one"))
-    out = _launch(
-        LAUNCHERS["torchrun"], [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    ]
+    one_rows, two_rows, m1, m2 = _on_policy_one_and_two(
+        stage, critic_free.train, settings, tiny_model_dir, tmp_path
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "data parallel over 2 processes" in out.stdout
-    assert out.stdout.count(f"{stage}: saved the policy") == 1
-    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
-    read = lambda run: [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]  # noqa: E731
-    one_rows, two_rows = read("one"), read("two")
     assert len(one_rows) == 36 and [(r["prompt"], r["response"], r["score"]) for r in two_rows] == [
         (r["prompt"], r["response"], r["score"]) for r in one_rows
     ]
-    m1 = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss/policy" in r]
-    m2 = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss/policy" in r]
-    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3]
-    for r1, r2 in zip(m1, m2):
-        assert r1.keys() == r2.keys()
-        same = {
-            k
-            for k in r1
-            if not k.startswith("perf/time") and k not in ("time", "perf/flops_per_s", "perf/tokens_per_s")
-        }
-        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+    _assert_same_metrics(m1, m2, "loss/policy", [1, 2, 3])
 
 
 @pytest.mark.slow
@@ -254,39 +259,16 @@ def test_online_dpo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_
     of both (ties dropped on either), the gradients summed: the same weights, pairs and metrics as one."""
     from rlhflab.stages import online_dpo
 
-    from ..helpers import PPO_PROMPTS
-
-    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
-    overrides = [
-        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
-        "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "algo.prompts_per_step=5",
-        "algo.iterations=4", "algo.micro_batch_size=2", "optim.lr=1e-3",
-    ]  # fmt: skip
-    one = online_dpo.train(stage_config("online-dpo", tiny_model_dir, *overrides, out=tmp_path / "one"))
-    out = _launch(
-        LAUNCHERS["torchrun"], ["online-dpo", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    settings = ["algo.prompts_per_step=5", "algo.iterations=4", "algo.micro_batch_size=2"]
+    one_rows, two_rows, m1, m2 = _on_policy_one_and_two(
+        "online-dpo", online_dpo.train, settings, tiny_model_dir, tmp_path
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("saved the policy") == 1
-    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
-    read = lambda run: [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]  # noqa: E731
-    one_rows, two_rows = read("one"), read("two")
     assert len(one_rows) == 20 and [{k: r[k] for k in r if k[:2] != "kl"} for r in two_rows] == [
         {k: r[k] for k in r if k[:2] != "kl"} for r in one_rows
     ]
     for r1, r2 in zip(one_rows, two_rows):
         assert (r2["kl_first"], r2["kl_second"]) == pytest.approx((r1["kl_first"], r1["kl_second"]), abs=1e-4)
-    m1 = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "feedback/queries" in r]
-    m2 = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "feedback/queries" in r]
-    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3, 4]
-    for r1, r2 in zip(m1, m2):
-        assert r1.keys() == r2.keys()
-        same = {
-            k
-            for k in r1
-            if not k.startswith("perf/time") and k not in ("time", "perf/flops_per_s", "perf/tokens_per_s")
-        }
-        assert {k: r2[k] for k in same} == pytest.approx({k: r1[k] for k in same}, abs=1e-4)
+    _assert_same_metrics(m1, m2, "feedback/queries", [1, 2, 3, 4])
 
 
 @pytest.mark.parametrize("command", [["iterative-dpo"], ["rs"], ["run"], ["experiment", "trex"]])
