@@ -210,7 +210,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     env_id = args.task or "Pendulum-v1"
     check_env_id(env_id)
     require_control()
-    labeller = _segment_labeller(args)
+    labeller = _segment_labeller(args, env_id)
     _christiano(env_id, labeller, settings, args.seed, output_dir, args.overwrite)
     return 0
 
@@ -235,7 +235,7 @@ def _settings_from(cls, overrides, where: str):
     return cls(**values)
 
 
-def _segment_labeller(args: argparse.Namespace):
+def _segment_labeller(args: argparse.Namespace, env_id: str):
     """Who answers the segment comparisons: people through the labelling app, or the synthetic labeller."""
     if args.labeller == "human":
         from rlhflab.control.human import HumanSegmentLabeller
@@ -245,8 +245,17 @@ def _segment_labeller(args: argparse.Namespace):
                 "control christiano: --labeller human needs --label-project, a project of the labelling app "
                 "(`rlhflab label add-project NAME`)"
             )
+        if env_id != "Pendulum-v1":
+            raise ConfigError(
+                f"control christiano: --labeller human shows clips, which are drawn for Pendulum-v1 only, not "
+                f"{env_id}; use --labeller synthetic there"
+            )
         return HumanSegmentLabeller(
             args.label_db, args.label_project, overlap=args.label_overlap, timeout=args.label_timeout
+        )
+    if args.label_project:
+        raise ConfigError(
+            "control christiano: --label-project is for --labeller human; the synthetic labeller asks nobody"
         )
     from rlhflab.control.christiano import SyntheticLabeller
 

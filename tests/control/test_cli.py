@@ -44,6 +44,11 @@ def test_christiano_with_the_synthetic_labeller_saves_the_policy_and_the_reward(
         (["--labeller", "human"], "--labeller human needs --label-project"),
         (["query=best"], "query must be one of disagreement, random"),
         (["--task", "CartPole-v1"], "control task 'CartPole-v1' is not supported"),
+        (
+            ["--labeller", "human", "--label-project", "p", "--task", "Reacher-v5"],
+            "drawn for Pendulum-v1 only",
+        ),
+        (["--label-project", "p"], "--label-project is for --labeller human"),
     ],
 )
 def test_bad_settings_exit_2_before_any_work(args, message, tmp_path, capsys):
