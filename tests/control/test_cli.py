@@ -58,6 +58,7 @@ def test_bad_settings_exit_2_before_any_work(args, message, tmp_path, capsys):
     assert message in err and err.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.slow  # about 12 s: three rounds, each polled once a second
 def test_christiano_asks_people_through_the_labelling_app(sqlite_url, tmp_path):
     """--labeller human: every round's queries become segment items of the project; an annotator answering
     "A better" to each gives the run all its labels."""

@@ -90,6 +90,7 @@ def test_refused_settings(tmp_path):
     assert not any((tmp_path / x).exists() for x in "abcd")  # refused before any work
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_the_result(tmp_path, monkeypatch):
     out = tmp_path / "exp"
     assert main(["experiment", "christiano", *TINY, "--seeds", "0", "--output-dir", str(out)]) == 0
