@@ -324,3 +324,48 @@ def test_ppo_resumes_in_two_processes_a_run_one_process_began(tiny_model_dir, tm
     _assert_same_weights(whole, tmp_path / "b" / "final", tiny_model_dir)
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/policy" in r]
     assert steps == [1, 2, 3, 4]
+
+
+class _ThreadPar(DataParallel):
+    """Rank `rank` of 2 whose collectives add the two threads' values (a barrier stands for the all-reduce)."""
+
+    def __init__(self, rank, slots, barrier):
+        self.accelerator, self.rank, self.world = None, rank, 2
+        self.slots, self.barrier = slots, barrier
+
+    def sum_all(self, values):
+        self.slots[self.rank] = dict(values)
+        self.barrier.wait()
+        out = {k: self.slots[0][k] + self.slots[1][k] for k in values}
+        self.barrier.wait()
+        return out
+
+    def sum(self, value):
+        return self.sum_all({"v": value})["v"]
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whitening_across_processes_is_the_whole_batchs(shift_mean):
+    """Two processes holding rows 0, 2, ... and 1, 3, ... of a batch whiten them with the whole batch's mean and
+    unbiased variance: the result is `masked_whiten` of the whole batch, row for row."""
+    import threading
+
+    from rlhflab.losses.utils import masked_whiten
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(7, 5) > 0.3
+    slots, barrier, out = [None, None], threading.Barrier(2), [None, None]
+
+    def work(rank):
+        par = _ThreadPar(rank, slots, barrier)
+        out[rank] = par.masked_whiten(x[rank::2], mask[rank::2], shift_mean=shift_mean)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = masked_whiten(x, mask, shift_mean=shift_mean)
+    torch.testing.assert_close(out[0], expected[0::2])
+    torch.testing.assert_close(out[1], expected[1::2])
