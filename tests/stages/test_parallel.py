@@ -369,3 +369,189 @@ def test_whitening_across_processes_is_the_whole_batchs(shift_mean):
     expected = masked_whiten(x, mask, shift_mean=shift_mean)
     torch.testing.assert_close(out[0], expected[0::2])
     torch.testing.assert_close(out[1], expected[1::2])
+
+
+# ---- FSDP (stages/sharding.py), launched with the accelerate config files the README shows ----------------------
+
+FSDP = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_shard_grad_op"])
+def test_sft_sharded_on_two_processes_takes_the_steps_of_one(layout, tiny_model_dir, sft_file, tmp_path):
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={sft_file}", *QUIET, *SHORT_TEXT,
+        "optim.max_steps=6", "data.eval_fraction=0.25", "logging.eval_every=3", "optim.max_grad_norm=0.5",
+    ]  # fmt: skip
+    one = sft.train(stage_config("sft", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "accelerate", f"{layout}.yaml")
+    out = _launch([*FSDP, config], ["sft", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes, sharded (FSDP)" in out.stdout
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    one_rows, two_rows = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    for key in ("loss/sft", "loss/grad_norm", "eval/nll"):  # the evaluations run sharded too
+        _assert_same_metrics(one_rows, two_rows, key, [3, 6] if key == "eval/nll" else list(range(1, 7)))
+
+
+@pytest.mark.parametrize("command", [["ppo"], ["grpo"], ["online-dpo"]])
+def test_stages_that_sample_refuse_a_sharded_model(command, monkeypatch, tmp_path, capsys):
+    """Each process samples its own rows, while a sharded model's every forward pass needs every process."""
+    from rlhflab.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not run with the model sharded" in err and "sft, rm, dpo" in err
+
+
+def _fsdp_env(**changes: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file configs/accelerate/fsdp.yaml` gives (accelerate 1.15)."""
+    env = {
+        "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+        "FSDP_OFFLOAD_PARAMS": "false", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+        "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    }  # fmt: skip
+    return {**env, **changes}
+
+
+def test_fsdp_settings_come_from_the_accelerate_config_and_refuse_what_rlhflab_does_not_do():
+    from rlhflab.stages.sharding import FSDPSettings, fsdp_settings
+
+    assert fsdp_settings({}) is None and fsdp_settings({"ACCELERATE_USE_FSDP": "false"}) is None
+    assert fsdp_settings(_fsdp_env()) == FSDPSettings(reshard_after_forward=True)
+    assert fsdp_settings(_fsdp_env(FSDP_RESHARD_AFTER_FORWARD="false")).reshard_after_forward is False
+    assert fsdp_settings(_fsdp_env(FSDP_RESHARD_AFTER_FORWARD="SHARD_GRAD_OP")).reshard_after_forward is False
+    wrap = fsdp_settings(_fsdp_env(FSDP_TRANSFORMER_CLS_TO_WRAP="LlamaDecoderLayer, Qwen2DecoderLayer"))
+    assert wrap.wrap_classes == ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+    refused = {
+        "FSDP_VERSION": ("1", "fsdp_version=1"),
+        "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params=true"),
+        "FSDP_ACTIVATION_CHECKPOINTING": ("true", "fsdp_activation_checkpointing=true"),
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": ("true", "fsdp_cpu_ram_efficient_loading=true"),
+        "FSDP_STATE_DICT_TYPE": ("SHARDED_STATE_DICT", "fsdp_state_dict_type=SHARDED_STATE_DICT"),
+        "FSDP_AUTO_WRAP_POLICY": ("SIZE_BASED_WRAP", "fsdp_auto_wrap_policy=SIZE_BASED_WRAP"),
+        "FSDP_RESHARD_AFTER_FORWARD": ("HYBRID_SHARD", "fsdp_reshard_after_forward=HYBRID_SHARD"),
+    }
+    for var, (value, message) in refused.items():
+        with pytest.raises(ConfigError, match=f"accelerate config: {message}"):
+            fsdp_settings(_fsdp_env(**{var: value}))
+
+
+def test_accelerates_own_mixed_precision_is_refused(monkeypatch):
+    """rlhflab never hands accelerate the model, so accelerate's mixed_precision would do nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="mixed_precision=bf16 is not read by rlhflab.*model.autocast=bf16"):
+        DataParallel()
+
+
+def test_sharding_makes_units_of_the_layers_the_head_and_the_body(tiny_model, monkeypatch):
+    """The units the stages call separately each gather their own parameters (one process group of one)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from rlhflab.stages.sharding import FSDPSettings, shard_model
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        tied = tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
+        before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+        shard_model(tiny_model, FSDPSettings())
+        units = [name for name, m in tiny_model.named_modules() if isinstance(m, FSDPModule)]
+        # A tied head and embedding are one unit (both modules carry its hooks).
+        embed = ["model.embed_tokens"] if tied else []
+        assert units == ["", "model", *embed, "model.layers.0", "model.layers.1", "lm_head"]
+        ids = torch.tensor([[1, 2, 3, 4]])
+        h = tiny_model.model(input_ids=ids).last_hidden_state  # the body and the head called apart
+        assert tiny_model.lm_head(h).shape[-1] == tiny_model.config.vocab_size
+        from rlhflab.stages.sharding import full_weights
+
+        with full_weights(tiny_model, is_main=True):
+            after = tiny_model.state_dict()
+            assert all(torch.equal(after[k], before[k]) for k in before)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_rm_and_dpo_sharded_on_two_processes_take_the_steps_of_one(stage, lora, tiny_model_dir, tmp_path):
+    """The reward model (a body and a score head) and DPO (its reference log-probs cached before the model is
+    sharded; with LoRA, trainable adapters among frozen weights in each unit)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", CAT_PAIRS * 4)
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET, *SHORT_TEXT,
+        "optim.max_steps=4", "data.eval_fraction=0.25", "logging.eval_every=2", "optim.lr=1e-3",
+        *(["model.lora.enabled=true", "model.lora.r=4", "model.lora.merge=true"] if lora else []),
+        *(["algo.normalization_samples=8"] if stage == "rm" else []),
+    ]  # fmt: skip
+    train = {"rm": reward.train, "dpo": dpo.train}[stage]
+    one = train(stage_config(stage, tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        [*FSDP, _FSDP_CONFIG], [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sharded (FSDP)" in out.stdout and out.stdout.count("saved the") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    key = "loss/rm" if stage == "rm" else "loss/dpo"
+    one_rows, two_rows = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    if stage == "dpo":
+        # At step 1 the policy is its reference: every margin is 0 up to rounding, and the accuracy (the share of
+        # margins > 0) is decided by the last bits, which the sharded head (called as a module) and the cached
+        # reference's fused kernel round differently.
+        for row in one_rows + two_rows:
+            if row.get("step") == 1:
+                row.pop("reward/accuracy", None)
+    _assert_same_metrics(one_rows, two_rows, key, [1, 2, 3, 4])
+    # The evaluations ran sharded too (the reward model's also before its first step).
+    _assert_same_metrics(one_rows, two_rows, "eval/accuracy", [0, 2, 4] if stage == "rm" else [2, 4])
+
+
+_FSDP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "accelerate", "fsdp.yaml")
+
+
+@pytest.mark.slow
+def test_a_run_resumes_sharded_from_one_process_and_back(tiny_model_dir, sft_file, tmp_path):
+    """Checkpoints are written whole (gathered from the shards), so a run stopped in one process resumes sharded
+    in two, and one checkpointed sharded resumes in one process: both end where the uninterrupted run does."""
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={sft_file}", *QUIET, *SHORT_TEXT,
+        "optim.max_steps=6", "logging.save_every=2", "optim.lr=1e-3",
+    ]  # fmt: skip
+    whole = sft.train(stage_config("sft", tiny_model_dir, *overrides, out=tmp_path / "whole"))
+    real, calls = sft.clip_gradients, []
+
+    def crash(*args, **kwargs):  # Ctrl-C in the 3rd step: step 2 is checkpointed
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft, "clip_gradients", crash)
+        with pytest.raises(KeyboardInterrupt):
+            sft.train(stage_config("sft", tiny_model_dir, *overrides, out=tmp_path / "one_then_two"))
+    args = ["sft", *overrides, f"logging.output_dir={tmp_path / 'one_then_two'}", "--resume"]
+    out = _launch([*FSDP, _FSDP_CONFIG], args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout and "sharded (FSDP)" in out.stdout
+    _assert_same_weights(whole, tmp_path / "one_then_two" / "final", tiny_model_dir)
+
+    # Sharded with checkpoints at steps 2 and 4; then resumed in one process from step 2.
+    two = tmp_path / "two_then_one"
+    out = _launch([*FSDP, _FSDP_CONFIG], ["sft", *overrides, f"logging.output_dir={two}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_weights(whole, two / "final", tiny_model_dir)
+    import shutil
+
+    shutil.rmtree(two / "final")
+    shutil.rmtree(two / "checkpoints" / "step-00000004")
+    again = sft.train(stage_config("sft", tiny_model_dir, *overrides, out=two), resume=True)
+    _assert_same_weights(whole, again, tiny_model_dir)

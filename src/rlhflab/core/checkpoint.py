@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ def save_checkpoint(
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
     keep: int = 2,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically (model + optimizer + scheduler + RNG + `state`), keep the last `keep`."""
+    """Write checkpoints/step-N atomically (model + optimizer + scheduler + RNG + `state`), keep the last `keep`.
+    `optimizer_state`: the optimizer's state dict when it is not `optimizer.state_dict()` (gathered from the
+    processes of a sharded model)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{step:08d}"
     with atomic_dir(target) as tmp:
@@ -30,7 +34,7 @@ def save_checkpoint(
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(),
                 "state": state or {},
@@ -48,12 +52,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    restore: Callable[[dict, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by `save_checkpoint`; returns {"step": N, **state}."""
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    """Restore a checkpoint written by `save_checkpoint`; returns {"step": N, **state}. `restore(model_state,
+    optimizer_state)` loads the weights and the optimizer when plain `load_state_dict` cannot (a sharded
+    model)."""
+    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    if restore is not None:
+        restore(weights, trainer["optimizer"])
+    else:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(trainer["rng"])

@@ -307,12 +307,16 @@ def token_logps(
     ).last_hidden_state
     labels = input_ids[:, 1:].masked_fill(~target_mask[:, 1:].bool(), -100)
     h = hidden[:, :-1]
+    sel = labels != -100
     if _head_is_plain_linear(model, head):
-        sel = labels != -100
         # Gather the needed rows first: with short responses most positions are prompt or padding.
-        picked = head_logps(
-            h[sel], head.weight, labels[sel], head.bias, chunk_size=chunk_size, temperature=temperature
-        )
+        if hasattr(head.weight, "full_tensor"):
+            # A sharded head (FSDP) is called as a module, which gathers its weight across the processes.
+            picked = gather_logprobs(head(h[sel]) / temperature, labels[sel])
+        else:
+            picked = head_logps(
+                h[sel], head.weight, labels[sel], head.bias, chunk_size=chunk_size, temperature=temperature
+            )
         logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
         logps = logps.masked_scatter(sel, picked)
     else:

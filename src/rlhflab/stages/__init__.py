@@ -47,3 +47,6 @@ STAGES: dict[str, tuple[str, str]] = {
 # The stages that run data-parallel across the processes `accelerate launch` / `torchrun` start
 # (`rlhflab.stages.parallel`); any other command refuses to start in more than one process.
 DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo")
+# The stages that also run with the model sharded (FSDP, `rlhflab.stages.sharding`). The on-policy ones sample
+# with the model, and a sharded model's every forward pass needs every process while each samples its own rows.
+SHARDED_STAGES = ("sft", "rm", "dpo")

@@ -36,6 +36,7 @@ from rlhflab.core.metrics_log import MetricsLogger, SilentLogger
 from rlhflab.core.progress import Progress
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError, UserError
+from rlhflab.stages.sharding import full_optimizer_state, load_full_state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,8 +227,11 @@ def clip_gradients(model: torch.nn.Module, max_grad_norm: float) -> float:
     if not params:
         return 0.0
     if max_grad_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # A sharded model's (FSDP) norm is a distributed tensor: its value is the whole model's.
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def optimizer_step(optimizer, scheduler) -> None:
@@ -273,7 +277,9 @@ class Loop:
     `snapshot(path)`: saves the trained model to `path` (as the stage's final save does), every
     logging.snapshot_every steps, into RUN/snapshots/step-NNNNNN.
     `writes=False` (a data-parallel process other than the main one): the same steps, resumed from the same
-    checkpoint, but no evaluation, snapshot, checkpoint or progress bar.
+    checkpoint, but no evaluation, snapshot, checkpoint or progress bar. `parallel` (a
+    `stages.parallel.DataParallel`) sets `writes` to whether this is the main process; with a sharded model
+    (FSDP) every process takes part in the evaluations, snapshots and checkpoints, which gather the weights.
     """
 
     def __init__(
@@ -290,6 +296,7 @@ class Loop:
         state: Callable[[], dict] | None = None,
         snapshot: Callable[[Path], Any] | None = None,
         writes: bool = True,
+        parallel: Any = None,
     ):
         if logging_cfg.snapshot_every and snapshot is None:
             raise ConfigError(f"config: logging.snapshot_every is not supported by {name}; leave it 0")
@@ -297,13 +304,18 @@ class Loop:
         self.run, self.name, self.cfg, self.total = run, name, logging_cfg, total
         self.model, self.optimizer, self.scheduler, self._state = model, optimizer, scheduler, state
         self.step, self.last_ckpt, self.resumed_state = 0, None, {}
+        self.parallel = parallel
+        sharded = parallel is not None and parallel.sharded
         if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
-            loaded = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            restore = functools.partial(load_full_state, model, optimizer) if sharded else None
+            loaded = load_checkpoint(
+                ckpt, model=model, optimizer=optimizer, scheduler=scheduler, restore=restore
+            )
             self.step, self.last_ckpt = loaded.pop("step"), ckpt
             self.resumed_state = loaded
             print(f"{name}: resumed from {ckpt} at step {self.step}")
         # writes=False: a data-parallel process other than the main one (same steps, no files, no bar).
-        self.writes = writes
+        self.writes = writes if parallel is None else parallel.is_main
         self.progress = Progress(total, name, enabled=logging_cfg.progress and writes, completed=self.step)
         self.counts: dict[str, float] = {}
         self.totals: dict[
@@ -334,24 +346,40 @@ class Loop:
             row = self.run.logger.log(self.step, {**metrics, **(perf(self.counts, seconds) if perf else {})})
             self.counts, self._t_last = {}, time.time()
             self.progress.update(0, {label: row[key] for label, key in (show or {}).items()})
-        if not self.writes:
+        sharded = self.parallel is not None and self.parallel.sharded
+        if not self.writes and not sharded:
             return
+        # With a sharded model every process runs these (its forward passes and the gathers need them all);
+        # the main one writes.
         every = getattr(self.cfg, "eval_every", 0)
         if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
-            self.run.logger.log(self.step, evaluate())
+            result = evaluate()
+            if self.writes:
+                self.run.logger.log(self.step, result)
         if self.cfg.snapshot_every and self.step % self.cfg.snapshot_every == 0:
-            self.snapshot(snapshot_dir(self.run.dir, self.step))
+            with self.parallel.full_weights(self.model) if sharded else contextlib.nullcontext():
+                if self.writes:
+                    self.snapshot(snapshot_dir(self.run.dir, self.step))
         if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
-            self.last_ckpt = save_checkpoint(
-                self.run.dir,
-                self.step,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                keep=self.cfg.keep_checkpoints,
-                state=self._state() if self._state else None,
-            )
-        self.progress.update(1)
+            self._checkpoint(sharded)
+        if self.writes:
+            self.progress.update(1)
+
+    def _checkpoint(self, sharded: bool) -> None:
+        """Write a checkpoint (gathered whole first from a sharded model: the single-process format)."""
+        with self.parallel.full_weights(self.model) if sharded else contextlib.nullcontext():
+            optimizer_state = full_optimizer_state(self.optimizer) if sharded else None
+            if self.writes:
+                self.last_ckpt = save_checkpoint(
+                    self.run.dir,
+                    self.step,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    keep=self.cfg.keep_checkpoints,
+                    state=self._state() if self._state else None,
+                    optimizer_state=optimizer_state,
+                )
 
     def close(self) -> None:
         self.progress.close()

@@ -193,7 +193,7 @@ def _announce(cfg: DPOConfig, model, what: str, run_dir: Path, par: DataParallel
     n, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
     print(
         f"dpo: loss {cfg.algo.loss}, {what}, {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-        f"run dir {run_dir}" + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        f"run dir {run_dir}" + par.describe()
     )
 
 
@@ -212,14 +212,17 @@ def _data_parallel(cfg: DPOConfig, spec) -> DataParallel:
 def _finish(
     cfg: DPOConfig, par: DataParallel, run, step: int, ctx, tokenizer, eval_examples, eval_kl
 ) -> None:
-    """The final evaluation and the model (HF format), written by the main process; the others wait for it."""
-    if par.is_main:
-        if eval_examples:
-            metrics = run.logger.log(step, evaluate(ctx, eval_examples, eval_kl))
-            print("dpo: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        save_model(ctx.model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-        run.close()
-        print(f"dpo: saved the model to {run.dir / 'final'}")
+    """The final evaluation and the model (HF format), written by the main process; the others wait for it (a
+    sharded model's every process evaluates, and gathers the weights to save)."""
+    final = par.on_main(lambda: evaluate(ctx, eval_examples, eval_kl)) if eval_examples else None
+    with par.full_weights(ctx.model):
+        if par.is_main:
+            if final:
+                metrics = run.logger.log(step, final)
+                print("dpo: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            save_model(ctx.model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
+            run.close()
+            print(f"dpo: saved the model to {run.dir / 'final'}")
     par.wait()
 
 
@@ -248,13 +251,16 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     ref_cache, ref_perf, live = par.main_first(
         functools.partial(_setup_reference, cfg, model, device, pad_id, run.dir, sets, spec)
     )
+    model = par.prepare(
+        model
+    )  # sharded across the processes under FSDP (after the reference pass, before the optimizer)
     shift = BCORewardShift() if spec.inputs == "unpaired_shift" else None
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, state=state,
-                snapshot=snapshot, writes=par.is_main)  # fmt: skip
+                snapshot=snapshot, parallel=par)  # fmt: skip
     if shift is not None and "reward_shift" in loop.resumed_state:
         shift.load_state_dict(loop.resumed_state["reward_shift"])
     if ref_perf:

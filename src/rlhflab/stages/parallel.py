@@ -16,18 +16,39 @@ processes. The gradient sum is an explicit all-reduce rather than a `Distributed
 the stages call the model's body and LM head separately (the head only where log-probs are needed), which a
 DDP wrapper's forward would not see. Accelerate only picks the CPU backend when asked (`cpu=True`), so that
 is what a machine without CUDA gets.
+
+Launched with an FSDP config file (configs/accelerate/fsdp.yaml), `prepare` shards the model with PyTorch's
+FSDP2 instead (`stages.sharding`): the gradients are then summed by FSDP itself, and work that reads the model
+outside the training step (evaluation, saving) runs on every process (`on_main`, `full_weights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 
+def _refuse_accelerate_precision(env) -> None:
+    """accelerate's own mixed precision would wrap a model rlhflab never hands it: refuse it, naming the
+    setting that does act."""
+    from rlhflab.errors import ConfigError
+
+    value = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in ("no", ""):
+        raise ConfigError(
+            f"accelerate config: mixed_precision={value} is not read by rlhflab; set mixed_precision: 'no' in the "
+            "accelerate config and model.autocast=bf16 in the rlhflab config"
+        )
+
+
 class DataParallel:
     """This process's place among the data-parallel processes (one process: rank 0 of 1, no collectives)."""
+
+    fsdp: Any = None  # the FSDPSettings when launched with an FSDP config (`stages.sharding`)
 
     def __init__(self) -> None:
         self.accelerator: Any = None
@@ -35,6 +56,10 @@ class DataParallel:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
+            from rlhflab.stages.sharding import fsdp_settings
+
+            _refuse_accelerate_precision(os.environ)
+            self.fsdp = fsdp_settings(os.environ)  # refuses what it does not act on, before anything starts
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
             self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
 
@@ -61,9 +86,47 @@ class DataParallel:
                 f"least one example per step: raise {what} or launch fewer processes"
             )
 
-    def sum_gradients(self, model: torch.nn.Module) -> None:
-        """Sum every trainable parameter's gradient across processes, in one flat all-reduce."""
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train: sharded across the processes under FSDP (call it before building the
+        optimizer), else as it is."""
+        if self.fsdp is None:
+            return model
+        from rlhflab.stages.sharding import shard_model
+
+        return shard_model(model, self.fsdp)
+
+    def describe(self) -> str:
+        """How the run is spread, for a stage's opening line ("" for one process)."""
         if self.world == 1:
+            return ""
+        return f", data parallel over {self.world} processes" + (", sharded (FSDP)" if self.sharded else "")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (FSDP): then every forward pass involves every process."""
+        return self.fsdp is not None
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """`work()` (an evaluation) on the main process, None on the others; on every process when the model is
+        sharded, since its forward passes need them all."""
+        return work() if self.is_main or self.sharded else None
+
+    @contextlib.contextmanager
+    def full_weights(self, model: torch.nn.Module) -> Iterator[None]:
+        """A sharded model's parameters gathered whole on the main process within the block (every process
+        enters); nothing to do otherwise."""
+        if not self.sharded:
+            yield
+            return
+        from rlhflab.stages.sharding import full_weights
+
+        with full_weights(model, self.is_main):
+            yield
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """Sum every trainable parameter's gradient across processes, in one flat all-reduce (FSDP has already
+        summed them in the backward pass)."""
+        if self.world == 1 or self.sharded:
             return
         params = [p for p in model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

@@ -226,9 +226,14 @@ def _work(batch: list[dict], kind: str) -> dict[str, int]:
     return {"pairs": sum(len(e["pairs"]) for e in batch), "reads": sum(len(e["input_ids"]) for e in batch)}
 
 
-def _report(run, step: int, model, eval_examples, kind, device, pad_id, shared: bool) -> None:
+def _report(
+    run, step: int, model, eval_examples, kind, device, pad_id, shared: bool, write: bool = True
+) -> None:
+    """The final evaluation, logged, printed and written (`write`: by the main process)."""
     metrics, tables = evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)
     run.logger.log(step, metrics)
+    if not write:
+        return
     print("rm: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/accuracy/" not in k))
     if tables:
         text = format_accuracy_table(tables)
@@ -298,12 +303,11 @@ def _normalize(
 
 
 def _announce(
-    model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path, world: int = 1
+    model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path, spread: str = ""
 ) -> None:
     print(
         f"rm: {len(examples)} {kind} records ({len(eval_examples)} held out), heads {model.head_names}, "
-        f"{total_steps} steps, {count_parameters(model) / 1e6:.2f}M parameters, run dir {run_dir}"
-        + (f", data parallel over {world} processes" if world > 1 else "")
+        f"{total_steps} steps, {count_parameters(model) / 1e6:.2f}M parameters, run dir {run_dir}" + spread
     )
     if not eval_examples:
         print("rm: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction")
@@ -323,19 +327,24 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     tokenizer = load_tokenizer(path)
     heads = OUTPUT_HEADS.get(cfg.algo.loss) or [h.name for h in cfg.algo.head_specs()]
     model, device = _build_model(cfg, path, heads, par.device)
+    model = par.prepare(model)  # sharded across the processes under FSDP, before the optimizer sees it
     examples, eval_examples = load_examples(cfg, kind, tokenizer, run.dir)
     pad_id = tokenizer.pad_token_id
     shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     if par.is_main:
-        _announce(model, kind, examples, eval_examples, total_steps, run.dir, par.world)
+        _announce(model, kind, examples, eval_examples, total_steps, run.dir, par.describe())
 
     snapshot = functools.partial(_save, cfg, model, tokenizer)
     loop = Loop(run, "rm", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
-                snapshot=snapshot, writes=par.is_main)  # fmt: skip
-    if par.is_main and loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
-        run.logger.log(0, evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)[0])
+                snapshot=snapshot, parallel=par)  # fmt: skip
+    if loop.step == 0 and eval_examples and cfg.logging.eval_every:  # the untrained baseline
+        baseline = par.on_main(
+            lambda: evaluate_with_tables(model, eval_examples, kind, device, pad_id, shared=shared)
+        )
+        if par.is_main:
+            run.logger.log(0, baseline[0])
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
@@ -377,13 +386,15 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     loop.close()
 
     # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format): the
-    # main process does them.
-    if par.is_main:
+    # main process does them (a sharded model's every process evaluates, and gathers the weights to save).
+    if par.is_main or par.sharded:
         if eval_examples:
-            _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared)
+            _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared, write=par.is_main)
         step_stats = _normalize(run, loop.step, cfg, model, examples, kind, device, pad_id, shared)
-        _save(cfg, model, tokenizer, run.dir / "final", step_stats)
-        run.close()
-        print(f"rm: saved the reward model to {run.dir / 'final'}")
+    with par.full_weights(model):
+        if par.is_main:
+            _save(cfg, model, tokenizer, run.dir / "final", step_stats)
+            run.close()
+            print(f"rm: saved the reward model to {run.dir / 'final'}")
     par.wait()  # the other processes return once the main one has saved the model
     return run.dir / "final"

@@ -74,7 +74,7 @@ def _announce(examples: list[dict], total_steps: int, model, run_dir: Path, par:
     print(
         f"sft: {len(examples)} demonstrations, {total_steps} steps, {n_params / 1e6:.2f}M parameters "
         f"({count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable), run dir {run_dir}"
-        + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+        + par.describe()
     )
 
 
@@ -104,6 +104,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     par.check_batch(cfg.optim.batch_size)
     run = open_run(cfg, "sft", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     model, tokenizer, device = load_policy(cfg.model, device=par.device)
+    model = par.prepare(model)  # sharded across the processes under FSDP, before the optimizer sees it
     train_records, eval_records = load_stage_records(cfg.data, "sft", seed=cfg.seed)
     kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     examples = [tokenize_sft(r, tokenizer, **kw) for r in train_records]
@@ -113,7 +114,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     _announce(examples, total_steps, model, run.dir, par)
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
-                snapshot=snapshot, writes=par.is_main)  # fmt: skip
+                snapshot=snapshot, parallel=par)  # fmt: skip
 
     # 2. Loop: one optimizer step per batch; the batch order is a function of (seed, epoch).
     model.train()
@@ -162,15 +163,20 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         )
     loop.close()
 
-    # 4. Save the final model (HF format) and the final evaluation: the main process writes.
-    if par.is_main:
-        if eval_examples:
-            metrics = run.logger.log(
-                loop.step, evaluate(model, eval_examples, device, tokenizer.pad_token_id)
-            )
-            print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-        run.close()
-        print(f"sft: saved the model to {run.dir / 'final'}")
+    # 4. Save the final model (HF format) and the final evaluation: the main process writes (a sharded model's
+    # every process evaluates and gathers the weights).
+    final = (
+        par.on_main(lambda: evaluate(model, eval_examples, device, tokenizer.pad_token_id))
+        if eval_examples
+        else None
+    )
+    with par.full_weights(model):
+        if par.is_main:
+            if final:
+                metrics = run.logger.log(loop.step, final)
+                print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
+            run.close()
+            print(f"sft: saved the model to {run.dir / 'final'}")
     par.wait()  # the other processes return once the main one has saved the model
     return run.dir / "final"
