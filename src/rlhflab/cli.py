@@ -362,6 +362,7 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
         max_prompts=args.max_prompts,
         all_samples=args.all_samples,
         rules=args.rules or "",
+        engine=args.engine,
     )
     return 0
 
@@ -466,6 +467,12 @@ def _add_best_of_n(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--all-samples", action="store_true", help="also write every sample and its score")
+    p.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="rollout engine: hf (transformers' generate, every device) or vllm (a CUDA GPU and rlhflab[vllm])",
+    )
     p.set_defaults(func=cmd_best_of_n)
 
 
@@ -828,14 +835,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_processes(command: str) -> None:
     """Only the data-parallel stages start in several processes: any other command would run once per process,
-    each alone, all writing the same run directory."""
-    from rlhflab.stages import DATA_PARALLEL_STAGES
+    each alone, all writing the same run directory; and only some of them with a sharded model (FSDP)."""
+    from rlhflab.stages import DATA_PARALLEL_STAGES, SHARDED_STAGES
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and command not in DATA_PARALLEL_STAGES:
         raise ConfigError(
             f"rlhflab {command} does not run across processes (WORLD_SIZE={world}): only "
             f"{', '.join(DATA_PARALLEL_STAGES)} do; launch it as one process"
+        )
+    if (
+        world > 1
+        and command not in SHARDED_STAGES
+        and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    ):
+        raise ConfigError(
+            f"rlhflab {command} does not run with the model sharded (an FSDP accelerate config): only "
+            f"{', '.join(SHARDED_STAGES)} do; launch it with configs/accelerate/ddp.yaml"
         )
 
 

@@ -559,11 +559,12 @@ _LOSS_HYPERPARAMETERS = (
 
 
 def _check_engine(engine: str) -> None:
-    """sampling.engine=vllm is refused with the first thing missing: a CUDA GPU, the vllm package, then this
-    version's engine itself (the HF engine is the one that exists)."""
+    """sampling.engine=vllm is refused with the first thing missing: a CUDA GPU, the vllm package, then one
+    process (the colocated engine samples for one training process; data-parallel runs use the HF engine)."""
     if engine != "vllm":
         return
     import importlib.util
+    import os
 
     import torch
 
@@ -577,10 +578,25 @@ def _check_engine(engine: str) -> None:
             "config: sampling.engine=vllm needs the vllm package: pip install 'rlhflab[vllm]'; or use "
             "sampling.engine=hf"
         )
-    raise ConfigError(
-        "config: sampling.engine=vllm is not available in this version of rlhflab (the vLLM rollout engine has "
-        "not been built and checked on a GPU yet); use sampling.engine=hf"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "config: sampling.engine=vllm runs one vLLM engine beside one training process; this run has "
+            f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE): launch one process, or use sampling.engine=hf"
+        )
+
+
+def _hf_engine_only(sampling: SamplingSection, stage: str) -> None:
+    """Refuse sampling.engine=vllm in a stage whose sampling has no vLLM path (it would sample with HF)."""
+    _require(
+        sampling.engine == "hf",
+        "sampling.engine",
+        f"is vllm, but {stage} samples with the HF engine only (vLLM samples for ppo, rloo, grpo and "
+        "online-dpo); use sampling.engine=hf",
     )
+
+
+# SamplingSection's vLLM settings, so a value set with sampling.engine=hf is refused.
+_VLLM_DEFAULTS = {"vllm_gpu_memory_utilization": 0.3, "vllm_sleep": True}
 
 
 @dataclass
@@ -595,8 +611,15 @@ class SamplingSection:
     """Nucleus sampling mass; 1.0 disables."""
     engine: Literal["hf", "vllm"] = "hf"
     """The rollout engine: hf, transformers' generate on the training model (KV-cached, batched; every
-    device); vllm, vLLM colocated with training (a CUDA GPU and `pip install 'rlhflab[vllm]'`), not available
-    in this version: the setting is checked and refused with what is missing."""
+    device); vllm, vLLM colocated with training on the same GPU (`rlhflab.rollout.vllm_engine`: a CUDA GPU,
+    `pip install 'rlhflab[vllm]'`, one process; ppo, rloo, grpo, online-dpo), the policy's weights (or its LoRA
+    adapter) pushed to it before each sampling."""
+    vllm_gpu_memory_utilization: float = _VLLM_DEFAULTS["vllm_gpu_memory_utilization"]
+    """engine=vllm: the fraction of the GPU's memory vLLM takes for its weights and KV cache, in (0, 1]; the
+    training models, gradients and optimizer state need the rest."""
+    vllm_sleep: bool = _VLLM_DEFAULTS["vllm_sleep"]
+    """engine=vllm: put vLLM to sleep between samplings (its weights offloaded to CPU memory, its KV cache
+    freed), so training gets that GPU memory back; false keeps it resident (faster, more memory)."""
 
     def __post_init__(self):
         _check_engine(self.engine)
@@ -606,6 +629,23 @@ class SamplingSection:
         _require(self.temperature > 0, "sampling.temperature", f"must be > 0, got {self.temperature}")
         _require(self.top_k >= 0, "sampling.top_k", f"must be >= 0, got {self.top_k}")
         _require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        u = self.vllm_gpu_memory_utilization
+        _require(0 < u <= 1, "sampling.vllm_gpu_memory_utilization", f"must be in (0, 1], got {u}")
+        for name, default in _VLLM_DEFAULTS.items():
+            _require(
+                self.engine == "vllm" or getattr(self, name) == default,
+                f"sampling.{name}",
+                "is set but sampling.engine=hf does not use it; remove it or set sampling.engine=vllm",
+            )
+        # vLLM returns log-probs either raw (log softmax(logits), before temperature) or processed (after
+        # temperature AND top-k / top-p); the trainer needs log softmax(logits / T) before the truncation, which
+        # one of the two gives unless both a temperature and a truncation are set.
+        _require(
+            self.engine == "hf" or self.temperature == 1.0 or (self.top_k == 0 and self.top_p == 1.0),
+            "sampling.engine",
+            "is vllm, which cannot report the log-probs of softmax(logits / temperature) before top-k / top-p when both "
+            "a temperature other than 1 and top_k / top_p are set; drop one of them, or use sampling.engine=hf",
+        )
 
 
 # algo.uwo_coef's default, so a value set with another reward_combine than ensemble_uwo is refused.
@@ -1407,6 +1447,7 @@ class IterativeDPOConfig:
     algo: IterativeDPOAlgo = field(default_factory=IterativeDPOAlgo)
 
     def __post_init__(self):
+        _hf_engine_only(self.sampling, "iterative-dpo")
         _require(
             self.logging.save_every == 0 and self.logging.keep_checkpoints == 2,
             "logging.save_every",
@@ -1465,6 +1506,7 @@ class RejectionSamplingConfig:
     algo: RejectionSamplingAlgo = field(default_factory=RejectionSamplingAlgo)
 
     def __post_init__(self):
+        _hf_engine_only(self.sampling, "rs")
         _require(
             self.logging.save_every == 0 and self.logging.keep_checkpoints == 2,
             "logging.save_every",
@@ -1615,6 +1657,7 @@ class QuarkConfig:
     algo: QuarkAlgo = field(default_factory=QuarkAlgo)
 
     def __post_init__(self):
+        _hf_engine_only(self.sampling, "quark")
         _require(
             not self.model.lora.enabled,
             "model.lora.enabled",
@@ -1742,6 +1785,7 @@ class CAISLConfig:
     (its directory, or lab:TASK). The run sets sft.seed, sft.data.train_path and sft.logging.output_dir."""
 
     def __post_init__(self):
+        _hf_engine_only(self.sampling, "cai-sl")
         _set_by_cai(
             self,
             "sft",
@@ -1782,6 +1826,7 @@ class CAIRLConfig:
     (RUN/rm/final) and ppo.logging.output_dir."""
 
     def __post_init__(self):
+        _hf_engine_only(self.sampling, "cai-rl's response sampling (its ppo section may use vllm)")
         _set_by_cai(
             self,
             "rm",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.rollout.generate import SamplingSettings, generate
+from rlhflab.rollout.generate import SamplingSettings, encode_prompts, generate
 
 
 @dataclass
@@ -136,6 +136,7 @@ def best_of_n(
     seed: int | None = None,
     rules=None,
     sample_prompts: Sequence | None = None,
+    engine=None,
 ) -> BestOfN:
     """Sample n responses to each prompt, score them all, keep the best per prompt.
 
@@ -152,6 +153,7 @@ def best_of_n(
             Sparrow's re-rank of the reward and the rules (`sparrow_scores`), not the reward alone.
         sample_prompts: what the policy samples from, one per prompt, when it is not `prompts` (a Quark model's
             prompts behind its best token, `quark.best_token_prompts`); the reward always reads `prompts`.
+        engine: a `rlhflab.rollout.vllm_engine.VLLMEngine` of the same model, to sample with vLLM (None: HF).
 
     Returns:
         BestOfN with texts [P], scores [P], all_texts [P][n], all_scores [P, n], best_index [P] (and with rules
@@ -172,7 +174,13 @@ def best_of_n(
     # Prompt-major: the n samples of prompt i are rows i*n .. i*n + n-1.
     repeated = [p for p in prompts for _ in range(n)]
     sampled = repeated if sample_prompts is None else [p for p in sample_prompts for _ in range(n)]
-    rollout = generate(model, tokenizer, sampled, settings, batch_size=batch_size, seed=seed)
+    rollout = (
+        engine.sample(
+            encode_prompts(tokenizer, sampled), settings or SamplingSettings(), prompts=sampled, seed=seed
+        )
+        if engine is not None
+        else generate(model, tokenizer, sampled, settings, batch_size=batch_size, seed=seed)
+    )
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
     all_texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
     rule_logits = None
@@ -200,6 +208,7 @@ def sample_to_file(
     all_samples: bool = False,
     rules: str = "",
     log=print,
+    engine: str = "hf",
 ) -> dict[str, float]:
     """`rlhflab best-of-n`: the best of n samples of `policy` per prompt, scored by `reward` (a reward spec,
     `rlhflab.rewards.load_rewards`), written to `out_path` as JSONL rows {"prompt", "completion", "score",
@@ -208,11 +217,11 @@ def sample_to_file(
     iteration). Prompts come from `prompts_path` (prompt records). `rules`: a rule-classifier model directory
     (`rlhflab rm algo.loss=binary`, one head per rule, label true = breaks the rule): the best sample is then
     Sparrow's re-rank, and each row adds "rule_violation" {rule: probability} of the chosen sample and its
-    "rerank_score".
+    "rerank_score". `engine`: "hf" (transformers' generate) or "vllm" (`_vllm_engine`).
 
     Returns {"best_score": mean best score, "sample_score": mean score of all samples, "kl_bound": nats}.
     """
-    from rlhflab.config import PromptDataSection
+    from rlhflab.config import PromptDataSection, _check_engine
     from rlhflab.data import PromptRecord, write_jsonl
     from rlhflab.models.loading import load_inference_lm, load_tokenizer
     from rlhflab.rewards import load_rewards
@@ -223,19 +232,23 @@ def sample_to_file(
     if out.suffix != ".jsonl":
         raise UserError(f"--out {out} must be a .jsonl file (the rows are SFT records: prompt, completion)")
     path = resolve_model_path(policy)
+    if engine not in ("hf", "vllm"):
+        raise UserError(f"best-of-n: the engine must be hf or vllm, got {engine}")
+    _check_engine(engine)  # vllm with no GPU or no vllm package: refused before anything loads
     dev = resolve_device(device)
     records = load_train_records(PromptDataSection(train_path=prompts_path), "prompt", log=log)
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     prompts = prompts[:max_prompts] if max_prompts else prompts
     source = load_rewards(reward, device=dev)
     rule_model = _rule_classifiers(rules, dev) if rules else None
-    model, tokenizer = load_inference_lm(path, device=str(dev)), load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    model = load_inference_lm(path, device=str(dev)) if engine == "hf" else None
     how = f", re-ranked with the rules of {rules} (Sparrow)" if rules else ""
     log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}{how}")
     sample_prompts, settings = _control_token_prompts(path, tokenizer, prompts, settings, log)
     result = best_of_n(
         model, tokenizer, prompts, source, n=n, settings=settings, seed=seed, rules=rule_model,
-        sample_prompts=sample_prompts,
+        sample_prompts=sample_prompts, engine=_vllm_engine(path, tokenizer, settings, seed) if model is None else None,
     )  # fmt: skip
     rows = [_row(result, i, prompt, all_samples, rule_model) for i, prompt in enumerate(prompts)]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +263,20 @@ def sample_to_file(
         f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}"
     )
     return summary
+
+
+def _vllm_engine(path: str, tokenizer, settings: SamplingSettings | None, seed: int):
+    """A vLLM engine of the model directory `path` (a full model: vLLM reads no adapter-only directory)."""
+    from rlhflab.rollout.vllm_engine import VLLMEngine
+
+    if (Path(path) / "adapter_config.json").exists():
+        raise UserError(
+            f"best-of-n: {path} is a LoRA adapter; vLLM samples full models: save it merged (--merge)"
+        )
+    # Nothing trains beside it; the reward model (loaded first) and the rule classifiers share the GPU.
+    return VLLMEngine(
+        path, tokenizer, settings or SamplingSettings(), sleep=False, seed=seed, gpu_memory_utilization=0.5
+    )
 
 
 def _control_token_prompts(path, tokenizer, prompts: list, settings: SamplingSettings | None, log):

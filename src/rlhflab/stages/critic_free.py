@@ -71,6 +71,7 @@ from rlhflab.stages.on_policy import (
     load_prompts,
     load_reward,
     require_reward,
+    rollout_engine,
     sample,
     sample_share,
     sampling_settings,
@@ -409,14 +410,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
     n = algo.rollouts_per_iteration
     updates_per_iteration = algo.ppo_epochs * -(-n // (algo.minibatch_size or n))
     optimizer, scheduler = build_optimizer(policy, cfg.optim, algo.iterations * updates_per_iteration)
-    sampling = sampling_settings(cfg.sampling)
+    sampling, engine = sampling_settings(cfg.sampling), rollout_engine(cfg, policy, tokenizer)
     greedy_baseline = isinstance(cfg, RLOOConfig) and algo.baseline == "greedy"
     flop_params = (matmul_params(policy), matmul_params(ref) if ref is not None else None)
     if par.is_main:
         print(
             f"{name}: {len(prompts)} prompts, {algo.iterations} iterations x {algo.prompts_per_iteration} prompts "
             f"x {algo.num_generations} samples, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+            + par.describe()
         )
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(
@@ -440,11 +441,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         # samples its share of the prompts, each row from its own seed (the rows one process would sample)
         t0 = time.time()
         seed, k = cfg.seed * 100_003 + loop.step, algo.num_generations
-        rollout = sample_share(policy, tokenizer, batch, k, sampling, cfg, device, seed, par)
+        rollout = sample_share(policy, tokenizer, batch, k, sampling, cfg, device, seed, par, engine)
         greedy = None
         if greedy_baseline:
             greedy = sample(policy, tokenizer, par.shard(batch), sampling_settings(cfg.sampling, greedy=True),
-                            model_cfg=cfg.model, data=cfg.data, device=device, batch_size=n, seed=seed)  # fmt: skip
+                            model_cfg=cfg.model, data=cfg.data, device=device, batch_size=n, seed=seed, engine=engine)  # fmt: skip
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs, KL, baseline
         exp, metrics = make_experience(
@@ -459,6 +460,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         metrics.update(par.means({"kl/sequence": (float(exp["seq_kl"][known].sum()), float(known.sum()))}))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
+        metrics.update({"perf/weight_sync_s": engine.weight_sync_s} if engine else {})
         metrics.update(_perf(metrics, rollout, greedy, cfg, flop_params))
 
         # Feedback budget: every scored response is one query to the reward source (ReMax's greedy ones too).

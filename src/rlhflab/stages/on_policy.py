@@ -19,7 +19,7 @@ from rlhflab.config import (
 )
 from rlhflab.data import PromptRecord
 from rlhflab.errors import ConfigError
-from rlhflab.rollout.generate import Rollout, SamplingSettings, generate
+from rlhflab.rollout.generate import Rollout, SamplingSettings, encode_prompts, generate
 from rlhflab.stages.common import mixed_precision
 from rlhflab.stages.data_source import load_train_records
 
@@ -118,6 +118,32 @@ def sampling_settings(s: SamplingSection, *, greedy: bool = False) -> SamplingSe
     )
 
 
+def rollout_engine(cfg, policy, tokenizer):
+    """The rollout engine cfg.sampling.engine names, built once per run: None for hf (`generate` on the policy
+    itself), else a `VLLMEngine` colocated with the policy (`rlhflab.rollout.vllm_engine`). `cfg`: the stage
+    config (its seed and its sampling, model and data sections)."""
+    if cfg.sampling.engine == "hf":
+        return None
+    from rlhflab.models.loading import is_peft_model
+    from rlhflab.rollout.vllm_engine import VLLMEngine
+    from rlhflab.stages.common import resolve_model_path
+
+    lora = policy.peft_config["default"] if is_peft_model(policy) else None
+    # Under bf16 autocast the trainer's forward passes run in bfloat16: vLLM samples in bfloat16 as well.
+    dtype = "bfloat16" if cfg.model.autocast == "bf16" else cfg.model.dtype
+    return VLLMEngine(
+        lora.base_model_name_or_path if lora is not None else resolve_model_path(cfg.model.name_or_path),
+        tokenizer,
+        sampling_settings(cfg.sampling),
+        dtype=dtype,
+        gpu_memory_utilization=cfg.sampling.vllm_gpu_memory_utilization,
+        sleep=cfg.sampling.vllm_sleep,
+        seed=cfg.seed,
+        lora_rank=None if lora is None else int(lora.r),
+        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_new_tokens,
+    )
+
+
 def sample(
     policy,
     tokenizer,
@@ -130,10 +156,17 @@ def sample(
     batch_size: int,
     seed: int,
     row_seeds: list[int] | None = None,
+    engine=None,
 ) -> Rollout:
     """One response per prompt from the current policy (repeat a prompt for several), prompts cut to
     data.max_prompt_length, under the model's autocast setting; with `row_seeds`, each row from its own seed
-    (`rlhflab.rollout.generate`), else all from `seed`."""
+    (`rlhflab.rollout.generate`), else all from `seed`. With a `VLLMEngine` (`rollout_engine`), the policy's
+    weights are pushed to it first if they changed since the last push (its `weight_sync_s` says how long that
+    took), and it samples."""
+    if engine is not None:
+        engine.sync_weights(policy)
+        rows = [r[-data.max_prompt_length :] for r in encode_prompts(tokenizer, prompts)]
+        return engine.sample(rows, settings, row_seeds, prompts=prompts, device=device, seed=seed)
     with mixed_precision(model_cfg, device)():
         return generate(
             policy,
@@ -148,11 +181,20 @@ def sample(
 
 
 def sample_share(
-    policy, tokenizer, batch: list, group: int, settings: SamplingSettings, cfg, device, step_seed: int, par
+    policy,
+    tokenizer,
+    batch: list,
+    group: int,
+    settings: SamplingSettings,
+    cfg,
+    device,
+    step_seed: int,
+    par,
+    engine=None,
 ) -> Rollout:
     """This process's share (`par.shard`) of a step's prompts, each sampled `group` times (rows prompt-major),
     each row from its own seed (`row_seeds` of the whole step's rows): the rows one process would sample.
-    `cfg`: the stage config (its model and data sections)."""
+    `cfg`: the stage config (its model and data sections); `engine`: `rollout_engine`'s (None: HF)."""
     mine = par.shard(list(range(len(batch))))
     seeds = row_seeds(step_seed, len(batch) * group)
     return sample(
@@ -166,6 +208,7 @@ def sample_share(
         batch_size=len(batch) * group,
         seed=step_seed,
         row_seeds=[seeds[q * group + j] for q in mine for j in range(group)],
+        engine=engine,
     )
 
 

@@ -69,6 +69,7 @@ from rlhflab.stages.on_policy import (
     default_feedback,
     load_prompts,
     require_feedback,
+    rollout_engine,
     sample_share,
     sampling_settings,
 )
@@ -430,6 +431,7 @@ def train(
     )
     params = (matmul_params(policy), matmul_params(ref_model) if ref_model is not None else None)
     sampling, rollouts = sampling_settings(cfg.sampling), run.dir / "rollouts.jsonl"
+    engine = rollout_engine(cfg, policy, tokenizer)  # None: HF generate on the policy itself
     _announce(cfg, feedback, len(prompts), policy, run.dir, par)
     feedback_state = FeedbackCheckpoint(feedback, par)
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
@@ -450,7 +452,7 @@ def train(
         t0 = time.time()
         seed = cfg.seed * 100_003 + loop.step
         rollout = sample_share(
-            policy, tokenizer, [prompts[i] for i in order], 2, sampling, cfg, device, seed, par
+            policy, tokenizer, [prompts[i] for i in order], 2, sampling, cfg, device, seed, par, engine
         )
         t_gen = time.time() - t0
         # 2-4. ask the feedback source; pairs (chosen, rejected) by the label, ties and unanswered pairs
@@ -459,6 +461,7 @@ def train(
             ctx, feedback, rollout, optimizer, scheduler, cfg, iteration, loop.last_ckpt, par
         )
         metrics["perf/time_generate"] = t_gen
+        metrics.update({"perf/weight_sync_s": engine.weight_sync_s} if engine else {})
         metrics.update(_perf(metrics, rollout, *params))
         append_pairs(rollouts, iteration, rollout, labels, scores, pair_kl, par)
         feedback_state.after_step()
@@ -486,7 +489,7 @@ def _announce(cfg: OnlineDPOConfig, feedback, n_prompts: int, policy, run_dir: P
             f"{NAME}: loss {algo.loss}, feedback {getattr(feedback, 'name', type(feedback).__name__)}, "
             f"{n_prompts} prompts, {algo.iterations} steps x {algo.prompts_per_step} pairs, "
             f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run_dir}"
-            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+            + par.describe()
         )
 
 

@@ -71,6 +71,7 @@ from rlhflab.stages.on_policy import (
     load_prompts,
     load_reward,
     require_reward,
+    rollout_engine,
     sample_share,
     sampling_settings,
 )
@@ -443,12 +444,13 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
     kl_ctl, sampling = _kl_controller(cfg), sampling_settings(cfg.sampling)
+    engine = rollout_engine(cfg, policy, tokenizer)  # None: HF generate on the policy itself
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
     if par.is_main:
         print(
             f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} "
             f"rollouts, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-            + (f", data parallel over {par.world} processes" if par.world > 1 else "")
+            + par.describe()
         )
     # The KL controller is checkpointed with the weights, so a resumed run adapts beta exactly as before.
     kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731
@@ -469,7 +471,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         # are the same whatever the number of processes
         t0 = time.time()
         step_seed = cfg.seed * 100_003 + loop.step
-        rollout = sample_share(policy, tokenizer, batch, 1, sampling, cfg, device, step_seed, par)
+        rollout = sample_share(policy, tokenizer, batch, 1, sampling, cfg, device, step_seed, par, engine)
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs and values, KL-shaped rewards, GAE
         exp, metrics = _make_experience(
@@ -483,6 +485,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         )
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["perf/time_generate"], metrics["perf/time_optimize"] = t_gen, time.time() - t0
+        metrics.update({"perf/weight_sync_s": engine.weight_sync_s} if engine else {})
         metrics.update(_iteration_perf(metrics, rollout, cfg, flop_params))
         # 7. adapt the KL coefficient
         kl_ctl.update(metrics["kl/sequence"], cfg.algo.rollout_batch_size)
