@@ -345,11 +345,19 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
     policy, prompts = args.policy, args.prompts
     if policy.startswith("lab:") or not prompts:
         from rlhflab.lab.launch import lab_data, lab_model_dir, lab_task_of
+        from rlhflab.stages.parallel import DataParallel
 
-        task = lab_task_of(policy)
-        if not prompts and task is not None:
-            prompts = str(lab_data(task, seed=args.seed, kinds=("prompt",))["prompts"])
-        policy = lab_model_dir(policy, seed=args.seed)
+        def resolve():
+            task = lab_task_of(policy)
+            data = (
+                lab_data(task, seed=args.seed, kinds=("prompt",))["prompts"]
+                if not prompts and task
+                else prompts
+            )
+            return lab_model_dir(policy, seed=args.seed), str(data)
+
+        # Across processes the main one builds (or finds) the lab's model and data first; the others read them.
+        policy, prompts = DataParallel().main_first(resolve)
     sample_to_file(
         policy,
         args.reward,
@@ -450,7 +458,15 @@ def _add_best_of_n(sub) -> None:
         default="",
         help="prompt records (JSONL/JSON/CSV/Parquet); default for a lab model: the lab's prompts",
     )
-    p.add_argument("--n", type=int, default=16, help="samples per prompt (default 16)")
+    p.add_argument(
+        "--n",
+        "--samples",
+        dest="n",
+        type=int,
+        default=16,
+        help="samples per prompt (default 16; under torchrun / accelerate launch write --samples: --n is ambiguous "
+        "to their parsers)",
+    )
     p.add_argument(
         "--rerank",
         choices=("none", "sparrow"),
@@ -844,13 +860,11 @@ def _check_processes(command: str) -> None:
             f"rlhflab {command} does not run across processes (WORLD_SIZE={world}): only "
             f"{', '.join(DATA_PARALLEL_STAGES)} do; launch it as one process"
         )
-    if (
-        world > 1
-        and command not in SHARDED_STAGES
-        and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    ):
+    engine = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else ""
+    engine = "DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else engine
+    if world > 1 and command not in SHARDED_STAGES and engine:
         raise ConfigError(
-            f"rlhflab {command} does not run with the model sharded (an FSDP accelerate config): only "
+            f"rlhflab {command} does not run under {engine} (an accelerate config with {engine}): only "
             f"{', '.join(SHARDED_STAGES)} do; launch it with configs/accelerate/ddp.yaml"
         )
 

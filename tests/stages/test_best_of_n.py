@@ -228,6 +228,7 @@ def test_a_quark_model_is_sampled_behind_its_best_token(tiny_model, tiny_tokeniz
 
     from rlhflab.cli import main
     from rlhflab.stages import quark as qk
+    from rlhflab.stages.on_policy import row_seeds
 
     model, tokenizer = copy.deepcopy(tiny_model), copy.deepcopy(tiny_tokenizer)
     tokens = qk.add_control_tokens(model, tokenizer, 2, seed=0)
@@ -248,7 +249,8 @@ def test_a_quark_model_is_sampled_behind_its_best_token(tiny_model, tiny_tokeniz
     assert [r["prompt"] for r in rows] == prompts
     settings = SamplingSettings(max_new_tokens=6, suppress_token_ids=tuple(tokens.ids))
     ids = qk.best_token_prompts(saved, prompts, tokenizer=tokenizer)
-    kw = {"n": 4, "seed": 0}
+    # The command samples each row from its own seed (`row_seeds` of --seed and the row's index in the run).
+    kw = {"n": 4, "seed": 0, "row_seeds": row_seeds(0, 12)}
     by_hand = best_of_n(model, tokenizer, prompts, WordCount(), settings=settings, sample_prompts=ids, **kw)
     plain = best_of_n(model, tokenizer, prompts, WordCount(), settings=settings, **kw)
     # Unblocked, the (boosted) control tokens are sampled; decoding drops them, so the texts differ.
@@ -261,3 +263,70 @@ def test_a_quark_model_is_sampled_behind_its_best_token(tiny_model, tiny_tokeniz
     assert torch.isin(written.response_ids[written.response_mask], torch.tensor(tokens.ids)).any()
     with pytest.raises(ConfigError, match="sample_prompts"):
         best_of_n(model, tokenizer, prompts, WordCount(), n=2, sample_prompts=ids[:1])
+
+
+def test_row_seeded_samples_depend_on_their_seed_and_prompt_only(tiny_model, tiny_tokenizer):
+    """With `row_seeds`, a prompt's n samples are the same whatever the batch size and whatever the other prompts
+    of the call: what lets processes each sample a share of the prompts and get the rows of one process."""
+    from rlhflab.stages.on_policy import row_seeds
+
+    prompts, seeds = PROMPTS[:5], row_seeds(7, 20)
+    kw = {"n": 4, "settings": SETTINGS, "seed": 7}
+    whole = best_of_n(tiny_model, tiny_tokenizer, prompts, WordCount("the"), row_seeds=seeds, **kw)
+    small = best_of_n(
+        tiny_model, tiny_tokenizer, prompts, WordCount("the"), row_seeds=seeds, batch_size=3, **kw
+    )
+    assert small.all_texts == whole.all_texts and torch.equal(small.all_scores, whole.all_scores)
+    # Prompts 1 and 3 alone (their rows' seeds): their samples in the whole run.
+    alone = best_of_n(
+        tiny_model, tiny_tokenizer, [prompts[1], prompts[3]], WordCount("the"),
+        row_seeds=seeds[4:8] + seeds[12:16], **kw,
+    )  # fmt: skip
+    assert alone.all_texts == [whole.all_texts[1], whole.all_texts[3]]
+    # Not a constant: the samples of one prompt differ, and another seed draws others.
+    assert len({t for row in whole.all_texts for t in row}) > 5
+    other = best_of_n(tiny_model, tiny_tokenizer, prompts, WordCount("the"), row_seeds=row_seeds(8, 20), **kw)
+    assert other.all_texts != whole.all_texts
+    with pytest.raises(ConfigError, match="19 row seeds for 5 prompts x 4 samples"):
+        best_of_n(tiny_model, tiny_tokenizer, prompts, WordCount(), row_seeds=seeds[:19], **kw)
+
+
+def test_the_command_writes_the_same_file_whatever_the_batch_size(tiny_model_dir, tmp_path, monkeypatch):
+    """`rlhflab best-of-n` samples every row from its own seed: its output does not depend on how many prompts
+    share a `generate` call."""
+    import functools
+    import json
+
+    from rlhflab.cli import main
+    from rlhflab.stages import best_of_n as bon
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:5]))
+    assert main(_best_of_4_args(tiny_model_dir, prompts_file, tmp_path / "a.jsonl")) == 0
+    monkeypatch.setattr(bon, "best_of_n", functools.partial(bon.best_of_n, batch_size=3))
+    assert main(_best_of_4_args(tiny_model_dir, prompts_file, tmp_path / "b.jsonl")) == 0
+    a, b = ((tmp_path / f).read_text() for f in ("a.jsonl", "b.jsonl"))
+    assert a == b and len(a.splitlines()) == 5
+    assert len({t for line in a.splitlines() for t in json.loads(line)["samples"]}) > 5
+
+
+class FakeEngine:
+    """Stands in for a `VLLMEngine`: records what it was asked, answers one text per row."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, rows, settings, row_seeds=None, *, prompts=None, seed=None):
+        self.calls.append({"rows": len(rows), "row_seeds": row_seeds, "seed": seed})
+        from types import SimpleNamespace
+
+        return SimpleNamespace(texts=[f"the {'cat ' * (i % 3)}" for i in range(len(rows))])
+
+
+def test_an_engine_gets_the_row_seeds(tiny_tokenizer):
+    engine = FakeEngine()
+    result = best_of_n(
+        None, tiny_tokenizer, PROMPTS[:2], WordCount(), n=3, seed=5, engine=engine, row_seeds=list(range(6))
+    )
+    assert engine.calls == [{"rows": 6, "row_seeds": list(range(6)), "seed": 5}]
+    assert result.all_scores.tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]

@@ -140,7 +140,12 @@ def test_dpo_on_two_processes_takes_the_steps_of_one(loss, tiny_model_dir, tmp_p
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "data parallel over 2 processes" in out.stdout and out.stdout.count("dpo: saved the model") == 1
-    assert out.stdout.count("reference: reusing") == 1  # the main process filled the cache, the other read it
+    # Each process computed its share of the reference log-probs; the cache is the one one process writes.
+    assert out.stdout.count("reference: cached") == 1 and "reference: reusing" not in out.stdout
+    caches = [torch.load(tmp_path / d / "ref_logps.pt", weights_only=True)["logps"] for d in ("one", "two")]
+    assert caches[0].keys() == caches[1].keys()
+    for name in caches[0]:
+        torch.testing.assert_close(caches[1][name], caches[0][name], rtol=0, atol=1e-6)
     _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
     key = f"loss/{loss}"
     one_rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if key in r]
@@ -404,7 +409,7 @@ def test_stages_that_sample_refuse_a_sharded_model(command, monkeypatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not run with the model sharded" in err and "sft, rm, dpo" in err
+    assert err.count("\n") == 1 and "does not run under FSDP" in err and "sft, rm, dpo" in err
 
 
 def _fsdp_env(**changes: str) -> dict[str, str]:
@@ -555,3 +560,129 @@ def test_a_run_resumes_sharded_from_one_process_and_back(tiny_model_dir, sft_fil
     shutil.rmtree(two / "checkpoints" / "step-00000004")
     again = sft.train(stage_config("sft", tiny_model_dir, *overrides, out=two), resume=True)
     _assert_same_weights(whole, again, tiny_model_dir)
+
+
+# ---- best-of-n: each process samples and scores its share of the prompts ------------------------------------------
+
+
+def _best_of_n_args(tiny_model_dir, prompts, out) -> list[str]:
+    return [
+        "best-of-n", "--policy", str(tiny_model_dir), "--reward", "rule:length:coef=1:target=6",
+        "--prompts", str(prompts), "--out", str(out), "--samples", "4", "--max-new-tokens", "8", "--seed", "3",
+        "--all-samples",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_best_of_n_on_two_processes_writes_the_file_of_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """5 prompts over 2 processes (3 and 2: uneven shards), every sample from its own row's seed: the main
+    process writes the rows one process writes, in prompt order, and prints the whole run's summary once."""
+    from rlhflab.cli import main
+
+    from ..helpers import PPO_PROMPTS
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS[:5]])
+    assert main(_best_of_n_args(tiny_model_dir, prompts, tmp_path / "one.jsonl")) == 0
+    one_out = capsys.readouterr().out
+    # The command line as a user types it (--samples: `--n` is ambiguous to the launchers' own parsers).
+    out = _launch(
+        LAUNCHERS["torchrun"], _best_of_n_args(tiny_model_dir, prompts, tmp_path / "two.jsonl"), tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout
+    assert out.stdout.count("best-of-n: 5 prompts x 4 samples") == 1
+    assert out.stdout.count("best-of-n: mean score") == 1
+    # The summary is the whole run's: the same numbers as one process's.
+    summary = [
+        line.split("; wrote")[0] for line in (one_out + out.stdout).splitlines() if "mean score" in line
+    ]
+    assert len(summary) == 2 and summary[0] == summary[1]
+    one, two = (
+        [json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("one.jsonl", "two.jsonl")
+    )
+    assert [r["prompt"] for r in two] == [r["prompt"] for r in one] == PPO_PROMPTS[:5]
+    for r1, r2 in zip(one, two):
+        assert (r2["completion"], r2["samples"]) == (r1["completion"], r1["samples"])
+        assert r2["score"] == pytest.approx(r1["score"], abs=1e-6)
+        assert r2["mean_score"] == pytest.approx(r1["mean_score"], abs=1e-6)
+        assert r2["sample_scores"] == pytest.approx(r1["sample_scores"], abs=1e-6)
+    assert len({t for r in one for t in r["samples"]}) > 5  # not one response everywhere
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == [
+        "one.jsonl", "prompts.jsonl", "two.jsonl",
+    ]  # fmt: skip
+
+
+def test_best_of_n_with_vllm_refuses_several_processes(tiny_model_dir, monkeypatch, tmp_path, capsys):
+    """best-of-n is accepted across processes (`_check_processes`), but not with the vLLM engine: one line, exit 2,
+    before anything loads."""
+    from rlhflab.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the cat"}])
+    args = _best_of_n_args(tiny_model_dir, prompts, tmp_path / "out.jsonl")
+    assert main([*args, "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--engine vllm runs in one process (WORLD_SIZE=2)" in err
+    assert "does not run across processes" not in err and not (tmp_path / "out.jsonl").exists()
+
+
+# ---- DeepSpeed ZeRO (stages/deepspeed_zero.py) ------------------------------------------------------------------
+
+
+def _accelerate_config(name: str) -> str:
+    return os.path.join(os.path.dirname(__file__), "..", "..", "configs", "accelerate", f"{name}.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "zero", "micro"), [("sft", 2, 2), ("sft", 3, 2), ("rm", 3, 0), ("dpo", 2, 0), ("dpo", 3, 2)]
+)
+def test_deepspeed_zero_on_two_processes_takes_the_steps_of_one(
+    stage, zero, micro, tiny_model_dir, sft_file, tmp_path
+):
+    """accelerate's DeepSpeed config files: the engine's steps are one process's, with micro-batches (micro=2:
+    2 per process and step, which ZeRO-3 gets wrong unless its backward flags are cleared) or without."""
+    data = sft_file if stage == "sft" else write_jsonl(tmp_path / "pairs.jsonl", CAT_PAIRS * 4)
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET, *SHORT_TEXT,
+        "optim.max_steps=4", "data.eval_fraction=0.25", "logging.eval_every=2", "optim.lr=1e-3",
+        f"optim.micro_batch_size={micro}", "optim.max_grad_norm=0.5",
+    ]  # fmt: skip
+    train = {"sft": sft.train, "rm": reward.train, "dpo": dpo.train}[stage]
+    one = train(stage_config(stage, tiny_model_dir, *overrides, out=tmp_path / "one"))
+    config = _accelerate_config(f"deepspeed_zero{zero}")
+    out = _launch([*FSDP, config], [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"DeepSpeed ZeRO-{zero}" in out.stdout and out.stdout.count("saved the") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+    key = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo"}[stage]
+    one_rows, two_rows = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    for row in one_rows + two_rows:
+        if stage == "dpo" and row.get("step") == 1:
+            row.pop("reward/accuracy", None)  # margins of 0 up to rounding (see the FSDP test)
+    _assert_same_metrics(one_rows, two_rows, key, [1, 2, 3, 4])
+
+
+def test_deepspeed_settings_come_from_the_accelerate_config_and_refuse_what_rlhflab_does_not_do():
+    from rlhflab.stages.deepspeed_zero import DeepSpeedSettings, deepspeed_settings, engine_config
+
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}  # fmt: skip
+    assert deepspeed_settings({}) is None
+    assert deepspeed_settings(env) == DeepSpeedSettings(zero_stage=3)
+    refused = {
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": ("ds.json", "deepspeed_config_file=ds.json"),
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("cpu", "offload_param_device=cpu"),
+        "ACCELERATE_DEEPSPEED_ZERO3_INIT": ("true", "zero3_init_flag=true"),
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("4", "gradient_accumulation_steps=4"),
+        "ACCELERATE_GRADIENT_CLIPPING": ("1.0", "gradient_clipping=1.0.*optim.max_grad_norm"),
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("0", "zero_stage=0"),
+    }
+    for var, (value, message) in refused.items():
+        with pytest.raises(ConfigError, match=f"accelerate config: {message}"):
+            deepspeed_settings({**env, var: value})
+    # DeepSpeed clips at 1.0 unless told: optim.max_grad_norm=0 must mean no clipping.
+    config = engine_config(DeepSpeedSettings(2), micro_batches=3, world=2, max_grad_norm=0.0)
+    assert config["gradient_clipping"] == 0.0 and config["zero_optimization"]["stage"] == 2
+    assert config["gradient_accumulation_steps"] == 3 and config["train_batch_size"] == 6

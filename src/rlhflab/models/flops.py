@@ -69,7 +69,7 @@ def _linear_weights(modules: Iterable[nn.Module]) -> tuple[int, int]:
             if id(m) in seen or not isinstance(m, (nn.Linear, Conv1D)):
                 continue
             seen.add(id(m))
-            n = m.weight.numel()
+            n = getattr(m.weight, "ds_numel", m.weight.numel())  # ZeRO-3 partitions: the whole size
             total += n
             frozen += 0 if m.weight.requires_grad else n
     return total, frozen

@@ -373,8 +373,10 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Number of parameters (tied weights counted once; a ZeRO-3 partitioned parameter by its whole size)."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only
+    )
 
 
 @torch.no_grad()

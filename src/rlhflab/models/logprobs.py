@@ -310,8 +310,8 @@ def token_logps(
     sel = labels != -100
     if _head_is_plain_linear(model, head):
         # Gather the needed rows first: with short responses most positions are prompt or padding.
-        if hasattr(head.weight, "full_tensor"):
-            # A sharded head (FSDP) is called as a module, which gathers its weight across the processes.
+        if hasattr(head.weight, "full_tensor") or hasattr(head.weight, "ds_id"):
+            # A sharded head (FSDP, ZeRO-3) is called as a module, which gathers its weight across the processes.
             picked = gather_logprobs(head(h[sel]) / temperature, labels[sel])
         else:
             picked = head_logps(

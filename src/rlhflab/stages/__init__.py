@@ -44,9 +44,11 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
 }
 
-# The stages that run data-parallel across the processes `accelerate launch` / `torchrun` start
-# (`rlhflab.stages.parallel`); any other command refuses to start in more than one process.
-DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo")
-# The stages that also run with the model sharded (FSDP, `rlhflab.stages.sharding`). The on-policy ones sample
-# with the model, and a sharded model's every forward pass needs every process while each samples its own rows.
+# The stages (and the `best-of-n` command, each process sampling its share of the prompts) that run data-parallel
+# across the processes `accelerate launch` / `torchrun` start (`rlhflab.stages.parallel`); any other command
+# refuses to start in more than one process.
+DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n")
+# The stages that also run with the model sharded (FSDP, `rlhflab.stages.sharding`) or under DeepSpeed's ZeRO
+# (`rlhflab.stages.deepspeed_zero`). The on-policy ones sample with the model, and a sharded model's every forward
+# pass needs every process while each samples its own rows.
 SHARDED_STAGES = ("sft", "rm", "dpo")

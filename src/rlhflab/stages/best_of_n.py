@@ -13,6 +13,7 @@ points sit on the same KL axis as PPO and DPO policies.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,7 @@ def best_of_n(
     rules=None,
     sample_prompts: Sequence | None = None,
     engine=None,
+    row_seeds: Sequence[int] | None = None,
 ) -> BestOfN:
     """Sample n responses to each prompt, score them all, keep the best per prompt.
 
@@ -154,6 +156,8 @@ def best_of_n(
         sample_prompts: what the policy samples from, one per prompt, when it is not `prompts` (a Quark model's
             prompts behind its best token, `quark.best_token_prompts`); the reward always reads `prompts`.
         engine: a `rlhflab.rollout.vllm_engine.VLLMEngine` of the same model, to sample with vLLM (None: HF).
+        row_seeds: one seed per sampled row (P * n, prompt-major), so that a row's sample depends on nothing else
+            (processes may each sample a share); None: all from `seed`.
 
     Returns:
         BestOfN with texts [P], scores [P], all_texts [P][n], all_scores [P, n], best_index [P] (and with rules
@@ -171,15 +175,25 @@ def best_of_n(
         raise ConfigError("best-of-n needs at least one prompt")
     if sample_prompts is not None and len(sample_prompts) != len(prompts):
         raise ConfigError(f"best-of-n: {len(sample_prompts)} sample_prompts for {len(prompts)} prompts")
+    if row_seeds is not None and len(row_seeds) != len(prompts) * n:
+        raise ConfigError(
+            f"best-of-n: {len(row_seeds)} row seeds for {len(prompts)} prompts x {n} samples; give one per sample"
+        )
     # Prompt-major: the n samples of prompt i are rows i*n .. i*n + n-1.
     repeated = [p for p in prompts for _ in range(n)]
     sampled = repeated if sample_prompts is None else [p for p in sample_prompts for _ in range(n)]
     rollout = (
         engine.sample(
-            encode_prompts(tokenizer, sampled), settings or SamplingSettings(), prompts=sampled, seed=seed
+            encode_prompts(tokenizer, sampled),
+            settings or SamplingSettings(),
+            row_seeds,
+            prompts=sampled,
+            seed=seed,
         )
         if engine is not None
-        else generate(model, tokenizer, sampled, settings, batch_size=batch_size, seed=seed)
+        else generate(
+            model, tokenizer, sampled, settings, batch_size=batch_size, seed=seed, row_seeds=row_seeds
+        )
     )
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
     all_texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -219,14 +233,15 @@ def sample_to_file(
     Sparrow's re-rank, and each row adds "rule_violation" {rule: probability} of the chosen sample and its
     "rerank_score". `engine`: "hf" (transformers' generate) or "vllm" (`_vllm_engine`).
 
+    Each sample comes from its row's own seed; across processes (`stages.parallel`) each samples and scores its
+    share of the prompts and the main process writes the file one process writes.
     Returns {"best_score": mean best score, "sample_score": mean score of all samples, "kl_bound": nats}.
     """
     from rlhflab.config import PromptDataSection, _check_engine
     from rlhflab.data import PromptRecord, write_jsonl
-    from rlhflab.models.loading import load_inference_lm, load_tokenizer
-    from rlhflab.rewards import load_rewards
     from rlhflab.stages.common import resolve_device, resolve_model_path
     from rlhflab.stages.data_source import load_train_records
+    from rlhflab.stages.parallel import DataParallel
 
     out = Path(out_path)
     if out.suffix != ".jsonl":
@@ -234,35 +249,78 @@ def sample_to_file(
     path = resolve_model_path(policy)
     if engine not in ("hf", "vllm"):
         raise UserError(f"best-of-n: the engine must be hf or vllm, got {engine}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if engine == "vllm" and world > 1:
+        # One vLLM engine already spreads a model over the GPUs it is given; W processes would each start one.
+        raise ConfigError(
+            f"best-of-n: --engine vllm runs in one process (WORLD_SIZE={world}); launch it as one process, "
+            "or use --engine hf across processes"
+        )
     _check_engine(engine)  # vllm with no GPU or no vllm package: refused before anything loads
-    dev = resolve_device(device)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    log = log if par.is_main else _silent
+    dev = par.device if par.device is not None else resolve_device(device)
     records = load_train_records(PromptDataSection(train_path=prompts_path), "prompt", log=log)
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
     prompts = prompts[:max_prompts] if max_prompts else prompts
+    how = f", re-ranked with the rules of {rules} (Sparrow)" if rules else ""
+    log(
+        f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}{how}{par.describe()}"
+    )
+    mine = _sample_share(
+        path, reward, prompts, par, n=n, settings=settings, seed=seed, dev=dev, all_samples=all_samples,
+        rules=rules, engine=engine, log=log,
+    )  # fmt: skip
+    results = par.gather(mine)  # (row, its n scores) of every prompt, in prompt order
+    all_scores = torch.tensor([scores for _, scores in results], dtype=torch.float32)
+    summary = {
+        "best_score": float(torch.tensor([row["score"] for row, _ in results], dtype=torch.float32).mean()),
+        "sample_score": float(all_scores.mean()),
+        "kl_bound": best_of_n_kl(n),
+    }
+    if par.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl([row for row, _ in results], out)  # atomic: never a half-written file at `out`
+        log(
+            f"best-of-n: mean score {summary['sample_score']:.4f} per sample, {summary['best_score']:.4f} best "
+            f"of {n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}"
+        )
+    par.wait()  # the file is there before any process returns
+    return summary
+
+
+def _sample_share(
+    path: str, reward: str, prompts: list, par, *, n, settings, seed, dev, all_samples, rules, engine, log
+) -> list[tuple[dict, list[float]]]:
+    """(output row, its n sample scores) of each of this process's prompts (`par.shard`), in shard order; row i
+    of the whole run (prompt i // n) is sampled from `row_seeds(seed, ...)[i]` whichever process samples it."""
+    from rlhflab.models.loading import load_inference_lm, load_tokenizer
+    from rlhflab.rewards import load_rewards
+    from rlhflab.stages.on_policy import row_seeds
+
+    mine = par.shard(list(range(len(prompts))))
+    if not mine and prompts:  # more processes than prompts: this one has none
+        return []
     source = load_rewards(reward, device=dev)
     rule_model = _rule_classifiers(rules, dev) if rules else None
     tokenizer = load_tokenizer(path)
     model = load_inference_lm(path, device=str(dev)) if engine == "hf" else None
-    how = f", re-ranked with the rules of {rules} (Sparrow)" if rules else ""
-    log(f"best-of-n: {len(prompts)} prompts x {n} samples from {policy}, scored by {reward}{how}")
     sample_prompts, settings = _control_token_prompts(path, tokenizer, prompts, settings, log)
+    seeds = row_seeds(seed, len(prompts) * n)
     result = best_of_n(
-        model, tokenizer, prompts, source, n=n, settings=settings, seed=seed, rules=rule_model,
-        sample_prompts=sample_prompts, engine=_vllm_engine(path, tokenizer, settings, seed) if model is None else None,
+        model, tokenizer, [prompts[q] for q in mine], source, n=n, settings=settings, seed=seed,
+        rules=rule_model, sample_prompts=None if sample_prompts is None else [sample_prompts[q] for q in mine],
+        engine=_vllm_engine(path, tokenizer, settings, seed) if model is None else None,
+        row_seeds=[seeds[q * n + j] for q in mine for j in range(n)],
     )  # fmt: skip
-    rows = [_row(result, i, prompt, all_samples, rule_model) for i, prompt in enumerate(prompts)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(rows, out)  # atomic: never a half-written file at `out`
-    summary = {
-        "best_score": float(result.scores.mean()),
-        "sample_score": float(result.all_scores.mean()),
-        "kl_bound": best_of_n_kl(n),
-    }
-    log(
-        f"best-of-n: mean score {summary['sample_score']:.4f} per sample, {summary['best_score']:.4f} best of "
-        f"{n} (KL to the policy at most {summary['kl_bound']:.2f} nats); wrote {out}"
-    )
-    return summary
+    return [
+        (_row(result, k, prompts[q], all_samples, rule_model), result.all_scores[k].tolist())
+        for k, q in enumerate(mine)
+    ]
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of a process that is not the main one: the main process speaks for the run."""
 
 
 def _vllm_engine(path: str, tokenizer, settings: SamplingSettings | None, seed: int):

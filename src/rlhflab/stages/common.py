@@ -240,6 +240,23 @@ def optimizer_step(optimizer, scheduler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def finish(
+    par, run: Run, model, name: str, step: int, evaluate: Callable | None, save: Callable[[], Any]
+) -> None:
+    """A stage's end: the final evaluation (logged, printed) and `save()` of the model, by the main process; a
+    sharded model's every process evaluates and gathers the weights. The others return once it is saved."""
+    final = par.on_main(evaluate) if evaluate is not None else None
+    with par.full_weights(model):
+        if par.is_main:
+            if final:
+                metrics = run.logger.log(step, final)
+                print(f"{name}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            out = save()
+            run.close()
+            print(f"{name}: saved the model to {out}")
+    par.wait()
+
+
 def accumulate_metrics(sums: dict[str, list[float]], metrics: dict[str, torch.Tensor]) -> None:
     """Add each metric's sum and count of non-NaN values to `sums` (NaN marks "not this kind", e.g. the
     reward of a desirable example under reward/rejected), so `metric_means` gives per-kind means."""

@@ -43,6 +43,7 @@ from rlhflab.stages.common import (
     accumulate_metrics,
     build_optimizer,
     clip_gradients,
+    finish,
     load_policy,
     metric_means,
     mixed_precision,
@@ -115,7 +116,7 @@ def _preference_gradients(
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
         loss = out.loss.sum() / len(indices)
         check_finite({metric: loss}, step=step, last_good=last_ckpt)
-        loss.backward()
+        par.backward(loss)
         total += float(loss.detach())
         tokens += n
         accumulate_metrics(sums, out.metrics)
@@ -138,14 +139,14 @@ def _adapters_off(policy):
 
 
 def _setup_reference(
-    cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path, sets: dict[str, list[dict]], spec
+    cfg: DPOConfig, policy, device, pad_id: int, run_dir: Path, sets: dict[str, list[dict]], spec, par=None
 ) -> tuple[dict[str, Tensor] | None, dict[str, float], Callable | None]:
     """(cached reference log-probs or None, perf of the caching pass, live reference context or None).
 
     An empty cfg.ref_model means the initial policy: the policy itself fills the cache before its first
     update (nothing else is loaded), and a live LoRA policy switches its adapters off to act as reference.
     A reference model loaded only to fill the cache is dropped as soon as it is filled. A reference-free loss
-    (`spec.reference` false) gets (None, {}, None).
+    (`spec.reference` false) gets (None, {}, None). Across processes (`par`) each fills its share of the rows.
     """
     if not spec.reference:
         return None, {}, None
@@ -171,8 +172,27 @@ def _setup_reference(
         pad_id,
         batch_size,
         amp=mixed_precision(cfg.model, device),
+        par=par,
+        log=print if par is None or par.is_main else (lambda *_: None),
     )
     return cache, perf, None
+
+
+def _work(
+    examples, kl_examples, indices: list[int], tokens: int, forward_only: int, live: bool
+) -> dict[str, int]:
+    """One step's work for the throughput counts. Forward-only: the policy over KTO's KL rows; a live reference
+    (counted as the policy's architecture) over the same rows as the policy and the KL rows."""
+    live_runs = int(live)
+    head = response_tokens(examples, indices)
+    kl_head = response_tokens(kl_examples, indices) if kl_examples is not None else 0
+    return {
+        "examples": len(indices),
+        "tokens": tokens,
+        "head_tokens": head,
+        "forward_tokens": (1 + live_runs) * forward_only + live_runs * tokens,
+        "forward_head_tokens": (1 + live_runs) * kl_head + live_runs * head,
+    }
 
 
 def _perf(counts: dict[str, int], elapsed: float, params: MatmulParams, what: str) -> dict[str, float]:
@@ -209,23 +229,6 @@ def _data_parallel(cfg: DPOConfig, spec) -> DataParallel:
     return par
 
 
-def _finish(
-    cfg: DPOConfig, par: DataParallel, run, step: int, ctx, tokenizer, eval_examples, eval_kl
-) -> None:
-    """The final evaluation and the model (HF format), written by the main process; the others wait for it (a
-    sharded model's every process evaluates, and gathers the weights to save)."""
-    final = par.on_main(lambda: evaluate(ctx, eval_examples, eval_kl)) if eval_examples else None
-    with par.full_weights(ctx.model):
-        if par.is_main:
-            if final:
-                metrics = run.logger.log(step, final)
-                print("dpo: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            save_model(ctx.model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-            run.close()
-            print(f"dpo: saved the model to {run.dir / 'final'}")
-    par.wait()
-
-
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with algo.loss; returns the directory of the final model (RUN/final)."""
     # 1. Setup: seeds, run directory, policy, data.
@@ -247,16 +250,14 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     kl_sets = {"train_kl": kl_examples, "eval_kl": eval_kl} if kl_examples is not None else {}
     sets = {"train": examples, "eval": eval_examples, **kl_sets}
     amp, pad_id = mixed_precision(cfg.model, device), tokenizer.pad_token_id
-    # With several processes the main one fills the cache (not every process the same), the others read it.
-    ref_cache, ref_perf, live = par.main_first(
-        functools.partial(_setup_reference, cfg, model, device, pad_id, run.dir, sets, spec)
-    )
-    model = par.prepare(
-        model
-    )  # sharded across the processes under FSDP (after the reference pass, before the optimizer)
+    # With several processes each computes its share of the rows; the main one writes the cache.
+    ref_cache, ref_perf, live = _setup_reference(cfg, model, device, pad_id, run.dir, sets, spec, par)
+    # Sharded across the processes under FSDP: after the reference pass, before the optimizer sees it.
+    model = par.prepare(model)
     shift = BCORewardShift() if spec.inputs == "unpaired_shift" else None
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    par.attach(model, optimizer, cfg.optim, checkpoints=bool(cfg.logging.save_every))
     state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, state=state,
@@ -275,21 +276,14 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
             ctx, examples, kl_examples, indices, cfg.optim.micro_batch_size or cfg.optim.batch_size, loop.step + 1,
             loop.last_ckpt, par,
         )  # fmt: skip
-        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
-        check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
-        optimizer_step(optimizer, scheduler)
-        # Forward-only: the policy over KTO's KL rows; a live reference (counted as the policy's architecture)
-        # over the same rows as the policy and the KL rows.
-        live_runs = int(live is not None)
-        head = response_tokens(examples, indices)
-        kl_head = response_tokens(kl_examples, indices) if kl_examples is not None else 0
-        loop.count(
-            examples=len(indices),
-            tokens=tokens,
-            head_tokens=head,
-            forward_tokens=(1 + live_runs) * forward_only + live_runs * tokens,
-            forward_head_tokens=(1 + live_runs) * kl_head + live_runs * head,
+        # DeepSpeed's engine clips and applies the update itself (at the step's last micro-batch).
+        grad_norm = (
+            par.deepspeed_step(scheduler) if par.engine else clip_gradients(model, cfg.optim.max_grad_norm)
         )
+        check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
+        if par.engine is None:
+            optimizer_step(optimizer, scheduler)
+        loop.count(**_work(examples, kl_examples, indices, tokens, forward_only, live is not None))
 
         # 4. Log, evaluate, checkpoint.
         loop.end_step(
@@ -306,5 +300,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     loop.close()
 
     # 5. Save the final model (HF format) and the final evaluation: the main process does them.
-    _finish(cfg, par, run, loop.step, ctx, tokenizer, eval_examples, eval_kl)
+    final_eval = (lambda: evaluate(ctx, eval_examples, eval_kl)) if eval_examples else None
+    finish(par, run, model, "dpo", loop.step, final_eval,
+           lambda: save_model(ctx.model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge))  # fmt: skip
     return run.dir / "final"

@@ -488,8 +488,7 @@ def _announce(cfg: OnlineDPOConfig, feedback, n_prompts: int, policy, run_dir: P
         print(
             f"{NAME}: loss {algo.loss}, feedback {getattr(feedback, 'name', type(feedback).__name__)}, "
             f"{n_prompts} prompts, {algo.iterations} steps x {algo.prompts_per_step} pairs, "
-            f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run_dir}"
-            + par.describe()
+            f"{count_parameters(policy) / 1e6:.2f}M parameters, run dir {run_dir}" + par.describe()
         )
 
 

@@ -49,19 +49,41 @@ class DataParallel:
     """This process's place among the data-parallel processes (one process: rank 0 of 1, no collectives)."""
 
     fsdp: Any = None  # the FSDPSettings when launched with an FSDP config (`stages.sharding`)
+    zero: Any = None  # the DeepSpeedSettings when launched with a DeepSpeed config (`stages.deepspeed_zero`)
+    engine: Any = None  # DeepSpeed's engine, once `attach` has built it
+    accelerator: Any = None
+    _device: torch.device | None = None
 
     def __init__(self) -> None:
-        self.accelerator: Any = None
         self.rank, self.world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
-
+            from rlhflab.stages.deepspeed_zero import deepspeed_settings
             from rlhflab.stages.sharding import fsdp_settings
 
+            # What an accelerate config asks and rlhflab does not act on is refused before anything starts.
             _refuse_accelerate_precision(os.environ)
-            self.fsdp = fsdp_settings(os.environ)  # refuses what it does not act on, before anything starts
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+            self.fsdp, self.zero = fsdp_settings(os.environ), deepspeed_settings(os.environ)
+            if self.zero is not None:
+                self._init_deepspeed()
+            else:
+                from accelerate import Accelerator
+
+                self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+                self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+                self._device = self.accelerator.device
+
+    def _init_deepspeed(self) -> None:
+        """The process group DeepSpeed's engine expects (NCCL on GPUs, gloo on CPU). accelerate's own state is
+        not used here: on a machine without CUDA it counts every DeepSpeed process as rank 0 of 1."""
+        import deepspeed
+        import torch.distributed as dist
+
+        deepspeed.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self._device = torch.device("cuda", local)
 
     @property
     def is_main(self) -> bool:
@@ -69,8 +91,14 @@ class DataParallel:
 
     @property
     def device(self) -> torch.device | None:
-        """The device accelerate assigned this process (None with one process: the config's device)."""
-        return None if self.accelerator is None else self.accelerator.device
+        """The device this process trains on (None with one process, or on CPU under DeepSpeed: the config's)."""
+        return self._device
+
+    def _all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return x
 
     def shard(self, items: list) -> list:
         """This process's share of one step's items: every W-th, starting at its rank."""
@@ -99,12 +127,76 @@ class DataParallel:
         """How the run is spread, for a stage's opening line ("" for one process)."""
         if self.world == 1:
             return ""
-        return f", data parallel over {self.world} processes" + (", sharded (FSDP)" if self.sharded else "")
+        how = ", sharded (FSDP)" if self.fsdp is not None else ""
+        how = f", DeepSpeed ZeRO-{self.zero.zero_stage}" if self.zero is not None else how
+        return f", data parallel over {self.world} processes" + how
 
     @property
     def sharded(self) -> bool:
-        """Whether the model is sharded (FSDP): then every forward pass involves every process."""
-        return self.fsdp is not None
+        """Whether the model's parameters are split across the processes (FSDP, ZeRO-3): then every forward pass
+        involves every process."""
+        return self.fsdp is not None or (self.zero is not None and self.zero.zero_stage == 3)
+
+    def attach(self, model, optimizer, optim, *, checkpoints: bool, packed: bool = False) -> None:
+        """Under DeepSpeed, wrap `model` and `optimizer` (built on the model's parameters) in its engine, for
+        steps of optim.batch_size examples split evenly over the processes, each share in micro-batches of
+        optim.micro_batch_size (one when 0 or `packed`), clipped at optim.max_grad_norm; nothing to do otherwise.
+        `checkpoints`: whether the run writes resumable checkpoints, which DeepSpeed's partitioned optimizer
+        state does not go into yet."""
+        if self.zero is None:
+            return
+        from rlhflab.errors import ConfigError
+        from rlhflab.stages.deepspeed_zero import build_engine
+
+        batch_size, micro_batch_size = optim.batch_size, 0 if packed else optim.micro_batch_size
+        if batch_size % self.world:
+            raise ConfigError(
+                f"config: optim.batch_size={batch_size} does not split evenly over the {self.world} processes, "
+                f"which DeepSpeed needs (the same micro-batches on each); make it a multiple of {self.world}"
+            )
+        if checkpoints:
+            raise ConfigError(
+                "config: logging.save_every writes resumable checkpoints, which are not written under DeepSpeed yet; "
+                "set logging.save_every=0, or launch with configs/accelerate/fsdp.yaml (resumable)"
+            )
+        share = batch_size // self.world
+        micro = -(-share // min(micro_batch_size or share, share))
+        self.engine = build_engine(model, optimizer, self.zero, micro_batches=micro, world=self.world,
+                                   max_grad_norm=optim.max_grad_norm)  # fmt: skip
+        self._micro, self._micro_per_step = 0, micro
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()` of one micro-batch's loss (normalized by the whole step's count); under DeepSpeed
+        the engine's backward and micro-step, scaled so that the step's gradient is the sum over the processes
+        and micro-batches (`stages.deepspeed_zero`)."""
+        if self.engine is None:
+            loss.backward()
+            return
+        self.engine.backward(loss * (self._micro_per_step * self.world))
+        # ZeRO-3 expects its forward to reset these before the next micro-batch; the stages call the model's
+        # parts directly, not the engine's forward.
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        self._micro += 1
+        if self._micro < self._micro_per_step:
+            self.engine.step()  # a micro-step: no update yet
+
+    def deepspeed_step(self, scheduler) -> float:
+        """The engine's update at the step's last micro-batch (clipped by optim.max_grad_norm); returns the
+        gradient norm before clipping."""
+        from rlhflab.errors import UserError
+
+        if self._micro != self._micro_per_step:
+            raise UserError(
+                f"DeepSpeed: this step had {self._micro} micro-batches on process {self.rank}, not the "
+                f"{self._micro_per_step} the engine was built for"
+            )
+        self.engine.step()
+        scheduler.step()
+        self._micro = 0
+        norm = self.engine.get_global_grad_norm()
+        return float(norm if norm is not None else 0.0)
 
     def on_main(self, work: Callable[[], Any]) -> Any:
         """`work()` (an evaluation) on the main process, None on the others; on every process when the model is
@@ -118,19 +210,25 @@ class DataParallel:
         if not self.sharded:
             yield
             return
+        if self.zero is not None:
+            from rlhflab.stages.deepspeed_zero import gathered_parameters
+
+            with gathered_parameters(model):
+                yield
+            return
         from rlhflab.stages.sharding import full_weights
 
         with full_weights(model, self.is_main):
             yield
 
     def sum_gradients(self, model: torch.nn.Module) -> None:
-        """Sum every trainable parameter's gradient across processes, in one flat all-reduce (FSDP has already
-        summed them in the backward pass)."""
-        if self.world == 1 or self.sharded:
+        """Sum every trainable parameter's gradient across processes, in one flat all-reduce (FSDP and DeepSpeed
+        have already summed them in the backward pass)."""
+        if self.world == 1 or self.fsdp is not None or self.engine is not None:
             return
         params = [p for p in model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        flat = self._all_reduce(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for p in params:
             n = p.numel()
@@ -142,7 +240,13 @@ class DataParallel:
         if self.world == 1:
             return value
         x = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return float(self.accelerator.reduce(x, reduction="sum"))
+        return float(self._all_reduce(x))
+
+    def sum_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor summed element-wise over the processes (on the CPU, as given)."""
+        if self.world == 1:
+            return x
+        return self._all_reduce(x.to(self.device or "cpu")).to(x.device)
 
     def sum_all(self, values: dict[str, float]) -> dict[str, float]:
         """Each number of a dict summed over the processes, in one all-reduce (the keys are the same on every
@@ -151,7 +255,7 @@ class DataParallel:
             return values
         keys = sorted(values)
         x = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        return dict(zip(keys, self.accelerator.reduce(x, reduction="sum").tolist()))
+        return dict(zip(keys, self._all_reduce(x).tolist()))
 
     def means(self, parts: dict[str, tuple[float, float]]) -> dict[str, float]:
         """{key: (sum, count)} of each process's share -> {key: total sum / total count} (0 with no count), in
@@ -172,17 +276,16 @@ class DataParallel:
     def wait(self) -> None:
         """Every process reaches this point before any goes on (e.g. the main one has made the run directory)."""
         if self.world > 1:
-            self.accelerator.wait_for_everyone()
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def max(self, value: float) -> float:
         """A number's maximum over the processes."""
         if self.world == 1:
             return value
-        import torch.distributed as dist
-
         x = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-        return float(x)
+        return float(self._all_reduce(x, op="max"))
 
     def local_rows(self, global_rows: list[int], group: int = 1) -> list[int]:
         """Where this process holds the rows `global_rows` of a batch whose groups of `group` consecutive rows

@@ -449,8 +449,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     if par.is_main:
         print(
             f"ppo: {len(prompts)} prompts, {cfg.algo.iterations} iterations x {cfg.algo.rollout_batch_size} "
-            f"rollouts, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}"
-            + par.describe()
+            f"rollouts, {count_parameters(policy) / 1e6:.2f}M parameters, run dir {run.dir}" + par.describe()
         )
     # The KL controller is checkpointed with the weights, so a resumed run adapts beta exactly as before.
     kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731

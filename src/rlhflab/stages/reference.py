@@ -69,6 +69,21 @@ def reference_logps(
     return out, tokens
 
 
+def _reference_share(ref, examples, kind, device, pad_id, batch_size, amp, par) -> tuple[Tensor, int]:
+    """`reference_logps` of all of `examples`, each process computing the rows of its `par.shard`."""
+    if par is None or par.world == 1:
+        return reference_logps(ref, examples, kind, device, pad_id, batch_size, amp)
+    mine = par.shard(list(range(len(examples))))
+    whole = torch.zeros(len(examples), 2) if kind == "pairwise" else torch.zeros(len(examples))
+    if mine:
+        whole[mine], n = reference_logps(
+            ref, [examples[i] for i in mine], kind, device, pad_id, batch_size, amp
+        )
+    else:
+        n = 0
+    return par.sum_tensor(whole), n
+
+
 def _fingerprint(ref_id: str, sets: dict[str, list[dict]]) -> str:
     """A hash of the reference's identity and every token and loss-mask entry the cache was made from."""
     h = hashlib.sha256(ref_id.encode())
@@ -91,16 +106,23 @@ def cached_reference_logps(
     batch_size: int,
     log=print,
     amp: Callable = contextlib.nullcontext,
+    par=None,
 ) -> tuple[dict[str, Tensor], dict]:
     """Reference log-probs of every example set ({"train": ..., "eval": ..., ...}), from RUN/ref_logps.pt
     when it was made for the same reference and tokens, else computed with `load_ref()` and cached.
+
+    Across processes (`par`, a `stages.parallel.DataParallel`) each computes the rows of its share of every set
+    and the shares are summed into the whole tensors on every process (zeros elsewhere: the sum is exact); the
+    main process writes the cache.
 
     Returns ({set name: tensor}, perf metrics of the pass: {} when the cache was reused).
     """
     path = run_dir / REF_CACHE
     fingerprint = _fingerprint(ref_id, sets)
-    if path.exists():
-        cache = torch.load(path, map_location="cpu", weights_only=True)
+    cache = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    if par is not None:
+        par.wait()  # every process has read the old cache before the main one replaces it
+    if cache is not None:
         if cache.get("fingerprint") == fingerprint:
             log(f"reference: reusing the reference log-probs cached in {path}")
             return cache["logps"], {}
@@ -108,14 +130,16 @@ def cached_reference_logps(
     ref = load_ref()
     t0, tokens, logps = time.time(), 0, {}
     for name, examples in sets.items():
-        logps[name], n = reference_logps(ref, examples, kind, device, pad_id, batch_size, amp)
+        logps[name], n = _reference_share(ref, examples, kind, device, pad_id, batch_size, amp, par)
         tokens += n
     elapsed = max(time.time() - t0, 1e-9)
     for name, values in logps.items():
         check_finite({f"reference log-probs ({name})": values}, step=0)
-    tmp = path.with_name(f".{path.name}.tmp")  # a crash mid-write must not leave a cache that loads
-    torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
-    os.replace(tmp, path)
+    if par is None or par.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")  # a crash mid-write must not leave a cache that loads
+        torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
+        os.replace(tmp, path)
+    tokens = par.sum(tokens) if par is not None else tokens
     n_examples = len(sets.get("train", []))
     head_tokens = sum(response_tokens(s, range(len(s))) for s in sets.values())
     ref_flops = causal_lm_forward_flops(matmul_params(ref), tokens, head_tokens) if ref is not None else 0.0

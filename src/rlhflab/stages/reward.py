@@ -187,10 +187,12 @@ def _reward_gradients(
     last_ckpt,
     shared: bool = False,
     n_batch: int | None = None,
+    backward=torch.Tensor.backward,
 ) -> tuple[dict[str, float], int]:
     """Forward/backward of one optimizer step's micro-batches; returns (mean metrics, real tokens seen).
     `n_batch`: the whole step's example count when `examples` is this process's share of it (data parallel):
-    losses and metrics are normalized by it, so their sums over the processes are the step's."""
+    losses and metrics are normalized by it, so their sums over the processes are the step's. `backward(loss)`:
+    `DataParallel.backward` (DeepSpeed's engine runs it), else the loss's own."""
     n_batch = n_batch or len(examples)
     size = cfg.optim.micro_batch_size or len(examples)
     amp = mixed_precision(cfg.model, device)
@@ -205,7 +207,7 @@ def _reward_gradients(
         # Normalized by the whole step's example count, so accumulation gives the full batch's gradient.
         loss = out.loss.sum() / n_batch
         check_finite({"loss/rm": loss}, step=step, last_good=last_ckpt)
-        loss.backward()
+        backward(loss)
         tokens += int(batch["attention_mask"].sum())
         sums["loss/rm"] = sums.get("loss/rm", 0.0) + float(loss.detach())
         for k, v in out.metrics.items():
@@ -302,6 +304,23 @@ def _normalize(
     return None
 
 
+def _finish(
+    cfg, par, run, step, model, tokenizer, examples, eval_examples, kind, device, pad_id, shared
+) -> None:
+    """The final evaluation, the reward statistics and the model, written by the main process (a sharded model's
+    every process evaluates, and gathers the weights to save); the others return once it is saved."""
+    if par.is_main or par.sharded:
+        if eval_examples:
+            _report(run, step, model, eval_examples, kind, device, pad_id, shared, write=par.is_main)
+        step_stats = _normalize(run, step, cfg, model, examples, kind, device, pad_id, shared)
+    with par.full_weights(model):
+        if par.is_main:
+            _save(cfg, model, tokenizer, run.dir / "final", step_stats)
+            run.close()
+            print(f"rm: saved the reward model to {run.dir / 'final'}")
+    par.wait()
+
+
 def _announce(
     model, kind: str, examples: list, eval_examples: list, total_steps: int, run_dir: Path, spread: str = ""
 ) -> None:
@@ -333,6 +352,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    par.attach(model, optimizer, cfg.optim, checkpoints=bool(cfg.logging.save_every))
     if par.is_main:
         _announce(model, kind, examples, eval_examples, total_steps, run.dir, par.describe())
 
@@ -358,13 +378,17 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         # gradients and metrics summed across processes are the whole batch's.
         stats, n_tokens = _reward_gradients(
             model, par.shard(batch), kind, cfg, device, pad_id, loop.step + 1, loop.last_ckpt, shared,
-            n_batch=len(batch),
+            n_batch=len(batch), backward=par.backward,
         )  # fmt: skip
         par.sum_gradients(model)
         stats = par.sum_all(stats)
-        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+        # DeepSpeed's engine clips and applies the update itself (at the step's last micro-batch).
+        grad_norm = (
+            par.deepspeed_step(scheduler) if par.engine else clip_gradients(model, cfg.optim.max_grad_norm)
+        )
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
-        optimizer_step(optimizer, scheduler)
+        if par.engine is None:
+            optimizer_step(optimizer, scheduler)
         loop.count(tokens=par.sum(n_tokens), **_work(batch, kind))
 
         # 3. Log, evaluate, checkpoint.
@@ -385,16 +409,6 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         )
     loop.close()
 
-    # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format): the
-    # main process does them (a sharded model's every process evaluates, and gathers the weights to save).
-    if par.is_main or par.sharded:
-        if eval_examples:
-            _report(run, loop.step, model, eval_examples, kind, device, pad_id, shared, write=par.is_main)
-        step_stats = _normalize(run, loop.step, cfg, model, examples, kind, device, pad_id, shared)
-    with par.full_weights(model):
-        if par.is_main:
-            _save(cfg, model, tokenizer, run.dir / "final", step_stats)
-            run.close()
-            print(f"rm: saved the reward model to {run.dir / 'final'}")
-    par.wait()  # the other processes return once the main one has saved the model
+    # 4. Final evaluation, reward normalization statistics, save (HF *ForSequenceClassification format).
+    _finish(cfg, par, run, loop.step, model, tokenizer, examples, eval_examples, kind, device, pad_id, shared)
     return run.dir / "final"

@@ -27,6 +27,7 @@ from rlhflab.stages.common import (
     Loop,
     build_optimizer,
     clip_gradients,
+    finish,
     load_policy,
     mixed_precision,
     num_optimizer_steps,
@@ -111,6 +112,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     eval_examples = [tokenize_sft(r, tokenizer, **kw) for r in eval_records]
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    par.attach(model, optimizer, cfg.optim, checkpoints=bool(cfg.logging.save_every), packed=cfg.data.packing)
     _announce(examples, total_steps, model, run.dir, par)
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
@@ -130,14 +132,18 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
             with amp():
                 loss, n = _loss(model, batch, device, cfg.algo.loss_reduction, max(n_tokens, 1), len(indices))
             check_finite({"loss/sft": loss}, step=loop.step + 1, last_good=loop.last_ckpt)
-            loss.backward()
+            par.backward(loss)
             step_loss += float(loss.detach())
             trained += n
         par.sum_gradients(model)
         step_loss = par.sum(step_loss)
-        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+        # DeepSpeed's engine clips and applies the update itself (at the step's last micro-batch).
+        grad_norm = (
+            par.deepspeed_step(scheduler) if par.engine else clip_gradients(model, cfg.optim.max_grad_norm)
+        )
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
-        optimizer_step(optimizer, scheduler)
+        if par.engine is None:
+            optimizer_step(optimizer, scheduler)
         # The body runs at every real token, the LM head only at the trained (response) tokens.
         loop.count(tokens=par.sum(trained), real=sum(len(examples[i]["input_ids"]) for i in indices))
 
@@ -163,20 +169,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
         )
     loop.close()
 
-    # 4. Save the final model (HF format) and the final evaluation: the main process writes (a sharded model's
-    # every process evaluates and gathers the weights).
-    final = (
-        par.on_main(lambda: evaluate(model, eval_examples, device, tokenizer.pad_token_id))
-        if eval_examples
-        else None
+    # 4. The final evaluation and the model (HF format), written by the main process.
+    final_eval = (
+        (lambda: evaluate(model, eval_examples, device, tokenizer.pad_token_id)) if eval_examples else None
     )
-    with par.full_weights(model):
-        if par.is_main:
-            if final:
-                metrics = run.logger.log(loop.step, final)
-                print("sft: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge)
-            run.close()
-            print(f"sft: saved the model to {run.dir / 'final'}")
-    par.wait()  # the other processes return once the main one has saved the model
+    finish(par, run, model, "sft", loop.step, final_eval,
+           lambda: save_model(model, tokenizer, run.dir / "final", merge_lora=cfg.model.lora.merge))  # fmt: skip
     return run.dir / "final"
