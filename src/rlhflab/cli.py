@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_processes(command: str) -> None:
     """Only the data-parallel stages start in several processes: any other command would run once per process,
     each alone, all writing the same run directory; and only some of them with a sharded model (FSDP)."""
-    from rlhflab.stages import DATA_PARALLEL_STAGES, SHARDED_STAGES
+    from rlhflab.stages import DATA_PARALLEL_STAGES, DEEPSPEED_STAGES, FSDP_STAGES
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and command not in DATA_PARALLEL_STAGES:
@@ -860,13 +860,13 @@ def _check_processes(command: str) -> None:
             f"rlhflab {command} does not run across processes (WORLD_SIZE={world}): only "
             f"{', '.join(DATA_PARALLEL_STAGES)} do; launch it as one process"
         )
-    engine = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else ""
-    engine = "DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else engine
-    if world > 1 and command not in SHARDED_STAGES and engine:
-        raise ConfigError(
-            f"rlhflab {command} does not run under {engine} (an accelerate config with {engine}): only "
-            f"{', '.join(SHARDED_STAGES)} do; launch it with configs/accelerate/ddp.yaml"
-        )
+    for engine, stages in (("FSDP", FSDP_STAGES), ("DeepSpeed", DEEPSPEED_STAGES)):
+        used = os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "").lower() == "true"
+        if world > 1 and used and command not in stages:
+            raise ConfigError(
+                f"rlhflab {command} does not run under {engine} (an accelerate config with {engine}): only "
+                f"{', '.join(stages)} do; launch it with configs/accelerate/ddp.yaml"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

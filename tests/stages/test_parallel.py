@@ -157,7 +157,7 @@ def test_dpo_on_two_processes_takes_the_steps_of_one(loss, tiny_model_dir, tmp_p
         )
 
 
-def _on_policy_one_and_two(stage: str, train, settings: list[str], tiny_model_dir, tmp_path):
+def _on_policy_one_and_two(stage: str, train, settings: list[str], tiny_model_dir, tmp_path, launcher=None):
     """An on-policy stage on PPO_PROMPTS with a rule reward, in one process (in this one) and in two (torchrun):
     both must succeed, the main process alone saves, and the final weights agree to 1e-5. Returns the two runs'
     rollouts and their metric rows (those with `key`), one then two."""
@@ -169,9 +169,8 @@ def _on_policy_one_and_two(stage: str, train, settings: list[str], tiny_model_di
         "algo.reward_model=rule:length:coef=1:target=6", "sampling.max_new_tokens=8", "optim.lr=1e-3", *settings,
     ]  # fmt: skip
     one = train(stage_config(stage, tiny_model_dir, *overrides, out=tmp_path / "one"))
-    out = _launch(
-        LAUNCHERS["torchrun"], [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
-    )
+    launcher = launcher or LAUNCHERS["torchrun"]
+    out = _launch(launcher, [stage, *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "data parallel over 2 processes" in out.stdout and out.stdout.count("saved the policy") == 1
     _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
@@ -276,7 +275,7 @@ def test_online_dpo_on_two_processes_takes_the_steps_of_one(tiny_model_dir, tmp_
     _assert_same_metrics(m1, m2, "feedback/queries", [1, 2, 3, 4])
 
 
-@pytest.mark.parametrize("command", [["iterative-dpo"], ["rs"], ["run"], ["experiment", "trex"]])
+@pytest.mark.parametrize("command", [["iterative-dpo"], ["quark"], ["run"], ["experiment", "trex"]])
 def test_commands_that_are_not_data_parallel_refuse_several_processes(command, monkeypatch, tmp_path, capsys):
     """Launched in 2 processes, a command without data parallelism would run twice, each process alone, both
     writing one run directory: it exits 2 with one line before doing anything."""
@@ -399,17 +398,69 @@ def test_sft_sharded_on_two_processes_takes_the_steps_of_one(layout, tiny_model_
         _assert_same_metrics(one_rows, two_rows, key, [3, 6] if key == "eval/nll" else list(range(1, 7)))
 
 
-@pytest.mark.parametrize("command", [["ppo"], ["grpo"], ["online-dpo"]])
-def test_stages_that_sample_refuse_a_sharded_model(command, monkeypatch, tmp_path, capsys):
-    """Each process samples its own rows, while a sharded model's every forward pass needs every process."""
+@pytest.mark.parametrize(
+    ("command", "engine"),
+    [("online-dpo", "FSDP"), ("rs", "FSDP"), ("ppo", "DeepSpeed"), ("grpo", "DeepSpeed")],
+)
+def test_stages_that_sample_refuse_a_sharded_model(command, engine, monkeypatch, tmp_path, capsys):
+    """Each process samples its own rows, while a sharded model's every forward pass needs every process: PPO,
+    RLOO and GRPO keep their processes' decoding in step (FSDP), the others not yet. Refused, exit 2, one line,
+    nothing written."""
     from rlhflab.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine.upper()}", "true")
     monkeypatch.chdir(tmp_path)
-    assert main(command) == 2
+    assert main([command]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not run under FSDP" in err and "sft, rm, dpo" in err
+    assert err.count("\n") == 1 and f"rlhflab {command} does not run under {engine}" in err
+    assert "sft, rm, dpo" in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ppo_sharded_on_two_processes_takes_the_steps_of_one(lora, tiny_model_dir, tmp_path):
+    """PPO with the policy and its value head sharded (FSDP): the processes decode in step (each forward pass
+    gathers the weights from all), a process holding none of a minibatch's rows joins its passes with weight 0,
+    and the run is one process's."""
+    from rlhflab.stages import ppo
+
+    settings = [
+        "algo.rollout_batch_size=8", "algo.minibatch_size=2", "algo.ppo_epochs=2", "algo.iterations=3",
+        "optim.max_grad_norm=0.5", *(["model.lora.enabled=true", "model.lora.r=4", "model.lora.merge=true"] if lora else []),
+    ]  # fmt: skip
+    launcher = [*FSDP, _accelerate_config("fsdp")]
+    one_rows, two_rows, m1, m2 = _on_policy_one_and_two(
+        "ppo", ppo.train, settings, tiny_model_dir, tmp_path, launcher
+    )
+    assert [(r["prompt"], r["response"]) for r in two_rows] == [
+        (r["prompt"], r["response"]) for r in one_rows
+    ]
+    _assert_same_metrics(m1, m2, "loss/policy", [1, 2, 3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_critic_free_sharded_on_two_processes_takes_the_steps_of_one(stage, tiny_model_dir, tmp_path):
+    """GRPO (an old pass, token-mean loss, KL in the loss) and RLOO (the batch-mean baseline) with the policy
+    sharded: decoding in step, each process's whole groups, minibatches a process holds no row of joined with
+    weight 0."""
+    from rlhflab.stages import critic_free
+
+    settings = [
+        "algo.prompts_per_iteration=4",
+        "algo.num_generations=3",
+        "algo.iterations=3",
+        *CRITIC_FREE[stage],
+    ]
+    launcher = [*FSDP, _accelerate_config("fsdp")]
+    one_rows, two_rows, m1, m2 = _on_policy_one_and_two(
+        stage, critic_free.train, settings, tiny_model_dir, tmp_path, launcher
+    )
+    assert [(r["prompt"], r["response"]) for r in two_rows] == [
+        (r["prompt"], r["response"]) for r in one_rows
+    ]
+    _assert_same_metrics(m1, m2, "loss/policy", [1, 2, 3])
 
 
 def _fsdp_env(**changes: str) -> dict[str, str]:
@@ -686,3 +737,69 @@ def test_deepspeed_settings_come_from_the_accelerate_config_and_refuse_what_rlhf
     config = engine_config(DeepSpeedSettings(2), micro_batches=3, world=2, max_grad_norm=0.0)
     assert config["gradient_clipping"] == 0.0 and config["zero_optimization"]["stage"] == 2
     assert config["gradient_accumulation_steps"] == 3 and config["train_batch_size"] == 6
+
+
+# ---- rs: each process samples its share of every round's prompts; every fine-tuning is a data-parallel SFT run ---
+
+RS_MODES = {
+    # Llama 2's rounds, pooled: round 2 samples round 1's model and keeps the best of both rounds
+    "rejection_sampling": ["algo.rounds=2", "algo.pool=true"],
+    # ReST: one Grow step, two Improve steps at rising quantiles
+    "rest": [
+        "algo.mode=rest",
+        "algo.grow_steps=1",
+        "algo.thresholds=0.0,0.5",
+        "algo.threshold_kind=quantile",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(RS_MODES))
+def test_rs_on_two_processes_samples_and_trains_as_one(mode, tiny_model_dir, tmp_path):
+    """5 prompts over 2 processes (3 and 2), K=4 samples each from the seeds of their rows in the round: the
+    candidates and fine-tuning data are the rows one process writes, written once; the SFT runs take one
+    process's steps, so the final models agree to 1e-5; the summary is printed once."""
+    from rlhflab.stages import rejection_sampling
+
+    from ..helpers import PPO_PROMPTS
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS[:5]])
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", *QUIET,
+        "algo.reward_model=rule:length:coef=1:target=6", "algo.samples_per_prompt=4", "algo.eval_prompts=3",
+        "sampling.max_new_tokens=8", "data.max_length=24", "data.max_prompt_length=12", "optim.batch_size=4",
+        # Adam turns the last-bit differences of a summation order into larger ones where a gradient is near 0;
+        # a small rate keeps those of four chained SFT steps inside the tolerance (see the DPO test).
+        "optim.max_steps=2", "optim.lr=5e-4", *RS_MODES[mode],
+    ]  # fmt: skip
+    one = rejection_sampling.train(stage_config("rs", tiny_model_dir, *overrides, out=tmp_path / "one"))
+    out = _launch(
+        LAUNCHERS["torchrun"], ["rs", *overrides, f"logging.output_dir={tmp_path / 'two'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data parallel over 2 processes" in out.stdout and out.stdout.count("rs: mode") == 1
+    assert out.stdout.count("reward queries; saved the policy") == 1 and out.stdout.count("rs: step 1 ") == 1
+    _assert_same_weights(one, tmp_path / "two" / "final", tiny_model_dir)
+
+    def rows(run, name):
+        return [json.loads(x) for x in (tmp_path / run / name).read_text().splitlines()]
+
+    samples = ["round-1", "round-2"] if mode == "rejection_sampling" else ["grow-1"]
+    for step in samples:
+        cands = rows("one", f"{step}/candidates.jsonl")
+        assert rows("two", f"{step}/candidates.jsonl") == cands and len(cands) == 5
+        assert len({t for r in cands for t in r["samples"]}) > 5  # sampled, not one response everywhere
+    trained = samples if mode == "rejection_sampling" else ["grow-1/improve-1", "grow-1/improve-2"]
+    for step in trained:
+        assert rows("two", f"{step}/sft.jsonl") == rows("one", f"{step}/sft.jsonl")
+        sft_rows = [
+            r for r in read_metrics(tmp_path / "two" / step / "sft" / "metrics.jsonl") if "loss/sft" in r
+        ]
+        assert [r["step"] for r in sft_rows] == [1, 2]  # each fine-tuning trained, logged once
+    m1, m2 = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
+    m1, m2 = ([{k: v for k, v in r.items() if k == "step" or k.startswith(("reward/", "rs/", "sft/loss"))}
+               for r in m if "reward/eval_mean" in r] for m in (m1, m2))  # fmt: skip
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [0, 1, 2]
+    for r1, r2 in zip(m1, m2):  # the whole round's candidates, kept data and evaluation; the SFT's last loss
+        assert r2 == pytest.approx(r1, abs=1e-5)

@@ -18,6 +18,7 @@ from rlhflab.errors import ConfigError
 from rlhflab.stages import STAGES
 from rlhflab.stages import rejection_sampling as rs
 from rlhflab.stages.common import snapshot_dir
+from rlhflab.stages.parallel import DataParallel
 from rlhflab.stages.rejection_sampling import (
     Candidates,
     Kept,
@@ -358,3 +359,66 @@ def test_config_refusals_and_registration(tiny_model_dir, prompts_file, tmp_path
     assert shipped.algo.mode == "rejection_sampling" and shipped.algo.rounds == 3
     rest = load_config("rs", CONFIGS / "rest_tiny.yaml")
     assert rest.algo.mode == "rest" and rest.algo.thresholds == [0.5, 0.75, 0.9]
+
+
+# ---- data parallelism: each row from its own seed --------------------------------------------------------------
+
+
+class _Rank(DataParallel):
+    """Rank `rank` of `world` processes without collectives: `gather` hands back this process's own share."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def gather(self, items: list) -> list:
+        return list(items)
+
+
+def test_per_row_seeds_make_the_candidates_independent_of_how_prompts_are_batched(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
+    """A round's K samples of a prompt come from the seeds of their rows in the round, whatever the generation
+    batches and whichever process samples them: two processes' shares (3 and 2 prompts, batches of 3 rows that
+    cut across prompts), interleaved as `par.gather` puts them back, are the candidates of one process."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path / "run", "sampling.max_new_tokens=8")
+    ids, device, model = [5, 0, 3, 2, 7], torch.device("cpu"), str(tiny_model_dir)
+    whole, metrics = rs.sample_candidates(
+        cfg, model, PPO_PROMPTS, ids, CharCount(), 11, device, DataParallel()
+    )
+    monkeypatch.setattr(rs, "SAMPLE_BATCH", 3)
+    prompts = [PPO_PROMPTS[i] for i in ids]
+    shares = [rs.sample_rows(cfg, model, prompts, CharCount(), 11, device, _Rank(r, 2), k=4) for r in (0, 1)]
+    assert [len(s) for s in shares] == [3, 2]
+    gathered = [shares[i % 2][i // 2] for i in range(len(ids))]
+    assert [texts for texts, _, _ in gathered] == whole.texts
+    assert torch.equal(torch.tensor([scores for _, scores, _ in gathered]), whole.scores)
+    assert whole.ids == ids and whole.scores.shape == (5, 4)
+    assert len({t for row in whole.texts for t in row}) > 5  # sampled, not one response everywhere
+    lengths = [n for _, _, row in gathered for n in row]
+    assert metrics["perf/response_length"] == pytest.approx(np.mean(lengths))
+    # another round (another seed) samples other responses
+    other, _ = rs.sample_candidates(cfg, model, PPO_PROMPTS, ids, CharCount(), 12, device, DataParallel())
+    assert other.texts != whole.texts
+
+
+def test_what_cannot_run_across_processes_is_refused(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch, capsys
+):
+    """rs is launched in several processes (`rlhflab.cli._check_processes` lets it through), but the Llama 2 gate
+    whitens over each scoring batch, which each process would do over its share: exit 2 with one line, before
+    anything is loaded or a process group is joined, no run directory left; and so is a sharded model (FSDP)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = tmp_path / "run"
+    args = ["rs", f"model.name_or_path={tiny_model_dir}", f"data.train_path={prompts_file}", *QUIET]
+    args += ["algo.reward_model=rule:length,rule:length", "algo.reward_combine=llama2_gate"]
+    assert main([*args, f"logging.output_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not run across processes" not in err
+    assert "llama2_gate whitens the scores over the whole batch" in err and "(WORLD_SIZE=2)" in err
+    assert not run.exists()
+    # Each process samples its own prompts, while a sharded model's every forward pass needs every process.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main([*args[:-2], "algo.reward_model=rule:length", f"logging.output_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rlhflab rs does not run under FSDP" in err and not run.exists()

@@ -110,7 +110,9 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_head = value_head if value_head is not None else ValueHead(hidden_size_of(policy))
-        self.value_head.to(device_of(policy))
+        if device_of(self.value_head) != device_of(policy):
+            # Moved only when elsewhere: a sharded head (FSDP), gathered whole to be saved, must not be re-applied.
+            self.value_head.to(device_of(policy))
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None

@@ -270,7 +270,13 @@ class _RowSampler:
 
 
 def _generate_batch(
-    model, batch: list[list[int]], pad_id: int, gen_config, settings: SamplingSettings, row_seeds=None
+    model,
+    batch: list[list[int]],
+    pad_id: int,
+    gen_config,
+    settings: SamplingSettings,
+    row_seeds=None,
+    synced=False,
 ):
     """One `model.generate` call on left-padded prompt rows: (new token ids [b, n] on CPU, the sampling
     distribution's entropy at each of them [b, n], the log-prob of each of them [b, n]); with `row_seeds` (one
@@ -291,6 +297,7 @@ def _generate_batch(
         attention_mask=mask.long().to(device),
         generation_config=gen_config,
         logits_processor=LogitsProcessorList(processors),
+        synced_gpus=synced,
     )
     new_ids = out[:, ids.shape[1] :].cpu()
     recorder.finish(out[:, -1])
@@ -330,6 +337,7 @@ def generate(
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
     row_seeds: Sequence[int] | None = None,
+    synced: bool = False,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for several), `batch_size` prompts per call.
 
@@ -339,7 +347,9 @@ def generate(
     `seed` makes sampling reproducible without touching the global RNG (seed=None draws from, and
     advances, the global torch RNG). `row_seeds` (one per prompt) samples each row from its own generator
     instead, so a row's response does not depend on the other rows of its batch (see the module docstring). The model is put in eval mode for the call (dropout off) and
-    restored after.
+    restored after. `synced`: the model is sharded across processes (FSDP), each sampling its own rows: every
+    process then runs decoding steps until all are done (transformers' `synced_gpus`), so their forward
+    passes, each of which gathers the weights from all, stay in step.
     """
     settings = settings or SamplingSettings()
     if len(prompts) == 0:
@@ -370,6 +380,7 @@ def generate(
                     gen_config,
                     settings,
                     None if row_seeds is None else row_seeds[s : s + batch_size],
+                    synced=synced,
                 )
                 chunks.append(new_ids)
                 entropies.append(entropy)

@@ -46,9 +46,10 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # The stages (and the `best-of-n` command, each process sampling its share of the prompts) that run data-parallel
 # across the processes `accelerate launch` / `torchrun` start (`rlhflab.stages.parallel`); any other command
-# refuses to start in more than one process.
-DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n")
-# The stages that also run with the model sharded (FSDP, `rlhflab.stages.sharding`) or under DeepSpeed's ZeRO
-# (`rlhflab.stages.deepspeed_zero`). The on-policy ones sample with the model, and a sharded model's every forward
-# pass needs every process while each samples its own rows.
-SHARDED_STAGES = ("sft", "rm", "dpo")
+# refuses to start in more than one process. rs shares out each round's sampling by prompts and runs its
+# fine-tunings as data-parallel SFT runs.
+DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n", "rs")
+# The stages that also run with the model sharded by FSDP (`rlhflab.stages.sharding`; the on-policy ones'
+# processes decode in step, transformers' `synced_gpus`) and under DeepSpeed's ZeRO (`rlhflab.stages.deepspeed_zero`).
+FSDP_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")
+DEEPSPEED_STAGES = ("sft", "rm", "dpo")

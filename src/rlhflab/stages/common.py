@@ -241,7 +241,14 @@ def optimizer_step(optimizer, scheduler) -> None:
 
 
 def finish(
-    par, run: Run, model, name: str, step: int, evaluate: Callable | None, save: Callable[[], Any]
+    par,
+    run: Run,
+    model,
+    name: str,
+    step: int,
+    evaluate: Callable | None,
+    save: Callable[[], Any],
+    what: str = "model",
 ) -> None:
     """A stage's end: the final evaluation (logged, printed) and `save()` of the model, by the main process; a
     sharded model's every process evaluates and gathers the weights. The others return once it is saved."""
@@ -253,7 +260,7 @@ def finish(
                 print(f"{name}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             out = save()
             run.close()
-            print(f"{name}: saved the model to {out}")
+            print(f"{name}: saved the {what} to {out}")
     par.wait()
 
 

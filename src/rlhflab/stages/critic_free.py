@@ -58,6 +58,7 @@ from rlhflab.stages.common import (
     Loop,
     build_optimizer,
     clip_gradients,
+    finish,
     load_policy,
     mixed_precision,
     open_run,
@@ -302,10 +303,14 @@ def _update(
                 par.local_rows(rows, group=k), dtype=torch.long, device=rollout.response_ids.device
             )
             tokens = par.sum(float(rollout.response_mask[idx].sum()))  # the minibatch's, for token_mean
-            if len(idx):  # a process may hold none of a minibatch's rows: it adds zero gradients
+            # A process may hold none of a minibatch's rows: it adds zero gradients (and with a sharded policy
+            # still joins the passes, on one row weighted 0).
+            held = len(idx) > 0
+            if held or par.sharded:
                 first = epoch == 0 and s == 0  # before any update: the rollout policy's entropy
+                idx = idx if held else torch.zeros(1, dtype=torch.long, device=idx.device)
                 row = _minibatch_step(
-                    policy, rollout, exp, idx, (len(rows), tokens), cfg, epoch, first, step, last
+                    policy, rollout, exp, idx, (len(rows), tokens), cfg, epoch, first, step, last, held
                 )
                 for key, v in row.items():
                     sums[key] += float(v)
@@ -342,17 +347,22 @@ def _update_keys(cfg: Config) -> list[str]:
 
 
 def _minibatch_step(
-    policy, rollout, exp, idx, whole, cfg: Config, epoch: int, first: bool, step, last
+    policy, rollout, exp, idx, whole, cfg: Config, epoch: int, first: bool, step, last, held: bool = True
 ) -> dict:
     """This process's rows `idx` of one minibatch (`whole`: its rows and response tokens): the loss's share,
     back-propagated; returns its metric shares. The `first` minibatch also gives the entropy; with no old
-    pass, epoch 0 measures each sample's KL to the reference."""
+    pass, epoch 0 measures each sample's KL to the reference. `held` False: this process holds none of the
+    minibatch's rows but joins its passes (a sharded policy's every pass needs all): `idx` is any row, weighted
+    0, and nothing is recorded."""
     mb = rollout.select(idx)
     amp = mixed_precision(cfg.model, rollout.response_ids.device)
     logps, entropy = rollout_logps(policy, mb, cfg.sampling.temperature, amp=amp, entropy=first)
     old = exp["old_logps"][idx] if exp["old_logps"] is not None else None
     ref = exp["ref_logps"][idx] if exp["ref_logps"] is not None else None
     loss, row = minibatch_loss(logps, old, ref, exp["advantages"][idx], mb.response_mask, cfg, *whole)
+    if not held:
+        (loss * 0.0).backward()
+        return {}
     if ref is not None and old is None and epoch == 0:  # the KL of the samples the policy wrote
         kl = KL_ESTIMATORS[cfg.algo.kl_estimator](logps.detach(), ref)
         exp["seq_kl"][idx] = masked_sum(kl, mb.response_mask, dim=-1)
@@ -405,6 +415,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
     seed_everything(cfg.seed)
     run = open_run(cfg, name, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     policy, ref, tokenizer, device = _setup(cfg, par.device)
+    policy = par.prepare(policy)  # sharded across the processes under FSDP, before the optimizer sees it
     reward = reward if reward is not None else load_reward(algo, device)
     prompts, steps_per_epoch = load_prompts(cfg.data, algo.prompts_per_iteration)
     n = algo.rollouts_per_iteration
@@ -430,7 +441,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         scheduler,
         resume=resume,
         snapshot=snapshot,
-        writes=par.is_main,
+        parallel=par,
     )
     while loop.step < loop.total:
         iteration = loop.step + 1
@@ -445,7 +456,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         greedy = None
         if greedy_baseline:
             greedy = sample(policy, tokenizer, par.shard(batch), sampling_settings(cfg.sampling, greedy=True),
-                            model_cfg=cfg.model, data=cfg.data, device=device, batch_size=n, seed=seed, engine=engine)  # fmt: skip
+                            model_cfg=cfg.model, data=cfg.data, device=device, batch_size=n, seed=seed, engine=engine,
+                            synced=par.sharded)  # fmt: skip
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs, KL, baseline
         exp, metrics = make_experience(
@@ -473,11 +485,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
 
 
 def _save_final(run, policy, tokenizer, cfg: Config, name: str, par) -> Path:
-    """RUN/final, written by the main process; the others return once it is there."""
+    """RUN/final, written by the main process (gathered whole from a sharded policy); the others return once it
+    is there."""
     final = run.dir / "final"
-    if par.is_main:
-        save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
-        run.close()
-        print(f"{name}: saved the policy to {final}")
-    par.wait()
+    finish(par, run, policy, name, run.final_step, None,
+           lambda: save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge), "policy")  # fmt: skip
     return final

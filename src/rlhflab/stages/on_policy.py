@@ -157,12 +157,13 @@ def sample(
     seed: int,
     row_seeds: list[int] | None = None,
     engine=None,
+    synced: bool = False,
 ) -> Rollout:
     """One response per prompt from the current policy (repeat a prompt for several), prompts cut to
     data.max_prompt_length, under the model's autocast setting; with `row_seeds`, each row from its own seed
     (`rlhflab.rollout.generate`), else all from `seed`. With a `VLLMEngine` (`rollout_engine`), the policy's
     weights are pushed to it first if they changed since the last push (its `weight_sync_s` says how long that
-    took), and it samples."""
+    took), and it samples. `synced`: the policy is sharded (FSDP) and every process samples (`generate`)."""
     if engine is not None:
         engine.sync_weights(policy)
         rows = [r[-data.max_prompt_length :] for r in encode_prompts(tokenizer, prompts)]
@@ -177,6 +178,7 @@ def sample(
             seed=seed,
             max_prompt_tokens=data.max_prompt_length,
             row_seeds=row_seeds,
+            synced=synced,
         )
 
 
@@ -209,6 +211,7 @@ def sample_share(
         seed=step_seed,
         row_seeds=[seeds[q * group + j] for q in mine for j in range(group)],
         engine=engine,
+        synced=par.sharded,
     )
 
 
@@ -244,6 +247,13 @@ def check_data_parallel(algo: RewardSourcesSection, par, batch_key: str, batch: 
     each process, and no reward that whitens over the batch (the Llama 2 gate), which each would do over its
     share only."""
     par.check_batch(batch, batch_key)
+    if par.sharded and batch % par.world:
+        # Each process's forward passes over its rows are collective under FSDP: the shares must be equal.
+        raise ConfigError(
+            f"config: {batch_key}={batch} does not split evenly over the {par.world} processes, which a sharded "
+            f"model needs (each process's forward passes gather the weights from all); make it a multiple of "
+            f"{par.world}"
+        )
     if par.world > 1 and algo.reward_combine == "llama2_gate":
         raise ConfigError(
             "config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not yet "

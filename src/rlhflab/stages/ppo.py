@@ -58,6 +58,7 @@ from rlhflab.stages.common import (
     Loop,
     build_optimizer,
     clip_gradients,
+    finish,
     load_policy,
     mixed_precision,
     open_run,
@@ -287,12 +288,16 @@ def _ppo_epochs(
         for s in range(0, n, cfg.algo.minibatch_size):
             rows = order[s : s + cfg.algo.minibatch_size].tolist()
             idx = torch.tensor(par.local_rows(rows), dtype=torch.long, device=rollout.response_ids.device)
-            if len(idx):  # a process may hold none of a minibatch's rows: it adds zero gradients
+            # A process may hold none of a minibatch's rows: it adds zero gradients; with a sharded policy it still
+            # joins the passes (each gathers the weights from every process), on one row weighted 0.
+            held = float(len(idx) > 0)
+            if held or par.sharded:
+                idx = idx if held else torch.zeros(1, dtype=torch.long, device=idx.device)
                 terms = _minibatch_terms(policy, value_model, rollout, exp, idx, len(rows), cfg)
                 check_finite({"loss/ppo": terms["loss/total"]}, step=step_for_errors, last_good=last_ckpt)
-                terms["loss/total"].backward()
+                (terms["loss/total"] * held).backward()
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + held * float(v.detach())
             par.sum_gradients(params)
             grad_norm = clip_gradients(params, cfg.optim.max_grad_norm)
             check_finite({"loss/grad_norm": grad_norm}, step=step_for_errors, last_good=last_ckpt)
@@ -438,6 +443,9 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     seed_everything(cfg.seed)
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg, par.device)
+    # Sharded across the processes under FSDP (the value model too: one optimizer over both), before the
+    # optimizer sees them.
+    policy, value_model = par.prepare(policy), par.prepare(value_model)
     reward = reward if reward is not None else _load_reward(cfg, device)
     prompts, steps_per_epoch = load_prompts(cfg.data, cfg.algo.rollout_batch_size)
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
@@ -455,7 +463,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     kl_state = lambda: {"kl_controller": kl_ctl.state_dict()}  # noqa: E731
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "ppo", cfg.logging, cfg.algo.iterations, trainable, optimizer, scheduler, resume=resume,
-                state=kl_state, snapshot=snapshot, writes=par.is_main)  # fmt: skip
+                state=kl_state, snapshot=snapshot, parallel=par)  # fmt: skip
     if loop.resumed_state:
         kl_ctl.load_state_dict(loop.resumed_state["kl_controller"])
 
@@ -498,10 +506,6 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
 
-    final = run.dir / "final"
-    if par.is_main:
-        _save_final(run.dir, policy, value_model, tokenizer, cfg.model.lora.merge)
-        run.close()
-        print(f"ppo: saved the policy to {final}")
-    par.wait()  # the other processes return once the main one has saved the model
-    return final
+    finish(par, run, trainable, "ppo", loop.step, None,
+           lambda: _save_final(run.dir, policy, value_model, tokenizer, cfg.model.lora.merge), "policy")  # fmt: skip
+    return run.dir / "final"

@@ -53,6 +53,14 @@ loss and FLOP/s, the step's time split and perf/wall_s. A fine-tuning is the uni
 sft/final and step.json exist is skipped; an unfinished one runs again from its start (its sampling seed is a
 function of the round, so it samples the same responses). RUN/final is the last model.
 
+Every sample comes from its own seed, a function of the round and of its row in the round (prompt-major: the K
+samples of a prompt are consecutive rows), so a sample does not depend on how the prompts are batched. That is
+what lets `torchrun` / `accelerate launch` run it data-parallel (`stages.parallel`): each process samples and
+scores its share of the round's prompts (all K samples of each), the shares are gathered in prompt order on every
+process, every process builds the same fine-tuning data, and each fine-tuning is a data-parallel SFT run; the
+main process alone writes and prints. W processes write the candidates one process writes, and end at its model
+up to the order of floating-point additions.
+
 PPO on top, as Llama 2 does after RLHF V4, is the next command, from this run's model:
 
     rlhflab rs --config configs/rs_tiny.yaml model.name_or_path=runs/sft_tiny/final
@@ -61,9 +69,12 @@ PPO on top, as Llama 2 does after RLHF V4, is the next command, from this run's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +88,7 @@ from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
 from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.errors import ConfigError
 from rlhflab.models.loading import load_causal_lm, load_tokenizer
 from rlhflab.stages import sft
 from rlhflab.stages.best_of_n import BestOfN, score_in_batches
@@ -92,7 +104,15 @@ from rlhflab.stages.common import (
     write_jsonl_atomic,
 )
 from rlhflab.stages.data_source import require_train_path
-from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
+from rlhflab.stages.on_policy import (
+    load_prompts,
+    load_reward,
+    require_reward,
+    row_seeds,
+    sample,
+    sampling_settings,
+)
+from rlhflab.stages.parallel import DataParallel
 
 NAME = "rs"
 # Sequences per generation batch: bounds memory when a round samples thousands of responses.
@@ -184,9 +204,16 @@ def above_threshold(c: Candidates, tau: float, rnd: int) -> list[tuple[int, Kept
 # ---- sampling, scoring, fine-tuning ---------------------------------------------------------------------------
 
 
-def preflight(cfg: RejectionSamplingConfig, *, reward: Any = None) -> None:
-    """The checks that need no model or data file, run before anything is loaded or made."""
+def preflight(cfg: RejectionSamplingConfig, *, reward: Any = None, world: int = 1) -> None:
+    """The checks that need no model or data file, run before anything is loaded or made (`world`: the number of
+    data-parallel processes)."""
     require_reward(cfg.algo, reward)
+    if world > 1 and cfg.algo.reward_combine == "llama2_gate":
+        # The gate whitens over each scoring call's batch; each process would whiten over its share only.
+        raise ConfigError(
+            f"config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not done "
+            f"across processes (WORLD_SIZE={world}); run rs in one process"
+        )
 
 
 def round_prompt_ids(n_prompts: int, per_round: int, seed: int, index: int) -> list[int]:
@@ -198,10 +225,11 @@ def round_prompt_ids(n_prompts: int, per_round: int, seed: int, index: int) -> l
     return batch_schedule(n_prompts, per_round, seed, epoch)[position]
 
 
-def _sample_scored(cfg: RejectionSamplingConfig, model_dir: str, prompts: list, reward, seed: int):
+def _sample_scored(
+    cfg: RejectionSamplingConfig, model_dir: str, prompts: list, reward, seed: int, seeds: list[int], device
+):
     """One response to each of `prompts` from `model_dir` (cut to data.max_prompt_length, under the model's
-    autocast), scored: (rollout, scores [B] float32)."""
-    device = resolve_device(cfg.model.device)
+    autocast), row i from its own seed `seeds[i]`, scored: (rollout, scores [B] float32)."""
     policy = load_causal_lm(model_dir, dtype=cfg.model.dtype, device=str(device)).eval()
     rollout = sample(
         policy,
@@ -213,6 +241,7 @@ def _sample_scored(cfg: RejectionSamplingConfig, model_dir: str, prompts: list, 
         device=device,
         batch_size=min(len(prompts), SAMPLE_BATCH),
         seed=seed,
+        row_seeds=seeds,
     )
     scores = score_in_batches(reward, prompts, rollout.texts)
     if cfg.algo.missing_eos_penalty:  # a response cut off at max_new_tokens is a worse demonstration
@@ -220,21 +249,45 @@ def _sample_scored(cfg: RejectionSamplingConfig, model_dir: str, prompts: list, 
     return rollout, scores
 
 
+def sample_rows(
+    cfg: RejectionSamplingConfig, model_dir: str, prompts: list, reward, seed: int, device, par, k: int = 1
+) -> list[tuple[list[str], list[float], list[int]]]:
+    """k scored samples of each of `prompts` from `model_dir`, row i of the prompt-major rows (prompt i // k) from
+    `row_seeds(seed, ...)[i]`: per prompt, (its k texts, their scores, their response lengths), in prompt order.
+    Across processes (`par`) each samples its share of the prompts (`par.shard`) and every process gets the
+    whole list (`par.gather`): the rows one process samples."""
+    seeds = row_seeds(seed, len(prompts) * k)
+    mine = par.shard(list(range(len(prompts))))
+    share = []
+    if mine:  # more processes than prompts: this one has none
+        rows = [prompts[q] for q in mine for _ in range(k)]
+        rollout, scores = _sample_scored(
+            cfg, model_dir, rows, reward, seed, [seeds[q * k + j] for q in mine for j in range(k)], device
+        )
+        lengths, values = rollout.response_lengths.tolist(), scores.tolist()
+        share = [
+            (rollout.texts[p * k : (p + 1) * k], values[p * k : (p + 1) * k], lengths[p * k : (p + 1) * k])
+            for p in range(len(mine))
+        ]
+    return par.gather(share)
+
+
 def sample_candidates(
-    cfg: RejectionSamplingConfig, model_dir: str, prompts: list, ids: list[int], reward, seed
+    cfg: RejectionSamplingConfig, model_dir: str, prompts: list, ids: list[int], reward, seed, device, par
 ):
-    """K scored samples of each prompt in `ids` from `model_dir`: (Candidates, the samples' metrics)."""
+    """K scored samples of each prompt in `ids` from `model_dir` (`sample_rows`, shared out among the processes):
+    (Candidates, the samples' metrics), the same on every process."""
     k = cfg.algo.samples_per_prompt
-    repeated = [prompts[i] for i in ids for _ in range(k)]  # prompt-major: rows p*K .. p*K + K-1
-    rollout, scores = _sample_scored(cfg, model_dir, repeated, reward, seed)
-    texts = [rollout.texts[p * k : (p + 1) * k] for p in range(len(ids))]
-    scores = scores.view(len(ids), k)
+    rows = sample_rows(cfg, model_dir, [prompts[i] for i in ids], reward, seed, device, par, k)
+    texts = [t for t, _, _ in rows]
+    scores = torch.tensor([s for _, s, _ in rows], dtype=torch.float32).view(len(ids), k)
+    lengths = torch.tensor([n for _, _, row in rows for n in row], dtype=torch.float32)
     return Candidates(ids, texts, scores), {
         "reward/candidates_mean": float(scores.mean()),
         "reward/candidates_max": float(scores.max()),
         "reward/best_mean": float(scores.max(dim=1).values.mean()),
-        "rs/empty": float(sum(not t.strip() for t in rollout.texts)),
-        "perf/response_length": float(rollout.response_lengths.float().mean()),
+        "rs/empty": float(sum(not t.strip() for row in texts for t in row)),
+        "perf/response_length": float(lengths.mean()),
     }
 
 
@@ -268,8 +321,9 @@ def _sft_metrics(run_dir: Path) -> dict[str, float]:
 
 @dataclass
 class Driver:
-    """What every fine-tuning of a run shares: the run, the reward, the prompts, the label count and the
-    progress bar; `finish` is the fine-tune -> evaluate -> save -> log tail of each round or Improve step."""
+    """What every fine-tuning of a run shares: the run, the reward, the prompts, the label count, the progress
+    bar and the processes (`par`: every process drives the same steps, the main one alone writes and prints);
+    `finish` is the fine-tune -> evaluate -> save -> log tail of each round or Improve step."""
 
     cfg: RejectionSamplingConfig
     run: Run
@@ -278,7 +332,24 @@ class Driver:
     initial: str
     resume: bool
     progress: Progress
+    par: DataParallel
+    device: torch.device
     queries: int = 0
+
+    def say(self, message: str) -> None:
+        if self.par.is_main:
+            self.progress.print(message)
+
+    def sample(self, model_dir: str, ids: list[int], seed: int) -> tuple[Candidates, dict]:
+        return sample_candidates(
+            self.cfg, model_dir, self.prompts, ids, self.reward, seed, self.device, self.par
+        )
+
+    def write(self, path: Path, rows: list[dict]) -> None:
+        """A JSONL file of the run, written by the main process; every process goes on once it is there."""
+        if self.par.is_main:
+            write_jsonl_atomic(path, rows)
+        self.par.wait()
 
     def done(self, step_dir: Path) -> bool:
         return self.resume and (step_dir / "sft" / "final").is_dir() and (step_dir / "step.json").is_file()
@@ -286,7 +357,7 @@ class Driver:
     def skip(self, step: int, step_dir: Path) -> str:
         """A finished fine-tuning on --resume: its model carries over, and so does the reward-call count."""
         self.queries = int(json.loads((step_dir / "step.json").read_text())["reward/queries"])
-        self.progress.print(f"{NAME}: step {step} is finished ({step_dir / 'sft' / 'final'}); skipped")
+        self.say(f"{NAME}: step {step} is finished ({step_dir / 'sft' / 'final'}); skipped")
         self.progress.update(1)
         return str(step_dir / "sft" / "final")
 
@@ -295,15 +366,15 @@ class Driver:
         n = min(self.cfg.algo.eval_prompts, len(self.prompts))
         if not n:
             return {}
-        _, scores = _sample_scored(
-            self.cfg, model_dir, self.prompts[:n], self.reward, self.cfg.seed * 100_003 + EVAL_SEED
-        )
-        return {"reward/eval_mean": float(scores.mean())}
+        seed = self.cfg.seed * 100_003 + EVAL_SEED
+        rows = sample_rows(self.cfg, model_dir, self.prompts[:n], self.reward, seed, self.device, self.par)
+        return {"reward/eval_mean": float(torch.tensor([s for _, row, _ in rows for s in row]).mean())}
 
     def finish(
         self, step: int, step_dir: Path, kept: list[tuple[int, Kept]], start: str, metrics: dict, t0: float
     ) -> str:
-        """Fine-tune `start` on the kept samples (SFT), evaluate, save and log step `step`; returns the model."""
+        """Fine-tune `start` on the kept samples (SFT), evaluate, save and log step `step`; returns the model. Every
+        process runs the SFT (data-parallel itself) and the evaluation; the main one writes, logs and prints."""
         rows = [
             {
                 "prompt_index": i,
@@ -314,16 +385,17 @@ class Driver:
             }
             for i, k in kept
         ]
-        write_jsonl_atomic(step_dir / "sft.jsonl", rows)
+        self.write(step_dir / "sft.jsonl", rows)
         final, t_train = step_dir / "sft" / "final", time.time()
         if len(rows) < self.cfg.optim.batch_size:  # too little kept for one step: the model stays as it is
-            self.progress.print(
-                f"{NAME}: step {step} kept {len(rows)} samples, fewer than one batch; unchanged"
-            )
-            copy_model_dir(Path(start), final)
+            self.say(f"{NAME}: step {step} kept {len(rows)} samples, fewer than one batch; unchanged")
+            if self.par.is_main:
+                copy_model_dir(Path(start), final)
+            self.par.wait()
         else:
-            sft.train(sft_config(self.cfg, step_dir, start), overwrite=True)
-            metrics.update(_sft_metrics(step_dir / "sft"))
+            sft.train(sft_config(self.cfg, step_dir, start), overwrite=True)  # returns once final is saved
+            if self.par.is_main:
+                metrics.update(_sft_metrics(step_dir / "sft"))
         t_eval = time.time()
         metrics.update(self.evaluate(str(final)))
         if kept:
@@ -338,15 +410,17 @@ class Driver:
                 "perf/wall_s": time.time() - self.run.started,
             }
         )
-        atomic_write_text(step_dir / "step.json", json.dumps(metrics) + "\n")
-        if self.cfg.logging.snapshot_every and step % self.cfg.logging.snapshot_every == 0:
-            copy_model_dir(final, snapshot_dir(self.run.dir, step))
-        self.run.logger.log(step, metrics)
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("perf/"))
-        self.progress.print(f"{NAME}: step {step}  {shown}")
-        self.progress.update(
-            1, {k: metrics[k] for k in ("reward/kept_mean", "reward/eval_mean") if k in metrics}
-        )
+        if self.par.is_main:
+            atomic_write_text(step_dir / "step.json", json.dumps(metrics) + "\n")
+            if self.cfg.logging.snapshot_every and step % self.cfg.logging.snapshot_every == 0:
+                copy_model_dir(final, snapshot_dir(self.run.dir, step))
+            self.run.logger.log(step, metrics)
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("perf/"))
+            self.progress.print(f"{NAME}: step {step}  {shown}")
+            self.progress.update(
+                1, {k: metrics[k] for k in ("reward/kept_mean", "reward/eval_mean") if k in metrics}
+            )
+        self.par.wait()
         return str(final)
 
 
@@ -368,9 +442,9 @@ def rejection_sampling(d: Driver) -> str:
         t0 = time.time()
         # 1. sample K responses per prompt from the round's starting model; score them all
         ids = round_prompt_ids(len(d.prompts), algo.prompts_per_round, d.cfg.seed, rnd)
-        cands, metrics = sample_candidates(d.cfg, model, d.prompts, ids, d.reward, d.cfg.seed * 100_003 + rnd)
+        cands, metrics = d.sample(model, ids, d.cfg.seed * 100_003 + rnd)
         d.queries += cands.scores.numel()
-        write_jsonl_atomic(step_dir / "candidates.jsonl", cands.rows(d.prompts))
+        d.write(step_dir / "candidates.jsonl", cands.rows(d.prompts))
         # 2. keep the best sample per prompt (pool: the best of every round so far)
         best = best_per_prompt(cands, rnd)
         pool = pool_best(pool, best) if algo.pool else best
@@ -399,7 +473,7 @@ def rest(d: Driver) -> str:
         cands, metrics = _grow(d, model, g, grow_dir)
         taus = threshold_values(cands.scores, algo.thresholds, algo.threshold_kind)
         if taus[0] <= metrics["reward/candidates_mean"]:
-            d.progress.print(
+            d.say(
                 f"{NAME}: grow {g}: tau_1 = {taus[0]:.4g} is not above the grown set's mean reward "
                 f"{metrics['reward/candidates_mean']:.4g} (ReST picks tau_1 above it)"
             )
@@ -425,10 +499,12 @@ def _grow(d: Driver, model: str, g: int, grow_dir: Path) -> tuple[Candidates, di
         d.queries = saved.pop("queries_total")  # the reward calls of the run up to and with this Grow step
         return Candidates.from_rows(_read(grow_dir, "candidates.jsonl")), saved
     ids = round_prompt_ids(len(d.prompts), d.cfg.algo.prompts_per_round, d.cfg.seed, g)
-    cands, metrics = sample_candidates(d.cfg, model, d.prompts, ids, d.reward, d.cfg.seed * 100_003 + g)
+    cands, metrics = d.sample(model, ids, d.cfg.seed * 100_003 + g)
     d.queries += cands.scores.numel()
-    write_jsonl_atomic(path, cands.rows(d.prompts))
-    atomic_write_text(grow_dir / "grow.json", json.dumps({"queries_total": d.queries, **metrics}) + "\n")
+    if d.par.is_main:  # grow.json after the candidates: a resumed Grow reads both or samples again
+        write_jsonl_atomic(path, cands.rows(d.prompts))
+        atomic_write_text(grow_dir / "grow.json", json.dumps({"queries_total": d.queries, **metrics}) + "\n")
+    d.par.wait()
     return cands, metrics
 
 
@@ -443,32 +519,58 @@ def train(
 
     `reward`: any source with `score(prompts, responses) -> Tensor [B]` (`rlhflab.rewards`); by default the
     reward source(s) of algo.reward_model, combined as algo.reward_combine says.
+
+    Launched in several processes (`torchrun`, `accelerate launch`), each samples its share of every round's
+    prompts and runs its share of every SFT step (`stages.parallel`); every process returns RUN/final.
     """
     algo = cfg.algo
-    preflight(cfg, reward=reward)
+    preflight(cfg, reward=reward, world=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.optim.batch_size)  # each fine-tuning's, checked before a round samples
     require_train_path(cfg.data, "prompt")
     initial = resolve_model_path(cfg.model.name_or_path)
     seed_everything(cfg.seed)
-    prompts, _ = load_prompts(cfg.data, algo.prompts_per_round or 1)
-    if reward is None:
-        reward = load_reward(algo, resolve_device(cfg.model.device))
-    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
+    device = par.device if par.device is not None else resolve_device(cfg.model.device)
+    with _quiet(not par.is_main):  # the main process reports what loading says
+        prompts, _ = load_prompts(cfg.data, algo.prompts_per_round or 1)
+        if reward is None:
+            reward = load_reward(algo, device)
+    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     steps = algo.rounds if algo.mode == "rejection_sampling" else algo.grow_steps * len(algo.thresholds)
     what = f"{algo.rounds} rounds" if algo.mode == "rejection_sampling" else f"{algo.grow_steps} Grow steps"
     name = getattr(reward, "name", type(reward).__name__)
-    print(
-        f"{NAME}: mode {algo.mode}, {what}, {algo.samples_per_prompt} samples per prompt of "
-        f"{algo.prompts_per_round or len(prompts)} prompts, scored by {name}, run dir {run.dir}"
-    )
-    progress = Progress(steps, NAME, enabled=cfg.logging.progress)
-    d = Driver(cfg, run, reward, prompts, initial, resume, progress)
-    if algo.eval_prompts and not any(r["step"] == 0 for r in read_metrics(run.dir / "metrics.jsonl")):
-        run.logger.log(0, d.evaluate(initial))  # the point every later reward/eval_mean is read against
+    if par.is_main:
+        print(
+            f"{NAME}: mode {algo.mode}, {what}, {algo.samples_per_prompt} samples per prompt of "
+            f"{algo.prompts_per_round or len(prompts)} prompts, scored by {name}, run dir {run.dir}"
+            + par.describe()
+        )
+    progress = Progress(steps, NAME, enabled=cfg.logging.progress and par.is_main)
+    d = Driver(cfg, run, reward, prompts, initial, resume, progress, par, device)
+    # Whether step 0 is evaluated is the main process's reading of the log, shared: all evaluate, or none.
+    logged = par.is_main and any(r["step"] == 0 for r in read_metrics(run.dir / "metrics.jsonl"))
+    if algo.eval_prompts and par.max(float(par.is_main and not logged)):
+        row = d.evaluate(initial)  # the point every later reward/eval_mean is read against
+        if par.is_main:
+            run.logger.log(0, row)
     model = rejection_sampling(d) if algo.mode == "rejection_sampling" else rest(d)
     progress.close()
     # Save RUN/final: the last fine-tuning's model.
-    out = copy_model_dir(Path(model), run.dir / "final")
-    run.final_step = steps
-    run.close()
-    print(f"{NAME}: {d.queries} reward queries; saved the policy to {out}")
+    out = run.dir / "final"
+    if par.is_main:
+        copy_model_dir(Path(model), out)
+        run.final_step = steps
+        run.close()
+        print(f"{NAME}: {d.queries} reward queries; saved the policy to {out}")
+    par.wait()  # RUN/final is there before any process returns
     return out
+
+
+@contextlib.contextmanager
+def _quiet(silent: bool):
+    """What the block prints dropped (silent: a process that is not the main one, which speaks for the run)."""
+    if not silent:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -112,6 +112,9 @@ def shard_model(model: nn.Module, settings: FSDPSettings) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     hf = _hf_model(model)
+    if hf is None:  # a small module beside a sharded model (PPO's value head): one unit
+        fully_shard(model, reshard_after_forward=settings.reshard_after_forward)
+        return _sum_gradients(model)
     names = set(settings.wrap_classes or getattr(hf, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
@@ -135,10 +138,16 @@ def shard_model(model: nn.Module, settings: FSDPSettings) -> nn.Module:
         if not isinstance(child, FSDPModule) and any(True for _ in child.parameters()):
             fully_shard(child, **kw)
     fully_shard(model, **kw)
+    return _sum_gradients(model)
+
+
+def _sum_gradients(model: nn.Module) -> nn.Module:
+    """Every unit's gradients SUMMED across processes, in a plain SUM reduce-scatter (gloo has no pre-multiplied
+    sum): the per-process losses are already normalized by the whole batch."""
+    from torch.distributed.fsdp import FSDPModule
+
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
-            # A plain SUM reduce-scatter (gloo has no pre-multiplied sum): the per-process losses are already
-            # normalized by the whole batch.
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
     return model
