@@ -19,7 +19,7 @@ from rlhflab.stages import STAGES
 from rlhflab.stages import rejection_sampling as rs
 from rlhflab.stages.common import snapshot_dir
 from rlhflab.stages.parallel import DataParallel
-from rlhflab.stages.rejection_sampling import (
+from rlhflab.stages.selection import (
     Candidates,
     Kept,
     above_threshold,
