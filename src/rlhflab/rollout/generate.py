@@ -395,6 +395,18 @@ def generate(
         lo = i * batch_size
         response_mask[lo : lo + c.shape[0], c.shape[1] :] = False
     entropy, sampler_logps = _cat_columns(entropies, width), _cat_columns(token_logps, width)
+    return assemble_rollout(
+        tokenizer, rows, prompts, (response_ids, response_mask, ended), pad_id, device, entropy, sampler_logps
+    )
+
+
+def assemble_rollout(
+    tokenizer, rows: list[list[int]], prompts, response: tuple, pad_id: int, device, entropy, sampler_logps
+) -> Rollout:
+    """The `Rollout` of sampled responses, laid out alike whichever engine sampled them: `rows` the prompts'
+    token ids (left-padded here), `response` = (response_ids [B, R], response_mask [B, R], ended_with_eos [B])
+    as `_cut_at_eos` gives them, `entropy` and `sampler_logps` [B, R] (entropy None: not reported)."""
+    response_ids, response_mask, ended = response
     prompt_ids, prompt_mask = _left_pad(rows, pad_id, max(len(r) for r in rows))
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
     return Rollout(
@@ -405,6 +417,6 @@ def generate(
         ended_with_eos=ended.to(device),
         texts=[t.strip() for t in texts],
         prompts=list(prompts),
-        entropy=entropy.masked_fill(~response_mask, 0.0).to(device),
+        entropy=None if entropy is None else entropy.masked_fill(~response_mask, 0.0).to(device),
         sampler_logps=sampler_logps.masked_fill(~response_mask, 0.0).to(device),
     )

@@ -57,7 +57,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rlhflab.errors import ConfigError
-from rlhflab.rollout.generate import Rollout, SamplingSettings, _cut_at_eos, _left_pad
+from rlhflab.rollout.generate import Rollout, SamplingSettings, _cut_at_eos, assemble_rollout
 
 # The LoRA ranks vLLM accepts for max_lora_rank (vllm/config/lora.py); the adapter's rank is rounded up to one.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -289,18 +289,8 @@ class VLLMEngine:
             sampler[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
         response_ids, response_mask, ended = _cut_at_eos(new_ids, torch.tensor(eos), pad_id)
         response_mask &= real  # columns past a row's last token are padding even when pad != EOS
-        prompt_ids, prompt_mask = _left_pad([list(r) for r in rows], pad_id, max(len(r) for r in rows))
-        texts = self.tokenizer.batch_decode(
-            response_ids.masked_fill(~response_mask, pad_id), skip_special_tokens=True
-        )
-        return Rollout(
-            prompt_ids=prompt_ids.to(device),
-            prompt_mask=prompt_mask.to(device),
-            response_ids=response_ids.to(device),
-            response_mask=response_mask.to(device),
-            ended_with_eos=ended.to(device),
-            texts=[t.strip() for t in texts],
-            prompts=list(prompts) if prompts is not None else [list(r) for r in rows],
-            entropy=None,
-            sampler_logps=sampler.masked_fill(~response_mask, 0.0).to(device),
-        )
+        rows = [list(r) for r in rows]
+        return assemble_rollout(
+            self.tokenizer, rows, rows if prompts is None else prompts, (response_ids, response_mask, ended), pad_id,
+            device, None, sampler,
+        )  # fmt: skip
