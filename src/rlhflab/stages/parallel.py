@@ -19,7 +19,9 @@ is what a machine without CUDA gets.
 
 Launched with an FSDP config file (configs/accelerate/fsdp.yaml), `prepare` shards the model with PyTorch's
 FSDP2 instead (`stages.sharding`): the gradients are then summed by FSDP itself, and work that reads the model
-outside the training step (evaluation, saving) runs on every process (`on_main`, `full_weights`).
+outside the training step (evaluation, saving) runs on every process (`on_main`, `full_weights`). Launched with
+a DeepSpeed config file (configs/accelerate/deepspeed_zero3.yaml), `attach` wraps the model and its optimizer in
+DeepSpeed's engine, and `backward` / `deepspeed_step` go through it (`stages.deepspeed_zero`).
 """
 
 from __future__ import annotations
