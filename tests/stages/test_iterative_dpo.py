@@ -272,8 +272,62 @@ def test_sequence_kl_is_the_summed_log_ratio_of_the_sampled_tokens(tiny_model_di
     old_batch = iterative_dpo.SAMPLE_BATCH
     try:
         iterative_dpo.SAMPLE_BATCH = 4  # several batches, the last one short
-        got = iterative_dpo._sequence_kl(policy, ref, rollout, 0.8)
+        got = float(iterative_dpo._sequence_kl(policy, ref, rollout, 0.8).mean())
     finally:
         iterative_dpo.SAMPLE_BATCH = old_batch
     assert got == pytest.approx(float(expected), rel=1e-4, abs=1e-5) and abs(got) > 1e-3
-    assert iterative_dpo._sequence_kl(policy, policy, rollout, 0.8) == pytest.approx(0.0, abs=1e-6)
+    assert iterative_dpo._sequence_kl(policy, policy, rollout, 0.8).abs().max() == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_pairs_do_not_depend_on_how_the_prompts_are_batched(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
+    """Every response comes from the seed of its row in the round, so a round's pairs are the same whether its
+    16 rows are sampled in one batch or in batches of 3 (a pair split across two): what lets processes share
+    out the prompts (tests/stages/test_parallel.py runs two)."""
+    runs = {}
+    for batch in (iterative_dpo.SAMPLE_BATCH, 3):
+        monkeypatch.setattr(iterative_dpo, "SAMPLE_BATCH", batch)
+        run = tmp_path / f"batch-{batch}"
+        iterative_dpo.train(_cfg(tiny_model_dir, prompts_file, run, "algo.rounds=1"), feedback=Recording())
+        runs[batch] = _pairs(run, 1)
+    one, split = runs.values()
+    assert one == split and len(one) >= 4
+    assert len({r["chosen"] for r in one}) > 1  # sampled, not one response everywhere
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algo.reward_model=rule:length", "algo.feedback_mode=bradley_terry"],
+            "reward draws labels from one random",
+        ),
+        (["algo.feedback=lab"], "lab draws the simulated annotators' labels from one random stream"),
+        (
+            ["algo.feedback=human", "algo.label_db=sqlite:///x.db", "algo.label_project=p"],
+            "human asks people",
+        ),
+    ],
+)
+def test_feedback_that_depends_on_the_process_count_is_refused_across_processes(
+    overrides, message, tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
+    """Each process asks about its share of the pairs: a source drawing from one random stream would label
+    them differently for each process count, and people answer through one queue: refused before anything."""
+    cfg = stage_config("iterative-dpo", tiny_model_dir, *overrides, data=prompts_file, out=tmp_path / "run")
+    passed = Recording() if "algo.feedback=lab" in overrides else None  # the command line builds the lab's
+    with pytest.raises(ConfigError, match=f"algo.feedback={message}.*across processes \\(WORLD_SIZE=2\\)"):
+        iterative_dpo.preflight(cfg, feedback=passed, world=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(ConfigError, match="run iterative-dpo in one process"):
+        iterative_dpo.preflight(cfg, feedback=passed)
+    monkeypatch.delenv("WORLD_SIZE")
+    if "algo.feedback=human" not in overrides:  # one process takes them (the label database is not made here)
+        iterative_dpo.preflight(cfg, feedback=passed)
+    drawn = stage_config("iterative-dpo", tiny_model_dir, "algo.reward_model=rule:length", data=prompts_file)
+    iterative_dpo.preflight(drawn, world=2)  # argmax labels are the pair's own
+    with pytest.raises(ConfigError, match="random stream"):  # a source passed in says how it labels
+        iterative_dpo.preflight(drawn, feedback=RewardFeedback(CharCount(), mode="bradley_terry"), world=2)

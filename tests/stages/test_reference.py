@@ -91,3 +91,54 @@ def test_response_tokens_count_both_sides_where_the_head_runs(pairs, tiny_tokeni
         tokenize_unpaired(UnpairedRecord("hello", "it is good .", True), tiny_tokenizer, max_length=32)
     ]
     assert response_tokens(unpaired, [0]) == sum(unpaired[0]["loss_mask"][1:]) > 0
+
+
+class _Rank:
+    """Rank `rank` of 2 whose sums return its own part: the two ranks' results then add up to the whole."""
+
+    def __init__(self, rank: int):
+        self.rank, self.world = rank, 2
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items):
+        return list(items)[self.rank :: self.world]
+
+    def sum_tensor(self, x):
+        return x
+
+    def sum(self, value):
+        return value
+
+    def wait(self):
+        pass
+
+
+def test_each_process_computes_its_share_of_the_rows_and_the_main_one_writes(
+    model, pairs, tiny_tokenizer, tmp_path
+):
+    """Across processes each computes the rows of its shard (zeros elsewhere, summed into the whole tensor) and
+    counts its own tokens; only the main process writes the cache."""
+    pad = tiny_tokenizer.pad_token_id
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    sets = {"train": pairs}
+    whole, _ = cached_reference_logps(tmp_path / "one", "ref", sets, "pairwise", lambda: model, CPU, pad, 2)
+    parts, tokens = [], []
+    for rank in (1, 0):  # the other process first: it writes nothing
+        logps, perf = cached_reference_logps(
+            tmp_path / "two", "ref", sets, "pairwise", lambda: model, CPU, pad, 2, log=lambda *_: None,
+            par=_Rank(rank),
+        )  # fmt: skip
+        assert (tmp_path / "two" / REF_CACHE).is_file() == (rank == 0)
+        parts.append(logps["train"])
+        tokens.append(perf["perf/ref_tokens_per_s"] * perf["perf/ref_seconds"])
+    assert torch.equal(parts[0][[0, 2]], torch.zeros(2, 2)) and torch.equal(parts[1][1], torch.zeros(2))
+    torch.testing.assert_close(parts[0] + parts[1], whole["train"], atol=1e-6, rtol=0)
+    own = [
+        sum(len(pairs[i]["chosen_input_ids"]) + len(pairs[i]["rejected_input_ids"]) for i in rows)
+        for rows in ([1], [0, 2])
+    ]
+    assert tokens == pytest.approx(own)

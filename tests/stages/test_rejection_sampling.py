@@ -422,3 +422,28 @@ def test_what_cannot_run_across_processes_is_refused(
     assert main([*args[:-2], "algo.reward_model=rule:length", f"logging.output_dir={run}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rlhflab rs does not run under FSDP" in err and not run.exists()
+
+
+def test_each_row_is_sampled_from_the_seed_of_its_row_in_the_round(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
+    """Process 1 of 2 samples prompts 1 and 3 of 5 (k=4): rows 4-7 and 12-15 of the round, each from
+    `row_seeds(seed, 20)` at that row."""
+    from types import SimpleNamespace
+
+    from rlhflab.stages.on_policy import row_seeds
+
+    got = []
+
+    def fake(cfg, model_dir, rows, reward, seed, seeds, device):
+        got.append(list(seeds))
+        n = len(rows)
+        return SimpleNamespace(
+            texts=[""] * n, response_lengths=torch.zeros(n, dtype=torch.long)
+        ), torch.zeros(n)
+
+    monkeypatch.setattr(rs, "_sample_scored", fake)
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path / "run")
+    rs.sample_rows(cfg, "unused", PPO_PROMPTS[:5], None, 11, torch.device("cpu"), _Rank(1, 2), k=4)
+    seeds = row_seeds(11, 20)
+    assert got == [[seeds[i] for i in (4, 5, 6, 7, 12, 13, 14, 15)]]

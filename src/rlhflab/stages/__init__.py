@@ -46,10 +46,12 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # The stages (and the `best-of-n` command, each process sampling its share of the prompts) that run data-parallel
 # across the processes `accelerate launch` / `torchrun` start (`rlhflab.stages.parallel`); any other command
-# refuses to start in more than one process. rs shares out each round's sampling by prompts and runs its
-# fine-tunings as data-parallel SFT runs.
-DATA_PARALLEL_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n", "rs")
+# refuses to start in more than one process. rs and iterative-dpo share out each round's sampling (and
+# iterative-dpo its feedback) by prompts and run their fine-tunings as data-parallel SFT / DPO runs.
+DATA_PARALLEL_STAGES = (
+    "sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n", "rs", "iterative-dpo",
+)  # fmt: skip
 # The stages that also run with the model sharded by FSDP (`rlhflab.stages.sharding`; the on-policy ones'
 # processes decode in step, transformers' `synced_gpus`) and under DeepSpeed's ZeRO (`rlhflab.stages.deepspeed_zero`).
-FSDP_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")
+FSDP_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo")
 DEEPSPEED_STAGES = ("sft", "rm", "dpo")

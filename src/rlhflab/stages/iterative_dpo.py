@@ -29,13 +29,25 @@ Each round logs one row of RUN/metrics.jsonl at step R (feedback/queries: the pa
 began, the label budget; pairs kept, ties, the samples' entropy and sequence KL from the initial model, the
 DPO run's last loss, accuracy and FLOP/s, the round's time split), saves RUN/snapshots/step-R
 every logging.snapshot_every rounds, and RUN/final is the last round's model.
+
+Every response comes from its own seed, a function of the round and of its row in the round (prompt-major: a
+prompt's responses are consecutive rows), so it does not depend on how the prompts are batched. That is what lets
+`torchrun` / `accelerate launch` run it data-parallel (`stages.parallel`): each process samples its share of the
+round's prompts (all responses of each) and asks the feedback source about their pairs, the shares are gathered in
+prompt order on every process, every process builds the same pairs, and each round's DPO run is data-parallel; the
+main process alone writes and prints. Sources that draw their labels from one random stream (feedback_mode=
+bradley_terry, the lab's annotators) and people (feedback=human) are refused across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +56,7 @@ import torch
 from rlhflab.config import DataSection, DPOAlgo, DPOConfig, IterativeDPOConfig
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
-from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.core.seeding import seed_everything
 from rlhflab.errors import ConfigError, UserError
 from rlhflab.feedback import FIRST, SECOND, TIE
 from rlhflab.losses.kl import kl_k1
@@ -53,6 +65,7 @@ from rlhflab.losses.utils import masked_sum
 from rlhflab.models.loading import load_causal_lm, load_tokenizer
 from rlhflab.stages import dpo
 from rlhflab.stages.common import (
+    Run,
     copy_model_dir,
     inner_run_logging,
     open_run,
@@ -68,10 +81,13 @@ from rlhflab.stages.on_policy import (
     default_feedback,
     load_prompts,
     require_feedback,
+    row_seeds,
     sample,
     sampling_settings,
 )
 from rlhflab.stages.online_dpo import ask_feedback
+from rlhflab.stages.parallel import DataParallel
+from rlhflab.stages.rejection_sampling import round_prompt_ids
 from rlhflab.stages.tournament import ask_tournament, best_worst_rows
 
 NAME = "iterative-dpo"
@@ -79,10 +95,26 @@ NAME = "iterative-dpo"
 SAMPLE_BATCH = 128
 
 
-def preflight(cfg: IterativeDPOConfig, *, feedback: Any = None) -> None:
-    """The checks that need no model or data file, run before anything is loaded or made."""
-    if cfg.algo.mode != "sdpo":
-        require_feedback(cfg.algo, feedback)
+def preflight(cfg: IterativeDPOConfig, *, feedback: Any = None, world: int | None = None) -> None:
+    """The checks that need no model or data file, run before anything is loaded or made (`world`: the number of
+    data-parallel processes, by default WORLD_SIZE's)."""
+    if cfg.algo.mode == "sdpo":
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1) if world is None else world
+    # Each process asks about its share of the pairs: a source that draws labels from one random stream would
+    # give labels that depend on the number of processes, and people answer through one queue.
+    algo, drawn = cfg.algo, getattr(feedback, "mode", cfg.algo.feedback_mode) == "bradley_terry"
+    why = {
+        "human": "asks people through one labelling queue",
+        "lab": "draws the simulated annotators' labels from one random stream",
+    }.get(algo.feedback, "draws labels from one random stream (feedback_mode=bradley_terry)" if drawn else "")
+    if world > 1 and why:
+        raise ConfigError(
+            f"config: algo.feedback={algo.feedback} {why}, which is not shared across processes "
+            f"(WORLD_SIZE={world}); run iterative-dpo in one process"
+            + (" or use algo.feedback_mode=argmax" if algo.feedback not in ("human", "lab") else "")
+        )
+    require_feedback(cfg.algo, feedback)
 
 
 _LAB_NEEDS_A_SOURCE = (
@@ -92,20 +124,21 @@ _LAB_NEEDS_A_SOURCE = (
 )
 
 
-def labelled_pairs(rollout, labels: torch.Tensor) -> tuple[list[dict], int]:
-    """Step 2: (a prompt/chosen/rejected record for each pair labelled 1 (first chosen) or 0 (second chosen),
-    the number of decided pairs dropped because a response is empty text: a pairs file holds no empty
-    response, so a policy that answers with EOS alone cannot be trained on here as online-dpo can)."""
+def labelled_pairs(prompts: list, texts: list[str], labels: torch.Tensor) -> tuple[list[dict], int]:
+    """Step 2: pair i is prompts[i] with texts 2i (first) and 2i + 1 (second). Returns (a prompt/chosen/rejected
+    record for each pair labelled 1 (first chosen) or 0 (second chosen), the number of decided pairs dropped
+    because a response is empty text: a pairs file holds no empty response, so a policy that answers with EOS
+    alone cannot be trained on here as online-dpo can)."""
     rows, empty = [], 0
     for i, label in enumerate(labels.tolist()):
         if label not in (FIRST, SECOND):  # a tie, or no answer (NaN)
             continue
-        first, second = rollout.texts[2 * i], rollout.texts[2 * i + 1]
+        first, second = texts[2 * i], texts[2 * i + 1]
         if not first.strip() or not second.strip():
             empty += 1
             continue
         chosen, rejected = (first, second) if label == FIRST else (second, first)
-        rows.append({"prompt": plain_json(rollout.prompts[2 * i]), "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": plain_json(prompts[i]), "chosen": chosen, "rejected": rejected})
     return rows, empty
 
 
@@ -152,96 +185,153 @@ def _sdpo_stages(cfg: IterativeDPOConfig) -> list[list[dict]]:
     return [rows[bounds[i] : bounds[i + 1]] for i in range(k)]
 
 
-def _sample(cfg: IterativeDPOConfig, model_dir: str, prompts: list, rnd: int, per_prompt: int, initial: str):
-    """Step 1 of round `rnd`: `per_prompt` responses to each of the round's prompts from `model_dir` (rows
-    per_prompt * p .. per_prompt * (p + 1) - 1 answer prompt p), and their mean sequence KL from `initial`."""
-    algo = cfg.algo
-    device = resolve_device(cfg.model.device)
+def _sample(cfg: IterativeDPOConfig, model_dir: str, rows: list, seeds: list[int], initial: str, device):
+    """Step 1: one response to each of `rows` (prompts, each repeated per_prompt times) from `model_dir`, row i
+    from its own seed `seeds[i]`, and each response's sequence KL from `initial` (None when `model_dir` is it)."""
     policy = load_causal_lm(model_dir, dtype=cfg.model.dtype, device=str(device)).eval()
-    tokenizer = load_tokenizer(model_dir)
-    per_epoch = len(prompts) // algo.prompts_per_round
-    epoch, position = divmod(rnd - 1, per_epoch)
-    order = batch_schedule(len(prompts), algo.prompts_per_round, cfg.seed, epoch)[position]
-    repeated = [prompts[i] for i in order for _ in range(per_prompt)]
     rollout = sample(
         policy,
-        tokenizer,
-        repeated,
+        load_tokenizer(model_dir),
+        rows,
         sampling_settings(cfg.sampling),
         model_cfg=cfg.model,
         data=cfg.data,
         device=device,
-        batch_size=min(len(repeated), SAMPLE_BATCH),
-        seed=cfg.seed * 100_003 + rnd,  # a function of the round: a resumed round samples the same responses
+        batch_size=min(len(rows), SAMPLE_BATCH),
+        seed=seeds[0],
+        row_seeds=seeds,
     )
     if Path(model_dir) == Path(initial):  # round 1 samples the initial model itself
-        return rollout, 0.0
+        return rollout, None
     ref = load_causal_lm(initial, dtype=cfg.model.dtype, device=str(device)).eval()
     return rollout, _sequence_kl(policy, ref, rollout, cfg.sampling.temperature)
 
 
 @torch.no_grad()
-def _sequence_kl(policy, ref, rollout, temperature: float) -> float:
-    """Mean over the rollout's responses of sum_t [log pi(y_t) - log ref(y_t)] (the k1 estimate of
-    KL(pi || ref) per sequence, as PPO logs it), in batches of SAMPLE_BATCH rows."""
-    total = 0.0
+def _sequence_kl(policy, ref, rollout, temperature: float) -> torch.Tensor:
+    """Per response of the rollout, sum_t [log pi(y_t) - log ref(y_t)] (the k1 estimate of KL(pi || ref) per
+    sequence, as PPO logs it) [B], in batches of SAMPLE_BATCH rows."""
+    out = []
     for lo in range(0, len(rollout), SAMPLE_BATCH):
         part = rollout.select(torch.arange(lo, min(lo + SAMPLE_BATCH, len(rollout))))
         pol, _ = rollout_logps(policy, part, temperature)
         base, _ = rollout_logps(ref, part, temperature)
-        total += float(masked_sum(kl_k1(pol, base), part.response_mask, dim=-1).sum())
-    return total / len(rollout)
+        out.append(masked_sum(kl_k1(pol, base), part.response_mask, dim=-1).float().cpu())
+    return torch.cat(out)
 
 
-def _sample_and_ask(
-    cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int, initial: str
-) -> tuple:
+def _sample_share(rs: Rounds, model_dir: str, ids: list[int], rnd: int, k: int, ask) -> list[dict]:
+    """Steps 1-2 of round `rnd` for the prompts `ids`, k responses each: this process samples its share of them
+    (`par.shard`; row i of the round's prompt-major rows from `row_seeds(...)[i]`, so a response does not depend
+    on which process samples it, nor on the batching), asks `ask(rollout)` about them (one dict per prompt), and
+    every process gets one dict per prompt of the round, in prompt order (`par.gather`): its k texts, response
+    lengths, sequence KLs (None in round 1), entropy (sum, count) or None, and what `ask` said."""
+    cfg, par = rs.cfg, rs.par
+    # A function of the round: a resumed round samples the same responses.
+    seeds = row_seeds(cfg.seed * 100_003 + rnd, len(ids) * k)
+    mine, share = par.shard(list(range(len(ids)))), []
+    if mine:  # more processes than prompts: this one has none
+        rows = [rs.prompts[ids[q]] for q in mine for _ in range(k)]
+        own = [seeds[q * k + j] for q in mine for j in range(k)]
+        rollout, kl = _sample(cfg, model_dir, rows, own, rs.initial, rs.device)
+        asked, lengths = ask(rollout), rollout.response_lengths.tolist()
+        for p in range(len(mine)):
+            span = slice(p * k, (p + 1) * k)
+            entropy = None
+            if rollout.entropy is not None:  # the round's starting policy's entropy per sampled token
+                mask = rollout.response_mask[span]
+                entropy = (float(rollout.entropy[span][mask].sum()), float(mask.sum()))
+            share.append(
+                {
+                    "texts": rollout.texts[span],
+                    "lengths": lengths[span],
+                    "kl": kl[span].tolist() if kl is not None else None,
+                    "entropy": entropy,
+                    **asked[p],
+                }
+            )
+    return par.gather(share)
+
+
+def _sample_metrics(shares: list[dict]) -> dict[str, float]:
+    """The round's samples: mean response length, mean sequence KL from the initial model, mean entropy."""
+    lengths = [n for s in shares for n in s["lengths"]]
+    kls = [x for s in shares if s["kl"] is not None for x in s["kl"]]
+    out = {
+        "perf/response_length": sum(lengths) / len(lengths),
+        "kl/sequence": sum(kls) / len(kls) if kls else 0.0,
+    }
+    entropy = [s["entropy"] for s in shares if s["entropy"] is not None]
+    if entropy and sum(c for _, c in entropy):
+        out["loss/entropy_rollout"] = sum(e for e, _ in entropy) / sum(c for _, c in entropy)
+    return out
+
+
+def _sample_and_ask(rs: Rounds, model_dir: str, ids: list[int], rnd: int) -> tuple:
     """Steps 1-2 of round `rnd` from `model_dir`: (pair records, per-round feedback metrics)."""
-    rollout, kl = _sample(cfg, model_dir, prompts, rnd, 2, initial)
-    labels, identical, scores = ask_feedback(feedback, rollout, cfg.algo.feedback_timeout)
-    rows, empty = labelled_pairs(rollout, labels)
+
+    def ask(rollout) -> list[dict]:  # this process's pairs, one per prompt
+        labels, identical, scores = ask_feedback(rs.feedback, rollout, rs.cfg.algo.feedback_timeout)
+        first, second = scores if scores is not None else (labels * float("nan"),) * 2
+        return [
+            {
+                "label": labels[p].item(),
+                "identical": bool(identical[p]),
+                "scores": (first[p].item(), second[p].item()),
+            }
+            for p in range(len(labels))
+        ]
+
+    shares = _sample_share(rs, model_dir, ids, rnd, 2, ask)
+    labels = torch.tensor([s["label"] for s in shares], dtype=torch.float32)
+    identical = torch.tensor([s["identical"] for s in shares], dtype=torch.bool)
+    texts = [t for s in shares for t in s["texts"]]
+    rows, empty = labelled_pairs([rs.prompts[i] for i in ids], texts, labels)
     metrics = {
         "feedback/pairs_kept": float(len(rows)),
         "feedback/empty_response": float(empty),
         "feedback/ties": float((labels == TIE).sum()),
         "feedback/unanswered": float((labels.isnan() & ~identical).sum()),
         "feedback/identical": float(identical.sum()),
-        "perf/response_length": float(rollout.response_lengths.float().mean()),
-        "kl/sequence": kl,
+        **_sample_metrics(shares),
     }
-    if rollout.mean_entropy() is not None:  # the round's starting policy's entropy per sampled token
-        metrics["loss/entropy_rollout"] = rollout.mean_entropy()
-    if scores is not None:
-        both = torch.cat(scores)
-        if torch.isfinite(both).any():
-            metrics["reward/score"] = float(both[torch.isfinite(both)].mean())
+    both = torch.tensor([x for s in shares for x in s["scores"]], dtype=torch.float32)
+    if torch.isfinite(both).any():
+        metrics["reward/score"] = float(both[torch.isfinite(both)].mean())
     return rows, metrics
 
 
-def _sample_and_rank(
-    cfg: IterativeDPOConfig, model_dir: str, prompts: list, feedback, rnd: int, round_dir: Path, initial: str
-):
+def _sample_and_rank(rs: Rounds, model_dir: str, ids: list[int], rnd: int, round_dir: Path):
     """DNO's steps 1-2 of round `rnd`: K samples per prompt, every pair among them asked, the (best, worst) pair by
     win rate kept when its margin passes; each prompt's tournament written to round_dir/tournament.jsonl.
     Returns (pair records, per-round feedback metrics)."""
-    algo, k = cfg.algo, cfg.algo.samples_per_prompt
-    rollout, kl = _sample(cfg, model_dir, prompts, rnd, k, initial)
-    labels, identical = ask_tournament(feedback, rollout.prompts, rollout.texts, k, algo.feedback_timeout)
-    plain = [plain_json(p) for p in rollout.prompts]
-    rows, records, metrics = best_worst_rows(plain, rollout.texts, labels, k, algo.min_win_rate_margin)
-    write_jsonl_atomic(round_dir / "tournament.jsonl", records)
+    algo, k = rs.cfg.algo, rs.cfg.algo.samples_per_prompt
+
+    def ask(rollout) -> list[dict]:  # this process's tournaments, one per prompt
+        labels, identical = ask_tournament(
+            rs.feedback, rollout.prompts, rollout.texts, k, algo.feedback_timeout
+        )
+        return [
+            {"labels": labels[p].tolist(), "identical": identical[p].tolist()} for p in range(len(labels))
+        ]
+
+    shares = _sample_share(rs, model_dir, ids, rnd, k, ask)
+    labels = torch.tensor([s["labels"] for s in shares], dtype=torch.float32)
+    identical = torch.tensor([s["identical"] for s in shares], dtype=torch.bool)
+    plain = [plain_json(rs.prompts[i]) for i in ids for _ in range(k)]
+    texts = [t for s in shares for t in s["texts"]]
+    rows, records, metrics = best_worst_rows(plain, texts, labels, k, algo.min_win_rate_margin)
+    if rs.par.is_main:  # every process goes on once the round's pairs file is written after it
+        write_jsonl_atomic(round_dir / "tournament.jsonl", records)
     asked = ~identical
     metrics.update(
         {
             "feedback/ties": float((labels[asked] == TIE).sum()),
             "feedback/unanswered": float(labels[asked].isnan().sum()),
             "feedback/identical": float(identical.sum()),
-            "perf/response_length": float(rollout.response_lengths.float().mean()),
-            "kl/sequence": kl,
+            **_sample_metrics(shares),
         }
     )
-    if rollout.mean_entropy() is not None:
-        metrics["loss/entropy_rollout"] = rollout.mean_entropy()
     return rows, metrics
 
 
@@ -260,19 +350,94 @@ def _dpo_metrics(run_dir: Path, loss: str) -> dict[str, float]:
     return out
 
 
-def _feedback_state(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.is_file() else None
-
-
-def _setup(cfg: IterativeDPOConfig, feedback: Any):
+def _setup(cfg: IterativeDPOConfig, feedback: Any, device, par: DataParallel):
     """The rounds' inputs: (prompts or None, sDPO stages or None, feedback source or None)."""
     if cfg.algo.mode == "sdpo":
         return None, _sdpo_stages(cfg), None
     require_train_path(cfg.data, "prompt")
-    if feedback is None:
-        feedback = default_feedback(cfg.algo, resolve_device(cfg.model.device), cfg.seed)
-    prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_round)
+    # The main process reports what loading says.
+    with contextlib.redirect_stdout(io.StringIO()) if not par.is_main else contextlib.nullcontext():
+        if feedback is None:
+            feedback = default_feedback(cfg.algo, device, cfg.seed)
+        prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_round)
     return prompts, None, feedback
+
+
+@dataclass
+class Rounds:
+    """What every round of a run shares (`par`: every process runs every round, the main one alone writes and
+    prints)."""
+
+    cfg: IterativeDPOConfig
+    run: Run
+    par: DataParallel
+    device: torch.device
+    initial: str
+    prompts: list | None  # mode=iterative, dno
+    stages: list | None  # mode=sdpo
+    feedback: Any
+
+    def say(self, message: str) -> None:
+        if self.par.is_main:
+            print(message)
+
+    def skip(self, rnd: int, round_dir: Path) -> int:
+        """A finished round on --resume: its model carries over, and so does its label count (returned)."""
+        self.say(f"{NAME}: round {rnd} is finished ({round_dir / 'dpo' / 'final'}); skipped")
+        state = round_dir / "feedback.pt"
+        if state.is_file():
+            self.feedback.load_state_dict(torch.load(state, weights_only=False))
+        return json.loads((round_dir / "round.json").read_text()).get("queries", 0)
+
+
+def _round(rs: Rounds, rnd: int, model: str, queries: int) -> tuple[dict[str, float], int]:
+    """Round `rnd` from the model `model` (`queries`: the labels asked before it): steps 1-3, saved and logged.
+    Returns (its metrics, its labels asked)."""
+    cfg, algo, par = rs.cfg, rs.cfg.algo, rs.par
+    round_dir, t_round = rs.run.dir / f"round-{rnd}", time.time()
+    final = round_dir / "dpo" / "final"
+    # 1-2. sample from the round's starting policy and ask, or take the sDPO stage's pairs
+    metrics: dict[str, float] = {}
+    round_queries = 0
+    if rs.feedback is not None:
+        asked_before = rs.feedback.queries
+        ids = round_prompt_ids(len(rs.prompts), algo.prompts_per_round, cfg.seed, rnd)
+        if algo.mode == "dno":
+            rows, metrics = _sample_and_rank(rs, model, ids, rnd, round_dir)
+        else:
+            rows, metrics = _sample_and_ask(rs, model, ids, rnd)
+        round_queries = int(par.sum(float(rs.feedback.queries - asked_before)))  # each asked about its share
+        metrics["feedback/queries"] = float(queries + round_queries)
+    else:
+        rows = rs.stages[rnd - 1]
+        metrics["feedback/pairs_kept"] = float(len(rows))
+    if par.is_main:
+        write_jsonl_atomic(round_dir / "pairs.jsonl", rows)
+    par.wait()
+    t_train = time.time()
+    # 3. offline DPO on the round's pairs, from the round's starting model; every process runs it (data-parallel)
+    reference = model if algo.reference == "round_start" else rs.initial
+    if len(rows) < cfg.optim.batch_size:  # too few decided pairs for one step: the policy stays
+        rs.say(f"{NAME}: round {rnd} kept {len(rows)} pairs, fewer than one batch; the model is unchanged")
+        if par.is_main:
+            copy_model_dir(Path(model), final)
+    else:
+        dpo.train(dpo_config(cfg, round_dir, model, reference), overwrite=True)
+        if par.is_main:
+            metrics.update(_dpo_metrics(round_dir / "dpo", algo.loss))
+    metrics["perf/time_sample_and_ask"] = t_train - t_round  # sDPO: reading its stage's pairs
+    metrics["perf/time_train"] = time.time() - t_train
+    if par.is_main:
+        if rs.feedback is not None and hasattr(rs.feedback, "state_dict"):
+            torch.save(rs.feedback.state_dict(), round_dir / "feedback.pt")
+        atomic_write_text(round_dir / "round.json", json.dumps({"queries": round_queries, **metrics}) + "\n")
+        if cfg.logging.snapshot_every and rnd % cfg.logging.snapshot_every == 0:
+            copy_model_dir(final, snapshot_dir(rs.run.dir, rnd))
+        rs.run.logger.log(rnd, {"round/index": float(rnd), **metrics})
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("perf/"))
+        print(f"{NAME}: round {rnd}/{algo.rounds}  {shown}")
+    par.wait()  # the round's model and files are there before any process goes on
+    return metrics, round_queries
 
 
 def train(
@@ -282,6 +447,10 @@ def train(
 
     `feedback` (mode=iterative, dno): any source of `rlhflab.feedback`; by default a `RewardFeedback` of the
     reward source(s) in algo.reward_model, or a `PreferenceModelFeedback` of algo.preference_model.
+
+    Launched in several processes (`torchrun`, `accelerate launch`), each samples and asks about its share of
+    every round's prompts and runs its share of every DPO step (`stages.parallel`); every process returns
+    RUN/final. A source passed in is asked by every process about its share, so it must judge each pair alone.
     """
     algo, iterative = cfg.algo, cfg.algo.mode != "sdpo"  # iterative: the rounds sample and ask
     preflight(cfg, feedback=feedback)
@@ -289,69 +458,36 @@ def train(
         raise ConfigError(_LAB_NEEDS_A_SOURCE)
     if cfg.algo.mode == "sdpo" and feedback is not None:
         raise UserError("iterative-dpo: algo.mode=sdpo asks no feedback source; do not pass feedback=")
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.optim.batch_size)  # each round's DPO run's, checked before a round samples
     initial = resolve_model_path(cfg.model.name_or_path)
     seed_everything(cfg.seed)
-    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
-    prompts, stages, feedback = _setup(cfg, feedback)
+    device = par.device if par.device is not None else resolve_device(cfg.model.device)
+    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    prompts, stages, feedback = _setup(cfg, feedback, device, par)
+    rs = Rounds(cfg, run, par, device, initial, prompts, stages, feedback)
     source = getattr(feedback, "name", type(feedback).__name__) if iterative else f"{cfg.data.pairs_path}"
-    print(
+    rs.say(
         f"{NAME}: mode {algo.mode}, loss {algo.loss}, {algo.rounds} rounds, pairs from {source}, run dir {run.dir}"
+        + par.describe()
     )
-
     model, queries = initial, 0
     for rnd in range(1, algo.rounds + 1):
         round_dir = run.dir / f"round-{rnd}"
-        final = round_dir / "dpo" / "final"
-        if resume and final.is_dir():  # a finished round: its model and its label count carry over
-            print(f"{NAME}: round {rnd} is finished ({final}); skipped")
-            state = _feedback_state(round_dir / "feedback.pt")
-            if state is not None:
-                feedback.load_state_dict(state)
-            queries += json.loads((round_dir / "round.json").read_text()).get("queries", 0)
-            model = str(final)
-            continue
-        # 1-2. sample from the round's starting policy and ask, or take the sDPO stage's pairs
-        metrics: dict[str, float] = {}
-        t_round = time.time()
-        round_queries = 0
-        if iterative:
-            asked_before = feedback.queries
-            if algo.mode == "dno":
-                rows, metrics = _sample_and_rank(cfg, model, prompts, feedback, rnd, round_dir, initial)
-            else:
-                rows, metrics = _sample_and_ask(cfg, model, prompts, feedback, rnd, initial)
-            round_queries = feedback.queries - asked_before
-            queries += round_queries
-            metrics["feedback/queries"] = float(queries)
+        # Whether a round is finished is the main process's reading, shared: all skip it, or none.
+        if resume and par.max(float(par.is_main and (round_dir / "dpo" / "final").is_dir())):
+            queries += rs.skip(rnd, round_dir)
         else:
-            rows = stages[rnd - 1]
-            metrics["feedback/pairs_kept"] = float(len(rows))
-        write_jsonl_atomic(round_dir / "pairs.jsonl", rows)
-        t_train = time.time()
-        # 3. offline DPO on the round's pairs, from the round's starting model
-        reference = model if algo.reference == "round_start" else initial
-        if len(rows) < cfg.optim.batch_size:  # too few decided pairs for one step: the policy stays
-            print(f"{NAME}: round {rnd} kept {len(rows)} pairs, fewer than one batch; the model is unchanged")
-            copy_model_dir(Path(model), final)
-        else:
-            dpo.train(dpo_config(cfg, round_dir, model, reference), overwrite=True)
-            metrics.update(_dpo_metrics(round_dir / "dpo", algo.loss))
-        metrics["perf/time_sample_and_ask"] = t_train - t_round  # sDPO: reading its stage's pairs
-        metrics["perf/time_train"] = time.time() - t_train
-        if iterative and hasattr(feedback, "state_dict"):
-            torch.save(feedback.state_dict(), round_dir / "feedback.pt")
-        atomic_write_text(round_dir / "round.json", json.dumps({"queries": round_queries, **metrics}) + "\n")
-        model = str(final)
-        if cfg.logging.snapshot_every and rnd % cfg.logging.snapshot_every == 0:
-            copy_model_dir(final, snapshot_dir(run.dir, rnd))
-        run.logger.log(rnd, {"round/index": float(rnd), **metrics})
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("perf/"))
-        print(f"{NAME}: round {rnd}/{algo.rounds}  {shown}")
+            queries += _round(rs, rnd, model, queries)[1]
+        model = str(round_dir / "dpo" / "final")
 
     # Save RUN/final: the last round's model.
-    out = copy_model_dir(Path(model), run.dir / "final")
-    run.final_step = algo.rounds
-    run.close()
-    asked = f"{queries} feedback queries; " if iterative else ""
-    print(f"{NAME}: {asked}saved the policy to {out}")
+    out = run.dir / "final"
+    if par.is_main:
+        copy_model_dir(Path(model), out)
+        run.final_step = algo.rounds
+        run.close()
+        asked = f"{queries} feedback queries; " if iterative else ""
+        print(f"{NAME}: {asked}saved the policy to {out}")
+    par.wait()  # RUN/final is there before any process returns
     return out

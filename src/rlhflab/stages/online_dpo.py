@@ -58,6 +58,7 @@ from rlhflab.stages.common import (
     accumulate_metrics,
     build_optimizer,
     clip_gradients,
+    finish,
     load_policy,
     mixed_precision,
     open_run,
@@ -66,6 +67,7 @@ from rlhflab.stages.common import (
 )
 from rlhflab.stages.data_source import require_train_path
 from rlhflab.stages.on_policy import (
+    check_data_parallel,
     default_feedback,
     load_prompts,
     require_feedback,
@@ -201,12 +203,14 @@ def update(
     last,
     par=None,
     n: int | None = None,
+    spare: list[dict] | None = None,
 ):
     """Step 4 on the step's pairs (micro-batches of algo.micro_batch_size, the loss normalized by all pairs so
     the accumulated gradient is the whole batch's). Returns (metrics, sequence KL [2B] of the chosen rows then
     the rejected rows under the policy before the step, or None without a reference). Across processes
     (`par`), `examples` are this process's share of the step's `n` pairs: the summed gradients and the metrics
-    are the whole step's."""
+    are the whole step's. A sharded policy's every forward pass needs every process: one with fewer
+    micro-batches joins the others' passes on `spare` (a pair of its own) weighted 0, recording nothing."""
     par = par or DataParallel()
     n = len(examples) if n is None else n
     micro = ctx.algo.micro_batch_size or max(len(examples), 1)
@@ -214,8 +218,13 @@ def update(
     sums: dict[str, list[float]] = {}
     counts = {"tokens": 0, "head_tokens": 0, "time_reference": 0.0}
     total, chosen_kl, rejected_kl = 0.0, [], []
-    for s in range(0, len(examples), micro):
-        out, policy, ref, c = pair_loss(ctx, examples[s : s + micro])
+    chunks: list = [examples[s : s + micro] for s in range(0, len(examples), micro)]
+    chunks += [None] * (int(par.max(len(chunks))) - len(chunks) if par.sharded else 0)
+    for chunk in chunks:
+        out, policy, ref, c = pair_loss(ctx, chunk or spare)
+        if chunk is None:
+            (out.loss.sum() * 0.0).backward()
+            continue
         loss = out.loss.sum() / n
         check_finite({metric: loss}, step=step, last_good=last)
         loss.backward()
@@ -235,12 +244,10 @@ def update(
         accumulate_metrics(sums, {"kl/sequence": seq_kl})
     total_tokens = par.sum_all({"loss": total, "tokens": counts["tokens"], "head": counts["head_tokens"]})
     metrics = {metric: total_tokens["loss"], **par.metric_means(sums), "loss/grad_norm": grad_norm}
-    metrics["perf/lr"] = scheduler.get_last_lr()[0]
-    metrics["perf/train_tokens"], metrics["perf/train_head_tokens"] = (
-        total_tokens["tokens"],
-        total_tokens["head"],
+    metrics.update({"perf/lr": scheduler.get_last_lr()[0], "perf/time_reference": counts["time_reference"]})
+    metrics.update(
+        {"perf/train_tokens": total_tokens["tokens"], "perf/train_head_tokens": total_tokens["head"]}
     )
-    metrics["perf/time_reference"] = counts["time_reference"]
     return metrics, seq_kl
 
 
@@ -378,8 +385,9 @@ def _steps_2_to_4(
     t0 = time.time()
     metrics, seq_kl = {"perf/time_reference": 0.0}, None
     if n:  # no optimizer step when every pair was a tie or unanswered
+        spare = pair_examples(rollout, torch.tensor([FIRST]))[0]  # pair 0, for passes joined at weight 0
         metrics, seq_kl = update(
-            ctx, examples, optimizer, scheduler, cfg.optim.max_grad_norm, step, last, par=par, n=n
+            ctx, examples, optimizer, scheduler, cfg.optim.max_grad_norm, step, last, par, n, spare
         )
     metrics["perf/time_optimize"] = time.time() - t0 - metrics["perf/time_reference"]
     metrics["perf/time_feedback"] = t_feedback
@@ -416,10 +424,11 @@ def train(
         raise ConfigError(_LAB_NEEDS_A_SOURCE)
     # 1. Setup: seeds, run directory, policy, reference, feedback source, prompts.
     par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
-    par.check_batch(algo.prompts_per_step, "algo.prompts_per_step")
+    check_data_parallel(algo, par, "algo.prompts_per_step", algo.prompts_per_step)
     seed_everything(cfg.seed)
     run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     policy, tokenizer, device = load_policy(cfg.model, device=par.device)
+    policy = par.prepare(policy)  # sharded across the processes under FSDP, before the optimizer sees it
     live_ref, ref_model = _reference(cfg, policy, device)
     if feedback is None:
         feedback = default_feedback(algo, device, cfg.seed)
@@ -437,7 +446,7 @@ def train(
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
     extra = {"state": feedback_state.state if feedback_state.active else None, "snapshot": snapshot}
     loop = Loop(run, NAME, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume,
-                writes=par.is_main, **extra)  # fmt: skip
+                parallel=par, **extra)  # fmt: skip
     feedback_state.resume(loop.resumed_state)
     if resume and par.is_main:
         _trim_rollouts(rollouts, loop.step)
@@ -471,14 +480,11 @@ def train(
         loop.end_step(metrics, show={k: v for k, v in show.items() if v in metrics})
     loop.close()
 
-    # 5. Save the final model (HF format).
-    final = run.dir / "final"
-    queries = int(par.sum(float(feedback.queries)))
-    if par.is_main:
-        save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge)
-        run.close()
-        print(f"{NAME}: {queries} feedback queries; saved the policy to {final}")
-    par.wait()  # the other processes return once the main one has saved the model
+    # 5. Save the final model (HF format), gathered whole from a sharded policy, by the main process.
+    final, queries = run.dir / "final", int(par.sum(float(feedback.queries)))
+    finish(par, run, policy, NAME, loop.step, None,
+           lambda: save_model(policy, tokenizer, final, merge_lora=cfg.model.lora.merge),
+           f"policy ({queries} feedback queries)")  # fmt: skip
     return final
 
 
