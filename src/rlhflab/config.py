@@ -558,9 +558,10 @@ _LOSS_HYPERPARAMETERS = (
 )
 
 
-def _check_engine(engine: str) -> None:
+def _check_engine(engine: str, key: str = "config: sampling.engine") -> None:
     """sampling.engine=vllm is refused with the first thing missing: a CUDA GPU, the vllm package, then one
-    process (the colocated engine samples for one training process; data-parallel runs use the HF engine)."""
+    process (the colocated engine samples for one training process; data-parallel runs use the HF engine).
+    `key`: how the message names the setting (`rlhflab best-of-n --engine`)."""
     if engine != "vllm":
         return
     import importlib.util
@@ -570,18 +571,16 @@ def _check_engine(engine: str) -> None:
 
     if not torch.cuda.is_available():
         raise ConfigError(
-            "config: sampling.engine=vllm needs a CUDA GPU (vLLM does not sample on CPU) and none is visible; "
-            "use sampling.engine=hf"
+            f"{key}=vllm needs a CUDA GPU (vLLM does not sample on CPU) and none is visible; use {key.split()[-1]}=hf"
         )
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            "config: sampling.engine=vllm needs the vllm package: pip install 'rlhflab[vllm]'; or use "
-            "sampling.engine=hf"
+            f"{key}=vllm needs the vllm package: pip install 'rlhflab[vllm]'; or use {key.split()[-1]}=hf"
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
-            "config: sampling.engine=vllm runs one vLLM engine beside one training process; this run has "
-            f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE): launch one process, or use sampling.engine=hf"
+            f"{key}=vllm runs one vLLM engine beside one training process; this run has "
+            f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE): launch one process, or use {key.split()[-1]}=hf"
         )
 
 

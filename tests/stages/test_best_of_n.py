@@ -7,6 +7,8 @@ from rlhflab.errors import ConfigError, UserError
 from rlhflab.rollout.generate import SamplingSettings, generate
 from rlhflab.stages.best_of_n import BestOfN, best_of_n, best_of_n_kl
 
+from ..helpers import write_jsonl
+
 PROMPTS = [
     "the cat sat on the mat",
     "what is the cat",
@@ -330,3 +332,31 @@ def test_an_engine_gets_the_row_seeds(tiny_tokenizer):
     )
     assert engine.calls == [{"rows": 6, "row_seeds": list(range(6)), "seed": 5}]
     assert result.all_scores.tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
+
+
+def test_the_vllm_engine_is_refused_by_the_flag_that_asked_for_it(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`--engine vllm` on a machine without CUDA: one line naming the command's flag, exit 2, nothing written."""
+    from rlhflab.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the cat"}])
+    args = [
+        "best-of-n",
+        "--policy",
+        str(tiny_model_dir),
+        "--reward",
+        "rule:length",
+        "--prompts",
+        str(prompts),
+    ]
+    assert main([*args, "--out", str(tmp_path / "out.jsonl"), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and "best-of-n: --engine=vllm needs a CUDA GPU" in err
+        and "use --engine=hf" in err
+    )
+    assert not (tmp_path / "out.jsonl").exists()

@@ -256,7 +256,7 @@ def sample_to_file(
             f"best-of-n: --engine vllm runs in one process (WORLD_SIZE={world}); launch it as one process, "
             "or use --engine hf across processes"
         )
-    _check_engine(engine)  # vllm with no GPU or no vllm package: refused before anything loads
+    _check_engine(engine, "best-of-n: --engine")  # vllm without a GPU or the package: refused before loading
     par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
     log = log if par.is_main else _silent
     dev = par.device if par.device is not None else resolve_device(device)
