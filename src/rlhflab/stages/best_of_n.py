@@ -197,15 +197,18 @@ def best_of_n(
     )
     scores = score_in_batches(reward, repeated, rollout.texts, score_batch_size)
     all_texts = [rollout.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-    rule_logits = None
-    if rules is not None:
-        logits = torch.as_tensor(rules.score_all_heads(repeated, rollout.texts)).float().cpu()
-        if logits.dim() != 2 or logits.shape[0] != len(repeated) or not torch.isfinite(logits).all():
-            raise UserError(
-                f"the rule classifiers returned {tuple(logits.shape)} scores (or non-finite ones) for {len(repeated)} responses"
-            )
-        rule_logits = logits.view(len(prompts), n, -1)
+    rule_logits = _rule_logits(rules, repeated, rollout.texts, n) if rules is not None else None
     return BestOfN.from_scores(all_texts, scores.view(len(prompts), n), rule_logits)
+
+
+def _rule_logits(rules, prompts: list, texts: list[str], n: int) -> torch.Tensor:
+    """The rule classifiers' violation logits of every sample ([P * n] rows, prompt-major) as [P, n, R]."""
+    logits = torch.as_tensor(rules.score_all_heads(prompts, texts)).float().cpu()
+    if logits.dim() != 2 or logits.shape[0] != len(prompts) or not torch.isfinite(logits).all():
+        raise UserError(
+            f"the rule classifiers returned {tuple(logits.shape)} scores (or non-finite ones) for {len(prompts)} responses"
+        )
+    return logits.view(len(prompts) // n, n, -1)
 
 
 def sample_to_file(

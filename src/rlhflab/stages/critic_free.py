@@ -453,11 +453,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         t0 = time.time()
         seed, k = cfg.seed * 100_003 + loop.step, algo.num_generations
         rollout = sample_share(policy, tokenizer, batch, k, sampling, cfg, device, seed, par, engine)
-        greedy = None
-        if greedy_baseline:
-            greedy = sample(policy, tokenizer, par.shard(batch), sampling_settings(cfg.sampling, greedy=True),
-                            model_cfg=cfg.model, data=cfg.data, device=device, batch_size=n, seed=seed, engine=engine,
-                            synced=par.sharded)  # fmt: skip
+        greedy = (
+            _greedy(policy, tokenizer, batch, cfg, device, seed, par, engine) if greedy_baseline else None
+        )
         t_gen = time.time() - t0
         # 2-5. score, old/ref log-probs, KL, baseline
         exp, metrics = make_experience(
@@ -482,6 +480,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
         loop.end_step(metrics, show={"score": "reward/score", "kl": "kl/sequence"})
     loop.close()
     return _save_final(run, policy, tokenizer, cfg, name, par)
+
+
+def _greedy(policy, tokenizer, batch: list, cfg: Config, device, seed: int, par, engine) -> Rollout:
+    """ReMax's baseline: the greedy response to each of this process's prompts."""
+    settings = sampling_settings(cfg.sampling, greedy=True)
+    return sample(policy, tokenizer, par.shard(batch), settings, model_cfg=cfg.model, data=cfg.data, device=device,
+                  batch_size=cfg.algo.rollouts_per_iteration, seed=seed, engine=engine, synced=par.sharded)  # fmt: skip
 
 
 def _save_final(run, policy, tokenizer, cfg: Config, name: str, par) -> Path:
