@@ -73,12 +73,28 @@ def cmd_stage(args: argparse.Namespace) -> int:
         module, "preflight"
     ):  # checks that need no model: before a lab model is pretrained or data made
         module.preflight(cfg)
+    par = None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from rlhflab.stages.parallel import DataParallel
+
+        par = DataParallel()
+    log = print if par is None or par.is_main else _quiet
     # algo.feedback=lab: the lab's simulated annotators, built here (stages never import the lab).
-    feedback = lab_feedback(cfg, args.command)
-    cfg = resolve_lab(cfg, args.command)
+    feedback = lab_feedback(cfg, args.command, log=log)
+    if par is not None:
+        # Across processes the main one pretrains a missing lab model and makes missing lab data; the others then
+        # find them cached (two builders of one cache entry would race).
+        given = cfg
+        cfg = par.main_first(lambda: resolve_lab(given, args.command, log=log))
+    else:
+        cfg = resolve_lab(cfg, args.command)
     extra = {"feedback": feedback} if feedback is not None else {}
     module.train(cfg, resume=args.resume, overwrite=args.overwrite, **extra)
     return 0
+
+
+def _quiet(*_args) -> None:
+    """The log of the processes other than the main one."""
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:
@@ -862,7 +878,8 @@ def _check_processes(command: str) -> None:
         )
     for engine, stages in (("FSDP", FSDP_STAGES), ("DeepSpeed", DEEPSPEED_STAGES)):
         used = os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "").lower() == "true"
-        if world > 1 and used and command not in stages:
+        # `rlhflab run` checks its methods' stages itself (`pipeline.check_processes`).
+        if world > 1 and used and command not in (*stages, "run"):
             raise ConfigError(
                 f"rlhflab {command} does not run under {engine} (an accelerate config with {engine}): only "
                 f"{', '.join(stages)} do; launch it with configs/accelerate/ddp.yaml"

@@ -43,6 +43,7 @@ from rlhflab.core.progress import JobClock
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.core.seeding import seed_everything
 from rlhflab.errors import ConfigError
+from rlhflab.stages.parallel import DataParallel
 
 
 @dataclass(frozen=True)
@@ -796,9 +797,11 @@ def _configs(
     return configs
 
 
-def _train(name: str, cfg, *, task: str | None = None, resume: bool = False) -> Path:
+def _train(name: str, cfg, *, task: str | None = None, resume: bool = False, par=None) -> Path:
     """Run one method's stage as the command line would: lab names resolved, lab feedback built (from `task`'s
-    annotators when given, else from the model's lab task); `resume` continues its run directory."""
+    annotators when given, else from the model's lab task); `resume` continues its run directory. Across
+    processes (`par`) every process runs the stage (data-parallel itself); the main one resolves the lab's names
+    first (it pretrains a missing base model), the others then find them cached."""
     import importlib
 
     from rlhflab.lab.launch import lab_feedback, resolve_lab
@@ -806,11 +809,40 @@ def _train(name: str, cfg, *, task: str | None = None, resume: bool = False) -> 
 
     stage = METHODS[name].stage
     module = importlib.import_module(STAGES[stage][0])
-    feedback = lab_feedback(cfg, stage, task=task)
+    log = print if par is None or par.is_main else _silent
+    feedback = lab_feedback(cfg, stage, task=task, log=log)
     extra = {"feedback": feedback} if feedback is not None else {}
     if resume:
         extra["resume"] = True
-    return module.train(resolve_lab(cfg, stage), **extra)
+    resolved = par.main_first(lambda: resolve_lab(cfg, stage, log=log)) if par else resolve_lab(cfg, stage)
+    return module.train(resolved, **extra)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The printer of the processes other than the main one: one process speaks for the run."""
+
+
+def check_processes(names: list[str], par) -> None:
+    """Across processes (`rlhflab run` under `accelerate launch` / `torchrun`) every trained method's stage must
+    run across them, under the launch's engine (FSDP, DeepSpeed) when it has one."""
+    from rlhflab.stages import DATA_PARALLEL_STAGES, DEEPSPEED_STAGES, FSDP_STAGES
+
+    if par.world == 1:
+        return
+    engine, allowed = "", DATA_PARALLEL_STAGES
+    if par.fsdp is not None:
+        engine, allowed = " under FSDP", FSDP_STAGES
+    elif par.zero is not None:
+        engine, allowed = " under DeepSpeed", DEEPSPEED_STAGES
+    for name in names:
+        stage = METHODS[name].stage
+        if stage != "best_of_n" and stage not in allowed:
+            fit = [n for n in names if METHODS[n].stage in (*allowed, "best_of_n")]
+            raise ConfigError(
+                f"--methods: {name} trains with the {stage} stage, which does not run across processes{engine}; "
+                f"run the methods that do ({', '.join(fit)}), or launch `rlhflab run` as one process"
+                + (" or with configs/accelerate/ddp.yaml" if engine else "")
+            )
 
 
 def run_pipeline(
@@ -858,16 +890,27 @@ def run_pipeline(
     out = Path(output_dir)
     data = {name: out / "data" / f"{name}.jsonl" for name in ("sft", "pairs", "prompts")}
     configs = _configs(trained, out, seed, task, user, data, ev, base_model=model)
-    out = prepare_run_dir(output_dir, "run", resume=resume, overwrite=overwrite)
-    _record_invocation(
-        out, {"task": task, "seed": seed, "model": model, "methods": names, "user": user}, resume=resume
-    )
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    check_processes(names, par)
+    if par.world > 1 and not output_dir:
+        raise ConfigError("--output-dir is empty: each process would name its own run directory; give one")
+    if par.is_main:  # the main process prepares the run directory and writes; the others wait for it
+        out = prepare_run_dir(output_dir, "run", resume=resume, overwrite=overwrite)
+        _record_invocation(
+            out, {"task": task, "seed": seed, "model": model, "methods": names, "user": user}, resume=resume
+        )
+    par.wait()
     seed_everything(seed)
 
-    clock = JobClock(["data", *trained, "eval"], EXPECTED_SECONDS["model" if real else "lab"])
+    say = print if par.is_main else _silent
+    clock = JobClock(["data", *trained, "eval"], EXPECTED_SECONDS["model" if real else "lab"], out=say)
     relabelled = _train_all(
-        task_obj, out, seed, user, configs, clock, relabel=relabel, resume=resume, real=real
+        task_obj, out, seed, user, configs, clock, relabel=relabel, resume=resume, real=real, par=par
     )
+    if not par.is_main:
+        # The gold evaluation and the report are the main process's: it reads the saved models alone (the
+        # held-out samples are one process's draws), while the others are done.
+        return out / "report.html"
     dirs = {n: out / n / "final" for n in trained if n not in JUDGES}
     rm_dir = out / "rm" / "final" if "rm" in trained else None
     clock.start("eval", "gold evaluation of every policy on the held-out prompts")
@@ -940,32 +983,47 @@ def _record_invocation(out: Path, invocation: dict, *, resume: bool) -> None:
 
 
 def _train_all(
-    task_obj, out: Path, seed: int, user, configs: dict, clock, *, relabel, resume: bool, real: bool
+    task_obj, out: Path, seed: int, user, configs: dict, clock, *, relabel, resume: bool, real: bool, par
 ):
     """Step 0 (the lab's data) and each method's stage in order. On resume, what is finished is kept: the data
     when its manifest exists, a stage when its final model exists; a stage with a run directory continues from its
-    last checkpoint. Returns the relabeller's stats (None without one)."""
+    last checkpoint. Across processes (`par`) the main process makes the data (the others wait) and decides what
+    is kept; every process runs each stage. Returns the relabeller's stats (None without one, or off the main
+    process)."""
     import json
 
     clock.start("data", f"simulated annotators label the '{task_obj.name}' task")
     relabel_file = out / "data" / "relabel.json"
-    if resume and (out / "data" / "lab_data.json").is_file() and (relabel is None or relabel_file.is_file()):
-        print("data: kept (resumed run)")
-        relabelled = json.loads(relabel_file.read_text()) if relabel is not None else None
-    else:
-        paths = _make_data(task_obj, out / "data", seed, user, real_model=real)
-        relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
+    relabelled = None
+    if par.is_main:
+        if (
+            resume
+            and (out / "data" / "lab_data.json").is_file()
+            and (relabel is None or relabel_file.is_file())
+        ):
+            print("data: kept (resumed run)")
+            relabelled = json.loads(relabel_file.read_text()) if relabel is not None else None
+        else:
+            paths = _make_data(task_obj, out / "data", seed, user, real_model=real)
+            relabelled = _relabel_pairs(relabel, paths["pairs"]) if relabel is not None else None
+    par.wait()
     for name, cfg in configs.items():
         clock.start(name, METHODS[name].title)
         final, run_dir = out / name / "final", out / name
-        if resume and final.is_dir():
-            print(f"{name}: kept its final model (resumed run)")
+        if _main_says(par, resume and final.is_dir()):
+            clock.out(f"{name}: kept its final model (resumed run)")
             continue
-        continues = resume and run_dir.is_dir() and any(run_dir.iterdir())
-        saved = _train(name, cfg, task=task_obj.name, resume=continues)
+        continues = _main_says(par, resume and run_dir.is_dir() and any(run_dir.iterdir()))
+        saved = _train(name, cfg, task=task_obj.name, resume=continues, par=par)
         if Path(saved) != final:
             raise RuntimeError(f"{name} saved its model to {saved}, expected {final}")
     return relabelled
+
+
+def _main_says(par, flag: bool) -> bool:
+    """The main process's `flag`, on every process: what it sees of the run directory is what counts (the others
+    must not decide from a directory the main one may be writing)."""
+    return bool(par.sum(float(flag) if par.is_main else 0.0))
 
 
 def _make_data(

@@ -49,9 +49,10 @@ STAGES: dict[str, tuple[str, str]] = {
 # refuses to start in more than one process. rs and iterative-dpo share out each round's sampling (and
 # iterative-dpo its feedback) by prompts and run their fine-tunings as data-parallel SFT / DPO runs.
 DATA_PARALLEL_STAGES = (
-    "sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n", "rs", "iterative-dpo",
+    "sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n", "rs", "iterative-dpo", "pm", "quark",
+    "cai", "run",
 )  # fmt: skip
 # The stages that also run with the model sharded by FSDP (`rlhflab.stages.sharding`; the on-policy ones'
 # processes decode in step, transformers' `synced_gpus`) and under DeepSpeed's ZeRO (`rlhflab.stages.deepspeed_zero`).
-FSDP_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo")
+FSDP_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "pm")
 DEEPSPEED_STAGES = ("sft", "rm", "dpo")

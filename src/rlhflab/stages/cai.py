@@ -35,6 +35,14 @@ RUN/pairs.jsonl keeps each pair's principle and the probability of the chosen si
 its preference model on these soft labels; the rm stage's Bradley-Terry loss reads the chosen side only.
 The trained models are RUN/sft/final (SL) and RUN/ppo/final (RL); RUN/metrics.jsonl has one row of the run's
 counts and times. There is no --resume: a run is minutes of sampling and one call of each stage.
+
+Both phases run unchanged under `torchrun` / `accelerate launch` (`stages.parallel`): each process samples its
+share of every generation call's batches (responses, critiques, revisions) and asks its share of the feedback
+model's comparison calls, each batch exactly as one process would (`stages.cai_sampling`), and every process
+gets every result back in order. The principles are drawn from one stream seeded by `seed`, which every process
+replays whole. The main process alone writes the files and prints; every process then calls the sft (rm, ppo)
+stage, which is data-parallel itself. W processes write the files one process writes, byte for byte, and end at
+its models up to the order of floating-point additions.
 """
 
 from __future__ import annotations
@@ -42,148 +50,45 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rlhflab.config import CAIRLConfig, CAISLConfig, LoggingSection, ModelSection, SamplingSection
+from rlhflab.config import CAIRLConfig, CAISLConfig, LoggingSection, ModelSection
 from rlhflab.core.progress import Progress
 from rlhflab.core.seeding import seed_everything
 from rlhflab.data import PromptRecord, load_records, write_jsonl
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.rollout.generate import generate
-from rlhflab.stages.common import mixed_precision, open_run, resolve_device, resolve_model_path
+from rlhflab.stages.cai_sampling import (
+    Writer,
+    calls,
+    critique_and_revise,
+    judges_for,
+    label_pairs,
+    quote,
+    sft_rows,
+)
+from rlhflab.stages.common import open_run, resolve_device, resolve_model_path
 from rlhflab.stages.constitution import Constitution, check_answer_tokens, load_constitution
 from rlhflab.stages.data_source import load_train_records, require_train_path
-from rlhflab.stages.on_policy import sampling_settings
+from rlhflab.stages.parallel import DataParallel
 
-# ---- asking a model ------------------------------------------------------------------------------------------
-
-
-def quote(prompt: Any) -> str:
-    """A prompt as a question quotes it: text as is, a one-message chat as its content, a longer chat as
-    'role: content' lines."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1:
-        return str(prompt[0].get("content", ""))
-    return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)
-
-
-class Writer:
-    """A causal LM that writes, in batches and sampled: responses to prompts (`write`) and answers to questions
-    (`ask`: each question is the user's message of a chat when the tokenizer has a chat template, as instruct
-    models and the lab's base models were trained, else raw text)."""
-
-    def __init__(
-        self,
-        path: str,
-        model_cfg: ModelSection,
-        sampling: SamplingSection,
-        batch_size: int,
-        tick: Callable[[], None] = lambda: None,
-        ask_temperature: float | None = None,
-    ):
-        from rlhflab.models.loading import load_causal_lm, load_tokenizer
-
-        device = resolve_device(model_cfg.device)
-        self.path, self.batch_size, self.tick = path, batch_size, tick
-        self.model = load_causal_lm(path, dtype=model_cfg.dtype, device=str(device)).eval()
-        self.tokenizer = load_tokenizer(path)
-        self.settings = sampling_settings(sampling)
-        self.ask_temperature = ask_temperature or sampling.temperature
-        self.amp = mixed_precision(model_cfg, device)
-
-    def write(
-        self,
-        prompts: Sequence,
-        max_new_tokens: int,
-        seed: int,
-        max_prompt_tokens: int | None = None,
-        temperature: float | None = None,
-    ) -> list[str]:
-        settings = dataclasses.replace(
-            self.settings, max_new_tokens=max_new_tokens, temperature=temperature or self.settings.temperature
-        )
-        texts: list[str] = []
-        for i, start in enumerate(range(0, len(prompts), self.batch_size)):
-            with self.amp():
-                rollout = generate(
-                    self.model,
-                    self.tokenizer,
-                    list(prompts[start : start + self.batch_size]),
-                    settings,
-                    batch_size=self.batch_size,
-                    seed=seed * 100_003 + i,  # a fresh stream per batch, a function of the call's seed
-                    max_prompt_tokens=max_prompt_tokens,
-                )
-            texts += rollout.texts
-            self.tick()
-        return texts
-
-    def ask(self, questions: Sequence[str], max_new_tokens: int, seed: int) -> list[str]:
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
-        questions = [[{"role": "user", "content": q}] if chat else q for q in questions]
-        return self.write(questions, max_new_tokens, seed, temperature=self.ask_temperature)
-
-
-def _calls(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
-
-
-# ---- SL-CAI --------------------------------------------------------------------------------------------------
-
-
-def critique_and_revise(
-    prompts: Sequence,
-    responses: Sequence[str],
-    constitution: Constitution,
-    critic: Any,
-    *,
-    rounds: int,
-    rng: random.Random,
-    critique_tokens: int,
-    revision_tokens: int,
-    seed: int = 0,
-) -> list[dict]:
-    """Steps 2-3 of SL-CAI: `rounds` critique -> revision rounds over every response (Bai et al. 2022, Sec. 3.1).
-
-    critic: anything with `ask(questions, max_new_tokens, seed) -> list[str]` (a `Writer`). Each round draws one
-    principle per prompt with `rng` (in prompt order), asks for every critique, then for every revision of the
-    current response given its critique; a non-empty revision becomes the current response. Returns one record
-    per prompt: prompt, original, principles, critiques, revisions (one per round) and final.
-    """
-    quoted = [quote(p) for p in prompts]
-    current = list(responses)
-    records = [
-        {"prompt": p, "original": r, "principles": [], "critiques": [], "revisions": []}
-        for p, r in zip(prompts, responses)
-    ]
-    for rnd in range(rounds):
-        drawn = [rng.choice(constitution.principles) for _ in prompts]
-        questions = [constitution.critique_question(c, q, r) for c, q, r in zip(drawn, quoted, current)]
-        critiques = critic.ask(questions, critique_tokens, seed * 1000 + 2 * rnd + 1)
-        questions = [
-            constitution.revision_question(c, q, r, k)
-            for c, q, r, k in zip(drawn, quoted, current, critiques)
-        ]
-        revisions = critic.ask(questions, revision_tokens, seed * 1000 + 2 * rnd + 2)
-        for i, (principle, critique, revision) in enumerate(zip(drawn, critiques, revisions)):
-            records[i]["principles"].append(principle.name)
-            records[i]["critiques"].append(critique)
-            records[i]["revisions"].append(revision)
-            if revision.strip():  # an empty revision: the critic wrote nothing, the response stands
-                current[i] = revision
-    for record, final in zip(records, current):
-        record["final"] = final
-    return records
-
-
-def sft_rows(records: Sequence[dict]) -> list[dict]:
-    """The SFT data of SL-CAI: (prompt, final revision) of every record whose final response is not empty."""
-    return [{"prompt": r["prompt"], "completion": r["final"]} for r in records if r["final"].strip()]
+# What the stage's callers and tests reach as `cai.X`; they live in `stages.cai_sampling`.
+__all__ = [
+    "Writer",
+    "critique_and_revise",
+    "judges_for",
+    "label_pairs",
+    "preflight",
+    "quote",
+    "resolve_names",
+    "rl_stage_configs",
+    "sft_rows",
+    "sl_sft_config",
+    "train",
+    "train_rl",
+    "train_sl",
+]
 
 
 def _prompts(cfg: CAISLConfig | CAIRLConfig) -> list:
@@ -192,11 +97,25 @@ def _prompts(cfg: CAISLConfig | CAIRLConfig) -> list:
     return prompts[: cfg.algo.max_prompts] if cfg.algo.max_prompts else prompts
 
 
-def _open(cfg: CAISLConfig | CAIRLConfig, name: str, overwrite: bool):
+def _open(cfg: CAISLConfig | CAIRLConfig, name: str, overwrite: bool, par: DataParallel):
     logging = LoggingSection(
         output_dir=cfg.logging.output_dir, tensorboard=False, progress=cfg.logging.progress
     )
-    return open_run(cfg, name, logging, resume=False, overwrite=overwrite)
+    return open_run(cfg, name, logging, resume=False, overwrite=overwrite, parallel=par)
+
+
+def _device(cfg: CAISLConfig | CAIRLConfig, par: DataParallel):
+    """This process's device: its own accelerator under a launcher, else model.device."""
+    return par.device if par.device is not None else resolve_device(cfg.model.device)
+
+
+def _write(par: DataParallel, files: dict[Path, list[dict]]) -> None:
+    """JSONL files of the run, written by the main process; every process goes on once they are there (the
+    stages called next read them)."""
+    if par.is_main:
+        for path, rows in files.items():
+            write_jsonl(rows, path)
+    par.wait()
 
 
 def _stage_logging(section: Any, run_dir: Path, name: str) -> Any:
@@ -216,36 +135,33 @@ def sl_sft_config(cfg: CAISLConfig, run_dir: Path, policy: str):
     )
 
 
-def train_sl(cfg: CAISLConfig, *, overwrite: bool = False, critic: Any = None) -> Path:
-    """SL-CAI; returns the fine-tuned model's directory (RUN/sft/final). `critic`: anything with
-    `ask(questions, max_new_tokens, seed)` to write the critiques and revisions instead of critic_model."""
-    from rlhflab.stages import sft
-
-    constitution = preflight(cfg)
-    require_train_path(cfg.data, "prompt")
-    policy_dir = resolve_model_path(cfg.model.name_or_path)
-    critic_dir = resolve_model_path(cfg.critic_model) if cfg.critic_model and critic is None else ""
-    seed_everything(cfg.seed)
-    run = _open(cfg, "cai-sl", overwrite)
-    prompts, algo = _prompts(cfg), cfg.algo
-    print(
-        f"cai-sl: {len(prompts)} prompts, {algo.revisions} critique-revision round(s) under "
-        f"{len(constitution.principles)} principles of {constitution.path}, critic "
-        f"{critic_dir or ('given' if critic is not None else 'the policy')}, run dir {run.dir}"
+def _sl_records(cfg: CAISLConfig, constitution, prompts, models: tuple[str, str], critic, par: DataParallel):
+    """Steps 1-3 of SL-CAI: (the records of `critique_and_revise`, the seconds step 1 took). `models`: the
+    policy's and the critic's directories (the critic's empty: `critic`, else the policy)."""
+    algo, device = cfg.algo, _device(cfg, par)
+    n_calls = calls(len(prompts), algo.batch_size, par.world) * (
+        1 + (2 * algo.revisions if critic is None else 0)
     )
-    n_calls = _calls(len(prompts), algo.batch_size) * (1 + (2 * algo.revisions if critic is None else 0))
-    progress = Progress(n_calls, "cai-sl", enabled=cfg.logging.progress)
+    progress = Progress(n_calls, "cai-sl", enabled=cfg.logging.progress and par.is_main)
     t0 = time.time()
     # 1. sample one response per prompt from the policy
-    writer = dict(batch_size=algo.batch_size, tick=progress.update, ask_temperature=algo.critic_temperature)
-    policy = Writer(policy_dir, cfg.model, cfg.sampling, **writer)
+    writer = dict(
+        batch_size=algo.batch_size,
+        tick=progress.update,
+        ask_temperature=algo.critic_temperature,
+        par=par,
+        device=device,
+    )
+    policy = Writer(models[0], cfg.model, cfg.sampling, **writer)
     originals = policy.write(
         prompts, cfg.sampling.max_new_tokens, cfg.seed * 1000, cfg.data.max_prompt_length
     )
     if critic is None:
-        critic = Writer(critic_dir, cfg.model, cfg.sampling, **writer) if critic_dir else policy
-    t1 = time.time()
-    # 2-3. critique and revise, each round under a principle drawn at random
+        critic = Writer(models[1], cfg.model, cfg.sampling, **writer) if models[1] else policy
+    t_sample = time.time() - t0
+    # 2-3. critique and revise, each round under a principle drawn at random (Bai et al. 2022, Sec. 3.1): from
+    # one stream seeded by the run's seed, which every process replays whole, so that a prompt's principle does
+    # not depend on which process writes its critique.
     records = critique_and_revise(
         prompts,
         originals,
@@ -258,16 +174,39 @@ def train_sl(cfg: CAISLConfig, *, overwrite: bool = False, critic: Any = None) -
         seed=cfg.seed,
     )
     progress.close()
-    del policy, critic  # the models are not needed while SFT trains
-    write_jsonl(records, run.dir / "revisions.jsonl")
+    return records, t_sample
+
+
+def train_sl(cfg: CAISLConfig, *, overwrite: bool = False, critic: Any = None) -> Path:
+    """SL-CAI; returns the fine-tuned model's directory (RUN/sft/final). `critic`: anything with
+    `ask(questions, max_new_tokens, seed)` to write the critiques and revisions instead of critic_model (across
+    processes each asks it every question; the main process's answers are the ones written and trained on)."""
+    from rlhflab.stages import sft
+
+    constitution = preflight(cfg)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.sft.optim.batch_size, "sft.optim.batch_size")  # the SFT's, before minutes of sampling
+    require_train_path(cfg.data, "prompt")
+    policy_dir = resolve_model_path(cfg.model.name_or_path)
+    critic_dir = resolve_model_path(cfg.critic_model) if cfg.critic_model and critic is None else ""
+    seed_everything(cfg.seed)
+    run = _open(cfg, "cai-sl", overwrite, par)
+    prompts, say = _prompts(cfg), print if par.is_main else _silent
+    say(
+        f"cai-sl: {len(prompts)} prompts, {cfg.algo.revisions} critique-revision round(s) under "
+        f"{len(constitution.principles)} principles of {constitution.path}, critic "
+        f"{critic_dir or ('given' if critic is not None else 'the policy')}, run dir {run.dir}{par.describe()}"
+    )
+    t0 = time.time()
+    records, t_sample = _sl_records(cfg, constitution, prompts, (policy_dir, critic_dir), critic, par)
     rows = sft_rows(records)
-    write_jsonl(rows, run.dir / "sft.jsonl")
+    _write(par, {run.dir / "revisions.jsonl": records, run.dir / "sft.jsonl": rows})
     changed = sum(r["final"] != r["original"] for r in records)
-    print(
+    say(
         f"cai-sl: {changed} of {len(records)} responses changed by revision; {len(rows)} (prompt, revision) pairs "
         f"in {run.dir / 'sft.jsonl'}"
     )
-    # 4. fine-tune on the revisions
+    # 4. fine-tune on the revisions: every process, the sft stage being data-parallel itself
     t2 = time.time()
     final = sft.train(sl_sft_config(cfg, run.dir, policy_dir), overwrite=True)
     run.logger.log(
@@ -276,87 +215,21 @@ def train_sl(cfg: CAISLConfig, *, overwrite: bool = False, critic: Any = None) -
             "feedback/prompts": float(len(records)),
             "feedback/revised": changed / max(len(records), 1),
             "feedback/empty_final": float(len(records) - len(rows)),
-            "perf/time_sample": t1 - t0,
-            "perf/time_critique_revise": t2 - t1,
+            "perf/time_sample": t_sample,
+            "perf/time_critique_revise": t2 - t0 - t_sample,
             "perf/time_train": time.time() - t2,
         },
     )
     run.close()
-    print(f"cai-sl: the SL-CAI model is {final}")
+    say(f"cai-sl: the SL-CAI model is {final}")
     return final
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """`print` on a process that is not the main one, which speaks for the run."""
+
+
 # ---- RL-CAI --------------------------------------------------------------------------------------------------
-
-
-def label_pairs(
-    prompts: Sequence,
-    first: Sequence[str],
-    second: Sequence[str],
-    drawn: Sequence[str],
-    judges: Mapping[str, Any],
-) -> tuple[list[dict], dict[str, float]]:
-    """Step 2 of RL-CAI: pair i is judged by judges[drawn[i]] (its principle's question), anything with
-    `compare(prompts, first, second)` returning p_first (P(first better), both orders averaged) and consistent
-    (the same response picked in both orders), as `LMJudge` does (Bai et al. 2022, Sec. 4.1).
-
-    Identical pairs and pairs with an empty response are not asked; exact ties (p_first == 1/2) are dropped.
-    Returns (rows {prompt, chosen, rejected, principle, p_chosen}, statistics under feedback/*)."""
-    n = len(prompts)
-    asked = [i for i in range(n) if first[i] != second[i] and first[i].strip() and second[i].strip()]
-    p_first = torch.full((n,), float("nan"), dtype=torch.float64)
-    consistent = torch.zeros(n, dtype=torch.bool)
-    for name in dict.fromkeys(drawn[i] for i in asked):  # one batch of questions per principle
-        idx = [i for i in asked if drawn[i] == name]
-        verdict = judges[name].compare(
-            [quote(prompts[i]) for i in idx], [first[i] for i in idx], [second[i] for i in idx]
-        )
-        p_first[idx] = torch.as_tensor(verdict.p_first, dtype=torch.float64)
-        consistent[idx] = torch.as_tensor(verdict.consistent, dtype=torch.bool)
-    rows = []
-    for i in asked:
-        p = float(p_first[i])
-        if p == 0.5:  # the judge cannot tell them apart: no preference to learn
-            continue
-        chosen, rejected = (first[i], second[i]) if p > 0.5 else (second[i], first[i])
-        rows.append(
-            {
-                "prompt": prompts[i],
-                "chosen": chosen,
-                "rejected": rejected,
-                "principle": drawn[i],
-                "p_chosen": max(p, 1 - p),
-            }
-        )
-    identical = sum(first[i] == second[i] for i in range(n))
-    stats = {
-        "feedback/pairs": float(n),
-        "feedback/identical": float(identical),
-        "feedback/empty_response": float(n - len(asked) - identical),
-        "feedback/ties": float(len(asked) - len(rows)),
-        "feedback/pairs_kept": float(len(rows)),
-        "feedback/confidence": sum(r["p_chosen"] for r in rows) / max(len(rows), 1),
-        "feedback/position_consistency": float(consistent[asked].float().mean()) if asked else float("nan"),
-    }
-    return rows, stats
-
-
-def judges_for(constitution: Constitution, model, tokenizer, *, batch_size: int, name: str) -> dict[str, Any]:
-    """One `LMJudge` per principle over one model: the principle's comparison question, the file's answers."""
-    from rlhflab.models.judge import LMJudge
-
-    return {
-        p.name: LMJudge(
-            model,
-            tokenizer,
-            template=constitution.comparison_template_for(p),
-            answers=constitution.answers,
-            scale=(),
-            batch_size=batch_size,
-            name=f"{name}:{p.name}",
-        )
-        for p in constitution.principles
-    }
 
 
 def rl_stage_configs(cfg: CAIRLConfig, run_dir: Path, policy: str, rm_data: Path):
@@ -382,80 +255,113 @@ def rl_stage_configs(cfg: CAIRLConfig, run_dir: Path, policy: str, rm_data: Path
 
 
 def _ask_feedback(cfg: CAIRLConfig, constitution: Constitution, policy: Writer, prompts: list, pairs: list):
-    """Step 2 with the feedback model (the policy's own weights when feedback_model is empty)."""
+    """Step 2 with the feedback model (the policy's own weights when feedback_model is empty), each process
+    asking its share of the comparison calls (`label_pairs`)."""
+    par = policy.par
     if cfg.feedback_model:
         from rlhflab.models.loading import load_causal_lm, load_tokenizer
 
         path = resolve_model_path(cfg.feedback_model)
-        device = resolve_device(cfg.model.device)
-        model = load_causal_lm(path, dtype=cfg.model.dtype, device=str(device))
+        model = load_causal_lm(path, dtype=cfg.model.dtype, device=str(_device(cfg, par)))
         tokenizer = load_tokenizer(path, padding_side="left")
     else:
         path, model, tokenizer = policy.path, policy.model, policy.tokenizer
     check_answer_tokens(constitution, tokenizer, path)
     judges = judges_for(constitution, model, tokenizer, batch_size=cfg.algo.batch_size, name=path)
+    # A principle per pair, drawn at random (Bai et al. 2022, Sec. 4.1) from one stream seeded by the run's seed
+    # that every process replays whole: pair i's principle whichever process asks about it.
     rng = random.Random(cfg.seed)
     drawn = [rng.choice(constitution.principles).name for _ in prompts]
-    return label_pairs(prompts, pairs[0::2], pairs[1::2], drawn, judges)
+    return label_pairs(
+        prompts, pairs[0::2], pairs[1::2], drawn, judges, batch_size=cfg.algo.batch_size, par=par
+    )
+
+
+def _rl_pairs(
+    cfg: CAIRLConfig, constitution: Constitution, prompts: list, policy_dir: str, par: DataParallel
+):
+    """Steps 1-2 of RL-CAI: (the labelled rows, the feedback statistics, the seconds step 1 took)."""
+    algo = cfg.algo
+    progress = Progress(
+        calls(2 * len(prompts), algo.batch_size, par.world),
+        "cai-rl",
+        enabled=cfg.logging.progress and par.is_main,
+    )
+    t0 = time.time()
+    # 1. two samples per prompt (rows 2i and 2i + 1 answer prompt i)
+    policy = Writer(
+        policy_dir,
+        cfg.model,
+        cfg.sampling,
+        algo.batch_size,
+        tick=progress.update,
+        par=par,
+        device=_device(cfg, par),
+    )
+    doubled = [p for p in prompts for _ in range(2)]
+    texts = policy.write(doubled, cfg.sampling.max_new_tokens, cfg.seed * 1000, cfg.data.max_prompt_length)
+    progress.close()
+    t_sample = time.time() - t0
+    # 2. AI feedback under a principle drawn at random
+    rows, stats = _ask_feedback(cfg, constitution, policy, prompts, texts)
+    return rows, stats, t_sample
 
 
 def train_rl(cfg: CAIRLConfig, *, overwrite: bool = False) -> Path:
-    """RL-CAI; returns the PPO policy's directory (RUN/ppo/final)."""
+    """RL-CAI; returns the PPO policy's directory (RUN/ppo/final). Across processes each samples and asks its
+    share of the calls, the main process writes the pairs, and every process runs the (data-parallel) rm and
+    ppo stages; every process returns RUN/ppo/final."""
     from rlhflab.stages import ppo, reward
 
     constitution = preflight(cfg)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    # The called stages' batches, checked before minutes of sampling and judging.
+    par.check_batch(cfg.rm.optim.batch_size, "rm.optim.batch_size")
+    par.check_batch(cfg.ppo.algo.rollout_batch_size, "ppo.algo.rollout_batch_size")
     require_train_path(cfg.data, "prompt")
     policy_dir = resolve_model_path(cfg.model.name_or_path)
     human = load_records(cfg.helpful_pairs, "pairwise").records if cfg.helpful_pairs else []
     seed_everything(cfg.seed)
-    run = _open(cfg, "cai-rl", overwrite)
-    prompts, algo = _prompts(cfg), cfg.algo
-    print(
+    run = _open(cfg, "cai-rl", overwrite, par)
+    prompts, say = _prompts(cfg), print if par.is_main else _silent
+    say(
         f"cai-rl: {len(prompts)} prompts x 2 samples, compared by {cfg.feedback_model or 'the policy'} under "
         f"{len(constitution.principles)} principles of {constitution.path}"
         + (f", with {len(human)} human helpfulness pairs of {cfg.helpful_pairs}" if human else "")
-        + f", run dir {run.dir}"
+        + f", run dir {run.dir}{par.describe()}"
     )
-    progress = Progress(_calls(2 * len(prompts), algo.batch_size), "cai-rl", enabled=cfg.logging.progress)
     t0 = time.time()
-    # 1. two samples per prompt (rows 2i and 2i + 1 answer prompt i)
-    policy = Writer(policy_dir, cfg.model, cfg.sampling, algo.batch_size, tick=progress.update)
-    doubled = [p for p in prompts for _ in range(2)]
-    texts = policy.write(doubled, cfg.sampling.max_new_tokens, cfg.seed * 1000, cfg.data.max_prompt_length)
-    progress.close()
-    # 2. AI feedback under a principle drawn at random
-    t1 = time.time()
-    rows, stats = _ask_feedback(cfg, constitution, policy, prompts, texts)
-    del policy
-    write_jsonl(rows, run.dir / "pairs.jsonl")
+    rows, stats, t_sample = _rl_pairs(cfg, constitution, prompts, policy_dir, par)
+    _write(par, {run.dir / "pairs.jsonl": rows})
     shown = "  ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in stats.items())
-    print(f"cai-rl: AI feedback {shown}; pairs in {run.dir / 'pairs.jsonl'}")
-    if len(rows) < cfg.rm.optim.batch_size:
+    say(f"cai-rl: AI feedback {shown}; pairs in {run.dir / 'pairs.jsonl'}")
+    if len(rows) < cfg.rm.optim.batch_size:  # every process has the same rows: all stop here
         raise UserError(
             f"cai-rl: the feedback model decided {len(rows)} pairs, fewer than rm.optim.batch_size "
             f"({cfg.rm.optim.batch_size}); use more prompts (algo.max_prompts, data.train_path) or a smaller batch"
         )
-    # 3-4. a reward model on the AI labels (and helpful_pairs' human labels), then PPO against it
-    t2 = time.time()
     rm_data = run.dir / "pairs.jsonl"
     if human:  # the paper's mix: helpfulness from human labels, harmlessness from the AI's
         rm_data = run.dir / "rm_pairs.jsonl"
-        write_jsonl([*rows, *human], rm_data)
+        _write(par, {rm_data: [*rows, *human]})
+    # 3-4. a reward model on the AI labels (and helpful_pairs' human labels), then PPO against it: every process,
+    # the rm and ppo stages being data-parallel themselves
+    t2 = time.time()
     rm_cfg, ppo_cfg = rl_stage_configs(cfg, run.dir, policy_dir, rm_data)
     reward.train(rm_cfg, overwrite=True)
     t3 = time.time()
     final = ppo.train(ppo_cfg, overwrite=True)
     stats.update(
         {
-            "perf/time_sample": t1 - t0,
-            "perf/time_feedback": t2 - t1,
+            "perf/time_sample": t_sample,
+            "perf/time_feedback": t2 - t0 - t_sample,
             "perf/time_rm": t3 - t2,
             "perf/time_ppo": time.time() - t3,
         }
     )
     run.logger.log(1, stats)
     run.close()
-    print(f"cai-rl: the RL-CAI policy is {final}")
+    say(f"cai-rl: the RL-CAI policy is {final}")
     return final
 
 

@@ -19,6 +19,14 @@ files `rlhflab rm` reads (prompt, chosen, rejected) by the binary cross-entropy 
 
 Every pair costs one forward of its two orders (2 rows) and one backward. Held-out loss and accuracy
 (data.eval_path or data.eval_fraction) are logged as eval/loss and eval/accuracy. Setup -> loop -> save.
+
+Launched by `torchrun` / `accelerate launch` it runs data-parallel (`stages.parallel`): every process walks the
+same batch schedule and takes its share of each step's pairs, its loss divided by the whole step's pair count, and
+the gradients are summed, so W processes take one process's steps with the same optim.batch_size (up to the order
+of floating-point additions). The logged loss and per-pair metrics are the whole batch's; the main process alone
+evaluates and writes (metrics, checkpoints, RUN/final), and --resume continues from a checkpoint whatever the
+number of processes that wrote it. With an FSDP accelerate config the scorer is sharded as `rlhflab rm`'s reward
+model is, and every process takes part in the evaluations and the gathering of the weights.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from rlhflab.config import PMConfig
 from rlhflab.core.health import check_finite
 from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.errors import ConfigError
 from rlhflab.losses import LossOutput
 from rlhflab.losses.general_preference import general_preference
 from rlhflab.models.flops import matmul_params, reward_model_train_flops
@@ -48,8 +57,8 @@ from rlhflab.stages.common import (
     accumulate_metrics,
     build_optimizer,
     clip_gradients,
+    finish,
     lora_settings,
-    metric_means,
     mixed_precision,
     num_optimizer_steps,
     open_run,
@@ -58,6 +67,7 @@ from rlhflab.stages.common import (
     resolve_model_path,
 )
 from rlhflab.stages.data_source import load_stage_records, require_train_path
+from rlhflab.stages.parallel import DataParallel
 
 NAME = "pm"
 EVAL_BATCH = 64
@@ -99,8 +109,9 @@ def evaluate(model: PreferenceModel, examples: list[dict], pad_id: int, device) 
     return {"eval/loss": float(loss.mean()), "eval/accuracy": float(accuracy.mean())}
 
 
-def _gradients(model, examples, cfg: PMConfig, device, pad_id: int, step: int, last_ckpt):
-    """Forward/backward of one optimizer step's micro-batches: (mean metrics, real tokens seen)."""
+def _gradients(model, examples, cfg: PMConfig, device, pad_id: int, step: int, last_ckpt, n_batch: int):
+    """Forward/backward of one optimizer step's micro-batches of `examples` (this process's share of a step of
+    `n_batch` pairs): (the loss, normalized by `n_batch`, {metric: [sum, count]}, real tokens seen)."""
     size = cfg.optim.micro_batch_size or len(examples)
     amp = mixed_precision(cfg.model, device)
     sums: dict[str, list[float]] = {}
@@ -110,19 +121,23 @@ def _gradients(model, examples, cfg: PMConfig, device, pad_id: int, step: int, l
             out, n_tokens = batch_loss(
                 model, examples[s : s + size], pad_id, device, cfg.algo.label_smoothing
             )
-        # Normalized by the whole step's pair count, so accumulation gives the full batch's gradient.
-        loss = out.loss.sum() / len(examples)
+        # Normalized by the whole step's pair count, so the micro-batches of every process add up to the full
+        # batch's gradient.
+        loss = out.loss.sum() / n_batch
         check_finite({"loss/pm": loss}, step=step, last_good=last_ckpt)
         loss.backward()
         total += float(loss.detach())
         tokens += n_tokens
         accumulate_metrics(sums, out.metrics)
-    return {"loss/pm": total, **metric_means(sums)}, tokens
+    return total, sums, tokens
 
 
-def _build_model(cfg: PMConfig, path: str, tokenizer) -> tuple[PreferenceModel, torch.device]:
-    """The SFT model's backbone (its LM head never loaded) with a fresh one-output head."""
-    device = resolve_device(cfg.model.device)
+def _build_model(
+    cfg: PMConfig, path: str, tokenizer, device: torch.device | None = None
+) -> tuple[PreferenceModel, torch.device]:
+    """The SFT model's backbone (its LM head never loaded) with a fresh one-output head; `device` overrides
+    model.device (the device a data-parallel launcher gave this process)."""
+    device = device if device is not None else resolve_device(cfg.model.device)
     backbone = load_backbone(path, dtype=cfg.model.dtype, device=str(device))
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
@@ -147,42 +162,63 @@ def _perf(counts: dict[str, float], seconds: float, model: PreferenceModel) -> d
     }
 
 
-def _report(run, step: int, metrics: dict[str, float]) -> None:
-    run.logger.log(step, metrics)
-    print(f"{NAME}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-
-
-def train(cfg: PMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train a general preference model; returns RUN/final (a *ForSequenceClassification directory marked as a
-    preference model, loaded by `PreferenceModel.from_pretrained`)."""
-    # 1. Setup: seeds, run directory, model, data.
-    require_train_path(cfg.data, "pairwise")
-    seed_everything(cfg.seed)
-    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
-    path = resolve_model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(path)
-    model, device = _build_model(cfg, path, tokenizer)
-    examples, eval_examples = load_examples(cfg, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what="pairwise records")
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+def _announce(
+    model, examples: list, eval_examples: list, total_steps: int, run_dir: Path, spread: str
+) -> None:
     print(
         f"{NAME}: {len(examples)} pairs ({len(eval_examples)} held out), {total_steps} steps, "
-        f"{count_parameters(model) / 1e6:.2f}M parameters, run dir {run.dir}"
+        f"{count_parameters(model) / 1e6:.2f}M parameters, run dir {run_dir}" + spread
     )
     if not eval_examples:
         print(
             f"{NAME}: no held-out data, so no accuracy is reported; set data.eval_path or data.eval_fraction"
         )
+
+
+def _check_processes(par: DataParallel, batch_size: int) -> None:
+    """Each process needs pairs in every step; a sharded model (FSDP) also the same number on each, since every
+    forward pass gathers the weights from all of them."""
+    par.check_batch(batch_size)
+    if par.sharded and batch_size % par.world:
+        raise ConfigError(
+            f"config: optim.batch_size={batch_size} does not split evenly over the {par.world} processes, which a "
+            f"sharded model needs (each forward pass gathers the weights from all); make it a multiple of {par.world}"
+        )
+
+
+def train(cfg: PMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a general preference model; returns RUN/final (a *ForSequenceClassification directory marked as a
+    preference model, loaded by `PreferenceModel.from_pretrained`). Launched in several processes (`torchrun`,
+    `accelerate launch`), each trains on its share of every step's pairs (`stages.parallel`); every process
+    returns RUN/final."""
+    # 1. Setup: seeds, run directory, model, data.
+    require_train_path(cfg.data, "pairwise")
+    seed_everything(cfg.seed)
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    _check_processes(par, cfg.optim.batch_size)
+    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    model, device = _build_model(cfg, path, tokenizer, par.device)
+    # Under FSDP the scorer is sharded as a reward model is (its body and head are called apart); the wrapper
+    # around it holds no parameter. Before the optimizer sees the parameters.
+    model.scorer = par.prepare(model.scorer)
+    examples, eval_examples = load_examples(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what="pairwise records")
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    if par.is_main:
+        _announce(model, examples, eval_examples, total_steps, run.dir, par.describe())
     snapshot = functools.partial(model.save_pretrained, tokenizer=tokenizer)
-    loop = Loop(
-        run, NAME, cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, snapshot=snapshot
-    )
+    loop = Loop(run, NAME, cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
+                snapshot=snapshot, parallel=par)  # fmt: skip
     evaluate_now = (
         functools.partial(evaluate, model, eval_examples, pad_id, device) if eval_examples else None
     )
     if loop.step == 0 and evaluate_now is not None and cfg.logging.eval_every:  # the untrained baseline
-        run.logger.log(0, evaluate_now())
+        baseline = par.on_main(evaluate_now)  # every process under FSDP, the main one otherwise
+        if par.is_main:
+            run.logger.log(0, baseline)
 
     # 2. Loop: one optimizer step per batch of pairs; the batch order is a function of (seed, epoch).
     model.train()
@@ -190,16 +226,22 @@ def train(cfg: PMConfig, *, resume: bool = False, overwrite: bool = False) -> Pa
         epoch, position = divmod(loop.step, steps_per_epoch)
         order = batch_schedule(len(examples), cfg.optim.batch_size, cfg.seed, epoch)[position]
         batch = [examples[i] for i in order]
-        stats, n_tokens = _gradients(model, batch, cfg, device, pad_id, loop.step + 1, loop.last_ckpt)
+        # Each process takes its share of the step's pairs, normalized by the whole batch's count, so the
+        # gradients and losses summed across processes are the whole batch's.
+        loss, sums, n_tokens = _gradients(
+            model, par.shard(batch), cfg, device, pad_id, loop.step + 1, loop.last_ckpt, len(batch)
+        )
+        par.sum_gradients(model)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(optimizer, scheduler)
-        loop.count(tokens=n_tokens, pairs=len(batch), reads=2 * len(batch))
+        loop.count(tokens=par.sum(n_tokens), pairs=len(batch), reads=2 * len(batch))
 
         # 3. Log, evaluate, checkpoint.
         loop.end_step(
             {
-                **stats,
+                "loss/pm": par.sum(loss),
+                **par.metric_means(sums),  # per-pair means over the whole batch
                 "loss/grad_norm": grad_norm,
                 "perf/lr": scheduler.get_last_lr()[0],
                 "perf/epoch": (loop.step + 1) / steps_per_epoch,
@@ -210,10 +252,9 @@ def train(cfg: PMConfig, *, resume: bool = False, overwrite: bool = False) -> Pa
         )
     loop.close()
 
-    # 4. Final evaluation, save (a reward-model directory marked as a preference model, with the tokenizer).
-    if evaluate_now is not None:
-        _report(run, loop.step, evaluate_now())
-    final = model.save_pretrained(run.dir / "final", tokenizer)
-    run.close()
-    print(f"{NAME}: saved the preference model to {final}")
+    # 4. Final evaluation, save (a reward-model directory marked as a preference model, with the tokenizer), by
+    # the main process; a sharded model's every process evaluates and gathers the weights.
+    final = run.dir / "final"
+    finish(par, run, model, NAME, loop.step, evaluate_now, lambda: model.save_pretrained(final, tokenizer),
+           what="preference model")  # fmt: skip
     return final

@@ -31,14 +31,26 @@ row per optimizer step (loss/quark, loss/nll, kl/ref, loss/entropy) and per iter
 reward/pool_mean, reward/top_quantile_mean, reward/queries: the reward calls for pool data so far,
 reward/eval_mean, quark/pool_size, perf/wall_s).
 
+Every sample comes from its own seed, a function of the draw and of its row (`quark_pool`), so `torchrun` /
+`accelerate launch` run it data-parallel (`stages.parallel`): each process samples and scores its share of the
+prompts, the shares are gathered in prompt order, so every process holds the pool one process draws (and computes
+the same quantiles and tokens from it); each takes its share of every optimizer step's rows, the loss divided by
+the whole step's response tokens, and the gradients are summed. The main process alone writes (pools,
+checkpoints, metrics, RUN/final). W processes end at one process's weights up to the order of floating-point
+additions, and --resume continues a run whatever the number of processes that began it. Not across processes:
+algo.reward_combine=llama2_gate (it whitens over each scoring call's batch), and a sharded model (FSDP, DeepSpeed).
+
     rlhflab quark --config configs/quark_tiny.yaml model.name_or_path=runs/demo/sft/final \\
         algo.reward_model=runs/demo/rm/final data.train_path=runs/demo/data/prompts.jsonl
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +64,7 @@ from rlhflab.core.checkpoint import save_checkpoint
 from rlhflab.core.health import check_finite
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.metrics_log import read_metrics
-from rlhflab.core.seeding import batch_schedule, seed_everything
+from rlhflab.core.seeding import seed_everything
 from rlhflab.data import load_records
 from rlhflab.data.collate import collate_sft
 from rlhflab.data.tokenize import encode_prompt, encode_response, fit_lengths
@@ -75,7 +87,6 @@ from rlhflab.models.loading import (
     load_inference_lm,
     write_pretrained,
 )
-from rlhflab.stages.best_of_n import score_in_batches
 from rlhflab.stages.common import (
     Loop,
     Run,
@@ -83,18 +94,24 @@ from rlhflab.stages.common import (
     build_optimizer,
     clip_gradients,
     load_policy,
-    metric_means,
     mixed_precision,
     open_run,
     optimizer_step,
     plain_json,
+    resolve_device,
     resolve_model_path,
     snapshot_dir,
     write_jsonl_atomic,
 )
 from rlhflab.stages.data_source import require_train_path
-from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward, sample, sampling_settings
-from rlhflab.stages.rejection_sampling import EVAL_SEED, SAMPLE_BATCH, round_prompt_ids
+from rlhflab.stages.on_policy import load_prompts, load_reward, require_reward
+from rlhflab.stages.parallel import DataParallel
+
+# The pool's pure functions live in `quark_pool`; re-exported.
+from rlhflab.stages.quark_pool import plan_steps as plan_steps
+from rlhflab.stages.quark_pool import pool_metrics, read_pool, sample_rows, score_rows
+from rlhflab.stages.quark_pool import step_batch as step_batch
+from rlhflab.stages.rejection_sampling import EVAL_SEED, round_prompt_ids
 
 NAME = "quark"
 
@@ -174,59 +191,13 @@ def micro_batch_loss(d: Driver, policy_batch: dict, ref_batch: dict, n_step_toke
     return out.loss.sum() / n_step_tokens, out
 
 
-# ---- the pool --------------------------------------------------------------------------------------------------
-
-
-def read_pool(step_dir: Path) -> list[dict]:
-    """A pool written by an iteration, without its quantiles (the pure function decides them, not the file)."""
-    rows = [json.loads(line) for line in (step_dir / "pool.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k != "quantile"} for r in rows]
-
-
-def pool_metrics(rows: list[dict], n_new: int, quantiles: list[int]) -> dict[str, float]:
-    scores, q = torch.tensor([r["score"] for r in rows], dtype=torch.float64), torch.tensor(quantiles)
-    top, bottom = q == q.max(), q == q.min()
-    return {
-        "quark/pool_size": float(len(rows)),
-        "quark/top_quantile_size": float(top.sum()),
-        "reward/sampled_mean": float(scores[-n_new:].mean()),
-        "reward/sampled_max": float(scores[-n_new:].max()),
-        "reward/pool_mean": float(scores.mean()),
-        "reward/top_quantile_mean": float(scores[top].mean()),
-        "reward/bottom_quantile_mean": float(scores[bottom].mean()),
-    }
-
-
-def plan_steps(cfg: QuarkConfig, first_pool: int, n_new: int) -> list[int]:
-    """Cumulative optimizer steps at the end of each iteration, [0, s_1, s_1 + s_2, ...]: known before training
-    (every sample joins the pool), so one learning-rate schedule spans the run."""
-    optim, algo = cfg.optim, cfg.algo
-    if first_pool < max(optim.batch_size, algo.n_quantiles):
-        raise ConfigError(
-            f"config: the first pool holds {first_pool} samples, fewer than optim.batch_size "
-            f"({optim.batch_size}) or algo.n_quantiles ({algo.n_quantiles}); sample more "
-            "(algo.samples_per_prompt, algo.prompts_per_iteration) or lower them"
-        )
-    cum = [0]
-    for it in range(1, algo.iterations + 1):
-        size = first_pool + (it - 1) * n_new
-        cum.append(cum[-1] + (optim.steps_per_iteration or optim.epochs * (size // optim.batch_size)))
-    return cum
-
-
-def step_batch(pool_size: int, batch_size: int, seed: int, it: int, j: int) -> list[int]:
-    """The pool rows of step j (0-based) of iteration `it`: passes over the pool in orders drawn from (seed,
-    iteration, pass), so a resumed run needs only the step number."""
-    epoch, position = divmod(j, pool_size // batch_size)
-    return batch_schedule(pool_size, batch_size, seed, it * 1_000_003 + epoch)[position]
-
-
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Driver:
-    """What the iterations of a run share: config, run directory, reward, prompts, models and counts."""
+    """What the iterations of a run share: config, run directory, reward, prompts, models, counts and the processes
+    (`par`: every process drives the same steps, the main one alone writes and prints)."""
 
     cfg: QuarkConfig
     run: Run
@@ -238,23 +209,11 @@ class Driver:
     device: torch.device
     amp: Any
     resume: bool
+    par: DataParallel
     ref: Any = None
     tokens: ControlTokens | None = None
     queries: int = 0
     tokenized: list = field(default_factory=list)  # pool_tokens of the pool's rows, in pool order
-
-    def sample_scored(self, ids: list[int], token_id: int | None, seed: int, n: int = 1):
-        """n samples of each prompt of `ids` from the policy (`token_id` in front; None: none), scored against
-        the plain prompts: (rollout, scores [len(ids) * n] float32), prompt-major."""
-        cfg, bos, ids = self.cfg, self.tokenizer.bos_token_id, [i for i in ids for _ in range(n)]
-        inputs = [with_token(self.prompt_ids[i], token_id, bos) for i in ids]
-        kw = {"model_cfg": cfg.model, "data": cfg.data, "device": self.device, "seed": seed}
-        settings = sampling_settings(cfg.sampling)
-        rollout = sample(self.policy, self.tokenizer, inputs, settings, batch_size=SAMPLE_BATCH, **kw)
-        scores = score_in_batches(self.reward, [self.prompts[i] for i in ids], rollout.texts)
-        if cfg.algo.missing_eos_penalty:  # a response cut off at max_new_tokens is worth less
-            scores = scores - cfg.algo.missing_eos_penalty * (~rollout.ended_with_eos.cpu()).float()
-        return rollout, scores
 
     def evaluate(self) -> dict[str, float]:
         """reward/eval_mean: one sample on each of the first algo.eval_prompts prompts with the best token (the
@@ -263,8 +222,8 @@ class Driver:
         if not n:
             return {}
         token = None if self.tokens is None else self.tokens.best_id
-        _, scores = self.sample_scored(list(range(n)), token, self.cfg.seed * 100_003 + EVAL_SEED)
-        return {"reward/eval_mean": float(scores.mean())}
+        rows = sample_rows(self, list(range(n)), token, self.cfg.seed * 100_003 + EVAL_SEED)
+        return {"reward/eval_mean": sum(score for _, score, _, _ in rows) / n}
 
     def grow(self, it: int) -> tuple[list[dict], dict]:
         """Step 1 of iteration `it`: the new scored samples as pool rows, and their metrics."""
@@ -273,17 +232,15 @@ class Driver:
             return self.demonstrations(), {}
         ids = round_prompt_ids(len(self.prompts), algo.prompts_per_iteration, self.cfg.seed, it)
         token = None if it == 1 else self.tokens.best_id  # iteration 1 samples the initial model itself
-        rollout, scores = self.sample_scored(ids, token, self.cfg.seed * 100_003 + it, k)
+        sampled = sample_rows(self, ids, token, self.cfg.seed * 100_003 + it, k)
         prompts = [(i, plain_json(self.prompts[i])) for i in ids for _ in range(k)]
         rows = [
             {"prompt_index": i, "prompt": p, "response": text, "score": s, "iteration": it}
-            for (i, p), text, s in zip(prompts, rollout.texts, scores.tolist())
+            for (i, p), (text, s, _, _) in zip(prompts, sampled)
         ]
-        metrics = {"perf/response_length": float(rollout.response_lengths.float().mean())}
-        if self.tokens is not None:  # responses that hold a control token (decoded texts drop it)
-            written = rollout.response_ids.masked_fill(~rollout.response_mask, -1).cpu()
-            has = torch.isin(written, torch.tensor(self.tokens.ids)).any(1)
-            metrics["quark/control_token_rate"] = float(has.float().mean())
+        metrics = {"perf/response_length": sum(n for _, _, n, _ in sampled) / len(sampled)}
+        if self.tokens is not None:  # responses that hold a control token
+            metrics["quark/control_token_rate"] = sum(has for *_, has in sampled) / len(sampled)
         return rows, metrics
 
     def demonstrations(self) -> list[dict]:
@@ -296,14 +253,16 @@ class Driver:
                 raise UserError(f"{path}: record {n + 1} is not a prompt with one completion, as quark needs")
             text = text[0]["content"] if isinstance(text, list) else text  # one assistant turn: its text
             rows.append({"prompt_index": None, "prompt": r.prompt, "response": text, "iteration": 1})
-        scores = score_in_batches(self.reward, [r["prompt"] for r in rows], [r["response"] for r in rows])
-        return [{**r, "score": s} for r, s in zip(rows, scores.tolist())]
+        return score_rows(self, rows)
 
     def pool_of(self, it: int, pool: list[dict] | None) -> tuple[list[dict], dict]:
         """The pool of iteration `it`, the previous one's plus its new samples, and step 1's metrics: read back
-        on --resume when it was written, else grown from `pool` (None: the one iteration it - 1 wrote)."""
+        on --resume when it was written, else grown from `pool` (None: the one iteration it - 1 wrote). The main
+        process writes it; every process holds it."""
         step_dir = self.run.dir / f"iter-{it}"
-        if self.resume and (step_dir / "pool.jsonl").is_file() and (step_dir / "sample.json").is_file():
+        written = self.resume and (step_dir / "pool.jsonl").is_file() and (step_dir / "sample.json").is_file()
+        # The main process's reading of the directory decides for all: every process samples, or none.
+        if self.par.max(float(self.par.is_main and written)):
             saved = json.loads((step_dir / "sample.json").read_text())
             self.queries = int(saved.pop("queries_total"))
             return read_pool(step_dir), saved
@@ -314,25 +273,32 @@ class Driver:
         scores = torch.tensor([r["score"] for r in rows], dtype=torch.float64)
         quantiles = reward_quantiles(scores, self.cfg.algo.n_quantiles).tolist()
         metrics |= pool_metrics(rows, len(new), quantiles)
-        write_jsonl_atomic(step_dir / "pool.jsonl", [{**r, "quantile": q} for r, q in zip(rows, quantiles)])
-        saved = json.dumps({"queries_total": self.queries, **metrics})  # what --resume reads back
-        atomic_write_text(step_dir / "sample.json", saved + "\n")
+        if self.par.is_main:
+            write_jsonl_atomic(
+                step_dir / "pool.jsonl", [{**r, "quantile": q} for r, q in zip(rows, quantiles)]
+            )
+            saved = json.dumps({"queries_total": self.queries, **metrics})  # what --resume reads back
+            atomic_write_text(step_dir / "sample.json", saved + "\n")
+        self.par.wait()  # a later iteration's process may read it back (pool=None)
         return rows, metrics
 
 
 def train_iteration(d: Driver, loop: Loop, it: int, pool: list[dict], quantiles: list[int], end: int) -> None:
-    """Step 3 of iteration `it`: optimizer steps up to `end` on batches of the pool, each row behind its token."""
-    optim = d.cfg.optim
+    """Step 3 of iteration `it`: optimizer steps up to `end` on batches of the pool, each row behind its token.
+    Each process takes its share of every step's rows (`par.shard`), its loss divided by the whole step's response
+    tokens, and the gradients are summed across processes: one process's step."""
+    optim, par = d.cfg.optim, d.par
     while len(d.tokenized) < len(pool):  # the pool only grows: each row is tokenized once
         d.tokenized.append(pool_tokens(d.tokenizer, pool[len(d.tokenized)], d.cfg))
     start = end - (optim.steps_per_iteration or optim.epochs * (len(pool) // optim.batch_size))
     micro = optim.micro_batch_size or optim.batch_size
     while loop.step < end:
         indices = step_batch(len(pool), optim.batch_size, d.cfg.seed, it, loop.step - start)
-        n_tokens = sum(len(d.tokenized[i][1]) for i in indices)
+        n_tokens = sum(len(d.tokenized[i][1]) for i in indices)  # the whole step's, whoever holds the rows
+        mine = par.shard(indices)
         sums, step_loss = {}, 0.0
-        for s in range(0, len(indices), micro):
-            rows = indices[s : s + micro]
+        for s in range(0, len(mine), micro):
+            rows = mine[s : s + micro]
             tokens = [d.tokens.ids[quantiles[i]] for i in rows]
             batches = collate_pair([d.tokenized[i] for i in rows], tokens, d.tokenizer)
             loss, out = micro_batch_loss(d, *batches, n_tokens)
@@ -340,72 +306,96 @@ def train_iteration(d: Driver, loop: Loop, it: int, pool: list[dict], quantiles:
             loss.backward()
             step_loss += float(loss.detach())
             accumulate_metrics(sums, {k: v for k, v in out.metrics.items() if k != "loss/quark"})
+        par.sum_gradients(d.policy)
         grad_norm = clip_gradients(d.policy, optim.max_grad_norm)
         check_finite({"loss/grad_norm": grad_norm}, step=loop.step + 1, last_good=loop.last_ckpt)
         optimizer_step(loop.optimizer, loop.scheduler)
         loop.count(tokens=n_tokens, examples=len(indices))
         lr = loop.scheduler.get_last_lr()[0]
+        # Per-sequence means over the whole step's rows; the loss is the sum of the processes' parts.
+        metrics = {"loss/quark": par.sum(step_loss), **par.metric_means(sums)}
         loop.end_step(
-            {"loss/quark": step_loss, **metric_means(sums), "loss/grad_norm": grad_norm, "perf/lr": lr},
+            {**metrics, "loss/grad_norm": grad_norm, "perf/lr": lr},
             perf=lambda counts, seconds: {"perf/tokens_per_s": counts["tokens"] / seconds},
             show={"loss": "loss/quark"},
         )
 
 
 def end_iteration(d: Driver, loop: Loop, it: int, metrics: dict, times: tuple[float, float]) -> None:
-    """Step 4 and the bookkeeping: evaluate, checkpoint (the unit of --resume), snapshot, log the iteration."""
+    """Step 4 and the bookkeeping: evaluate (every process samples its share), checkpoint (the unit of --resume),
+    snapshot, log the iteration (the main process writes)."""
     log, t_eval = d.cfg.logging, time.time()
     metrics |= d.evaluate()
     loop_saved = log.save_every and loop.step % log.save_every == 0 and loop.step < loop.total
-    if not loop_saved:  # with the reward calls so far: a resumed run goes on counting from them
+    if (
+        not loop_saved and d.par.is_main
+    ):  # with the reward calls so far: a resumed run goes on counting from them
         kw = {"optimizer": loop.optimizer, "scheduler": loop.scheduler, "keep": log.keep_checkpoints}
         state = {"queries": d.queries}
         loop.last_ckpt = save_checkpoint(d.run.dir, loop.step, model=d.policy, state=state, **kw)
-    if log.snapshot_every and it % log.snapshot_every == 0:
+    if log.snapshot_every and it % log.snapshot_every == 0 and d.par.is_main:
         save_quark_model(d.policy, d.tokenizer, d.tokens, snapshot_dir(d.run.dir, loop.step))
     (t0, t_train), now = times, time.time()
     metrics |= {"quark/iteration": float(it), "reward/queries": float(d.queries)}
     metrics |= {"perf/time_sample": t_train - t0, "perf/time_train": t_eval - t_train}
     metrics |= {"perf/time_eval": now - t_eval, "perf/wall_s": now - d.run.started}
-    d.run.logger.log(loop.step, metrics)
+    d.run.logger.log(loop.step, metrics)  # a silent logger on the other processes
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("reward/", "quark/pool")))
-    loop.progress.print(f"{NAME}: iteration {it}  {shown}")
+    if d.par.is_main:
+        loop.progress.print(f"{NAME}: iteration {it}  {shown}")
 
 
-def preflight(cfg: QuarkConfig, *, reward: Any = None) -> None:
-    """The checks that need no model or data file, run before anything is loaded or made."""
+def preflight(cfg: QuarkConfig, *, reward: Any = None, world: int = 1) -> None:
+    """The checks that need no model or data file, run before anything is loaded or made (`world`: the number of
+    data-parallel processes)."""
     require_reward(cfg.algo, reward)
     if cfg.algo.pool_init == "data" and not Path(cfg.algo.init_data_path).exists():
         raise UserError(f"algo.init_data_path '{cfg.algo.init_data_path}' does not exist; give an SFT file")
+    if world > 1 and cfg.algo.reward_combine == "llama2_gate":
+        # The gate whitens over each scoring call's batch; each process would whiten over its share only.
+        raise ConfigError(
+            f"config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not done "
+            f"across processes (WORLD_SIZE={world}); run quark in one process"
+        )
 
 
 def setup(cfg: QuarkConfig, resume: bool, overwrite: bool, reward: Any) -> Driver:
-    """The prompts, the reward, the run directory, the policy (still the initial model) and its tokenizer."""
-    preflight(cfg, reward=reward)
+    """The prompts, the reward, the run directory, the policy (still the initial model) and its tokenizer, on
+    every process (the main one reports what loading says)."""
+    preflight(cfg, reward=reward, world=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
+    par.check_batch(cfg.optim.batch_size)
     require_train_path(cfg.data, "prompt")
     resolve_model_path(cfg.model.name_or_path)
     seed_everything(cfg.seed)
-    prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_iteration or 1)
-    policy, tokenizer, device = load_policy(cfg.model)
+    device = par.device if par.device is not None else resolve_device(cfg.model.device)
+    with contextlib.nullcontext() if par.is_main else contextlib.redirect_stdout(io.StringIO()):
+        prompts, _ = load_prompts(cfg.data, cfg.algo.prompts_per_iteration or 1)
+        policy, tokenizer, device = load_policy(cfg.model, device)
+        reward = load_reward(cfg.algo, device) if reward is None else reward
     if is_peft_model(policy):  # started from a LoRA adapter directory (e.g. a LoRA SFT run): train all of it
         policy = policy.merge_and_unload().requires_grad_(True)
-    reward = load_reward(cfg.algo, device) if reward is None else reward
-    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite)
+    run = open_run(cfg, NAME, cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     ids = [conditioned_prompt_ids(tokenizer, p, None, cfg.data.max_prompt_length) for p in prompts]
     amp = mixed_precision(cfg.model, device)
-    return Driver(cfg, run, reward, prompts, ids, tokenizer, policy, device, amp, resume)
+    return Driver(cfg, run, reward, prompts, ids, tokenizer, policy, device, amp, resume, par)
 
 
 def train(cfg: QuarkConfig, *, resume: bool = False, overwrite: bool = False, reward: Any = None) -> Path:
     """Run Quark (or reward conditioning); returns RUN/final, the policy with its control tokens and quark.json.
 
     `reward`: any source with `score(prompts, responses) -> Tensor [B]` (`rlhflab.rewards`); by default the
-    reward source(s) of algo.reward_model, combined as algo.reward_combine says.
+    reward source(s) of algo.reward_model, combined as algo.reward_combine says. Launched in several processes
+    (`torchrun`, `accelerate launch`), each samples its share of every draw and trains on its share of every
+    step (`stages.parallel`); every process returns RUN/final.
     """
     algo = cfg.algo
     d = setup(cfg, resume, overwrite, reward)
-    # The initial model's reward/eval_mean: what every later one is read against.
-    if algo.eval_prompts and not any(r["step"] == 0 for r in read_metrics(d.run.dir / "metrics.jsonl")):
+    par = d.par
+    # The initial model's reward/eval_mean: what every later one is read against. Whether it is logged already is
+    # the main process's reading of the log, shared: every process samples, or none.
+    logged = par.is_main and any(r["step"] == 0 for r in read_metrics(d.run.dir / "metrics.jsonl"))
+    if algo.eval_prompts and par.max(float(par.is_main and not logged)):
         d.run.logger.log(0, d.evaluate())
     t0 = time.time()
     # 1. (iteration 1) the first pool: the initial model's samples, drawn before it has any control token
@@ -419,13 +409,15 @@ def train(cfg: QuarkConfig, *, resume: bool = False, overwrite: bool = False, re
     # Snapshots count iterations (end_iteration takes them); checkpoints keep the reward-call count.
     log = dataclasses.replace(cfg.logging, snapshot_every=0)
     state = lambda: {"queries": d.queries}  # noqa: E731
-    loop = Loop(d.run, NAME, log, cum[-1], d.policy, optimizer, scheduler, resume=resume, state=state)
+    loop = Loop(d.run, NAME, log, cum[-1], d.policy, optimizer, scheduler, resume=resume, state=state,
+                parallel=par)  # fmt: skip
     d.queries = loop.resumed_state.get("queries", d.queries)
-    print(
-        f"{NAME}: K = {algo.n_quantiles} reward tokens (best {d.tokens.tokens[-1]}), iterations: "
-        f"{algo.iterations}, first pool: {len(pool)}, new samples per iteration: {n_new}, optimizer steps: "
-        f"{cum[-1]}, run dir {d.run.dir}"
-    )
+    if par.is_main:
+        print(
+            f"{NAME}: K = {algo.n_quantiles} reward tokens (best {d.tokens.tokens[-1]}), iterations: "
+            f"{algo.iterations}, first pool: {len(pool)}, new samples per iteration: {n_new}, optimizer steps: "
+            f"{cum[-1]}, run dir {d.run.dir}" + par.describe()
+        )
     pool_at = 1  # the iteration whose pool `pool` is
     for it in range(1, algo.iterations + 1):
         if loop.step >= cum[it]:  # finished before --resume
@@ -435,7 +427,7 @@ def train(cfg: QuarkConfig, *, resume: bool = False, overwrite: bool = False, re
             # 1. sample the policy with the best token, score, add to the pool (read back on --resume)
             pool, metrics = d.pool_of(it, pool if pool_at == it - 1 else None)
             pool_at = it
-        # 2. quantize the whole pool's rewards: quantile k -> token k
+        # 2. quantize the whole pool's rewards: quantile k -> token k (every process holds the same pool)
         scores = torch.tensor([r["score"] for r in pool], dtype=torch.float64)
         quantiles = reward_quantiles(scores, algo.n_quantiles).tolist()
         # 3. train on (token + prompt, response); a fresh iteration's RNG is a function of (seed, iteration)
@@ -447,9 +439,12 @@ def train(cfg: QuarkConfig, *, resume: bool = False, overwrite: bool = False, re
         end_iteration(d, loop, it, dict(metrics), (t0, t_train))
     loop.close()
     # Save RUN/final: the policy, its tokenizer with the tokens, quark.json naming the best one.
-    out = save_quark_model(d.policy, d.tokenizer, d.tokens, d.run.dir / "final")
-    d.run.close()
-    print(
-        f"{NAME}: {d.queries} reward queries, {time.time() - d.run.started:.1f} s; saved the policy to {out}"
-    )
+    out = d.run.dir / "final"
+    if par.is_main:
+        save_quark_model(d.policy, d.tokenizer, d.tokens, out)
+        d.run.close()
+        print(
+            f"{NAME}: {d.queries} reward queries, {time.time() - d.run.started:.1f} s; saved the policy to {out}"
+        )
+    par.wait()  # RUN/final is there before any process returns
     return out
