@@ -892,14 +892,8 @@ def run_pipeline(
     configs = _configs(trained, out, seed, task, user, data, ev, base_model=model)
     par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
     check_processes(names, par)
-    if par.world > 1 and not output_dir:
-        raise ConfigError("--output-dir is empty: each process would name its own run directory; give one")
-    if par.is_main:  # the main process prepares the run directory and writes; the others wait for it
-        out = prepare_run_dir(output_dir, "run", resume=resume, overwrite=overwrite)
-        _record_invocation(
-            out, {"task": task, "seed": seed, "model": model, "methods": names, "user": user}, resume=resume
-        )
-    par.wait()
+    invocation = {"task": task, "seed": seed, "model": model, "methods": names, "user": user}
+    out = _open_run(par, output_dir, invocation, resume=resume, overwrite=overwrite)
     seed_everything(seed)
 
     say = print if par.is_main else _silent
@@ -929,6 +923,18 @@ def run_pipeline(
     if model:
         meta["base_model"] = model
     return _report(out, task, meta, policies, reward_models, curves, rollout_curves)
+
+
+def _open_run(par, output_dir: str, invocation: dict, *, resume: bool, overwrite: bool) -> Path:
+    """The run directory, prepared by the main process (which records the invocation) while the others wait."""
+    if par.world > 1 and not output_dir:
+        raise ConfigError("--output-dir is empty: each process would name its own run directory; give one")
+    out = Path(output_dir)
+    if par.is_main:
+        out = prepare_run_dir(output_dir, "run", resume=resume, overwrite=overwrite)
+        _record_invocation(out, invocation, resume=resume)
+    par.wait()
+    return out
 
 
 def _report(out: Path, task: str, meta: dict, policies, reward_models, curves, rollout_curves) -> Path:

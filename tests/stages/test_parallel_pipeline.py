@@ -25,11 +25,11 @@ def _processes(world: int, *, fsdp=None, zero=None) -> DataParallel:
 
 
 def test_a_run_across_processes_refuses_the_methods_whose_stage_does_not_follow():
-    check_processes(["sft", "rm", "ppo", "dpo", "best_of_n"], _processes(2))
+    check_processes(list(METHODS), _processes(2))  # every method's stage runs data-parallel
     check_processes(["sft", "rm", "quark", "rest"], _processes(1))  # one process runs everything
-    with pytest.raises(ConfigError, match=r"--methods: ppo trains with the ppo stage, which does not run across "
+    with pytest.raises(ConfigError, match=r"--methods: quark trains with the quark stage, which does not run across "
                        r"processes under DeepSpeed; run the methods that do \(sft, rm, dpo, best_of_n\)"):  # fmt: skip
-        check_processes(["sft", "rm", "ppo", "dpo", "best_of_n"], _processes(2, zero=object()))
+        check_processes(["sft", "rm", "quark", "dpo", "best_of_n"], _processes(2, zero=object()))
     with pytest.raises(ConfigError, match="rest trains with the rs stage, .* under FSDP.*ddp.yaml"):
         check_processes(["sft", "rm", "rest"], _processes(2, fsdp=object()))
 
