@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
+from rlhflab.lab.tasks import get_task
 from rlhflab.pipeline import METHODS, check_processes, run_pipeline
 from rlhflab.stages.parallel import DataParallel
 
@@ -86,3 +87,57 @@ def test_the_pipeline_on_two_processes_trains_and_reports_as_one(engine, tmp_pat
     for name in a:
         for key in ("gold_reward_mean", "kl_to_sft", "win_rate_vs_sft"):
             assert b[name][key] == pytest.approx(a[name][key], abs=1e-4), (name, key)
+
+
+class _Follower(DataParallel):
+    """Rank 1 of 2, alone: its all-reduces return what the main process is said to have seen (`said`)."""
+
+    def __init__(self, said):
+        self.accelerator, self.rank, self.world, self.fsdp, self.zero = None, 1, 2, None, None
+        self.said, self.waits = list(said), 0
+
+    def wait(self):
+        self.waits += 1
+
+    def sum(self, value):
+        assert value == 0.0  # only the main process's view counts
+        return self.said.pop(0)
+
+    def main_first(self, make):
+        return make()
+
+
+def test_a_process_other_than_the_main_one_makes_no_data_and_follows_its_decisions(
+    tmp_path, monkeypatch, capsys
+):
+    """Resuming: this process sees sft finished and no dpo run, the main one says sft must run again and dpo
+    continues its run: it trains both as told, makes no data, writes nothing and prints nothing."""
+    import rlhflab.pipeline as P
+    from rlhflab.core.progress import JobClock
+
+    (tmp_path / "sft" / "final").mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(P, "_make_data", lambda *a, **k: pytest.fail("only the main process makes the data"))
+    monkeypatch.setattr(
+        P, "_train", lambda name, cfg, **kw: calls.append((name, kw["resume"])) or tmp_path / name / "final"
+    )
+    par = _Follower([0.0, 0.0, 0.0, 1.0])  # sft: not kept, no run to continue; dpo: not kept, continues
+    clock = JobClock(["data", "sft", "dpo", "eval"], {}, out=P._silent)
+    got = P._train_all(get_task("sentiment"), tmp_path, 0, {}, {"sft": None, "dpo": None}, clock, relabel=None,
+                       resume=True, real=False, par=par)  # fmt: skip
+    assert calls == [("sft", False), ("dpo", True)] and got is None and par.waits == 1 and not par.said
+    assert capsys.readouterr().out == ""
+
+
+def test_the_pipeline_on_a_process_other_than_the_main_one_trains_and_leaves_the_report_to_it(
+    tmp_path, monkeypatch
+):
+    import rlhflab.pipeline as P
+
+    trained = []
+    monkeypatch.setattr(P, "DataParallel", lambda: _Follower([]))
+    monkeypatch.setattr(P, "_train_all", lambda *a, **k: trained.append(k["par"].rank))
+    monkeypatch.setattr(P, "_evaluate_all", lambda *a, **k: pytest.fail("the main process evaluates"))
+    out = tmp_path / "run"
+    assert P.run_pipeline(output_dir=str(out), overrides=TINY) == out / "report.html"
+    assert trained == [1] and not out.exists()  # the main process makes the directory and writes in it
