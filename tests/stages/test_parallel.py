@@ -398,25 +398,6 @@ def test_sft_sharded_on_two_processes_takes_the_steps_of_one(layout, tiny_model_
         _assert_same_metrics(one_rows, two_rows, key, [3, 6] if key == "eval/nll" else list(range(1, 7)))
 
 
-@pytest.mark.parametrize(
-    ("command", "engine"),
-    [("online-dpo", "DeepSpeed"), ("rs", "FSDP"), ("ppo", "DeepSpeed"), ("grpo", "DeepSpeed")],
-)
-def test_stages_that_sample_refuse_a_sharded_model(command, engine, monkeypatch, tmp_path, capsys):
-    """Each process samples its own rows, while a sharded model's every forward pass needs every process: PPO,
-    RLOO and GRPO keep their processes' decoding in step (FSDP), the others not yet. Refused, exit 2, one line,
-    nothing written."""
-    from rlhflab.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(f"ACCELERATE_USE_{engine.upper()}", "true")
-    monkeypatch.chdir(tmp_path)
-    assert main([command]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"rlhflab {command} does not run under {engine}" in err
-    assert "sft, rm, dpo" in err and not list(tmp_path.iterdir())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_ppo_sharded_on_two_processes_takes_the_steps_of_one(lora, tiny_model_dir, tmp_path):
@@ -901,3 +882,22 @@ def test_a_model_is_sharded_under_fsdp_and_zero_3_only():
     assert par.sharded and par.on_main(lambda: "ran") == "ran"
     par.zero, par.fsdp = None, FSDPSettings()
     assert par.sharded and par.describe() == ", data parallel over 2 processes, sharded (FSDP)"
+
+
+def test_only_the_main_process_shows_a_progress_bar(tmp_path):
+    """A process other than the main one takes the same steps silently: no bar (rich would draw an empty one)."""
+    from rlhflab.config import LoggingSection
+    from rlhflab.core.metrics_log import SilentLogger
+    from rlhflab.stages.common import Loop, Run
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for rank, shown in ((0, True), (1, False)):
+        par = DataParallel.__new__(DataParallel)
+        par.rank, par.world = rank, 2
+        run = Run(dir=tmp_path, logger=SilentLogger(), name="x")
+        loop = Loop(
+            run, "x", LoggingSection(progress=True), 3, model, optimizer, None, resume=False, parallel=par
+        )
+        assert (loop.progress._bar is not None) == shown and loop.writes == shown
+        loop.progress.close()

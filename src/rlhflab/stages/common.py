@@ -36,7 +36,6 @@ from rlhflab.core.metrics_log import MetricsLogger, SilentLogger
 from rlhflab.core.progress import Progress
 from rlhflab.core.run_dir import prepare_run_dir
 from rlhflab.errors import ConfigError, UserError
-from rlhflab.stages.sharding import full_optimizer_state, load_full_state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -303,7 +302,8 @@ class Loop:
     `writes=False` (a data-parallel process other than the main one): the same steps, resumed from the same
     checkpoint, but no evaluation, snapshot, checkpoint or progress bar. `parallel` (a
     `stages.parallel.DataParallel`) sets `writes` to whether this is the main process; with a sharded model
-    (FSDP) every process takes part in the evaluations, snapshots and checkpoints, which gather the weights.
+    (FSDP) every process takes part in the evaluations, snapshots and checkpoints, which gather the weights; under
+    DeepSpeed every process takes part in the checkpoints, which gather the optimizer state from its partitions.
     """
 
     def __init__(
@@ -329,18 +329,23 @@ class Loop:
         self.model, self.optimizer, self.scheduler, self._state = model, optimizer, scheduler, state
         self.step, self.last_ckpt, self.resumed_state = 0, None, {}
         self.parallel = parallel
-        sharded = parallel is not None and parallel.sharded
+        # writes=False: a data-parallel process other than the main one (same steps, no files, no bar).
+        self.writes = writes if parallel is None else parallel.is_main
+        # Parameters or optimizer state split across the processes (FSDP, DeepSpeed): checkpoints are gathered
+        # into the single-process format and loaded back into each process's part, by every process.
+        self._gathers = parallel is not None and parallel.gathers
         if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
-            restore = functools.partial(load_full_state, model, optimizer) if sharded else None
+            restore = functools.partial(parallel.load_full_state, model, optimizer) if self._gathers else None
             loaded = load_checkpoint(
                 ckpt, model=model, optimizer=optimizer, scheduler=scheduler, restore=restore
             )
             self.step, self.last_ckpt = loaded.pop("step"), ckpt
             self.resumed_state = loaded
-            print(f"{name}: resumed from {ckpt} at step {self.step}")
-        # writes=False: a data-parallel process other than the main one (same steps, no files, no bar).
-        self.writes = writes if parallel is None else parallel.is_main
-        self.progress = Progress(total, name, enabled=logging_cfg.progress and writes, completed=self.step)
+            if self.writes:
+                print(f"{name}: resumed from {ckpt} at step {self.step}")
+        self.progress = Progress(
+            total, name, enabled=logging_cfg.progress and self.writes, completed=self.step
+        )
         self.counts: dict[str, float] = {}
         self.totals: dict[
             str, float
@@ -371,28 +376,28 @@ class Loop:
             self.counts, self._t_last = {}, time.time()
             self.progress.update(0, {label: row[key] for label, key in (show or {}).items()})
         sharded = self.parallel is not None and self.parallel.sharded
-        if not self.writes and not sharded:
-            return
         # With a sharded model every process runs these (its forward passes and the gathers need them all);
         # the main one writes.
         every = getattr(self.cfg, "eval_every", 0)
-        if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
-            result = evaluate()
-            if self.writes:
-                self.run.logger.log(self.step, result)
-        if self.cfg.snapshot_every and self.step % self.cfg.snapshot_every == 0:
-            with self.parallel.full_weights(self.model) if sharded else contextlib.nullcontext():
+        if self.writes or sharded:
+            if evaluate is not None and every and self.step % every == 0 and self.step < self.total:
+                result = evaluate()
                 if self.writes:
-                    self.snapshot(snapshot_dir(self.run.dir, self.step))
-        if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
-            self._checkpoint(sharded)
+                    self.run.logger.log(self.step, result)
+            if self.cfg.snapshot_every and self.step % self.cfg.snapshot_every == 0:
+                with self.parallel.full_weights(self.model) if sharded else contextlib.nullcontext():
+                    if self.writes:
+                        self.snapshot(snapshot_dir(self.run.dir, self.step))
+        due = self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total
+        if due and (self.writes or self._gathers):
+            self._checkpoint()
         if self.writes:
             self.progress.update(1)
 
-    def _checkpoint(self, sharded: bool) -> None:
-        """Write a checkpoint (gathered whole first from a sharded model: the single-process format)."""
-        with self.parallel.full_weights(self.model) if sharded else contextlib.nullcontext():
-            optimizer_state = full_optimizer_state(self.optimizer) if sharded else None
+    def _checkpoint(self) -> None:
+        """Write a checkpoint (gathered whole first from the processes' parts: the single-process format)."""
+        optimizer_state = self.parallel.full_optimizer_state(self.optimizer) if self._gathers else None
+        with self.parallel.full_weights(self.model) if self._gathers else contextlib.nullcontext():
             if self.writes:
                 self.last_ckpt = save_checkpoint(
                     self.run.dir,

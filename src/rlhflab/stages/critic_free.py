@@ -303,21 +303,23 @@ def _update(
                 par.local_rows(rows, group=k), dtype=torch.long, device=rollout.response_ids.device
             )
             tokens = par.sum(float(rollout.response_mask[idx].sum()))  # the minibatch's, for token_mean
-            # A process may hold none of a minibatch's rows: it adds zero gradients (and with a sharded policy
-            # still joins the passes, on one row weighted 0).
+            # A process may hold none of a minibatch's rows: it adds zero gradients (and with a sharded policy, or
+            # DeepSpeed's collective gradient reduction, still joins the passes, on one row weighted 0).
             held = len(idx) > 0
-            if held or par.sharded:
+            if held or par.lockstep:
                 first = epoch == 0 and s == 0  # before any update: the rollout policy's entropy
                 idx = idx if held else torch.zeros(1, dtype=torch.long, device=idx.device)
-                row = _minibatch_step(
-                    policy, rollout, exp, idx, (len(rows), tokens), cfg, epoch, first, step, last, held
-                )
+                row = _minibatch_step(policy, rollout, exp, idx, (len(rows), tokens), cfg, epoch, first, step, last,
+                                      held, par.backward)  # fmt: skip
                 for key, v in row.items():
                     sums[key] += float(v)
             par.sum_gradients(policy)
-            grad_norm = clip_gradients(policy, cfg.optim.max_grad_norm)
+            # DeepSpeed's engine clips and applies the update itself.
+            clip = functools.partial(clip_gradients, policy, cfg.optim.max_grad_norm)
+            grad_norm = par.deepspeed_step(scheduler) if par.engine else clip()
             check_finite({"loss/grad_norm": grad_norm}, step=step, last_good=last)
-            optimizer_step(optimizer, scheduler)
+            if par.engine is None:
+                optimizer_step(optimizer, scheduler)
             grad_norms.append(grad_norm)
     updates = len(grad_norms)
     sums = par.sum_all(sums)
@@ -346,14 +348,14 @@ def _update_keys(cfg: Config) -> list[str]:
     return keys
 
 
-def _minibatch_step(
-    policy, rollout, exp, idx, whole, cfg: Config, epoch: int, first: bool, step, last, held: bool = True
-) -> dict:
+def _minibatch_step(policy, rollout, exp, idx, whole, cfg: Config, epoch: int, first: bool, step, last,
+                    held=True, backward=None) -> dict:  # fmt: skip
     """This process's rows `idx` of one minibatch (`whole`: its rows and response tokens): the loss's share,
     back-propagated; returns its metric shares. The `first` minibatch also gives the entropy; with no old
     pass, epoch 0 measures each sample's KL to the reference. `held` False: this process holds none of the
     minibatch's rows but joins its passes (a sharded policy's every pass needs all): `idx` is any row, weighted
-    0, and nothing is recorded."""
+    0, and nothing is recorded. `backward`: `DataParallel.backward` (DeepSpeed's engine), else `loss.backward()`."""
+    backward = backward or torch.Tensor.backward
     mb = rollout.select(idx)
     amp = mixed_precision(cfg.model, rollout.response_ids.device)
     logps, entropy = rollout_logps(policy, mb, cfg.sampling.temperature, amp=amp, entropy=first)
@@ -361,13 +363,13 @@ def _minibatch_step(
     ref = exp["ref_logps"][idx] if exp["ref_logps"] is not None else None
     loss, row = minibatch_loss(logps, old, ref, exp["advantages"][idx], mb.response_mask, cfg, *whole)
     if not held:
-        (loss * 0.0).backward()
+        backward(loss * 0.0)
         return {}
     if ref is not None and old is None and epoch == 0:  # the KL of the samples the policy wrote
         kl = KL_ESTIMATORS[cfg.algo.kl_estimator](logps.detach(), ref)
         exp["seq_kl"][idx] = masked_sum(kl, mb.response_mask, dim=-1)
     check_finite({"loss/total": loss}, step=step, last_good=last)
-    loss.backward()
+    backward(loss)
     if entropy is not None:
         row["entropy_sum"] = float(masked_sum(entropy, mb.response_mask))
         row["perf/entropy_tokens"] = float(mb.response_mask.sum())
@@ -421,6 +423,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
     n = algo.rollouts_per_iteration
     updates_per_iteration = algo.ppo_epochs * -(-n // (algo.minibatch_size or n))
     optimizer, scheduler = build_optimizer(policy, cfg.optim, algo.iterations * updates_per_iteration)
+    par.attach(policy, optimizer, cfg.optim, micro_batches=1)  # under DeepSpeed: one backward pass per update
     sampling, engine = sampling_settings(cfg.sampling), rollout_engine(cfg, policy, tokenizer)
     greedy_baseline = isinstance(cfg, RLOOConfig) and algo.baseline == "greedy"
     flop_params = (matmul_params(policy), matmul_params(ref) if ref is not None else None)
@@ -431,18 +434,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, reward:
             + par.describe()
         )
     snapshot = functools.partial(save_model, policy, tokenizer, merge_lora=cfg.model.lora.merge)
-    loop = Loop(
-        run,
-        name,
-        cfg.logging,
-        algo.iterations,
-        policy,
-        optimizer,
-        scheduler,
-        resume=resume,
-        snapshot=snapshot,
-        parallel=par,
-    )
+    loop = Loop(run, name, cfg.logging, algo.iterations, policy, optimizer, scheduler, resume=resume,
+                snapshot=snapshot, parallel=par)  # fmt: skip
     while loop.step < loop.total:
         iteration = loop.step + 1
         epoch, position = divmod(loop.step, steps_per_epoch)

@@ -257,7 +257,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> P
     shift = BCORewardShift() if spec.inputs == "unpaired_shift" else None
     ctx = PreferenceContext(model, spec, cfg.algo, device, pad_id, ref_cache, live, amp, reward_shift=shift)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    par.attach(model, optimizer, cfg.optim, checkpoints=bool(cfg.logging.save_every))
+    par.attach(model, optimizer, cfg.optim)
     state = (lambda: {"reward_shift": shift.state_dict()}) if shift is not None else None
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "dpo", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume, state=state,

@@ -259,3 +259,28 @@ def check_data_parallel(algo: RewardSourcesSection, par, batch_key: str, batch: 
             "config: algo.reward_combine=llama2_gate whitens the scores over the whole batch, which is not yet "
             "done across processes; run it in one process"
         )
+
+
+# PPO's thresholds of the health warnings (not errors: these happen in healthy runs now and then).
+NEGATIVE_KL_WARN = -0.5
+CLIPFRAC_WARN = 0.3
+APPROX_KL_WARN = 0.5
+
+
+def ppo_health_warnings(metrics: dict[str, float], iteration: int, log=print) -> None:
+    """PPO's warnings of a run going astray (not errors: each happens in healthy runs now and then)."""
+    if metrics["kl/sequence"] < NEGATIVE_KL_WARN:
+        log(
+            f"ppo warning (iteration {iteration}): the KL estimate is negative ({metrics['kl/sequence']:.3f}); "
+            "sampling and scoring disagree (temperature, top-k/top-p, or a tokenizer mismatch)"
+        )
+    if metrics.get("loss/clipfrac", 0.0) > CLIPFRAC_WARN:
+        log(
+            f"ppo warning (iteration {iteration}): clip fraction {metrics['loss/clipfrac']:.2f} is high; "
+            "lower optim.lr or algo.ppo_epochs"
+        )
+    if metrics.get("kl/approx", 0.0) > APPROX_KL_WARN:
+        log(
+            f"ppo warning (iteration {iteration}): policy moved {metrics['kl/approx']:.2f} nats in one update; "
+            "lower optim.lr"
+        )

@@ -21,7 +21,9 @@ Launched with an FSDP config file (configs/accelerate/fsdp.yaml), `prepare` shar
 FSDP2 instead (`stages.sharding`): the gradients are then summed by FSDP itself, and work that reads the model
 outside the training step (evaluation, saving) runs on every process (`on_main`, `full_weights`). Launched with
 a DeepSpeed config file (configs/accelerate/deepspeed_zero3.yaml), `attach` wraps the model and its optimizer in
-DeepSpeed's engine, and `backward` / `deepspeed_step` go through it (`stages.deepspeed_zero`).
+DeepSpeed's engine, and `backward` / `deepspeed_step` go through it (`stages.deepspeed_zero`). Under either,
+checkpoints are gathered into the single-process format and loaded back into any layout (`full_optimizer_state`,
+`load_full_state`), so a run resumes in another number of processes, with or without them.
 """
 
 from __future__ import annotations
@@ -139,33 +141,43 @@ class DataParallel:
         involves every process."""
         return self.fsdp is not None or (self.zero is not None and self.zero.zero_stage == 3)
 
-    def attach(self, model, optimizer, optim, *, checkpoints: bool, packed: bool = False) -> None:
+    def attach(self, model, optimizer, optim, *, packed: bool = False, micro_batches: int = 0) -> None:
         """Under DeepSpeed, wrap `model` and `optimizer` (built on the model's parameters) in its engine, for
         steps of optim.batch_size examples split evenly over the processes, each share in micro-batches of
         optim.micro_batch_size (one when 0 or `packed`), clipped at optim.max_grad_norm; nothing to do otherwise.
-        `checkpoints`: whether the run writes resumable checkpoints, which DeepSpeed's partitioned optimizer
-        state does not go into yet."""
+        `micro_batches`: the backward passes each process makes per step, when the stage decides them (the
+        on-policy stages: one per minibatch, on every process, `lockstep`)."""
         if self.zero is None:
             return
         from rlhflab.errors import ConfigError
-        from rlhflab.stages.deepspeed_zero import build_engine
 
+        # The optimizer's parameters in its groups' order, before DeepSpeed swaps them for its flat partitions: the
+        # order of a single-process optimizer state (`full_optimizer_state`).
+        self._groups = [list(g["params"]) for g in optimizer.param_groups]
+        if micro_batches:
+            self._build(model, optimizer, optim, micro_batches)
+            return
         batch_size, micro_batch_size = optim.batch_size, 0 if packed else optim.micro_batch_size
         if batch_size % self.world:
             raise ConfigError(
                 f"config: optim.batch_size={batch_size} does not split evenly over the {self.world} processes, "
                 f"which DeepSpeed needs (the same micro-batches on each); make it a multiple of {self.world}"
             )
-        if checkpoints:
-            raise ConfigError(
-                "config: logging.save_every writes resumable checkpoints, which are not written under DeepSpeed yet; "
-                "set logging.save_every=0, or launch with configs/accelerate/fsdp.yaml (resumable)"
-            )
         share = batch_size // self.world
-        micro = -(-share // min(micro_batch_size or share, share))
+        self._build(model, optimizer, optim, -(-share // min(micro_batch_size or share, share)))
+
+    def _build(self, model, optimizer, optim, micro: int) -> None:
+        from rlhflab.stages.deepspeed_zero import build_engine
+
         self.engine = build_engine(model, optimizer, self.zero, micro_batches=micro, world=self.world,
                                    max_grad_norm=optim.max_grad_norm)  # fmt: skip
         self._micro, self._micro_per_step = 0, micro
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every process must join every forward and backward pass, holding rows or not: the parameters
+        are sharded (FSDP, ZeRO-3), or DeepSpeed reduces the gradients in collectives during the backward pass."""
+        return self.sharded or self.engine is not None
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()` of one micro-batch's loss (normalized by the whole step's count); under DeepSpeed
@@ -222,6 +234,40 @@ class DataParallel:
 
         with full_weights(model, self.is_main):
             yield
+
+    @property
+    def gathers(self) -> bool:
+        """Whether writing or reading a checkpoint needs every process: the parameters or the optimizer state are
+        split across them (FSDP, DeepSpeed)."""
+        return self.sharded or self.engine is not None
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state dict in the single-process format, gathered from the processes that hold parts of
+        it (every process calls it); `optimizer.state_dict()` when nothing is split."""
+        if self.engine is not None:
+            from rlhflab.stages.deepspeed_zero import full_optimizer_state
+
+            return full_optimizer_state(self.engine, self._groups)
+        if self.fsdp is not None:
+            from rlhflab.stages.sharding import full_optimizer_state
+
+            return full_optimizer_state(optimizer)
+        return optimizer.state_dict()
+
+    def load_full_state(self, model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+        """Load a checkpoint in the single-process format (written by any number of processes) into this process's
+        part of the model and optimizer (every process calls it)."""
+        if self.engine is not None:
+            from rlhflab.stages.deepspeed_zero import load_full_state
+
+            load_full_state(self.engine, self._groups, model, model_state, optimizer_state)
+        elif self.fsdp is not None:
+            from rlhflab.stages.sharding import load_full_state
+
+            load_full_state(model, optimizer, model_state, optimizer_state)
+        else:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
 
     def sum_gradients(self, model: torch.nn.Module) -> None:
         """Sum every trainable parameter's gradient across processes, in one flat all-reduce (FSDP and DeepSpeed

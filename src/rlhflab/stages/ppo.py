@@ -71,17 +71,13 @@ from rlhflab.stages.on_policy import (
     check_data_parallel,
     load_prompts,
     load_reward,
+    ppo_health_warnings,
     require_reward,
     rollout_engine,
     sample_share,
     sampling_settings,
 )
 from rlhflab.stages.parallel import DataParallel
-
-# Thresholds of the health warnings (not errors: these happen in healthy runs now and then).
-NEGATIVE_KL_WARN = -0.5
-CLIPFRAC_WARN = 0.3
-APPROX_KL_WARN = 0.5
 
 
 def _response_pass(
@@ -288,20 +284,23 @@ def _ppo_epochs(
         for s in range(0, n, cfg.algo.minibatch_size):
             rows = order[s : s + cfg.algo.minibatch_size].tolist()
             idx = torch.tensor(par.local_rows(rows), dtype=torch.long, device=rollout.response_ids.device)
-            # A process may hold none of a minibatch's rows: it adds zero gradients; with a sharded policy it still
-            # joins the passes (each gathers the weights from every process), on one row weighted 0.
+            # A process may hold none of a minibatch's rows: it adds zero gradients; with a sharded policy (or under
+            # DeepSpeed, whose gradient reduction is collective) it still joins the passes, on one row weighted 0.
             held = float(len(idx) > 0)
-            if held or par.sharded:
+            if held or par.lockstep:
                 idx = idx if held else torch.zeros(1, dtype=torch.long, device=idx.device)
                 terms = _minibatch_terms(policy, value_model, rollout, exp, idx, len(rows), cfg)
                 check_finite({"loss/ppo": terms["loss/total"]}, step=step_for_errors, last_good=last_ckpt)
-                (terms["loss/total"] * held).backward()
+                par.backward(terms["loss/total"] * held)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + held * float(v.detach())
             par.sum_gradients(params)
-            grad_norm = clip_gradients(params, cfg.optim.max_grad_norm)
+            # DeepSpeed's engine clips and applies the update itself.
+            clip = functools.partial(clip_gradients, params, cfg.optim.max_grad_norm)
+            grad_norm = par.deepspeed_step(scheduler) if par.engine else clip()
             check_finite({"loss/grad_norm": grad_norm}, step=step_for_errors, last_good=last_ckpt)
-            optimizer_step(optimizer, scheduler)
+            if par.engine is None:
+                optimizer_step(optimizer, scheduler)
             grad_norms.append(grad_norm)
     count = len(grad_norms)
     sums = par.sum_all({k: sums.get(k, 0.0) for k in _EPOCH_METRICS})
@@ -383,24 +382,6 @@ def _iteration_perf(
     }
 
 
-def _health_warnings(metrics: dict[str, float], iteration: int, log=print) -> None:
-    if metrics["kl/sequence"] < NEGATIVE_KL_WARN:
-        log(
-            f"ppo warning (iteration {iteration}): the KL estimate is negative ({metrics['kl/sequence']:.3f}); "
-            "sampling and scoring disagree (temperature, top-k/top-p, or a tokenizer mismatch)"
-        )
-    if metrics.get("loss/clipfrac", 0.0) > CLIPFRAC_WARN:
-        log(
-            f"ppo warning (iteration {iteration}): clip fraction {metrics['loss/clipfrac']:.2f} is high; "
-            "lower optim.lr or algo.ppo_epochs"
-        )
-    if metrics.get("kl/approx", 0.0) > APPROX_KL_WARN:
-        log(
-            f"ppo warning (iteration {iteration}): policy moved {metrics['kl/approx']:.2f} nats in one update; "
-            "lower optim.lr"
-        )
-
-
 def _save_final(run_dir: Path, policy, value_model, tokenizer, merge_lora: bool) -> Path:
     """The policy as a plain HF causal LM or its LoRA adapter (+ value head file) in RUN/final; a separate critic
     in RUN/critic."""
@@ -451,6 +432,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     trainable = nn.ModuleDict({"policy": policy, "value": value_model})
     updates_per_iter = cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     optimizer, scheduler = build_optimizer(trainable, cfg.optim, cfg.algo.iterations * updates_per_iter)
+    par.attach(trainable, optimizer, cfg.optim, micro_batches=1)  # under DeepSpeed: one backward per update
     kl_ctl, sampling = _kl_controller(cfg), sampling_settings(cfg.sampling)
     engine = rollout_engine(cfg, policy, tokenizer)  # None: HF generate on the policy itself
     flop_params = (matmul_params(policy), matmul_params(ref), matmul_params(value_model))
@@ -499,7 +481,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
 
         append_rollouts(run.dir / "rollouts.jsonl", iteration, rollout, exp["scores"], exp["seq_kl"], par)
         if par.is_main:
-            _health_warnings(metrics, iteration, log=loop.progress.print)
+            ppo_health_warnings(metrics, iteration, log=loop.progress.print)
         loop.count(
             rollouts=cfg.algo.rollout_batch_size, tokens=int(par.sum(int(rollout.attention_mask.sum())))
         )

@@ -352,7 +352,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     shared = _shared_prompt(cfg, model)
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim, what=f"{kind} records")
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    par.attach(model, optimizer, cfg.optim, checkpoints=bool(cfg.logging.save_every))
+    par.attach(model, optimizer, cfg.optim)
     if par.is_main:
         _announce(model, kind, examples, eval_examples, total_steps, run.dir, par.describe())
 

@@ -112,7 +112,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> P
     eval_examples = [tokenize_sft(r, tokenizer, **kw) for r in eval_records]
     total_steps, steps_per_epoch = num_optimizer_steps(len(examples), cfg.optim)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
-    par.attach(model, optimizer, cfg.optim, checkpoints=bool(cfg.logging.save_every), packed=cfg.data.packing)
+    par.attach(model, optimizer, cfg.optim, packed=cfg.data.packing)
     _announce(examples, total_steps, model, run.dir, par)
     snapshot = functools.partial(save_model, model, tokenizer, merge_lora=cfg.model.lora.merge)
     loop = Loop(run, "sft", cfg.logging, total_steps, model, optimizer, scheduler, resume=resume,
