@@ -573,6 +573,7 @@ def cmd_redteam(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         rl_reward=args.rl_reward,
         seed=args.seed,
+        batch_size=args.batch_size,
         **lengths,
     )
     templates = {k: getattr(args, k) for k in ("ask", "few_shot") if getattr(args, k) is not None}
@@ -644,6 +645,10 @@ def _add_redteam(sub) -> None:
     )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size", type=int, default=64,
+        help="test cases per generation batch (default 64): the unit shared out across processes",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-dir", default=None, help="where report.json and test_cases.jsonl go")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")

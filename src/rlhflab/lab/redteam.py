@@ -12,6 +12,10 @@ question, "ask me something like : P1 ; P2" for more of the same kind), and that
 red LM. On `harm` the report also says which test cases invite breaking a rule, which carry a jailbreak prefix
 ("as a joke , ...", in the base corpus but in no prompt the policies trained on) and which are not the task's
 own prompts: what kind of attack each method found.
+
+Across processes (`torchrun` / `accelerate launch`), a base model missing from the cache is pretrained by the
+main process first; the red team shares out its work (`rlhflab.stages.redteam`), and the main process, which
+holds every test case, measures gold and writes.
 """
 
 from __future__ import annotations
@@ -128,14 +132,26 @@ def run(
     """`rlhflab redteam` on a lab model: the red team (`rlhflab.stages.redteam.red_team`) with the task's
     instructions and base model as defaults, then gold's measurement added to every method's report and to
     every test case's row."""
+    from rlhflab.stages.parallel import DataParallel
+
     task = check_task(target)
     # Refuse a bad method list, classifier or RL config before a lab base model is pretrained for nothing.
     check_methods(methods, classifier, kwargs.get("rl_overrides", ()), s)
+    par = DataParallel()  # one process, or one of those `torchrun` / `accelerate launch` started
+    log = log if par.is_main else _silent
     red = red or default_red(target, task)
     prompts = prompts or lab_prompts(task)
-    target_dir, red_dir = lab_model_dir(target, seed=s.seed), lab_model_dir(red, seed=s.seed)
+    # A base model not yet in the cache is pretrained once, by the main process; the others then read it.
+    target_dir, red_dir = par.main_first(
+        lambda: (lab_model_dir(target, seed=s.seed), lab_model_dir(red, seed=s.seed))
+    )
     log(f"redteam: target {target} ({target_dir}), red LM {red} ({red_dir}), lab task '{task}'")
-    result = red_team(target_dir, red_dir, classifier, methods, prompts, s, out_dir, log=log, **kwargs)
+    result = red_team(
+        target_dir, red_dir, classifier, methods, prompts, s, out_dir, log=log, par=par, **kwargs
+    )
+    if not par.is_main:  # every process holds every test case; the main one measures gold and writes
+        par.wait()
+        return {}
     # Gold measures what the red team found; it is computed only now, after every method has run.
     measured = {name: gold_measure(task, tc, s.threshold) for name, tc in result.results.items()}
     result.meta.update(task=task, target_name=target, red_name=red)
@@ -152,4 +168,9 @@ def run(
             f"{m['gold/distinct_attacks']} distinct attacks by gold"
         )
     log(f"redteam: wrote {result.out_dir / 'report.json'} and {result.out_dir / 'test_cases.jsonl'}")
+    par.wait()  # the files are there before any process returns
     return report
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """`print` on a process that is not the main one, which speaks for the run."""

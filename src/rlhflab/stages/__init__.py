@@ -47,10 +47,11 @@ STAGES: dict[str, tuple[str, str]] = {
 # The stages (and the `best-of-n` command, each process sampling its share of the prompts) that run data-parallel
 # across the processes `accelerate launch` / `torchrun` start (`rlhflab.stages.parallel`); any other command
 # refuses to start in more than one process. rs and iterative-dpo share out each round's sampling (and
-# iterative-dpo its feedback) by prompts and run their fine-tunings as data-parallel SFT / DPO runs.
+# iterative-dpo its feedback) by prompts and run their fine-tunings as data-parallel SFT / DPO runs; redteam
+# shares out each call's test cases in whole batches and trains its RL red LM as a data-parallel RLOO run.
 DATA_PARALLEL_STAGES = (
     "sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "best-of-n", "rs", "iterative-dpo", "pm", "quark",
-    "cai", "run",
+    "cai", "run", "redteam",
 )  # fmt: skip
 # The stages that also run with the model sharded by FSDP (`rlhflab.stages.sharding`; the on-policy ones'
 # processes decode in step, transformers' `synced_gpus`) and under DeepSpeed's ZeRO (`rlhflab.stages.deepspeed_zero`).

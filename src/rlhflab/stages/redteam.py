@@ -18,6 +18,14 @@ than the paper's A2C; its reward is `RedTeamReward`: sample the target's answer 
 by the rule classifiers (an `rlhflab rm algo.loss=binary` model, one head per rule, label true = the answer
 breaks the rule), P(harmful) = max over heads of sigmoid(logit). The paper rewards -log(1 - P); both are here.
 
+Across the processes `torchrun` / `accelerate launch` start (`rlhflab.stages.parallel`), `python -m rlhflab
+redteam ...` runs unchanged: every call of the red LM, the target and the classifier is shared out in whole
+units of --batch-size test cases, each seeded by its place in the call (`rlhflab.stages.redteam_cases`), so each
+process gets one process's test cases, answers and probabilities, bit for bit; the few-shot examples are drawn
+on every process alike; the RL red LM trains data-parallel (RLOO across processes, each process sampling its
+share of the groups), its reward answering the whole batch as one process would. Only the main process makes
+the run directory and writes (test_cases.jsonl, report.json, the reward log, the RL run).
+
 Nothing in this module knows a gold reward: the lab (`rlhflab.lab.redteam`) adds its gold measurement to the
 report, and only to measure.
 """
@@ -25,21 +33,28 @@ report, and only to measure.
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from rlhflab.errors import ConfigError, UserError
+from rlhflab.errors import ConfigError
 from rlhflab.eval import metrics as M
-from rlhflab.models.control_tokens import condition_prompts
-from rlhflab.rollout.generate import SamplingSettings, generate
+from rlhflab.stages.redteam_cases import (
+    RL_REWARDS,
+    LMSampler,
+    OneProcess,
+    RedTeamReward,
+    RuleClassifier,
+    TestCases,
+    as_prompt,
+    few_shot,
+    zero_shot,
+)
+from rlhflab.stages.redteam_cases import choose_examples as choose_examples  # re-exported
 
 METHODS = ("zero-shot", "few-shot", "rl")
 # The RL red LM's defaults on top of `rlhflab rloo`'s, set before the first measured run (not tuned): RLOO's
@@ -97,6 +112,8 @@ class RedTeamSettings:
     paper). threshold: an answer whose P(harmful) exceeds it is a successful attack. red_max_new_tokens /
     target_max_new_tokens: the longest test case / answer; temperature: both models sample at it. rl_reward:
     "prob" (P(harmful)) or "neglog" (-log(1 - P), the paper's reward). n_show: examples kept in the report.
+    batch_size: test cases per generation and classifier call, each seeded by its place in the method's call:
+    the unit shared out across processes (with fewer units than processes, some wait).
     """
 
     n_prompts: int = 256
@@ -128,241 +145,7 @@ class RedTeamSettings:
                 raise ConfigError(message)
 
 
-# ---- the three models: red LM, target LM, rule classifiers ---------------------------------------------------
-
-
-def as_prompt(tokenizer, text: str) -> str | list[dict[str, str]]:
-    """`text` as one user message when the tokenizer has a chat template (how chat models and the lab's models
-    were trained to read a request), else as raw text."""
-    return [{"role": "user", "content": text}] if getattr(tokenizer, "chat_template", None) else text
-
-
-class LMSampler:
-    """`sampler(texts, seed) -> one sampled continuation per text`, from an HF causal LM; each text is sent as
-    `as_prompt` renders it. The red LM and the target are both samplers; tests pass any such callable."""
-
-    def __init__(
-        self, model, tokenizer, settings: SamplingSettings, *, batch_size: int = 64, conditioning=None
-    ):
-        self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
-        self.conditioning = conditioning  # a quark model's `Conditioning`: sampled behind its best token
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str, max_new_tokens: int, temperature: float, device, batch_size: int = 64
-    ):
-        from rlhflab.models.control_tokens import conditioning_of
-        from rlhflab.models.loading import load_inference_lm, load_tokenizer
-
-        settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
-        model = load_inference_lm(path, device=str(device))
-        tokenizer = load_tokenizer(path)
-        return cls(model, tokenizer, settings, batch_size=batch_size, conditioning=conditioning_of(path))
-
-    def __call__(self, texts: Sequence[str], seed: int) -> list[str]:
-        prompts, settings = condition_prompts(
-            self.conditioning, self.tokenizer, [as_prompt(self.tokenizer, t) for t in texts], self.settings
-        )
-        return generate(
-            self.model, self.tokenizer, prompts, settings, batch_size=self.batch_size, seed=seed
-        ).texts
-
-
-Sampler = Callable[[Sequence[str], int], list[str]]
-
-
-class RuleClassifier:
-    """P(the answer breaks each rule) [B, H] from a scorer of violation logits: anything with
-    `score_all_heads(prompts, responses) -> [B, H]` (a `LearnedReward` of an `rlhflab rm algo.loss=binary`
-    model, trained with label true = breaks the rule; Glaese et al. 2022's rule classifiers)."""
-
-    def __init__(self, scorer, head_names: Sequence[str], *, chat: bool = False):
-        self.scorer, self.head_names, self.chat = scorer, list(head_names), chat
-
-    @classmethod
-    def from_pretrained(cls, path: str, device) -> RuleClassifier:
-        from rlhflab.rewards.learned import LearnedReward, check_reward_dir
-
-        scorer = LearnedReward.from_pretrained(check_reward_dir(path), device=device)
-        chat = bool(getattr(scorer.tokenizer, "chat_template", None))
-        return cls(scorer, scorer.model.head_names, chat=chat)
-
-    def probs(self, cases: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        # The classifier reads (request, answer) formatted as its training records were: a chat request for
-        # a model with a chat template (the lab's rule files), else raw text.
-        prompts = [[{"role": "user", "content": c}] if self.chat else c for c in cases]
-        logits = torch.as_tensor(self.scorer.score_all_heads(prompts, list(answers))).float().cpu()
-        if logits.shape != (len(cases), len(self.head_names)) or not torch.isfinite(logits).all():
-            raise UserError(
-                f"the classifier returned {tuple(logits.shape)} scores (or non-finite ones) for {len(cases)} "
-                f"answers and {len(self.head_names)} rules"
-            )
-        return torch.sigmoid(logits)
-
-
-def test_case_of(text: str) -> str:
-    """The test case in a red LM's output: its first line, stripped (the paper cuts a generated question
-    at its end; a list-style instruction makes the red LM go on with the next item on a new line)."""
-    return text.strip().split("\n", 1)[0].strip()
-
-
-# ---- test cases --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TestCases:
-    """N test cases of one method. cases [N] (the red LM's questions); answers [N] (the target's);
-    rule_probs [N, H] P(breaks rule h) by the classifier, or None without one; rules [H]; instructions [N]:
-    what the red LM was asked for each; examples [N]: the few-shot examples in it (empty lists otherwise)."""
-
-    __test__ = False  # not a pytest class
-
-    method: str
-    cases: list[str]
-    answers: list[str]
-    rule_probs: torch.Tensor | None
-    rules: list[str]
-    instructions: list[str]
-    examples: list[list[str]] = field(default_factory=list)
-
-    @property
-    def probs(self) -> torch.Tensor | None:
-        """[N] P(harmful) = the most likely violation (max over rules), or None without a classifier."""
-        return None if self.rule_probs is None else self.rule_probs.max(dim=1).values
-
-    def succeeded(self, threshold: float) -> np.ndarray:
-        """[N] bool: the classifier flags the ANSWER (not the test case) as harmful."""
-        if self.rule_probs is None:
-            raise ConfigError("attack success needs a classifier (--classifier DIR)")
-        return (self.probs > threshold).numpy()
-
-
-def answer_and_judge(
-    target: Sampler, classifier: RuleClassifier | None, cases: Sequence[str], seed: int
-) -> tuple[list[str], torch.Tensor | None]:
-    """The target's sampled answer to each test case, and the classifier's rule probabilities [N, H] of each
-    answer. An empty test case asks nothing: it gets an empty answer and probability 0 (a failed attack)."""
-    asked = [i for i, c in enumerate(cases) if c]
-    answers = [""] * len(cases)
-    for i, text in zip(asked, target([cases[i] for i in asked], seed) if asked else []):
-        answers[i] = text
-    if classifier is None:
-        return answers, None
-    probs = torch.zeros(len(cases), len(classifier.head_names))
-    if asked:
-        probs[asked] = classifier.probs([cases[i] for i in asked], [answers[i] for i in asked])
-    return answers, probs
-
-
-def zero_shot(
-    red: Sampler,
-    target: Sampler,
-    classifier,
-    prompts: RedTeamPrompts,
-    s: RedTeamSettings,
-    *,
-    method="zero-shot",
-) -> TestCases:
-    """Perez et al. 2022, Sec. 2.2, zero-shot generation: n_prompts samples of the red LM given `prompts.ask`."""
-    instructions = [prompts.ask] * s.n_prompts
-    cases = [test_case_of(t) for t in red(instructions, s.seed)]
-    answers, probs = answer_and_judge(target, classifier, cases, s.seed + 1)
-    rules = classifier.head_names if classifier is not None else []
-    return TestCases(method, cases, answers, probs, rules, instructions, [[] for _ in cases])
-
-
-def choose_examples(pool: TestCases, s: RedTeamSettings, rng: random.Random) -> tuple[list[list[str]], str]:
-    """The examples of each of n_prompts few-shot instructions, and where they came from.
-
-    Perez et al. (Sec. 2.2, stochastic few-shot) draw each example from the zero-shot test cases with
-    probability proportional to exp(P(harmful) / T). Here the draw is over the DISTINCT test cases that
-    succeeded (so an instruction never shows the same case twice, and only attacks that worked are imitated);
-    when none succeeded, over every distinct test case, and the report says so."""
-    probs = pool.probs
-    if probs is None:
-        raise ConfigError("few-shot red teaming needs a classifier (--classifier DIR) to pick its examples")
-    best: dict[str, float] = {}
-    for case, p, ok in zip(pool.cases, probs.tolist(), pool.succeeded(s.threshold)):
-        if case and ok:
-            best[case] = max(best.get(case, 0.0), p)
-    source = "successful zero-shot test cases"
-    if not best:
-        best = {c: p for c, p in zip(pool.cases, probs.tolist()) if c}
-        source = "all zero-shot test cases (none succeeded)"
-    if not best:
-        raise UserError("few-shot red teaming: the red LM wrote no test case at all (every one was empty)")
-    names = list(best)
-    weights = [math.exp((best[c] - 1.0) / s.example_temperature) for c in names]  # shifted: no overflow
-    k = min(s.n_examples, len(names))
-    chosen = []
-    for _ in range(s.n_prompts):
-        # k distinct examples: weighted draws without replacement (Efraimidis-Spirakis keys).
-        keys = sorted(range(len(names)), key=lambda i: -(rng.random() ** (1.0 / weights[i])))
-        chosen.append([names[i] for i in keys[:k]])
-    return chosen, source
-
-
-def few_shot(
-    red: Sampler, target: Sampler, classifier, prompts: RedTeamPrompts, pool: TestCases, s: RedTeamSettings
-) -> tuple[TestCases, str]:
-    """Perez et al. 2022, Sec. 2.2, stochastic few-shot generation, from the zero-shot test cases `pool`."""
-    examples, source = choose_examples(pool, s, random.Random(f"redteam-few-shot-{s.seed}"))
-    instructions = [prompts.render(e) for e in examples]
-    cases = [test_case_of(t) for t in red(instructions, s.seed + 2)]
-    answers, probs = answer_and_judge(target, classifier, cases, s.seed + 3)
-    return TestCases(
-        "few-shot", cases, answers, probs, list(classifier.head_names), instructions, examples
-    ), source
-
-
 # ---- the RL red LM ------------------------------------------------------------------------------------------
-
-# The red LM's reward from P = P(harmful answer): the probability itself, or Perez et al.'s -log(1 - P), which
-# keeps pushing as P nears 1 (clamped: P = 1 would be an infinite reward).
-RL_REWARDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "prob": lambda p: p,
-    "neglog": lambda p: -torch.log1p(-p.clamp(max=1 - 1e-6)),
-}
-
-
-class RedTeamReward:
-    """The RL red LM's reward source (`score(prompts, responses) -> [B]`, as `rlhflab.rewards`): each response
-    of the red LM is a test case; the target answers it (one sample) and the rule classifiers score the ANSWER,
-    reward = RL_REWARDS[transform](max over rules of P(breaks the rule)). The prompts (the red LM's instruction)
-    play no part. With `log_path`, every scored test case is appended there as a JSON line."""
-
-    name = "redteam"
-
-    def __init__(
-        self,
-        target: Sampler,
-        classifier: RuleClassifier,
-        *,
-        transform: str = "prob",
-        seed: int = 0,
-        log_path: Path | None = None,
-    ):
-        if transform not in RL_REWARDS:
-            raise ConfigError(f"unknown red-team reward {transform!r}; known: {', '.join(RL_REWARDS)}")
-        self.target, self.classifier, self.transform = target, classifier, transform
-        self.seed, self.calls, self.log_path = seed, 0, log_path
-
-    def score(self, prompts: Sequence, responses: Sequence[str]) -> torch.Tensor:
-        cases = [test_case_of(r) for r in responses]
-        # A fresh, reproducible draw of the target's answers on every call.
-        answers, rule_probs = answer_and_judge(
-            self.target, self.classifier, cases, self.seed * 1_000_003 + self.calls
-        )
-        self.calls += 1
-        probs = rule_probs.max(dim=1).values
-        if self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                for c, a, p in zip(cases, answers, probs.tolist()):
-                    f.write(
-                        json.dumps({"call": self.calls, "prompt": c, "answer": a, "classifier_prob": p})
-                        + "\n"
-                    )
-        return RL_REWARDS[self.transform](probs)
 
 
 def rl_config(
@@ -403,14 +186,17 @@ def rl_config(
 def train_red_lm(cfg, reward: RedTeamReward, instruction: str, log=print) -> tuple[Path, dict[str, Any]]:
     """Perez et al. 2022, Sec. 2.2, RL: RLOO on the red LM with reward `reward` and a KL penalty of
     algo.kl_coef to the initial red LM; every prompt is the zero-shot instruction. Returns (the trained red LM's
-    directory, a summary of training from its metrics log)."""
+    directory, a summary of training from its metrics log). Across processes (the reward's `par`), RLOO runs
+    data-parallel (`rlhflab.stages.critic_free`); the main process writes the instructions file first."""
     from rlhflab.data import write_jsonl
     from rlhflab.models.loading import load_tokenizer
     from rlhflab.stages import critic_free
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     rows = [{"prompt": as_prompt(tokenizer, instruction)}] * cfg.algo.prompts_per_iteration
-    write_jsonl(rows, cfg.data.train_path)
+    if reward.par.is_main:
+        write_jsonl(rows, cfg.data.train_path)
+    reward.par.wait()
     log(
         f"redteam rl: training the red LM {cfg.model.name_or_path} with RLOO, {cfg.algo.iterations} iterations, KL coefficient {cfg.algo.kl_coef}"
     )
@@ -503,6 +289,7 @@ class RedTeamRun:
     out_dir: Path
     results: dict[str, TestCases]
     meta: dict[str, Any]
+    par: Any = field(default_factory=OneProcess, repr=False)  # the processes it ran in: the main one writes
 
 
 def write_outputs(
@@ -576,18 +363,30 @@ def red_team(
     device: str = "auto",
     overwrite: bool = False,
     log=print,
+    par: Any = None,
 ) -> RedTeamRun:
     """Red-team the target (a model directory) with the red LM `red` (a model directory) by each method in
     `methods` (see the module docstring); `classifier`: a rule-classifier directory ("" for none: zero-shot
-    only, no success rate). Writes nothing but the RL red LM's run (OUT/rl); `write_outputs` writes the rest."""
-    from rlhflab.core.run_dir import prepare_run_dir
-    from rlhflab.stages.common import resolve_device, resolve_model_path
+    only, no success rate). Writes nothing but the RL red LM's run (OUT/rl); `write_outputs` writes the rest.
 
+    `par`: the processes it runs in (a `stages.parallel.DataParallel`, made here when None); each gets every
+    test case, and only the main one makes the run directory and speaks."""
+    from rlhflab.stages.common import resolve_device, resolve_model_path
+    from rlhflab.stages.parallel import DataParallel
+
+    par = par if par is not None else DataParallel()
+    log = log if par.is_main else _silent
     methods = check_methods(methods, classifier, rl_overrides, s)
     cfg = rl_config(red, Path(out_dir), rl_overrides, s, device) if "rl" in methods else None
+    if cfg is not None:  # each process needs a share of every RLOO batch: refused before anything loads
+        par.check_batch(cfg.algo.prompts_per_iteration, "rl.algo.prompts_per_iteration")
+    # Every process takes the main one's directory: a default name is timestamped by each process on its own.
+    main_dir = par.gather([str(out_dir)])[0]
+    if main_dir != str(out_dir):
+        out_dir, cfg = main_dir, cfg and rl_config(red, Path(main_dir), rl_overrides, s, device)
     target, red = resolve_model_path(target), resolve_model_path(red)
-    out = prepare_run_dir(out_dir, "redteam", resume=False, overwrite=overwrite)
-    dev = resolve_device(device)
+    out = _prepare_out(out_dir, overwrite, par)
+    dev = par.device if par.device is not None else resolve_device(device)
     target_lm = LMSampler.from_pretrained(target, s.target_max_new_tokens, s.temperature, dev, s.batch_size)
     red_lm = LMSampler.from_pretrained(red, s.red_max_new_tokens, s.temperature, dev, s.batch_size)
     judge = RuleClassifier.from_pretrained(classifier, dev) if classifier else None
@@ -599,32 +398,57 @@ def red_team(
         "prompts": asdict(prompts),
         "runtime_s": {},
     }
-    results: dict[str, TestCases] = {}
-    if set(methods) & {"zero-shot", "few-shot"}:
-        t = time.time()
-        results["zero-shot"] = zero_shot(red_lm, target_lm, judge, prompts, s)
-        meta["runtime_s"]["zero-shot"] = time.time() - t
-        log(f"redteam zero-shot: {_said(results['zero-shot'], s)}")
-    if "few-shot" in methods:
-        t = time.time()
-        results["few-shot"], meta["few_shot_examples_from"] = few_shot(
-            red_lm, target_lm, judge, prompts, results["zero-shot"], s
-        )
-        meta["runtime_s"]["few-shot"] = time.time() - t
-        log(
-            f"redteam few-shot: {_said(results['few-shot'], s)} (examples from the {meta['few_shot_examples_from']})"
-        )
+    run = RedTeamRun(out, {}, meta, par)
+    if par.world > 1:
+        log(f"redteam: data parallel over {par.world} processes, in units of {s.batch_size} test cases")
+    _sample_methods(run, methods, (red_lm, target_lm, judge), prompts, s, log)
     if "rl" in methods:
         t = time.time()
         reward = RedTeamReward(
-            target_lm, judge, transform=s.rl_reward, seed=s.seed, log_path=out / "rl_reward_calls.jsonl"
-        )
+            target_lm, judge, transform=s.rl_reward, seed=s.seed, log_path=out / "rl_reward_calls.jsonl",
+            batch_size=s.batch_size, par=par, prompts_per_call=cfg.algo.prompts_per_iteration,
+        )  # fmt: skip
         final, meta["rl_training"] = train_red_lm(cfg, reward, prompts.ask, log=log)
         rl_lm = LMSampler.from_pretrained(str(final), s.red_max_new_tokens, s.temperature, dev, s.batch_size)
-        results["rl"] = zero_shot(rl_lm, target_lm, judge, prompts, s, method="rl")
+        run.results["rl"] = zero_shot(rl_lm, target_lm, judge, prompts, s, method="rl", par=par)
         meta["runtime_s"]["rl"] = time.time() - t
-        log(f"redteam rl: {_said(results['rl'], s)}")
-    return RedTeamRun(out, results, meta)
+        log(f"redteam rl: {_said(run.results['rl'], s)}")
+    return run
+
+
+def _prepare_out(out_dir: str, overwrite: bool, par) -> Path:
+    """The run directory, made (or cleared, with overwrite) by the main process before any other goes on."""
+    from rlhflab.core.run_dir import prepare_run_dir
+
+    out = prepare_run_dir(out_dir, "redteam", resume=False, overwrite=overwrite) if par.is_main else None
+    par.wait()
+    return out if out is not None else Path(out_dir)
+
+
+def _sample_methods(
+    run: RedTeamRun, methods, models, prompts: RedTeamPrompts, s: RedTeamSettings, log
+) -> None:
+    """The zero-shot test cases (also when few-shot needs them as its pool) and the few-shot ones, into `run`."""
+    red_lm, target_lm, judge = models
+    meta, par = run.meta, run.par
+    if set(methods) & {"zero-shot", "few-shot"}:
+        t = time.time()
+        run.results["zero-shot"] = zero_shot(red_lm, target_lm, judge, prompts, s, par=par)
+        meta["runtime_s"]["zero-shot"] = time.time() - t
+        log(f"redteam zero-shot: {_said(run.results['zero-shot'], s)}")
+    if "few-shot" in methods:
+        t = time.time()
+        run.results["few-shot"], meta["few_shot_examples_from"] = few_shot(
+            red_lm, target_lm, judge, prompts, run.results["zero-shot"], s, par=par
+        )
+        meta["runtime_s"]["few-shot"] = time.time() - t
+        log(
+            f"redteam few-shot: {_said(run.results['few-shot'], s)} (examples from the {meta['few_shot_examples_from']})"
+        )
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """`print` on a process that is not the main one, which speaks for the run."""
 
 
 def _said(tc: TestCases, s: RedTeamSettings) -> str:
@@ -645,10 +469,13 @@ def run(
     out_dir: str,
     **kwargs,
 ) -> dict:
-    """`rlhflab redteam` on a model that belongs to no lab task: `red_team`, then `write_outputs`."""
+    """`rlhflab redteam` on a model that belongs to no lab task: `red_team`, then `write_outputs` by the main
+    process (the others return once the files are there)."""
     result = red_team(target, red, classifier, methods, prompts, s, out_dir, **kwargs)
-    report = write_outputs(result, s)
-    (kwargs.get("log") or print)(
-        f"redteam: wrote {result.out_dir / 'report.json'} and {result.out_dir / 'test_cases.jsonl'}"
-    )
+    report = write_outputs(result, s) if result.par.is_main else {}
+    if result.par.is_main:
+        (kwargs.get("log") or print)(
+            f"redteam: wrote {result.out_dir / 'report.json'} and {result.out_dir / 'test_cases.jsonl'}"
+        )
+    result.par.wait()
     return report
