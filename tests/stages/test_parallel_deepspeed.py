@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO (stages/deepspeed_zero.py) beyond test_parallel.py's plain runs: LoRA adapters trained under
 ZeRO-2 and ZeRO-3; resumable checkpoints written in the single-process format, so a run moves between DeepSpeed and
-one plain process at any checkpoint; PPO, RLOO and GRPO inside the engine. Two processes == one to 1e-5."""
+one plain process at any checkpoint; PPO, RLOO, GRPO and online DPO inside the engine. Two processes == one to
+1e-5."""
 
 from __future__ import annotations
 
@@ -202,18 +203,52 @@ def test_ppo_under_deepspeed_zero_takes_the_steps_of_one(zero, tiny_model_dir, t
     _assert_same_metrics(m1, m2, "loss/policy", [1, 2, 3])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("zero", "lora"), [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3-lora"]
+)
+def test_online_dpo_under_deepspeed_zero_takes_the_steps_of_one(zero, lora, tiny_model_dir, tmp_path):
+    """Online DPO inside DeepSpeed's engine, built for one micro-batch per step with the step's last pass marked as
+    the accumulation boundary: each process trains on the pairs it kept (ties dropped), one micro-batch per pair,
+    so the count differs between the processes and from step to step; the one with fewer joins the other's passes
+    on a pair weighted 0 (ZeRO reduces the gradients in collectives). With LoRA the reference is the policy with
+    its adapters off (ZeRO-3: gathered by DeepSpeed's hooks). The same weights, pairs and metrics as one plain
+    process."""
+    from rlhflab.stages import online_dpo
+
+    from .test_parallel import _on_policy_one_and_two
+
+    settings = [
+        "algo.prompts_per_step=4", "algo.iterations=4", "algo.micro_batch_size=1", "optim.max_grad_norm=0.5",
+        *([*LORA, "model.lora.merge=true"] if lora else []),
+    ]  # fmt: skip
+    launcher = [*FSDP, _accelerate_config(f"deepspeed_zero{zero}")]
+    one_rows, two_rows, m1, m2 = _on_policy_one_and_two(
+        "online-dpo", online_dpo.train, settings, tiny_model_dir, tmp_path, launcher
+    )
+    assert len(one_rows) == 16 and [{k: r[k] for k in r if k[:2] != "kl"} for r in two_rows] == [
+        {k: r[k] for k in r if k[:2] != "kl"} for r in one_rows
+    ]
+    for r1, r2 in zip(one_rows, two_rows):
+        assert (r2["kl_first"], r2["kl_second"]) == pytest.approx((r1["kl_first"], r1["kl_second"]), abs=1e-4)
+    # Pair i of a step is process i % 2's: in some step the processes kept different numbers of pairs (so one
+    # joined a pass at weight 0), and the step's micro-batch count changed from step to step.
+    kept = [[sum(r["label"] in (0.0, 1.0) for r in one_rows[s + p : s + 4 : 2]) for p in (0, 1)]
+            for s in range(0, 16, 4)]  # fmt: skip
+    assert any(a != b for a, b in kept) and len({max(k) for k in kept}) > 1, kept
+    _assert_same_metrics(m1, m2, "feedback/queries", [1, 2, 3, 4])
+
+
 @pytest.mark.parametrize(
     ("command", "engine", "allowed"),
-    [("online-dpo", "DeepSpeed", "sft, rm, dpo, ppo, rloo, grpo"), ("rs", "DeepSpeed", "ppo, rloo, grpo"),
-     ("rs", "FSDP", "ppo, rloo, grpo, online-dpo")],
-)  # fmt: skip
+    [("rs", "DeepSpeed", "ppo, rloo, grpo, online-dpo"), ("rs", "FSDP", "ppo, rloo, grpo, online-dpo")],
+)
 def test_stages_that_do_not_run_under_fsdp_or_deepspeed_refuse_them(
     command, engine, allowed, monkeypatch, tmp_path, capsys
 ):
-    """(Replaces test_parallel.py's test_stages_that_sample_refuse_a_sharded_model, now that PPO, RLOO and GRPO
-    run under DeepSpeed.) Online DPO's steps take a number of micro-batches that changes with the ties each process
-    drops, which DeepSpeed's fixed gradient accumulation does not; rs samples with each process alone. Refused,
-    exit 2, one line naming the stages that run, nothing written."""
+    """(Replaces test_parallel.py's test_stages_that_sample_refuse_a_sharded_model, now that PPO, RLOO, GRPO and
+    online DPO run under DeepSpeed.) rs samples with each process alone. Refused, exit 2, one line naming the
+    stages that run, nothing written."""
     from rlhflab.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")

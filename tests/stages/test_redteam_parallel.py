@@ -139,7 +139,7 @@ def test_an_rl_batch_too_small_for_the_processes_is_refused_before_loading(
     2: one line naming the key, exit 2, before any model loads (the target does not exist) or any file is made."""
     par = DataParallel.__new__(DataParallel)
     par.rank, par.world = 0, 2
-    monkeypatch.setattr("rlhflab.stages.parallel.DataParallel", lambda: par)
+    monkeypatch.setattr("rlhflab.stages.redteam.DataParallel", lambda: par)
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = _args(tmp_path / "missing", rules_dir, tmp_path / "out")
     assert main([*args, "rl.algo.prompts_per_iteration=1"]) == 2

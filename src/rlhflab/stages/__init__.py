@@ -56,4 +56,4 @@ DATA_PARALLEL_STAGES = (
 # The stages that also run with the model sharded by FSDP (`rlhflab.stages.sharding`; the on-policy ones'
 # processes decode in step, transformers' `synced_gpus`) and under DeepSpeed's ZeRO (`rlhflab.stages.deepspeed_zero`).
 FSDP_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo", "pm")
-DEEPSPEED_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")
+DEEPSPEED_STAGES = ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "online-dpo")

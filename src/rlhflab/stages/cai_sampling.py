@@ -26,18 +26,7 @@ from rlhflab.rollout.generate import generate
 from rlhflab.stages.common import mixed_precision, resolve_device
 from rlhflab.stages.constitution import Constitution
 from rlhflab.stages.on_policy import sampling_settings
-
-
-class OneProcess:
-    """The `DataParallel` calls this module makes, for one process: every unit is its own."""
-
-    rank, world, is_main = 0, 1, True
-
-    def shard(self, items: Sequence) -> list:
-        return list(items)
-
-    def gather(self, items: Sequence) -> list:
-        return list(items)
+from rlhflab.stages.parallel import DataParallel
 
 
 def quote(prompt: Any) -> str:
@@ -77,7 +66,7 @@ class Writer:
 
         device = device if device is not None else resolve_device(model_cfg.device)
         self.path, self.batch_size, self.tick = path, batch_size, tick
-        self.par = par if par is not None else OneProcess()
+        self.par = par if par is not None else DataParallel.one()
         self.model = load_causal_lm(path, dtype=model_cfg.dtype, device=str(device)).eval()
         self.tokenizer = load_tokenizer(path)
         self.settings = sampling_settings(sampling)
@@ -210,7 +199,7 @@ def label_pairs(
     (`par`) each process asks its share of the calls and every process gets every verdict.
     Identical pairs and pairs with an empty response are not asked; exact ties (p_first == 1/2) are dropped.
     Returns (rows {prompt, chosen, rejected, principle, p_chosen}, statistics under feedback/*)."""
-    n, par = len(prompts), par if par is not None else OneProcess()
+    n, par = len(prompts), par if par is not None else DataParallel.one()
     asked = [i for i in range(n) if first[i] != second[i] and first[i].strip() and second[i].strip()]
     units = []
     for name in dict.fromkeys(drawn[i] for i in asked):  # the calls of each principle, in a fixed order

@@ -15,6 +15,11 @@ The engine's steps are the ones one process takes with the same global batch:
   processes: `backward` multiplies by both first, so the gradient is the whole batch's sum;
 - the gradient accumulation steps are the micro-batches of one process's share of a step (the same on every
   process: the batch must divide evenly), and the engine steps after each one (it updates at the last);
+- online DPO's steps take as many micro-batches as each process kept pairs (ties dropped), which changes between
+  processes and steps: every process takes the step's largest count (one with fewer joins at weight 0), and the
+  engine is built for one micro-batch per step (no division of the loss) with the step's last backward pass marked
+  as the accumulation boundary (`engine.set_gradient_accumulation_boundary`), where ZeRO hands the accumulated
+  gradient partitions to the update (`DataParallel.begin_step`, `parallel.VARYING`);
 - the on-policy stages (PPO: the policy and its value head in one engine; RLOO, GRPO) take one backward pass per
   minibatch on every process: one holding none of a minibatch's rows joins on one row weighted 0, since ZeRO
   reduces the gradients in collectives during the backward pass (`DataParallel.lockstep`); under ZeRO-3 the
@@ -42,8 +47,10 @@ Facts measured on CPU (gloo, DeepSpeed 0.19.8, the tests' tiny model):
   learning rate, scheduler), and runs resumed across 2 DeepSpeed processes <-> 1 plain process end where the
   uninterrupted run does, to 1e-5;
 - PPO, RLOO and GRPO under ZeRO-2 and ZeRO-3 match one plain process to 1e-5 (weights; rollouts identical;
-  metrics to 1e-4); online DPO stays refused: its steps take as many micro-batches as each process kept pairs
-  (ties dropped), which changes from step to step, and the engine is built for a fixed count;
+  metrics to 1e-4); so does online DPO (ZeRO-2, ZeRO-3, ZeRO-3 with LoRA: weights to 1e-6, pairs identical, metrics
+  to 1e-4) with kept pairs per process and step of (2, 1), (0, 2), (2, 1), (1, 1); without the boundary marked,
+  a GAS-1 engine updates after every micro-batch (weights off), and without the padding ZeRO-2's collectives
+  mismatch (a process aborts);
 - DeepSpeed's float32 copies of the weights are separate from the model's parameters under ZeRO-1/2/3 (loading
   the model alone would be undone by the next update), and ZeRO-1/2 create the wrapped optimizer's state at the
   first step only (before it, `safe_set_full_optimizer_state` has nothing to write into).

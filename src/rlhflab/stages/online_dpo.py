@@ -29,40 +29,28 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlhflab.config import OnlineDPOAlgo, OnlineDPOConfig
-from rlhflab.core.health import check_finite
+from rlhflab.config import OnlineDPOConfig
 from rlhflab.core.io import atomic_write_text
 from rlhflab.core.seeding import batch_schedule, seed_everything
-from rlhflab.data.collate import collate_preference
 from rlhflab.errors import ConfigError, UserError
 from rlhflab.feedback import FIRST, SECOND, TIE
-from rlhflab.losses.preference import (
-    PREFERENCE_LOSS_TABLE,
-    PreferenceInputs,
-    PreferenceLoss,
-    run_preference_loss,
-)
+from rlhflab.losses.preference import PREFERENCE_LOSS_TABLE
 from rlhflab.models.flops import causal_lm_forward_flops, causal_lm_train_flops, matmul_params
 from rlhflab.models.loading import count_parameters, is_peft_model, load_causal_lm, save_model
-from rlhflab.models.logprobs import response_logps
 from rlhflab.rollout.generate import Rollout
 from rlhflab.stages.common import (
     Loop,
-    accumulate_metrics,
     build_optimizer,
-    clip_gradients,
     finish,
     load_policy,
     mixed_precision,
     open_run,
-    optimizer_step,
     resolve_model_path,
 )
 from rlhflab.stages.data_source import require_train_path
@@ -76,23 +64,10 @@ from rlhflab.stages.on_policy import (
     sample_share,
     sampling_settings,
 )
-from rlhflab.stages.parallel import DataParallel
+from rlhflab.stages.online_dpo_step import StepContext, update  # step 4: the loss and one optimizer step
+from rlhflab.stages.parallel import VARYING, DataParallel
 
 NAME = "online-dpo"
-
-
-@dataclass
-class StepContext:
-    """What the loss of a step needs: the policy, the live reference (a context yielding it, or None for a
-    reference-free loss), the loss's row and settings."""
-
-    model: Any
-    row: PreferenceLoss
-    algo: OnlineDPOAlgo
-    device: torch.device
-    pad_id: int
-    live_ref: Callable[[], contextlib.AbstractContextManager] | None
-    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -165,91 +140,6 @@ def pair_examples(rollout: Rollout, labels: Tensor) -> tuple[list[dict], list[in
         examples.append(example)
         kept.append(i)
     return examples, kept
-
-
-# --------------------------------------------------------------------------------------------------------
-# Step 4: the loss and one optimizer step
-# --------------------------------------------------------------------------------------------------------
-
-
-def pair_loss(ctx: StepContext, examples: list[dict]) -> tuple[Any, Tensor, Tensor | None, dict[str, float]]:
-    """One forward of `examples` (chosen rows, then rejected rows): (LossOutput with loss [B], the policy's
-    summed response log-probs [2B], the reference's [2B] or None, counts and the reference's seconds)."""
-    batch = collate_preference(examples, "pairwise", ctx.pad_id)
-    t = time.time()
-    ref = None
-    if ctx.live_ref is not None:
-        with torch.no_grad(), ctx.live_ref() as ref_model:
-            ref = response_logps(ref_model, batch, ctx.device, ctx.amp)[0]
-    t_ref = time.time() - t
-    sums, lengths, logps, mask = response_logps(ctx.model, batch, ctx.device, ctx.amp)
-    out = run_preference_loss(
-        ctx.row, PreferenceInputs(sums, lengths, logps, mask, ref_logps=ref), vars(ctx.algo)
-    )
-    counts = {
-        "tokens": int(batch["attention_mask"].sum()),
-        "head_tokens": int(batch["loss_mask"].sum()),
-        "time_reference": t_ref,
-    }
-    return out, sums, ref, counts
-
-
-def update(
-    ctx: StepContext,
-    examples: list[dict],
-    optimizer,
-    scheduler,
-    max_grad_norm: float,
-    step: int,
-    last,
-    par=None,
-    n: int | None = None,
-    spare: list[dict] | None = None,
-):
-    """Step 4 on the step's pairs (micro-batches of algo.micro_batch_size, the loss normalized by all pairs so
-    the accumulated gradient is the whole batch's). Returns (metrics, sequence KL [2B] of the chosen rows then
-    the rejected rows under the policy before the step, or None without a reference). Across processes
-    (`par`), `examples` are this process's share of the step's `n` pairs: the summed gradients and the metrics
-    are the whole step's. A sharded policy's every forward pass needs every process: one with fewer
-    micro-batches joins the others' passes on `spare` (a pair of its own) weighted 0, recording nothing."""
-    par = par or DataParallel()
-    n = len(examples) if n is None else n
-    micro = ctx.algo.micro_batch_size or max(len(examples), 1)
-    metric = f"loss/{ctx.algo.loss}"
-    sums: dict[str, list[float]] = {}
-    counts = {"tokens": 0, "head_tokens": 0, "time_reference": 0.0}
-    total, chosen_kl, rejected_kl = 0.0, [], []
-    chunks: list = [examples[s : s + micro] for s in range(0, len(examples), micro)]
-    chunks += [None] * (int(par.max(len(chunks))) - len(chunks) if par.sharded else 0)
-    for chunk in chunks:
-        out, policy, ref, c = pair_loss(ctx, chunk or spare)
-        if chunk is None:
-            (out.loss.sum() * 0.0).backward()
-            continue
-        loss = out.loss.sum() / n
-        check_finite({metric: loss}, step=step, last_good=last)
-        loss.backward()
-        total += float(loss.detach())
-        accumulate_metrics(sums, out.metrics)
-        counts = {k: counts[k] + c[k] for k in counts}
-        if ref is not None:  # k1 summed over the response: log pi(y) - log ref(y), pi before this step
-            kl = (policy.detach() - ref).float().cpu()
-            chosen_kl.append(kl[: kl.numel() // 2])
-            rejected_kl.append(kl[kl.numel() // 2 :])
-    par.sum_gradients(ctx.model)
-    grad_norm = clip_gradients(ctx.model, max_grad_norm)
-    check_finite({"loss/grad_norm": grad_norm}, step=step, last_good=last)
-    optimizer_step(optimizer, scheduler)
-    seq_kl = torch.cat(chosen_kl + rejected_kl) if chosen_kl else None
-    if seq_kl is not None:
-        accumulate_metrics(sums, {"kl/sequence": seq_kl})
-    total_tokens = par.sum_all({"loss": total, "tokens": counts["tokens"], "head": counts["head_tokens"]})
-    metrics = {metric: total_tokens["loss"], **par.metric_means(sums), "loss/grad_norm": grad_norm}
-    metrics.update({"perf/lr": scheduler.get_last_lr()[0], "perf/time_reference": counts["time_reference"]})
-    metrics.update(
-        {"perf/train_tokens": total_tokens["tokens"], "perf/train_head_tokens": total_tokens["head"]}
-    )
-    return metrics, seq_kl
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -435,6 +325,7 @@ def train(
         feedback = default_feedback(algo, device, cfg.seed)
     prompts, steps_per_epoch = load_prompts(cfg.data, algo.prompts_per_step)
     optimizer, scheduler = build_optimizer(policy, cfg.optim, algo.iterations)
+    par.attach(policy, optimizer, cfg.optim, micro_batches=VARYING)  # DeepSpeed: as many passes as kept pairs
     amp = mixed_precision(cfg.model, device)
     ctx = StepContext(
         policy, PREFERENCE_LOSS_TABLE[algo.loss], algo, device, tokenizer.pad_token_id, live_ref, amp

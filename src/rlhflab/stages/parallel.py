@@ -49,12 +49,18 @@ def _refuse_accelerate_precision(env) -> None:
         )
 
 
+# `attach`'s micro_batches for a stage whose steps take a number of backward passes that changes from step to
+# step (online DPO: its pairs left after dropping ties), given by `begin_step`.
+VARYING = -1
+
+
 class DataParallel:
     """This process's place among the data-parallel processes (one process: rank 0 of 1, no collectives)."""
 
     fsdp: Any = None  # the FSDPSettings when launched with an FSDP config (`stages.sharding`)
     zero: Any = None  # the DeepSpeedSettings when launched with a DeepSpeed config (`stages.deepspeed_zero`)
     engine: Any = None  # DeepSpeed's engine, once `attach` has built it
+    _varying = False  # whether the engine's steps take a varying number of micro-batches (`begin_step`)
     accelerator: Any = None
     _device: torch.device | None = None
 
@@ -75,6 +81,13 @@ class DataParallel:
                 self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
                 self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
                 self._device = self.accelerator.device
+
+    @classmethod
+    def one(cls) -> DataParallel:
+        """One process on its own whatever the launch (rank 0 of 1: every share is the whole, no collectives)."""
+        par = cls.__new__(cls)
+        par.rank, par.world = 0, 1
+        return par
 
     def _init_deepspeed(self) -> None:
         """The process group DeepSpeed's engine expects (NCCL on GPUs, gloo on CPU). accelerate's own state is
@@ -146,7 +159,8 @@ class DataParallel:
         steps of optim.batch_size examples split evenly over the processes, each share in micro-batches of
         optim.micro_batch_size (one when 0 or `packed`), clipped at optim.max_grad_norm; nothing to do otherwise.
         `micro_batches`: the backward passes each process makes per step, when the stage decides them (the
-        on-policy stages: one per minibatch, on every process, `lockstep`)."""
+        on-policy stages: one per minibatch, on every process, `lockstep`); VARYING: a number that changes from
+        step to step, given by `begin_step` before each step's passes (the same on every process)."""
         if self.zero is None:
             return
         from rlhflab.errors import ConfigError
@@ -169,9 +183,17 @@ class DataParallel:
     def _build(self, model, optimizer, optim, micro: int) -> None:
         from rlhflab.stages.deepspeed_zero import build_engine
 
-        self.engine = build_engine(model, optimizer, self.zero, micro_batches=micro, world=self.world,
-                                   max_grad_norm=optim.max_grad_norm)  # fmt: skip
-        self._micro, self._micro_per_step = 0, micro
+        # A varying count: an engine of one micro-batch per step, whose boundary `backward` sets itself.
+        self._varying = micro == VARYING
+        self.engine = build_engine(model, optimizer, self.zero, micro_batches=1 if self._varying else micro,
+                                   world=self.world, max_grad_norm=optim.max_grad_norm)  # fmt: skip
+        self._micro, self._micro_per_step = 0, 0 if self._varying else micro
+
+    def begin_step(self, micro_batches: int) -> None:
+        """The backward passes this process makes in the coming step, under an engine attached with VARYING
+        micro-batches (every process the same count: `lockstep`); nothing to do otherwise."""
+        if self.engine is not None and self._varying:
+            self._micro, self._micro_per_step = 0, micro_batches
 
     @property
     def lockstep(self) -> bool:
@@ -186,7 +208,13 @@ class DataParallel:
         if self.engine is None:
             loss.backward()
             return
-        self.engine.backward(loss * (self._micro_per_step * self.world))
+        if self._varying:
+            # The engine was built for one micro-batch per step: it neither divides the loss by the step's count
+            # (the stage's normalization already makes the sum the step's gradient) nor knows which pass is the
+            # last, where ZeRO hands the accumulated gradient partitions to the update: that is marked here.
+            self.engine.set_gradient_accumulation_boundary(self._micro + 1 == self._micro_per_step)
+        gas = 1 if self._varying else self._micro_per_step  # what the engine divides each loss by
+        self.engine.backward(loss * (gas * self.world))
         # ZeRO-3 expects its forward to reset these before the next micro-batch; the stages call the model's
         # parts directly, not the engine's forward.
         clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
@@ -204,7 +232,7 @@ class DataParallel:
         if self._micro != self._micro_per_step:
             raise UserError(
                 f"DeepSpeed: this step had {self._micro} micro-batches on process {self.rank}, not the "
-                f"{self._micro_per_step} the engine was built for"
+                f"{self._micro_per_step} the engine expected"
             )
         self.engine.step()
         scheduler.step()
