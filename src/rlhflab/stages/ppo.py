@@ -424,8 +424,7 @@ def train(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, rewa
     seed_everything(cfg.seed)
     run = open_run(cfg, "ppo", cfg.logging, resume=resume, overwrite=overwrite, parallel=par)
     policy, value_model, ref, tokenizer, device = _setup_models(cfg, par.device)
-    # Sharded across the processes under FSDP (the value model too: one optimizer over both), before the
-    # optimizer sees them.
+    # Sharded under FSDP (the value model too: one optimizer over both), before the optimizer sees them.
     policy, value_model = par.prepare(policy), par.prepare(value_model)
     reward = reward if reward is not None else _load_reward(cfg, device)
     prompts, steps_per_epoch = load_prompts(cfg.data, cfg.algo.rollout_batch_size)
