@@ -327,9 +327,8 @@ def end_iteration(d: Driver, loop: Loop, it: int, metrics: dict, times: tuple[fl
     log, t_eval = d.cfg.logging, time.time()
     metrics |= d.evaluate()
     loop_saved = log.save_every and loop.step % log.save_every == 0 and loop.step < loop.total
-    if (
-        not loop_saved and d.par.is_main
-    ):  # with the reward calls so far: a resumed run goes on counting from them
+    # With the reward calls so far: a resumed run goes on counting from them.
+    if not loop_saved and d.par.is_main:
         kw = {"optimizer": loop.optimizer, "scheduler": loop.scheduler, "keep": log.keep_checkpoints}
         state = {"queries": d.queries}
         loop.last_ckpt = save_checkpoint(d.run.dir, loop.step, model=d.policy, state=state, **kw)
