@@ -147,9 +147,13 @@ def test_the_token_goes_first_after_a_bos_and_survives_truncation(tiny_tokenizer
 
 def test_pool_grows_and_its_tokens_are_the_pure_quantiles(tiny_model_dir, prompts_file, tmp_path):
     run = tmp_path / "run"
-    cfg = _cfg(tiny_model_dir, prompts_file, run, "algo.prompts_per_iteration=8", "algo.eval_prompts=4")
+    cfg = _cfg(tiny_model_dir, prompts_file, run, "algo.prompts_per_iteration=8", "algo.eval_prompts=4",
+               "logging.snapshot_every=2")  # fmt: skip
     final = qk.train(cfg, reward=CharCount())
     new = 8 * 2  # prompts per iteration x samples per prompt
+    # Snapshots count iterations: every 2nd of 3 is the model after iteration 2 (optimizer step 6), tokens and all.
+    assert sorted((run / "snapshots").iterdir()) == [run / "snapshots" / "step-000006"]
+    assert (run / "snapshots" / "step-000006" / "quark.json").is_file()
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "quark/iteration" in r}
     previous: list[dict] = []
     for it in (1, 2, 3):
