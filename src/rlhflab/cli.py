@@ -64,7 +64,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from rlhflab.config import load_config
 
     module_name, _ = STAGES[args.command]
-    from rlhflab.lab.launch import lab_feedback, resolve_lab
+    from rlhflab.lab.launch import lab_feedback, lab_task_of, resolve_lab
 
     overrides = [*args.overrides, *(["model.lora.merge=true"] if args.merge else [])]
     cfg = load_config(args.command, args.config, overrides)
@@ -74,9 +74,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     ):  # checks that need no model: before a lab model is pretrained or data made
         module.preflight(cfg)
     par = None
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    lab_names = [getattr(cfg, "ref_model", "") or "", cfg.model.name_or_path]
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and any(lab_task_of(n) for n in lab_names):
         from rlhflab.stages.parallel import DataParallel
 
+        # Only for a lab model: the process group is joined here, before the stage's own checks.
         par = DataParallel()
     log = print if par is None or par.is_main else _quiet
     # algo.feedback=lab: the lab's simulated annotators, built here (stages never import the lab).
