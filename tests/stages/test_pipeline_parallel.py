@@ -71,8 +71,8 @@ def test_the_pipeline_on_two_processes_trains_and_reports_as_one(engine, tmp_pat
     one, two = tmp_path / "one", tmp_path / "two"
     for name in ("sft.jsonl", "pairs.jsonl", "prompts.jsonl"):
         assert (one / "data" / name).read_bytes() == (two / "data" / name).read_bytes()
-    # SFT starts from the same base model and matches to ~1e-5 as a lone SFT run does (measured: 0.4e-5 data
-    # parallel, 1.02e-5 under FSDP). Every later stage starts from its run's own SFT model, that far apart, and
+    # SFT starts from the same base model and matches to ~1e-5 as a lone SFT run does (within 1e-5 data parallel,
+    # 1.02e-5 measured under FSDP). Every later stage starts from its run's own SFT model, that far apart, and
     # Adam's first steps divide each gradient element by its own magnitude, so a near-zero element's rounding
     # moves its update: the later stages match to 1e-4.
     gaps = _gaps(one, two, methods)
