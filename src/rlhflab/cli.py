@@ -80,7 +80,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
         # Only for a lab model: the process group is joined here, before the stage's own checks.
         par = DataParallel()
-    log = print if par is None or par.is_main else _quiet
+    log = par.voice() if par is not None else print
     # algo.feedback=lab: the lab's simulated annotators, built here (stages never import the lab).
     feedback = lab_feedback(cfg, args.command, log=log)
     if par is not None:
@@ -93,10 +93,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
     extra = {"feedback": feedback} if feedback is not None else {}
     module.train(cfg, resume=args.resume, overwrite=args.overwrite, **extra)
     return 0
-
-
-def _quiet(*_args) -> None:
-    """The log of the processes other than the main one."""
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:

@@ -809,17 +809,13 @@ def _train(name: str, cfg, *, task: str | None = None, resume: bool = False, par
 
     stage = METHODS[name].stage
     module = importlib.import_module(STAGES[stage][0])
-    log = print if par is None or par.is_main else _silent
+    log = par.voice() if par is not None else print
     feedback = lab_feedback(cfg, stage, task=task, log=log)
     extra = {"feedback": feedback} if feedback is not None else {}
     if resume:
         extra["resume"] = True
     resolved = par.main_first(lambda: resolve_lab(cfg, stage, log=log)) if par else resolve_lab(cfg, stage)
     return module.train(resolved, **extra)
-
-
-def _silent(*_args, **_kwargs) -> None:
-    """The printer of the processes other than the main one: one process speaks for the run."""
 
 
 def check_processes(names: list[str], par) -> None:
@@ -896,7 +892,7 @@ def run_pipeline(
     out = _open_run(par, output_dir, invocation, resume=resume, overwrite=overwrite)
     seed_everything(seed)
 
-    say = print if par.is_main else _silent
+    say = par.voice()
     clock = JobClock(["data", *trained, "eval"], EXPECTED_SECONDS["model" if real else "lab"], out=say)
     relabelled = _train_all(
         task_obj, out, seed, user, configs, clock, relabel=relabel, resume=resume, real=real, par=par

@@ -13,7 +13,7 @@ from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
 from rlhflab.lab.tasks import get_task
 from rlhflab.pipeline import METHODS, check_processes, run_pipeline
-from rlhflab.stages.parallel import DataParallel
+from rlhflab.stages.parallel import DataParallel, silent
 
 from .test_parallel import FSDP, LAUNCHERS, _accelerate_config, _launch
 from .test_pipeline import TINY
@@ -122,7 +122,7 @@ def test_a_process_other_than_the_main_one_makes_no_data_and_follows_its_decisio
         P, "_train", lambda name, cfg, **kw: calls.append((name, kw["resume"])) or tmp_path / name / "final"
     )
     par = _Follower([0.0, 0.0, 0.0, 1.0])  # sft: not kept, no run to continue; dpo: not kept, continues
-    clock = JobClock(["data", "sft", "dpo", "eval"], {}, out=P._silent)
+    clock = JobClock(["data", "sft", "dpo", "eval"], {}, out=silent)
     got = P._train_all(get_task("sentiment"), tmp_path, 0, {}, {"sft": None, "dpo": None}, clock, relabel=None,
                        resume=True, real=False, par=par)  # fmt: skip
     assert calls == [("sft", False), ("dpo", True)] and got is None and par.waits == 1 and not par.said

@@ -138,7 +138,7 @@ def run(
     # Refuse a bad method list, classifier or RL config before a lab base model is pretrained for nothing.
     check_methods(methods, classifier, kwargs.get("rl_overrides", ()), s)
     par = DataParallel()  # one process, or one of those `torchrun` / `accelerate launch` started
-    log = log if par.is_main else _silent
+    log = par.voice(log)
     red = red or default_red(target, task)
     prompts = prompts or lab_prompts(task)
     # A base model not yet in the cache is pretrained once, by the main process; the others then read it.
@@ -170,7 +170,3 @@ def run(
     log(f"redteam: wrote {result.out_dir / 'report.json'} and {result.out_dir / 'test_cases.jsonl'}")
     par.wait()  # the files are there before any process returns
     return report
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """`print` on a process that is not the main one, which speaks for the run."""

@@ -261,7 +261,7 @@ def sample_to_file(
         )
     _check_engine(engine, "best-of-n: --engine")  # vllm without a GPU or the package: refused before loading
     par = DataParallel()  # one process, or one of those `accelerate launch` / `torchrun` started
-    log = log if par.is_main else _silent
+    log = par.voice(log)
     dev = par.device if par.device is not None else resolve_device(device)
     records = load_train_records(PromptDataSection(train_path=prompts_path), "prompt", log=log)
     prompts = [r.prompt if isinstance(r, PromptRecord) else r for r in records]
@@ -320,10 +320,6 @@ def _sample_share(
         (_row(result, k, prompts[q], all_samples, rule_model), result.all_scores[k].tolist())
         for k, q in enumerate(mine)
     ]
-
-
-def _silent(*args, **kwargs) -> None:
-    """The log of a process that is not the main one: the main process speaks for the run."""
 
 
 def _vllm_engine(path: str, tokenizer, settings: SamplingSettings | None, seed: int):

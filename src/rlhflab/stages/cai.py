@@ -191,7 +191,7 @@ def train_sl(cfg: CAISLConfig, *, overwrite: bool = False, critic: Any = None) -
     critic_dir = resolve_model_path(cfg.critic_model) if cfg.critic_model and critic is None else ""
     seed_everything(cfg.seed)
     run = _open(cfg, "cai-sl", overwrite, par)
-    prompts, say = _prompts(cfg), print if par.is_main else _silent
+    prompts, say = _prompts(cfg), par.voice()
     say(
         f"cai-sl: {len(prompts)} prompts, {cfg.algo.revisions} critique-revision round(s) under "
         f"{len(constitution.principles)} principles of {constitution.path}, critic "
@@ -223,10 +223,6 @@ def train_sl(cfg: CAISLConfig, *, overwrite: bool = False, critic: Any = None) -
     run.close()
     say(f"cai-sl: the SL-CAI model is {final}")
     return final
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """`print` on a process that is not the main one, which speaks for the run."""
 
 
 # ---- RL-CAI --------------------------------------------------------------------------------------------------
@@ -323,7 +319,7 @@ def train_rl(cfg: CAIRLConfig, *, overwrite: bool = False) -> Path:
     human = load_records(cfg.helpful_pairs, "pairwise").records if cfg.helpful_pairs else []
     seed_everything(cfg.seed)
     run = _open(cfg, "cai-rl", overwrite, par)
-    prompts, say = _prompts(cfg), print if par.is_main else _silent
+    prompts, say = _prompts(cfg), par.voice()
     say(
         f"cai-rl: {len(prompts)} prompts x 2 samples, compared by {cfg.feedback_model or 'the policy'} under "
         f"{len(constitution.principles)} principles of {constitution.path}"

@@ -54,6 +54,10 @@ def _refuse_accelerate_precision(env) -> None:
 VARYING = -1
 
 
+def silent(*_args: Any, **_kwargs: Any) -> None:
+    """The printer of a process other than the main one: one process speaks for the run."""
+
+
 class DataParallel:
     """This process's place among the data-parallel processes (one process: rank 0 of 1, no collectives)."""
 
@@ -105,6 +109,10 @@ class DataParallel:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def voice(self, log: Callable[..., None] = print) -> Callable[..., None]:
+        """`log` on the main process, `silent` on the others."""
+        return log if self.is_main else silent
 
     @property
     def device(self) -> torch.device | None:

@@ -306,7 +306,7 @@ def red_team(
     from rlhflab.stages.common import resolve_device, resolve_model_path
 
     par = par if par is not None else DataParallel()
-    log = log if par.is_main else _silent
+    log = par.voice(log)
     methods = check_methods(methods, classifier, rl_overrides, s)
     cfg = rl_config(red, Path(out_dir), rl_overrides, s, device) if "rl" in methods else None
     if cfg is not None:  # each process needs a share of every RLOO batch: refused before anything loads
@@ -376,10 +376,6 @@ def _sample_methods(
         log(
             f"redteam few-shot: {_said(run.results['few-shot'], s)} (examples from the {meta['few_shot_examples_from']})"
         )
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """`print` on a process that is not the main one, which speaks for the run."""
 
 
 def _said(tc: TestCases, s: RedTeamSettings) -> str:
