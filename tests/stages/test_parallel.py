@@ -807,15 +807,9 @@ def test_online_dpo_sharded_on_two_processes_takes_the_steps_of_one(lora, tiny_m
     one_rows, two_rows, m1, m2 = _on_policy_one_and_two(
         "online-dpo", online_dpo.train, settings, tiny_model_dir, tmp_path, launcher
     )
-    assert len(one_rows) == 16 and [{k: r[k] for k in r if k[:2] != "kl"} for r in two_rows] == [
-        {k: r[k] for k in r if k[:2] != "kl"} for r in one_rows
-    ]
-    for r1, r2 in zip(one_rows, two_rows):
-        assert (r2["kl_first"], r2["kl_second"]) == pytest.approx((r1["kl_first"], r1["kl_second"]), abs=1e-4)
-    # Pair i of a step is process i % 2's: some step left the two processes different numbers of pairs to
-    # train on (one micro-batch each), so one joined a pass at weight 0.
-    kept = [[sum(r["label"] in (0.0, 1.0) for r in one_rows[s + p : s + 4 : 2]) for p in (0, 1)]
-            for s in range(0, 16, 4)]  # fmt: skip
+    # Some step left the two processes different numbers of pairs to train on (one micro-batch each), so one
+    # joined a pass at weight 0.
+    kept = _same_pairs_kept_per_process(one_rows, two_rows)
     assert any(a != b for a, b in kept), kept
     _assert_same_metrics(m1, m2, "feedback/queries", [1, 2, 3, 4])
 
@@ -901,3 +895,15 @@ def test_only_the_main_process_shows_a_progress_bar(tmp_path):
         )
         assert (loop.progress._bar is not None) == shown and loop.writes == shown
         loop.progress.close()
+
+
+def _same_pairs_kept_per_process(one_rows: list[dict], two_rows: list[dict]) -> list[list[int]]:
+    """Online DPO's 16 pairs (4 steps of 4) written by 1 and 2 processes are the same (their KLs to 1e-4); returns
+    the pairs each of the 2 processes kept to train on in each step (pair i of a step is process i % 2's)."""
+    assert len(one_rows) == 16 and [{k: r[k] for k in r if k[:2] != "kl"} for r in two_rows] == [
+        {k: r[k] for k in r if k[:2] != "kl"} for r in one_rows
+    ]
+    for r1, r2 in zip(one_rows, two_rows):
+        assert (r2["kl_first"], r2["kl_second"]) == pytest.approx((r1["kl_first"], r1["kl_second"]), abs=1e-4)
+    return [[sum(r["label"] in (0.0, 1.0) for r in one_rows[s + p : s + 4 : 2]) for p in (0, 1)]
+            for s in range(0, 16, 4)]  # fmt: skip
