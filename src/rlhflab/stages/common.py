@@ -333,7 +333,7 @@ class Loop:
         self.writes = writes if parallel is None else parallel.is_main
         # Parameters or optimizer state split across the processes (FSDP, DeepSpeed): checkpoints are gathered
         # into the single-process format and loaded back into each process's part, by every process.
-        self._gathers = parallel is not None and parallel.gathers
+        self._gathers = parallel is not None and parallel.lockstep
         if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
             restore = functools.partial(parallel.load_full_state, model, optimizer) if self._gathers else None
             loaded = load_checkpoint(

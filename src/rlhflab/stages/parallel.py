@@ -206,7 +206,8 @@ class DataParallel:
     @property
     def lockstep(self) -> bool:
         """Whether every process must join every forward and backward pass, holding rows or not: the parameters
-        are sharded (FSDP, ZeRO-3), or DeepSpeed reduces the gradients in collectives during the backward pass."""
+        are sharded (FSDP, ZeRO-3), or DeepSpeed reduces the gradients in collectives during the backward pass. The
+        parameters or the optimizer state are then split, so writing or reading a checkpoint needs every process too."""
         return self.sharded or self.engine is not None
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -270,12 +271,6 @@ class DataParallel:
 
         with full_weights(model, self.is_main):
             yield
-
-    @property
-    def gathers(self) -> bool:
-        """Whether writing or reading a checkpoint needs every process: the parameters or the optimizer state are
-        split across them (FSDP, DeepSpeed)."""
-        return self.sharded or self.engine is not None
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer's state dict in the single-process format, gathered from the processes that hold parts of
